@@ -90,6 +90,8 @@ class TrainConfig:
         max_grad_norm: Gradient clipping norm; 0 disables clipping.
         load_balancing_coef: Weight of the Switch load-balancing loss (learned gating only).
         router_z_loss_coef: Weight of the router z-loss (learned gating only).
+        mask_false_negatives: Do not count a batch document as a negative for a query it is
+            relevant to (another query's positive that is also judged relevant, duplicates).
         seed: Seed for every random choice (data order, dev split, initialisation, gate noise).
         train_split: Qrels split the training pairs come from.
         dev_split: Qrels split used for model selection if the collection has it; otherwise a
@@ -98,6 +100,7 @@ class TrainConfig:
         dev_max_docs: Evaluate dev on the dev positives plus random other documents up to this
             many (seeded); ``None`` uses the whole corpus.
         eval_steps: Also evaluate on dev every this many steps (besides each epoch's end).
+        checkpoint_steps: Save a resumable checkpoint every this many steps (and at each epoch's end).
         checkpoint_selection: ``best`` keeps the model with the best dev nDCG@10 (the starting model
             included); ``last`` keeps the last one, as the published code does.
         precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where the hardware has fast bf16).
@@ -116,12 +119,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     load_balancing_coef: float = 0.01
     router_z_loss_coef: float = 1e-3
+    mask_false_negatives: bool = True
     seed: int = 42
     train_split: str = "train"
     dev_split: str | None = "dev"
     dev_fraction: float = 0.1
     dev_max_docs: int | None = None
     eval_steps: int | None = None
+    checkpoint_steps: int | None = 500
     checkpoint_selection: Literal["best", "last"] = "best"
     precision: Precision = "auto"
     encode_batch_size: int = 64
@@ -184,6 +189,7 @@ PRESETS: dict[str, Preset] = {
             "max_grad_norm": 0.0,
             "load_balancing_coef": 0.0,
             "router_z_loss_coef": 0.0,
+            "mask_false_negatives": False,
             "dev_fraction": 0.05,
             "checkpoint_selection": "last",
             "precision": "fp32",

@@ -156,6 +156,14 @@ def load_collection(path: str | os.PathLike, splits: Sequence[str] | None = None
     return BeirCollection(root.name, root, corpus, queries, qrels)
 
 
+def read_queries(path: str | os.PathLike) -> dict[str, str]:
+    """Read a BEIR ``queries.jsonl`` (id -> text), validated like :func:`load_collection` does."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such queries file")
+    return _load_jsonl(path, "queries", _build_query)
+
+
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, text) for each non-blank line, without BOM or line ending."""
     # Binary reading with per-line decoding keeps line numbers exact even for bad UTF-8.

@@ -154,8 +154,12 @@ def apply_head_stages(
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(pooled), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(pooled[start : start + batch_size])).to(retriever.device)
-                chunks.append(run_stages(stages, {"sentence_embedding": x})["sentence_embedding"].cpu().numpy())
+                x = torch.from_numpy(np.ascontiguousarray(pooled[start : start + batch_size])).to(
+                    retriever.device
+                )
+                chunks.append(
+                    run_stages(stages, {"sentence_embedding": x})["sentence_embedding"].cpu().numpy()
+                )
     finally:
         if head is not None:
             head.expert_pooling = previous

@@ -1,0 +1,29 @@
+# `make demo` and `make test` set up .venv on first use (scripts/setup.sh) and then run.
+SHELL := /bin/bash
+VENV_BIN := .venv/bin
+# Tests and the demo read collections from ../shared/data when it is there; override freely.
+export SBMOE_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast lint format
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV_BIN)/sbmoe demo $(ARGS)
+
+test: setup
+	$(VENV_BIN)/ruff check src tests
+	$(VENV_BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(VENV_BIN)/python -m pytest -q -m "not integration" $(ARGS)
+
+lint: setup
+	$(VENV_BIN)/ruff check src tests
+	$(VENV_BIN)/ruff format --check src tests
+
+format: setup
+	$(VENV_BIN)/ruff format src tests
+	$(VENV_BIN)/ruff check --fix src tests

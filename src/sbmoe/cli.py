@@ -1,0 +1,296 @@
+"""The ``sbmoe`` command line: train, evaluate, index, search, demo.
+
+Only this module parses arguments or prints; each subcommand builds a config and calls one library
+function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sbmoe import __version__
+from sbmoe.config import EXPERT_POOLINGS, GATING_VARIANTS, POOLINGS, PRECISIONS, PRESETS, SIMILARITIES
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="BEIR folder, or a collection name looked up in $SBMOE_DATA_DIR, then the cache "
+        "(~/.cache/sbmoe/data), then downloaded from the BEIR mirror",
+    )
+
+
+def _add_encode_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass when encoding")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 autocast, fp32, or auto (bf16 where the CPU/GPU has fast bf16)",
+    )
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (defaults come from --preset)")
+    group.add_argument(
+        "--pooling", choices=POOLINGS, help="pooling of the last layer (default: backbone's own)"
+    )
+    group.add_argument("--similarity", choices=SIMILARITIES, help="cosine, dot, or auto (backbone's own)")
+    group.add_argument("--max-query-length", type=int, help="token limit for queries")
+    group.add_argument("--max-doc-length", type=int, help="token limit for documents")
+    group.add_argument(
+        "--num-experts", type=int, help="experts in the MoE block; 0 = plain fine-tuning baseline"
+    )
+    group.add_argument("--expert-pooling", choices=EXPERT_POOLINGS, help="top1, topk or all")
+    group.add_argument("--top-k", type=int, help="experts combined under --expert-pooling topk")
+    group.add_argument("--gating", choices=GATING_VARIANTS, help="paper (published code) or learned")
+    group.add_argument(
+        "--no-noisy-gating",
+        dest="noisy_gating",
+        action="store_const",
+        const=False,
+        help="no gate noise while training",
+    )
+    group.add_argument("--lowercase", action="store_const", const=True, help="lower-case all texts")
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (defaults come from --preset)")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--max-steps", type=int, help="stop after this many steps")
+    group.add_argument("--batch-size", type=int, help="pairs per step (in-batch negatives)")
+    group.add_argument("--lr-backbone", type=float)
+    group.add_argument("--lr-head", type=float)
+    group.add_argument("--weight-decay", type=float)
+    group.add_argument("--temperature", type=float, help="scores are divided by it (0.05 = scale 20)")
+    group.add_argument("--scheduler", choices=("constant", "linear"))
+    group.add_argument("--warmup-ratio", type=float)
+    group.add_argument("--max-grad-norm", type=float, help="0 disables clipping")
+    group.add_argument("--load-balancing-coef", type=float)
+    group.add_argument("--router-z-loss-coef", type=float)
+    group.add_argument(
+        "--no-mask-false-negatives",
+        dest="mask_false_negatives",
+        action="store_const",
+        const=False,
+        help="count in-batch documents relevant to a query as its negatives",
+    )
+    group.add_argument("--seed", type=int)
+    group.add_argument("--train-split")
+    group.add_argument("--dev-split", help="qrels split for model selection (else a held-out slice)")
+    group.add_argument("--dev-fraction", type=float)
+    group.add_argument("--dev-max-docs", type=int, help="dev corpus: positives + random docs up to this many")
+    group.add_argument("--eval-steps", type=int, help="also evaluate on dev every N steps")
+    group.add_argument("--checkpoint-steps", type=int, help="save a resumable checkpoint every N steps")
+    group.add_argument("--checkpoint-selection", choices=("best", "last"))
+    group.add_argument("--precision", choices=PRECISIONS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sbmoe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sbmoe {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a retriever (with or without an MoE head)")
+    train.add_argument("--model", required=True, help="hub name, local directory, or all-MiniLM-L6-v2")
+    _add_data_args(train)
+    train.add_argument("--output", required=True, help="directory for the model (resumes if interrupted)")
+    train.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()),
+    )
+    _add_model_args(train)
+    _add_train_args(train)
+
+    evaluate = commands.add_parser("evaluate", help="search a split's queries and score the run")
+    evaluate.add_argument(
+        "--model", required=True, help="saved model directory, hub name or all-MiniLM-L6-v2"
+    )
+    _add_data_args(evaluate)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument(
+        "--output", required=True, help="directory for metrics.json, per_query.json, run.trec"
+    )
+    evaluate.add_argument("--top-k", type=int, default=100, help="documents retrieved per query")
+    evaluate.add_argument(
+        "--expert-pooling",
+        nargs="+",
+        choices=EXPERT_POOLINGS,
+        help="inference rule(s) for an MoE model; several share one encoding pass",
+    )
+    evaluate.add_argument(
+        "--exclude-self", action="store_true", help="drop a document whose id is the query id"
+    )
+    _add_encode_args(evaluate)
+
+    index = commands.add_parser("index", help="encode a corpus into a FAISS index")
+    index.add_argument("--model", required=True)
+    _add_data_args(index)
+    index.add_argument("--output", required=True, help="index directory")
+    index.add_argument("--index-type", choices=("flat", "hnsw"), default="flat", help="flat = exact search")
+    _add_encode_args(index)
+
+    search = commands.add_parser("search", help="search an index with queries")
+    search.add_argument("--model", required=True, help="the model that built the index")
+    search.add_argument("--index", required=True, help="index directory from `sbmoe index`")
+    source = search.add_mutually_exclusive_group(required=True)
+    source.add_argument("--query", action="append", help="a query text (repeatable)")
+    source.add_argument("--queries", help="queries.jsonl (BEIR format)")
+    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--output", help="write the run in TREC format here")
+    search.add_argument("--exclude-self", action="store_true")
+    _add_encode_args(search)
+
+    demo = commands.add_parser("demo", help="zero-shot vs fine-tuned vs SB-MoE on SciFact, in one table")
+    defaults = _demo_defaults()
+    demo.add_argument("--data", default=defaults.data)
+    demo.add_argument("--model", default=defaults.model)
+    demo.add_argument("--output", default=defaults.output)
+    demo.add_argument("--epochs", type=int, default=defaults.epochs)
+    demo.add_argument("--num-experts", type=int, default=defaults.num_experts)
+    demo.add_argument("--gating", choices=GATING_VARIANTS, default=defaults.gating)
+    demo.add_argument("--max-doc-length", type=int, default=defaults.max_doc_length)
+    demo.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
+    demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the sentence-transformers reference encode",
+    )
+    return parser
+
+
+def _demo_defaults():
+    from sbmoe.demo import DemoConfig
+
+    return DemoConfig()
+
+
+def _fields(args: argparse.Namespace, cls: type) -> dict:
+    values = vars(args)
+    return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+
+
+def _command_train(args: argparse.Namespace) -> int:
+    from sbmoe.config import ModelConfig, TrainConfig, build_configs
+    from sbmoe.data import load_collection, resolve_data
+    from sbmoe.training import train
+
+    model_config, train_config = build_configs(
+        args.preset, {**_fields(args, ModelConfig), "backbone": args.model}, _fields(args, TrainConfig)
+    )
+    collection = load_collection(resolve_data(args.data))
+    result = train(model_config, train_config, collection, args.output, show_progress=not args.quiet)
+    print(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def _command_evaluate(args: argparse.Namespace) -> int:
+    from sbmoe.data import load_collection, resolve_data
+    from sbmoe.modeling import Retriever
+    from sbmoe.pipeline import EvaluateConfig, evaluate_model
+
+    config = EvaluateConfig(
+        split=args.split,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        exclude_self=args.exclude_self,
+        expert_poolings=args.expert_pooling or [],
+    )
+    collection = load_collection(resolve_data(args.data), splits=[args.split])
+    retriever = Retriever.load(args.model)
+    for output in evaluate_model(retriever, collection, args.output, config, show_progress=not args.quiet):
+        scores = "  ".join(f"{name} {value:.4f}" for name, value in output.result.metrics.items())
+        print(f"{output.name}: {scores}  ({output.output_dir / 'metrics.json'})")
+    return 0
+
+
+def _command_index(args: argparse.Namespace) -> int:
+    from sbmoe.data import load_collection, resolve_data
+    from sbmoe.modeling import Retriever
+    from sbmoe.pipeline import index_corpus
+
+    collection = load_collection(resolve_data(args.data), splits=[])
+    retriever = Retriever.load(args.model)
+    index = index_corpus(
+        retriever,
+        collection,
+        args.output,
+        args.batch_size,
+        args.precision,
+        args.index_type,
+        show_progress=not args.quiet,
+    )
+    print(f"indexed {len(index.doc_ids)} documents into {args.output}")
+    return 0
+
+
+def _command_search(args: argparse.Namespace) -> int:
+    from sbmoe.data import read_queries
+    from sbmoe.evaluation import write_trec_run
+    from sbmoe.modeling import Retriever
+    from sbmoe.pipeline import describe_run, search_index
+
+    queries = (
+        read_queries(args.queries) if args.queries else {f"q{i}": q for i, q in enumerate(args.query, 1)}
+    )
+    retriever = Retriever.load(args.model)
+    run = search_index(
+        retriever, args.index, queries, args.top_k, args.exclude_self, args.batch_size, args.precision
+    )
+    if args.output:
+        write_trec_run(run, args.output)
+        print(f"wrote {args.output}")
+    else:
+        for row in describe_run(run, args.top_k):
+            print(f"{row['query_id']}\t{row['rank']}\t{row['doc_id']}\t{row['score']:.4f}")
+    return 0
+
+
+def _command_demo(args: argparse.Namespace) -> int:
+    from sbmoe.demo import DemoConfig, run_demo
+
+    config = DemoConfig(**_fields(args, DemoConfig))
+    report = run_demo(config, show_progress=not args.quiet)
+    print(report.markdown())
+    print(f"(written to {Path(config.output) / 'demo.md'} and demo.json)")
+    return 0
+
+
+COMMANDS = {
+    "train": _command_train,
+    "evaluate": _command_evaluate,
+    "index": _command_index,
+    "search": _command_search,
+    "demo": _command_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sbmoe`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from sbmoe.data import DataError
+    from sbmoe.modeling import ModelLoadError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, ModelLoadError, ValueError, FileNotFoundError) as error:
+        print(f"sbmoe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The training loop: in-batch contrastive fine-tuning with dev-based model selection and resume.
+
+Layout of an output directory::
+
+    DIR/                    the final model (sentence-transformers format + sbmoe.json)
+    DIR/training/
+        config.json         model and training configs, data, command, versions
+        log.jsonl           one line per step / evaluation
+        checkpoint/         latest state for resuming (model, optimiser, scheduler, RNG, position)
+        best/               best model so far on dev nDCG@10 (or the last, by configuration)
+        done.json           written when training finished; summary of the run
+
+Everything under ``training/`` is written atomically, so an interrupted run resumes from its last
+checkpoint. The loop is written for one process, but keeps the pieces distributed training needs
+replaceable: the batch order comes from an injectable ``batch_order`` function and only the process
+with ``rank == 0`` writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sbmoe import __version__
+from sbmoe.config import ModelConfig, TrainConfig
+from sbmoe.data import BeirCollection, positive_pairs, train_dev_split
+from sbmoe.encoding import autocast, resolve_precision, run_stages, tokenize
+from sbmoe.io import atomic_directory, read_json, write_json
+from sbmoe.losses import in_batch_contrastive_loss, load_balancing_loss, router_z_loss
+from sbmoe.modeling import Retriever
+
+logger = logging.getLogger(__name__)
+
+BatchOrder = Callable[[int, int], list[list[int]]]
+"""(epoch, number of pairs) -> batches of pair positions. Replace it for distributed sampling."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run reports."""
+
+    output_dir: Path
+    steps: int
+    best_step: int
+    best_dev_ndcg10: float | None
+    dev_history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["output_dir"] = str(self.output_dir)
+        return data
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def shuffled_batches(seed: int, batch_size: int) -> BatchOrder:
+    """A seeded shuffle per epoch, cut into batches; a last batch of one pair is dropped."""
+
+    def order(epoch: int, num_pairs: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        permutation = torch.randperm(num_pairs, generator=generator).tolist()
+        batches = [permutation[i : i + batch_size] for i in range(0, num_pairs, batch_size)]
+        return [b for b in batches if len(b) >= 2]
+
+    return order
+
+
+def false_negative_mask(
+    query_ids: Sequence[str], doc_ids: Sequence[str], qrels: dict[str, dict[str, int]]
+) -> torch.Tensor:
+    """(B, B) True where document j is also relevant to query i (so it is no negative for it)."""
+    return torch.tensor(
+        [[qrels.get(q, {}).get(d, 0) > 0 for d in doc_ids] for q in query_ids], dtype=torch.bool
+    )
+
+
+def learning_rate_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rates at a given step."""
+    warmup = int(config.warmup_ratio * total_steps) if config.scheduler == "linear" else 0
+
+    def factor(step: int) -> float:
+        if config.scheduler == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+class Trainer:
+    """Fine-tunes a :class:`Retriever` on a BEIR collection.
+
+    Args:
+        retriever: The model to train (its weights change in place).
+        collection: Training data; pairs come from ``config.train_split`` qrels.
+        config: Training settings.
+        output_dir: Where the model and ``training/`` go.
+        show_progress: Show progress bars.
+        batch_order: Batch sampler (defaults to a seeded shuffle).
+        rank: Process rank; only rank 0 writes.
+        command: The command line to record beside the outputs.
+    """
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        collection: BeirCollection,
+        config: TrainConfig,
+        output_dir: str | Path,
+        show_progress: bool = True,
+        batch_order: BatchOrder | None = None,
+        rank: int = 0,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        config.validate()
+        self.retriever = retriever
+        self.collection = collection
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.training_dir = self.output_dir / "training"
+        self.show_progress = show_progress
+        self.batch_order = batch_order or shuffled_batches(config.seed, config.batch_size)
+        self.is_main = rank == 0
+        self.command = list(command) if command is not None else list(sys.argv)
+        self.precision = resolve_precision(config.precision, retriever.device)
+
+        self.train_qrels, self.dev_qrels = train_dev_split(
+            collection, config.train_split, config.dev_split, config.dev_fraction, config.seed
+        )
+        self.pairs = positive_pairs(self.train_qrels)
+        if len(self.pairs) < 2:
+            raise ValueError(
+                f"{collection.name}: fewer than 2 training pairs in split {config.train_split!r}"
+            )
+        self.steps_per_epoch = len(self.batch_order(0, len(self.pairs)))
+        planned = self.steps_per_epoch * config.epochs
+        self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
+        self.dev_evaluator = DevEvaluator(collection, self.dev_qrels, config)
+
+        backbone_params, head_params = retriever.parameter_groups()
+        groups = [{"params": backbone_params, "lr": config.lr_backbone, "name": "backbone"}]
+        if head_params:
+            groups.append({"params": head_params, "lr": config.lr_head, "name": "head"})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, learning_rate_lambda(config, self.total_steps)
+        )
+        self.step = 0
+        self.best_score: float | None = None
+        self.best_step = 0
+        self.dev_history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------------- state
+    def run_config(self) -> dict[str, Any]:
+        """Everything that determines this run, saved beside it and compared on resume."""
+        return {
+            "model_config": dataclasses.asdict(self.retriever.config),
+            "train_config": dataclasses.asdict(self.config),
+            "data": {"name": self.collection.name, "root": str(self.collection.root)},
+        }
+
+    def _check_resumable(self) -> dict[str, Any] | None:
+        """The saved checkpoint state if this output dir holds one from the same configuration."""
+        state_file = self.training_dir / "checkpoint" / "state.json"
+        if not state_file.exists():
+            return None
+        saved = read_json(self.training_dir / "config.json")
+        mine = self.run_config()
+        if {k: saved.get(k) for k in ("model_config", "train_config")} != {
+            k: mine[k] for k in ("model_config", "train_config")
+        }:
+            raise ValueError(
+                f"{self.output_dir} holds a checkpoint of a different configuration; choose another "
+                f"--output or delete {self.training_dir} to start over"
+            )
+        return read_json(state_file)
+
+    def _save_checkpoint(self, epoch: int, batch_index: int) -> None:
+        if not self.is_main:
+            return
+        with atomic_directory(self.training_dir / "checkpoint") as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.retriever.model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": np.random.get_state(),
+                    "python_rng": random.getstate(),
+                },
+                tmp / "optimizer.pt",
+            )
+            write_json(
+                tmp / "state.json",
+                {
+                    "step": self.step,
+                    "epoch": epoch,
+                    "batch_index": batch_index,
+                    "best_score": self.best_score,
+                    "best_step": self.best_step,
+                    "dev_history": self.dev_history,
+                },
+            )
+
+    def _load_checkpoint(self, state: dict[str, Any]) -> tuple[int, int]:
+        directory = self.training_dir / "checkpoint"
+        self.retriever.model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        extra = torch.load(directory / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["torch_rng"])
+        np.random.set_state(extra["numpy_rng"])
+        random.setstate(extra["python_rng"])
+        self.step = state["step"]
+        self.best_score = state["best_score"]
+        self.best_step = state["best_step"]
+        self.dev_history = state["dev_history"]
+        return state["epoch"], state["batch_index"]
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.training_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.training_dir / "log.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------------------- steps
+    def training_step(self, batch: Sequence[int]) -> dict[str, float]:
+        """One optimiser step on the pairs at ``batch``; returns the loss terms."""
+        query_ids = [self.pairs[i][0] for i in batch]
+        doc_ids = [self.pairs[i][1] for i in batch]
+        queries = [self.collection.queries[q] for q in query_ids]
+        documents = [self.collection.corpus[d].full_text for d in doc_ids]
+        model = self.retriever.model
+        model.train()
+        with autocast(self.precision, self.retriever.device):
+            query_out = run_stages(model.children(), tokenize(self.retriever, queries, "query"))
+            doc_out = run_stages(model.children(), tokenize(self.retriever, documents, "document"))
+        mask = (
+            false_negative_mask(query_ids, doc_ids, self.train_qrels)
+            if self.config.mask_false_negatives
+            else None
+        )
+        contrastive = in_batch_contrastive_loss(
+            query_out["sentence_embedding"].float(),
+            doc_out["sentence_embedding"].float(),
+            self.config.temperature,
+            false_negative_mask=mask,
+        )
+        loss = contrastive
+        terms = {"contrastive": contrastive.item()}
+        head = self.retriever.head
+        if head is not None and head.gating == "learned":
+            logits = torch.cat([query_out["router_logits"], doc_out["router_logits"]]).float()
+            chosen = torch.cat([query_out["expert_index"], doc_out["expert_index"]])
+            if self.config.load_balancing_coef > 0:
+                balance = load_balancing_loss(logits, chosen)
+                loss = loss + self.config.load_balancing_coef * balance
+                terms["load_balancing"] = balance.item()
+            if self.config.router_z_loss_coef > 0:
+                z_loss = router_z_loss(logits)
+                loss = loss + self.config.router_z_loss_coef * z_loss
+                terms["router_z"] = z_loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        terms["loss"] = loss.item()
+        return terms
+
+    def evaluate_and_select(self, epoch: int) -> float:
+        """Score dev nDCG@10; keep the model as best if it improves (or always, under ``last``)."""
+        started = time.perf_counter()
+        score = self.dev_evaluator.ndcg10(self.retriever, self.show_progress)
+        record = {"step": self.step, "epoch": epoch, "dev_ndcg@10": score}
+        self.dev_history.append(record)
+        improved = self.best_score is None or score > self.best_score
+        if self.config.checkpoint_selection == "last" or improved:
+            self.best_score, self.best_step = score, self.step
+            if self.is_main:
+                with atomic_directory(self.training_dir / "best") as tmp:
+                    self.retriever.save(tmp, extra={"step": self.step, "dev_ndcg@10": score})
+        self._log({**record, "event": "dev", "seconds": round(time.perf_counter() - started, 2)})
+        logger.info("step %d: dev nDCG@10 = %.4f%s", self.step, score, " (best)" if improved else "")
+        return score
+
+    # ------------------------------------------------------------------------------------- loop
+    def train(self) -> TrainResult:
+        """Run (or resume) training; returns the summary. The best model ends up in ``output_dir``."""
+        done_file = self.training_dir / "done.json"
+        if done_file.exists():
+            logger.info("%s is already trained; nothing to do", self.output_dir)
+            summary = read_json(done_file)
+            return TrainResult(**{**summary, "output_dir": Path(summary["output_dir"])})
+        started = time.perf_counter()
+        seed_everything(self.config.seed)
+        state = self._check_resumable()
+        start_epoch, start_batch = self._load_checkpoint(state) if state else (0, 0)
+        resumed_from = self.step if state else None
+        if self.is_main:
+            write_json(
+                self.training_dir / "config.json",
+                {
+                    **self.run_config(),
+                    "command": self.command,
+                    "sbmoe_version": __version__,
+                    "torch_version": torch.__version__,
+                    "precision": self.precision,
+                },
+            )
+        if state is None and self.config.checkpoint_selection == "best":
+            self.evaluate_and_select(epoch=0)  # the starting model competes too
+
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.show_progress,
+        )
+        eval_steps = self.config.eval_steps
+        checkpoint_steps = self.config.checkpoint_steps
+        epoch = start_epoch
+        try:
+            while epoch < self.config.epochs and self.step < self.total_steps:
+                batches = self.batch_order(epoch, len(self.pairs))
+                first = start_batch if epoch == start_epoch else 0
+                for batch_index in range(first, len(batches)):
+                    terms = self.training_step(batches[batch_index])
+                    self.step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                    self._log(
+                        {
+                            "step": self.step,
+                            "epoch": epoch,
+                            "event": "train",
+                            "lr": self.scheduler.get_last_lr(),
+                            **terms,
+                        }
+                    )
+                    if not math.isfinite(terms["loss"]):
+                        raise FloatingPointError(f"loss became {terms['loss']} at step {self.step}")
+                    finished = self.step >= self.total_steps
+                    if eval_steps and self.step % eval_steps == 0 and not finished:
+                        self.evaluate_and_select(epoch)
+                    if checkpoint_steps and self.step % checkpoint_steps == 0 and not finished:
+                        self._save_checkpoint(epoch, batch_index + 1)
+                    if finished:
+                        break
+                epoch += 1
+                if not (eval_steps and self.step % eval_steps == 0) or self.step >= self.total_steps:
+                    self.evaluate_and_select(epoch)
+                self._save_checkpoint(epoch, 0)
+        finally:
+            bar.close()
+        return self._finish(started, resumed_from)
+
+    def _finish(self, started: float, resumed_from: int | None) -> TrainResult:
+        result = TrainResult(
+            output_dir=self.output_dir,
+            steps=self.step,
+            best_step=self.best_step,
+            best_dev_ndcg10=self.best_score,
+            dev_history=self.dev_history,
+            seconds=round(time.perf_counter() - started, 2),
+            resumed_from_step=resumed_from,
+        )
+        if self.is_main:
+            best = Retriever.load(str(self.training_dir / "best"))
+            best.save(self.output_dir, extra={"training": result.to_dict()})
+            self.retriever.model.load_state_dict(best.model.state_dict())
+            write_json(self.training_dir / "done.json", result.to_dict())
+        return result
+
+
+class DevEvaluator:
+    """Dev nDCG@10 on the held-out queries, over the whole corpus or a seeded sample of it.
+
+    The sample keeps every dev positive and adds random other documents up to ``dev_max_docs``, so
+    the score is comparable between steps of one run (not with full-corpus test scores).
+    """
+
+    def __init__(self, collection: BeirCollection, dev_qrels: dict[str, dict[str, int]], config: TrainConfig):
+        self.config = config
+        self.qrels = {q: rels for q, rels in dev_qrels.items() if q in collection.queries}
+        self.query_ids = sorted(self.qrels)
+        self.queries = [collection.queries[q] for q in self.query_ids]
+        doc_ids = sorted(collection.corpus)
+        if config.dev_max_docs is not None and config.dev_max_docs < len(doc_ids):
+            positives = sorted({d for rels in self.qrels.values() for d in rels if d in collection.corpus})
+            others = sorted(set(doc_ids) - set(positives))
+            rng = random.Random(config.seed)
+            extra = max(0, config.dev_max_docs - len(positives))
+            doc_ids = sorted(positives + rng.sample(others, min(extra, len(others))))
+        self.doc_ids = doc_ids
+        self.documents = [collection.corpus[d].full_text for d in doc_ids]
+
+    def ndcg10(self, retriever: Retriever, show_progress: bool = False) -> float:
+        """Encode, search exactly, and score nDCG@10."""
+        from sbmoe.evaluation import evaluate_run
+        from sbmoe.retrieval import search_texts
+
+        run = search_texts(
+            retriever,
+            self.query_ids,
+            self.queries,
+            self.doc_ids,
+            self.documents,
+            top_k=10,
+            batch_size=self.config.encode_batch_size,
+            precision=self.config.precision,
+            show_progress=show_progress,
+        )
+        return evaluate_run(self.qrels, run, metrics=("ndcg@10",)).metrics["ndcg@10"]
+
+
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    collection: BeirCollection,
+    output_dir: str | Path,
+    show_progress: bool = True,
+    command: Sequence[str] | None = None,
+) -> TrainResult:
+    """Build a retriever from ``model_config`` and train it; the best model is saved in ``output_dir``."""
+    seed_everything(train_config.seed)  # the head's initialisation depends on it
+    retriever = Retriever.from_config(model_config)
+    trainer = Trainer(retriever, collection, train_config, output_dir, show_progress, command=command)
+    return trainer.train()

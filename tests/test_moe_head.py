@@ -1,0 +1,142 @@
+"""The MoE head: formulas checked by hand, gradients of the two gating variants, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sbmoe.moe_head import MoEHead
+
+
+def make_head(**kwargs) -> MoEHead:
+    torch.manual_seed(0)
+    return MoEHead(embedding_dimension=16, num_experts=4, **kwargs)
+
+
+def expert(head: MoEHead, m: int, x: torch.Tensor) -> torch.Tensor:
+    """E_m(x) = W2 relu(W1 x + b1) + b2, computed one expert at a time."""
+    hidden = torch.relu(x @ head.expert_w1[m] + head.expert_b1[m])
+    return hidden @ head.expert_w2[m] + head.expert_b2[m]
+
+
+@pytest.mark.parametrize("gating", ["paper", "learned"])
+def test_top1_inference_matches_the_formula(gating):
+    head = make_head(gating=gating, expert_pooling="top1").eval()
+    x = torch.randn(5, 16)
+    y = head({"sentence_embedding": x})["sentence_embedding"]
+    probabilities = torch.softmax(head.gate(x), dim=-1)
+    for i in range(5):
+        m = int(probabilities[i].argmax())
+        e = expert(head, m, x[i])
+        if gating == "paper":
+            expected = F.normalize(probabilities[i, m] * e, dim=-1, eps=1e-6) + x[i]
+        else:
+            expected = x[i] + probabilities[i, m] * F.normalize(e, dim=-1, eps=1e-6)
+        torch.testing.assert_close(y[i], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gating", ["paper", "learned"])
+def test_all_pooling_is_the_softmax_weighted_sum(gating):
+    head = make_head(gating=gating, expert_pooling="all").eval()
+    x = torch.randn(3, 16)
+    y = head({"sentence_embedding": x})["sentence_embedding"]
+    probabilities = torch.softmax(head.gate(x), dim=-1)
+    for i in range(3):
+        outputs = torch.stack([expert(head, m, x[i]) for m in range(4)])
+        if gating == "paper":
+            expected = F.normalize(probabilities[i] @ outputs, dim=-1, eps=1e-6) + x[i]
+        else:
+            expected = x[i] + probabilities[i] @ F.normalize(outputs, dim=-1, eps=1e-6)
+        torch.testing.assert_close(y[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_keeps_k_experts():
+    head = make_head(gating="learned", expert_pooling="topk", top_k=2).eval()
+    weights = head.gate_weights(head.gate(torch.randn(6, 16)))
+    assert ((weights > 0).sum(dim=-1) == 2).all()
+
+
+def test_paper_training_uses_top1_whatever_the_inference_rule():
+    head = make_head(gating="paper", expert_pooling="all").train()
+    weights = head.gate_weights(torch.randn(6, 4))
+    assert ((weights > 0).sum(dim=-1) == 1).all()
+    head.eval()
+    assert ((head.gate_weights(torch.randn(6, 4)) > 0).sum(dim=-1) == 4).all()
+
+
+def gate_and_noise_gradients(gating: str) -> tuple[float, float, float]:
+    head = make_head(gating=gating, expert_pooling="top1").train()
+    x = torch.randn(8, 16)
+    torch.manual_seed(1)
+    y = head({"sentence_embedding": x})["sentence_embedding"]
+    loss = (y @ torch.randn(16, 8)).logsumexp(dim=-1).mean()
+    loss.backward()
+    gate = max(p.grad.abs().max().item() for p in head.gate.parameters())
+    noise = max(p.grad.abs().max().item() for p in head.noise.parameters())
+    experts = head.expert_w1.grad.abs().max().item()
+    return gate, noise, experts
+
+
+def test_paper_gating_gives_the_gate_no_gradient():
+    gate, noise, experts = gate_and_noise_gradients("paper")
+    assert experts > 1e-4  # the experts do learn
+    # Mathematically zero: the gate value cancels under the normalisation. Numerically it is
+    # rounding noise, many orders of magnitude below the experts' gradient.
+    assert gate < 1e-6 * max(experts, 1.0)
+    assert noise < 1e-6 * max(experts, 1.0)
+
+
+def test_learned_gating_trains_gate_and_noise():
+    gate, noise, experts = gate_and_noise_gradients("learned")
+    assert experts > 1e-4
+    assert gate > 1e-4
+    assert noise > 1e-5
+
+
+def test_noise_only_while_training():
+    head = make_head(gating="learned")
+    x = torch.randn(4, 16)
+    head.eval()
+    first = head({"sentence_embedding": x})["sentence_embedding"]
+    second = head({"sentence_embedding": x})["sentence_embedding"]
+    torch.testing.assert_close(first, second)
+    head.train()
+    noisy = head({"sentence_embedding": x.clone()})
+    assert not torch.equal(noisy["router_noisy_logits"], noisy["router_logits"])
+
+
+def test_normalize_input_normalises_before_the_head():
+    head = make_head(gating="learned", normalize_input=True).eval()
+    x = torch.randn(3, 16) * 7
+    unit = make_head(gating="learned", normalize_input=False).eval()
+    torch.testing.assert_close(
+        head({"sentence_embedding": x})["sentence_embedding"],
+        unit({"sentence_embedding": F.normalize(x, dim=-1, eps=1e-6)})["sentence_embedding"],
+    )
+
+
+def test_save_and_load_round_trip(tmp_path):
+    head = make_head(gating="learned", expert_pooling="all").eval()
+    head.save(str(tmp_path))
+    loaded = MoEHead.load(str(tmp_path)).eval()
+    assert loaded.get_config_dict() == head.get_config_dict()
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(
+        loaded({"sentence_embedding": x})["sentence_embedding"],
+        head({"sentence_embedding": x})["sentence_embedding"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_experts": 0}, "at least one expert"),
+        ({"gating": "magic"}, "gating"),
+        ({"expert_pooling": "top3"}, "expert_pooling"),
+        ({"expert_pooling": "topk", "top_k": 9}, "top_k"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoEHead(embedding_dimension=8, **{"num_experts": 3, **kwargs})
