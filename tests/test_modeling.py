@@ -124,5 +124,5 @@ def test_unreachable_hub_name_is_a_clear_error(monkeypatch):
     # Offline mode makes the hub unreachable at once (instead of after a minute of retries).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelLoadError, match="could not load 'huawei-noah/TinyBERT_General_4L_312D'.*hub"):
+    with pytest.raises(ModelLoadError, match=r"could not load 'huawei-noah/TinyBERT_General_4L_312D'.*hub"):
         Retriever.from_config(ModelConfig(backbone="huawei-noah/TinyBERT_General_4L_312D"))

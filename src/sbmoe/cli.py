@@ -191,7 +191,14 @@ def _command_train(args: argparse.Namespace) -> int:
         args.preset, {**_fields(args, ModelConfig), "backbone": args.model}, _fields(args, TrainConfig)
     )
     collection = load_collection(resolve_data(args.data))
-    result = train(model_config, train_config, collection, args.output, show_progress=not args.quiet)
+    result = train(
+        model_config,
+        train_config,
+        collection,
+        args.output,
+        show_progress=not args.quiet,
+        command=args.command_line,
+    )
     print(json.dumps(result.to_dict(), indent=2))
     return 0
 
@@ -211,7 +218,10 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     )
     collection = load_collection(resolve_data(args.data), splits=[args.split])
     retriever = Retriever.load(args.model)
-    for output in evaluate_model(retriever, collection, args.output, config, show_progress=not args.quiet):
+    outputs = evaluate_model(
+        retriever, collection, args.output, config, show_progress=not args.quiet, command=args.command_line
+    )
+    for output in outputs:
         scores = "  ".join(f"{name} {value:.4f}" for name, value in output.result.metrics.items())
         print(f"{output.name}: {scores}  ({output.output_dir / 'metrics.json'})")
     return 0
@@ -263,7 +273,7 @@ def _command_demo(args: argparse.Namespace) -> int:
     from sbmoe.demo import DemoConfig, run_demo
 
     config = DemoConfig(**_fields(args, DemoConfig))
-    report = run_demo(config, show_progress=not args.quiet)
+    report = run_demo(config, show_progress=not args.quiet, command=args.command_line)
     print(report.markdown())
     print(f"(written to {Path(config.output) / 'demo.md'} and demo.json)")
     return 0
@@ -280,7 +290,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sbmoe`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = ["sbmoe", *argv]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from sbmoe.data import DataError
     from sbmoe.modeling import ModelLoadError

@@ -17,7 +17,7 @@ Two gating variants:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ class MoEHead(Module):
             scores with cosine similarity, as the published code does).
     """
 
-    config_keys = [
+    config_keys: ClassVar[list[str]] = [
         "embedding_dimension",
         "num_experts",
         "expert_pooling",
@@ -143,14 +143,19 @@ class MoEHead(Module):
         if self.training and self.noisy_gating:
             noise_scale = F.softplus(self.noise(x))
             logits = clean_logits + noise_scale * torch.randn_like(clean_logits)
-        weights = self.gate_weights(logits)
         expert_outputs = self.experts(x)
         if self.gating == "paper":
+            if self.selection_size() == 1:
+                # normalize(g_m E_m(x)) = normalize(E_m(x)) for any g_m > 0: the published code's
+                # gate value cancels, so the gate is used for selection only and gets no gradient.
+                weights = F.one_hot(logits.argmax(dim=-1), self.num_experts).to(expert_outputs.dtype)
+            else:
+                weights = self.gate_weights(logits)
             mixed = torch.einsum("bn,bnd->bd", weights, expert_outputs)
             output = F.normalize(mixed, p=2, dim=-1, eps=NORMALIZE_EPS) + x
         else:
             unit_outputs = F.normalize(expert_outputs, p=2, dim=-1, eps=NORMALIZE_EPS)
-            output = x + torch.einsum("bn,bnd->bd", weights, unit_outputs)
+            output = x + torch.einsum("bn,bnd->bd", self.gate_weights(logits), unit_outputs)
         features["sentence_embedding"] = output
         features["router_logits"] = clean_logits
         features["router_noisy_logits"] = logits

@@ -130,13 +130,19 @@ def index_corpus(
     precision: str = "auto",
     index_type: str = "flat",
     show_progress: bool = True,
+    command: Sequence[str] | None = None,
 ) -> DenseIndex:
     """Encode the collection's corpus and save the FAISS index (with the model's fingerprint)."""
     doc_ids = list(collection.corpus)
     documents = [collection.corpus[d].full_text for d in doc_ids]
     index = build_index(retriever, doc_ids, documents, batch_size, precision, index_type, show_progress)
     index.metadata.update(
-        {"collection": collection.name, "model_config": dataclasses.asdict(retriever.config)}
+        {
+            "collection": collection.name,
+            "model_config": dataclasses.asdict(retriever.config),
+            "precision": precision,
+            "command": list(command) if command is not None else sys.argv,
+        }
     )
     index.save(output_dir)
     return index

@@ -1,0 +1,163 @@
+"""Training: reproducibility, resume, model selection, gate learning, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sbmoe.config import build_configs
+from sbmoe.data import load_collection
+from sbmoe.io import read_json
+from sbmoe.modeling import Retriever
+from sbmoe.training import Trainer, false_negative_mask, learning_rate_lambda, seed_everything, train
+
+
+def configs(tiny_bert_dir, preset="default", model=None, **train_overrides):
+    train_values = {"epochs": 1, "batch_size": 8, "precision": "fp32", "checkpoint_steps": None}
+    train_values.update(train_overrides)
+    model_values = {"backbone": str(tiny_bert_dir), "num_experts": 3, "max_doc_length": 48, **(model or {})}
+    return build_configs(preset, model_values, train_values)
+
+
+def weights(retriever: Retriever) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in retriever.model.state_dict().items()}
+
+
+def assert_same_weights(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], msg=key)
+
+
+def test_training_is_reproducible_for_a_seed(tiny_bert_dir, scifact_slice, tmp_path):
+    collection = load_collection(scifact_slice)
+    model_config, train_config = configs(tiny_bert_dir, max_steps=3, checkpoint_selection="last")
+    train(model_config, train_config, collection, tmp_path / "a", show_progress=False)
+    train(model_config, train_config, collection, tmp_path / "b", show_progress=False)
+    assert_same_weights(
+        weights(Retriever.load(str(tmp_path / "a"))), weights(Retriever.load(str(tmp_path / "b")))
+    )
+    log = [json.loads(line) for line in (tmp_path / "a" / "training" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3]
+    assert all(r["loss"] > 0 for r in log if r["event"] == "train")
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_bert_dir, scifact_slice, tmp_path):
+    collection = load_collection(scifact_slice)
+    model_config, train_config = configs(
+        tiny_bert_dir, max_steps=5, checkpoint_steps=2, checkpoint_selection="last"
+    )
+    train(model_config, train_config, collection, tmp_path / "whole", show_progress=False)
+
+    seed_everything(train_config.seed)
+    interrupted = Trainer(
+        Retriever.from_config(model_config),
+        collection,
+        train_config,
+        tmp_path / "resumed",
+        show_progress=False,
+    )
+    original_step = interrupted.training_step
+
+    def failing_step(batch):
+        if interrupted.step == 3:  # after the checkpoint at step 2, before step 4
+            raise KeyboardInterrupt
+        return original_step(batch)
+
+    interrupted.training_step = failing_step
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert read_json(tmp_path / "resumed" / "training" / "checkpoint" / "state.json")["step"] == 2
+    assert not (tmp_path / "resumed" / "training" / "done.json").exists()
+
+    result = train(model_config, train_config, collection, tmp_path / "resumed", show_progress=False)
+    assert result.resumed_from_step == 2 and result.steps == 5
+    assert_same_weights(
+        weights(Retriever.load(str(tmp_path / "whole"))), weights(Retriever.load(str(tmp_path / "resumed")))
+    )
+
+
+def test_best_dev_checkpoint_is_the_saved_model(tiny_bert_dir, scifact_slice, tmp_path):
+    collection = load_collection(scifact_slice)
+    model_config, train_config = configs(tiny_bert_dir, epochs=2, eval_steps=2)
+    result = train(model_config, train_config, collection, tmp_path / "run", show_progress=False)
+    scores = [record["dev_ndcg@10"] for record in result.dev_history]
+    assert result.dev_history[0]["step"] == 0  # the starting model competes
+    assert len(scores) >= 4
+    assert result.best_dev_ndcg10 == max(scores)
+    assert result.best_step == result.dev_history[scores.index(max(scores))]["step"]
+    saved = Retriever.load(str(tmp_path / "run"))
+    best = Retriever.load(str(tmp_path / "run" / "training" / "best"))
+    assert saved.fingerprint() == best.fingerprint()
+    assert read_json(tmp_path / "run" / "sbmoe.json")["training"]["best_step"] == result.best_step
+
+
+def test_finished_run_is_not_trained_again(tiny_bert_dir, scifact_slice, tmp_path):
+    collection = load_collection(scifact_slice)
+    model_config, train_config = configs(tiny_bert_dir, max_steps=2)
+    first = train(model_config, train_config, collection, tmp_path / "run", show_progress=False)
+    log_size = (tmp_path / "run" / "training" / "log.jsonl").stat().st_size
+    second = train(model_config, train_config, collection, tmp_path / "run", show_progress=False)
+    assert second.steps == first.steps and second.best_step == first.best_step
+    assert (tmp_path / "run" / "training" / "log.jsonl").stat().st_size == log_size
+
+
+def test_checkpoint_from_another_configuration_is_refused(tiny_bert_dir, scifact_slice, tmp_path):
+    collection = load_collection(scifact_slice)
+    model_config, train_config = configs(tiny_bert_dir, max_steps=4, checkpoint_steps=1)
+    trainer = Trainer(
+        Retriever.from_config(model_config), collection, train_config, tmp_path / "run", show_progress=False
+    )
+    original_step = trainer.training_step
+
+    def failing_step(batch):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+        return original_step(batch)
+
+    trainer.training_step = failing_step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    _, other = configs(tiny_bert_dir, max_steps=4, checkpoint_steps=1, lr_head=0.5)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(model_config, other, collection, tmp_path / "run", show_progress=False)
+
+
+@pytest.mark.parametrize(("gating", "should_change"), [("learned", True), ("paper", False)])
+def test_gate_learns_only_under_learned_gating(tiny_bert_dir, scifact_slice, tmp_path, gating, should_change):
+    collection = load_collection(scifact_slice)
+    model_config, train_config = configs(
+        tiny_bert_dir, model={"gating": gating}, max_steps=3, checkpoint_selection="last", lr_head=1e-2
+    )
+    seed_everything(0)
+    retriever = Retriever.from_config(model_config)
+    gate_before = [p.detach().clone() for p in retriever.head.gate.parameters()]
+    noise_before = [p.detach().clone() for p in retriever.head.noise.parameters()]
+    experts_before = retriever.head.expert_w1.detach().clone()
+    Trainer(retriever, collection, train_config, tmp_path / gating, show_progress=False).train()
+    gate_changed = any(not torch.equal(a, b) for a, b in zip(gate_before, retriever.head.gate.parameters()))
+    noise_changed = any(
+        not torch.equal(a, b) for a, b in zip(noise_before, retriever.head.noise.parameters())
+    )
+    assert gate_changed is should_change
+    assert noise_changed is should_change
+    assert not torch.equal(experts_before, retriever.head.expert_w1)  # experts learn either way
+
+
+def test_false_negative_mask_marks_other_relevant_documents():
+    qrels = {"q1": {"d1": 1, "d2": 1}, "q2": {"d2": 1}}
+    mask = false_negative_mask(["q1", "q2"], ["d1", "d2"], qrels)
+    assert mask.tolist() == [[True, True], [False, True]]
+
+
+def test_linear_schedule_warms_up_then_decays(tiny_bert_dir):
+    _, config = configs(tiny_bert_dir, scheduler="linear", warmup_ratio=0.2)
+    factor = learning_rate_lambda(config, total_steps=10)
+    values = [factor(step) for step in range(10)]
+    assert values[0] < values[1] < values[2]  # warm-up over 2 steps
+    assert values[2] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.125) and values[-1] < values[5]
+    _, constant = configs(tiny_bert_dir, scheduler="constant")
+    assert {learning_rate_lambda(constant, 10)(s) for s in range(10)} == {1.0}
