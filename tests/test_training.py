@@ -137,9 +137,11 @@ def test_gate_learns_only_under_learned_gating(tiny_bert_dir, scifact_slice, tmp
     noise_before = [p.detach().clone() for p in retriever.head.noise.parameters()]
     experts_before = retriever.head.expert_w1.detach().clone()
     Trainer(retriever, collection, train_config, tmp_path / gating, show_progress=False).train()
-    gate_changed = any(not torch.equal(a, b) for a, b in zip(gate_before, retriever.head.gate.parameters()))
+    gate_changed = any(
+        not torch.equal(a, b) for a, b in zip(gate_before, retriever.head.gate.parameters(), strict=True)
+    )
     noise_changed = any(
-        not torch.equal(a, b) for a, b in zip(noise_before, retriever.head.noise.parameters())
+        not torch.equal(a, b) for a, b in zip(noise_before, retriever.head.noise.parameters(), strict=True)
     )
     assert gate_changed is should_change
     assert noise_changed is should_change
