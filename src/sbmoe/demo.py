@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from sbmoe import __version__
+from sbmoe.cache import EmbeddingCache
 from sbmoe.config import ModelConfig, TrainConfig, build_configs
 from sbmoe.data import BeirCollection, load_collection, resolve_data
+from sbmoe.encoding import resolve_precision
 from sbmoe.evaluation import PAPER_METRICS, EvaluationResult, evaluate_run, save_metrics
 from sbmoe.io import read_json, write_json
 from sbmoe.modeling import Retriever, resolve_backbone
@@ -43,7 +45,7 @@ class DemoConfig:
     gating: str = "learned"
     max_query_length: int = 64
     max_doc_length: int = 256
-    dev_max_docs: int | None = 1000
+    dev_max_docs: int | None = None
     precision: str = "auto"
     seed: int = 42
     reference: bool = True
@@ -164,11 +166,14 @@ def run_demo(
         "epochs": config.epochs,
         "batch": config.batch_size,
         "max length (query/doc)": f"{config.max_query_length}/{config.max_doc_length}",
-        "precision": config.precision,
+        "precision": resolve_precision(config.precision, "cpu"),
         "dev docs": config.dev_max_docs or "all",
         "seed": config.seed,
     }
     evaluate = EvaluateConfig(split=config.split, precision=config.precision)
+    # Models that share a backbone (the zero-shot model and both models before training; a trained
+    # model at its last dev evaluation and at test) share pooled corpus embeddings through it.
+    cache = EmbeddingCache(output / "cache")
 
     if config.reference:
         report.rows.append(_reference_row(config, collection, output / "reference-st"))
@@ -186,6 +191,7 @@ def run_demo(
             run_dir / "model",
             show_progress=show_progress,
             command=command,
+            cache=cache,
         )
         trained = Retriever.load(str(run_dir / "model"))
         if experts == 0:
@@ -246,9 +252,10 @@ def _evaluated_row(
     collection: BeirCollection,
     directory: Path,
     evaluate: EvaluateConfig,
+    cache: EmbeddingCache,
     train_seconds: float | None = None,
 ) -> DemoRow:
-    rows = _evaluated_rules(retriever, collection, directory, evaluate, train_seconds)
+    rows = _evaluated_rules(retriever, collection, directory, evaluate, cache, train_seconds)
     row = next(iter(rows.values()))
     row.system = system
     return row
@@ -259,6 +266,7 @@ def _evaluated_rules(
     collection: BeirCollection,
     directory: Path,
     evaluate: EvaluateConfig,
+    cache: EmbeddingCache,
     train_seconds: float | None,
 ) -> dict[str, DemoRow]:
     """Evaluate (or reuse an earlier evaluation of) a model, one row per inference rule."""
@@ -269,7 +277,7 @@ def _evaluated_rules(
         for row in cached.values():
             row.train_seconds = train_seconds
         return cached  # type: ignore[return-value]
-    outputs = evaluate_model(retriever, collection, directory, evaluate)
+    outputs = evaluate_model(retriever, collection, directory, evaluate, cache=cache)
     return {
         (rule if len(outputs) > 1 else "model"): DemoRow(
             rule, out.result.metrics, train_seconds, out.seconds, str(out.output_dir)

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
+    from sbmoe.cache import EmbeddingCache
     from sbmoe.modeling import Retriever
 
 
@@ -96,6 +97,7 @@ def encode_texts(
     precision: str = "auto",
     pooled_only: bool = False,
     show_progress: bool = False,
+    cache: EmbeddingCache | None = None,
 ) -> np.ndarray:
     """Encode ``texts`` into a float32 array (len(texts), d), in the input order.
 
@@ -107,20 +109,42 @@ def encode_texts(
         precision: ``fp32``, ``bf16`` (autocast) or ``auto``.
         pooled_only: Stop after pooling (the input of the MoE head); see :func:`apply_head_stages`.
         show_progress: Show a progress bar.
+        cache: Reuse (or store) the pooled embeddings; only the head then runs on a hit.
     """
     if kind not in ("query", "document"):
         raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
     if not texts:
         dim = retriever.model.get_sentence_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)
-    stages = retriever.encoder_stages() if pooled_only else list(retriever.model.children())
     resolved = resolve_precision(precision, retriever.device)
+    if cache is None:
+        stages = retriever.encoder_stages() if pooled_only else list(retriever.model.children())
+        return _run_batches(retriever, stages, texts, kind, batch_size, resolved, show_progress)
+    key = cache.key(retriever, texts, kind, resolved)
+    pooled = cache.get(key, len(texts))
+    if pooled is None:
+        pooled = _run_batches(
+            retriever, retriever.encoder_stages(), texts, kind, batch_size, resolved, show_progress
+        )
+        cache.put(key, pooled)
+    return np.array(pooled, dtype=np.float32) if pooled_only else apply_head_stages(retriever, pooled)
+
+
+def _run_batches(
+    retriever: Retriever,
+    stages: Sequence[torch.nn.Module],
+    texts: Sequence[str],
+    kind: str,
+    batch_size: int,
+    precision: str,
+    show_progress: bool,
+) -> np.ndarray:
     output: np.ndarray | None = None
     was_training = retriever.model.training
     retriever.model.eval()
     bar = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=not show_progress)
     try:
-        with torch.inference_mode(), autocast(resolved, retriever.device):
+        with torch.inference_mode(), autocast(precision, retriever.device):
             for positions, batch in length_sorted_batches(retriever, texts, kind, batch_size):
                 embeddings = run_stages(stages, batch)["sentence_embedding"].float().cpu().numpy()
                 if output is None:
@@ -154,7 +178,7 @@ def apply_head_stages(
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(pooled), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(pooled[start : start + batch_size])).to(
+                x = torch.from_numpy(np.array(pooled[start : start + batch_size], dtype=np.float32)).to(
                     retriever.device
                 )
                 chunks.append(

@@ -90,6 +90,18 @@ def _is_sentence_transformers_model(source: str) -> bool:
     return isinstance(cached, str)
 
 
+def _hash_weights(module: torch.nn.Module, settings: dict[str, Any]) -> str:
+    """SHA-256 over ``settings`` (as JSON) and every tensor of ``module``'s state dict."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        array = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
+        if array.dtype == torch.bfloat16:
+            array = array.float()
+        digest.update(np.ascontiguousarray(array.numpy()).tobytes())
+    return digest.hexdigest()
+
+
 class Retriever:
     """A bi-encoder with an optional SB-MoE head, shared by queries and documents.
 
@@ -214,20 +226,26 @@ class Retriever:
     # ----------------------------------------------------------------------------------- identity
     def fingerprint(self) -> str:
         """A SHA-256 over the weights and every setting that changes the embeddings."""
-        digest = hashlib.sha256()
         settings = dataclasses.asdict(self.config)
         settings.pop("backbone")  # where it came from does not change what it computes
         head = self.head
         if head is not None:
             settings["inference_expert_pooling"] = head.expert_pooling
-        digest.update(json.dumps(settings, sort_keys=True).encode())
-        for name, tensor in sorted(self.model.state_dict().items()):
-            array = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
-            if array.dtype == torch.bfloat16:
-                array = array.float()
-            digest.update(np.ascontiguousarray(array.numpy()).tobytes())
-        return digest.hexdigest()
+        return _hash_weights(self.model, settings)
+
+    def encoder_fingerprint(self, kind: str) -> str:
+        """A SHA-256 identifying the pooled embeddings of ``kind`` texts (what the head reads).
+
+        Two models with the same backbone weights, pooling, token limit and text normalisation
+        share it, whatever their heads: the key of the pooled-embedding cache.
+        """
+        settings = {
+            "pooling": self.config.pooling,
+            "max_length": self.max_length(kind),
+            "lowercase": self.config.lowercase,
+        }
+        stages = torch.nn.ModuleList(self.encoder_stages())
+        return _hash_weights(stages, settings)
 
     # ----------------------------------------------------------------------------------- saving
     def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sbmoe import __version__
+from sbmoe.cache import EmbeddingCache
 from sbmoe.data import BeirCollection
 from sbmoe.evaluation import PAPER_METRICS, EvaluationResult, evaluate_run, save_metrics, write_trec_run
 from sbmoe.index import DenseIndex
@@ -63,6 +64,7 @@ def evaluate_model(
     config: EvaluateConfig | None = None,
     show_progress: bool = True,
     command: Sequence[str] | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> list[EvaluationOutput]:
     """Search the split's queries over the whole corpus and score the run.
 
@@ -77,7 +79,12 @@ def evaluate_model(
     doc_ids = list(collection.corpus)
     documents = [collection.corpus[d].full_text for d in doc_ids]
     started = time.perf_counter()
-    encode = {"batch_size": config.batch_size, "precision": config.precision, "show_progress": show_progress}
+    encode = {
+        "batch_size": config.batch_size,
+        "precision": config.precision,
+        "show_progress": show_progress,
+        "cache": cache,
+    }
     runs: dict[str, Run]
     if config.expert_poolings and retriever.head is not None:
         runs = search_per_expert_pooling(

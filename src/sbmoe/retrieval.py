@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sbmoe.cache import EmbeddingCache
 from sbmoe.encoding import apply_head_stages, encode_texts
 from sbmoe.index import DenseIndex
 from sbmoe.modeling import Retriever
@@ -21,15 +22,11 @@ def build_index(
     precision: str = "auto",
     index_type: str = "flat",
     show_progress: bool = False,
+    cache: EmbeddingCache | None = None,
 ) -> DenseIndex:
     """Encode ``documents`` and put them in a FAISS inner-product index tagged with the model."""
     embeddings = encode_texts(
-        retriever,
-        documents,
-        "document",
-        batch_size=batch_size,
-        precision=precision,
-        show_progress=show_progress,
+        retriever, documents, "document", batch_size, precision, show_progress=show_progress, cache=cache
     )
     return DenseIndex(embeddings, list(doc_ids), retriever.fingerprint(), index_type=index_type)
 
@@ -44,6 +41,7 @@ def search(
     batch_size: int = 64,
     precision: str = "auto",
     show_progress: bool = False,
+    cache: EmbeddingCache | None = None,
 ) -> Run:
     """Encode ``queries`` and return their top-``top_k`` documents from ``index``.
 
@@ -51,7 +49,7 @@ def search(
     fingerprint of a saved index).
     """
     embeddings = encode_texts(
-        retriever, queries, "query", batch_size=batch_size, precision=precision, show_progress=show_progress
+        retriever, queries, "query", batch_size, precision, show_progress=show_progress, cache=cache
     )
     return index.search(embeddings, top_k, query_ids=list(query_ids), exclude_self=exclude_self)
 
@@ -66,10 +64,15 @@ def search_texts(
     batch_size: int = 64,
     precision: str = "auto",
     show_progress: bool = False,
+    cache: EmbeddingCache | None = None,
 ) -> Run:
     """Exact search of ``queries`` over ``documents`` without keeping an index."""
-    index = build_index(retriever, doc_ids, documents, batch_size, precision, show_progress=show_progress)
-    return search(retriever, index, query_ids, queries, top_k, batch_size=batch_size, precision=precision)
+    index = build_index(
+        retriever, doc_ids, documents, batch_size, precision, show_progress=show_progress, cache=cache
+    )
+    return search(
+        retriever, index, query_ids, queries, top_k, batch_size=batch_size, precision=precision, cache=cache
+    )
 
 
 def search_per_expert_pooling(
@@ -84,6 +87,7 @@ def search_per_expert_pooling(
     batch_size: int = 64,
     precision: str = "auto",
     show_progress: bool = False,
+    cache: EmbeddingCache | None = None,
 ) -> dict[str, Run]:
     """Runs for several inference rules of one MoE model, encoding the texts once.
 
@@ -93,9 +97,9 @@ def search_per_expert_pooling(
     if retriever.head is None:
         raise ValueError("search_per_expert_pooling needs a model with an MoE head")
     pooled_docs = encode_texts(
-        retriever, documents, "document", batch_size, precision, pooled_only=True, show_progress=show_progress
+        retriever, documents, "document", batch_size, precision, True, show_progress, cache=cache
     )
-    pooled_queries = encode_texts(retriever, queries, "query", batch_size, precision, pooled_only=True)
+    pooled_queries = encode_texts(retriever, queries, "query", batch_size, precision, True, cache=cache)
     runs = {}
     for rule in expert_poolings:
         doc_embeddings = apply_head_stages(retriever, pooled_docs, rule)

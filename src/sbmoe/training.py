@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sbmoe import __version__
+from sbmoe.cache import EmbeddingCache
 from sbmoe.config import ModelConfig, TrainConfig
 from sbmoe.data import BeirCollection, positive_pairs, train_dev_split
 from sbmoe.encoding import autocast, resolve_precision, run_stages, tokenize
@@ -121,6 +122,8 @@ class Trainer:
         batch_order: Batch sampler (defaults to a seeded shuffle).
         rank: Process rank; only rank 0 writes.
         command: The command line to record beside the outputs.
+        cache: Pooled-embedding cache for dev evaluation (pays off where the backbone is
+            unchanged: the starting model, or a final model that is evaluated again).
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class Trainer:
         batch_order: BatchOrder | None = None,
         rank: int = 0,
         command: Sequence[str] | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         config.validate()
         self.retriever = retriever
@@ -157,7 +161,7 @@ class Trainer:
         self.steps_per_epoch = len(self.batch_order(0, len(self.pairs)))
         planned = self.steps_per_epoch * config.epochs
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
-        self.dev_evaluator = DevEvaluator(collection, self.dev_qrels, config)
+        self.dev_evaluator = DevEvaluator(collection, self.dev_qrels, config, cache)
 
         backbone_params, head_params = retriever.parameter_groups()
         groups = [{"params": backbone_params, "lr": config.lr_backbone, "name": "backbone"}]
@@ -406,18 +410,27 @@ class DevEvaluator:
     the score is comparable between steps of one run (not with full-corpus test scores).
     """
 
-    def __init__(self, collection: BeirCollection, dev_qrels: dict[str, dict[str, int]], config: TrainConfig):
+    def __init__(
+        self,
+        collection: BeirCollection,
+        dev_qrels: dict[str, dict[str, int]],
+        config: TrainConfig,
+        cache: EmbeddingCache | None = None,
+    ):
         self.config = config
+        self.cache = cache
         self.qrels = {q: rels for q, rels in dev_qrels.items() if q in collection.queries}
         self.query_ids = sorted(self.qrels)
         self.queries = [collection.queries[q] for q in self.query_ids]
-        doc_ids = sorted(collection.corpus)
+        # Corpus (file) order, as evaluation uses: identical texts share pooled-embedding cache entries.
+        doc_ids = list(collection.corpus)
         if config.dev_max_docs is not None and config.dev_max_docs < len(doc_ids):
             positives = sorted({d for rels in self.qrels.values() for d in rels if d in collection.corpus})
             others = sorted(set(doc_ids) - set(positives))
             rng = random.Random(config.seed)
             extra = max(0, config.dev_max_docs - len(positives))
-            doc_ids = sorted(positives + rng.sample(others, min(extra, len(others))))
+            chosen = set(positives) | set(rng.sample(others, min(extra, len(others))))
+            doc_ids = [d for d in doc_ids if d in chosen]
         self.doc_ids = doc_ids
         self.documents = [collection.corpus[d].full_text for d in doc_ids]
 
@@ -436,6 +449,7 @@ class DevEvaluator:
             batch_size=self.config.encode_batch_size,
             precision=self.config.precision,
             show_progress=show_progress,
+            cache=self.cache,
         )
         return evaluate_run(self.qrels, run, metrics=("ndcg@10",)).metrics["ndcg@10"]
 
@@ -447,9 +461,12 @@ def train(
     output_dir: str | Path,
     show_progress: bool = True,
     command: Sequence[str] | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> TrainResult:
     """Build a retriever from ``model_config`` and train it; the best model is saved in ``output_dir``."""
     seed_everything(train_config.seed)  # the head's initialisation depends on it
     retriever = Retriever.from_config(model_config)
-    trainer = Trainer(retriever, collection, train_config, output_dir, show_progress, command=command)
+    trainer = Trainer(
+        retriever, collection, train_config, output_dir, show_progress, command=command, cache=cache
+    )
     return trainer.train()
