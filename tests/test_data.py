@@ -257,8 +257,8 @@ def test_resolve_existing_path(isolated: Path) -> None:
 
 
 def test_resolve_order_data_dir_then_cache(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cached = write_beir(isolated / "cache" / "tiny")
-    assert resolve_data("tiny") == cached  # cache from $SBMOE_CACHE_DIR
+    cached = write_beir(isolated / "cache" / "data" / "tiny")
+    assert resolve_data("tiny") == cached  # cache from $SBMOE_CACHE_DIR/data
     env_dir = write_beir(isolated / "envdata" / "tiny")
     monkeypatch.setenv("SBMOE_DATA_DIR", str(isolated / "envdata"))
     assert resolve_data("tiny") == env_dir  # data dir beats cache
@@ -275,14 +275,14 @@ def test_resolve_unknown_name_lists_places_and_known_names(isolated: Path) -> No
         resolve_data("no-such-set", data_dir=isolated / "d")
     message = str(info.value)
     assert str(isolated / "d" / "no-such-set") in message
-    assert str(isolated / "cache" / "no-such-set") in message
+    assert str(isolated / "cache" / "data" / "no-such-set") in message
     assert "scifact" in message and "nfcorpus" in message
 
 
 def test_resolve_known_name_without_download(isolated: Path) -> None:
     with pytest.raises(DataError, match="download is off") as info:
         resolve_data("scifact", download=False)
-    assert str(isolated / "cache" / "scifact") in str(info.value)
+    assert str(isolated / "cache" / "data" / "scifact") in str(info.value)
 
 
 def make_archive(tmp_path: Path, name: str = "tiny", top_folder: bool = True) -> tuple[str, str]:
@@ -302,10 +302,10 @@ def make_archive(tmp_path: Path, name: str = "tiny", top_folder: bool = True) ->
 def test_download_verifies_and_extracts(isolated: Path, top_folder: bool) -> None:
     url, md5 = make_archive(isolated, top_folder=top_folder)
     path = resolve_data("tiny", url_template=url, checksums={"tiny": md5})
-    assert path == isolated / "cache" / "tiny"
+    assert path == isolated / "cache" / "data" / "tiny"
     col = load_collection(path)
     assert len(col.corpus) == 10 and col.splits() == ["train", "test"]
-    assert sorted(p.name for p in (isolated / "cache").iterdir()) == ["tiny"]  # no zip, no temp dirs
+    assert sorted(p.name for p in (isolated / "cache" / "data").iterdir()) == ["tiny"]  # no zip, no temp dirs
     (isolated / "server" / "tiny.zip").unlink()
     assert resolve_data("tiny", url_template=url, checksums={"tiny": md5}) == path  # now a cache hit
 
@@ -314,15 +314,17 @@ def test_download_checksum_mismatch_leaves_nothing(isolated: Path) -> None:
     url, _ = make_archive(isolated)
     with pytest.raises(DataError, match=r"MD5 mismatch: expected 0{32}, got [0-9a-f]{32}") as info:
         resolve_data("tiny", url_template=url, checksums={"tiny": "0" * 32})
-    assert "not found locally" in str(info.value) and str(isolated / "cache" / "tiny") in str(info.value)
-    assert not (isolated / "cache").exists() or list((isolated / "cache").iterdir()) == []
+    assert "not found locally" in str(info.value) and str(isolated / "cache" / "data" / "tiny") in str(
+        info.value
+    )
+    assert not (isolated / "cache" / "data").exists() or list((isolated / "cache" / "data").iterdir()) == []
 
 
 def test_download_failure_is_a_data_error(isolated: Path) -> None:
     url = (isolated / "offline").as_uri() + "/{name}.zip"
     with pytest.raises(DataError, match="could not be downloaded from file://") as info:
         resolve_data("tiny", url_template=url, checksums={"tiny": "0" * 32})
-    assert str(isolated / "cache" / "tiny") in str(info.value)
+    assert str(isolated / "cache" / "data" / "tiny") in str(info.value)
 
 
 def test_download_rejects_unsafe_archive(isolated: Path) -> None:
@@ -334,7 +336,7 @@ def test_download_rejects_unsafe_archive(isolated: Path) -> None:
     url = (isolated / "server").as_uri() + "/{name}.zip"
     with pytest.raises(DataError, match="unsafe path"):
         resolve_data("evil", url_template=url, checksums={"evil": md5})
-    assert not (isolated / "escape.txt").exists() and not (isolated / "cache" / "evil").exists()
+    assert not (isolated / "escape.txt").exists() and not (isolated / "cache" / "data" / "evil").exists()
 
 
 # --- training data -------------------------------------------------------------------------------

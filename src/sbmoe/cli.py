@@ -294,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = ["sbmoe", *argv]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    import transformers
+
+    # Our own bars show the work; per-file "Loading weights" bars from transformers are noise here.
+    transformers.utils.logging.disable_progress_bar()
     from sbmoe.data import DataError
     from sbmoe.modeling import ModelLoadError
 

@@ -297,7 +297,7 @@ def resolve_data(
 
     Looks, in order, at: ``name_or_path`` as a directory; ``<data_dir>/<name>`` (``data_dir``
     defaults to ``$SBMOE_DATA_DIR``); ``<cache_dir>/<name>`` (``cache_dir`` defaults to
-    ``$SBMOE_CACHE_DIR``, else ``~/.cache/sbmoe/data``). Failing those, a known BEIR name is
+    ``$SBMOE_CACHE_DIR/data``, else ``~/.cache/sbmoe/data``). Failing those, a known BEIR name is
     downloaded, checked against its published MD5 and extracted into ``<cache_dir>/<name>``.
 
     Args:
@@ -323,7 +323,8 @@ def resolve_data(
     if data_dir is not None:
         searched.append(Path(data_dir).expanduser() / name_or_path)
     if cache_dir is None:
-        cache_dir = os.environ.get("SBMOE_CACHE_DIR") or "~/.cache/sbmoe/data"
+        root = os.environ.get("SBMOE_CACHE_DIR")
+        cache_dir = Path(root) / "data" if root else "~/.cache/sbmoe/data"
     cache = Path(cache_dir).expanduser()
     searched.append(cache / name_or_path)
     for place in searched[1:]:

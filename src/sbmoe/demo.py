@@ -178,8 +178,8 @@ def run_demo(
     if config.reference:
         report.rows.append(_reference_row(config, collection, output / "reference-st"))
     zero_shot = Retriever.from_config(dataclasses.replace(model_config, num_experts=0))
-    report.rows.append(
-        _evaluated_row("zero-shot (sbmoe)", zero_shot, collection, output / "zero-shot", evaluate)
+    report.rows += _evaluated_rows(
+        "zero-shot (sbmoe)", zero_shot, collection, output / "zero-shot", evaluate, cache
     )
 
     for name, experts in (("fine-tuned", 0), ("sb-moe", config.num_experts)):
@@ -195,19 +195,13 @@ def run_demo(
         )
         trained = Retriever.load(str(run_dir / "model"))
         if experts == 0:
-            report.rows.append(
-                _evaluated_row(
-                    "fine-tuned baseline", trained, collection, run_dir / "test", evaluate, result.seconds
-                )
-            )
-            continue
-        rules = dataclasses.replace(evaluate, expert_poolings=["top1", "all"])
-        label = f"SB-MoE {config.gating} gating, {experts} experts"
-        for rule, row in _evaluated_rules(
-            trained, collection, run_dir / "test", rules, result.seconds
-        ).items():
-            row.system = f"{label}, {rule}"
-            report.rows.append(row)
+            label, rules = "fine-tuned baseline", evaluate
+        else:
+            label = f"SB-MoE {config.gating} gating, {experts} experts"
+            rules = dataclasses.replace(evaluate, expert_poolings=["top1", "all"])
+        report.rows += _evaluated_rows(
+            label, trained, collection, run_dir / "test", rules, cache, result.seconds
+        )
     report.wall_seconds = time.perf_counter() - started
     (output / "demo.md").write_text(report.markdown(), encoding="utf-8")
     write_json(output / "demo.json", report.to_dict())
@@ -246,44 +240,34 @@ def _reference_row(config: DemoConfig, collection: BeirCollection, directory: Pa
     return DemoRow(system, result.metrics, None, seconds, str(directory))
 
 
-def _evaluated_row(
-    system: str,
+def _evaluated_rows(
+    label: str,
     retriever: Retriever,
     collection: BeirCollection,
     directory: Path,
     evaluate: EvaluateConfig,
     cache: EmbeddingCache,
     train_seconds: float | None = None,
-) -> DemoRow:
-    rows = _evaluated_rules(retriever, collection, directory, evaluate, cache, train_seconds)
-    row = next(iter(rows.values()))
-    row.system = system
-    return row
-
-
-def _evaluated_rules(
-    retriever: Retriever,
-    collection: BeirCollection,
-    directory: Path,
-    evaluate: EvaluateConfig,
-    cache: EmbeddingCache,
-    train_seconds: float | None,
-) -> dict[str, DemoRow]:
-    """Evaluate (or reuse an earlier evaluation of) a model, one row per inference rule."""
-    rules = evaluate.expert_poolings or ["model"]
-    dirs = {rule: directory / rule if len(rules) > 1 else directory for rule in rules}
-    cached = {rule: _cached_row(rule, d) for rule, d in dirs.items()}
-    if all(row is not None for row in cached.values()):
-        for row in cached.values():
-            row.train_seconds = train_seconds
-        return cached  # type: ignore[return-value]
-    outputs = evaluate_model(retriever, collection, directory, evaluate, cache=cache)
-    return {
-        (rule if len(outputs) > 1 else "model"): DemoRow(
-            rule, out.result.metrics, train_seconds, out.seconds, str(out.output_dir)
-        )
-        for rule, out in ((o.name, o) for o in outputs)
-    }
+) -> list[DemoRow]:
+    """Evaluate a model (or reuse a finished evaluation): one row per inference rule."""
+    rules = evaluate.expert_poolings
+    dirs = {rule: directory / rule for rule in rules} if len(rules) > 1 else {label: directory}
+    rows = [_cached_row(label if len(dirs) == 1 else f"{label}, {rule}", d) for rule, d in dirs.items()]
+    if any(row is None for row in rows):
+        outputs = evaluate_model(retriever, collection, directory, evaluate, cache=cache)
+        rows = [
+            DemoRow(
+                label if len(outputs) == 1 else f"{label}, {out.name}",
+                out.result.metrics,
+                None,
+                out.seconds,
+                str(out.output_dir),
+            )
+            for out in outputs
+        ]
+    for row in rows:
+        row.train_seconds = train_seconds
+    return rows
 
 
 def _cached_row(system: str, directory: Path) -> DemoRow | None:
