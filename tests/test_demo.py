@@ -26,7 +26,7 @@ def demo(tiny_bert_dir, scifact_slice, tmp_path_factory):
 
 
 def test_table_has_every_system_and_metric(demo):
-    config, report = demo
+    _, report = demo
     systems = [row.system for row in report.rows]
     assert systems == [
         "zero-shot (sentence-transformers encode)",
