@@ -5,7 +5,7 @@ VENV_BIN := .venv/bin
 export SBMOE_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint format
+.PHONY: setup demo test test-fast lint format bench
 
 setup:
 	@bash scripts/setup.sh
@@ -14,16 +14,19 @@ demo: setup
 	$(VENV_BIN)/sbmoe demo $(ARGS)
 
 test: setup
-	$(VENV_BIN)/ruff check src tests
+	$(VENV_BIN)/ruff check src tests bench
 	$(VENV_BIN)/python -m pytest -q $(ARGS)
 
 test-fast: setup
 	$(VENV_BIN)/python -m pytest -q -m "not integration" $(ARGS)
 
 lint: setup
-	$(VENV_BIN)/ruff check src tests
-	$(VENV_BIN)/ruff format --check src tests
+	$(VENV_BIN)/ruff check src tests bench
+	$(VENV_BIN)/ruff format --check src tests bench
 
 format: setup
-	$(VENV_BIN)/ruff format src tests
-	$(VENV_BIN)/ruff check --fix src tests
+	$(VENV_BIN)/ruff format src tests bench
+	$(VENV_BIN)/ruff check --fix src tests bench
+
+bench: setup
+	for script in encode search head_cost head_only sweep; do $(VENV_BIN)/python bench/bench_$$script.py || exit 1; done

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from sbmoe.cache import EmbeddingCache
 from sbmoe.config import build_configs
 from sbmoe.data import load_collection
 from sbmoe.io import read_json
@@ -163,3 +164,36 @@ def test_linear_schedule_warms_up_then_decays(tiny_bert_dir):
     assert values[-1] == pytest.approx(0.125) and values[-1] < values[5]
     _, constant = configs(tiny_bert_dir, scheduler="constant")
     assert {learning_rate_lambda(constant, 10)(s) for s in range(10)} == {1.0}
+
+
+def test_head_only_on_cached_embeddings_equals_training_through_a_frozen_backbone(
+    tiny_bert_dir, scifact_slice, tmp_path
+):
+    collection = load_collection(scifact_slice)
+    trained = {}
+    for mode in ("freeze_backbone", "head_only"):
+        model_config, train_config = configs(
+            tiny_bert_dir, max_steps=4, checkpoint_selection="last", lr_head=1e-2, **{mode: True}
+        )
+        seed_everything(0)
+        retriever = Retriever.from_config(model_config)
+        backbone_before = {k: v.clone() for k, v in retriever.model[0].state_dict().items()}
+        cache = EmbeddingCache(tmp_path / "cache")
+        Trainer(
+            retriever, collection, train_config, tmp_path / mode, show_progress=False, cache=cache
+        ).train()
+        assert_same_weights(backbone_before, retriever.model[0].state_dict())  # frozen
+        trained[mode] = {k: v.clone() for k, v in retriever.head.state_dict().items()}
+    seed_everything(0)
+    before = weights(Retriever.from_config(configs(tiny_bert_dir)[0]))
+    assert any(not torch.equal(v, before[f"2.{k}"]) for k, v in trained["head_only"].items())  # it learned
+    for key in trained["head_only"]:
+        torch.testing.assert_close(
+            trained["head_only"][key], trained["freeze_backbone"][key], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_head_only_needs_a_head(tiny_bert_dir, scifact_slice, tmp_path):
+    model_config, train_config = configs(tiny_bert_dir, model={"num_experts": 0}, head_only=True)
+    with pytest.raises(ValueError, match="num-experts"):
+        Trainer(Retriever.from_config(model_config), load_collection(scifact_slice), train_config, tmp_path)

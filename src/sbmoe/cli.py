@@ -27,6 +27,20 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cache_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        help="pooled-embedding cache (reused by models sharing a backbone; "
+        "default for --head-only: $SBMOE_CACHE_DIR/embeddings or ~/.cache/sbmoe/embeddings)",
+    )
+
+
+def _cache(args: argparse.Namespace):
+    from sbmoe.cache import EmbeddingCache
+
+    return EmbeddingCache(args.cache_dir) if args.cache_dir else None
+
+
 def _add_encode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass when encoding")
     parser.add_argument(
@@ -91,6 +105,18 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint-steps", type=int, help="save a resumable checkpoint every N steps")
     group.add_argument("--checkpoint-selection", choices=("best", "last"))
     group.add_argument("--precision", choices=PRECISIONS)
+    group.add_argument(
+        "--freeze-backbone",
+        action="store_const",
+        const=True,
+        help="train the MoE head only (texts still run through the frozen backbone)",
+    )
+    group.add_argument(
+        "--head-only",
+        action="store_const",
+        const=True,
+        help="train the MoE head only, on pooled embeddings computed once and cached",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(train)
     _add_train_args(train)
+    _add_cache_arg(train)
 
     evaluate = commands.add_parser("evaluate", help="search a split's queries and score the run")
     evaluate.add_argument(
@@ -132,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-self", action="store_true", help="drop a document whose id is the query id"
     )
     _add_encode_args(evaluate)
+    _add_cache_arg(evaluate)
 
     index = commands.add_parser("index", help="encode a corpus into a FAISS index")
     index.add_argument("--model", required=True)
@@ -139,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--output", required=True, help="index directory")
     index.add_argument("--index-type", choices=("flat", "hnsw"), default="flat", help="flat = exact search")
     _add_encode_args(index)
+    _add_cache_arg(index)
 
     search = commands.add_parser("search", help="search an index with queries")
     search.add_argument("--model", required=True, help="the model that built the index")
@@ -162,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-doc-length", type=int, default=defaults.max_doc_length)
     demo.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     demo.add_argument("--seed", type=int, default=defaults.seed)
+    demo.add_argument(
+        "--checkpoint-selection", choices=("best", "last"), default=defaults.checkpoint_selection
+    )
     demo.add_argument(
         "--no-reference",
         dest="reference",
@@ -198,6 +230,7 @@ def _command_train(args: argparse.Namespace) -> int:
         args.output,
         show_progress=not args.quiet,
         command=args.command_line,
+        cache=_cache(args),
     )
     print(json.dumps(result.to_dict(), indent=2))
     return 0
@@ -219,7 +252,13 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     collection = load_collection(resolve_data(args.data), splits=[args.split])
     retriever = Retriever.load(args.model)
     outputs = evaluate_model(
-        retriever, collection, args.output, config, show_progress=not args.quiet, command=args.command_line
+        retriever,
+        collection,
+        args.output,
+        config,
+        show_progress=not args.quiet,
+        command=args.command_line,
+        cache=_cache(args),
     )
     for output in outputs:
         scores = "  ".join(f"{name} {value:.4f}" for name, value in output.result.metrics.items())
@@ -242,6 +281,8 @@ def _command_index(args: argparse.Namespace) -> int:
         args.precision,
         args.index_type,
         show_progress=not args.quiet,
+        command=args.command_line,
+        cache=_cache(args),
     )
     print(f"indexed {len(index.doc_ids)} documents into {args.output}")
     return 0
@@ -298,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Our own bars show the work; per-file "Loading weights" bars from transformers are noise here.
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     from sbmoe.data import DataError
     from sbmoe.modeling import ModelLoadError
 

@@ -105,6 +105,11 @@ class TrainConfig:
             included); ``last`` keeps the last one, as the published code does.
         precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where the hardware has fast bf16).
         encode_batch_size: Batch size when encoding for dev evaluation.
+        freeze_backbone: Train the MoE head only; texts still run through the (frozen, eval-mode)
+            backbone at every step.
+        head_only: Train the MoE head only, on pooled backbone embeddings computed once and kept
+            in the embedding cache: no tokenizer or transformer in the loop. Same result as
+            ``freeze_backbone`` for the same seed and data, many times faster.
     """
 
     epochs: int = 1
@@ -130,6 +135,8 @@ class TrainConfig:
     checkpoint_selection: Literal["best", "last"] = "best"
     precision: Precision = "auto"
     encode_batch_size: int = 64
+    freeze_backbone: bool = False
+    head_only: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that holds an unusable value."""

@@ -138,11 +138,14 @@ def index_corpus(
     index_type: str = "flat",
     show_progress: bool = True,
     command: Sequence[str] | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> DenseIndex:
     """Encode the collection's corpus and save the FAISS index (with the model's fingerprint)."""
     doc_ids = list(collection.corpus)
     documents = [collection.corpus[d].full_text for d in doc_ids]
-    index = build_index(retriever, doc_ids, documents, batch_size, precision, index_type, show_progress)
+    index = build_index(
+        retriever, doc_ids, documents, batch_size, precision, index_type, show_progress, cache
+    )
     index.metadata.update(
         {
             "collection": collection.name,

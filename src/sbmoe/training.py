@@ -39,7 +39,7 @@ from sbmoe import __version__
 from sbmoe.cache import EmbeddingCache
 from sbmoe.config import ModelConfig, TrainConfig
 from sbmoe.data import BeirCollection, positive_pairs, train_dev_split
-from sbmoe.encoding import autocast, resolve_precision, run_stages, tokenize
+from sbmoe.encoding import autocast, encode_texts, resolve_precision, run_stages, tokenize
 from sbmoe.io import atomic_directory, read_json, write_json
 from sbmoe.losses import in_batch_contrastive_loss, load_balancing_loss, router_z_loss
 from sbmoe.modeling import Retriever
@@ -161,12 +161,25 @@ class Trainer:
         self.steps_per_epoch = len(self.batch_order(0, len(self.pairs)))
         planned = self.steps_per_epoch * config.epochs
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
+        self.frozen_backbone = config.freeze_backbone or config.head_only
+        if self.frozen_backbone and retriever.head is None:
+            raise ValueError(
+                "freeze_backbone/head_only train the MoE head only: the model needs --num-experts > 0"
+            )
+        if config.head_only and cache is None:
+            cache = EmbeddingCache()  # pooled embeddings are the whole point: keep them for next time
+        self.pooled = (
+            PooledTexts(retriever, collection, cache, config, show_progress) if config.head_only else None
+        )
         self.dev_evaluator = DevEvaluator(collection, self.dev_qrels, config, cache)
 
         backbone_params, head_params = retriever.parameter_groups()
-        groups = [{"params": backbone_params, "lr": config.lr_backbone, "name": "backbone"}]
-        if head_params:
-            groups.append({"params": head_params, "lr": config.lr_head, "name": "head"})
+        groups = [{"params": head_params, "lr": config.lr_head, "name": "head"}] if head_params else []
+        if self.frozen_backbone:
+            for parameter in backbone_params:
+                parameter.requires_grad_(False)
+        else:
+            groups.insert(0, {"params": backbone_params, "lr": config.lr_backbone, "name": "backbone"})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, learning_rate_lambda(config, self.total_steps)
@@ -256,13 +269,14 @@ class Trainer:
         """One optimiser step on the pairs at ``batch``; returns the loss terms."""
         query_ids = [self.pairs[i][0] for i in batch]
         doc_ids = [self.pairs[i][1] for i in batch]
-        queries = [self.collection.queries[q] for q in query_ids]
-        documents = [self.collection.corpus[d].full_text for d in doc_ids]
         model = self.retriever.model
         model.train()
+        if self.frozen_backbone:
+            for stage in self.retriever.encoder_stages():
+                stage.eval()  # frozen means no dropout either
         with autocast(self.precision, self.retriever.device):
-            query_out = run_stages(model.children(), tokenize(self.retriever, queries, "query"))
-            doc_out = run_stages(model.children(), tokenize(self.retriever, documents, "document"))
+            query_out = self._embed(query_ids, "query")
+            doc_out = self._embed(doc_ids, "document")
         mask = (
             false_negative_mask(query_ids, doc_ids, self.train_qrels)
             if self.config.mask_false_negatives
@@ -296,6 +310,23 @@ class Trainer:
         self.scheduler.step()
         terms["loss"] = loss.item()
         return terms
+
+    def _embed(self, ids: Sequence[str], kind: str) -> dict[str, Any]:
+        """Run the model on the queries or documents ``ids`` (from cached pooled embeddings if head-only)."""
+        if self.pooled is not None:
+            return run_stages(
+                self.retriever.head_stages(), {"sentence_embedding": self.pooled.lookup(kind, ids)}
+            )
+        if kind == "query":
+            texts = [self.collection.queries[i] for i in ids]
+        else:
+            texts = [self.collection.corpus[i].full_text for i in ids]
+        features = tokenize(self.retriever, texts, kind)
+        if not self.frozen_backbone:
+            return run_stages(self.retriever.model.children(), features)
+        with torch.no_grad():
+            features = run_stages(self.retriever.encoder_stages(), features)
+        return run_stages(self.retriever.head_stages(), features)
 
     def evaluate_and_select(self, epoch: int) -> float:
         """Score dev nDCG@10; keep the model as best if it improves (or always, under ``last``)."""
@@ -401,6 +432,47 @@ class Trainer:
             self.retriever.model.load_state_dict(best.model.state_dict())
             write_json(self.training_dir / "done.json", result.to_dict())
         return result
+
+
+class PooledTexts:
+    """Pooled backbone embeddings of every query and document, computed once for head-only training.
+
+    The whole corpus is encoded in corpus order, the order evaluation uses, so dev and test
+    evaluation of the trained model find the same entries in the cache.
+    """
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        collection: BeirCollection,
+        cache: EmbeddingCache | None,
+        config: TrainConfig,
+        show_progress: bool = False,
+    ) -> None:
+        ids = {"query": list(collection.queries), "document": list(collection.corpus)}
+        texts = {
+            "query": list(collection.queries.values()),
+            "document": [doc.full_text for doc in collection.corpus.values()],
+        }
+        self.rows = {kind: {item: row for row, item in enumerate(ids[kind])} for kind in ids}
+        self.arrays = {
+            kind: encode_texts(
+                retriever,
+                texts[kind],
+                kind,
+                config.encode_batch_size,
+                config.precision,
+                pooled_only=True,
+                show_progress=show_progress,
+                cache=cache,
+            )
+            for kind in ids
+        }
+
+    def lookup(self, kind: str, ids: Sequence[str]) -> torch.Tensor:
+        """The pooled embeddings of ``ids`` as a float32 tensor, in order."""
+        rows = [self.rows[kind][item] for item in ids]
+        return torch.from_numpy(np.ascontiguousarray(self.arrays[kind][rows], dtype=np.float32))
 
 
 class DevEvaluator:
