@@ -12,7 +12,15 @@ from sbmoe.config import build_configs
 from sbmoe.data import load_collection
 from sbmoe.io import read_json
 from sbmoe.modeling import Retriever
-from sbmoe.training import Trainer, false_negative_mask, learning_rate_lambda, seed_everything, train
+from sbmoe.training import (
+    Trainer,
+    false_negative_mask,
+    learning_rate_lambda,
+    length_grouped_batches,
+    seed_everything,
+    shuffled_batches,
+    train,
+)
 
 
 def configs(tiny_bert_dir, preset="default", model=None, **train_overrides):
@@ -197,3 +205,16 @@ def test_head_only_needs_a_head(tiny_bert_dir, scifact_slice, tmp_path):
     model_config, train_config = configs(tiny_bert_dir, model={"num_experts": 0}, head_only=True)
     with pytest.raises(ValueError, match="num-experts"):
         Trainer(Retriever.from_config(model_config), load_collection(scifact_slice), train_config, tmp_path)
+
+
+def test_length_grouped_batches_cover_every_pair_once_with_similar_lengths():
+    lengths = [(i * 37) % 101 for i in range(200)]
+    order = length_grouped_batches(seed=3, batch_size=8, lengths=lengths, group=5)
+    batches = order(0, 200)
+    assert sorted(i for batch in batches for i in batch) == list(range(200))
+    assert order(0, 200) == batches and order(1, 200) != batches  # seeded, new order each epoch
+
+    def mean_spread(groups):
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in groups) / len(groups)
+
+    assert mean_spread(batches) < 0.5 * mean_spread(shuffled_batches(3, 8)(0, 200))

@@ -117,6 +117,12 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="train the MoE head only, on pooled embeddings computed once and cached",
     )
+    group.add_argument(
+        "--length-grouped",
+        action="store_const",
+        const=True,
+        help="batch pairs of similar document length together (less padding)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

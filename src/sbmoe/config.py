@@ -110,6 +110,8 @@ class TrainConfig:
         head_only: Train the MoE head only, on pooled backbone embeddings computed once and kept
             in the embedding cache: no tokenizer or transformer in the loop. Same result as
             ``freeze_backbone`` for the same seed and data, many times faster.
+        length_grouped: Batch pairs of similar document length together (less padding, faster
+            steps; batches are still shuffled every epoch).
     """
 
     epochs: int = 1
@@ -137,6 +139,7 @@ class TrainConfig:
     encode_batch_size: int = 64
     freeze_backbone: bool = False
     head_only: bool = False
+    length_grouped: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that holds an unusable value."""

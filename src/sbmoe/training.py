@@ -87,6 +87,30 @@ def shuffled_batches(seed: int, batch_size: int) -> BatchOrder:
     return order
 
 
+def length_grouped_batches(seed: int, batch_size: int, lengths: Sequence[int], group: int = 50) -> BatchOrder:
+    """Like :func:`shuffled_batches`, but each batch holds pairs of similar document length.
+
+    The shuffled pairs are cut into windows of ``group`` batches; each window is sorted by length
+    before it is cut into batches, and the batch order is shuffled again. Padding (wasted compute)
+    shrinks while every epoch still sees the pairs in a new, seeded order.
+    """
+
+    def order(epoch: int, num_pairs: int) -> list[list[int]]:
+        if num_pairs != len(lengths):
+            raise ValueError(f"length_grouped_batches knows {len(lengths)} pairs, asked for {num_pairs}")
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        permutation = torch.randperm(num_pairs, generator=generator).tolist()
+        window = batch_size * group
+        batches = []
+        for start in range(0, num_pairs, window):
+            chunk = sorted(permutation[start : start + window], key=lambda i: lengths[i])
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffled if len(batches[i]) >= 2]
+
+    return order
+
+
 def false_negative_mask(
     query_ids: Sequence[str], doc_ids: Sequence[str], qrels: dict[str, dict[str, int]]
 ) -> torch.Tensor:
@@ -145,7 +169,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.training_dir = self.output_dir / "training"
         self.show_progress = show_progress
-        self.batch_order = batch_order or shuffled_batches(config.seed, config.batch_size)
+        self.batch_order = batch_order
         self.is_main = rank == 0
         self.command = list(command) if command is not None else list(sys.argv)
         self.precision = resolve_precision(config.precision, retriever.device)
@@ -158,6 +182,11 @@ class Trainer:
             raise ValueError(
                 f"{collection.name}: fewer than 2 training pairs in split {config.train_split!r}"
             )
+        if self.batch_order is None and config.length_grouped:
+            lengths = [len(collection.corpus[d].full_text) for _, d in self.pairs]
+            self.batch_order = length_grouped_batches(config.seed, config.batch_size, lengths)
+        elif self.batch_order is None:
+            self.batch_order = shuffled_batches(config.seed, config.batch_size)
         self.steps_per_epoch = len(self.batch_order(0, len(self.pairs)))
         planned = self.steps_per_epoch * config.epochs
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
