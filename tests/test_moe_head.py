@@ -144,3 +144,10 @@ def test_save_and_load_round_trip(tmp_path):
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MoEHead(embedding_dimension=8, **{"num_experts": 3, **kwargs})
+
+
+def test_random_gate_is_fixed_and_noise_free():
+    head = make_head(gating="random", expert_pooling="top1").train()
+    assert not any(p.requires_grad for p in (*head.gate.parameters(), *head.noise.parameters()))
+    out = head({"sentence_embedding": torch.randn(5, 16)})
+    torch.testing.assert_close(out["router_noisy_logits"], out["router_logits"])

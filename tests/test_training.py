@@ -134,7 +134,9 @@ def test_checkpoint_from_another_configuration_is_refused(tiny_bert_dir, scifact
         train(model_config, other, collection, tmp_path / "run", show_progress=False)
 
 
-@pytest.mark.parametrize(("gating", "should_change"), [("learned", True), ("paper", False)])
+@pytest.mark.parametrize(
+    ("gating", "should_change"), [("learned", True), ("paper", False), ("random", False)]
+)
 def test_gate_learns_only_under_learned_gating(tiny_bert_dir, scifact_slice, tmp_path, gating, should_change):
     collection = load_collection(scifact_slice)
     model_config, train_config = configs(

@@ -11,12 +11,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-GatingVariant = Literal["paper", "learned"]
+GatingVariant = Literal["paper", "learned", "random"]
 ExpertPooling = Literal["top1", "topk", "all"]
 Similarity = Literal["auto", "cosine", "dot"]
 Precision = Literal["auto", "fp32", "bf16"]
 
-GATING_VARIANTS = ("paper", "learned")
+GATING_VARIANTS = ("paper", "learned", "random")
 EXPERT_POOLINGS = ("top1", "topk", "all")
 SIMILARITIES = ("auto", "cosine", "dot")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -40,7 +40,9 @@ class ModelConfig:
             ``all`` (softmax-weighted sum of every expert).
         top_k: Experts combined under ``topk``.
         gating: ``paper`` reproduces the published code (the gate cancels under normalisation and
-            gets no gradient); ``learned`` scales each normalised expert output by its gate weight.
+            gets no gradient); ``learned`` scales each normalised expert output by its gate weight;
+            ``random`` combines like ``learned`` but keeps the gate at its random initialisation
+            (a fixed random assignment: mixture without learned routing, a control).
         noisy_gating: Add learned Gaussian noise to the gate logits while training.
         lowercase: Lower-case every query and document before tokenisation.
     """

@@ -4,7 +4,7 @@ Notation follows ``docs/moe-head.md``: ``x`` is the pooled embedding (dimension 
 ``E_m(x) = W2 relu(W1 x + b1) + b2`` (d -> d/2 -> d), gate logits ``h(x) = V2 relu(V1 x + c1) + c2``
 (d -> d/2 -> N), and, while training, noise ``softplus(U x + u) * eps`` added to the logits.
 
-Two gating variants:
+Three gating variants:
 
 - ``paper`` (the published code): ``y = normalize(sum_m g_m E_m(x)) + x``. Training uses noisy top-1;
   with a single non-zero ``g_m`` the normalisation cancels it, so the gate and noise networks get no
@@ -12,6 +12,8 @@ Two gating variants:
 - ``learned``: ``y = x + sum_m g_m normalize(E_m(x))`` with ``g = softmax(h)`` kept on the selected
   experts (Switch-Transformer style for top-1, the full softmax for ``all``), so the gate reaches the
   loss. Training selects experts on the noisy logits.
+- ``random`` (a control): combined like ``learned``, but the gate keeps its random initialisation and
+  gets no noise, so each text goes to a fixed, input-dependent but unlearned, expert mixture.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class MoEHead(Module):
         expert_pooling: ``top1``, ``topk`` or ``all``. Under ``paper`` gating this is the inference
             rule only; training always uses noisy top-1, as the published code does.
         top_k: Experts combined under ``topk``.
-        gating: ``paper`` or ``learned``.
+        gating: ``paper``, ``learned`` or ``random``.
         noisy_gating: Add softplus-scaled Gaussian noise to the gate logits while training.
         normalize_input: L2-normalise the pooled embedding before the head (set when the model
             scores with cosine similarity, as the published code does).
@@ -91,6 +93,9 @@ class MoEHead(Module):
         self.gate = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
         self.noise = nn.Linear(d, num_experts)
         self._init_experts()
+        if gating == "random":
+            for parameter in (*self.gate.parameters(), *self.noise.parameters()):
+                parameter.requires_grad_(False)
 
     @property
     def expert_pooling(self) -> str:
@@ -140,7 +145,7 @@ class MoEHead(Module):
             x = F.normalize(x, p=2, dim=-1, eps=NORMALIZE_EPS)
         clean_logits = self.gate(x)
         logits = clean_logits
-        if self.training and self.noisy_gating:
+        if self.training and self.noisy_gating and self.gating != "random":
             noise_scale = F.softplus(self.noise(x))
             logits = clean_logits + noise_scale * torch.randn_like(clean_logits)
         expert_outputs = self.experts(x)
