@@ -1,0 +1,346 @@
+"""Experiment grids: backbones x collections x variants x experts x seeds, run cell by cell.
+
+A grid file (YAML) names the axes; every combination is a *cell* that trains (or not), evaluates on
+its collection (and on transfer collections), records expert usage, and writes everything in its
+own folder ``DIR/cells/<cell id>/``. Running the same grid again skips finished cells and resumes an
+interrupted one (training resumes from its checkpoint); a failing cell is recorded in its
+``error.json`` and the others go on.
+
+Grid file keys (all but ``backbones``/``collections``/``variants`` optional)::
+
+    name: scifact-cpu
+    preset: default                  # or paper
+    backbones: [all-MiniLM-L6-v2]    # names, directories, or registered short names (tinybert, ...)
+    collections: [scifact, nfcorpus] # train (and evaluate) on each
+    transfer: {msmarco: [scifact]}   # also evaluate models trained on msmarco on scifact
+    variants:                        # name -> model settings; `train:` holds training overrides,
+      fine-tuned: {num_experts: 0}   #   `train: false` evaluates the backbone untrained
+      sb-moe: {gating: learned}
+    experts: [3, 6, 9, 12]           # for every variant whose num_experts is not 0
+    seeds: [1, 2, 3]
+    model: {max_doc_length: 256}     # for every cell
+    train: {epochs: 1}
+    evaluate: {split: test, expert_poolings: [top1, all]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from sbmoe import __version__
+from sbmoe.cache import EmbeddingCache
+from sbmoe.config import ModelConfig, TrainConfig, build_configs
+from sbmoe.data import BeirCollection, load_collection, resolve_data
+from sbmoe.encoding import encode_texts
+from sbmoe.io import read_json, write_json
+from sbmoe.modeling import Retriever
+from sbmoe.pipeline import EvaluateConfig, evaluate_model
+from sbmoe.routing import routing_statistics
+from sbmoe.training import train
+
+# The study's backbones: hub name, pooling, and the temperature of the published recipe.
+# Under the paper preset a cell also takes the published temperature and number of epochs.
+REGISTERED_BACKBONES: dict[str, dict[str, Any]] = {
+    "tinybert": {
+        "name": "huawei-noah/TinyBERT_General_4L_312D",
+        "pooling": "mean",
+        "temperature": 1.0,
+        "epochs": 30,
+    },
+    "bert-small": {
+        "name": "google/bert_uncased_L-4_H-512_A-8",
+        "pooling": "mean",
+        "temperature": 1.0,
+        "epochs": 20,
+    },
+    "bert-base": {"name": "bert-base-uncased", "pooling": "mean", "temperature": 1.0, "epochs": 20},
+    "contriever": {"name": "facebook/contriever", "pooling": "mean", "temperature": 0.05, "epochs": 20},
+    "minilm": {"name": "all-MiniLM-L6-v2", "pooling": "mean", "temperature": 0.05, "epochs": 20},
+}
+
+GRID_KEYS = {
+    "name",
+    "preset",
+    "backbones",
+    "collections",
+    "transfer",
+    "variants",
+    "experts",
+    "seeds",
+    "model",
+    "train",
+    "evaluate",
+}
+
+
+@dataclass
+class ExperimentGrid:
+    """The axes of an experiment and the settings shared by its cells."""
+
+    name: str
+    backbones: list[str]
+    collections: list[str]
+    variants: dict[str, dict[str, Any]]
+    experts: list[int] = field(default_factory=lambda: [6])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    preset: str = "default"
+    transfer: dict[str, list[str]] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Cell:
+    """One run of the grid: train a variant of a backbone on a collection with a seed."""
+
+    backbone: str
+    collection: str
+    variant: str
+    experts: int
+    seed: int
+    trains: bool
+    model: dict[str, Any]
+    train: dict[str, Any]
+    evaluate_on: list[str]
+
+    @property
+    def cell_id(self) -> str:
+        parts = [_slug(self.backbone), _slug(self.collection), _slug(self.variant)]
+        if self.experts:
+            parts.append(f"n{self.experts}")
+        parts.append(f"s{self.seed}")
+        return "__".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "cell_id": self.cell_id}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
+
+
+def load_grid(path: str | Path) -> ExperimentGrid:
+    """Read and check a grid file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read the experiment file ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of grid keys at the top level")
+    unknown = sorted(set(data) - GRID_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(GRID_KEYS)}")
+    for key in ("backbones", "collections", "variants"):
+        if not data.get(key):
+            raise ValueError(f"{path}: `{key}` is missing or empty")
+    for key in ("backbones", "collections", "experts", "seeds"):
+        if key in data and not isinstance(data[key], list):
+            raise ValueError(f"{path}: `{key}` must be a list")
+    if not isinstance(data["variants"], dict):
+        raise ValueError(f"{path}: `variants` must map variant names to settings")
+    data.setdefault("name", path.stem)
+    grid = ExperimentGrid(**data)
+    for name, settings in grid.variants.items():
+        settings = settings or {}
+        grid.variants[name] = settings
+        model_keys = set(settings) - {"train"}
+        bad = sorted(model_keys - {f.name for f in dataclasses.fields(ModelConfig)})
+        if bad:
+            raise ValueError(f"{path}: variant {name!r} has unknown model settings {bad}")
+    for key, cls in (("model", ModelConfig), ("train", TrainConfig), ("evaluate", EvaluateConfig)):
+        bad = sorted(set(getattr(grid, key)) - {f.name for f in dataclasses.fields(cls)})
+        if bad:
+            raise ValueError(f"{path}: `{key}` has unknown settings {bad}")
+    return grid
+
+
+def expand(grid: ExperimentGrid) -> list[Cell]:
+    """Every cell of the grid, in a stable order (backbone, collection, variant, experts, seed)."""
+    cells = []
+    for backbone in grid.backbones:
+        for collection in grid.collections:
+            for variant, settings in grid.variants.items():
+                trains = settings.get("train", {}) is not False
+                train_overrides = settings.get("train") or {}
+                model_overrides = {k: v for k, v in settings.items() if k != "train"}
+                with_head = model_overrides.get("num_experts", grid.model.get("num_experts", 1)) != 0
+                for experts in grid.experts if with_head else [0]:
+                    for seed in grid.seeds if trains else grid.seeds[:1]:
+                        cells.append(
+                            Cell(
+                                backbone=backbone,
+                                collection=collection,
+                                variant=variant,
+                                experts=experts,
+                                seed=seed,
+                                trains=trains,
+                                model={**model_overrides, **({"num_experts": experts} if with_head else {})},
+                                train=dict(train_overrides),
+                                evaluate_on=[collection, *grid.transfer.get(collection, [])],
+                            )
+                        )
+    return cells
+
+
+def cell_configs(grid: ExperimentGrid, cell: Cell) -> tuple[ModelConfig, TrainConfig]:
+    """Resolve a cell's model and training configs: preset, backbone registry, grid, variant, cell."""
+    registered = REGISTERED_BACKBONES.get(cell.backbone, {})
+    backbone = registered.get("name", cell.backbone)
+    model = {"backbone": backbone}
+    train_settings: dict[str, Any] = {"seed": cell.seed}
+    if registered and grid.preset == "paper":
+        model["pooling"] = registered["pooling"]
+        train_settings["temperature"] = registered["temperature"]
+        train_settings["epochs"] = registered["epochs"]
+    model.update(grid.model)
+    model.update(cell.model)
+    model.setdefault("num_experts", cell.experts)
+    train_settings.update(grid.train)
+    train_settings.update(cell.train)
+    return build_configs(grid.preset, model, train_settings)
+
+
+@dataclass
+class ExperimentSummary:
+    """What a run of the grid did."""
+
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_experiment(
+    grid: ExperimentGrid, output_dir: str | Path, show_progress: bool = True, command: list[str] | None = None
+) -> ExperimentSummary:
+    """Run every unfinished cell of ``grid`` under ``output_dir``; failures are recorded, not raised."""
+    output_dir = Path(output_dir)
+    started = time.perf_counter()
+    write_json(
+        output_dir / "experiment.json",
+        {"grid": dataclasses.asdict(grid), "command": command, "sbmoe_version": __version__},
+    )
+    cache = EmbeddingCache(output_dir / "cache")
+    collections = _CollectionLoader()
+    summary = ExperimentSummary()
+    cells = expand(grid)
+    bar = tqdm(cells, desc=f"experiment {grid.name}", unit="cell", disable=not show_progress)
+    for cell in bar:
+        folder = output_dir / "cells" / cell.cell_id
+        if (folder / "done.json").exists():
+            summary.skipped.append(cell.cell_id)
+            continue
+        bar.set_postfix_str(cell.cell_id)
+        try:
+            run_cell(grid, cell, folder, collections, cache, show_progress)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:  # a failing cell is recorded and the grid goes on
+            write_json(
+                folder / "error.json",
+                {
+                    "cell": cell.to_dict(),
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc(),
+                },
+            )
+            summary.failed[cell.cell_id] = f"{type(error).__name__}: {error}"
+            continue
+        summary.finished.append(cell.cell_id)
+    summary.seconds = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def run_cell(
+    grid: ExperimentGrid,
+    cell: Cell,
+    folder: Path,
+    collections: _CollectionLoader,
+    cache: EmbeddingCache,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Train (unless the variant says not to), evaluate and record routing for one cell."""
+    model_config, train_config = cell_configs(grid, cell)
+    write_json(
+        folder / "cell.json",
+        {
+            "cell": cell.to_dict(),
+            "model_config": dataclasses.asdict(model_config),
+            "train_config": dataclasses.asdict(train_config),
+        },
+    )
+    (folder / "error.json").unlink(missing_ok=True)
+    started = time.perf_counter()
+    collection = collections.get(cell.collection)
+    if cell.trains:
+        result = train(model_config, train_config, collection, folder / "model", show_progress, cache=cache)
+        retriever = Retriever.load(str(folder / "model"))
+        training = result.to_dict()
+    else:
+        retriever = Retriever.from_config(model_config)
+        training = None
+    evaluate = EvaluateConfig(**{"precision": train_config.precision, **grid.evaluate})
+    if retriever.head is None:
+        evaluate.expert_poolings = []
+    evaluations = {}
+    for name in cell.evaluate_on:
+        target = collections.get(name)
+        outputs = evaluate_model(retriever, target, folder / "eval" / name, evaluate, False, cache=cache)
+        evaluations[name] = {out.name: out.result.metrics for out in outputs}
+        if retriever.head is not None:
+            write_json(folder / "eval" / name / "routing.json", _routing(retriever, target, evaluate, cache))
+    summary = {
+        "cell": cell.to_dict(),
+        "training": training,
+        "evaluations": evaluations,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(folder / "done.json", summary)
+    return summary
+
+
+def _routing(retriever: Retriever, collection: BeirCollection, evaluate: EvaluateConfig, cache) -> dict:
+    """Expert usage of the split's queries and of the corpus (pooled embeddings come from the cache)."""
+    query_ids = sorted(q for q in collection.split_qrels(evaluate.split) if q in collection.queries)
+    queries = [collection.queries[q] for q in query_ids]
+    documents = [doc.full_text for doc in collection.corpus.values()]
+    encode = {
+        "batch_size": evaluate.batch_size,
+        "precision": evaluate.precision,
+        "pooled_only": True,
+        "cache": cache,
+    }
+    return {
+        "queries": routing_statistics(retriever, encode_texts(retriever, queries, "query", **encode)),
+        "documents": routing_statistics(retriever, encode_texts(retriever, documents, "document", **encode)),
+    }
+
+
+class _CollectionLoader:
+    """Loads each collection once per experiment run."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, BeirCollection] = {}
+
+    def get(self, name: str) -> BeirCollection:
+        if name not in self._loaded:
+            self._loaded[name] = load_collection(resolve_data(name))
+        return self._loaded[name]
+
+
+def iter_finished_cells(output_dir: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(cell folder, done.json) of every finished cell under ``output_dir``."""
+    for done in sorted(Path(output_dir).glob("cells/*/done.json")):
+        yield done.parent, read_json(done)

@@ -1,0 +1,53 @@
+"""How an MoE head routes texts: expert usage fractions and routing entropy."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from sbmoe.modeling import Retriever
+
+
+def routing_statistics(retriever: Retriever, pooled: np.ndarray, batch_size: int = 4096) -> dict[str, Any]:
+    """Usage of each expert (share of texts whose top-1 expert it is) and routing entropies.
+
+    Args:
+        retriever: A model with an MoE head.
+        pooled: Pooled embeddings (the head's input), e.g. from ``encode_texts(..., pooled_only=True)``.
+
+    Returns:
+        ``usage`` (N fractions summing to 1), ``entropy`` of the mean routing distribution
+        (``-sum_m P_m log P_m``; ``log N`` when experts are used evenly), ``mean_text_entropy`` (how
+        spread a single text's gate is), ``max_share`` and ``count``.
+    """
+    head = retriever.head
+    if head is None:
+        raise ValueError("routing statistics need a model with an MoE head")
+    was_training = head.training
+    head.eval()
+    chosen, probabilities = [], []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(pooled), batch_size):
+                x = torch.from_numpy(np.array(pooled[start : start + batch_size], dtype=np.float32))
+                out = head({"sentence_embedding": x.to(retriever.device)})
+                chosen.append(out["expert_index"].cpu())
+                probabilities.append(torch.softmax(out["router_logits"].float(), dim=-1).cpu())
+    finally:
+        head.train(was_training)
+    index = torch.cat(chosen)
+    probs = torch.cat(probabilities)
+    usage = torch.bincount(index, minlength=head.num_experts).double() / max(len(index), 1)
+    mean_probs = probs.double().mean(dim=0)
+    per_text = -(probs.double() * probs.double().clamp_min(1e-12).log()).sum(dim=-1)
+    return {
+        "usage": usage.tolist(),
+        "entropy": float(-(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()),
+        "max_entropy": float(np.log(head.num_experts)),
+        "mean_text_entropy": float(per_text.mean()),
+        "max_share": float(usage.max()),
+        "count": len(index),
+    }

@@ -1,0 +1,111 @@
+"""Experiment grids: loading, expansion, running with skip/resume, failures recorded."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sbmoe.experiments import cell_configs, expand, load_grid, run_experiment
+from sbmoe.io import read_json
+
+REPO_EXPERIMENTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments"
+
+
+def write_grid(path, **values):
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
+def test_shipped_grids_load_and_expand():
+    paper = load_grid(REPO_EXPERIMENTS / "paper.yaml")
+    cells = expand(paper)
+    # 4 backbones x 4 collections x (1 fine-tuned + 4 expert counts) x 1 seed
+    assert len(cells) == 80
+    tinybert = next(c for c in cells if c.backbone == "tinybert" and c.experts == 3)
+    model, train = cell_configs(paper, tinybert)
+    assert model.backbone == "huawei-noah/TinyBERT_General_4L_312D" and model.gating == "paper"
+    assert (train.epochs, train.temperature, train.lr_head, train.lr_backbone) == (30, 1.0, 1e-4, 1e-6)
+    contriever = next(c for c in cells if c.backbone == "contriever")
+    assert cell_configs(paper, contriever)[1].temperature == 0.05
+    cpu = expand(load_grid(REPO_EXPERIMENTS / "scifact-cpu.yaml"))
+    assert len(cpu) == 2 * (1 + 3 + 2 * 3)  # zero-shot once; fine-tuned and SB-MoE per seed
+
+
+def test_expansion_ids_are_unique_and_overrides_layer(tmp_path):
+    grid = load_grid(
+        write_grid(
+            tmp_path / "g.yaml",
+            backbones=["bb"],
+            collections=["c1", "c2"],
+            seeds=[1, 2],
+            experts=[2, 4],
+            variants={"base": {"num_experts": 0, "train": {"lr_backbone": 1e-4}}, "moe": {"gating": "paper"}},
+            train={"epochs": 3},
+            transfer={"c1": ["c2"]},
+        )
+    )
+    cells = expand(grid)
+    assert len(cells) == 2 * (2 + 2 * 2)
+    assert len({c.cell_id for c in cells}) == len(cells)
+    base = next(c for c in cells if c.variant == "base")
+    model, train = cell_configs(grid, base)
+    assert (
+        model.num_experts == 0 and train.lr_backbone == 1e-4 and train.epochs == 3 and train.seed == base.seed
+    )
+    moe = next(c for c in cells if c.variant == "moe" and c.experts == 4)
+    assert cell_configs(grid, moe)[0].num_experts == 4 and cell_configs(grid, moe)[0].gating == "paper"
+    assert base.evaluate_on == (["c1", "c2"] if base.collection == "c1" else ["c2"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"backbones": ["b"], "collections": ["c"]}, "variants"),
+        ({"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "colour": 1}, "unknown keys"),
+        (
+            {"backbones": ["b"], "collections": ["c"], "variants": {"v": {"experts": 3}}},
+            "unknown model settings",
+        ),
+        ({"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "train": {"lr": 1}}, "`train`"),
+        ({"backbones": "b", "collections": ["c"], "variants": {"v": {}}}, "must be a list"),
+    ],
+)
+def test_bad_grid_files_name_the_problem(tmp_path, values, message):
+    path = write_grid(tmp_path / "bad.yaml", **values)
+    with pytest.raises(ValueError, match=message) as info:
+        load_grid(path)
+    assert "bad.yaml" in str(info.value)
+
+
+def test_grid_runs_skips_finished_cells_and_records_failures(
+    tiny_bert_dir, scifact_slice, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SBMOE_DATA_DIR", str(scifact_slice.parent))
+    grid = load_grid(
+        write_grid(
+            tmp_path / "grid.yaml",
+            name="tiny",
+            backbones=[str(tiny_bert_dir)],
+            collections=[scifact_slice.name, "no-such-collection"],
+            seeds=[1, 2],
+            experts=[2],
+            variants={"fine-tuned": {"num_experts": 0}, "sb-moe": {"gating": "learned"}},
+            model={"max_doc_length": 32},
+            train={"max_steps": 2, "batch_size": 8, "precision": "fp32"},
+            evaluate={"expert_poolings": ["top1", "all"]},
+        )
+    )
+    output = tmp_path / "out"
+    first = run_experiment(grid, output, show_progress=False)
+    assert len(first.finished) == 4 and len(first.failed) == 4  # the missing collection fails alone
+    failed = next(iter(first.failed))
+    assert "no-such-collection" in read_json(output / "cells" / failed / "error.json")["error"]
+    moe = next(c for c in first.finished if "sb-moe" in c)
+    done = read_json(output / "cells" / moe / "done.json")
+    assert set(done["evaluations"][scifact_slice.name]) == {"top1", "all"}
+    routing = read_json(output / "cells" / moe / "eval" / scifact_slice.name / "routing.json")
+    assert sum(routing["documents"]["usage"]) == pytest.approx(1.0)
+
+    second = run_experiment(grid, output, show_progress=False)
+    assert sorted(second.skipped) == sorted(first.finished) and not second.finished
+    assert len(second.failed) == 4
