@@ -36,3 +36,16 @@ def test_directory_left_between_renames_is_restored_on_next_write(tmp_path):
     with pytest.raises(RuntimeError), atomic_directory(target):
         raise RuntimeError("this write fails too")
     assert (target / "a.txt").read_text() == "first"
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    write_json(tmp_path / "a.json", {})
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask
