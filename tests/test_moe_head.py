@@ -151,3 +151,16 @@ def test_random_gate_is_fixed_and_noise_free():
     assert not any(p.requires_grad for p in (*head.gate.parameters(), *head.noise.parameters()))
     out = head({"sentence_embedding": torch.randn(5, 16)})
     torch.testing.assert_close(out["router_noisy_logits"], out["router_logits"])
+
+
+def test_expert_dropout_hides_experts_only_while_training():
+    head = make_head(gating="learned", expert_pooling="all", expert_dropout=0.5)
+    x = torch.randn(64, 16)
+    head.train()
+    weights = head.gate_weights(head({"sentence_embedding": x})["router_noisy_logits"])
+    zeros = (weights == 0).sum(dim=-1)
+    assert zeros.float().mean() > 1.0  # about half of the 4 experts hidden per text
+    assert (zeros < 4).all()  # never all of them
+    head.eval()
+    eval_weights = head.gate_weights(head({"sentence_embedding": x})["router_noisy_logits"])
+    assert (eval_weights > 0).all()

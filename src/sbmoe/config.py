@@ -44,6 +44,7 @@ class ModelConfig:
             ``random`` combines like ``learned`` but keeps the gate at its random initialisation
             (a fixed random assignment: mixture without learned routing, a control).
         noisy_gating: Add learned Gaussian noise to the gate logits while training.
+        expert_dropout: Probability of hiding an expert from a text while training.
         lowercase: Lower-case every query and document before tokenisation.
     """
 
@@ -57,6 +58,7 @@ class ModelConfig:
     top_k: int = 2
     gating: GatingVariant = "learned"
     noisy_gating: bool = True
+    expert_dropout: float = 0.0
     lowercase: bool = False
 
     def validate(self) -> None:

@@ -49,6 +49,8 @@ class MoEHead(Module):
         noisy_gating: Add softplus-scaled Gaussian noise to the gate logits while training.
         normalize_input: L2-normalise the pooled embedding before the head (set when the model
             scores with cosine similarity, as the published code does).
+        expert_dropout: While training, hide each expert from each text with this probability
+            (at least one stays), so no text relies on a single expert.
     """
 
     config_keys: ClassVar[list[str]] = [
@@ -59,6 +61,7 @@ class MoEHead(Module):
         "gating",
         "noisy_gating",
         "normalize_input",
+        "expert_dropout",
     ]
 
     def __init__(
@@ -70,6 +73,7 @@ class MoEHead(Module):
         gating: str = "learned",
         noisy_gating: bool = True,
         normalize_input: bool = False,
+        expert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -82,6 +86,9 @@ class MoEHead(Module):
         self.gating = gating
         self.noisy_gating = noisy_gating
         self.normalize_input = normalize_input
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
+        self.expert_dropout = expert_dropout
         self.expert_pooling = expert_pooling  # validated by the setter
 
         d, hidden = embedding_dimension, max(embedding_dimension // 2, 1)
@@ -148,6 +155,12 @@ class MoEHead(Module):
         if self.training and self.noisy_gating and self.gating != "random":
             noise_scale = F.softplus(self.noise(x))
             logits = clean_logits + noise_scale * torch.randn_like(clean_logits)
+        if self.training and self.expert_dropout > 0:
+            dropped = torch.rand_like(logits) < self.expert_dropout
+            dropped &= ~F.one_hot(logits.argmax(dim=-1), self.num_experts).bool() | ~dropped.all(
+                -1, keepdim=True
+            )
+            logits = logits.masked_fill(dropped, float("-inf"))
         expert_outputs = self.experts(x)
         if self.gating == "paper":
             if self.selection_size() == 1:
