@@ -266,7 +266,7 @@ def test_bad_build_input(embeddings, doc_ids, message: str) -> None:
 def test_bad_build_options(corpus) -> None:
     docs, doc_ids = corpus
     with pytest.raises(ValueError, match="unknown index_type"):
-        DenseIndex(docs, doc_ids, FINGERPRINT, index_type="ivf")
+        DenseIndex(docs, doc_ids, FINGERPRINT, index_type="annoy")
     with pytest.raises(ValueError, match="fingerprint"):
         DenseIndex(docs, doc_ids, "")
     with pytest.raises(ValueError, match="JSON"):

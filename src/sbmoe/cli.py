@@ -125,6 +125,19 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_index_type_args(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--index-type",
+        choices=("flat", "hnsw", "ivf"),
+        default=default,
+        help="flat = exact search (default"
+        + (")" if default else ": the shards' type)")
+        + "; hnsw or ivf = approximate, faster on large corpora",
+    )
+    parser.add_argument("--nlist", type=int, help="ivf: number of cells (default about 2 sqrt(documents))")
+    parser.add_argument("--nprobe", type=int, help="ivf: cells searched per query (default 2 sqrt(nlist))")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sbmoe", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"sbmoe {__version__}")
@@ -144,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(train)
     _add_train_args(train)
     _add_cache_arg(train)
+    train.add_argument(
+        "--device",
+        default="auto",
+        help="auto (this process's GPU, else the CPU), cpu, cuda or cuda:N. Under torchrun each "
+        "process trains on its slice of every batch: the global batch is --batch-size x processes",
+    )
 
     evaluate = commands.add_parser("evaluate", help="search a split's queries and score the run")
     evaluate.add_argument(
@@ -167,13 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encode_args(evaluate)
     _add_cache_arg(evaluate)
 
-    index = commands.add_parser("index", help="encode a corpus into a FAISS index")
+    index = commands.add_parser("index", help="encode a corpus (or one shard of it) into a FAISS index")
     index.add_argument("--model", required=True)
     _add_data_args(index)
-    index.add_argument("--output", required=True, help="index directory")
-    index.add_argument("--index-type", choices=("flat", "hnsw"), default="flat", help="flat = exact search")
+    index.add_argument("--output", required=True, help="index directory (sharded: holds the shards)")
+    _add_index_type_args(index, default="flat")
+    index.add_argument(
+        "--shard",
+        help="i/N: encode only the i-th of N consecutive slices of the corpus into OUTPUT/shard-<i>-of-<N> "
+        "(under torchrun each process takes its own shard); search the shards as they are or "
+        "merge them with `sbmoe merge-index`",
+    )
+    index.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
     _add_encode_args(index)
     _add_cache_arg(index)
+
+    merge = commands.add_parser("merge-index", help="merge the shards of a sharded index into one index")
+    merge.add_argument("--index", required=True, help="sharded index directory from `sbmoe index --shard`")
+    merge.add_argument("--output", required=True, help="directory of the merged index")
+    _add_index_type_args(merge, default=None)
 
     search = commands.add_parser("search", help="search an index with queries")
     search.add_argument("--model", required=True, help="the model that built the index")
@@ -206,7 +237,75 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the sentence-transformers reference encode",
     )
+    experiment = commands.add_parser("experiment", help="run a grid of train -> index -> evaluate cells")
+    experiment.add_argument("grid", help="experiment file (YAML), e.g. experiments/scifact-cpu.yaml")
+    experiment.add_argument("--output", help="results directory (default: runs/<grid name>)")
+    experiment.add_argument("--list", action="store_true", help="print the cells and exit")
+
+    report = commands.add_parser("report", help="tables, significance tests and plots of an experiment")
+    report.add_argument("directory", help="an experiment's output directory")
+    report.add_argument("--output", help="where to write the report (default: DIRECTORY/report)")
+    report.add_argument("--baseline", default="fine-tuned", help="variant every system is tested against")
+    report.add_argument("--metric", default="ndcg@10", help="metric of the significance tests")
+    report.add_argument("--test", choices=("t-test", "randomization"), default="t-test")
+    report.add_argument("--alpha", type=float, default=0.05)
+    report.add_argument("--seed", type=int, default=42, help="seed of the randomization test")
+    report.add_argument("--no-plots", dest="plots", action="store_false")
+
+    convert = commands.add_parser(
+        "convert-multidomain", help="convert a Multi-Domain Benchmark collection to a BEIR folder"
+    )
+    convert.add_argument(
+        "source", help="extracted release folder (holding collection.jsonl, train/, val/, test/)"
+    )
+    convert.add_argument(
+        "--output", required=True, help="BEIR folder to write, e.g. $SBMOE_DATA_DIR/political-science"
+    )
     return parser
+
+
+def _command_experiment(args: argparse.Namespace) -> int:
+    from sbmoe.experiments import expand, load_grid, run_experiment
+
+    grid = load_grid(args.grid)
+    if args.list:
+        for cell in expand(grid):
+            print(cell.cell_id)
+        return 0
+    output = args.output or f"runs/{grid.name}"
+    summary = run_experiment(grid, output, show_progress=not args.quiet, command=args.command_line)
+    print(
+        f"{len(summary.finished)} cells run, {len(summary.skipped)} already finished, "
+        f"{len(summary.failed)} failed ({summary.seconds:.0f} s); results in {output}"
+    )
+    for cell_id, error in summary.failed.items():
+        print(f"  failed: {cell_id}: {error} (see {output}/cells/{cell_id}/error.json)")
+    return 1 if summary.failed else 0
+
+
+def _command_report(args: argparse.Namespace) -> int:
+    from sbmoe.report import build_report, write_report
+
+    report = build_report(
+        args.directory,
+        baseline=args.baseline,
+        metric=args.metric,
+        test=args.test,
+        alpha=args.alpha,
+        seed=args.seed,
+    )
+    target = Path(args.output or Path(args.directory) / "report")
+    written = write_report(report, target, plots=args.plots)
+    print(report.markdown())
+    print("written: " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _command_convert_multidomain(args: argparse.Namespace) -> int:
+    from sbmoe.multidomain import convert_multidomain
+
+    print(f"wrote {convert_multidomain(args.source, args.output)}")
+    return 0
 
 
 def _demo_defaults():
@@ -223,22 +322,29 @@ def _fields(args: argparse.Namespace, cls: type) -> dict:
 def _command_train(args: argparse.Namespace) -> int:
     from sbmoe.config import ModelConfig, TrainConfig, build_configs
     from sbmoe.data import load_collection, resolve_data
+    from sbmoe.distributed import distributed_session
     from sbmoe.training import train
 
     model_config, train_config = build_configs(
         args.preset, {**_fields(args, ModelConfig), "backbone": args.model}, _fields(args, TrainConfig)
     )
     collection = load_collection(resolve_data(args.data))
-    result = train(
-        model_config,
-        train_config,
-        collection,
-        args.output,
-        show_progress=not args.quiet,
-        command=args.command_line,
-        cache=_cache(args),
-    )
-    print(json.dumps(result.to_dict(), indent=2))
+    # Under torchrun: joins the process group; rank 0 alone writes, logs and prints.
+    with distributed_session(args.device) as context:
+        if not context.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        result = train(
+            model_config,
+            train_config,
+            collection,
+            args.output,
+            show_progress=not args.quiet,
+            command=args.command_line,
+            cache=_cache(args),
+            context=context,
+        )
+    if context.is_main:
+        print(json.dumps(result.to_dict(), indent=2))
     return 0
 
 
@@ -274,23 +380,58 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 
 def _command_index(args: argparse.Namespace) -> int:
     from sbmoe.data import load_collection, resolve_data
+    from sbmoe.distributed import distributed_session, parse_shard
+    from sbmoe.index import shard_directory
     from sbmoe.modeling import Retriever
     from sbmoe.pipeline import index_corpus
 
+    shard = parse_shard(args.shard) if args.shard else None
     collection = load_collection(resolve_data(args.data), splits=[])
-    retriever = Retriever.load(args.model)
-    index = index_corpus(
-        retriever,
-        collection,
-        args.output,
-        args.batch_size,
-        args.precision,
-        args.index_type,
-        show_progress=not args.quiet,
-        command=args.command_line,
-        cache=_cache(args),
+    with distributed_session(args.device) as context:
+        if context.is_distributed:
+            if shard is not None:
+                raise ValueError("under torchrun each process indexes its own shard: leave out --shard")
+            shard = (context.rank, context.world_size)
+        retriever = Retriever.load(args.model, device=context.device)
+        index = index_corpus(
+            retriever,
+            collection,
+            args.output,
+            args.batch_size,
+            args.precision,
+            args.index_type,
+            show_progress=not args.quiet and context.is_main,
+            command=args.command_line,
+            cache=_cache(args),
+            shard=shard,
+            nlist=args.nlist,
+            nprobe=args.nprobe,
+        )
+        if shard is None:
+            print(f"indexed {len(index.doc_ids)} documents into {args.output}")
+            return 0
+        print(
+            f"indexed shard {shard[0]}/{shard[1]} ({len(index.doc_ids)} documents) into "
+            f"{shard_directory(args.output, *shard)}"
+        )
+        context.barrier()
+    if context.is_main:
+        when = "now" if context.is_distributed else f"once all {shard[1]} shards are written"
+        print(
+            f"search the shards as they are {when} (`sbmoe search --index {args.output} ...`), or merge "
+            f"them: `sbmoe merge-index --index {args.output} --output DIR`"
+        )
+    return 0
+
+
+def _command_merge_index(args: argparse.Namespace) -> int:
+    from sbmoe.pipeline import merge_index
+
+    merged = merge_index(
+        args.index, args.output, args.index_type, args.nlist, args.nprobe, command=args.command_line
     )
-    print(f"indexed {len(index.doc_ids)} documents into {args.output}")
+    shards = merged.metadata["merged_from_shards"]
+    print(f"merged {shards} shards ({len(merged)} documents) into {args.output}")
     return 0
 
 
@@ -330,8 +471,12 @@ COMMANDS = {
     "train": _command_train,
     "evaluate": _command_evaluate,
     "index": _command_index,
+    "merge-index": _command_merge_index,
     "search": _command_search,
     "demo": _command_demo,
+    "experiment": _command_experiment,
+    "report": _command_report,
+    "convert-multidomain": _command_convert_multidomain,
 }
 
 

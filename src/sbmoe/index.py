@@ -2,10 +2,20 @@
 
 An index directory holds three files:
 
-* ``index.faiss``: the FAISS index (``faiss.write_index``), readable by any FAISS tool;
+* ``index.faiss``: the FAISS index (``faiss.write_index``), readable by any FAISS tool; loaded
+  memory-mapped, so the vectors of an exact index are paged in from disk as search needs them;
 * ``doc_ids.json``: the document id of each row, in row order;
 * ``meta.json``: the fingerprint of the model that made the embeddings, index type, dimension,
-  document count, creation time, versions, and caller metadata.
+  document count, search settings, creation time, versions, and caller metadata.
+
+Index types: ``flat`` (exact, the default), ``hnsw`` (graph) and ``ivf`` (inverted lists over
+k-means cells), the last two approximate and faster on large corpora.
+
+A *sharded* index is a directory of such index directories, ``shard-00000-of-00004/`` ...,
+each holding one contiguous slice of the corpus and written independently (by ``sbmoe index
+--shard i/N`` or one ``torchrun`` process each). :class:`ShardedIndex` searches it shard by shard,
+one shard in memory at a time, and merges the per-shard top-k lists (top-k of top-ks), which gives
+the same ranking as one index over the whole corpus; :meth:`ShardedIndex.merge` builds that index.
 
 Scores are inner products of the vectors as given; normalising them (cosine similarity) is the
 encoder's job.
@@ -13,10 +23,14 @@ encoder's job.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
+import math
 import os
+import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,11 +45,18 @@ INDEX_FILE = "index.faiss"
 DOC_IDS_FILE = "doc_ids.json"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
-INDEX_TYPES = ("flat", "hnsw")
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+SHARD_PATTERN = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
 _HNSW_M = 32
 # FAISS searches HNSW graphs with efSearch=16 by default, too narrow for top-100 retrieval.
 _HNSW_EF_SEARCH = 128
+# k-means of an IVF index trains on at most this many points per cell (FAISS advises 30 to 256;
+# 40 instead of 64 cost 0.03 recall@10 at the same nprobe in bench/bench_ann.py).
+_IVF_TRAINING_POINTS_PER_LIST = 64
+_IVF_TRAINING_SEED = 1234
+# Rows added to a FAISS index at a time when building from shards (bounds the extra memory).
+_ADD_CHUNK = 1 << 18
 # Exact search holds at most this many float32 scores at once (queries in a batch x documents in a
 # block); argpartition adds twice as many bytes of int64 positions.
 _SCORE_BLOCK = 1 << 24
@@ -60,6 +81,25 @@ class IndexMismatchError(ValueError):
         )
 
 
+def default_nlist(count: int) -> int:
+    """IVF cells for ``count`` vectors: about ``2 * sqrt(count)``, with at least 39 vectors per cell.
+
+    Fewer cells than FAISS's usual ``4 * sqrt(n)`` keep k-means affordable on CPUs (1M vectors:
+    2,000 cells); ``nprobe`` then scans a larger share of each cell.
+    """
+    return max(1, min(round(2 * math.sqrt(count)), count // 39))
+
+
+def default_nprobe(nlist: int) -> int:
+    """IVF cells searched per query: ``2 * sqrt(nlist)`` (at most ``nlist``).
+
+    Larger corpora cluster better, so a shrinking share of the cells keeps recall@10 near 0.95:
+    ~0.96 on 1M clustered 384-d vectors (90 of 2,000 cells, ``bench/bench_ann.py``), ~0.93 for
+    all-MiniLM-L6-v2 queries on SciFact's 5k documents (23 of 132 cells).
+    """
+    return max(1, min(nlist, math.ceil(2 * math.sqrt(nlist))))
+
+
 class DenseIndex:
     """Document embeddings in a FAISS inner-product index, searched in batches.
 
@@ -67,13 +107,19 @@ class DenseIndex:
         embeddings: ``(n_docs, dim)`` array; converted to float32.
         doc_ids: one unique id per row of ``embeddings``.
         fingerprint: identifies the model that produced the embeddings; :meth:`load` checks it.
-        index_type: ``"flat"`` (``faiss.IndexFlatIP``, exact) or ``"hnsw"``
-            (``faiss.IndexHNSWFlat`` with M=32, approximate, faster on large corpora).
+        index_type: ``"flat"`` (``faiss.IndexFlatIP``, exact), ``"hnsw"``
+            (``faiss.IndexHNSWFlat`` with M=32) or ``"ivf"`` (``faiss.IndexIVFFlat``: k-means
+            cells, ``nprobe`` of them searched); the last two are approximate and faster on large
+            corpora.
         metadata: JSON-serialisable extras stored in ``meta.json`` (dataset, encoder settings, ...).
+        nlist: IVF only: number of cells (default :func:`default_nlist`).
+        nprobe: IVF only: cells searched per query (default :func:`default_nprobe`); saved with the
+            index and changeable later through :attr:`nprobe`.
 
     Raises:
         ValueError: bad shapes, non-finite values, missing, duplicate or non-string ids, an empty
-            fingerprint, an unknown index type, or metadata that is not JSON-serialisable.
+            fingerprint, an unknown index type, bad IVF settings, or metadata that is not
+            JSON-serialisable.
     """
 
     def __init__(
@@ -83,6 +129,8 @@ class DenseIndex:
         fingerprint: str,
         index_type: str = "flat",
         metadata: Mapping[str, Any] | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
     ) -> None:
         vectors = _as_matrix(embeddings, "embeddings")
         if vectors.shape[0] == 0:
@@ -92,9 +140,10 @@ class DenseIndex:
             raise ValueError(
                 f"got {len(ids)} doc_ids for {vectors.shape[0]} embedding rows; they must match one to one"
             )
-        index = _new_faiss_index(index_type, vectors.shape[1])
-        index.add(vectors)
-        self._attach(index, ids, fingerprint, index_type, metadata)
+        if nprobe is not None and index_type != "ivf":
+            raise ValueError(f"nprobe applies to ivf indexes, not {index_type!r}")
+        index = _build_faiss_index(index_type, vectors.shape[1], len(ids), lambda: iter([vectors]), nlist)
+        self._attach(index, ids, fingerprint, index_type, metadata, nprobe)
 
     def _attach(
         self,
@@ -103,6 +152,7 @@ class DenseIndex:
         fingerprint: str,
         index_type: str,
         metadata: Mapping[str, Any] | None,
+        nprobe: int | None = None,
     ) -> None:
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ValueError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
@@ -119,11 +169,47 @@ class DenseIndex:
         self.index_type = index_type
         self.metadata = metadata
         self._vectors: np.ndarray | None = None
+        self._nprobe: int | None = None
         if index_type == "flat":
             # A zero-copy view of the vectors inside the FAISS index, for _exact_top_k.
-            self._vectors = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(
-                index.ntotal, index.d
-            )
+            self._vectors = _flat_vectors(index)
+        if index_type == "ivf":
+            self.nprobe = nprobe if nprobe is not None else default_nprobe(index.nlist)
+
+    @property
+    def nprobe(self) -> int | None:
+        """IVF cells searched per query (``None`` for other index types); settable."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if self.index_type != "ivf":
+            raise ValueError(f"nprobe applies to ivf indexes, this one is {self.index_type!r}")
+        _check_positive(value, "nprobe")
+        self._nprobe = min(int(value), int(self._index.nlist))
+
+    @property
+    def nlist(self) -> int | None:
+        """IVF cells (``None`` for other index types)."""
+        return int(self._index.nlist) if self.index_type == "ivf" else None
+
+    def vectors(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The stored embeddings of rows ``start:stop`` as a float32 ``(rows, dim)`` array.
+
+        A read-only view into the index (memory-mapped after :meth:`load`) for ``flat`` and
+        ``hnsw``; a copy for ``ivf``, whose vectors live in their cells.
+        """
+        stop = len(self) if stop is None else min(stop, len(self))
+        if not 0 <= start <= stop:
+            raise ValueError(f"bad row range {start}:{stop} for an index of {len(self)} rows")
+        if self.index_type == "ivf":
+            if self._index.direct_map.type == faiss.DirectMap.NoMap:
+                self._index.make_direct_map()
+            return self._index.reconstruct_n(start, stop - start)
+        storage = self._index if self.index_type == "flat" else faiss.downcast_index(self._index.storage)
+        view = _flat_vectors(storage)[start:stop]
+        view.flags.writeable = False
+        return view
 
     @property
     def dim(self) -> int:
@@ -218,6 +304,8 @@ class DenseIndex:
     def _search_batch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._vectors is not None:
             return _exact_top_k(queries, self._vectors, k)
+        if self.index_type == "ivf":
+            return self._index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=self._nprobe))
         params = faiss.SearchParametersHNSW(efSearch=max(_HNSW_EF_SEARCH, k))
         return self._index.search(queries, k, params=params)
 
@@ -237,6 +325,7 @@ class DenseIndex:
             "index_type": self.index_type,
             "dim": self.dim,
             "count": len(self),
+            **({"nlist": self.nlist, "nprobe": self.nprobe} if self.index_type == "ivf" else {}),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sbmoe_version": __version__,
             "faiss_version": faiss.__version__,
@@ -249,22 +338,33 @@ class DenseIndex:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None) -> DenseIndex:
+    def load(
+        cls, directory: str | os.PathLike, expected_fingerprint: str | None = None, mmap: bool = True
+    ) -> DenseIndex:
         """Load an index written by :meth:`save`.
 
         Args:
             directory: the index directory.
             expected_fingerprint: fingerprint of the model that will encode the queries; when given,
                 it must equal the one the index was built with.
+            mmap: map ``index.faiss`` into memory instead of reading it (``flat`` and ``hnsw``
+                vectors stay on disk until search touches them, so an index larger than memory
+                can be searched, and loading is instant).
 
         Raises:
             IndexMismatchError: the index was built by a different model.
             FileNotFoundError: the directory or one of its files is missing.
-            ValueError: a file is corrupt or the files disagree with each other.
+            ValueError: a file is corrupt or the files disagree with each other, or the directory
+                holds a sharded index (use :func:`load_index` or :class:`ShardedIndex`).
         """
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"no index directory at {directory}; build one with `sbmoe index ...`")
+        if is_sharded_index(directory):
+            raise ValueError(
+                f"{directory} holds a sharded index: search it with sbmoe.index.load_index (or "
+                f"ShardedIndex.load), or merge it into one with `sbmoe merge-index --index {directory} ...`"
+            )
 
         meta_path = directory / META_FILE
         meta = _read_json_file(meta_path)
@@ -294,14 +394,14 @@ class DenseIndex:
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path} is missing; rebuild the index with `sbmoe index ...`")
         try:
-            index = faiss.read_index(str(index_path))
+            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
         except RuntimeError as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             raise ValueError(
                 f"{index_path} is corrupt or not a FAISS index ({reason}); rebuild it with `sbmoe index ...`"
             ) from error
 
-        expected_class = faiss.IndexFlatIP if meta["index_type"] == "flat" else faiss.IndexHNSWFlat
+        expected_class = _INDEX_CLASSES[meta["index_type"]]
         if not isinstance(index, expected_class) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(
                 f"{index_path} holds a {type(index).__name__} but {meta_path} says "
@@ -315,20 +415,342 @@ class DenseIndex:
             )
 
         obj = cls.__new__(cls)
-        obj._attach(index, doc_ids, meta["fingerprint"], meta["index_type"], meta.get("metadata"))
+        obj._attach(
+            index, doc_ids, meta["fingerprint"], meta["index_type"], meta.get("metadata"), meta.get("nprobe")
+        )
         return obj
+
+    def save_shard(
+        self, root: str | os.PathLike, shard: int, num_shards: int, start: int, total: int
+    ) -> Path:
+        """Save as shard ``shard`` of ``num_shards`` of a sharded index in ``root``.
+
+        Args:
+            root: The sharded index directory; this shard goes to :func:`shard_directory`.
+            shard: This shard's number, ``0 <= shard < num_shards``.
+            num_shards: How many shards make the whole corpus.
+            start: Position of this shard's first document in the whole corpus.
+            total: Documents in the whole corpus.
+
+        Returns:
+            The shard's directory.
+        """
+        root = Path(root)
+        if (root / META_FILE).exists():
+            raise ValueError(
+                f"{root} holds a single (unsharded) index; write the shards to another directory "
+                f"or delete it first"
+            )
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
+        self.metadata["shard"] = {
+            "index": shard,
+            "count": num_shards,
+            "start": start,
+            "stop": start + len(self),
+            "total": total,
+        }
+        return self.save(shard_directory(root, shard, num_shards))
+
+    @classmethod
+    def _from_faiss(
+        cls,
+        index: faiss.Index,
+        doc_ids: tuple[str, ...],
+        fingerprint: str,
+        index_type: str,
+        metadata: Mapping[str, Any] | None,
+        nprobe: int | None = None,
+    ) -> DenseIndex:
+        obj = cls.__new__(cls)
+        obj._attach(index, doc_ids, fingerprint, index_type, metadata, nprobe)
+        return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# sharded indexes
+
+
+def shard_directory(root: str | os.PathLike, shard: int, num_shards: int) -> Path:
+    """Where shard ``shard`` of ``num_shards`` lives inside the sharded index ``root``."""
+    return Path(root) / f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+def is_sharded_index(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds shard directories (and no single index of its own)."""
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / META_FILE).exists():
+        return False
+    return any(SHARD_PATTERN.match(entry.name) and entry.is_dir() for entry in directory.iterdir())
+
+
+def load_index(
+    directory: str | os.PathLike, expected_fingerprint: str | None = None
+) -> DenseIndex | ShardedIndex:
+    """Load a single index (:class:`DenseIndex`) or a sharded one (:class:`ShardedIndex`)."""
+    if is_sharded_index(directory):
+        return ShardedIndex.load(directory, expected_fingerprint)
+    return DenseIndex.load(directory, expected_fingerprint)
+
+
+def merge_runs(runs: Sequence[Run], k: int) -> Run:
+    """Merge runs over disjoint document sets into one top-``k`` run (the top-k of the top-ks).
+
+    Each run lists a query's documents best first. Equal scores keep the order of ``runs`` and,
+    within a run, its own order, so merging the runs of consecutive shards of a flat index gives
+    exactly the ranking of one flat index over all of them.
+    """
+    _check_positive(k, "k")
+    merged: Run = {}
+    for query_id in dict.fromkeys(q for run in runs for q in run):
+        lists = [run[query_id].items() for run in runs if query_id in run]
+        merged[query_id] = dict(itertools.islice(heapq.merge(*lists, key=lambda item: -item[1]), k))
+    return merged
+
+
+class ShardedIndex:
+    """An index stored as consecutive shards, searched one shard at a time.
+
+    Only one shard is in memory at a time (memory-mapped), so the whole corpus need not fit.
+    Built by :meth:`DenseIndex.save_shard` (``sbmoe index --shard i/N``, or one ``torchrun``
+    process per shard); use :meth:`load`.
+
+    Attributes:
+        directory: The sharded index directory.
+        shard_dirs: The shard directories, in corpus order.
+        fingerprint: The model fingerprint every shard carries.
+        index_type: The shards' index type (``mixed`` if they differ).
+        metadata: The first shard's caller metadata, without its ``shard`` entry.
+    """
+
+    def __init__(self, directory: Path, shard_dirs: list[Path], metas: list[dict[str, Any]]) -> None:
+        self.directory = directory
+        self.shard_dirs = shard_dirs
+        self._metas = metas
+        self.fingerprint: str = metas[0]["fingerprint"]
+        types = {meta["index_type"] for meta in metas}
+        self.index_type = types.pop() if len(types) == 1 else "mixed"
+        self.metadata = {k: v for k, v in (metas[0].get("metadata") or {}).items() if k != "shard"}
+        self._doc_ids: tuple[str, ...] | None = None
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self._metas[0]["dim"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_dirs)
+
+    def __len__(self) -> int:
+        return sum(int(meta["count"]) for meta in self._metas)
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedIndex(shards={self.num_shards}, index_type={self.index_type!r}, count={len(self)}, "
+            f"dim={self.dim}, fingerprint={self.fingerprint[:12]!r})"
+        )
+
+    @property
+    def doc_ids(self) -> tuple[str, ...]:
+        """Document id of each row over all shards, in corpus order (read on first use)."""
+        if self._doc_ids is None:
+            ids: list[str] = []
+            for directory in self.shard_dirs:
+                raw = _read_json_file(directory / DOC_IDS_FILE)
+                if not isinstance(raw, list):
+                    raise ValueError(f"{directory / DOC_IDS_FILE} is corrupt: expected a JSON list")
+                ids.extend(raw)
+            self._doc_ids = _check_ids(ids, "doc_ids of the shards")
+        return self._doc_ids
+
+    def shard(self, number: int) -> DenseIndex:
+        """Load shard ``number`` (memory-mapped)."""
+        return DenseIndex.load(self.shard_dirs[number], expected_fingerprint=self.fingerprint)
+
+    def search(
+        self,
+        query_embeddings: np.ndarray,
+        k: int,
+        query_ids: Sequence[str] | None = None,
+        exclude_self: bool = False,
+        batch_size: int = 1024,
+    ) -> Run:
+        """Search every shard in turn and merge their top-``k`` lists; see :meth:`DenseIndex.search`."""
+        _check_positive(k, "k")
+        merged: Run | None = None
+        for number in range(self.num_shards):
+            run = self.shard(number).search(query_embeddings, k, query_ids, exclude_self, batch_size)
+            merged = run if merged is None else merge_runs([merged, run], k)
+        assert merged is not None
+        return merged
+
+    def merge(
+        self,
+        index_type: str | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+    ) -> DenseIndex:
+        """One index over all shards, in corpus order (what one process would have built).
+
+        Vectors stream from the memory-mapped shards into the new index; only the new index is
+        held in memory.
+
+        Args:
+            index_type: Type of the merged index; defaults to the shards' type.
+            nlist: IVF cells (``ivf`` only).
+            nprobe: IVF cells searched per query (``ivf`` only).
+        """
+        index_type = index_type or (self.index_type if self.index_type != "mixed" else "flat")
+        if nprobe is not None and index_type != "ivf":
+            raise ValueError(f"nprobe applies to ivf indexes, not {index_type!r}")
+        doc_ids = self.doc_ids
+        shards = [self.shard(number) for number in range(self.num_shards)]
+
+        def chunks() -> Iterator[np.ndarray]:
+            for shard in shards:
+                yield shard.vectors()
+
+        index = _build_faiss_index(index_type, self.dim, len(doc_ids), chunks, nlist)
+        metadata = {**self.metadata, "merged_from_shards": self.num_shards}
+        return DenseIndex._from_faiss(index, doc_ids, self.fingerprint, index_type, metadata, nprobe)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None) -> ShardedIndex:
+        """Open a sharded index, checking that its shards are complete and consistent.
+
+        Reads only the shards' ``meta.json``; the vectors are read when searched.
+
+        Raises:
+            FileNotFoundError: the directory holds no shards, or some are missing.
+            IndexMismatchError: the shards were built by another model than ``expected_fingerprint``'s.
+            ValueError: shards of different counts, models or dimensions, or gaps in the corpus.
+        """
+        directory = Path(directory)
+        found: dict[int, tuple[int, Path]] = {}
+        counts = set()
+        for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
+            match = SHARD_PATTERN.match(entry.name)
+            if match and entry.is_dir():
+                number, count = int(match.group(1)), int(match.group(2))
+                found[number] = (count, entry)
+                counts.add(count)
+        if not found:
+            raise FileNotFoundError(
+                f"no index shards in {directory}; build them with `sbmoe index ... --shard i/N`"
+            )
+        if len(counts) > 1:
+            raise ValueError(
+                f"{directory} mixes shards of {sorted(counts)} shards each; delete the stale ones "
+                f"(the directories shard-*-of-N of the other runs)"
+            )
+        num_shards = counts.pop()
+        missing = [i for i in range(num_shards) if i not in found]
+        if missing:
+            shown = ", ".join(f"{i}/{num_shards}" for i in missing[:10])
+            raise FileNotFoundError(
+                f"{directory} lacks {len(missing)} of its {num_shards} shards ({shown}); build them with "
+                f"`sbmoe index ... --output {directory} --shard i/{num_shards}`"
+            )
+        shard_dirs = [found[i][1] for i in range(num_shards)]
+        metas = []
+        for number, shard_dir in enumerate(shard_dirs):
+            meta = _read_json_file(shard_dir / META_FILE)
+            if not isinstance(meta, dict) or not {"fingerprint", "index_type", "dim", "count"} <= set(meta):
+                raise ValueError(f"{shard_dir / META_FILE} is corrupt")
+            info = (meta.get("metadata") or {}).get("shard") or {}
+            if info.get("index") != number or info.get("count") != num_shards:
+                raise ValueError(f"{shard_dir / META_FILE} does not describe shard {number} of {num_shards}")
+            metas.append(meta)
+        fingerprints = {meta["fingerprint"] for meta in metas}
+        if len(fingerprints) > 1:
+            raise ValueError(
+                f"the shards in {directory} were built by {len(fingerprints)} different models; rebuild "
+                f"the stale ones with the same model"
+            )
+        if expected_fingerprint is not None and metas[0]["fingerprint"] != expected_fingerprint:
+            raise IndexMismatchError(directory, metas[0]["fingerprint"], expected_fingerprint)
+        if len({meta["dim"] for meta in metas}) > 1:
+            raise ValueError(f"the shards in {directory} hold vectors of different dimensions")
+        infos = [meta["metadata"]["shard"] for meta in metas]
+        total = infos[0].get("total")
+        position = 0
+        for number, (meta, info) in enumerate(zip(metas, infos, strict=True)):
+            if (
+                info.get("start") != position
+                or info.get("stop") != position + meta["count"]
+                or info.get("total") != total
+            ):
+                raise ValueError(
+                    f"shard {number} of {directory} covers documents {info.get('start')}:{info.get('stop')} "
+                    f"of {info.get('total')}, expected to start at {position} of {total}; were the shards "
+                    f"built from the same corpus?"
+                )
+            position += meta["count"]
+        if position != total:
+            raise ValueError(f"the shards in {directory} hold {position} documents, the corpus has {total}")
+        return cls(directory, shard_dirs, metas)
 
 
 # --------------------------------------------------------------------------------------------------
 # internals
 
 
-def _new_faiss_index(index_type: str, dim: int) -> faiss.Index:
+_INDEX_CLASSES = {"flat": faiss.IndexFlatIP, "hnsw": faiss.IndexHNSWFlat, "ivf": faiss.IndexIVFFlat}
+
+
+def _build_faiss_index(
+    index_type: str,
+    dim: int,
+    count: int,
+    chunks: Callable[[], Iterator[np.ndarray]],
+    nlist: int | None = None,
+) -> faiss.Index:
+    """A FAISS index of ``index_type`` holding the ``count`` vectors that ``chunks()`` yields, in order.
+
+    ``chunks`` is called once more to draw the training sample of an IVF index, so vectors can
+    stream from disk (shards) instead of being held in memory all at once.
+    """
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"unknown index_type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    if index_type != "ivf" and nlist is not None:
+        raise ValueError(f"nlist applies to ivf indexes, not {index_type!r}")
     if index_type == "flat":
-        return faiss.IndexFlatIP(dim)
-    if index_type == "hnsw":
-        return faiss.IndexHNSWFlat(dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    raise ValueError(f"unknown index_type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+        index = faiss.IndexFlatIP(dim)
+    elif index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    else:
+        nlist = default_nlist(count) if nlist is None else nlist
+        _check_positive(nlist, "nlist")
+        if nlist > count:
+            raise ValueError(f"nlist={nlist} is more IVF cells than the {count} vectors to index")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = _IVF_TRAINING_SEED
+        index.train(_training_sample(chunks, count, nlist * _IVF_TRAINING_POINTS_PER_LIST))
+    for chunk in chunks():
+        for start in range(0, len(chunk), _ADD_CHUNK):
+            index.add(np.ascontiguousarray(chunk[start : start + _ADD_CHUNK], dtype=np.float32))
+    if index.ntotal != count:
+        raise ValueError(f"expected {count} vectors, got {index.ntotal}")
+    return index
+
+
+def _training_sample(chunks: Callable[[], Iterator[np.ndarray]], count: int, size: int) -> np.ndarray:
+    """A seeded uniform sample of ``size`` rows (all rows if there are fewer), in row order."""
+    if size >= count:
+        return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks()])
+    rows = np.sort(np.random.default_rng(_IVF_TRAINING_SEED).choice(count, size, replace=False))
+    picked, offset = [], 0
+    for chunk in chunks():
+        inside = rows[(rows >= offset) & (rows < offset + len(chunk))] - offset
+        picked.append(np.asarray(chunk[inside], dtype=np.float32))
+        offset += len(chunk)
+    return np.ascontiguousarray(np.concatenate(picked))
+
+
+def _flat_vectors(index: faiss.Index) -> np.ndarray:
+    """A zero-copy ``(ntotal, d)`` view of the vectors of a FAISS flat index."""
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
 def _exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

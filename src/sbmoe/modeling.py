@@ -27,6 +27,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 
 from sbmoe import __version__
 from sbmoe.config import ModelConfig, from_dict
+from sbmoe.distributed import resolve_device
 from sbmoe.io import write_json
 from sbmoe.moe_head import MoEHead
 
@@ -62,13 +63,13 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
-def _load_sentence_transformer(name: str, source: str) -> SentenceTransformer:
-    """Load ``source`` (resolved from ``name``), turning hub and file errors into one clear error."""
+def _load_sentence_transformer(name: str, source: str, device: torch.device) -> SentenceTransformer:
+    """Load ``source`` (resolved from ``name``) onto ``device``, with one clear error if that fails."""
     is_local = Path(source).is_dir()
     # Only our own saved models need ST to import a module class from outside its package.
     trust = is_local and (Path(source) / SBMOE_CONFIG_FILE).exists()
     try:
-        return SentenceTransformer(source, device="cpu", trust_remote_code=trust)
+        return SentenceTransformer(source, device=str(device), trust_remote_code=trust)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if is_local:
@@ -116,16 +117,23 @@ class Retriever:
 
     # ----------------------------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, config: ModelConfig) -> Retriever:
+    def from_config(cls, config: ModelConfig, device: str | torch.device | None = "auto") -> Retriever:
         """Build a retriever on ``config.backbone``, adding a fresh MoE head when ``num_experts > 0``.
 
         A backbone that already is a saved sbmoe model keeps its own head and settings.
+
+        Args:
+            config: What to build.
+            device: ``auto`` (the GPU when there is one, else the CPU), or a device such as
+                ``cpu``, ``cuda`` or ``cuda:1``.
         """
         config.validate()
+        device = resolve_device(device)
         source = resolve_backbone(config.backbone)
         if (Path(source) / SBMOE_CONFIG_FILE).exists():
-            return cls.load(source)
-        base = _load_sentence_transformer(config.backbone, source)
+            return cls.load(source, device=device)
+        # Built on the CPU: the head's initialisation then draws from the CPU generator on every device.
+        base = _load_sentence_transformer(config.backbone, source, torch.device("cpu"))
         modules = list(base.children())
         transformer = next((m for m in modules if isinstance(m, Transformer)), None)
         if transformer is None:
@@ -157,28 +165,37 @@ class Retriever:
                     top_k=config.top_k,
                     gating=config.gating,
                     noisy_gating=config.noisy_gating,
+                    expert_dropout=config.expert_dropout,
                     normalize_input=similarity == "cosine",
                 )
             )
         if similarity == "cosine":
             stages.append(Normalize())
-        model = SentenceTransformer(modules=stages, device="cpu")
+        model = SentenceTransformer(modules=stages, device=str(device))
         model.max_seq_length = max_doc_length
         return cls(model, resolved)
 
     @classmethod
-    def load(cls, name_or_path: str) -> Retriever:
-        """Load a saved sbmoe model, or wrap any encoder (hub name, directory) without a head."""
+    def load(cls, name_or_path: str, device: str | torch.device | None = "auto") -> Retriever:
+        """Load a saved sbmoe model, or wrap any encoder (hub name, directory) without a head.
+
+        Args:
+            name_or_path: A saved model directory, a sentence-transformers or transformers model
+                directory or hub name, or ``all-MiniLM-L6-v2``.
+            device: ``auto`` (the GPU when there is one, else the CPU), or a device such as
+                ``cpu``, ``cuda`` or ``cuda:1``.
+        """
+        device = resolve_device(device)
         source = resolve_backbone(name_or_path)
         config_path = Path(source) / SBMOE_CONFIG_FILE
         if not config_path.exists():
-            return cls.from_config(ModelConfig(backbone=name_or_path, num_experts=0))
+            return cls.from_config(ModelConfig(backbone=name_or_path, num_experts=0), device=device)
         try:
             saved = json.loads(config_path.read_text(encoding="utf-8"))
             config = from_dict(ModelConfig, saved["model_config"], source=str(config_path))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ModelLoadError(f"{config_path}: unreadable sbmoe model config ({error})") from error
-        model = _load_sentence_transformer(name_or_path, source)
+        model = _load_sentence_transformer(name_or_path, source, device)
         return cls(model, config)
 
     # ----------------------------------------------------------------------------------- parts
@@ -193,7 +210,13 @@ class Retriever:
 
     @property
     def device(self) -> torch.device:
+        """Where the model computes (its inputs are moved there)."""
         return self.model.device
+
+    def to(self, device: str | torch.device | None = "auto") -> Retriever:
+        """Move the model to ``device`` (``auto``: the GPU when there is one); returns ``self``."""
+        self.model.to(resolve_device(device))
+        return self
 
     def encoder_stages(self) -> list[torch.nn.Module]:
         """The stages up to and including pooling (what the head reads)."""

@@ -1,4 +1,5 @@
-"""The jobs behind the CLI: evaluate a model on a split, index a corpus, search an index.
+"""The jobs behind the CLI: evaluate a model on a split, index a corpus (or a shard of it), merge
+index shards, search an index.
 
 Each job takes a config dataclass and writes its outputs, with the config and command beside them.
 """
@@ -16,8 +17,9 @@ from typing import Any
 from sbmoe import __version__
 from sbmoe.cache import EmbeddingCache
 from sbmoe.data import BeirCollection
+from sbmoe.distributed import shard_bounds
 from sbmoe.evaluation import PAPER_METRICS, EvaluationResult, evaluate_run, save_metrics, write_trec_run
-from sbmoe.index import DenseIndex
+from sbmoe.index import DenseIndex, ShardedIndex, load_index
 from sbmoe.io import write_json
 from sbmoe.modeling import Retriever
 from sbmoe.retrieval import Run, build_index, search, search_per_expert_pooling
@@ -139,12 +141,31 @@ def index_corpus(
     show_progress: bool = True,
     command: Sequence[str] | None = None,
     cache: EmbeddingCache | None = None,
+    shard: tuple[int, int] | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
 ) -> DenseIndex:
-    """Encode the collection's corpus and save the FAISS index (with the model's fingerprint)."""
+    """Encode the collection's corpus and save the FAISS index (with the model's fingerprint).
+
+    Args:
+        shard: ``(i, N)``: encode only the ``i``-th of ``N`` consecutive slices of the corpus and
+            save it as that shard of the sharded index ``output_dir`` (see
+            :class:`~sbmoe.index.ShardedIndex`); shards can be built by different processes or
+            machines. ``None`` indexes the whole corpus into ``output_dir``.
+        nlist: IVF cells (``index_type="ivf"``).
+        nprobe: IVF cells searched per query.
+
+    Returns:
+        The index built (the shard's, when sharded).
+    """
     doc_ids = list(collection.corpus)
+    start, stop = shard_bounds(len(doc_ids), *shard) if shard else (0, len(doc_ids))
+    if stop == start:
+        raise ValueError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
+    doc_ids = doc_ids[start:stop]
     documents = [collection.corpus[d].full_text for d in doc_ids]
     index = build_index(
-        retriever, doc_ids, documents, batch_size, precision, index_type, show_progress, cache
+        retriever, doc_ids, documents, batch_size, precision, index_type, show_progress, cache, nlist, nprobe
     )
     index.metadata.update(
         {
@@ -154,8 +175,31 @@ def index_corpus(
             "command": list(command) if command is not None else sys.argv,
         }
     )
-    index.save(output_dir)
+    if shard:
+        index.save_shard(output_dir, shard[0], shard[1], start, len(collection.corpus))
+    else:
+        index.save(output_dir)
     return index
+
+
+def merge_index(
+    index_dir: str | Path,
+    output_dir: str | Path,
+    index_type: str | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    command: Sequence[str] | None = None,
+) -> DenseIndex:
+    """Merge the shards in ``index_dir`` into one index saved in ``output_dir``.
+
+    The merged index ranks exactly like a single-process index of the same type (for ``flat``,
+    the same index); ``index_type`` may differ from the shards' (e.g. exact shards, IVF merged).
+    """
+    sharded = ShardedIndex.load(index_dir)
+    merged = sharded.merge(index_type, nlist=nlist, nprobe=nprobe)
+    merged.metadata["merge_command"] = list(command) if command is not None else sys.argv
+    merged.save(output_dir)
+    return merged
 
 
 def search_index(
@@ -167,8 +211,8 @@ def search_index(
     batch_size: int = 64,
     precision: str = "auto",
 ) -> Run:
-    """Search a saved index; refuses an index that another model built."""
-    index = DenseIndex.load(index_dir, expected_fingerprint=retriever.fingerprint())
+    """Search a saved index, single or sharded (shard by shard); refuses an index another model built."""
+    index = load_index(index_dir, expected_fingerprint=retriever.fingerprint())
     query_ids = list(queries)
     return search(
         retriever,

@@ -8,7 +8,7 @@ import numpy as np
 
 from sbmoe.cache import EmbeddingCache
 from sbmoe.encoding import apply_head_stages, encode_texts
-from sbmoe.index import DenseIndex
+from sbmoe.index import DenseIndex, ShardedIndex
 from sbmoe.modeling import Retriever
 
 Run = dict[str, dict[str, float]]
@@ -23,17 +23,25 @@ def build_index(
     index_type: str = "flat",
     show_progress: bool = False,
     cache: EmbeddingCache | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
 ) -> DenseIndex:
-    """Encode ``documents`` and put them in a FAISS inner-product index tagged with the model."""
+    """Encode ``documents`` and put them in a FAISS inner-product index tagged with the model.
+
+    ``index_type`` is ``flat`` (exact), ``hnsw`` or ``ivf``; ``nlist`` / ``nprobe`` set the IVF cells
+    and the cells searched per query (see :class:`~sbmoe.index.DenseIndex`).
+    """
     embeddings = encode_texts(
         retriever, documents, "document", batch_size, precision, show_progress=show_progress, cache=cache
     )
-    return DenseIndex(embeddings, list(doc_ids), retriever.fingerprint(), index_type=index_type)
+    return DenseIndex(
+        embeddings, list(doc_ids), retriever.fingerprint(), index_type=index_type, nlist=nlist, nprobe=nprobe
+    )
 
 
 def search(
     retriever: Retriever,
-    index: DenseIndex,
+    index: DenseIndex | ShardedIndex,
     query_ids: Sequence[str],
     queries: Sequence[str],
     top_k: int = 100,
@@ -45,8 +53,9 @@ def search(
 ) -> Run:
     """Encode ``queries`` and return their top-``top_k`` documents from ``index``.
 
-    The caller makes sure ``index`` was built by ``retriever`` (``DenseIndex.load`` checks the
-    fingerprint of a saved index).
+    The caller makes sure ``index`` was built by ``retriever`` (``DenseIndex.load`` and
+    ``ShardedIndex.load`` check the fingerprint of a saved index). A sharded index is searched shard
+    by shard.
     """
     embeddings = encode_texts(
         retriever, queries, "query", batch_size, precision, show_progress=show_progress, cache=cache

@@ -11,9 +11,14 @@ Layout of an output directory::
         done.json           written when training finished; summary of the run
 
 Everything under ``training/`` is written atomically, so an interrupted run resumes from its last
-checkpoint. The loop is written for one process, but keeps the pieces distributed training needs
-replaceable: the batch order comes from an injectable ``batch_order`` function and only the process
-with ``rank == 0`` writes files.
+checkpoint.
+
+Distributed data parallelism (``torchrun``, one process per device): every step takes one global
+batch of ``batch_size * world_size`` pairs from ``batch_order``; each process encodes its contiguous
+slice, scores its queries against the documents of all processes (gathered with their gradients),
+and the gradients are averaged, so the update equals one process's step on the whole global batch.
+Only rank 0 writes files; it reads the checkpoint too and hands its state to the other processes,
+so nodes need not share a disk.
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ from sbmoe import __version__
 from sbmoe.cache import EmbeddingCache
 from sbmoe.config import ModelConfig, TrainConfig
 from sbmoe.data import BeirCollection, positive_pairs, train_dev_split
+from sbmoe.distributed import (
+    DistributedContext,
+    all_gather_tensor,
+    all_gather_with_grad,
+    average_gradients,
+    broadcast_module,
+    init_distributed,
+    shard_bounds,
+    split_sizes,
+)
 from sbmoe.encoding import autocast, encode_texts, resolve_precision, run_stages, tokenize
 from sbmoe.io import atomic_directory, read_json, write_json
 from sbmoe.losses import in_batch_contrastive_loss, load_balancing_loss, router_z_loss
@@ -47,7 +62,7 @@ from sbmoe.modeling import Retriever
 logger = logging.getLogger(__name__)
 
 BatchOrder = Callable[[int, int], list[list[int]]]
-"""(epoch, number of pairs) -> batches of pair positions. Replace it for distributed sampling."""
+"""(epoch, number of pairs) -> global batches of pair positions (split among processes when distributed)."""
 
 
 @dataclass
@@ -114,7 +129,7 @@ def length_grouped_batches(seed: int, batch_size: int, lengths: Sequence[int], g
 def false_negative_mask(
     query_ids: Sequence[str], doc_ids: Sequence[str], qrels: dict[str, dict[str, int]]
 ) -> torch.Tensor:
-    """(B, B) True where document j is also relevant to query i (so it is no negative for it)."""
+    """(B, M) True where document j is also relevant to query i (so it is no negative for it)."""
     return torch.tensor(
         [[qrels.get(q, {}).get(d, 0) > 0 for d in doc_ids] for q in query_ids], dtype=torch.bool
     )
@@ -142,12 +157,16 @@ class Trainer:
         collection: Training data; pairs come from ``config.train_split`` qrels.
         config: Training settings.
         output_dir: Where the model and ``training/`` go.
-        show_progress: Show progress bars.
-        batch_order: Batch sampler (defaults to a seeded shuffle).
-        rank: Process rank; only rank 0 writes.
+        show_progress: Show progress bars (rank 0 only).
+        batch_order: Batch sampler of global batches (defaults to a seeded shuffle of batches of
+            ``batch_size * world_size`` pairs).
+        rank: Process rank when no ``context`` is given; only rank 0 writes.
         command: The command line to record beside the outputs.
         cache: Pooled-embedding cache for dev evaluation (pays off where the backbone is
             unchanged: the starting model, or a final model that is evaluated again).
+        context: The data-parallel job this process belongs to (from
+            :func:`sbmoe.distributed.init_distributed`); ``None`` trains in this process alone.
+            ``config.batch_size`` is per process: the global batch is ``batch_size * world_size``.
     """
 
     def __init__(
@@ -161,16 +180,24 @@ class Trainer:
         rank: int = 0,
         command: Sequence[str] | None = None,
         cache: EmbeddingCache | None = None,
+        context: DistributedContext | None = None,
     ) -> None:
         config.validate()
+        self.context = context or DistributedContext(device=retriever.device)
+        if self.context.device != retriever.device:
+            raise ValueError(
+                f"the model is on {retriever.device} but this process computes on {self.context.device}"
+            )
         self.retriever = retriever
         self.collection = collection
         self.config = config
         self.output_dir = Path(output_dir)
         self.training_dir = self.output_dir / "training"
-        self.show_progress = show_progress
         self.batch_order = batch_order
-        self.is_main = rank == 0
+        # ``rank`` (without a context) only decides who writes, as before contexts existed.
+        self.is_main = self.context.is_main and rank == 0
+        self.show_progress = show_progress and self.is_main
+        self.global_batch_size = config.batch_size * self.context.world_size
         self.command = list(command) if command is not None else list(sys.argv)
         self.precision = resolve_precision(config.precision, retriever.device)
 
@@ -184,10 +211,10 @@ class Trainer:
             )
         if self.batch_order is None and config.length_grouped:
             lengths = [len(collection.corpus[d].full_text) for _, d in self.pairs]
-            self.batch_order = length_grouped_batches(config.seed, config.batch_size, lengths)
+            self.batch_order = length_grouped_batches(config.seed, self.global_batch_size, lengths)
         elif self.batch_order is None:
-            self.batch_order = shuffled_batches(config.seed, config.batch_size)
-        self.steps_per_epoch = len(self.batch_order(0, len(self.pairs)))
+            self.batch_order = shuffled_batches(config.seed, self.global_batch_size)
+        self.steps_per_epoch = len(self.batches(0))
         planned = self.steps_per_epoch * config.epochs
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
         self.frozen_backbone = config.freeze_backbone or config.head_only
@@ -198,7 +225,9 @@ class Trainer:
         if config.head_only and cache is None:
             cache = EmbeddingCache()  # pooled embeddings are the whole point: keep them for next time
         self.pooled = (
-            PooledTexts(retriever, collection, cache, config, show_progress) if config.head_only else None
+            PooledTexts(retriever, collection, cache, config, self.show_progress)
+            if config.head_only
+            else None
         )
         self.dev_evaluator = DevEvaluator(collection, self.dev_qrels, config, cache)
 
@@ -217,6 +246,15 @@ class Trainer:
         self.best_score: float | None = None
         self.best_step = 0
         self.dev_history: list[dict[str, float]] = []
+        # Every process starts from rank 0's weights, however each one built its model.
+        broadcast_module(retriever.model, self.context)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches; under several processes, those too small to split are left out."""
+        batches = self.batch_order(epoch, len(self.pairs))
+        if self.context.is_distributed:
+            batches = [batch for batch in batches if len(batch) >= self.context.world_size]
+        return batches
 
     # ------------------------------------------------------------------------------------- state
     def run_config(self) -> dict[str, Any]:
@@ -225,6 +263,7 @@ class Trainer:
             "model_config": dataclasses.asdict(self.retriever.config),
             "train_config": dataclasses.asdict(self.config),
             "data": {"name": self.collection.name, "root": str(self.collection.root)},
+            "world_size": self.context.world_size,
         }
 
     def _check_resumable(self) -> dict[str, Any] | None:
@@ -241,24 +280,47 @@ class Trainer:
                 f"{self.output_dir} holds a checkpoint of a different configuration; choose another "
                 f"--output or delete {self.training_dir} to start over"
             )
+        if saved.get("world_size", 1) != mine["world_size"]:
+            raise ValueError(
+                f"{self.output_dir} holds a checkpoint of a run on {saved.get('world_size', 1)} "
+                f"process(es), this one has {mine['world_size']}: the global batch would change. Resume "
+                f"with the same number of processes, or choose another --output"
+            )
         return read_json(state_file)
 
+    def _rng_state(self) -> dict[str, Any]:
+        state = {
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+        }
+        if self.retriever.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.retriever.device).cpu()
+        return state
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        if "cuda_rng" in state and self.retriever.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.retriever.device)
+
     def _save_checkpoint(self, epoch: int, batch_index: int) -> None:
+        # Each process's random state (dropout, gate noise) goes into rank 0's checkpoint.
+        rank_rng = self.context.all_gather_object(self._rng_state()) if self.context.is_distributed else None
         if not self.is_main:
             return
         with atomic_directory(self.training_dir / "checkpoint") as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.retriever.model.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"))
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": np.random.get_state(),
-                    "python_rng": random.getstate(),
-                },
-                tmp / "optimizer.pt",
-            )
+            extra = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                **self._rng_state(),
+            }
+            if rank_rng is not None:
+                extra["rank_rng"] = rank_rng
+            torch.save(extra, tmp / "optimizer.pt")
             write_json(
                 tmp / "state.json",
                 {
@@ -272,14 +334,22 @@ class Trainer:
             )
 
     def _load_checkpoint(self, state: dict[str, Any]) -> tuple[int, int]:
+        """Restore the checkpoint (read by rank 0, handed to the other processes)."""
         directory = self.training_dir / "checkpoint"
-        self.retriever.model.load_state_dict(load_file(str(directory / "model.safetensors")))
-        extra = torch.load(directory / "optimizer.pt", weights_only=False)
+
+        def read() -> dict[str, Any]:
+            self.retriever.model.load_state_dict(load_file(str(directory / "model.safetensors")))
+            return torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+
+        extra = self.context.run_on_main(read)
+        broadcast_module(self.retriever.model, self.context)
         self.optimizer.load_state_dict(extra["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["torch_rng"])
-        np.random.set_state(extra["numpy_rng"])
-        random.setstate(extra["python_rng"])
+        rank_rng = extra.get("rank_rng")
+        if rank_rng is not None and len(rank_rng) == self.context.world_size:
+            self._set_rng_state(rank_rng[self.context.rank])
+        else:
+            self._set_rng_state(extra)
         self.step = state["step"]
         self.best_score = state["best_score"]
         self.best_step = state["best_step"]
@@ -295,9 +365,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- steps
     def training_step(self, batch: Sequence[int]) -> dict[str, float]:
-        """One optimiser step on the pairs at ``batch``; returns the loss terms."""
-        query_ids = [self.pairs[i][0] for i in batch]
-        doc_ids = [self.pairs[i][1] for i in batch]
+        """One optimiser step on the (global) batch of pairs at ``batch``; returns the loss terms.
+
+        Under several processes each one encodes its contiguous slice of ``batch``; document
+        embeddings and router logits are gathered from all of them (with gradients), every process
+        scores its own queries against all documents, and the losses are scaled so that averaging
+        the gradients over processes gives exactly the gradient of the whole batch's loss.
+        """
+        context = self.context
+        sizes = split_sizes(len(batch), context.world_size)
+        start, stop = shard_bounds(len(batch), context.rank, context.world_size)
+        local = batch[start:stop]
+        query_ids = [self.pairs[i][0] for i in local]
+        doc_ids = [self.pairs[i][1] for i in local]
         model = self.retriever.model
         model.train()
         if self.frozen_backbone:
@@ -306,23 +386,38 @@ class Trainer:
         with autocast(self.precision, self.retriever.device):
             query_out = self._embed(query_ids, "query")
             doc_out = self._embed(doc_ids, "document")
+        documents = all_gather_with_grad(doc_out["sentence_embedding"].float(), sizes, context)
+        all_doc_ids = [self.pairs[i][1] for i in batch]
         mask = (
-            false_negative_mask(query_ids, doc_ids, self.train_qrels)
+            false_negative_mask(query_ids, all_doc_ids, self.train_qrels).to(documents.device)
             if self.config.mask_false_negatives
             else None
         )
+        labels = torch.arange(start, stop, device=documents.device)
         contrastive = in_batch_contrastive_loss(
             query_out["sentence_embedding"].float(),
-            doc_out["sentence_embedding"].float(),
+            documents,
             self.config.temperature,
+            labels=labels,
             false_negative_mask=mask,
         )
+        # This process's share of the batch mean: the gradient average over processes then equals
+        # the gradient of the mean over the whole batch, whatever the slice sizes.
+        contrastive = contrastive * (len(local) * context.world_size / len(batch))
         loss = contrastive
         terms = {"contrastive": contrastive.item()}
         head = self.retriever.head
         if head is not None and head.gating == "learned":
-            logits = torch.cat([query_out["router_logits"], doc_out["router_logits"]]).float()
-            chosen = torch.cat([query_out["expert_index"], doc_out["expert_index"]])
+            # Router statistics are batch means: computed on the whole batch on every process.
+            router_sizes = [2 * size for size in sizes]
+            logits = all_gather_with_grad(
+                torch.cat([query_out["router_logits"], doc_out["router_logits"]]).float(),
+                router_sizes,
+                context,
+            )
+            chosen = all_gather_tensor(
+                torch.cat([query_out["expert_index"], doc_out["expert_index"]]), router_sizes, context
+            )
             if self.config.load_balancing_coef > 0:
                 balance = load_balancing_loss(logits, chosen)
                 loss = loss + self.config.load_balancing_coef * balance
@@ -333,18 +428,25 @@ class Trainer:
                 terms["router_z"] = z_loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model.parameters(), context)
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         terms["loss"] = loss.item()
+        if context.is_distributed:
+            # The whole batch's values: the contrastive shares add up; router terms are the same
+            # on every process.
+            total = context.all_reduce_sum([terms["contrastive"], terms["loss"]])
+            terms["contrastive"], terms["loss"] = (value / context.world_size for value in total)
         return terms
 
     def _embed(self, ids: Sequence[str], kind: str) -> dict[str, Any]:
         """Run the model on the queries or documents ``ids`` (from cached pooled embeddings if head-only)."""
         if self.pooled is not None:
             return run_stages(
-                self.retriever.head_stages(), {"sentence_embedding": self.pooled.lookup(kind, ids)}
+                self.retriever.head_stages(),
+                {"sentence_embedding": self.pooled.lookup(kind, ids).to(self.retriever.device)},
             )
         if kind == "query":
             texts = [self.collection.queries[i] for i in ids]
@@ -360,7 +462,9 @@ class Trainer:
     def evaluate_and_select(self, epoch: int) -> float:
         """Score dev nDCG@10; keep the model as best if it improves (or always, under ``last``)."""
         started = time.perf_counter()
-        score = self.dev_evaluator.ndcg10(self.retriever, self.show_progress)
+        # Every process scores its slice of the corpus; all of them get the same score, so they
+        # take the same decisions.
+        score = self.dev_evaluator.ndcg10(self.retriever, self.show_progress, self.context)
         record = {"step": self.step, "epoch": epoch, "dev_ndcg@10": score}
         self.dev_history.append(record)
         improved = self.best_score is None or score > self.best_score
@@ -377,13 +481,15 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run (or resume) training; returns the summary. The best model ends up in ``output_dir``."""
         done_file = self.training_dir / "done.json"
-        if done_file.exists():
+        summary = self.context.run_on_main(lambda: read_json(done_file) if done_file.exists() else None)
+        if summary is not None:
             logger.info("%s is already trained; nothing to do", self.output_dir)
-            summary = read_json(done_file)
             return TrainResult(**{**summary, "output_dir": Path(summary["output_dir"])})
         started = time.perf_counter()
-        seed_everything(self.config.seed)
-        state = self._check_resumable()
+        # Rank 0 draws exactly what a single process would; the others get streams of their own
+        # (dropout, gate noise). The batch order has its own generator, shared by all.
+        seed_everything(self.config.seed + self.context.rank)
+        state = self.context.run_on_main(self._check_resumable)
         start_epoch, start_batch = self._load_checkpoint(state) if state else (0, 0)
         resumed_from = self.step if state else None
         if self.is_main:
@@ -412,7 +518,7 @@ class Trainer:
         epoch = start_epoch
         try:
             while epoch < self.config.epochs and self.step < self.total_steps:
-                batches = self.batch_order(epoch, len(self.pairs))
+                batches = self.batches(epoch)
                 first = start_batch if epoch == start_epoch else 0
                 for batch_index in range(first, len(batches)):
                     terms = self.training_step(batches[batch_index])
@@ -455,11 +561,17 @@ class Trainer:
             seconds=round(time.perf_counter() - started, 2),
             resumed_from_step=resumed_from,
         )
-        if self.is_main:
-            best = Retriever.load(str(self.training_dir / "best"))
+
+        def save_best() -> None:
+            if not self.is_main:
+                return
+            best = Retriever.load(str(self.training_dir / "best"), device="cpu")
             best.save(self.output_dir, extra={"training": result.to_dict()})
             self.retriever.model.load_state_dict(best.model.state_dict())
             write_json(self.training_dir / "done.json", result.to_dict())
+
+        self.context.run_on_main(save_best)
+        broadcast_module(self.retriever.model, self.context)  # every process ends with the kept model
         return result
 
 
@@ -535,23 +647,37 @@ class DevEvaluator:
         self.doc_ids = doc_ids
         self.documents = [collection.corpus[d].full_text for d in doc_ids]
 
-    def ndcg10(self, retriever: Retriever, show_progress: bool = False) -> float:
-        """Encode, search exactly, and score nDCG@10."""
+    def ndcg10(
+        self, retriever: Retriever, show_progress: bool = False, context: DistributedContext | None = None
+    ) -> float:
+        """Encode, search exactly, and score nDCG@10.
+
+        Under several processes each one encodes and searches its contiguous slice of the corpus;
+        the per-slice top-10s are merged (as a sharded index is searched), so every process gets
+        the score of the whole corpus.
+        """
         from sbmoe.evaluation import evaluate_run
+        from sbmoe.index import merge_runs
         from sbmoe.retrieval import search_texts
 
-        run = search_texts(
-            retriever,
-            self.query_ids,
-            self.queries,
-            self.doc_ids,
-            self.documents,
-            top_k=10,
-            batch_size=self.config.encode_batch_size,
-            precision=self.config.precision,
-            show_progress=show_progress,
-            cache=self.cache,
-        )
+        context = context or DistributedContext(device=retriever.device)
+        start, stop = shard_bounds(len(self.doc_ids), context.rank, context.world_size)
+        run = {q: {} for q in self.query_ids}
+        if stop > start:
+            run = search_texts(
+                retriever,
+                self.query_ids,
+                self.queries,
+                self.doc_ids[start:stop],
+                self.documents[start:stop],
+                top_k=10,
+                batch_size=self.config.encode_batch_size,
+                precision=self.config.precision,
+                show_progress=show_progress,
+                cache=self.cache,
+            )
+        if context.is_distributed:
+            run = merge_runs(context.all_gather_object(run), 10)
         return evaluate_run(self.qrels, run, metrics=("ndcg@10",)).metrics["ndcg@10"]
 
 
@@ -563,11 +689,31 @@ def train(
     show_progress: bool = True,
     command: Sequence[str] | None = None,
     cache: EmbeddingCache | None = None,
+    device: str | torch.device | None = "auto",
+    context: DistributedContext | None = None,
 ) -> TrainResult:
-    """Build a retriever from ``model_config`` and train it; the best model is saved in ``output_dir``."""
+    """Build a retriever from ``model_config`` and train it; the best model is saved in ``output_dir``.
+
+    Launched by ``torchrun``, every process calls this: it joins the process group (unless
+    ``context`` is given) and trains its share of each global batch of
+    ``train_config.batch_size * world_size`` pairs; rank 0 writes the outputs.
+
+    Args:
+        device: ``auto`` (this process's GPU, else the CPU) or an explicit device; ignored when
+            ``context`` is given.
+        context: The data-parallel job (see :func:`sbmoe.distributed.init_distributed`).
+    """
+    context = context or init_distributed(device)
     seed_everything(train_config.seed)  # the head's initialisation depends on it
-    retriever = Retriever.from_config(model_config)
+    retriever = Retriever.from_config(model_config, device=context.device)
     trainer = Trainer(
-        retriever, collection, train_config, output_dir, show_progress, command=command, cache=cache
+        retriever,
+        collection,
+        train_config,
+        output_dir,
+        show_progress,
+        command=command,
+        cache=cache,
+        context=context,
     )
     return trainer.train()

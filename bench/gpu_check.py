@@ -1,0 +1,176 @@
+"""GPU readiness check: train all-MiniLM-L6-v2 + an SB-MoE head for a few steps, encode 100k passages.
+
+Prints the device, the precision ``auto`` picks, training steps/s and pairs/s, encoding passages/s,
+search queries/s and peak GPU memory, and ends with ``OK`` (exit code 0) when every check holds:
+the model and its inputs sit on the GPU, the loss is finite, training moves the weights, the
+embeddings are finite unit vectors, and a passage finds itself first. Under 5 minutes on one GPU.
+
+    python bench/gpu_check.py                 # the GPU check (100k passages, 20 steps of batch 64)
+    python bench/gpu_check.py --device cpu    # the CPU-sized check (1k passages, 3 steps of batch 8)
+
+Without a CUDA device it says so and runs the CPU-sized check, so it runs anywhere. Passages are
+SciFact's (``$SBMOE_DATA_DIR/scifact``) repeated up to the count, else generated sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import machine
+
+from sbmoe.config import build_configs
+from sbmoe.data import load_collection, resolve_data
+from sbmoe.distributed import resolve_device
+from sbmoe.encoding import encode_texts, resolve_precision
+from sbmoe.index import DenseIndex
+from sbmoe.modeling import Retriever
+from sbmoe.training import Trainer, seed_everything
+
+GPU_SIZES = {"passages": 100_000, "steps": 20, "batch_size": 64, "encode_batch_size": 512}
+CPU_SIZES = {"passages": 1_000, "steps": 3, "batch_size": 8, "encode_batch_size": 64}
+
+
+def passages_and_pairs(count: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """``count`` passages and (query, passage) training pairs from SciFact, or generated text."""
+    try:
+        collection = load_collection(resolve_data("scifact"), splits=[])
+        texts = [doc.full_text for doc in collection.corpus.values()]
+        print(f"passages: SciFact's {len(texts)} documents, repeated up to {count}")
+    except Exception as error:  # no data here: the check does not depend on it
+        print(f"passages: generated ({type(error).__name__}: SciFact not available)")
+        rng = random.Random(0)
+        words = [f"{a}{b}" for a in ("pro", "anti", "cyto", "neuro", "hepa", "myo") for b in "aeiou"]
+        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(40, 200))) for _ in range(2000)]
+    passages = [texts[i % len(texts)] for i in range(count)]
+    # A "query" is the passage's first words: enough for a loss that must go down.
+    pairs = [(" ".join(text.split()[:12]), text) for text in texts[: min(len(texts), 4000)]]
+    return passages, pairs
+
+
+def write_collection(directory: Path, pairs: list[tuple[str, str]]) -> Path:
+    """A BEIR folder with one training pair per query."""
+    (directory / "qrels").mkdir(parents=True)
+    with open(directory / "corpus.jsonl", "w", encoding="utf-8") as corpus:
+        for i, (_, text) in enumerate(pairs):
+            corpus.write(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n")
+    with open(directory / "queries.jsonl", "w", encoding="utf-8") as queries:
+        for i, (query, _) in enumerate(pairs):
+            queries.write(json.dumps({"_id": f"q{i}", "text": query}) + "\n")
+    rows = "".join(f"q{i}\td{i}\t1\n" for i in range(len(pairs)))
+    (directory / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + rows, encoding="utf-8")
+    return directory
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check(condition: bool, what: str) -> None:
+    print(f"  [{'ok' if condition else 'FAILED'}] {what}")
+    if not condition:
+        raise SystemExit(f"gpu_check: {what} does not hold")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto (the GPU if there is one), cuda, cuda:N, cpu")
+    parser.add_argument("--passages", type=int, help="passages to encode (default 100k on GPU, 1k on CPU)")
+    parser.add_argument("--steps", type=int, help="training steps timed")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    sizes = dict(GPU_SIZES if on_gpu else CPU_SIZES)
+    sizes["passages"] = args.passages or sizes["passages"]
+    sizes["steps"] = args.steps or sizes["steps"]
+    print(f"machine: {machine()}")
+    if on_gpu:
+        print(f"device: {device} = {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
+    else:
+        print(
+            "device: cpu -- no CUDA device is visible to torch (or --device cpu): the GPU parts are "
+            f"skipped and a CPU-sized check runs instead ({sizes})"
+        )
+    precision = resolve_precision("auto", device)
+    print(f"precision auto -> {precision}; sizes: {sizes}")
+
+    passages, pairs = passages_and_pairs(sizes["passages"])
+    with tempfile.TemporaryDirectory() as scratch:
+        collection = load_collection(write_collection(Path(scratch) / "data", pairs))
+        model_config, train_config = build_configs(
+            "default",
+            {"backbone": "all-MiniLM-L6-v2", "num_experts": 6},
+            {
+                "max_steps": sizes["steps"] + 1,
+                "batch_size": sizes["batch_size"],
+                "checkpoint_steps": None,
+                "encode_batch_size": sizes["encode_batch_size"],
+            },
+        )
+        seed_everything(0)
+        started = time.perf_counter()
+        retriever = Retriever.from_config(model_config, device=device)
+        print(f"model loaded in {time.perf_counter() - started:.1f} s: {retriever.describe()}")
+        check(all(p.device == device for p in retriever.model.parameters()), f"every weight is on {device}")
+        trainer = Trainer(retriever, collection, train_config, Path(scratch) / "model", show_progress=False)
+        check(trainer.precision == precision, f"training runs in {precision}")
+        batches = trainer.batches(0)
+        before = {k: v.detach().clone() for k, v in retriever.head.state_dict().items()}
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer.training_step(batches[0])  # warm-up: kernels, allocator
+        synchronize(device)
+        started = time.perf_counter()
+        losses = [trainer.training_step(batch)["loss"] for batch in batches[1 : sizes["steps"] + 1]]
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        steps = len(losses)
+        print(
+            f"training: {steps} steps of {sizes['batch_size']} pairs in {seconds:.2f} s = "
+            f"{steps / seconds:.2f} steps/s, {steps * sizes['batch_size'] / seconds:.0f} pairs/s; "
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        )
+        check(all(math.isfinite(loss) for loss in losses), "the loss stays finite")
+        moved = any(not torch.equal(v, retriever.head.state_dict()[k]) for k, v in before.items())
+        check(moved, "training moves the head's weights")
+        if on_gpu:
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            print(f"peak GPU memory while training: {peak:.2f} GiB")
+
+    synchronize(device)
+    started = time.perf_counter()
+    embeddings = encode_texts(retriever, passages, "document", sizes["encode_batch_size"], "auto")
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    print(
+        f"encoding: {len(passages)} passages in {seconds:.1f} s = {len(passages) / seconds:.0f} passages/s "
+        f"(batch {sizes['encode_batch_size']}, {precision}, max {retriever.max_length('document')} tokens)"
+    )
+    check(bool(np.isfinite(embeddings).all()), "the embeddings are finite")
+    norms = np.linalg.norm(embeddings, axis=1)
+    check(bool(np.allclose(norms, 1.0, atol=1e-3)), "the embeddings are unit vectors (cosine model)")
+
+    unique = min(len(passages), len(pairs))
+    index = DenseIndex(embeddings[:unique], [f"d{i}" for i in range(unique)], retriever.fingerprint())
+    queries = embeddings[: min(1000, unique)]
+    started = time.perf_counter()
+    run = index.search(queries, 10, query_ids=[f"d{i}" for i in range(len(queries))])
+    seconds = time.perf_counter() - started
+    qps = len(queries) / seconds
+    print(f"exact search: {len(queries)} queries over {unique} passages: {qps:.0f} queries/s")
+    found = np.mean([next(iter(hits)) == query for query, hits in run.items()])
+    check(found >= 0.99, f"a passage finds itself first ({found:.3f} of them)")
+    print("OK" + ("" if on_gpu else " (CPU-sized check; run on a machine with a GPU for the GPU check)"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

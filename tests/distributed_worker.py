@@ -1,0 +1,114 @@
+"""One process of the data-parallel tests, started by ``python -m torch.distributed.run`` (gloo, CPU).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py \\
+        WORK_DIR MODEL_DIR DATA_DIR
+
+Runs, in one launch (processes start slowly): training through the CLI, a run interrupted after its
+checkpoint and resumed, and sharded indexing through the CLI. ``test_distributed.py`` compares the
+outputs with single-process runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sbmoe.cli import main
+from sbmoe.config import build_configs
+from sbmoe.data import load_collection
+from sbmoe.distributed import init_distributed, shutdown
+from sbmoe.modeling import Retriever
+from sbmoe.training import Trainer, seed_everything, train
+
+# Shared with test_distributed.py: the per-process batch is half the single process's.
+TRAIN_ARGS = [
+    "--num-experts",
+    "3",
+    "--no-noisy-gating",
+    "--max-steps",
+    "3",
+    "--max-doc-length",
+    "48",
+    "--precision",
+    "fp32",
+    "--checkpoint-selection",
+    "last",
+    "--device",
+    "cpu",
+]
+
+
+def interrupted_then_resumed(model: str, data: str, output: Path, context) -> None:
+    """Train with a checkpoint every step, stop every process before step 3, then run again."""
+    model_config, train_config = build_configs(
+        "default",
+        {"backbone": model, "num_experts": 3, "noisy_gating": False, "max_doc_length": 48},
+        {
+            "max_steps": 3,
+            "batch_size": 4,
+            "precision": "fp32",
+            "checkpoint_selection": "last",
+            "checkpoint_steps": 1,
+        },
+    )
+    collection = load_collection(data)
+    seed_everything(train_config.seed)
+    trainer = Trainer(
+        Retriever.from_config(model_config, device="cpu"),
+        collection,
+        train_config,
+        output,
+        show_progress=False,
+        context=context,
+    )
+    original_step = trainer.training_step
+
+    def failing_step(batch):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+        return original_step(batch)
+
+    trainer.training_step = failing_step
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interruption did not happen")
+    result = train(model_config, train_config, collection, output, show_progress=False, context=context)
+    assert result.resumed_from_step == 2 and result.steps == 3, result
+
+
+def run(work: Path, model: str, data: str) -> None:
+    context = init_distributed("cpu")
+    assert context.world_size == 2, context
+    try:
+        output = str(work / "ddp")
+        arguments = ["--model", model, "--data", data, "--output", output, "--batch-size", "4", *TRAIN_ARGS]
+        code = main(["-q", "train", *arguments])
+        assert code == 0
+        interrupted_then_resumed(model, data, work / "resumed", context)
+        code = main(
+            [
+                "-q",
+                "index",
+                "--model",
+                str(work / "ddp"),
+                "--data",
+                data,
+                "--output",
+                str(work / "index-ddp"),
+                "--precision",
+                "fp32",
+                "--device",
+                "cpu",
+            ]
+        )
+        assert code == 0
+        context.barrier()
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
