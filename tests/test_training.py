@@ -220,3 +220,47 @@ def test_length_grouped_batches_cover_every_pair_once_with_similar_lengths():
         return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in groups) / len(groups)
 
     assert mean_spread(batches) < 0.5 * mean_spread(shuffled_batches(3, 8)(0, 200))
+
+
+def test_routing_is_logged_per_epoch_and_collapse_warns(tiny_bert_dir, scifact_slice, tmp_path):
+    collection = load_collection(scifact_slice)
+    model_config, train_config = configs(
+        tiny_bert_dir, max_steps=3, checkpoint_selection="last", collapse_threshold=0.0
+    )
+    with pytest.warns(RuntimeWarning, match="expert collapse"):
+        train(model_config, train_config, collection, tmp_path / "run", show_progress=False)
+    log = [
+        json.loads(line) for line in (tmp_path / "run" / "training" / "log.jsonl").read_text().splitlines()
+    ]
+    routing = [r for r in log if r["event"] == "routing"]
+    assert len(routing) == 1
+    assert len(routing[0]["usage_queries"]) == 3 and sum(routing[0]["usage_documents"]) == pytest.approx(1.0)
+    assert 0.0 <= routing[0]["noisy_clean_agreement"] <= 1.0
+
+
+def test_symmetric_loss_adds_the_document_to_query_direction(tiny_bert_dir, scifact_slice, tmp_path):
+    collection = load_collection(scifact_slice)
+    losses = {}
+    for symmetric in (False, True):
+        model_config, train_config = configs(
+            tiny_bert_dir, max_steps=1, checkpoint_selection="last", symmetric_loss=symmetric
+        )
+        seed_everything(0)
+        trainer = Trainer(
+            Retriever.from_config(model_config),
+            collection,
+            train_config,
+            tmp_path / str(symmetric),
+            show_progress=False,
+        )
+        losses[symmetric] = trainer.training_step(trainer.batches(0)[0])["contrastive"]
+    assert losses[True] != pytest.approx(losses[False])
+    assert losses[True] > 0
+
+
+def test_cosine_schedule_decays_to_zero(tiny_bert_dir):
+    _, config = configs(tiny_bert_dir, scheduler="cosine", warmup_ratio=0.0)
+    factor = learning_rate_lambda(config, total_steps=10)
+    assert factor(0) == pytest.approx(1.0)
+    assert factor(5) == pytest.approx(0.5)
+    assert factor(10) == pytest.approx(0.0, abs=1e-12)

@@ -84,7 +84,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr-head", type=float)
     group.add_argument("--weight-decay", type=float)
     group.add_argument("--temperature", type=float, help="scores are divided by it (0.05 = scale 20)")
-    group.add_argument("--scheduler", choices=("constant", "linear"))
+    group.add_argument("--scheduler", choices=("constant", "linear", "cosine"))
     group.add_argument("--warmup-ratio", type=float)
     group.add_argument("--max-grad-norm", type=float, help="0 disables clipping")
     group.add_argument("--load-balancing-coef", type=float)
@@ -95,6 +95,14 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         action="store_const",
         const=False,
         help="count in-batch documents relevant to a query as its negatives",
+    )
+    group.add_argument(
+        "--symmetric-loss", action="store_const", const=True, help="add a document -> query in-batch loss"
+    )
+    group.add_argument(
+        "--collapse-threshold",
+        type=float,
+        help="warn when one expert takes more than this share of an epoch's texts",
     )
     group.add_argument("--seed", type=int)
     group.add_argument("--train-split")

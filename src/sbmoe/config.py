@@ -89,13 +89,17 @@ class TrainConfig:
         lr_head: Learning rate of the MoE head (experts, gate, noise).
         weight_decay: AdamW weight decay.
         temperature: Scores are divided by it before the in-batch cross-entropy.
-        scheduler: ``constant`` or ``linear`` (warm-up, then linear decay to zero).
+        scheduler: ``constant``, ``linear`` (warm-up, then linear decay to zero) or ``cosine``
+            (warm-up, then cosine decay to zero).
         warmup_ratio: Share of the steps spent warming up under ``linear``.
         max_grad_norm: Gradient clipping norm; 0 disables clipping.
         load_balancing_coef: Weight of the Switch load-balancing loss (learned gating only).
         router_z_loss_coef: Weight of the router z-loss (learned gating only).
         mask_false_negatives: Do not count a batch document as a negative for a query it is
             relevant to (another query's positive that is also judged relevant, duplicates).
+        symmetric_loss: Average the query -> document loss with a document -> query one.
+        collapse_threshold: Warn when one expert takes more than this share of an epoch's queries
+            or documents.
         seed: Seed for every random choice (data order, dev split, initialisation, gate noise).
         train_split: Qrels split the training pairs come from.
         dev_split: Qrels split used for model selection if the collection has it; otherwise a
@@ -125,12 +129,14 @@ class TrainConfig:
     lr_head: float = 1e-3
     weight_decay: float = 0.01
     temperature: float = 0.05
-    scheduler: Literal["constant", "linear"] = "linear"
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     load_balancing_coef: float = 0.01
     router_z_loss_coef: float = 1e-3
     mask_false_negatives: bool = True
+    symmetric_loss: bool = False
+    collapse_threshold: float = 0.9
     seed: int = 42
     train_split: str = "train"
     dev_split: str | None = "dev"
@@ -147,7 +153,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that holds an unusable value."""
-        _check_choice("scheduler", self.scheduler, ("constant", "linear"))
+        _check_choice("scheduler", self.scheduler, ("constant", "linear", "cosine"))
         _check_choice("checkpoint_selection", self.checkpoint_selection, ("best", "last"))
         _check_choice("precision", self.precision, PRECISIONS)
         if self.batch_size < 2:

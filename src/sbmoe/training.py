@@ -30,6 +30,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,14 +138,17 @@ def false_negative_mask(
 
 def learning_rate_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the base learning rates at a given step."""
-    warmup = int(config.warmup_ratio * total_steps) if config.scheduler == "linear" else 0
+    warmup = int(config.warmup_ratio * total_steps) if config.scheduler != "constant" else 0
 
     def factor(step: int) -> float:
         if config.scheduler == "constant":
             return 1.0
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if config.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
 
     return factor
 
@@ -246,6 +250,7 @@ class Trainer:
         self.best_score: float | None = None
         self.best_step = 0
         self.dev_history: list[dict[str, float]] = []
+        self.routing = RoutingTracker()
         # Every process starts from rank 0's weights, however each one built its model.
         broadcast_module(retriever.model, self.context)
 
@@ -386,6 +391,9 @@ class Trainer:
         with autocast(self.precision, self.retriever.device):
             query_out = self._embed(query_ids, "query")
             doc_out = self._embed(doc_ids, "document")
+        if self.retriever.head is not None:
+            self.routing.add("queries", query_out)
+            self.routing.add("documents", doc_out)
         documents = all_gather_with_grad(doc_out["sentence_embedding"].float(), sizes, context)
         all_doc_ids = [self.pairs[i][1] for i in batch]
         mask = (
@@ -401,6 +409,23 @@ class Trainer:
             labels=labels,
             false_negative_mask=mask,
         )
+        if self.config.symmetric_loss:
+            # document -> query: each local document against every query of the batch.
+            queries = all_gather_with_grad(query_out["sentence_embedding"].float(), sizes, context)
+            all_query_ids = [self.pairs[i][0] for i in batch]
+            reverse_mask = (
+                false_negative_mask(all_query_ids, doc_ids, self.train_qrels).T.to(queries.device)
+                if self.config.mask_false_negatives
+                else None
+            )
+            reverse = in_batch_contrastive_loss(
+                doc_out["sentence_embedding"].float(),
+                queries,
+                self.config.temperature,
+                labels=labels,
+                false_negative_mask=reverse_mask,
+            )
+            contrastive = (contrastive + reverse) / 2
         # This process's share of the batch mean: the gradient average over processes then equals
         # the gradient of the mean over the whole batch, whatever the slice sizes.
         contrastive = contrastive * (len(local) * context.world_size / len(batch))
@@ -440,6 +465,25 @@ class Trainer:
             total = context.all_reduce_sum([terms["contrastive"], terms["loss"]])
             terms["contrastive"], terms["loss"] = (value / context.world_size for value in total)
         return terms
+
+    def _log_routing(self, epoch: int) -> None:
+        """Log the epoch's expert usage (training selections) and warn when one expert takes over."""
+        summary = self.routing.summary()
+        self.routing = RoutingTracker()
+        if not summary:
+            return
+        self._log({"step": self.step, "epoch": epoch, "event": "routing", **summary})
+        for kind in ("queries", "documents"):
+            share = max(summary[f"usage_{kind}"])
+            if share > self.config.collapse_threshold:
+                expert = summary[f"usage_{kind}"].index(share)
+                warnings.warn(
+                    f"expert collapse: expert {expert} took {share:.0%} of the {kind} in epoch {epoch} "
+                    f"(threshold {self.config.collapse_threshold:.0%}); consider load balancing "
+                    "(--load-balancing-coef) or expert dropout",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def _embed(self, ids: Sequence[str], kind: str) -> dict[str, Any]:
         """Run the model on the queries or documents ``ids`` (from cached pooled embeddings if head-only)."""
@@ -544,6 +588,7 @@ class Trainer:
                     if finished:
                         break
                 epoch += 1
+                self._log_routing(epoch)
                 if not (eval_steps and self.step % eval_steps == 0) or self.step >= self.total_steps:
                     self.evaluate_and_select(epoch)
                 self._save_checkpoint(epoch, 0)
@@ -573,6 +618,39 @@ class Trainer:
         self.context.run_on_main(save_best)
         broadcast_module(self.retriever.model, self.context)  # every process ends with the kept model
         return result
+
+
+class RoutingTracker:
+    """Counts, over an epoch, which expert each training text was routed to.
+
+    ``usage_*`` are the shares of texts whose selected (noisy, while training) top-1 expert is m;
+    ``entropy_*`` the entropy of that distribution (``log N`` when even); ``noisy_clean_agreement``
+    how often the noisy selection equals the clean top-1 of the gate.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+        self.agree = 0
+        self.total = 0
+
+    def add(self, kind: str, features: dict[str, Any]) -> None:
+        chosen = features["expert_index"].detach().cpu()
+        clean = features["router_logits"].detach().argmax(dim=-1).cpu()
+        num_experts = features["router_logits"].shape[-1]
+        counts = torch.bincount(chosen, minlength=num_experts)
+        self.counts[kind] = self.counts.get(kind, torch.zeros_like(counts)) + counts
+        self.agree += int((chosen == clean).sum())
+        self.total += len(chosen)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.total:
+            return {}
+        summary: dict[str, Any] = {"noisy_clean_agreement": self.agree / self.total}
+        for kind, counts in self.counts.items():
+            usage = counts.double() / counts.sum()
+            summary[f"usage_{kind}"] = [round(float(u), 4) for u in usage]
+            summary[f"entropy_{kind}"] = float(-(usage * usage.clamp_min(1e-12).log()).sum())
+        return summary
 
 
 class PooledTexts:
