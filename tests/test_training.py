@@ -7,20 +7,13 @@ import json
 import pytest
 import torch
 
+from sbmoe.batching import false_negative_mask, length_grouped_batches, shuffled_batches
 from sbmoe.cache import EmbeddingCache
 from sbmoe.config import build_configs
 from sbmoe.data import load_collection
 from sbmoe.io import read_json
 from sbmoe.modeling import Retriever
-from sbmoe.training import (
-    Trainer,
-    false_negative_mask,
-    learning_rate_lambda,
-    length_grouped_batches,
-    seed_everything,
-    shuffled_batches,
-    train,
-)
+from sbmoe.training import Trainer, learning_rate_lambda, seed_everything, train
 
 
 def configs(tiny_bert_dir, preset="default", model=None, **train_overrides):

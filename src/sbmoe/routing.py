@@ -51,3 +51,36 @@ def routing_statistics(retriever: Retriever, pooled: np.ndarray, batch_size: int
         "max_share": float(usage.max()),
         "count": len(index),
     }
+
+
+class RoutingTracker:
+    """Counts, over an epoch, which expert each training text was routed to.
+
+    ``usage_*`` are the shares of texts whose selected (noisy, while training) top-1 expert is m;
+    ``entropy_*`` the entropy of that distribution (``log N`` when even); ``noisy_clean_agreement``
+    how often the noisy selection equals the clean top-1 of the gate.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+        self.agree = 0
+        self.total = 0
+
+    def add(self, kind: str, features: dict[str, Any]) -> None:
+        chosen = features["expert_index"].detach().cpu()
+        clean = features["router_logits"].detach().argmax(dim=-1).cpu()
+        num_experts = features["router_logits"].shape[-1]
+        counts = torch.bincount(chosen, minlength=num_experts)
+        self.counts[kind] = self.counts.get(kind, torch.zeros_like(counts)) + counts
+        self.agree += int((chosen == clean).sum())
+        self.total += len(chosen)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.total:
+            return {}
+        summary: dict[str, Any] = {"noisy_clean_agreement": self.agree / self.total}
+        for kind, counts in self.counts.items():
+            usage = counts.double() / counts.sum()
+            summary[f"usage_{kind}"] = [round(float(u), 4) for u in usage]
+            summary[f"entropy_{kind}"] = float(-(usage * usage.clamp_min(1e-12).log()).sum())
+        return summary

@@ -42,9 +42,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sbmoe import __version__
+from sbmoe.batching import BatchOrder, false_negative_mask, length_grouped_batches, shuffled_batches
 from sbmoe.cache import EmbeddingCache
 from sbmoe.config import ModelConfig, TrainConfig
 from sbmoe.data import BeirCollection, positive_pairs, train_dev_split
+from sbmoe.dev_evaluation import DevEvaluator
 from sbmoe.distributed import (
     DistributedContext,
     all_gather_tensor,
@@ -55,15 +57,14 @@ from sbmoe.distributed import (
     shard_bounds,
     split_sizes,
 )
-from sbmoe.encoding import autocast, encode_texts, resolve_precision, run_stages, tokenize
+from sbmoe.encoding import autocast, resolve_precision, run_stages, tokenize
+from sbmoe.head_only import PooledTexts
 from sbmoe.io import atomic_directory, read_json, write_json
 from sbmoe.losses import in_batch_contrastive_loss, load_balancing_loss, router_z_loss
 from sbmoe.modeling import Retriever
+from sbmoe.routing import RoutingTracker
 
 logger = logging.getLogger(__name__)
-
-BatchOrder = Callable[[int, int], list[list[int]]]
-"""(epoch, number of pairs) -> global batches of pair positions (split among processes when distributed)."""
 
 
 @dataclass
@@ -89,51 +90,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def shuffled_batches(seed: int, batch_size: int) -> BatchOrder:
-    """A seeded shuffle per epoch, cut into batches; a last batch of one pair is dropped."""
-
-    def order(epoch: int, num_pairs: int) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        permutation = torch.randperm(num_pairs, generator=generator).tolist()
-        batches = [permutation[i : i + batch_size] for i in range(0, num_pairs, batch_size)]
-        return [b for b in batches if len(b) >= 2]
-
-    return order
-
-
-def length_grouped_batches(seed: int, batch_size: int, lengths: Sequence[int], group: int = 50) -> BatchOrder:
-    """Like :func:`shuffled_batches`, but each batch holds pairs of similar document length.
-
-    The shuffled pairs are cut into windows of ``group`` batches; each window is sorted by length
-    before it is cut into batches, and the batch order is shuffled again. Padding (wasted compute)
-    shrinks while every epoch still sees the pairs in a new, seeded order.
-    """
-
-    def order(epoch: int, num_pairs: int) -> list[list[int]]:
-        if num_pairs != len(lengths):
-            raise ValueError(f"length_grouped_batches knows {len(lengths)} pairs, asked for {num_pairs}")
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        permutation = torch.randperm(num_pairs, generator=generator).tolist()
-        window = batch_size * group
-        batches = []
-        for start in range(0, num_pairs, window):
-            chunk = sorted(permutation[start : start + window], key=lambda i: lengths[i])
-            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-        shuffled = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in shuffled if len(batches[i]) >= 2]
-
-    return order
-
-
-def false_negative_mask(
-    query_ids: Sequence[str], doc_ids: Sequence[str], qrels: dict[str, dict[str, int]]
-) -> torch.Tensor:
-    """(B, M) True where document j is also relevant to query i (so it is no negative for it)."""
-    return torch.tensor(
-        [[qrels.get(q, {}).get(d, 0) > 0 for d in doc_ids] for q in query_ids], dtype=torch.bool
-    )
 
 
 def learning_rate_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -618,145 +574,6 @@ class Trainer:
         self.context.run_on_main(save_best)
         broadcast_module(self.retriever.model, self.context)  # every process ends with the kept model
         return result
-
-
-class RoutingTracker:
-    """Counts, over an epoch, which expert each training text was routed to.
-
-    ``usage_*`` are the shares of texts whose selected (noisy, while training) top-1 expert is m;
-    ``entropy_*`` the entropy of that distribution (``log N`` when even); ``noisy_clean_agreement``
-    how often the noisy selection equals the clean top-1 of the gate.
-    """
-
-    def __init__(self) -> None:
-        self.counts: dict[str, torch.Tensor] = {}
-        self.agree = 0
-        self.total = 0
-
-    def add(self, kind: str, features: dict[str, Any]) -> None:
-        chosen = features["expert_index"].detach().cpu()
-        clean = features["router_logits"].detach().argmax(dim=-1).cpu()
-        num_experts = features["router_logits"].shape[-1]
-        counts = torch.bincount(chosen, minlength=num_experts)
-        self.counts[kind] = self.counts.get(kind, torch.zeros_like(counts)) + counts
-        self.agree += int((chosen == clean).sum())
-        self.total += len(chosen)
-
-    def summary(self) -> dict[str, Any]:
-        if not self.total:
-            return {}
-        summary: dict[str, Any] = {"noisy_clean_agreement": self.agree / self.total}
-        for kind, counts in self.counts.items():
-            usage = counts.double() / counts.sum()
-            summary[f"usage_{kind}"] = [round(float(u), 4) for u in usage]
-            summary[f"entropy_{kind}"] = float(-(usage * usage.clamp_min(1e-12).log()).sum())
-        return summary
-
-
-class PooledTexts:
-    """Pooled backbone embeddings of every query and document, computed once for head-only training.
-
-    The whole corpus is encoded in corpus order, the order evaluation uses, so dev and test
-    evaluation of the trained model find the same entries in the cache.
-    """
-
-    def __init__(
-        self,
-        retriever: Retriever,
-        collection: BeirCollection,
-        cache: EmbeddingCache | None,
-        config: TrainConfig,
-        show_progress: bool = False,
-    ) -> None:
-        ids = {"query": list(collection.queries), "document": list(collection.corpus)}
-        texts = {
-            "query": list(collection.queries.values()),
-            "document": [doc.full_text for doc in collection.corpus.values()],
-        }
-        self.rows = {kind: {item: row for row, item in enumerate(ids[kind])} for kind in ids}
-        self.arrays = {
-            kind: encode_texts(
-                retriever,
-                texts[kind],
-                kind,
-                config.encode_batch_size,
-                config.precision,
-                pooled_only=True,
-                show_progress=show_progress,
-                cache=cache,
-            )
-            for kind in ids
-        }
-
-    def lookup(self, kind: str, ids: Sequence[str]) -> torch.Tensor:
-        """The pooled embeddings of ``ids`` as a float32 tensor, in order."""
-        rows = [self.rows[kind][item] for item in ids]
-        return torch.from_numpy(np.ascontiguousarray(self.arrays[kind][rows], dtype=np.float32))
-
-
-class DevEvaluator:
-    """Dev nDCG@10 on the held-out queries, over the whole corpus or a seeded sample of it.
-
-    The sample keeps every dev positive and adds random other documents up to ``dev_max_docs``, so
-    the score is comparable between steps of one run (not with full-corpus test scores).
-    """
-
-    def __init__(
-        self,
-        collection: BeirCollection,
-        dev_qrels: dict[str, dict[str, int]],
-        config: TrainConfig,
-        cache: EmbeddingCache | None = None,
-    ):
-        self.config = config
-        self.cache = cache
-        self.qrels = {q: rels for q, rels in dev_qrels.items() if q in collection.queries}
-        self.query_ids = sorted(self.qrels)
-        self.queries = [collection.queries[q] for q in self.query_ids]
-        # Corpus (file) order, as evaluation uses: identical texts share pooled-embedding cache entries.
-        doc_ids = list(collection.corpus)
-        if config.dev_max_docs is not None and config.dev_max_docs < len(doc_ids):
-            positives = sorted({d for rels in self.qrels.values() for d in rels if d in collection.corpus})
-            others = sorted(set(doc_ids) - set(positives))
-            rng = random.Random(config.seed)
-            extra = max(0, config.dev_max_docs - len(positives))
-            chosen = set(positives) | set(rng.sample(others, min(extra, len(others))))
-            doc_ids = [d for d in doc_ids if d in chosen]
-        self.doc_ids = doc_ids
-        self.documents = [collection.corpus[d].full_text for d in doc_ids]
-
-    def ndcg10(
-        self, retriever: Retriever, show_progress: bool = False, context: DistributedContext | None = None
-    ) -> float:
-        """Encode, search exactly, and score nDCG@10.
-
-        Under several processes each one encodes and searches its contiguous slice of the corpus;
-        the per-slice top-10s are merged (as a sharded index is searched), so every process gets
-        the score of the whole corpus.
-        """
-        from sbmoe.evaluation import evaluate_run
-        from sbmoe.index import merge_runs
-        from sbmoe.retrieval import search_texts
-
-        context = context or DistributedContext(device=retriever.device)
-        start, stop = shard_bounds(len(self.doc_ids), context.rank, context.world_size)
-        run = {q: {} for q in self.query_ids}
-        if stop > start:
-            run = search_texts(
-                retriever,
-                self.query_ids,
-                self.queries,
-                self.doc_ids[start:stop],
-                self.documents[start:stop],
-                top_k=10,
-                batch_size=self.config.encode_batch_size,
-                precision=self.config.precision,
-                show_progress=show_progress,
-                cache=self.cache,
-            )
-        if context.is_distributed:
-            run = merge_runs(context.all_gather_object(run), 10)
-        return evaluate_run(self.qrels, run, metrics=("ndcg@10",)).metrics["ndcg@10"]
 
 
 def train(

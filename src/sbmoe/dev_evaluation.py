@@ -1,0 +1,76 @@
+"""Dev evaluation during training: nDCG@10 of held-out queries, for model selection."""
+
+from __future__ import annotations
+
+import random
+
+from sbmoe.cache import EmbeddingCache
+from sbmoe.config import TrainConfig
+from sbmoe.data import BeirCollection
+from sbmoe.distributed import DistributedContext, shard_bounds
+from sbmoe.modeling import Retriever
+
+
+class DevEvaluator:
+    """Dev nDCG@10 on the held-out queries, over the whole corpus or a seeded sample of it.
+
+    The sample keeps every dev positive and adds random other documents up to ``dev_max_docs``, so
+    the score is comparable between steps of one run (not with full-corpus test scores).
+    """
+
+    def __init__(
+        self,
+        collection: BeirCollection,
+        dev_qrels: dict[str, dict[str, int]],
+        config: TrainConfig,
+        cache: EmbeddingCache | None = None,
+    ):
+        self.config = config
+        self.cache = cache
+        self.qrels = {q: rels for q, rels in dev_qrels.items() if q in collection.queries}
+        self.query_ids = sorted(self.qrels)
+        self.queries = [collection.queries[q] for q in self.query_ids]
+        # Corpus (file) order, as evaluation uses: identical texts share pooled-embedding cache entries.
+        doc_ids = list(collection.corpus)
+        if config.dev_max_docs is not None and config.dev_max_docs < len(doc_ids):
+            positives = sorted({d for rels in self.qrels.values() for d in rels if d in collection.corpus})
+            others = sorted(set(doc_ids) - set(positives))
+            rng = random.Random(config.seed)
+            extra = max(0, config.dev_max_docs - len(positives))
+            chosen = set(positives) | set(rng.sample(others, min(extra, len(others))))
+            doc_ids = [d for d in doc_ids if d in chosen]
+        self.doc_ids = doc_ids
+        self.documents = [collection.corpus[d].full_text for d in doc_ids]
+
+    def ndcg10(
+        self, retriever: Retriever, show_progress: bool = False, context: DistributedContext | None = None
+    ) -> float:
+        """Encode, search exactly, and score nDCG@10.
+
+        Under several processes each one encodes and searches its contiguous slice of the corpus;
+        the per-slice top-10s are merged (as a sharded index is searched), so every process gets
+        the score of the whole corpus.
+        """
+        from sbmoe.evaluation import evaluate_run
+        from sbmoe.index import merge_runs
+        from sbmoe.retrieval import search_texts
+
+        context = context or DistributedContext(device=retriever.device)
+        start, stop = shard_bounds(len(self.doc_ids), context.rank, context.world_size)
+        run = {q: {} for q in self.query_ids}
+        if stop > start:
+            run = search_texts(
+                retriever,
+                self.query_ids,
+                self.queries,
+                self.doc_ids[start:stop],
+                self.documents[start:stop],
+                top_k=10,
+                batch_size=self.config.encode_batch_size,
+                precision=self.config.precision,
+                show_progress=show_progress,
+                cache=self.cache,
+            )
+        if context.is_distributed:
+            run = merge_runs(context.all_gather_object(run), 10)
+        return evaluate_run(self.qrels, run, metrics=("ndcg@10",)).metrics["ndcg@10"]
