@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from sbmoe.batching import false_negative_mask, length_grouped_batches, shuffled_batches
+from sbmoe.batching import false_negative_mask, length_grouped_batches, pick_negatives, shuffled_batches
 from sbmoe.cache import EmbeddingCache
 from sbmoe.config import build_configs
 from sbmoe.data import load_collection
 from sbmoe.io import read_json
 from sbmoe.modeling import Retriever
+from sbmoe.negatives import load_negatives
 from sbmoe.training import Trainer, learning_rate_lambda, seed_everything, train
 
 
@@ -257,3 +258,41 @@ def test_cosine_schedule_decays_to_zero(tiny_bert_dir):
     assert factor(0) == pytest.approx(1.0)
     assert factor(5) == pytest.approx(0.5)
     assert factor(10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_training_with_mined_hard_negatives(tiny_bert_dir, scifact_slice, tmp_path):
+    collection = load_collection(scifact_slice)
+    model_config, train_config = configs(
+        tiny_bert_dir, max_steps=2, checkpoint_selection="last", hard_negatives=2, negatives_source="bm25"
+    )
+    seed_everything(0)
+    trainer = Trainer(
+        Retriever.from_config(model_config), collection, train_config, tmp_path / "run", show_progress=False
+    )
+    saved = load_negatives(tmp_path / "run" / "training" / "negatives.json")
+    assert saved == trainer.negatives and saved
+    batch = trainer.batches(0)[0]
+    query_ids = [trainer.pairs[i][0] for i in batch]
+    picked = trainer._hard_negatives(query_ids)
+    assert len(picked) == 2 * len(query_ids)
+    for position, query_id in enumerate(query_ids):
+        assert not {
+            d for d in picked[2 * position : 2 * position + 2] if trainer.train_qrels[query_id].get(d, 0) > 0
+        }
+    terms = trainer.training_step(batch)
+    assert terms["contrastive"] > 0
+    result = trainer.train()
+    assert result.steps == 2
+
+
+def test_pick_negatives_is_deterministic_rotates_and_tops_up():
+    negatives = {"q": ["a", "b", "c"]}
+    pool = ["a", "b", "c", "d", "e", "pos"]
+    qrels = {"q": {"pos": 1}, "r": {"pos": 1}}
+    first = pick_negatives(negatives, "q", 2, seed=1, step=0, doc_pool=pool, qrels=qrels)
+    assert first == pick_negatives(negatives, "q", 2, seed=1, step=0, doc_pool=pool, qrels=qrels)
+    assert set(first) <= {"a", "b", "c"} and len(set(first)) == 2
+    steps = {tuple(pick_negatives(negatives, "q", 1, 1, step, pool, qrels)) for step in range(20)}
+    assert len(steps) > 1  # rotates over steps
+    topped = pick_negatives({}, "r", 3, 1, 0, pool, qrels)
+    assert len(topped) == 3 and "pos" not in topped

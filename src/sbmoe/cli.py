@@ -104,6 +104,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="warn when one expert takes more than this share of an epoch's texts",
     )
+    group.add_argument("--hard-negatives", type=int, help="mined negatives per query added to each batch")
+    group.add_argument("--negatives-source", help="bm25, dense, or a JSON file of query id -> doc ids")
+    group.add_argument("--negatives-depth", type=int, help="ranking depth when mining negatives")
     group.add_argument("--seed", type=int)
     group.add_argument("--train-split")
     group.add_argument("--dev-split", help="qrels split for model selection (else a held-out slice)")

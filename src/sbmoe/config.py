@@ -98,6 +98,10 @@ class TrainConfig:
         mask_false_negatives: Do not count a batch document as a negative for a query it is
             relevant to (another query's positive that is also judged relevant, duplicates).
         symmetric_loss: Average the query -> document loss with a document -> query one.
+        hard_negatives: Mined negatives added to the batch per query (0: in-batch negatives only).
+        negatives_source: ``bm25``, ``dense`` (the starting model's own ranking) or a JSON file of
+            query id -> doc ids. Mined negatives never include a judged positive.
+        negatives_depth: How deep to rank when mining.
         collapse_threshold: Warn when one expert takes more than this share of an epoch's queries
             or documents.
         seed: Seed for every random choice (data order, dev split, initialisation, gate noise).
@@ -136,6 +140,9 @@ class TrainConfig:
     router_z_loss_coef: float = 1e-3
     mask_false_negatives: bool = True
     symmetric_loss: bool = False
+    hard_negatives: int = 0
+    negatives_source: str = "bm25"
+    negatives_depth: int = 100
     collapse_threshold: float = 0.9
     seed: int = 42
     train_split: str = "train"

@@ -42,7 +42,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sbmoe import __version__
-from sbmoe.batching import BatchOrder, false_negative_mask, length_grouped_batches, shuffled_batches
+from sbmoe.batching import (
+    BatchOrder,
+    false_negative_mask,
+    length_grouped_batches,
+    pick_negatives,
+    shuffled_batches,
+)
 from sbmoe.cache import EmbeddingCache
 from sbmoe.config import ModelConfig, TrainConfig
 from sbmoe.data import BeirCollection, positive_pairs, train_dev_split
@@ -62,6 +68,7 @@ from sbmoe.head_only import PooledTexts
 from sbmoe.io import atomic_directory, read_json, write_json
 from sbmoe.losses import in_batch_contrastive_loss, load_balancing_loss, router_z_loss
 from sbmoe.modeling import Retriever
+from sbmoe.negatives import load_negatives, mine_bm25_negatives, mine_dense_negatives, save_negatives
 from sbmoe.routing import RoutingTracker
 
 logger = logging.getLogger(__name__)
@@ -207,6 +214,8 @@ class Trainer:
         self.best_step = 0
         self.dev_history: list[dict[str, float]] = []
         self.routing = RoutingTracker()
+        self.doc_pool = list(collection.corpus)
+        self.negatives = self._prepare_negatives() if config.hard_negatives > 0 else None
         # Every process starts from rank 0's weights, however each one built its model.
         broadcast_module(retriever.model, self.context)
 
@@ -344,20 +353,30 @@ class Trainer:
         if self.frozen_backbone:
             for stage in self.retriever.encoder_stages():
                 stage.eval()  # frozen means no dropout either
+        # Each process's documents: its positives, then its queries' hard negatives (if any).
+        per_rank_docs = []
+        for rank in range(context.world_size):
+            first, last = shard_bounds(len(batch), rank, context.world_size)
+            positives = [self.pairs[i][1] for i in batch[first:last]]
+            queries_of_rank = [self.pairs[i][0] for i in batch[first:last]]
+            per_rank_docs.append(positives + self._hard_negatives(queries_of_rank))
+        local_docs = per_rank_docs[context.rank]
         with autocast(self.precision, self.retriever.device):
             query_out = self._embed(query_ids, "query")
-            doc_out = self._embed(doc_ids, "document")
+            doc_out = self._embed(local_docs, "document")
         if self.retriever.head is not None:
             self.routing.add("queries", query_out)
             self.routing.add("documents", doc_out)
-        documents = all_gather_with_grad(doc_out["sentence_embedding"].float(), sizes, context)
-        all_doc_ids = [self.pairs[i][1] for i in batch]
+        doc_sizes = [len(docs) for docs in per_rank_docs]
+        documents = all_gather_with_grad(doc_out["sentence_embedding"].float(), doc_sizes, context)
+        all_doc_ids = [doc for docs in per_rank_docs for doc in docs]
         mask = (
             false_negative_mask(query_ids, all_doc_ids, self.train_qrels).to(documents.device)
             if self.config.mask_false_negatives
             else None
         )
-        labels = torch.arange(start, stop, device=documents.device)
+        offset = sum(doc_sizes[: context.rank])
+        labels = torch.arange(offset, offset + len(local), device=documents.device)
         contrastive = in_batch_contrastive_loss(
             query_out["sentence_embedding"].float(),
             documents,
@@ -375,7 +394,7 @@ class Trainer:
                 else None
             )
             reverse = in_batch_contrastive_loss(
-                doc_out["sentence_embedding"].float(),
+                doc_out["sentence_embedding"][: len(local)].float(),  # positives only
                 queries,
                 self.config.temperature,
                 labels=labels,
@@ -390,7 +409,7 @@ class Trainer:
         head = self.retriever.head
         if head is not None and head.gating == "learned":
             # Router statistics are batch means: computed on the whole batch on every process.
-            router_sizes = [2 * size for size in sizes]
+            router_sizes = [size + docs for size, docs in zip(sizes, doc_sizes, strict=True)]
             logits = all_gather_with_grad(
                 torch.cat([query_out["router_logits"], doc_out["router_logits"]]).float(),
                 router_sizes,
@@ -440,6 +459,53 @@ class Trainer:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+
+    def _hard_negatives(self, query_ids: Sequence[str]) -> list[str]:
+        """``hard_negatives`` mined negatives per query, rotating with the step (empty when off)."""
+        if self.negatives is None:
+            return []
+        return [
+            doc
+            for query_id in query_ids
+            for doc in pick_negatives(
+                self.negatives,
+                query_id,
+                self.config.hard_negatives,
+                self.config.seed,
+                self.step,
+                self.doc_pool,
+                self.train_qrels,
+            )
+        ]
+
+    def _prepare_negatives(self) -> dict[str, list[str]]:
+        """Mine (rank 0, once; kept in training/negatives.json for resumes) or read hard negatives."""
+        saved = self.training_dir / "negatives.json"
+        source = self.config.negatives_source
+
+        def mine() -> dict[str, list[str]]:
+            if saved.exists():
+                return load_negatives(saved)
+            depth, per_query = self.config.negatives_depth, max(10, self.config.hard_negatives)
+            if source == "bm25":
+                mined = mine_bm25_negatives(self.collection, self.train_qrels, per_query, depth)
+            elif source == "dense":
+                mined = mine_dense_negatives(
+                    self.retriever,
+                    self.collection,
+                    self.train_qrels,
+                    per_query,
+                    depth,
+                    batch_size=self.config.encode_batch_size,
+                    precision=self.config.precision,
+                    show_progress=self.show_progress,
+                )
+            else:
+                mined = load_negatives(source)
+            save_negatives(mined, saved)
+            return mined
+
+        return self.context.run_on_main(mine)
 
     def _embed(self, ids: Sequence[str], kind: str) -> dict[str, Any]:
         """Run the model on the queries or documents ``ids`` (from cached pooled embeddings if head-only)."""
