@@ -72,6 +72,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         const=False,
         help="no gate noise while training",
     )
+    group.add_argument(
+        "--expert-dropout", type=float, help="hide each expert from a text with this probability"
+    )
     group.add_argument("--lowercase", action="store_const", const=True, help="lower-case all texts")
 
 

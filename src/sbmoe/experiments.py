@@ -175,8 +175,10 @@ def expand(grid: ExperimentGrid) -> list[Cell]:
                 trains = settings.get("train", {}) is not False
                 train_overrides = settings.get("train") or {}
                 model_overrides = {k: v for k, v in settings.items() if k != "train"}
-                with_head = model_overrides.get("num_experts", grid.model.get("num_experts", 1)) != 0
-                for experts in grid.experts if with_head else [0]:
+                fixed = model_overrides.get("num_experts", grid.model.get("num_experts"))
+                # A variant that fixes its number of experts (0 = no head, 1 = one-expert control)
+                # is not expanded over the experts axis.
+                for experts in grid.experts if fixed is None else [fixed]:
                     for seed in grid.seeds if trains else grid.seeds[:1]:
                         cells.append(
                             Cell(
@@ -186,7 +188,7 @@ def expand(grid: ExperimentGrid) -> list[Cell]:
                                 experts=experts,
                                 seed=seed,
                                 trains=trains,
-                                model={**model_overrides, **({"num_experts": experts} if with_head else {})},
+                                model={**model_overrides, "num_experts": experts},
                                 train=dict(train_overrides),
                                 evaluate_on=[collection, *grid.transfer.get(collection, [])],
                             )
