@@ -5,7 +5,7 @@ VENV_BIN := .venv/bin
 export SBMOE_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint format bench
+.PHONY: setup demo test test-fast lint format bench gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -28,5 +28,9 @@ format: setup
 	$(VENV_BIN)/ruff format src tests bench
 	$(VENV_BIN)/ruff check --fix src tests bench
 
+# Benchmarks print ratios against the reference measured in the same run (bench/RESULTS.md).
 bench: setup
-	for script in encode search head_cost head_only sweep; do $(VENV_BIN)/python bench/bench_$$script.py || exit 1; done
+	for script in encode search head_cost head_only sweep ann; do $(VENV_BIN)/python bench/bench_$$script.py || exit 1; done
+
+gpu-check: setup
+	$(VENV_BIN)/python bench/gpu_check.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import torch
 from common import machine, median_seconds, scifact
 
 from sbmoe.cache import EmbeddingCache
@@ -28,6 +29,18 @@ def per_query_full_sort(doc_embeddings, query_embeddings, doc_ids, query_ids):
         scores = doc_embeddings @ query
         order = np.argsort(-scores)[:TOP_K]
         run[query_id] = {doc_ids[i]: float(scores[i]) for i in order}
+    return run
+
+
+def per_query_torch_sort(doc_embeddings, query_embeddings, doc_ids, query_ids):
+    """The published code's way: per query, torch scores, a full descending sort, the ranking as lists."""
+    docs = torch.from_numpy(doc_embeddings)
+    run = {}
+    for query_id, query in zip(query_ids, torch.from_numpy(query_embeddings), strict=True):
+        scores = docs @ query
+        values, order = torch.sort(scores, descending=True)
+        ranking = list(zip(order.tolist(), values.tolist(), strict=True))
+        run[query_id] = {doc_ids[i]: score for i, score in ranking[:TOP_K]}
     return run
 
 
@@ -53,9 +66,14 @@ def main() -> None:
     looped, reference = median_seconds(
         lambda: per_query_full_sort(docs, queries, doc_ids, query_ids), args.repeats
     )
-    same = all(list(run[q])[:10] == list(reference[q])[:10] for q in query_ids)
-    print(f"per-query full sort: {looped * 1000:.1f} ms; batched exact search: {batched * 1000:.1f} ms")
-    print(f"speed-up: {looped / batched:.1f}x (target >= 20x); same top-10 for every query: {same}")
+    published, published_run = median_seconds(
+        lambda: per_query_torch_sort(docs, queries, doc_ids, query_ids), args.repeats
+    )
+    same = all(list(run[q])[:10] == list(reference[q])[:10] == list(published_run[q])[:10] for q in query_ids)
+    print(f"batched exact search (sbmoe): {batched * 1000:.1f} ms")
+    print(f"per-query numpy argsort:      {looped * 1000:.1f} ms  -> speed-up {looped / batched:.1f}x")
+    print(f"per-query torch full sort:    {published * 1000:.1f} ms  -> speed-up {published / batched:.1f}x")
+    print(f"(target >= 20x); same top-10 for every query: {same}")
 
 
 if __name__ == "__main__":
