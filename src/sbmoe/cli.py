@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_encode_args(evaluate)
     _add_cache_arg(evaluate)
+    evaluate.add_argument(
+        "--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N"
+    )
 
     index = commands.add_parser("index", help="encode a corpus (or one shard of it) into a FAISS index")
     index.add_argument("--model", required=True)
@@ -230,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--output", help="write the run in TREC format here")
     search.add_argument("--exclude-self", action="store_true")
     _add_encode_args(search)
+    search.add_argument(
+        "--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N"
+    )
 
     demo = commands.add_parser("demo", help="zero-shot vs fine-tuned vs SB-MoE on SciFact, in one table")
     defaults = _demo_defaults()
@@ -376,7 +382,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
         expert_poolings=args.expert_pooling or [],
     )
     collection = load_collection(resolve_data(args.data), splits=[args.split])
-    retriever = Retriever.load(args.model)
+    retriever = Retriever.load(args.model, device=args.device)
     outputs = evaluate_model(
         retriever,
         collection,
@@ -458,7 +464,7 @@ def _command_search(args: argparse.Namespace) -> int:
     queries = (
         read_queries(args.queries) if args.queries else {f"q{i}": q for i, q in enumerate(args.query, 1)}
     )
-    retriever = Retriever.load(args.model)
+    retriever = Retriever.load(args.model, device=args.device)
     run = search_index(
         retriever, args.index, queries, args.top_k, args.exclude_self, args.batch_size, args.precision
     )
