@@ -296,3 +296,38 @@ def test_pick_negatives_is_deterministic_rotates_and_tops_up():
     assert len(steps) > 1  # rotates over steps
     topped = pick_negatives({}, "r", 3, 1, 0, pool, qrels)
     assert len(topped) == 3 and "pos" not in topped
+
+
+def test_load_balancing_lowers_the_spread_of_expert_usage(tiny_bert_dir, scifact_slice, tmp_path):
+    collection = load_collection(scifact_slice)
+    max_share, entropy = {}, {}
+    for coef in (0.0, 1.0):
+        model_config, train_config = configs(
+            tiny_bert_dir,
+            model={"num_experts": 4, "noisy_gating": False},
+            epochs=8,
+            checkpoint_selection="last",
+            lr_head=5e-3,
+            load_balancing_coef=coef,
+            router_z_loss_coef=0.0,
+            head_only=True,
+            collapse_threshold=1.0,
+        )
+        seed_everything(0)
+        Trainer(
+            Retriever.from_config(model_config),
+            collection,
+            train_config,
+            tmp_path / str(coef),
+            show_progress=False,
+            cache=EmbeddingCache(tmp_path / "cache"),
+        ).train()
+        log = [
+            json.loads(line)
+            for line in (tmp_path / str(coef) / "training" / "log.jsonl").read_text().splitlines()
+        ]
+        last = [r for r in log if r["event"] == "routing"][-1]
+        max_share[coef] = max(last["usage_queries"] + last["usage_documents"])
+        entropy[coef] = last["entropy_queries"] + last["entropy_documents"]
+    assert max_share[1.0] < max_share[0.0]
+    assert entropy[1.0] > entropy[0.0]
