@@ -116,7 +116,7 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        parts = [_slug(self.backbone), _slug(self.collection), _slug(self.variant)]
+        parts = [slug(self.backbone), slug(self.collection), slug(self.variant)]
         if self.experts:
             parts.append(f"n{self.experts}")
         parts.append(f"s{self.seed}")
@@ -126,7 +126,8 @@ class Cell:
         return {**dataclasses.asdict(self), "cell_id": self.cell_id}
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name-safe form of ``text`` (runs of other characters become one '-')."""
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
 
 

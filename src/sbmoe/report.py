@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sbmoe.evaluation import PAPER_METRICS
-from sbmoe.experiments import iter_finished_cells
+from sbmoe.experiments import iter_finished_cells, slug
 from sbmoe.io import atomic_open, read_json, write_json
 from sbmoe.statistics import ComparisonReport, compare_to_baseline, mean_std
 
@@ -291,7 +291,7 @@ def write_report(report: ExperimentReport, directory: str | Path, plots: bool = 
         if path
     ]
     for system in _tsne_systems(report):
-        written.append(write_tsne(system, directory / f"tsne_{_slug(system.eval_collection)}.png"))
+        written.append(write_tsne(system, directory / f"tsne_{slug(system.eval_collection)}.png"))
     return written
 
 
@@ -342,7 +342,3 @@ def write_tsne(system: SystemResult, path: Path, top: int = 50) -> Path:
         f"({system.variant}, N={system.experts}, {system.rule})"
     )
     return plot_tsne(points, out["expert_index"].numpy(), title, path)
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
