@@ -137,6 +137,11 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="batch pairs of similar document length together (less padding)",
     )
+    group.add_argument(
+        "--grad-cache-chunk-size",
+        type=int,
+        help="gradient caching: encode a step's texts N at a time (big batches in little memory)",
+    )
 
 
 def _add_index_type_args(parser: argparse.ArgumentParser, default: str | None) -> None:

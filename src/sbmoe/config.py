@@ -124,6 +124,9 @@ class TrainConfig:
             ``freeze_backbone`` for the same seed and data, many times faster.
         length_grouped: Batch pairs of similar document length together (less padding, faster
             steps; batches are still shuffled every epoch).
+        grad_cache_chunk_size: Gradient caching: embed a step's texts this many at a time and
+            hold the activations of one chunk only, so a batch far larger than memory allows
+            trains with the same gradients, for about one more forward pass (0: off).
     """
 
     epochs: int = 1
@@ -157,6 +160,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     head_only: bool = False
     length_grouped: bool = False
+    grad_cache_chunk_size: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that holds an unusable value."""
@@ -165,6 +169,8 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
+        if self.grad_cache_chunk_size < 0:
+            raise ValueError(f"grad_cache_chunk_size must be >= 0, got {self.grad_cache_chunk_size}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.epochs < 1 and self.max_steps is None:

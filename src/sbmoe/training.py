@@ -64,6 +64,7 @@ from sbmoe.distributed import (
     split_sizes,
 )
 from sbmoe.encoding import autocast, resolve_precision, run_stages, tokenize
+from sbmoe.gradient_cache import GradientCache
 from sbmoe.head_only import PooledTexts
 from sbmoe.io import atomic_directory, read_json, write_json
 from sbmoe.losses import in_batch_contrastive_loss, load_balancing_loss, router_z_loss
@@ -361,9 +362,11 @@ class Trainer:
             queries_of_rank = [self.pairs[i][0] for i in batch[first:last]]
             per_rank_docs.append(positives + self._hard_negatives(queries_of_rank))
         local_docs = per_rank_docs[context.rank]
-        with autocast(self.precision, self.retriever.device):
-            query_out = self._embed(query_ids, "query")
-            doc_out = self._embed(local_docs, "document")
+        chunk_size = self.config.grad_cache_chunk_size
+        gradient_cache = GradientCache(self._embed, chunk_size, self.retriever.device) if chunk_size else None
+        embed = gradient_cache.embed if gradient_cache else self._embed
+        query_out = embed(query_ids, "query")
+        doc_out = embed(local_docs, "document")
         if self.retriever.head is not None:
             self.routing.add("queries", query_out)
             self.routing.add("documents", doc_out)
@@ -428,6 +431,8 @@ class Trainer:
                 terms["router_z"] = z_loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if gradient_cache:
+            gradient_cache.backward()
         average_gradients(model.parameters(), context)
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
@@ -509,6 +514,10 @@ class Trainer:
 
     def _embed(self, ids: Sequence[str], kind: str) -> dict[str, Any]:
         """Run the model on the queries or documents ``ids`` (from cached pooled embeddings if head-only)."""
+        with autocast(self.precision, self.retriever.device):
+            return self._run_model(ids, kind)
+
+    def _run_model(self, ids: Sequence[str], kind: str) -> dict[str, Any]:
         if self.pooled is not None:
             return run_stages(
                 self.retriever.head_stages(),
