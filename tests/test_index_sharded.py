@@ -12,17 +12,10 @@ from sbmoe.cli import main
 from sbmoe.config import ModelConfig
 from sbmoe.data import load_collection
 from sbmoe.distributed import shard_bounds
-from sbmoe.index import (
-    DenseIndex,
-    IndexMismatchError,
-    ShardedIndex,
-    is_sharded_index,
-    load_index,
-    merge_runs,
-    shard_directory,
-)
+from sbmoe.index import DenseIndex, IndexMismatchError
 from sbmoe.modeling import Retriever
 from sbmoe.pipeline import search_index
+from sbmoe.shards import ShardedIndex, is_sharded_index, load_index, merge_runs, shard_directory
 
 FINGERPRINT = "0123456789abcdef" * 4
 

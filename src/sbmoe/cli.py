@@ -406,9 +406,9 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 def _command_index(args: argparse.Namespace) -> int:
     from sbmoe.data import load_collection, resolve_data
     from sbmoe.distributed import distributed_session, parse_shard
-    from sbmoe.index import shard_directory
     from sbmoe.modeling import Retriever
     from sbmoe.pipeline import index_corpus
+    from sbmoe.shards import shard_directory
 
     shard = parse_shard(args.shard) if args.shard else None
     collection = load_collection(resolve_data(args.data), splits=[])

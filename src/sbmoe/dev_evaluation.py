@@ -52,8 +52,8 @@ class DevEvaluator:
         the score of the whole corpus.
         """
         from sbmoe.evaluation import evaluate_run
-        from sbmoe.index import merge_runs
         from sbmoe.retrieval import search_texts
+        from sbmoe.shards import merge_runs
 
         context = context or DistributedContext(device=retriever.device)
         start, stop = shard_bounds(len(self.doc_ids), context.rank, context.world_size)

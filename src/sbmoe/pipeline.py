@@ -19,10 +19,11 @@ from sbmoe.cache import EmbeddingCache
 from sbmoe.data import BeirCollection
 from sbmoe.distributed import shard_bounds
 from sbmoe.evaluation import PAPER_METRICS, EvaluationResult, evaluate_run, save_metrics, write_trec_run
-from sbmoe.index import DenseIndex, ShardedIndex, load_index
+from sbmoe.index import DenseIndex
 from sbmoe.io import write_json
 from sbmoe.modeling import Retriever
 from sbmoe.retrieval import Run, build_index, search, search_per_expert_pooling
+from sbmoe.shards import ShardedIndex, load_index
 
 
 @dataclass
@@ -150,7 +151,7 @@ def index_corpus(
     Args:
         shard: ``(i, N)``: encode only the ``i``-th of ``N`` consecutive slices of the corpus and
             save it as that shard of the sharded index ``output_dir`` (see
-            :class:`~sbmoe.index.ShardedIndex`); shards can be built by different processes or
+            :class:`~sbmoe.shards.ShardedIndex`); shards can be built by different processes or
             machines. ``None`` indexes the whole corpus into ``output_dir``.
         nlist: IVF cells (``index_type="ivf"``).
         nprobe: IVF cells searched per query.

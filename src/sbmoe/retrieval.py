@@ -8,8 +8,9 @@ import numpy as np
 
 from sbmoe.cache import EmbeddingCache
 from sbmoe.encoding import apply_head_stages, encode_texts
-from sbmoe.index import DenseIndex, ShardedIndex
+from sbmoe.index import DenseIndex
 from sbmoe.modeling import Retriever
+from sbmoe.shards import ShardedIndex
 
 Run = dict[str, dict[str, float]]
 

@@ -1,0 +1,256 @@
+"""Sharded indexes: a directory of index directories, searched shard by shard or merged into one.
+
+A *sharded* index is a directory of :class:`~sbmoe.index.DenseIndex` directories,
+``shard-00000-of-00004/`` ..., each holding one contiguous slice of the corpus and written
+independently (by ``sbmoe index --shard i/N`` or one ``torchrun`` process each, through
+:meth:`~sbmoe.index.DenseIndex.save_shard`). :class:`ShardedIndex` searches it shard by shard, one
+shard in memory at a time, and merges the per-shard top-k lists (top-k of top-ks), which gives the
+same ranking as one index over the whole corpus; :meth:`ShardedIndex.merge` builds that index.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sbmoe.index import (
+    DOC_IDS_FILE,
+    META_FILE,
+    DenseIndex,
+    IndexMismatchError,
+    Run,
+    _build_faiss_index,
+    _check_ids,
+    _check_positive,
+    _read_json_file,
+)
+
+SHARD_PATTERN = re.compile(r"^shard-(\d+)-of-(\d+)$")
+
+
+def shard_directory(root: str | os.PathLike, shard: int, num_shards: int) -> Path:
+    """Where shard ``shard`` of ``num_shards`` lives inside the sharded index ``root``."""
+    return Path(root) / f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+def is_sharded_index(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds shard directories (and no single index of its own)."""
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / META_FILE).exists():
+        return False
+    return any(SHARD_PATTERN.match(entry.name) and entry.is_dir() for entry in directory.iterdir())
+
+
+def load_index(
+    directory: str | os.PathLike, expected_fingerprint: str | None = None
+) -> DenseIndex | ShardedIndex:
+    """Load a single index (:class:`DenseIndex`) or a sharded one (:class:`ShardedIndex`)."""
+    if is_sharded_index(directory):
+        return ShardedIndex.load(directory, expected_fingerprint)
+    return DenseIndex.load(directory, expected_fingerprint)
+
+
+def merge_runs(runs: Sequence[Run], k: int) -> Run:
+    """Merge runs over disjoint document sets into one top-``k`` run (the top-k of the top-ks).
+
+    Each run lists a query's documents best first. Equal scores keep the order of ``runs`` and,
+    within a run, its own order, so merging the runs of consecutive shards of a flat index gives
+    exactly the ranking of one flat index over all of them.
+    """
+    _check_positive(k, "k")
+    merged: Run = {}
+    for query_id in dict.fromkeys(q for run in runs for q in run):
+        lists = [run[query_id].items() for run in runs if query_id in run]
+        merged[query_id] = dict(itertools.islice(heapq.merge(*lists, key=lambda item: -item[1]), k))
+    return merged
+
+
+class ShardedIndex:
+    """An index stored as consecutive shards, searched one shard at a time.
+
+    Only one shard is in memory at a time (memory-mapped), so the whole corpus need not fit.
+    Built by :meth:`DenseIndex.save_shard` (``sbmoe index --shard i/N``, or one ``torchrun``
+    process per shard); use :meth:`load`.
+
+    Attributes:
+        directory: The sharded index directory.
+        shard_dirs: The shard directories, in corpus order.
+        fingerprint: The model fingerprint every shard carries.
+        index_type: The shards' index type (``mixed`` if they differ).
+        metadata: The first shard's caller metadata, without its ``shard`` entry.
+    """
+
+    def __init__(self, directory: Path, shard_dirs: list[Path], metas: list[dict[str, Any]]) -> None:
+        self.directory = directory
+        self.shard_dirs = shard_dirs
+        self._metas = metas
+        self.fingerprint: str = metas[0]["fingerprint"]
+        types = {meta["index_type"] for meta in metas}
+        self.index_type = types.pop() if len(types) == 1 else "mixed"
+        self.metadata = {k: v for k, v in (metas[0].get("metadata") or {}).items() if k != "shard"}
+        self._doc_ids: tuple[str, ...] | None = None
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self._metas[0]["dim"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_dirs)
+
+    def __len__(self) -> int:
+        return sum(int(meta["count"]) for meta in self._metas)
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedIndex(shards={self.num_shards}, index_type={self.index_type!r}, count={len(self)}, "
+            f"dim={self.dim}, fingerprint={self.fingerprint[:12]!r})"
+        )
+
+    @property
+    def doc_ids(self) -> tuple[str, ...]:
+        """Document id of each row over all shards, in corpus order (read on first use)."""
+        if self._doc_ids is None:
+            ids: list[str] = []
+            for directory in self.shard_dirs:
+                raw = _read_json_file(directory / DOC_IDS_FILE)
+                if not isinstance(raw, list):
+                    raise ValueError(f"{directory / DOC_IDS_FILE} is corrupt: expected a JSON list")
+                ids.extend(raw)
+            self._doc_ids = _check_ids(ids, "doc_ids of the shards")
+        return self._doc_ids
+
+    def shard(self, number: int) -> DenseIndex:
+        """Load shard ``number`` (memory-mapped)."""
+        return DenseIndex.load(self.shard_dirs[number], expected_fingerprint=self.fingerprint)
+
+    def search(
+        self,
+        query_embeddings: np.ndarray,
+        k: int,
+        query_ids: Sequence[str] | None = None,
+        exclude_self: bool = False,
+        batch_size: int = 1024,
+    ) -> Run:
+        """Search every shard in turn and merge their top-``k`` lists; see :meth:`DenseIndex.search`."""
+        _check_positive(k, "k")
+        merged: Run | None = None
+        for number in range(self.num_shards):
+            run = self.shard(number).search(query_embeddings, k, query_ids, exclude_self, batch_size)
+            merged = run if merged is None else merge_runs([merged, run], k)
+        assert merged is not None
+        return merged
+
+    def merge(
+        self,
+        index_type: str | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+    ) -> DenseIndex:
+        """One index over all shards, in corpus order (what one process would have built).
+
+        Vectors stream from the memory-mapped shards into the new index; only the new index is
+        held in memory.
+
+        Args:
+            index_type: Type of the merged index; defaults to the shards' type.
+            nlist: IVF cells (``ivf`` only).
+            nprobe: IVF cells searched per query (``ivf`` only).
+        """
+        index_type = index_type or (self.index_type if self.index_type != "mixed" else "flat")
+        if nprobe is not None and index_type != "ivf":
+            raise ValueError(f"nprobe applies to ivf indexes, not {index_type!r}")
+        doc_ids = self.doc_ids
+        shards = [self.shard(number) for number in range(self.num_shards)]
+
+        def chunks() -> Iterator[np.ndarray]:
+            for shard in shards:
+                yield shard.vectors()
+
+        index = _build_faiss_index(index_type, self.dim, len(doc_ids), chunks, nlist)
+        metadata = {**self.metadata, "merged_from_shards": self.num_shards}
+        return DenseIndex._from_faiss(index, doc_ids, self.fingerprint, index_type, metadata, nprobe)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None) -> ShardedIndex:
+        """Open a sharded index, checking that its shards are complete and consistent.
+
+        Reads only the shards' ``meta.json``; the vectors are read when searched.
+
+        Raises:
+            FileNotFoundError: the directory holds no shards, or some are missing.
+            IndexMismatchError: the shards were built by another model than ``expected_fingerprint``'s.
+            ValueError: shards of different counts, models or dimensions, or gaps in the corpus.
+        """
+        directory = Path(directory)
+        found: dict[int, tuple[int, Path]] = {}
+        counts = set()
+        for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
+            match = SHARD_PATTERN.match(entry.name)
+            if match and entry.is_dir():
+                number, count = int(match.group(1)), int(match.group(2))
+                found[number] = (count, entry)
+                counts.add(count)
+        if not found:
+            raise FileNotFoundError(
+                f"no index shards in {directory}; build them with `sbmoe index ... --shard i/N`"
+            )
+        if len(counts) > 1:
+            raise ValueError(
+                f"{directory} mixes shards of {sorted(counts)} shards each; delete the stale ones "
+                f"(the directories shard-*-of-N of the other runs)"
+            )
+        num_shards = counts.pop()
+        missing = [i for i in range(num_shards) if i not in found]
+        if missing:
+            shown = ", ".join(f"{i}/{num_shards}" for i in missing[:10])
+            raise FileNotFoundError(
+                f"{directory} lacks {len(missing)} of its {num_shards} shards ({shown}); build them with "
+                f"`sbmoe index ... --output {directory} --shard i/{num_shards}`"
+            )
+        shard_dirs = [found[i][1] for i in range(num_shards)]
+        metas = []
+        for number, shard_dir in enumerate(shard_dirs):
+            meta = _read_json_file(shard_dir / META_FILE)
+            if not isinstance(meta, dict) or not {"fingerprint", "index_type", "dim", "count"} <= set(meta):
+                raise ValueError(f"{shard_dir / META_FILE} is corrupt")
+            info = (meta.get("metadata") or {}).get("shard") or {}
+            if info.get("index") != number or info.get("count") != num_shards:
+                raise ValueError(f"{shard_dir / META_FILE} does not describe shard {number} of {num_shards}")
+            metas.append(meta)
+        fingerprints = {meta["fingerprint"] for meta in metas}
+        if len(fingerprints) > 1:
+            raise ValueError(
+                f"the shards in {directory} were built by {len(fingerprints)} different models; rebuild "
+                f"the stale ones with the same model"
+            )
+        if expected_fingerprint is not None and metas[0]["fingerprint"] != expected_fingerprint:
+            raise IndexMismatchError(directory, metas[0]["fingerprint"], expected_fingerprint)
+        if len({meta["dim"] for meta in metas}) > 1:
+            raise ValueError(f"the shards in {directory} hold vectors of different dimensions")
+        infos = [meta["metadata"]["shard"] for meta in metas]
+        total = infos[0].get("total")
+        position = 0
+        for number, (meta, info) in enumerate(zip(metas, infos, strict=True)):
+            if (
+                info.get("start") != position
+                or info.get("stop") != position + meta["count"]
+                or info.get("total") != total
+            ):
+                raise ValueError(
+                    f"shard {number} of {directory} covers documents {info.get('start')}:{info.get('stop')} "
+                    f"of {info.get('total')}, expected to start at {position} of {total}; were the shards "
+                    f"built from the same corpus?"
+                )
+            position += meta["count"]
+        if position != total:
+            raise ValueError(f"the shards in {directory} hold {position} documents, the corpus has {total}")
+        return cls(directory, shard_dirs, metas)
