@@ -53,6 +53,15 @@ def test_bf16_agrees_with_fp32(retriever):
     assert cosine.min() > 0.99
 
 
+def test_bf16_encoding_leaves_the_float32_weights_untouched(retriever):
+    before = {name: tensor.clone() for name, tensor in retriever.model.state_dict().items()}
+    encode_texts(retriever, TEXTS, "document", precision="bf16")
+    after = retriever.model.state_dict()
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype
+        assert torch.equal(after[name], tensor), name
+
+
 def test_auto_precision_falls_back_to_fp32_without_fast_bf16(monkeypatch):
     import sbmoe.encoding as encoding
 

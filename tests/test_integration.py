@@ -42,6 +42,15 @@ def test_zero_shot_matches_sentence_transformers(collection, tmp_path):
     assert abs(ours.result.metrics["ndcg@10"] - st_result.metrics["ndcg@10"]) < 0.01
 
 
+def test_bf16_embeddings_of_the_pretrained_model_agree_with_fp32(collection):
+    retriever = Retriever.load("all-MiniLM-L6-v2")
+    texts = [doc.full_text for doc in list(collection.corpus.values())[:32]]
+    fp32 = encode_texts(retriever, texts, "document", precision="fp32")
+    bf16 = encode_texts(retriever, texts, "document", precision="bf16")
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() > 0.99
+
+
 def test_sb_moe_fine_tuning_runs_end_to_end(collection, tmp_path):
     model_config, train_config = build_configs(
         "default",
