@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from sbmoe.cli import main
@@ -180,6 +181,26 @@ def test_index_then_search_and_refuse_another_models_index(
         == 2
     )
     assert "different model" in capsys.readouterr().err
+
+
+def test_index_stores_float16_embeddings_on_request(trained, scifact_slice, tmp_path, capsys):
+    from sbmoe.index import DenseIndex
+
+    common = ["-q", "index", "--model", str(trained), "--data", str(scifact_slice), "--output"]
+    assert main([*common, str(tmp_path / "full")]) == 0
+    assert main([*common, str(tmp_path / "half"), "--embedding-dtype", "float16"]) == 0
+    assert read_json(tmp_path / "half" / "meta.json")["dtype"] == "float16"
+    full, half = DenseIndex.load(tmp_path / "full"), DenseIndex.load(tmp_path / "half")
+    assert (full.dtype, half.dtype) == ("float32", "float16")
+    assert (tmp_path / "half" / "index.faiss").stat().st_size < 0.6 * (
+        tmp_path / "full" / "index.faiss"
+    ).stat().st_size
+    np.testing.assert_allclose(half.vectors(), full.vectors(), rtol=1e-3, atol=1e-3)
+
+    capsys.readouterr()
+    search = ["-q", "search", "--model", str(trained), "--query", "vitamin D", "--top-k", "3", "--index"]
+    assert main([*search, str(tmp_path / "half")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
 
 
 def test_collection_name_resolves_through_the_data_dir(trained, scifact_slice, tmp_path, monkeypatch):

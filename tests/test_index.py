@@ -1,4 +1,5 @@
-"""Tests for sbmoe.index: exact and HNSW search, exclude_self, save/load, fingerprints, validation."""
+"""Tests for sbmoe.index: exact and HNSW search, exclude_self, save/load, fingerprints, float16 storage,
+validation."""
 
 from __future__ import annotations
 
@@ -57,15 +58,17 @@ def test_flat_search_on_float_vectors(corpus) -> None:
         assert list(docs_scores.values()) == pytest.approx(reference[qi, rows].tolist(), abs=1e-5)
 
 
-def test_exact_search_across_corpus_blocks(monkeypatch) -> None:
-    # Force many corpus blocks so the block-merging path is exercised, ties included.
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_exact_search_across_corpus_blocks(monkeypatch, dtype: str) -> None:
+    # Force many corpus blocks so the block-merging path is exercised, ties included. Small integers
+    # are exact in float16 too, so both dtypes must give the brute-force ranking exactly.
     import sbmoe.index
 
     monkeypatch.setattr(sbmoe.index, "_SCORE_BLOCK", 64)
     rng = np.random.default_rng(3)
     docs = rng.integers(-1, 2, size=(203, 6)).astype(np.float32)
     queries = rng.integers(-1, 2, size=(9, 6)).astype(np.float32)
-    run = DenseIndex(docs, [str(i) for i in range(203)], FINGERPRINT).search(queries, k=17)
+    run = DenseIndex(docs, [str(i) for i in range(203)], FINGERPRINT, dtype=dtype).search(queries, k=17)
     assert [[int(d) for d in hits] for hits in run.values()] == _brute_force(queries, docs, 17)
 
 
@@ -267,6 +270,10 @@ def test_bad_build_options(corpus) -> None:
     docs, doc_ids = corpus
     with pytest.raises(ValueError, match="unknown index_type"):
         DenseIndex(docs, doc_ids, FINGERPRINT, index_type="annoy")
+    with pytest.raises(ValueError, match="unknown dtype 'bfloat16'"):
+        DenseIndex(docs, doc_ids, FINGERPRINT, dtype="bfloat16")
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        DenseIndex(docs * 1e5, doc_ids, FINGERPRINT, dtype="float16")
     with pytest.raises(ValueError, match="fingerprint"):
         DenseIndex(docs, doc_ids, "")
     with pytest.raises(ValueError, match="JSON"):
@@ -291,3 +298,107 @@ def test_bad_search_input(corpus) -> None:
             index.search(docs[:2], k=bad_k)
     with pytest.raises(ValueError, match="batch_size"):
         index.search(docs[:2], k=3, batch_size=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# float16 storage
+
+
+def _index_file_size(index: DenseIndex, directory) -> int:
+    index.save(directory)
+    return (directory / "index.faiss").stat().st_size
+
+
+def test_float16_flat_index_ranks_like_float32_in_half_the_space(tmp_path) -> None:
+    rng = np.random.default_rng(7)
+    docs = _normalized(rng, 2000, 128)
+    queries = _normalized(rng, 100, 128)
+    doc_ids = [f"d{i}" for i in range(2000)]
+    full = DenseIndex(docs, doc_ids, FINGERPRINT)
+    half = DenseIndex(docs, doc_ids, FINGERPRINT, dtype="float16")
+    assert (full.dtype, half.dtype) == ("float32", "float16")
+    expected, run = full.search(queries, k=10), half.search(queries, k=10)
+    exact = queries @ docs.T
+    for qi, qid in enumerate(expected):
+        shared = set(expected[qid]) & set(run[qid])
+        assert len(shared) >= 9  # only near-ties may swap in or out
+        assert all(abs(run[qid][doc] - expected[qid][doc]) < 1e-3 for doc in shared)
+        # Every float16 hit is within rounding of the true top 10.
+        tenth = min(expected[qid].values())
+        assert all(exact[qi, int(doc[1:])] >= tenth - 1e-3 for doc in run[qid])
+
+    ratio = _index_file_size(half, tmp_path / "half") / _index_file_size(full, tmp_path / "full")
+    assert 0.49 < ratio < 0.51
+
+    vectors = half.vectors(5, 15)
+    assert vectors.dtype == np.float32 and vectors.flags.writeable  # a float32 copy, not a view
+    np.testing.assert_allclose(vectors, docs[5:15], atol=1e-3)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
+def test_float16_save_load_round_trip(tmp_path, corpus, index_type: str) -> None:
+    docs, doc_ids = corpus
+    index = DenseIndex(docs, doc_ids, FINGERPRINT, index_type=index_type, dtype="float16")
+    queries = _normalized(np.random.default_rng(8), 25, 24)
+    before = index.search(queries, k=10)
+    index.save(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text(encoding="utf-8"))
+    assert (meta["index_type"], meta["dtype"]) == (index_type, "float16")
+
+    loaded = DenseIndex.load(tmp_path / "idx", expected_fingerprint=FINGERPRINT)
+    assert (loaded.index_type, loaded.dtype) == (index_type, "float16")
+    assert loaded.search(queries, k=10) == before
+    np.testing.assert_array_equal(loaded.vectors(), index.vectors())
+    in_memory = DenseIndex.load(tmp_path / "idx", mmap=False)
+    assert in_memory.search(queries, k=10) == before
+
+
+def test_float16_flat_index_is_memory_mapped(tmp_path, corpus) -> None:
+    docs, doc_ids = corpus
+    DenseIndex(docs, doc_ids, FINGERPRINT, dtype="float16").save(tmp_path / "idx")
+    loaded = DenseIndex.load(tmp_path / "idx")
+    # FAISS owns no copy of the codes: they are the mapped file, which exact search reads directly.
+    assert not loaded._index.codes.is_owned
+    assert loaded._vectors.dtype == np.float16
+    assert DenseIndex.load(tmp_path / "idx", mmap=False)._index.codes.is_owned
+    assert loaded.search(docs[:5], 7) == DenseIndex(docs, doc_ids, FINGERPRINT, dtype="float16").search(
+        docs[:5], 7
+    )
+
+
+def test_meta_without_dtype_loads_as_float32(tmp_path, corpus) -> None:
+    docs, doc_ids = corpus
+    index = DenseIndex(docs, doc_ids, FINGERPRINT)
+    index.save(tmp_path / "idx")
+    meta_path = tmp_path / "idx" / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    del meta["dtype"]  # as written before float16 storage existed
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    loaded = DenseIndex.load(tmp_path / "idx")
+    assert loaded.dtype == "float32"
+    assert loaded.search(docs[:5], 7) == index.search(docs[:5], 7)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
+def test_dtype_in_meta_must_match_the_faiss_index(tmp_path, corpus, index_type: str) -> None:
+    docs, doc_ids = corpus
+    for built, claimed in (("float16", "float32"), ("float32", "float16"), ("float32", "int8")):
+        directory = tmp_path / f"{built}-as-{claimed}"
+        DenseIndex(docs, doc_ids, FINGERPRINT, index_type=index_type, dtype=built).save(directory)
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        meta["dtype"] = claimed
+        (directory / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        message = "unknown dtype" if claimed == "int8" else f"says '{index_type}' with {claimed} embeddings"
+        with pytest.raises(ValueError, match=message):
+            DenseIndex.load(directory)
+
+
+def test_float16_approximate_indexes_find_the_exact_neighbours(corpus) -> None:
+    docs, doc_ids = corpus
+    queries = _normalized(np.random.default_rng(9), 30, 24)
+    exact = DenseIndex(docs, doc_ids, FINGERPRINT).search(queries, k=10)
+    for index_type in ("hnsw", "ivf"):
+        index = DenseIndex(docs, doc_ids, FINGERPRINT, index_type=index_type, dtype="float16")
+        approx = index.search(queries, k=10)
+        assert np.mean([len(set(exact[q]) & set(approx[q])) / 10 for q in exact]) >= 0.9
+        np.testing.assert_allclose(index.vectors(), docs, atol=1e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -127,6 +128,50 @@ def test_inconsistent_shards_are_refused(tmp_path):
     assert isinstance(load_index(tmp_path / "d"), ShardedIndex)
 
 
+def test_float16_shards_search_and_merge_like_one_float16_index(tmp_path):
+    rng = np.random.default_rng(5)
+    centers = rng.standard_normal((20, 32))
+    docs = clustered(rng, 900, 32, centers)
+    queries = clustered(rng, 50, 32, centers)
+    ids = [f"d{i}" for i in range(900)]
+    write_shards(docs, ids, tmp_path / "half", 3, dtype="float16")
+    sharded = ShardedIndex.load(tmp_path / "half")
+    assert (sharded.index_type, sharded.dtype) == ("flat", "float16")
+    single = DenseIndex(docs, ids, FINGERPRINT, dtype="float16")
+    expected = single.search(queries, 10)
+    assert_same_top_k(expected, sharded.search(queries, 10))
+    merged = sharded.merge()
+    assert (merged.dtype, merged.doc_ids) == ("float16", tuple(ids))
+    np.testing.assert_array_equal(merged.vectors(), single.vectors())  # float16 -> float32 -> float16
+    assert_same_top_k(expected, merged.search(queries, 10))
+    assert sharded.merge(dtype="float32").dtype == "float32"
+    hnsw = sharded.merge("hnsw")
+    assert (hnsw.index_type, hnsw.dtype) == ("hnsw", "float16")
+
+    # Shards of different dtypes (some rebuilt) are searched as they are; merged, float32 by default.
+    start, stop = shard_bounds(900, 1, 3)
+    DenseIndex(docs[start:stop], ids[start:stop], FINGERPRINT).save_shard(tmp_path / "half", 1, 3, start, 900)
+    mixed = ShardedIndex.load(tmp_path / "half")
+    assert mixed.dtype == "mixed"
+    assert_same_top_k(expected, mixed.search(queries, 10), tolerance=1e-3)
+    assert mixed.merge().dtype == "float32"
+
+
+def test_merge_index_command_sets_the_embedding_dtype(tmp_path):
+    rng = np.random.default_rng(6)
+    docs = clustered(rng, 300, 16, rng.standard_normal((10, 16)))
+    ids = [str(i) for i in range(300)]
+    write_shards(docs, ids, tmp_path / "sharded", 2)
+    common = ["-q", "merge-index", "--index", str(tmp_path / "sharded"), "--output"]
+    assert main([*common, str(tmp_path / "half"), "--embedding-dtype", "float16"]) == 0
+    assert main([*common, str(tmp_path / "full")]) == 0  # the shards' dtype
+    assert json.loads((tmp_path / "half" / "meta.json").read_text())["dtype"] == "float16"
+    assert DenseIndex.load(tmp_path / "full").dtype == "float32"
+    half = DenseIndex.load(tmp_path / "half")
+    assert half.dtype == "float16"
+    np.testing.assert_allclose(half.vectors(), DenseIndex.load(tmp_path / "full").vectors(), atol=1e-3)
+
+
 def test_ivf_finds_the_exact_neighbours_of_clustered_vectors(tmp_path):
     rng = np.random.default_rng(2)
     centers = rng.standard_normal((40, 32))
@@ -196,4 +241,9 @@ def test_loaded_indexes_are_memory_mapped_read_only_views(tmp_path):
         assert in_memory.search(docs[:5], 7) == loaded.search(docs[:5], 7)
     with pytest.raises(ValueError, match="row range"):
         loaded.vectors(10, 5)
+    # A view keeps its index, and so the mapped file, alive (it once read unmapped memory).
+    views = [DenseIndex.load(tmp_path / index_type).vectors() for index_type in ("flat", "hnsw")]
+    gc.collect()
+    for view in views:
+        np.testing.assert_array_equal(view, docs)
     assert shard_directory(tmp_path, 3, 12).name == "shard-00003-of-00012"

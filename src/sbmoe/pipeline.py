@@ -145,6 +145,7 @@ def index_corpus(
     shard: tuple[int, int] | None = None,
     nlist: int | None = None,
     nprobe: int | None = None,
+    dtype: str = "float32",
 ) -> DenseIndex:
     """Encode the collection's corpus and save the FAISS index (with the model's fingerprint).
 
@@ -155,6 +156,8 @@ def index_corpus(
             machines. ``None`` indexes the whole corpus into ``output_dir``.
         nlist: IVF cells (``index_type="ivf"``).
         nprobe: IVF cells searched per query.
+        dtype: How the index stores the embeddings: ``float32`` or ``float16`` (half the memory
+            and disk); independent of ``precision``, which is the encoder's.
 
     Returns:
         The index built (the shard's, when sharded).
@@ -166,7 +169,17 @@ def index_corpus(
     doc_ids = doc_ids[start:stop]
     documents = [collection.corpus[d].full_text for d in doc_ids]
     index = build_index(
-        retriever, doc_ids, documents, batch_size, precision, index_type, show_progress, cache, nlist, nprobe
+        retriever,
+        doc_ids,
+        documents,
+        batch_size,
+        precision,
+        index_type,
+        show_progress,
+        cache,
+        nlist,
+        nprobe,
+        dtype,
     )
     index.metadata.update(
         {
@@ -190,14 +203,16 @@ def merge_index(
     nlist: int | None = None,
     nprobe: int | None = None,
     command: Sequence[str] | None = None,
+    dtype: str | None = None,
 ) -> DenseIndex:
     """Merge the shards in ``index_dir`` into one index saved in ``output_dir``.
 
     The merged index ranks exactly like a single-process index of the same type (for ``flat``,
-    the same index); ``index_type`` may differ from the shards' (e.g. exact shards, IVF merged).
+    the same index); ``index_type`` and ``dtype`` may differ from the shards' (e.g. exact shards,
+    IVF merged; float32 shards, float16 merged) and default to theirs.
     """
     sharded = ShardedIndex.load(index_dir)
-    merged = sharded.merge(index_type, nlist=nlist, nprobe=nprobe)
+    merged = sharded.merge(index_type, nlist=nlist, nprobe=nprobe, dtype=dtype)
     merged.metadata["merge_command"] = list(command) if command is not None else sys.argv
     merged.save(output_dir)
     return merged

@@ -26,17 +26,25 @@ def build_index(
     cache: EmbeddingCache | None = None,
     nlist: int | None = None,
     nprobe: int | None = None,
+    dtype: str = "float32",
 ) -> DenseIndex:
     """Encode ``documents`` and put them in a FAISS inner-product index tagged with the model.
 
     ``index_type`` is ``flat`` (exact), ``hnsw`` or ``ivf``; ``nlist`` / ``nprobe`` set the IVF cells
-    and the cells searched per query (see :class:`~sbmoe.index.DenseIndex`).
+    and the cells searched per query; ``dtype`` (``float32`` or ``float16``) is how the index stores
+    the embeddings (see :class:`~sbmoe.index.DenseIndex`).
     """
     embeddings = encode_texts(
         retriever, documents, "document", batch_size, precision, show_progress=show_progress, cache=cache
     )
     return DenseIndex(
-        embeddings, list(doc_ids), retriever.fingerprint(), index_type=index_type, nlist=nlist, nprobe=nprobe
+        embeddings,
+        list(doc_ids),
+        retriever.fingerprint(),
+        index_type=index_type,
+        nlist=nlist,
+        nprobe=nprobe,
+        dtype=dtype,
     )
 
 

@@ -6,6 +6,10 @@ independently (by ``sbmoe index --shard i/N`` or one ``torchrun`` process each, 
 :meth:`~sbmoe.index.DenseIndex.save_shard`). :class:`ShardedIndex` searches it shard by shard, one
 shard in memory at a time, and merges the per-shard top-k lists (top-k of top-ks), which gives the
 same ranking as one index over the whole corpus; :meth:`ShardedIndex.merge` builds that index.
+
+Shards may differ in index type or embedding dtype (``float32`` / ``float16``), e.g. when some were
+rebuilt with other settings: each is searched as it is, and :attr:`ShardedIndex.index_type` or
+:attr:`ShardedIndex.dtype` then reads ``mixed``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from sbmoe.index import (
+    _ADD_CHUNK,
     DOC_IDS_FILE,
     META_FILE,
     DenseIndex,
@@ -84,6 +89,7 @@ class ShardedIndex:
         shard_dirs: The shard directories, in corpus order.
         fingerprint: The model fingerprint every shard carries.
         index_type: The shards' index type (``mixed`` if they differ).
+        dtype: The shards' embedding dtype, ``float32`` or ``float16`` (``mixed`` if they differ).
         metadata: The first shard's caller metadata, without its ``shard`` entry.
     """
 
@@ -94,6 +100,9 @@ class ShardedIndex:
         self.fingerprint: str = metas[0]["fingerprint"]
         types = {meta["index_type"] for meta in metas}
         self.index_type = types.pop() if len(types) == 1 else "mixed"
+        # Shards saved before float16 storage existed have no dtype: they are float32.
+        dtypes = {meta.get("dtype", "float32") for meta in metas}
+        self.dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
         self.metadata = {k: v for k, v in (metas[0].get("metadata") or {}).items() if k != "shard"}
         self._doc_ids: tuple[str, ...] | None = None
 
@@ -111,8 +120,8 @@ class ShardedIndex:
 
     def __repr__(self) -> str:
         return (
-            f"ShardedIndex(shards={self.num_shards}, index_type={self.index_type!r}, count={len(self)}, "
-            f"dim={self.dim}, fingerprint={self.fingerprint[:12]!r})"
+            f"ShardedIndex(shards={self.num_shards}, index_type={self.index_type!r}, dtype={self.dtype!r}, "
+            f"count={len(self)}, dim={self.dim}, fingerprint={self.fingerprint[:12]!r})"
         )
 
     @property
@@ -154,6 +163,7 @@ class ShardedIndex:
         index_type: str | None = None,
         nlist: int | None = None,
         nprobe: int | None = None,
+        dtype: str | None = None,
     ) -> DenseIndex:
         """One index over all shards, in corpus order (what one process would have built).
 
@@ -161,23 +171,29 @@ class ShardedIndex:
         held in memory.
 
         Args:
-            index_type: Type of the merged index; defaults to the shards' type.
+            index_type: Type of the merged index; defaults to the shards' type (``flat`` if they
+                differ).
             nlist: IVF cells (``ivf`` only).
             nprobe: IVF cells searched per query (``ivf`` only).
+            dtype: How the merged index stores the embeddings, ``float32`` or ``float16``; defaults
+                to the shards' dtype (``float32``, which holds float16 values exactly, if they differ).
         """
         index_type = index_type or (self.index_type if self.index_type != "mixed" else "flat")
+        dtype = dtype or (self.dtype if self.dtype != "mixed" else "float32")
         if nprobe is not None and index_type != "ivf":
             raise ValueError(f"nprobe applies to ivf indexes, not {index_type!r}")
         doc_ids = self.doc_ids
         shards = [self.shard(number) for number in range(self.num_shards)]
 
         def chunks() -> Iterator[np.ndarray]:
+            # In slices: the vectors of a float16 or ivf shard are float32 copies.
             for shard in shards:
-                yield shard.vectors()
+                for start in range(0, len(shard), _ADD_CHUNK):
+                    yield shard.vectors(start, start + _ADD_CHUNK)
 
-        index = _build_faiss_index(index_type, self.dim, len(doc_ids), chunks, nlist)
+        index = _build_faiss_index(index_type, dtype, self.dim, len(doc_ids), chunks, nlist)
         metadata = {**self.metadata, "merged_from_shards": self.num_shards}
-        return DenseIndex._from_faiss(index, doc_ids, self.fingerprint, index_type, metadata, nprobe)
+        return DenseIndex._from_faiss(index, doc_ids, self.fingerprint, index_type, dtype, metadata, nprobe)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None) -> ShardedIndex:
