@@ -5,7 +5,7 @@ negative per query. Each setting runs in a fresh process: two training steps are
 memory the steps add is the process's peak resident size minus its size just before the first step
 (model, data and optimiser are loaded by then). Reference: the same batch without the cache.
 
-    .venv/bin/python bench/bench_grad_cache.py [--batch-size 64] [--chunk-size 16]
+    .venv/bin/python bench/bench_grad_cache.py [--batch-size 32] [--chunk-size 8]
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def run_child(batch_size: int, chunk_size: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=8)
     parser.add_argument("--measure", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
