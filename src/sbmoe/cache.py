@@ -18,6 +18,10 @@ import numpy as np
 
 from sbmoe.io import atomic_open
 
+# Part of every key; bumped whenever encoding's numerics change, so older entries are not reused
+# (2: bf16 encoding runs on bf16 weights instead of autocast).
+CACHE_VERSION = 2
+
 if TYPE_CHECKING:
     from sbmoe.modeling import Retriever
 
@@ -52,7 +56,13 @@ class EmbeddingCache:
 
     def key(self, retriever: Retriever, texts: Sequence[str], kind: str, precision: str) -> str:
         """The entry name for ``texts`` of ``kind`` pooled by ``retriever`` at ``precision``."""
-        parts = [retriever.encoder_fingerprint(kind), kind, precision, texts_digest(texts)]
+        parts = [
+            f"v{CACHE_VERSION}",
+            retriever.encoder_fingerprint(kind),
+            kind,
+            precision,
+            texts_digest(texts),
+        ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
