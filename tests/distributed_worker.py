@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from conftest import interrupt_at_step
+
 from sbmoe.cli import main
 from sbmoe.config import build_configs
 from sbmoe.data import load_collection
@@ -61,14 +63,7 @@ def interrupted_then_resumed(model: str, data: str, output: Path, context) -> No
         show_progress=False,
         context=context,
     )
-    original_step = trainer.training_step
-
-    def failing_step(batch):
-        if trainer.step == 2:
-            raise KeyboardInterrupt
-        return original_step(batch)
-
-    trainer.training_step = failing_step
+    interrupt_at_step(trainer, 2)
     try:
         trainer.train()
     except KeyboardInterrupt:

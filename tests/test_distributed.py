@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupt_at_step
 from distributed_worker import TRAIN_ARGS
 
 from sbmoe.cli import main
@@ -162,14 +163,7 @@ def test_refuses_to_resume_on_another_number_of_processes(tiny_bert_dir, scifact
     collection = load_collection(scifact_slice)
     seed_everything(0)
     trainer = Trainer(Retriever.from_config(model_config), collection, train_config, tmp_path, False)
-    original_step = trainer.training_step
-
-    def failing_step(batch):
-        if trainer.step == 1:
-            raise KeyboardInterrupt
-        return original_step(batch)
-
-    trainer.training_step = failing_step
+    interrupt_at_step(trainer, 1)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     saved = read_json(tmp_path / "training" / "config.json")

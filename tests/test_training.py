@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import interrupt_at_step
 
 from sbmoe.batching import false_negative_mask, length_grouped_batches, pick_negatives, shuffled_batches
 from sbmoe.cache import EmbeddingCache
@@ -62,14 +63,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_bert_dir, s
         tmp_path / "resumed",
         show_progress=False,
     )
-    original_step = interrupted.training_step
-
-    def failing_step(batch):
-        if interrupted.step == 3:  # after the checkpoint at step 2, before step 4
-            raise KeyboardInterrupt
-        return original_step(batch)
-
-    interrupted.training_step = failing_step
+    interrupt_at_step(interrupted, 3)  # after the checkpoint at step 2, before step 4
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     assert read_json(tmp_path / "resumed" / "training" / "checkpoint" / "state.json")["step"] == 2
@@ -113,14 +107,7 @@ def test_checkpoint_from_another_configuration_is_refused(tiny_bert_dir, scifact
     trainer = Trainer(
         Retriever.from_config(model_config), collection, train_config, tmp_path / "run", show_progress=False
     )
-    original_step = trainer.training_step
-
-    def failing_step(batch):
-        if trainer.step == 2:
-            raise KeyboardInterrupt
-        return original_step(batch)
-
-    trainer.training_step = failing_step
+    interrupt_at_step(trainer, 2)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     _, other = configs(tiny_bert_dir, max_steps=4, checkpoint_steps=1, lr_head=0.5)

@@ -440,8 +440,7 @@ class DenseIndex:
                 f"{meta['count']} of dimension {meta['dim']}"
             )
 
-        obj = cls.__new__(cls)
-        obj._attach(
+        return cls._from_faiss(
             index,
             doc_ids,
             meta["fingerprint"],
@@ -450,7 +449,6 @@ class DenseIndex:
             meta.get("metadata"),
             meta.get("nprobe"),
         )
-        return obj
 
     def save_shard(
         self, root: str | os.PathLike, shard: int, num_shards: int, start: int, total: int
