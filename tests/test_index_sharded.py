@@ -224,7 +224,8 @@ def test_shards_merge_into_approximate_indexes(tmp_path):
     write_shards(docs, ids, tmp_path / "ivf-shards", 3, index_type="ivf")
     ivf_shards = ShardedIndex.load(tmp_path / "ivf-shards")
     assert ivf_shards.index_type == "ivf"
-    assert ivf_shards.merge("flat").search(queries, 10) == exact  # IVF shards keep the exact vectors
+    # IVF shards keep the exact vectors; one big matrix product and three small ones round differently.
+    assert_same_top_k(exact, ivf_shards.merge("flat").search(queries, 10))
 
 
 def test_loaded_indexes_are_memory_mapped_read_only_views(tmp_path):
