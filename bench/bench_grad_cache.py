@@ -23,7 +23,8 @@ from common import machine, scifact
 
 from sbmoe.config import build_configs
 from sbmoe.modeling import Retriever
-from sbmoe.training import Trainer, seed_everything
+from sbmoe.runtime import seed_everything
+from sbmoe.training import Trainer
 
 STEPS = 2
 

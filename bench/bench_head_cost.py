@@ -20,8 +20,9 @@ import torch
 from common import machine, median_seconds, scifact
 
 from sbmoe.config import ModelConfig
-from sbmoe.encoding import autocast, encode_texts, resolve_precision, run_stages
+from sbmoe.encoding import encode_texts, run_stages
 from sbmoe.modeling import Retriever
+from sbmoe.runtime import autocast, resolve_precision
 
 
 def head_seconds(retriever: Retriever, pooled: torch.Tensor, precision: str, batch: int = 64) -> float:

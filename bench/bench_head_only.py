@@ -21,7 +21,8 @@ from common import machine, median_seconds, scifact
 from sbmoe.cache import EmbeddingCache
 from sbmoe.config import build_configs
 from sbmoe.modeling import Retriever
-from sbmoe.training import Trainer, seed_everything
+from sbmoe.runtime import seed_everything
+from sbmoe.training import Trainer
 
 
 def make_trainer(collection, output, cache, **train_overrides) -> Trainer:

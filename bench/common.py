@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -11,20 +9,14 @@ from collections.abc import Callable
 import torch
 
 from sbmoe.data import BeirCollection, load_collection, resolve_data
-from sbmoe.encoding import cpu_has_fast_bf16
+from sbmoe.runtime import cpu_description
 
 
 def machine() -> str:
-    """One line describing where the numbers come from."""
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
+    """One line describing where the numbers come from: the CPU class (model and flags) first."""
     return (
-        f"{cpu}; {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"fast bf16: {cpu_has_fast_bf16()}, {time.strftime('%Y-%m-%d')}"
+        f"{cpu_description()}; torch {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}"
     )
 
 

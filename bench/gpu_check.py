@@ -29,11 +29,11 @@ from common import machine
 
 from sbmoe.config import build_configs
 from sbmoe.data import load_collection, resolve_data
-from sbmoe.distributed import resolve_device
-from sbmoe.encoding import encode_texts, resolve_precision
+from sbmoe.encoding import encode_texts
 from sbmoe.index import DenseIndex
 from sbmoe.modeling import Retriever
-from sbmoe.training import Trainer, seed_everything
+from sbmoe.runtime import resolve_device, resolve_precision, seed_everything
+from sbmoe.training import Trainer
 
 GPU_SIZES = {"passages": 100_000, "steps": 20, "batch_size": 64, "encode_batch_size": 512}
 CPU_SIZES = {"passages": 1_000, "steps": 3, "batch_size": 8, "encode_batch_size": 64}

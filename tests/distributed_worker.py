@@ -20,7 +20,8 @@ from sbmoe.config import build_configs
 from sbmoe.data import load_collection
 from sbmoe.distributed import init_distributed, shutdown
 from sbmoe.modeling import Retriever
-from sbmoe.training import Trainer, seed_everything, train
+from sbmoe.runtime import seed_everything
+from sbmoe.training import Trainer, train
 
 # Shared with test_distributed.py: the per-process batch is half the single process's.
 TRAIN_ARGS = [

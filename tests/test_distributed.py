@@ -23,7 +23,6 @@ from sbmoe.distributed import (
     average_gradients,
     init_distributed,
     parse_shard,
-    resolve_device,
     shard_bounds,
     split_sizes,
 )
@@ -31,7 +30,8 @@ from sbmoe.io import read_json
 from sbmoe.modeling import Retriever
 from sbmoe.pipeline import search_index
 from sbmoe.retrieval import build_index, search
-from sbmoe.training import Trainer, seed_everything
+from sbmoe.runtime import resolve_device, seed_everything
+from sbmoe.training import Trainer
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from sbmoe.config import ModelConfig
-from sbmoe.encoding import apply_head_stages, encode_texts, resolve_precision
+from sbmoe.encoding import apply_head_stages, encode_texts
 from sbmoe.modeling import Retriever
+from sbmoe.runtime import resolve_precision
 
 TEXTS = [
     "short",
@@ -63,11 +64,11 @@ def test_bf16_encoding_leaves_the_float32_weights_untouched(retriever):
 
 
 def test_auto_precision_falls_back_to_fp32_without_fast_bf16(monkeypatch):
-    import sbmoe.encoding as encoding
+    import sbmoe.runtime as runtime
 
-    monkeypatch.setattr(encoding, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", "cpu") == "fp32"
-    monkeypatch.setattr(encoding, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bf16"
     assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="precision"):

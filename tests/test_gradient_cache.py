@@ -9,7 +9,8 @@ from sbmoe.config import build_configs
 from sbmoe.data import load_collection
 from sbmoe.gradient_cache import GradientCache
 from sbmoe.modeling import Retriever
-from sbmoe.training import Trainer, seed_everything
+from sbmoe.runtime import seed_everything
+from sbmoe.training import Trainer
 
 
 def gradients_after_two_steps(

@@ -15,7 +15,8 @@ from sbmoe.data import load_collection
 from sbmoe.io import read_json
 from sbmoe.modeling import Retriever
 from sbmoe.negatives import load_negatives
-from sbmoe.training import Trainer, learning_rate_lambda, seed_everything, train
+from sbmoe.runtime import seed_everything
+from sbmoe.training import Trainer, learning_rate_lambda, train
 
 
 def configs(tiny_bert_dir, preset="default", model=None, **train_overrides):

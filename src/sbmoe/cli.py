@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sbmoe import __version__
 from sbmoe.config import EXPERT_POOLINGS, GATING_VARIANTS, POOLINGS, PRECISIONS, PRESETS, SIMILARITIES
+from sbmoe.errors import SbmoeError, UsageError
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -423,7 +424,7 @@ def _command_index(args: argparse.Namespace) -> int:
     with distributed_session(args.device) as context:
         if context.is_distributed:
             if shard is not None:
-                raise ValueError("under torchrun each process indexes its own shard: leave out --shard")
+                raise UsageError("under torchrun each process indexes its own shard: leave out --shard")
             shard = (context.rank, context.world_size)
         retriever = Retriever.load(args.model, device=context.device)
         index = index_corpus(
@@ -531,12 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Our own bars show the work; per-file "Loading weights" bars from transformers are noise here.
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
-    from sbmoe.data import DataError
-    from sbmoe.modeling import ModelLoadError
-
     try:
         return COMMANDS[args.command](args)
-    except (DataError, ModelLoadError, ValueError, FileNotFoundError) as error:
+    except SbmoeError as error:
         print(f"sbmoe {args.command}: error: {error}", file=sys.stderr)
         return 2
 

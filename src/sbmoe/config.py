@@ -7,9 +7,15 @@ version may have written them) and reports them as a warning instead of failing.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import sys
+import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
+
+from sbmoe.errors import UsageError
 
 GatingVariant = Literal["paper", "learned", "random"]
 ExpertPooling = Literal["top1", "topk", "all"]
@@ -68,13 +74,13 @@ class ModelConfig:
         _check_choice("expert_pooling", self.expert_pooling, EXPERT_POOLINGS)
         _check_choice("gating", self.gating, GATING_VARIANTS)
         if self.num_experts < 0:
-            raise ValueError(f"num_experts must be >= 0 (0 = no MoE head), got {self.num_experts}")
+            raise UsageError(f"num_experts must be >= 0 (0 = no MoE head), got {self.num_experts}")
         if self.expert_pooling == "topk" and not 1 <= self.top_k <= max(self.num_experts, 1):
-            raise ValueError(f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
+            raise UsageError(f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
         for name in ("max_query_length", "max_doc_length"):
             value = getattr(self, name)
             if value is not None and value < 2:
-                raise ValueError(f"{name} must be at least 2 tokens, got {value}")
+                raise UsageError(f"{name} must be at least 2 tokens, got {value}")
 
 
 @dataclass
@@ -168,15 +174,15 @@ class TrainConfig:
         _check_choice("checkpoint_selection", self.checkpoint_selection, ("best", "last"))
         _check_choice("precision", self.precision, PRECISIONS)
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
         if self.grad_cache_chunk_size < 0:
-            raise ValueError(f"grad_cache_chunk_size must be >= 0, got {self.grad_cache_chunk_size}")
+            raise UsageError(f"grad_cache_chunk_size must be >= 0, got {self.grad_cache_chunk_size}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UsageError(f"temperature must be > 0, got {self.temperature}")
         if self.epochs < 1 and self.max_steps is None:
-            raise ValueError("epochs must be >= 1 unless max_steps is set")
+            raise UsageError("epochs must be >= 1 unless max_steps is set")
         if not 0 < self.dev_fraction < 1:
-            raise ValueError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
+            raise UsageError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
 
 
 @dataclass
@@ -249,7 +255,7 @@ def build_configs(
 ) -> tuple[ModelConfig, TrainConfig]:
     """Start from a preset, apply explicit overrides (``None`` values are skipped), and validate."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise UsageError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     chosen = PRESETS[preset]
     model_values = {**chosen.model, **{k: v for k, v in (model_overrides or {}).items() if v is not None}}
     train_values = {**chosen.train, **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
@@ -260,6 +266,32 @@ def build_configs(
     return model_config, train_config
 
 
+PROVENANCE_PACKAGES = ("sbmoe", "torch", "transformers", "sentence-transformers", "faiss-cpu", "ranx", "numpy")
+
+
+def provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
+    """What produced an output: the exact command, package versions, Python, CPU class and time.
+
+    Saved beside every output (model, training run, evaluation, index, experiment). Reads versions
+    from package metadata, so it imports nothing heavy.
+    """
+    from sbmoe.runtime import cpu_description
+
+    versions = {}
+    for package in PROVENANCE_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "command": list(command) if command is not None else list(sys.argv),
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "cpu": cpu_description(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {[c for c in choices if c is not None]}, got {value!r}")
+        raise UsageError(f"{name} must be one of {[c for c in choices if c is not None]}, got {value!r}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
+from sbmoe.errors import DataError, UsageError
 from sbmoe.io import atomic_directory, atomic_open
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
@@ -48,10 +49,6 @@ BEIR_MD5: dict[str, str] = {
 
 _SPLIT_ORDER = {"train": 0, "dev": 1, "test": 2}
 _T = TypeVar("_T")
-
-
-class DataError(ValueError):
-    """A collection is missing, malformed or cannot be obtained; the message says where and why."""
 
 
 class DataWarning(UserWarning):
@@ -448,7 +445,7 @@ def train_dev_split(
             train = {qid: docs for qid, docs in train.items() if qid not in overlap}
         return train, dev
     if not 0.0 < dev_fraction < 1.0:
-        raise ValueError(f"dev_fraction must be between 0 and 1, got {dev_fraction}")
+        raise UsageError(f"dev_fraction must be between 0 and 1, got {dev_fraction}")
     if len(train) < 2:
         raise DataError(
             f"{collection.name}: split {train_split!r} has {len(train)} queries, "

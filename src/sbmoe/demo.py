@@ -22,11 +22,12 @@ from sbmoe import __version__
 from sbmoe.cache import EmbeddingCache
 from sbmoe.config import ModelConfig, TrainConfig, build_configs
 from sbmoe.data import BeirCollection, load_collection, resolve_data
-from sbmoe.encoding import resolve_precision
+from sbmoe.errors import UsageError
 from sbmoe.evaluation import PAPER_METRICS, EvaluationResult, evaluate_run, save_metrics
 from sbmoe.io import read_json, write_json
 from sbmoe.modeling import Retriever, resolve_backbone
 from sbmoe.pipeline import EvaluateConfig, evaluate_model
+from sbmoe.runtime import resolve_precision
 from sbmoe.training import train
 
 TABLE_METRICS = PAPER_METRICS
@@ -159,7 +160,7 @@ def run_demo(
     output = Path(config.output)
     saved_config = output / "demo_config.json"
     if saved_config.exists() and read_json(saved_config)["config"] != dataclasses.asdict(config):
-        raise ValueError(
+        raise UsageError(
             f"{output} holds a demo run with other settings ({saved_config}); pass another --output"
         )
     write_json(

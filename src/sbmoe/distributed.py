@@ -24,28 +24,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from sbmoe.errors import UsageError
+from sbmoe.runtime import resolve_device
+
 T = TypeVar("T")
 
 # Gradients are averaged in buckets of this many elements (bounds the extra memory).
 _BUCKET_ELEMENTS = 1 << 24
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The device to run on: ``auto`` (or ``None``) is this process's GPU when there is one, else the CPU.
-
-    Under ``torchrun`` the GPU is ``cuda:$LOCAL_RANK``, so each process gets its own.
-    """
-    if device is None or (isinstance(device, str) and device == "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for, but torch sees no CUDA device")
-        if resolved.index is None:  # name the GPU, so devices compare equal to the model's
-            resolved = torch.device("cuda", torch.cuda.current_device())
-    return resolved
 
 
 @dataclass(frozen=True)
@@ -216,7 +201,7 @@ def all_gather_with_grad(
     """
     sizes = tuple(int(s) for s in sizes)
     if len(sizes) != context.world_size or tensor.shape[0] != sizes[context.rank]:
-        raise ValueError(f"rank {context.rank} holds {tensor.shape[0]} rows, sizes say {sizes}")
+        raise UsageError(f"rank {context.rank} holds {tensor.shape[0]} rows, sizes say {sizes}")
     if not context.is_distributed:
         return tensor
     return _AllGatherWithGrad.apply(tensor.contiguous(), sizes, context.rank)
@@ -296,7 +281,7 @@ def shard_bounds(count: int, shard: int, num_shards: int) -> tuple[int, int]:
     shards in order gives the items in their original order.
     """
     if num_shards < 1 or not 0 <= shard < num_shards:
-        raise ValueError(f"shard must be in [0, {num_shards}), got {shard} of {num_shards}")
+        raise UsageError(f"shard must be in [0, {num_shards}), got {shard} of {num_shards}")
     base, extra = divmod(count, num_shards)
     start = shard * base + min(shard, extra)
     return start, start + base + (1 if shard < extra else 0)
@@ -313,7 +298,7 @@ def parse_shard(text: str) -> tuple[int, int]:
         shard_text, total_text = text.split("/")
         shard, total = int(shard_text), int(total_text)
     except ValueError:
-        raise ValueError(f"a shard is written i/N (e.g. 0/4), got {text!r}") from None
+        raise UsageError(f"a shard is written i/N (e.g. 0/4), got {text!r}") from None
     if total < 1 or not 0 <= shard < total:
-        raise ValueError(f"shard {text!r}: need 0 <= i < N")
+        raise UsageError(f"shard {text!r}: need 0 <= i < N")
     return shard, total

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -12,40 +11,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sbmoe.errors import UsageError
+from sbmoe.runtime import autocast, resolve_precision
+
 if TYPE_CHECKING:
     from sbmoe.cache import EmbeddingCache
     from sbmoe.modeling import Retriever
-
-
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """Turn ``auto`` into ``bf16`` where the device computes bf16 fast, else ``fp32``."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
-
-
-def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """An autocast context for a resolved precision (a no-op for fp32)."""
-    device = torch.device(device)
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def tokenize(retriever: Retriever, texts: Sequence[str], kind: str) -> dict[str, torch.Tensor]:
@@ -113,7 +84,7 @@ def encode_texts(
         cache: Reuse (or store) the pooled embeddings; only the head then runs on a hit.
     """
     if kind not in ("query", "document"):
-        raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
+        raise UsageError(f"kind must be 'query' or 'document', got {kind!r}")
     if not texts:
         dim = retriever.model.get_sentence_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)

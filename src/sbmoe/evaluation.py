@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.errors import UsageError
 from sbmoe.io import atomic_open, write_json
 
 PAPER_METRICS = ("ndcg@10", "recall@100", "mrr@10", "map@100", "precision@1", "ndcg@3")
@@ -89,7 +90,7 @@ def evaluate_run(
     """
     metric_names = _metric_names(metrics)
     if not qrels:
-        raise ValueError("qrels are empty: there is nothing to evaluate against")
+        raise UsageError("qrels are empty: there is nothing to evaluate against")
 
     query_ids = list(qrels)
     doc_numbers: dict[str, int] = {}
@@ -151,7 +152,7 @@ def read_trec_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
                 continue
             where = f"{path}, line {line_number}"
             if len(fields) != 6:
-                raise ValueError(
+                raise UsageError(
                     f"{where}: expected 6 fields 'qid Q0 docid rank score tag', "
                     f"found {len(fields)}: {line.rstrip()!r}"
                 )
@@ -159,14 +160,14 @@ def read_trec_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
             try:
                 int(rank)
             except ValueError:
-                raise ValueError(f"{where}: rank {rank!r} is not an integer") from None
+                raise UsageError(f"{where}: rank {rank!r} is not an integer") from None
             try:
                 value = float(score)
             except ValueError:
-                raise ValueError(f"{where}: score {score!r} is not a number") from None
+                raise UsageError(f"{where}: score {score!r} is not a number") from None
             docs = run.setdefault(qid, {})
             if doc_id in docs:
-                raise ValueError(f"{where}: document {doc_id!r} appears twice for query {qid!r}")
+                raise UsageError(f"{where}: document {doc_id!r} appears twice for query {qid!r}")
             docs[doc_id] = value
     return run
 
@@ -191,7 +192,7 @@ def save_metrics(
     summary["num_queries"] = int(result.num_queries)
     clashes = sorted(set(extra or {}) & set(summary))
     if clashes:
-        raise ValueError(f"extra keys {clashes} clash with metric names or 'num_queries'")
+        raise UsageError(f"extra keys {clashes} clash with metric names or 'num_queries'")
     summary.update(extra or {})
 
     output_dir = Path(output_dir)
@@ -209,10 +210,10 @@ def save_metrics(
 def _metric_names(metrics: Sequence[str] | str) -> list[str]:
     names = [metrics] if isinstance(metrics, str) else list(metrics)
     if not names:
-        raise ValueError("no metrics requested")
+        raise UsageError("no metrics requested")
     for name in names:
         if not isinstance(name, str) or not name:
-            raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+            raise UsageError(f"metric names must be non-empty strings, got {name!r}")
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
@@ -224,7 +225,7 @@ def _qrels_array(qid: str, judged: Mapping[str, int], doc_numbers: dict[str, int
         except (TypeError, ValueError):
             as_int = None
         if as_int is None or as_int != grade:
-            raise ValueError(f"qrels: relevance of {doc_id!r} for query {qid!r} is {grade!r}, not an integer")
+            raise UsageError(f"qrels: relevance of {doc_id!r} for query {qid!r} is {grade!r}, not an integer")
         rows.append((doc_numbers.setdefault(doc_id, len(doc_numbers)), as_int))
     # ranx computes the ideal DCG by reading the qrels as a ranking, so they must be best-first.
     rows.sort(key=lambda row: -row[1])
@@ -250,7 +251,7 @@ def _ranked(qid: str, docs: Mapping[str, float]) -> list[tuple[str, float]]:
     for doc_id, score in docs.items():
         value = float(score)
         if math.isnan(value):
-            raise ValueError(f"run: score of {doc_id!r} for query {qid!r} is NaN")
+            raise UsageError(f"run: score of {doc_id!r} for query {qid!r} is NaN")
         items.append((doc_id, value))
     items.sort(key=lambda item: (-item[1], item[0]))
     return items
@@ -305,7 +306,7 @@ def _quiet_numba() -> Iterator[None]:
 
 def _check_token(value: Any, what: str) -> None:
     if not isinstance(value, str) or value.split() != [value]:
-        raise ValueError(
+        raise UsageError(
             f"{what} {value!r} cannot be written to a TREC file: "
             "it must be a non-empty string without whitespace"
         )

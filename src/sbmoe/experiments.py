@@ -42,6 +42,7 @@ from sbmoe.cache import EmbeddingCache
 from sbmoe.config import ModelConfig, TrainConfig, build_configs
 from sbmoe.data import BeirCollection, load_collection, resolve_data
 from sbmoe.encoding import encode_texts
+from sbmoe.errors import UsageError
 from sbmoe.io import read_json, write_json
 from sbmoe.modeling import Retriever
 from sbmoe.pipeline import EvaluateConfig, evaluate_model
@@ -137,20 +138,20 @@ def load_grid(path: str | Path) -> ExperimentGrid:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"{path}: cannot read the experiment file ({error})") from error
+        raise UsageError(f"{path}: cannot read the experiment file ({error})") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of grid keys at the top level")
+        raise UsageError(f"{path}: expected a mapping of grid keys at the top level")
     unknown = sorted(set(data) - GRID_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(GRID_KEYS)}")
+        raise UsageError(f"{path}: unknown keys {unknown}; allowed: {sorted(GRID_KEYS)}")
     for key in ("backbones", "collections", "variants"):
         if not data.get(key):
-            raise ValueError(f"{path}: `{key}` is missing or empty")
+            raise UsageError(f"{path}: `{key}` is missing or empty")
     for key in ("backbones", "collections", "experts", "seeds"):
         if key in data and not isinstance(data[key], list):
-            raise ValueError(f"{path}: `{key}` must be a list")
+            raise UsageError(f"{path}: `{key}` must be a list")
     if not isinstance(data["variants"], dict):
-        raise ValueError(f"{path}: `variants` must map variant names to settings")
+        raise UsageError(f"{path}: `variants` must map variant names to settings")
     data.setdefault("name", path.stem)
     grid = ExperimentGrid(**data)
     for name, settings in grid.variants.items():
@@ -159,11 +160,11 @@ def load_grid(path: str | Path) -> ExperimentGrid:
         model_keys = set(settings) - {"train"}
         bad = sorted(model_keys - {f.name for f in dataclasses.fields(ModelConfig)})
         if bad:
-            raise ValueError(f"{path}: variant {name!r} has unknown model settings {bad}")
+            raise UsageError(f"{path}: variant {name!r} has unknown model settings {bad}")
     for key, cls in (("model", ModelConfig), ("train", TrainConfig), ("evaluate", EvaluateConfig)):
         bad = sorted(set(getattr(grid, key)) - {f.name for f in dataclasses.fields(cls)})
         if bad:
-            raise ValueError(f"{path}: `{key}` has unknown settings {bad}")
+            raise UsageError(f"{path}: `{key}` has unknown settings {bad}")
     return grid
 
 

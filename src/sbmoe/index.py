@@ -35,6 +35,7 @@ import faiss
 import numpy as np
 
 from sbmoe import __version__
+from sbmoe.errors import MissingInputError, SbmoeError, UsageError
 from sbmoe.io import atomic_directory, write_json
 
 INDEX_FILE = "index.faiss"
@@ -62,7 +63,7 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 Run = dict[str, dict[str, float]]
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(SbmoeError, ValueError):
     """The index on disk was built from a different model's embeddings than the one in use."""
 
     def __init__(self, directory: str | os.PathLike, found: str, expected: str) -> None:
@@ -140,14 +141,14 @@ class DenseIndex:
     ) -> None:
         vectors = _as_matrix(embeddings, "embeddings")
         if vectors.shape[0] == 0:
-            raise ValueError("embeddings has no rows: there is nothing to index")
+            raise UsageError("embeddings has no rows: there is nothing to index")
         ids = _check_ids(doc_ids, "doc_ids")
         if len(ids) != vectors.shape[0]:
-            raise ValueError(
+            raise UsageError(
                 f"got {len(ids)} doc_ids for {vectors.shape[0]} embedding rows; they must match one to one"
             )
         if nprobe is not None and index_type != "ivf":
-            raise ValueError(f"nprobe applies to ivf indexes, not {index_type!r}")
+            raise UsageError(f"nprobe applies to ivf indexes, not {index_type!r}")
         index = _build_faiss_index(
             index_type, dtype, vectors.shape[1], len(ids), lambda: iter([vectors]), nlist
         )
@@ -164,12 +165,12 @@ class DenseIndex:
         nprobe: int | None = None,
     ) -> None:
         if not isinstance(fingerprint, str) or not fingerprint:
-            raise ValueError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
+            raise UsageError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
         metadata = dict(metadata or {})
         try:
             json.dumps(metadata)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"metadata must be JSON-serialisable: {error}") from None
+            raise UsageError(f"metadata must be JSON-serialisable: {error}") from None
         self._index = index
         self._doc_ids = doc_ids
         # Maps a whole (queries, k) array of rows to ids in one vectorised lookup.
@@ -195,7 +196,7 @@ class DenseIndex:
     @nprobe.setter
     def nprobe(self, value: int) -> None:
         if self.index_type != "ivf":
-            raise ValueError(f"nprobe applies to ivf indexes, this one is {self.index_type!r}")
+            raise UsageError(f"nprobe applies to ivf indexes, this one is {self.index_type!r}")
         _check_positive(value, "nprobe")
         self._nprobe = min(int(value), int(self._index.nlist))
 
@@ -213,7 +214,7 @@ class DenseIndex:
         """
         stop = len(self) if stop is None else min(stop, len(self))
         if not 0 <= start <= stop:
-            raise ValueError(f"bad row range {start}:{stop} for an index of {len(self)} rows")
+            raise UsageError(f"bad row range {start}:{stop} for an index of {len(self)} rows")
         if self.index_type == "ivf":
             if self._index.direct_map.type == faiss.DirectMap.NoMap:
                 self._index.make_direct_map()
@@ -274,18 +275,18 @@ class DenseIndex:
         """
         queries = _as_matrix(query_embeddings, "query_embeddings")
         if queries.shape[1] != self.dim:
-            raise ValueError(
+            raise UsageError(
                 f"query_embeddings have dimension {queries.shape[1]} but the index holds "
                 f"{self.dim}-dimensional vectors; were they made by the same model?"
             )
         if query_ids is None:
             if exclude_self:
-                raise ValueError("exclude_self needs query_ids to compare with the doc ids")
+                raise UsageError("exclude_self needs query_ids to compare with the doc ids")
             qids = tuple(str(i) for i in range(queries.shape[0]))
         else:
             qids = _check_ids(query_ids, "query_ids")
             if len(qids) != queries.shape[0]:
-                raise ValueError(f"got {len(qids)} query_ids for {queries.shape[0]} query embeddings")
+                raise UsageError(f"got {len(qids)} query_ids for {queries.shape[0]} query embeddings")
         _check_positive(k, "k")
         _check_positive(batch_size, "batch_size")
 
@@ -374,12 +375,12 @@ class DenseIndex:
         """
         directory = Path(directory)
         if not directory.is_dir():
-            raise FileNotFoundError(f"no index directory at {directory}; build one with `sbmoe index ...`")
+            raise MissingInputError(f"no index directory at {directory}; build one with `sbmoe index ...`")
         # sbmoe.shards builds on this module, so it is imported here, not at the top.
         from sbmoe.shards import is_sharded_index
 
         if is_sharded_index(directory):
-            raise ValueError(
+            raise UsageError(
                 f"{directory} holds a sharded index: search it with sbmoe.shards.load_index (or "
                 f"ShardedIndex.load), or merge it into one with `sbmoe merge-index --index {directory} ...`"
             )
@@ -387,18 +388,18 @@ class DenseIndex:
         meta_path = directory / META_FILE
         meta = _read_json_file(meta_path)
         if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path} is corrupt: expected a JSON object")
+            raise UsageError(f"{meta_path} is corrupt: expected a JSON object")
         missing = [key for key in ("fingerprint", "index_type", "dim", "count") if key not in meta]
         if missing:
-            raise ValueError(f"{meta_path} is corrupt: missing {', '.join(missing)}")
+            raise UsageError(f"{meta_path} is corrupt: missing {', '.join(missing)}")
         if not isinstance(meta["fingerprint"], str) or not meta["fingerprint"]:
-            raise ValueError(f"{meta_path} is corrupt: fingerprint must be a non-empty string")
+            raise UsageError(f"{meta_path} is corrupt: fingerprint must be a non-empty string")
         if meta["index_type"] not in INDEX_TYPES:
-            raise ValueError(f"{meta_path}: unknown index_type {meta['index_type']!r}")
+            raise UsageError(f"{meta_path}: unknown index_type {meta['index_type']!r}")
         # Indexes saved before float16 storage existed have no dtype: they are float32.
         dtype = meta.get("dtype", "float32")
         if dtype not in EMBEDDING_DTYPES:
-            raise ValueError(
+            raise UsageError(
                 f"{meta_path}: unknown dtype {dtype!r}; expected one of {', '.join(EMBEDDING_DTYPES)}"
             )
         # Checked before reading the (possibly large) index file.
@@ -408,33 +409,33 @@ class DenseIndex:
         ids_path = directory / DOC_IDS_FILE
         raw_ids = _read_json_file(ids_path)
         if not isinstance(raw_ids, list):
-            raise ValueError(f"{ids_path} is corrupt: expected a JSON list of document ids")
+            raise UsageError(f"{ids_path} is corrupt: expected a JSON list of document ids")
         try:
             doc_ids = _check_ids(raw_ids, "doc_ids")
         except ValueError as error:
-            raise ValueError(f"{ids_path} is corrupt: {error}") from None
+            raise UsageError(f"{ids_path} is corrupt: {error}") from None
 
         index_path = directory / INDEX_FILE
         if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path} is missing; rebuild the index with `sbmoe index ...`")
+            raise MissingInputError(f"{index_path} is missing; rebuild the index with `sbmoe index ...`")
         try:
             index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
         except RuntimeError as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            raise ValueError(
+            raise UsageError(
                 f"{index_path} is corrupt or not a FAISS index ({reason}); rebuild it with `sbmoe index ...`"
             ) from error
 
         if not _is_faiss_index_of(index, meta["index_type"], dtype):
             expected = _INDEX_CLASSES[meta["index_type"], dtype].__name__
             expected += " with the fp16 scalar quantizer" if dtype == "float16" else ""
-            raise ValueError(
+            raise UsageError(
                 f"{index_path} holds a {type(index).__name__} but {meta_path} says "
                 f"{meta['index_type']!r} with {dtype} embeddings, which is an inner-product {expected}; "
                 f"were the files of two indexes mixed?"
             )
         if not (index.ntotal == len(doc_ids) == meta["count"]) or index.d != meta["dim"]:
-            raise ValueError(
+            raise UsageError(
                 f"index directory {directory} is inconsistent: {INDEX_FILE} has {index.ntotal} vectors "
                 f"of dimension {index.d}, {DOC_IDS_FILE} has {len(doc_ids)} ids, {META_FILE} says "
                 f"{meta['count']} of dimension {meta['dim']}"
@@ -470,12 +471,12 @@ class DenseIndex:
 
         root = Path(root)
         if (root / META_FILE).exists():
-            raise ValueError(
+            raise UsageError(
                 f"{root} holds a single (unsharded) index; write the shards to another directory "
                 f"or delete it first"
             )
         if not 0 <= shard < num_shards:
-            raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
+            raise UsageError(f"shard must be in [0, {num_shards}), got {shard}")
         self.metadata["shard"] = {
             "index": shard,
             "count": num_shards,
@@ -530,11 +531,11 @@ def _build_faiss_index(
     stream from disk (shards) instead of being held in memory all at once.
     """
     if index_type not in INDEX_TYPES:
-        raise ValueError(f"unknown index_type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+        raise UsageError(f"unknown index_type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     if dtype not in EMBEDDING_DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(EMBEDDING_DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(EMBEDDING_DTYPES)}")
     if index_type != "ivf" and nlist is not None:
-        raise ValueError(f"nlist applies to ivf indexes, not {index_type!r}")
+        raise UsageError(f"nlist applies to ivf indexes, not {index_type!r}")
     fp16 = faiss.ScalarQuantizer.QT_fp16
     ip = faiss.METRIC_INNER_PRODUCT
     if index_type == "flat":
@@ -548,7 +549,7 @@ def _build_faiss_index(
         nlist = default_nlist(count) if nlist is None else nlist
         _check_positive(nlist, "nlist")
         if nlist > count:
-            raise ValueError(f"nlist={nlist} is more IVF cells than the {count} vectors to index")
+            raise UsageError(f"nlist={nlist} is more IVF cells than the {count} vectors to index")
         if dtype == "float32":
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, ip)
         else:
@@ -563,13 +564,13 @@ def _build_faiss_index(
         for start in range(0, len(chunk), _ADD_CHUNK):
             rows = np.ascontiguousarray(chunk[start : start + _ADD_CHUNK], dtype=np.float32)
             if dtype == "float16" and len(rows) and np.abs(rows).max() > _FLOAT16_MAX:
-                raise ValueError(
+                raise UsageError(
                     f"embeddings hold values beyond float16's range (+-{_FLOAT16_MAX:g}); "
                     f"store them as float32"
                 )
             index.add(rows)
     if index.ntotal != count:
-        raise ValueError(f"expected {count} vectors, got {index.ntotal}")
+        raise UsageError(f"expected {count} vectors, got {index.ntotal}")
     return index
 
 
@@ -678,42 +679,42 @@ def _as_matrix(array: np.ndarray, name: str) -> np.ndarray:
     matrix = np.asarray(array)
     if matrix.ndim != 2:
         hint = " (use x.reshape(1, -1) for a single vector)" if matrix.ndim == 1 else ""
-        raise ValueError(f"{name} must be a 2-D array (rows, dim), got shape {matrix.shape}{hint}")
+        raise UsageError(f"{name} must be a 2-D array (rows, dim), got shape {matrix.shape}{hint}")
     if matrix.shape[1] == 0:
-        raise ValueError(f"{name} has dimension 0")
+        raise UsageError(f"{name} has dimension 0")
     if not (np.issubdtype(matrix.dtype, np.floating) or np.issubdtype(matrix.dtype, np.integer)):
-        raise ValueError(f"{name} must hold numbers, got dtype {matrix.dtype}")
+        raise UsageError(f"{name} must hold numbers, got dtype {matrix.dtype}")
     matrix = np.ascontiguousarray(matrix, dtype=np.float32)
     if not np.isfinite(matrix).all():
         bad = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
-        raise ValueError(f"{name} has NaN or infinite values (first in row {bad})")
+        raise UsageError(f"{name} has NaN or infinite values (first in row {bad})")
     return matrix
 
 
 def _check_ids(ids: Sequence[str], name: str) -> tuple[str, ...]:
     if isinstance(ids, str):
-        raise ValueError(f"{name} must be a sequence of strings, not a single string")
+        raise UsageError(f"{name} must be a sequence of strings, not a single string")
     result = tuple(ids)
     for value in result:
         if not isinstance(value, str):
-            raise ValueError(f"{name} must all be strings, found {value!r} ({type(value).__name__})")
+            raise UsageError(f"{name} must all be strings, found {value!r} ({type(value).__name__})")
     if len(set(result)) != len(result):
         repeated = [value for value, count in Counter(result).items() if count > 1]
         shown = ", ".join(repr(value) for value in repeated[:5])
-        raise ValueError(f"{name} must be unique; {len(repeated)} repeat, e.g. {shown}")
+        raise UsageError(f"{name} must be unique; {len(repeated)} repeat, e.g. {shown}")
     return result
 
 
 def _check_positive(value: int, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _read_json_file(path: Path) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; rebuild the index with `sbmoe index ...`")
+        raise MissingInputError(f"{path} is missing; rebuild the index with `sbmoe index ...`")
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is corrupt: not valid JSON ({error})") from None
+        raise UsageError(f"{path} is corrupt: not valid JSON ({error})") from None

@@ -27,19 +27,16 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 
 from sbmoe import __version__
 from sbmoe.config import ModelConfig, from_dict
-from sbmoe.distributed import resolve_device
+from sbmoe.errors import ModelLoadError
 from sbmoe.io import write_json
 from sbmoe.moe_head import MoEHead
+from sbmoe.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
 SBMOE_CONFIG_FILE = "sbmoe.json"
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 DEFAULT_MAX_LENGTH = 256
-
-
-class ModelLoadError(RuntimeError):
-    """A backbone or saved model could not be found or loaded."""
 
 
 def resolve_backbone(name: str) -> str:

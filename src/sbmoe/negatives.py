@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sbmoe.data import BeirCollection
+from sbmoe.errors import UsageError
 from sbmoe.io import read_json, write_json
 
 if TYPE_CHECKING:
@@ -131,5 +132,5 @@ def load_negatives(path: str | Path) -> Negatives:
     """Read negatives written by :func:`save_negatives`."""
     data = read_json(path)
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-        raise ValueError(f"{path}: expected a JSON object of query id -> list of document ids")
+        raise UsageError(f"{path}: expected a JSON object of query id -> list of document ids")
     return {str(k): [str(d) for d in v] for k, v in data.items()}

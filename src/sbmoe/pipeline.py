@@ -18,6 +18,7 @@ from sbmoe import __version__
 from sbmoe.cache import EmbeddingCache
 from sbmoe.data import BeirCollection
 from sbmoe.distributed import shard_bounds
+from sbmoe.errors import UsageError
 from sbmoe.evaluation import PAPER_METRICS, EvaluationResult, evaluate_run, save_metrics, write_trec_run
 from sbmoe.index import DenseIndex
 from sbmoe.io import write_json
@@ -165,7 +166,7 @@ def index_corpus(
     doc_ids = list(collection.corpus)
     start, stop = shard_bounds(len(doc_ids), *shard) if shard else (0, len(doc_ids))
     if stop == start:
-        raise ValueError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
+        raise UsageError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
     doc_ids = doc_ids[start:stop]
     documents = [collection.corpus[d].full_text for d in doc_ids]
     index = build_index(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.errors import UsageError
 from sbmoe.evaluation import PAPER_METRICS
 from sbmoe.experiments import iter_finished_cells, slug
 from sbmoe.io import atomic_open, read_json, write_json
@@ -253,7 +254,7 @@ def build_report(
     """Collect the finished cells of ``output_dir`` and test each system against ``baseline``."""
     systems = collect_results(output_dir, metrics)
     if not systems:
-        raise ValueError(f"{output_dir}: no finished cells (cells/*/done.json) to report on")
+        raise UsageError(f"{output_dir}: no finished cells (cells/*/done.json) to report on")
     report = ExperimentReport(systems, {}, metrics, baseline, metric)
     for group, members in report.groups().items():
         base = next((s for s in members if s.variant == baseline), None)

@@ -8,6 +8,7 @@ import numpy as np
 
 from sbmoe.cache import EmbeddingCache
 from sbmoe.encoding import apply_head_stages, encode_texts
+from sbmoe.errors import UsageError
 from sbmoe.index import DenseIndex
 from sbmoe.modeling import Retriever
 from sbmoe.shards import ShardedIndex
@@ -113,7 +114,7 @@ def search_per_expert_pooling(
     small head to the pooled embeddings.
     """
     if retriever.head is None:
-        raise ValueError("search_per_expert_pooling needs a model with an MoE head")
+        raise UsageError("search_per_expert_pooling needs a model with an MoE head")
     pooled_docs = encode_texts(
         retriever, documents, "document", batch_size, precision, True, show_progress, cache=cache
     )

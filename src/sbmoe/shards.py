@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.errors import MissingInputError, UsageError
 from sbmoe.index import (
     _ADD_CHUNK,
     DOC_IDS_FILE,
@@ -132,7 +133,7 @@ class ShardedIndex:
             for directory in self.shard_dirs:
                 raw = _read_json_file(directory / DOC_IDS_FILE)
                 if not isinstance(raw, list):
-                    raise ValueError(f"{directory / DOC_IDS_FILE} is corrupt: expected a JSON list")
+                    raise UsageError(f"{directory / DOC_IDS_FILE} is corrupt: expected a JSON list")
                 ids.extend(raw)
             self._doc_ids = _check_ids(ids, "doc_ids of the shards")
         return self._doc_ids
@@ -181,7 +182,7 @@ class ShardedIndex:
         index_type = index_type or (self.index_type if self.index_type != "mixed" else "flat")
         dtype = dtype or (self.dtype if self.dtype != "mixed" else "float32")
         if nprobe is not None and index_type != "ivf":
-            raise ValueError(f"nprobe applies to ivf indexes, not {index_type!r}")
+            raise UsageError(f"nprobe applies to ivf indexes, not {index_type!r}")
         doc_ids = self.doc_ids
         shards = [self.shard(number) for number in range(self.num_shards)]
 
@@ -216,11 +217,11 @@ class ShardedIndex:
                 found[number] = (count, entry)
                 counts.add(count)
         if not found:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no index shards in {directory}; build them with `sbmoe index ... --shard i/N`"
             )
         if len(counts) > 1:
-            raise ValueError(
+            raise UsageError(
                 f"{directory} mixes shards of {sorted(counts)} shards each; delete the stale ones "
                 f"(the directories shard-*-of-N of the other runs)"
             )
@@ -228,7 +229,7 @@ class ShardedIndex:
         missing = [i for i in range(num_shards) if i not in found]
         if missing:
             shown = ", ".join(f"{i}/{num_shards}" for i in missing[:10])
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{directory} lacks {len(missing)} of its {num_shards} shards ({shown}); build them with "
                 f"`sbmoe index ... --output {directory} --shard i/{num_shards}`"
             )
@@ -237,21 +238,21 @@ class ShardedIndex:
         for number, shard_dir in enumerate(shard_dirs):
             meta = _read_json_file(shard_dir / META_FILE)
             if not isinstance(meta, dict) or not {"fingerprint", "index_type", "dim", "count"} <= set(meta):
-                raise ValueError(f"{shard_dir / META_FILE} is corrupt")
+                raise UsageError(f"{shard_dir / META_FILE} is corrupt")
             info = (meta.get("metadata") or {}).get("shard") or {}
             if info.get("index") != number or info.get("count") != num_shards:
-                raise ValueError(f"{shard_dir / META_FILE} does not describe shard {number} of {num_shards}")
+                raise UsageError(f"{shard_dir / META_FILE} does not describe shard {number} of {num_shards}")
             metas.append(meta)
         fingerprints = {meta["fingerprint"] for meta in metas}
         if len(fingerprints) > 1:
-            raise ValueError(
+            raise UsageError(
                 f"the shards in {directory} were built by {len(fingerprints)} different models; rebuild "
                 f"the stale ones with the same model"
             )
         if expected_fingerprint is not None and metas[0]["fingerprint"] != expected_fingerprint:
             raise IndexMismatchError(directory, metas[0]["fingerprint"], expected_fingerprint)
         if len({meta["dim"] for meta in metas}) > 1:
-            raise ValueError(f"the shards in {directory} hold vectors of different dimensions")
+            raise UsageError(f"the shards in {directory} hold vectors of different dimensions")
         infos = [meta["metadata"]["shard"] for meta in metas]
         total = infos[0].get("total")
         position = 0
@@ -261,12 +262,12 @@ class ShardedIndex:
                 or info.get("stop") != position + meta["count"]
                 or info.get("total") != total
             ):
-                raise ValueError(
+                raise UsageError(
                     f"shard {number} of {directory} covers documents {info.get('start')}:{info.get('stop')} "
                     f"of {info.get('total')}, expected to start at {position} of {total}; were the shards "
                     f"built from the same corpus?"
                 )
             position += meta["count"]
         if position != total:
-            raise ValueError(f"the shards in {directory} hold {position} documents, the corpus has {total}")
+            raise UsageError(f"the shards in {directory} hold {position} documents, the corpus has {total}")
         return cls(directory, shard_dirs, metas)

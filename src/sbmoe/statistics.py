@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from sbmoe.errors import UsageError
+
 TestName = Literal["t-test", "randomization"]
 TESTS: tuple[str, ...] = ("t-test", "randomization")
 
@@ -44,7 +46,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """
     array = np.asarray(list(values), dtype=np.float64)
     if array.size == 0:
-        raise ValueError("mean_std needs at least one value")
+        raise UsageError("mean_std needs at least one value")
     std = float(np.std(array, ddof=1)) if array.size > 1 else 0.0
     return float(np.mean(array)), std
 
@@ -70,7 +72,7 @@ def paired_t_test(a: Mapping[str, float], b: Mapping[str, float]) -> float:
     if np.array_equal(x, y):
         return 1.0
     if x.size < 2:
-        raise ValueError("the t-test needs at least two queries in common")
+        raise UsageError("the t-test needs at least two queries in common")
     with warnings.catch_warnings():
         # Near-constant differences make scipy warn about precision loss; the result (t = +-inf,
         # p = 0) is still the right limit.
@@ -103,7 +105,7 @@ def randomization_test(
         ValueError: No query in common, a NaN score, or ``trials < 1``.
     """
     if not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be a positive integer, got {trials!r}")
+        raise UsageError(f"trials must be a positive integer, got {trials!r}")
     x, y = _paired(a, b)
     diffs = x - y
     observed = abs(float(diffs.sum()))
@@ -291,18 +293,18 @@ def compare_to_baseline(
             or a system with no query in common with the baseline.
     """
     if test not in TESTS:
-        raise ValueError(f"unknown test {test!r}; choose one of {', '.join(TESTS)}")
+        raise UsageError(f"unknown test {test!r}; choose one of {', '.join(TESTS)}")
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+        raise UsageError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
     if baseline not in per_query:
-        raise ValueError(f"baseline {baseline!r} is not among the systems: {', '.join(map(repr, per_query))}")
+        raise UsageError(f"baseline {baseline!r} is not among the systems: {', '.join(map(repr, per_query))}")
     others = [name for name in per_query if name != baseline]
     if not others:
-        raise ValueError("there is no system to compare with the baseline")
+        raise UsageError("there is no system to compare with the baseline")
 
     base = per_query[baseline]
     if not base:
-        raise ValueError(f"baseline {baseline!r} has no per-query scores")
+        raise UsageError(f"baseline {baseline!r} has no per-query scores")
     _, base_scores = _paired(base, base)
     raw: dict[str, float] = {}
     rows: dict[str, tuple[int, float, float]] = {}
@@ -311,7 +313,7 @@ def compare_to_baseline(
         try:
             system_scores, baseline_scores = _paired(scores, base)
         except ValueError as exc:
-            raise ValueError(f"system {name!r} against baseline {baseline!r}: {exc}") from None
+            raise UsageError(f"system {name!r} against baseline {baseline!r}: {exc}") from None
         if system_scores.size != len(base) or system_scores.size != len(scores):
             warnings.warn(
                 f"system {name!r} and baseline {baseline!r} are compared on the {system_scores.size} "
@@ -360,13 +362,13 @@ def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[np.ndarray,
     """Scores of ``a`` and ``b`` on their common query ids, sorted by id, as float64 arrays."""
     common = sorted(set(a).intersection(b))
     if not common:
-        raise ValueError(f"no query in common ({len(a)} and {len(b)} queries)")
+        raise UsageError(f"no query in common ({len(a)} and {len(b)} queries)")
     x = np.array([float(a[qid]) for qid in common], dtype=np.float64)
     y = np.array([float(b[qid]) for qid in common], dtype=np.float64)
     for scores in (x, y):
         bad = np.flatnonzero(np.isnan(scores))
         if bad.size:
-            raise ValueError(f"score of query {common[bad[0]]!r} is NaN")
+            raise UsageError(f"score of query {common[bad[0]]!r} is NaN")
     return x, y
 
 

@@ -63,7 +63,8 @@ from sbmoe.distributed import (
     shard_bounds,
     split_sizes,
 )
-from sbmoe.encoding import autocast, resolve_precision, run_stages, tokenize
+from sbmoe.encoding import run_stages, tokenize
+from sbmoe.errors import UsageError
 from sbmoe.gradient_cache import GradientCache
 from sbmoe.head_only import PooledTexts
 from sbmoe.io import atomic_directory, read_json, write_json
@@ -71,6 +72,7 @@ from sbmoe.losses import in_batch_contrastive_loss, load_balancing_loss, router_
 from sbmoe.modeling import Retriever
 from sbmoe.negatives import load_negatives, mine_bm25_negatives, mine_dense_negatives, save_negatives
 from sbmoe.routing import RoutingTracker
+from sbmoe.runtime import autocast, resolve_precision, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +93,6 @@ class TrainResult:
         data = dataclasses.asdict(self)
         data["output_dir"] = str(self.output_dir)
         return data
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def learning_rate_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -153,7 +148,7 @@ class Trainer:
         config.validate()
         self.context = context or DistributedContext(device=retriever.device)
         if self.context.device != retriever.device:
-            raise ValueError(
+            raise UsageError(
                 f"the model is on {retriever.device} but this process computes on {self.context.device}"
             )
         self.retriever = retriever
@@ -174,7 +169,7 @@ class Trainer:
         )
         self.pairs = positive_pairs(self.train_qrels)
         if len(self.pairs) < 2:
-            raise ValueError(
+            raise UsageError(
                 f"{collection.name}: fewer than 2 training pairs in split {config.train_split!r}"
             )
         if self.batch_order is None and config.length_grouped:
@@ -187,7 +182,7 @@ class Trainer:
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
         self.frozen_backbone = config.freeze_backbone or config.head_only
         if self.frozen_backbone and retriever.head is None:
-            raise ValueError(
+            raise UsageError(
                 "freeze_backbone/head_only train the MoE head only: the model needs --num-experts > 0"
             )
         if config.head_only and cache is None:
@@ -247,12 +242,12 @@ class Trainer:
         if {k: saved.get(k) for k in ("model_config", "train_config")} != {
             k: mine[k] for k in ("model_config", "train_config")
         }:
-            raise ValueError(
+            raise UsageError(
                 f"{self.output_dir} holds a checkpoint of a different configuration; choose another "
                 f"--output or delete {self.training_dir} to start over"
             )
         if saved.get("world_size", 1) != mine["world_size"]:
-            raise ValueError(
+            raise UsageError(
                 f"{self.output_dir} holds a checkpoint of a run on {saved.get('world_size', 1)} "
                 f"process(es), this one has {mine['world_size']}: the global batch would change. Resume "
                 f"with the same number of processes, or choose another --output"

@@ -1,0 +1,28 @@
+"""The errors sbmoe raises for problems a user can fix: bad data, settings, models, indexes, paths.
+
+The command line prints these in one line and exits with code 2; any other exception is a bug and
+keeps its traceback. Each class also derives from the built-in it replaces, so
+``except ValueError`` keeps working for Python callers.
+"""
+
+from __future__ import annotations
+
+
+class SbmoeError(Exception):
+    """A problem with what the user gave sbmoe (not a bug in sbmoe)."""
+
+
+class UsageError(SbmoeError, ValueError):
+    """A setting, option or argument that cannot be used as given."""
+
+
+class DataError(SbmoeError, ValueError):
+    """A collection is missing, malformed or cannot be obtained; the message says where and why."""
+
+
+class MissingInputError(SbmoeError, FileNotFoundError):
+    """A file or directory the user named (collection, index, model, grid) does not exist."""
+
+
+class ModelLoadError(SbmoeError, RuntimeError):
+    """A backbone or saved model could not be found or loaded."""
