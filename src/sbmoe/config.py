@@ -266,7 +266,15 @@ def build_configs(
     return model_config, train_config
 
 
-PROVENANCE_PACKAGES = ("sbmoe", "torch", "transformers", "sentence-transformers", "faiss-cpu", "ranx", "numpy")
+PROVENANCE_PACKAGES = (
+    "sbmoe",
+    "torch",
+    "transformers",
+    "sentence-transformers",
+    "faiss-cpu",
+    "ranx",
+    "numpy",
+)
 
 
 def provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
