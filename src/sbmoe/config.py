@@ -13,9 +13,12 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from sbmoe.errors import UsageError
+
+# The paper's metrics (Sokli et al.), as ranx names them.
+PAPER_METRICS = ("ndcg@10", "recall@100", "mrr@10", "map@100", "precision@1", "ndcg@3")
 
 GatingVariant = Literal["paper", "learned", "random"]
 ExpertPooling = Literal["top1", "topk", "all"]
@@ -27,56 +30,124 @@ EXPERT_POOLINGS = ("top1", "topk", "all")
 SIMILARITIES = ("auto", "cosine", "dot")
 PRECISIONS = ("auto", "fp32", "bf16")
 POOLINGS = ("mean", "cls", "max")
+SCHEDULERS = ("constant", "linear", "cosine")
+CHECKPOINT_SELECTIONS = ("best", "last")
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+EMBEDDING_DTYPES = ("float32", "float16")
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: Sequence[Any] | None = None,
+    flag: str | None = None,
+    default_factory: Any = dataclasses.MISSING,
+    nargs: str | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A config field with the help text and choices its command-line flag is generated from.
+
+    Args:
+        default: The field's default.
+        help: One line for ``--help``; the default is appended by the parser.
+        choices: Allowed values (also checked by ``validate``).
+        flag: The flag when it is not ``--`` + the field name with dashes.
+        default_factory: For mutable defaults.
+        nargs: ``+`` for a list flag.
+        metavar: Placeholder shown in ``--help``.
+    """
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag}
+    metadata.update(nargs=nargs, metavar=metavar)
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# Settings that more than one job has, with the same meaning everywhere: defined once here.
+def _precision_setting() -> Any:
+    return setting(
+        "auto",
+        choices=PRECISIONS,
+        help="bf16 (autocast, bf16 weight copies when encoding), fp32, or auto: bf16 where the "
+        "CPU (AMX, AVX512-BF16) or GPU computes bf16 fast, else fp32",
+    )
+
+
+def _encode_batch_size_setting() -> Any:
+    return setting(64, help="texts per forward pass when encoding", metavar="N")
+
+
+def _documents_top_k_setting(default: int) -> Any:
+    return setting(default, help="documents retrieved per query", metavar="K")
+
+
+def _exclude_self_setting() -> Any:
+    return setting(
+        False,
+        help="drop a retrieved document whose id equals the query id (BEIR's rule for collections "
+        "whose queries are also documents, e.g. ArguAna, Quora)",
+    )
 
 
 @dataclass
 class ModelConfig:
-    """How to build an SB-MoE retriever from a backbone encoder.
+    """How to build an SB-MoE retriever from a backbone encoder (saved as ``sbmoe.json``)."""
 
-    Attributes:
-        backbone: Hugging Face hub name, local directory, or ``all-MiniLM-L6-v2`` (offline copy).
-        pooling: ``mean``, ``cls`` or ``max``; ``None`` keeps a sentence-transformers backbone's own
-            pooling and uses ``mean`` for a plain transformer.
-        similarity: ``cosine`` (L2-normalised embeddings, dot product), ``dot`` (raw dot product) or
-            ``auto`` (the backbone's own choice where it records one, else ``cosine``).
-        max_query_length: Token limit for queries.
-        max_doc_length: Token limit for documents; ``None`` takes the backbone's max_seq_length (or 256).
-        num_experts: Experts in the MoE block; 0 builds the plain fine-tuned baseline (no head).
-        expert_pooling: How expert outputs are combined: ``top1``, ``topk`` (``top_k`` experts) or
-            ``all`` (softmax-weighted sum of every expert).
-        top_k: Experts combined under ``topk``.
-        gating: ``paper`` reproduces the published code (the gate cancels under normalisation and
-            gets no gradient); ``learned`` scales each normalised expert output by its gate weight;
-            ``random`` combines like ``learned`` but keeps the gate at its random initialisation
-            (a fixed random assignment: mixture without learned routing, a control).
-        noisy_gating: Add learned Gaussian noise to the gate logits while training.
-        expert_dropout: Probability of hiding an expert from a text while training.
-        lowercase: Lower-case every query and document before tokenisation.
-    """
+    backbone: str = setting(
+        "all-MiniLM-L6-v2",
+        flag="--model",
+        help="hub name, local directory (a saved sbmoe, sentence-transformers or transformers "
+        "model), or all-MiniLM-L6-v2 (offline copy)",
+    )
+    pooling: str | None = setting(
+        None, choices=POOLINGS, help="pooling of the last layer (none given: the backbone's own, else mean)"
+    )
+    similarity: Similarity = setting(
+        "auto", choices=SIMILARITIES, help="cosine, dot, or auto (the backbone's own, else cosine)"
+    )
+    max_query_length: int = setting(64, help="token limit for queries", metavar="TOKENS")
+    max_doc_length: int | None = setting(
+        None,
+        help="token limit for documents (none given: the backbone's max_seq_length, else 256)",
+        metavar="TOKENS",
+    )
+    num_experts: int = setting(
+        6, help="experts in the MoE block; 0 = the plain fine-tuned baseline (no head)"
+    )
+    expert_pooling: ExpertPooling = setting(
+        "top1",
+        choices=EXPERT_POOLINGS,
+        help="how expert outputs combine: top1, topk (--experts-top-k experts) or all (softmax-weighted)",
+    )
+    experts_top_k: int = setting(2, help="experts combined under --expert-pooling topk", metavar="K")
+    gating: GatingVariant = setting(
+        "learned",
+        choices=GATING_VARIANTS,
+        help="learned (the gate scales normalised expert outputs and trains), paper (the published "
+        "code: the gate cancels and gets no gradient) or random (gate fixed at its initialisation)",
+    )
+    noisy_gating: bool = setting(True, help="add learned Gaussian noise to the gate logits while training")
+    expert_dropout: float = setting(
+        0.0, help="probability of hiding an expert from a text while training", metavar="P"
+    )
+    lowercase: bool = setting(False, help="lower-case every query and document before tokenisation")
 
-    backbone: str = "all-MiniLM-L6-v2"
-    pooling: str | None = None
-    similarity: Similarity = "auto"
-    max_query_length: int = 64
-    max_doc_length: int | None = None
-    num_experts: int = 6
-    expert_pooling: ExpertPooling = "top1"
-    top_k: int = 2
-    gating: GatingVariant = "learned"
-    noisy_gating: bool = True
-    expert_dropout: float = 0.0
-    lowercase: bool = False
+    # Keys that older versions wrote under another name.
+    RENAMED: ClassVar[dict[str, str]] = {"top_k": "experts_top_k"}
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that holds an unusable value."""
-        _check_choice("pooling", self.pooling, (None, *POOLINGS))
-        _check_choice("similarity", self.similarity, SIMILARITIES)
-        _check_choice("expert_pooling", self.expert_pooling, EXPERT_POOLINGS)
-        _check_choice("gating", self.gating, GATING_VARIANTS)
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        _check_choices(self)
         if self.num_experts < 0:
             raise UsageError(f"num_experts must be >= 0 (0 = no MoE head), got {self.num_experts}")
-        if self.expert_pooling == "topk" and not 1 <= self.top_k <= max(self.num_experts, 1):
-            raise UsageError(f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
+        if self.expert_pooling == "topk" and not 1 <= self.experts_top_k <= max(self.num_experts, 1):
+            raise UsageError(
+                f"experts_top_k must be between 1 and num_experts={self.num_experts}, "
+                f"got {self.experts_top_k}"
+            )
+        if not 0 <= self.expert_dropout < 1:
+            raise UsageError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
         for name in ("max_query_length", "max_doc_length"):
             value = getattr(self, name)
             if value is not None and value < 2:
@@ -85,94 +156,76 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """How to fine-tune: optimisation, loss, model selection and precision.
+    """How to fine-tune: optimisation, loss, model selection and precision."""
 
-    Attributes:
-        epochs: Passes over the training pairs.
-        max_steps: Stop after this many optimiser steps (overrides ``epochs`` when reached first).
-        batch_size: Query-document pairs per step; the other documents of the batch are the negatives.
-        lr_backbone: Learning rate of the transformer and pooling.
-        lr_head: Learning rate of the MoE head (experts, gate, noise).
-        weight_decay: AdamW weight decay.
-        temperature: Scores are divided by it before the in-batch cross-entropy.
-        scheduler: ``constant``, ``linear`` (warm-up, then linear decay to zero) or ``cosine``
-            (warm-up, then cosine decay to zero).
-        warmup_ratio: Share of the steps spent warming up under ``linear``.
-        max_grad_norm: Gradient clipping norm; 0 disables clipping.
-        load_balancing_coef: Weight of the Switch load-balancing loss (learned gating only).
-        router_z_loss_coef: Weight of the router z-loss (learned gating only).
-        mask_false_negatives: Do not count a batch document as a negative for a query it is
-            relevant to (another query's positive that is also judged relevant, duplicates).
-        symmetric_loss: Average the query -> document loss with a document -> query one.
-        hard_negatives: Mined negatives added to the batch per query (0: in-batch negatives only).
-        negatives_source: ``bm25``, ``dense`` (the starting model's own ranking) or a JSON file of
-            query id -> doc ids. Mined negatives never include a judged positive.
-        negatives_depth: How deep to rank when mining.
-        collapse_threshold: Warn when one expert takes more than this share of an epoch's queries
-            or documents.
-        seed: Seed for every random choice (data order, dev split, initialisation, gate noise).
-        train_split: Qrels split the training pairs come from.
-        dev_split: Qrels split used for model selection if the collection has it; otherwise a
-            seeded ``dev_fraction`` of the training queries is held out.
-        dev_fraction: Share of training queries held out when there is no dev split.
-        dev_max_docs: Evaluate dev on the dev positives plus random other documents up to this
-            many (seeded); ``None`` uses the whole corpus.
-        eval_steps: Also evaluate on dev every this many steps (besides each epoch's end).
-        checkpoint_steps: Save a resumable checkpoint every this many steps (and at each epoch's end).
-        checkpoint_selection: ``best`` keeps the model with the best dev nDCG@10 (the starting model
-            included); ``last`` keeps the last one, as the published code does.
-        precision: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 where the hardware has fast bf16).
-        encode_batch_size: Batch size when encoding for dev evaluation.
-        freeze_backbone: Train the MoE head only; texts still run through the (frozen, eval-mode)
-            backbone at every step.
-        head_only: Train the MoE head only, on pooled backbone embeddings computed once and kept
-            in the embedding cache: no tokenizer or transformer in the loop. Same result as
-            ``freeze_backbone`` for the same seed and data, many times faster.
-        length_grouped: Batch pairs of similar document length together (less padding, faster
-            steps; batches are still shuffled every epoch).
-        grad_cache_chunk_size: Gradient caching: embed a step's texts this many at a time and
-            hold the activations of one chunk only, so a batch far larger than memory allows
-            trains with the same gradients, for about one more forward pass (0: off).
-    """
-
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 32
-    lr_backbone: float = 2e-5
-    lr_head: float = 1e-3
-    weight_decay: float = 0.01
-    temperature: float = 0.05
-    scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    load_balancing_coef: float = 0.01
-    router_z_loss_coef: float = 1e-3
-    mask_false_negatives: bool = True
-    symmetric_loss: bool = False
-    hard_negatives: int = 0
-    negatives_source: str = "bm25"
-    negatives_depth: int = 100
-    collapse_threshold: float = 0.9
-    seed: int = 42
-    train_split: str = "train"
-    dev_split: str | None = "dev"
-    dev_fraction: float = 0.1
-    dev_max_docs: int | None = None
-    eval_steps: int | None = None
-    checkpoint_steps: int | None = 500
-    checkpoint_selection: Literal["best", "last"] = "best"
-    precision: Precision = "auto"
-    encode_batch_size: int = 64
-    freeze_backbone: bool = False
-    head_only: bool = False
-    length_grouped: bool = False
-    grad_cache_chunk_size: int = 0
+    epochs: int = setting(1, help="passes over the training pairs")
+    max_steps: int | None = setting(None, help="stop after this many optimiser steps", metavar="N")
+    batch_size: int = setting(
+        32, help="query-document pairs per step (per process); the batch's other documents are negatives"
+    )
+    lr_backbone: float = setting(2e-5, help="learning rate of the transformer and pooling", metavar="LR")
+    lr_head: float = setting(1e-3, help="learning rate of the MoE head (experts, gate, noise)", metavar="LR")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    temperature: float = setting(
+        0.05, help="scores are divided by it before the in-batch cross-entropy (0.05 = scale 20)"
+    )
+    scheduler: Literal["constant", "linear", "cosine"] = setting(
+        "linear", choices=SCHEDULERS, help="learning-rate schedule after warm-up (decays to zero)"
+    )
+    warmup_ratio: float = setting(0.1, help="share of the steps spent warming up", metavar="RATIO")
+    max_grad_norm: float = setting(1.0, help="gradient clipping norm; 0 disables clipping")
+    load_balancing_coef: float = setting(
+        0.01, help="weight of the Switch load-balancing loss (learned gating)", metavar="COEF"
+    )
+    router_z_loss_coef: float = setting(
+        1e-3, help="weight of the router z-loss (learned gating)", metavar="COEF"
+    )
+    mask_false_negatives: bool = setting(
+        True, help="do not count a batch document judged relevant to a query as its negative"
+    )
+    symmetric_loss: bool = setting(False, help="add a document -> query in-batch loss")
+    hard_negatives: int = setting(0, help="mined negatives per query added to each batch", metavar="K")
+    negatives_source: str = setting(
+        "bm25", help="bm25, dense (the starting model's ranking) or a JSON file of query id -> doc ids"
+    )
+    negatives_depth: int = setting(100, help="ranking depth when mining negatives", metavar="N")
+    collapse_threshold: float = setting(
+        0.9, help="warn when one expert takes more than this share of an epoch's texts", metavar="SHARE"
+    )
+    seed: int = setting(42, help="seed of every random choice (order, dev split, initialisation, noise)")
+    train_split: str = setting("train", help="qrels split the training pairs come from")
+    dev_split: str | None = setting(
+        "dev", help="qrels split for model selection; without it a seeded --dev-fraction is held out"
+    )
+    dev_fraction: float = setting(0.1, help="share of training queries held out as dev", metavar="SHARE")
+    dev_max_docs: int | None = setting(
+        None, help="dev corpus: the dev positives plus random documents up to N (default: all)", metavar="N"
+    )
+    eval_steps: int | None = setting(None, help="also evaluate on dev every N steps", metavar="N")
+    checkpoint_steps: int | None = setting(500, help="save a resumable checkpoint every N steps", metavar="N")
+    checkpoint_selection: Literal["best", "last"] = setting(
+        "best",
+        choices=CHECKPOINT_SELECTIONS,
+        help="best dev nDCG@10 (the starting model competes) or the last checkpoint",
+    )
+    precision: Precision = _precision_setting()
+    encode_batch_size: int = _encode_batch_size_setting()
+    freeze_backbone: bool = setting(
+        False, help="train the MoE head only; texts still run through the frozen backbone"
+    )
+    head_only: bool = setting(
+        False, help="train the MoE head only, on pooled embeddings computed once and cached"
+    )
+    length_grouped: bool = setting(False, help="batch pairs of similar document length (less padding)")
+    grad_cache_chunk_size: int = setting(
+        0,
+        help="gradient caching: embed a step's texts N at a time (big batches, little memory; 0 = off)",
+        metavar="N",
+    )
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that holds an unusable value."""
-        _check_choice("scheduler", self.scheduler, ("constant", "linear", "cosine"))
-        _check_choice("checkpoint_selection", self.checkpoint_selection, ("best", "last"))
-        _check_choice("precision", self.precision, PRECISIONS)
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        _check_choices(self)
         if self.batch_size < 2:
             raise UsageError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
         if self.grad_cache_chunk_size < 0:
@@ -183,6 +236,96 @@ class TrainConfig:
             raise UsageError("epochs must be >= 1 unless max_steps is set")
         if not 0 < self.dev_fraction < 1:
             raise UsageError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
+        if self.encode_batch_size < 1:
+            raise UsageError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+
+
+@dataclass
+class EncodeConfig:
+    """How texts are encoded at inference (evaluate, index, search): batch, numerics, device."""
+
+    encode_batch_size: int = _encode_batch_size_setting()
+    precision: Precision = _precision_setting()
+    device: str = setting(
+        "auto", help="auto (this process's GPU when there is one, else the CPU), cpu, cuda, cuda:N"
+    )
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        _check_choices(self)
+        if self.encode_batch_size < 1:
+            raise UsageError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+
+
+@dataclass
+class IndexConfig:
+    """What kind of FAISS index to build (``sbmoe index``) or merge shards into (``sbmoe merge-index``)."""
+
+    index_type: str | None = setting(
+        None,
+        choices=INDEX_TYPES,
+        help="flat = exact search; hnsw or ivf = approximate, faster on large corpora "
+        "(none given: flat, or the shards' type when merging)",
+    )
+    nlist: int | None = setting(
+        None, help="ivf: number of cells (default about 2 sqrt(documents))", metavar="N"
+    )
+    nprobe: int | None = setting(
+        None, help="ivf: cells searched per query (default 2 sqrt(nlist))", metavar="N"
+    )
+    embedding_dtype: str | None = setting(
+        None,
+        choices=EMBEDDING_DTYPES,
+        help="how the index stores embeddings: float32, or float16 for half the memory and disk "
+        "(none given: float32, or the shards' when merging)",
+    )
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        _check_choices(self)
+        for name in ("nlist", "nprobe"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass
+class EvaluateConfig:
+    """What an evaluation searches and scores."""
+
+    split: str = setting("test", help="qrels split whose queries are searched")
+    top_k: int = _documents_top_k_setting(100)
+    exclude_self: bool = _exclude_self_setting()
+    expert_poolings: list[str] = setting(
+        default_factory=list,
+        flag="--expert-pooling",
+        choices=EXPERT_POOLINGS,
+        nargs="+",
+        help="inference rule(s) of an MoE model to evaluate; several share one encoding pass "
+        "(none given: the model's own)",
+    )
+    metrics: list[str] = setting(
+        default_factory=lambda: list(PAPER_METRICS), nargs="+", help="ranx metric names"
+    )
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        _check_choices(self)
+        if self.top_k < 1:
+            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class SearchConfig:
+    """How many documents a search returns per query."""
+
+    top_k: int = _documents_top_k_setting(10)
+    exclude_self: bool = _exclude_self_setting()
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        if self.top_k < 1:
+            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
 
 
 @dataclass
@@ -236,11 +379,13 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-ConfigT = TypeVar("ConfigT", ModelConfig, TrainConfig)
+ConfigT = TypeVar("ConfigT")
 
 
 def from_dict(cls: type[ConfigT], data: dict[str, Any], *, source: str = "config") -> ConfigT:
     """Build ``cls`` from ``data``, warning about (and ignoring) keys it does not know."""
+    renamed = getattr(cls, "RENAMED", {})
+    data = {renamed.get(key, key): value for key, value in data.items()}
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -300,6 +445,11 @@ def provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise UsageError(f"{name} must be one of {[c for c in choices if c is not None]}, got {value!r}")
+def _check_choices(config: Any) -> None:
+    """Raise ``UsageError`` for the first field whose value is not among its declared choices."""
+    for item in dataclasses.fields(config):
+        choices = item.metadata.get("choices")
+        value = getattr(config, item.name)
+        values = value if isinstance(value, list) else [value]
+        if choices and any(v is not None and v not in choices for v in values):
+            raise UsageError(f"{item.name} must be one of {list(choices)}, got {value!r}")

@@ -38,10 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.config import PAPER_METRICS
 from sbmoe.errors import UsageError
 from sbmoe.io import atomic_open, write_json
-
-PAPER_METRICS = ("ndcg@10", "recall@100", "mrr@10", "map@100", "precision@1", "ndcg@3")
 
 Qrels = Mapping[str, Mapping[str, int]]
 RunDict = Mapping[str, Mapping[str, float]]

@@ -159,7 +159,7 @@ class Retriever:
                     pooling.get_embedding_dimension(),
                     num_experts=config.num_experts,
                     expert_pooling=config.expert_pooling,
-                    top_k=config.top_k,
+                    top_k=config.experts_top_k,
                     gating=config.gating,
                     noisy_gating=config.noisy_gating,
                     expert_dropout=config.expert_dropout,
