@@ -329,6 +329,28 @@ class SearchConfig:
 
 
 @dataclass
+class ReportConfig:
+    """How ``sbmoe report`` compares the systems of an experiment."""
+
+    baseline: str = setting("fine-tuned", help="variant every system is tested against")
+    metric: str = setting("ndcg@10", help="metric of the significance tests")
+    test: Literal["t-test", "randomization"] = setting(
+        "t-test",
+        choices=("t-test", "randomization"),
+        help="paired Student's t-test, or Fisher's randomization test",
+    )
+    alpha: float = setting(0.05, help="significance level (Bonferroni-corrected within each table)")
+    randomization_seed: int = setting(42, help="seed of the randomization test")
+    plots: bool = setting(True, help="draw the PNG plots (needs matplotlib)")
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        _check_choices(self)
+        if not 0 < self.alpha < 1:
+            raise UsageError(f"alpha must be in (0, 1), got {self.alpha}")
+
+
+@dataclass
 class Preset:
     """Named defaults for a model and its training."""
 
