@@ -19,6 +19,7 @@ import numpy as np
 from common import machine, median_seconds, scifact
 from sentence_transformers import SentenceTransformer
 
+from sbmoe.config import EncodeConfig
 from sbmoe.encoding import encode_texts
 from sbmoe.evaluation import evaluate_run
 from sbmoe.index import DenseIndex
@@ -55,7 +56,8 @@ def main() -> None:
         return reference.encode(texts, convert_to_numpy=True)
 
     def with_sbmoe(precision):
-        return lambda texts, kind: encode_texts(retriever, texts, kind, args.batch_size, precision)
+        config = EncodeConfig(encode_batch_size=args.batch_size, precision=precision)
+        return lambda texts, kind: encode_texts(retriever, texts, kind, config)
 
     settings = {
         "sentence-transformers encode (fp32)": with_st,

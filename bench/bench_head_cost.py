@@ -4,8 +4,9 @@ Encodes SciFact passages with all-MiniLM-L6-v2 at max length 256 (default precis
 
 1. end to end: full encodes with no head and with a 6-expert head (top1, all), interleaved,
    median of ``--repeats`` (on a shared machine a few percent of run-to-run noise remain);
-2. in isolation: the stages after pooling (head + normalisation, against normalisation alone)
-   timed on the pooled embeddings of the same passages, as a share of the backbone's time.
+2. in isolation: the stages after pooling (head + normalisation, against normalisation alone, in
+   float32 as encoding runs them) timed on the pooled embeddings of the same passages, as a share
+   of the backbone's time.
 
     .venv/bin/python bench/bench_head_cost.py [--passages 1000] [--repeats 5]
 """
@@ -16,22 +17,20 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 from common import machine, median_seconds, scifact
 
-from sbmoe.config import ModelConfig
-from sbmoe.encoding import encode_texts, run_stages
+from sbmoe.config import EncodeConfig, ModelConfig
+from sbmoe.encoding import apply_head_stages, encode_texts
 from sbmoe.modeling import Retriever
-from sbmoe.runtime import autocast, resolve_precision
+from sbmoe.runtime import resolve_precision
 
 
-def head_seconds(retriever: Retriever, pooled: torch.Tensor, precision: str, batch: int = 64) -> float:
-    """Time of the stages after pooling over all passages, in the batches encoding uses."""
-    stages = retriever.head_stages()
+def head_seconds(retriever: Retriever, pooled: np.ndarray) -> float:
+    """Time of the stages after pooling over all passages, run as encoding runs them."""
     started = time.perf_counter()
-    with torch.inference_mode(), autocast(precision, "cpu"):
-        for start in range(0, len(pooled), batch):
-            run_stages(stages, {"sentence_embedding": pooled[start : start + batch]})
+    apply_head_stages(retriever, pooled)
     return time.perf_counter() - started
 
 
@@ -44,6 +43,7 @@ def main() -> None:
     collection = scifact()
     texts = [doc.full_text for doc in list(collection.corpus.values())[: args.passages]]
     precision = resolve_precision(args.precision, "cpu")
+    encode = EncodeConfig(precision=precision)
     torch.manual_seed(0)
     plain = Retriever.from_config(ModelConfig(num_experts=0))
     with_head = Retriever.from_config(ModelConfig(num_experts=6))
@@ -62,7 +62,7 @@ def main() -> None:
             if rule is not None:
                 retriever.head.expert_pooling = rule
             started = time.perf_counter()
-            encode_texts(retriever, texts, "document", precision=precision)
+            encode_texts(retriever, texts, "document", encode)
             timings[name].append(time.perf_counter() - started)
     base = statistics.median(timings["no head"][1:])
     print("\nend to end:")
@@ -73,16 +73,14 @@ def main() -> None:
             f"overhead {100 * (seconds / base - 1):+.1f}%"
         )
 
-    pooled = torch.from_numpy(encode_texts(plain, texts, "document", precision=precision, pooled_only=True))
-    backbone, _ = median_seconds(
-        lambda: encode_texts(plain, texts, "document", precision=precision, pooled_only=True), 1
-    )
-    normalize_only, _ = median_seconds(lambda: head_seconds(plain, pooled, precision), args.repeats)
+    pooled = encode_texts(plain, texts, "document", encode, pooled_only=True)
+    backbone, _ = median_seconds(lambda: encode_texts(plain, texts, "document", encode, pooled_only=True), 1)
+    normalize_only, _ = median_seconds(lambda: head_seconds(plain, pooled), args.repeats)
     print(f"\nin isolation (backbone up to pooling: {backbone:.2f} s):")
     print(f"  normalisation only: {1000 * normalize_only:.1f} ms")
     for rule in ("top1", "all"):
         with_head.head.expert_pooling = rule
-        seconds, _ = median_seconds(lambda: head_seconds(with_head, pooled, precision), args.repeats)
+        seconds, _ = median_seconds(lambda: head_seconds(with_head, pooled), args.repeats)
         extra = seconds - normalize_only
         print(
             f"  head ({rule}) + normalisation: {1000 * seconds:.1f} ms -> head costs "

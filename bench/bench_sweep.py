@@ -16,9 +16,9 @@ import time
 from common import machine, scifact
 
 from sbmoe.cache import EmbeddingCache
-from sbmoe.config import build_configs
+from sbmoe.config import EvaluateConfig, build_configs
 from sbmoe.modeling import Retriever
-from sbmoe.pipeline import EvaluateConfig, evaluate_model
+from sbmoe.retrieval import evaluate_model
 from sbmoe.training import train
 
 
@@ -39,7 +39,7 @@ def main() -> None:
             collection,
             f"{scratch}/zero-shot",
             EvaluateConfig(),
-            False,
+            show_progress=False,
             cache=cache,
         )[0]
         rows.append(("zero-shot", "-", zero_shot.result.metrics["ndcg@10"], time.perf_counter() - started))
@@ -54,7 +54,12 @@ def main() -> None:
                 output = f"{scratch}/n{experts}-{rule}"
                 train(model_config, train_config, collection, output, show_progress=False, cache=cache)
                 result = evaluate_model(
-                    Retriever.load(output), collection, f"{output}/test", EvaluateConfig(), False, cache=cache
+                    Retriever.load(output),
+                    collection,
+                    f"{output}/test",
+                    EvaluateConfig(),
+                    show_progress=False,
+                    cache=cache,
                 )[0]
                 rows.append((experts, rule, result.result.metrics["ndcg@10"], time.perf_counter() - began))
                 print(

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from common import machine
 
-from sbmoe.config import build_configs
+from sbmoe.config import EncodeConfig, build_configs
 from sbmoe.data import load_collection, resolve_data
 from sbmoe.encoding import encode_texts
 from sbmoe.index import DenseIndex
@@ -148,7 +148,8 @@ def main() -> None:
 
     synchronize(device)
     started = time.perf_counter()
-    embeddings = encode_texts(retriever, passages, "document", sizes["encode_batch_size"], "auto")
+    encode = EncodeConfig(encode_batch_size=sizes["encode_batch_size"])
+    embeddings = encode_texts(retriever, passages, "document", encode)
     synchronize(device)
     seconds = time.perf_counter() - started
     print(

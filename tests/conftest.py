@@ -30,6 +30,21 @@ def interrupt_at_step(trainer, step: int) -> None:
     trainer.training_step = failing_step
 
 
+def assert_same_top_k(expected: dict, actual: dict, tolerance: float = 1e-5) -> None:
+    """Same queries, same documents in the same order; only near-ties (float rounding) may swap."""
+    assert list(expected) == list(actual)
+    for query_id, hits in expected.items():
+        ids, scores = list(hits), list(hits.values())
+        assert list(actual[query_id].values()) == pytest.approx(scores, abs=tolerance)
+        for position, (wanted, got) in enumerate(zip(ids, actual[query_id], strict=True)):
+            if wanted != got:
+                assert any(
+                    abs(scores[other] - scores[position]) <= tolerance
+                    for other in range(len(scores))
+                    if other != position
+                ), (query_id, position, wanted, got)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "scifact" / "corpus.jsonl").exists():

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from sbmoe.cache import EmbeddingCache, texts_digest
-from sbmoe.config import ModelConfig
+from sbmoe.config import EncodeConfig, ModelConfig
 from sbmoe.encoding import encode_texts
 from sbmoe.modeling import Retriever
 
 TEXTS = ["first document about zinc", "second one, on iron deficiency", "third"]
+FP32 = EncodeConfig(precision="fp32")
 
 
 @pytest.fixture()
@@ -22,14 +23,14 @@ def retriever(tiny_bert_dir):
 
 def test_hit_returns_the_same_embeddings_without_encoding(retriever, tmp_path, monkeypatch):
     cache = EmbeddingCache(tmp_path)
-    first = encode_texts(retriever, TEXTS, "document", precision="fp32", cache=cache)
+    first = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
     assert (cache.hits, cache.misses) == (0, 1)
-    np.testing.assert_allclose(first, encode_texts(retriever, TEXTS, "document", precision="fp32"), atol=1e-6)
+    np.testing.assert_allclose(first, encode_texts(retriever, TEXTS, "document", FP32), atol=1e-6)
 
     import sbmoe.encoding
 
     monkeypatch.setattr(sbmoe.encoding, "_run_batches", lambda *a, **k: pytest.fail("encoded again"))
-    second = encode_texts(retriever, TEXTS, "document", precision="fp32", cache=cache)
+    second = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
     assert cache.hits == 1
     np.testing.assert_array_equal(first, second)
 
@@ -62,13 +63,26 @@ def test_texts_digest_respects_boundaries():
 @pytest.mark.parametrize("damage", ["truncate", "wrong_rows"])
 def test_damaged_entry_is_rebuilt(retriever, tmp_path, damage):
     cache = EmbeddingCache(tmp_path)
-    expected = encode_texts(retriever, TEXTS, "document", precision="fp32", cache=cache)
+    expected = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
     path = cache.path(cache.key(retriever, TEXTS, "document", "fp32"))
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:100])
     else:
         np.save(path, np.zeros((1, expected.shape[1]), dtype=np.float32))
-    rebuilt = encode_texts(retriever, TEXTS, "document", precision="fp32", cache=cache)
+    rebuilt = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
     np.testing.assert_allclose(rebuilt, expected, atol=1e-6)
     assert np.load(path).shape == expected.shape
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+def test_cache_or_not_the_embeddings_are_the_same_under_bf16(retriever, tmp_path):
+    # One encode path: the head runs in float32 after the backbone, whether the pooled embeddings
+    # come from the backbone or from the cache.
+    bf16 = EncodeConfig(precision="bf16")
+    plain = encode_texts(retriever, TEXTS, "document", bf16)
+    cache = EmbeddingCache(tmp_path)
+    stored = encode_texts(retriever, TEXTS, "document", bf16, cache=cache)
+    reused = encode_texts(retriever, TEXTS, "document", bf16, cache=cache)
+    assert (cache.hits, cache.misses) == (1, 1)
+    np.testing.assert_array_equal(plain, stored)
+    np.testing.assert_array_equal(plain, reused)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import interrupt_at_step
+from conftest import assert_same_top_k, interrupt_at_step
 from distributed_worker import TRAIN_ARGS
 
 from sbmoe.cli import main
-from sbmoe.config import build_configs
+from sbmoe.config import EncodeConfig, SearchConfig, build_configs
 from sbmoe.data import load_collection
 from sbmoe.distributed import (
     DistributedContext,
@@ -28,7 +28,6 @@ from sbmoe.distributed import (
 )
 from sbmoe.io import read_json
 from sbmoe.modeling import Retriever
-from sbmoe.pipeline import search_index
 from sbmoe.retrieval import build_index, search
 from sbmoe.runtime import resolve_device, seed_everything
 from sbmoe.training import Trainer
@@ -130,28 +129,13 @@ def test_index_under_torchrun_writes_one_shard_per_process(torchrun_outputs, sci
     assert sorted(p.name for p in index_dir.iterdir()) == ["shard-00000-of-00002", "shard-00001-of-00002"]
     collection = load_collection(scifact_slice)
     retriever = Retriever.load(str(torchrun_outputs / "ddp"), device="cpu")
-    doc_ids = list(collection.corpus)
-    documents = [collection.corpus[d].full_text for d in doc_ids]
-    single = build_index(retriever, doc_ids, documents, precision="fp32")
+    documents = {d: doc.full_text for d, doc in collection.corpus.items()}
+    fp32 = EncodeConfig(precision="fp32")
+    single = build_index(retriever, documents, encode=fp32)
     queries = dict(collection.queries)
-    expected = search(retriever, single, list(queries), list(queries.values()), 10, precision="fp32")
-    sharded = search_index(retriever, index_dir, queries, top_k=10, precision="fp32")
+    expected = search(retriever, single, queries, SearchConfig(top_k=10), fp32)
+    sharded = search(retriever, index_dir, queries, SearchConfig(top_k=10), fp32)
     assert_same_top_k(expected, sharded)
-
-
-def assert_same_top_k(expected: dict, actual: dict, tolerance: float = 1e-5) -> None:
-    """Same queries, same documents in the same order; only near-ties (float rounding) may swap."""
-    assert list(expected) == list(actual)
-    for query_id, hits in expected.items():
-        ids, scores = list(hits), list(hits.values())
-        assert list(actual[query_id].values()) == pytest.approx(scores, abs=tolerance)
-        for position, (wanted, got) in enumerate(zip(ids, actual[query_id], strict=True)):
-            if wanted != got:
-                assert any(
-                    abs(scores[other] - scores[position]) <= tolerance
-                    for other in range(len(scores))
-                    if other != position
-                ), (query_id, position, wanted, got)
 
 
 def test_refuses_to_resume_on_another_number_of_processes(tiny_bert_dir, scifact_slice, tmp_path):

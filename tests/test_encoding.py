@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sbmoe.config import ModelConfig
+from sbmoe.config import EncodeConfig, ModelConfig
 from sbmoe.encoding import apply_head_stages, encode_texts
 from sbmoe.modeling import Retriever
 from sbmoe.runtime import resolve_precision
@@ -18,6 +18,7 @@ TEXTS = [
     "",
     "another short one",
 ]
+FP32, BF16 = EncodeConfig(precision="fp32"), EncodeConfig(precision="bf16")
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +28,15 @@ def retriever(tiny_bert_dir):
 
 
 def test_length_sorted_encoding_keeps_input_order(retriever):
-    together = encode_texts(retriever, TEXTS, "document", batch_size=2, precision="fp32")
-    one_by_one = np.stack([encode_texts(retriever, [t], "document", precision="fp32")[0] for t in TEXTS])
+    together = encode_texts(retriever, TEXTS, "document", EncodeConfig(encode_batch_size=2, precision="fp32"))
+    one_by_one = np.stack([encode_texts(retriever, [t], "document", FP32)[0] for t in TEXTS])
     np.testing.assert_allclose(together, one_by_one, rtol=1e-4, atol=1e-5)
 
 
 def test_matches_sentence_transformers_encode(retriever):
     retriever.model.max_seq_length = retriever.max_length("document")
     expected = retriever.model.encode(TEXTS, batch_size=2, convert_to_numpy=True)
-    np.testing.assert_allclose(
-        encode_texts(retriever, TEXTS, "document", precision="fp32"), expected, atol=1e-5
-    )
+    np.testing.assert_allclose(encode_texts(retriever, TEXTS, "document", FP32), expected, atol=1e-5)
 
 
 def test_query_and_document_limits_differ(tiny_bert_dir):
@@ -48,15 +47,15 @@ def test_query_and_document_limits_differ(tiny_bert_dir):
 
 
 def test_bf16_agrees_with_fp32(retriever):
-    fp32 = encode_texts(retriever, TEXTS, "document", precision="fp32")
-    bf16 = encode_texts(retriever, TEXTS, "document", precision="bf16")
+    fp32 = encode_texts(retriever, TEXTS, "document", FP32)
+    bf16 = encode_texts(retriever, TEXTS, "document", BF16)
     cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
     assert cosine.min() > 0.99
 
 
 def test_bf16_encoding_leaves_the_float32_weights_untouched(retriever):
     before = {name: tensor.clone() for name, tensor in retriever.model.state_dict().items()}
-    encode_texts(retriever, TEXTS, "document", precision="bf16")
+    encode_texts(retriever, TEXTS, "document", BF16)
     after = retriever.model.state_dict()
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype
@@ -76,12 +75,12 @@ def test_auto_precision_falls_back_to_fp32_without_fast_bf16(monkeypatch):
 
 
 def test_head_applied_to_pooled_embeddings_equals_full_encode(retriever):
-    full = encode_texts(retriever, TEXTS, "document", precision="fp32")
-    pooled = encode_texts(retriever, TEXTS, "document", precision="fp32", pooled_only=True)
+    full = encode_texts(retriever, TEXTS, "document", FP32)
+    pooled = encode_texts(retriever, TEXTS, "document", FP32, pooled_only=True)
     np.testing.assert_allclose(apply_head_stages(retriever, pooled), full, rtol=1e-5, atol=1e-6)
     retriever.head.expert_pooling = "all"
     try:
-        full_all = encode_texts(retriever, TEXTS, "document", precision="fp32")
+        full_all = encode_texts(retriever, TEXTS, "document", FP32)
     finally:
         retriever.head.expert_pooling = "top1"
     np.testing.assert_allclose(apply_head_stages(retriever, pooled, "all"), full_all, rtol=1e-5, atol=1e-6)

@@ -7,16 +7,17 @@ import json
 
 import numpy as np
 import pytest
-from test_distributed import assert_same_top_k
+from conftest import assert_same_top_k
 
 from sbmoe.cli import main
-from sbmoe.config import ModelConfig
+from sbmoe.config import EncodeConfig, ModelConfig, SearchConfig
 from sbmoe.data import load_collection
 from sbmoe.distributed import shard_bounds
-from sbmoe.index import DenseIndex, IndexMismatchError
+from sbmoe.index import DenseIndex, IndexMismatchError, is_sharded_index, shard_directory
 from sbmoe.modeling import Retriever
-from sbmoe.pipeline import search_index
-from sbmoe.shards import ShardedIndex, is_sharded_index, load_index, merge_runs, shard_directory
+from sbmoe.retrieval import search
+from sbmoe.runs import merge_runs
+from sbmoe.shards import ShardedIndex, load_index
 
 FINGERPRINT = "0123456789abcdef" * 4
 
@@ -46,15 +47,16 @@ def test_three_shards_search_like_one_index_shard_by_shard_and_merged(tiny_bert_
     retriever = Retriever.load(str(model_dir), device="cpu")
     queries = dict(load_collection(scifact_slice).queries)
     with pytest.raises(FileNotFoundError, match=r"lacks 1 of its 3 shards \(1/3\)"):
-        search_index(retriever, sharded, queries)
+        search(retriever, sharded, queries)
     assert main(["-q", "index", *common, "--output", str(sharded), "--shard", "1/3"]) == 0
     assert is_sharded_index(sharded) and not is_sharded_index(tmp_path / "single")
     merged = tmp_path / "merged"
     assert main(["-q", "merge-index", "--index", str(sharded), "--output", str(merged)]) == 0
 
-    expected = search_index(retriever, tmp_path / "single", queries, top_k=10, precision="fp32")
-    assert_same_top_k(expected, search_index(retriever, sharded, queries, top_k=10, precision="fp32"))
-    assert_same_top_k(expected, search_index(retriever, merged, queries, top_k=10, precision="fp32"))
+    top10, fp32 = SearchConfig(top_k=10), EncodeConfig(precision="fp32")
+    expected = search(retriever, tmp_path / "single", queries, top10, fp32)
+    assert_same_top_k(expected, search(retriever, sharded, queries, top10, fp32))
+    assert_same_top_k(expected, search(retriever, merged, queries, top10, fp32))
     single_index = DenseIndex.load(tmp_path / "single")
     merged_index = DenseIndex.load(merged)
     assert merged_index.doc_ids == single_index.doc_ids
@@ -66,7 +68,7 @@ def test_three_shards_search_like_one_index_shard_by_shard_and_merged(tiny_bert_
         DenseIndex.load(sharded)
     other = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0), device="cpu")
     with pytest.raises(IndexMismatchError):
-        search_index(other, sharded, queries)
+        search(other, sharded, queries)
     # The search command reads sharded indexes too.
     assert main(["-q", "search", "--model", str(model_dir), "--index", str(sharded), "--query", "cells"]) == 0
 

@@ -9,12 +9,12 @@ import pytest
 from conftest import write_beir_slice
 from sentence_transformers import SentenceTransformer
 
-from sbmoe.config import build_configs
+from sbmoe.config import EncodeConfig, EvaluateConfig, build_configs
 from sbmoe.data import load_collection
 from sbmoe.demo import sentence_transformers_reference
 from sbmoe.encoding import encode_texts
 from sbmoe.modeling import Retriever, resolve_backbone
-from sbmoe.pipeline import EvaluateConfig, evaluate_model
+from sbmoe.retrieval import evaluate_model
 from sbmoe.training import train
 
 pytestmark = pytest.mark.integration
@@ -32,11 +32,14 @@ def test_zero_shot_matches_sentence_transformers(collection, tmp_path):
     texts = [doc.full_text for doc in list(collection.corpus.values())[:24]]
     reference = SentenceTransformer(resolve_backbone("all-MiniLM-L6-v2"), device="cpu")
     np.testing.assert_allclose(
-        encode_texts(retriever, texts, "document", precision="fp32"),
+        encode_texts(retriever, texts, "document", EncodeConfig(precision="fp32")),
         reference.encode(texts, convert_to_numpy=True),
         atol=2e-5,
     )
-    ours = evaluate_model(retriever, collection, tmp_path / "zs", EvaluateConfig(precision="bf16"), False)[0]
+    bf16 = EncodeConfig(precision="bf16")
+    ours = evaluate_model(
+        retriever, collection, tmp_path / "zs", EvaluateConfig(), bf16, show_progress=False
+    )[0]
     st_result, _ = sentence_transformers_reference("all-MiniLM-L6-v2", collection, "test", 256, batch_size=32)
     assert ours.result.metrics["ndcg@10"] > 0.5  # a real retriever, not noise
     assert abs(ours.result.metrics["ndcg@10"] - st_result.metrics["ndcg@10"]) < 0.01
@@ -45,8 +48,8 @@ def test_zero_shot_matches_sentence_transformers(collection, tmp_path):
 def test_bf16_embeddings_of_the_pretrained_model_agree_with_fp32(collection):
     retriever = Retriever.load("all-MiniLM-L6-v2")
     texts = [doc.full_text for doc in list(collection.corpus.values())[:32]]
-    fp32 = encode_texts(retriever, texts, "document", precision="fp32")
-    bf16 = encode_texts(retriever, texts, "document", precision="bf16")
+    fp32 = encode_texts(retriever, texts, "document", EncodeConfig(precision="fp32"))
+    bf16 = encode_texts(retriever, texts, "document", EncodeConfig(precision="bf16"))
     cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
     assert cosine.min() > 0.99
 
@@ -64,7 +67,11 @@ def test_sb_moe_fine_tuning_runs_end_to_end(collection, tmp_path):
         trained.config, num_experts=3, similarity="cosine"
     )
     outputs = evaluate_model(
-        trained, collection, tmp_path / "eval", EvaluateConfig(expert_poolings=["top1", "all"]), False
+        trained,
+        collection,
+        tmp_path / "eval",
+        EvaluateConfig(expert_poolings=["top1", "all"]),
+        show_progress=False,
     )
     assert {o.name for o in outputs} == {"top1", "all"}
     assert all(o.result.metrics["ndcg@10"] > 0.5 for o in outputs)
@@ -72,6 +79,6 @@ def test_sb_moe_fine_tuning_runs_end_to_end(collection, tmp_path):
     texts = [collection.queries[q] for q in list(collection.queries)[:4]]
     np.testing.assert_allclose(
         reloaded.encode(texts, convert_to_numpy=True),
-        encode_texts(trained, texts, "query", precision="fp32"),
+        encode_texts(trained, texts, "query", EncodeConfig(precision="fp32")),
         atol=2e-5,
     )

@@ -8,7 +8,7 @@ import torch
 from conftest import minilm_path
 from sentence_transformers import SentenceTransformer
 
-from sbmoe.config import ModelConfig
+from sbmoe.config import EncodeConfig, ModelConfig
 from sbmoe.encoding import encode_texts
 from sbmoe.modeling import ModelLoadError, Retriever, resolve_backbone
 from sbmoe.moe_head import MoEHead
@@ -57,7 +57,7 @@ def test_pooling_override(tiny_bert_dir, pooling):
 def test_save_then_sentence_transformers_reloads_same_embeddings(tiny_bert_dir, tmp_path):
     retriever = tiny(tiny_bert_dir, num_experts=4, gating="learned", expert_pooling="all")
     retriever.save(tmp_path / "model")
-    expected = encode_texts(retriever, TEXTS, "document", precision="fp32")
+    expected = encode_texts(retriever, TEXTS, "document", EncodeConfig(precision="fp32"))
     reloaded = SentenceTransformer(str(tmp_path / "model"), trust_remote_code=True, device="cpu")
     assert isinstance(reloaded[2], MoEHead)
     got = reloaded.encode(TEXTS, convert_to_numpy=True)
@@ -71,8 +71,8 @@ def test_retriever_load_round_trip_keeps_config_and_fingerprint(tiny_bert_dir, t
     assert loaded.config == retriever.config
     assert loaded.fingerprint() == retriever.fingerprint()
     np.testing.assert_allclose(
-        encode_texts(loaded, TEXTS, "query", precision="fp32"),
-        encode_texts(retriever, TEXTS, "query", precision="fp32"),
+        encode_texts(loaded, TEXTS, "query", EncodeConfig(precision="fp32")),
+        encode_texts(retriever, TEXTS, "query", EncodeConfig(precision="fp32")),
         rtol=1e-5,
         atol=1e-6,
     )

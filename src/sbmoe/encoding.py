@@ -1,7 +1,12 @@
-"""Encode texts with a retriever: length-sorted batches, inference mode, optional bf16 autocast."""
+"""Encode texts with a retriever: length-sorted batches, inference mode, bf16 backbone, float32 head.
+
+The one encode path: the backbone (up to pooling) at the configured precision, optionally cached on
+disk, then the MoE head and normalisation in float32 (:func:`apply_head_stages`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -11,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sbmoe.config import EncodeConfig
 from sbmoe.errors import UsageError
 from sbmoe.runtime import autocast, resolve_precision
 
@@ -65,59 +71,64 @@ def encode_texts(
     retriever: Retriever,
     texts: Sequence[str],
     kind: str = "document",
-    batch_size: int = 64,
-    precision: str = "auto",
+    config: EncodeConfig | None = None,
+    *,
     pooled_only: bool = False,
     show_progress: bool = False,
     cache: EmbeddingCache | None = None,
 ) -> np.ndarray:
     """Encode ``texts`` into a float32 array (len(texts), d), in the input order.
 
+    The backbone runs up to pooling at ``config.precision`` (bf16: on bf16 copies of its weights);
+    the stages after pooling (MoE head, normalisation) then always run in float32 through
+    :func:`apply_head_stages`, so the embeddings are the same whether the pooled ones come from
+    the backbone or from ``cache``. Encoding runs where ``retriever`` is; ``config.device`` is
+    where callers load it.
+
     Args:
         retriever: The model.
         texts: Queries or documents (documents as "title text").
         kind: ``query`` or ``document``: selects the token limit.
-        batch_size: Texts per forward pass.
-        precision: ``fp32``, ``bf16`` (autocast) or ``auto``.
+        config: Batch size and precision (defaults: :class:`~sbmoe.config.EncodeConfig`).
         pooled_only: Stop after pooling (the input of the MoE head); see :func:`apply_head_stages`.
         show_progress: Show a progress bar.
         cache: Reuse (or store) the pooled embeddings; only the head then runs on a hit.
     """
+    config = config or EncodeConfig()
     if kind not in ("query", "document"):
         raise UsageError(f"kind must be 'query' or 'document', got {kind!r}")
     if not texts:
         dim = retriever.model.get_sentence_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)
-    resolved = resolve_precision(precision, retriever.device)
-    if cache is None:
-        stages = retriever.encoder_stages() if pooled_only else list(retriever.model.children())
-        return _run_batches(retriever, stages, texts, kind, batch_size, resolved, show_progress)
-    key = cache.key(retriever, texts, kind, resolved)
-    pooled = cache.get(key, len(texts))
+    precision = resolve_precision(config.precision, retriever.device)
+    key = cache.key(retriever, texts, kind, precision) if cache is not None else None
+    pooled = cache.get(key, len(texts)) if cache is not None else None
     if pooled is None:
-        pooled = _run_batches(
-            retriever, retriever.encoder_stages(), texts, kind, batch_size, resolved, show_progress
-        )
-        cache.put(key, pooled)
-    return np.array(pooled, dtype=np.float32) if pooled_only else apply_head_stages(retriever, pooled)
+        pooled = _run_batches(retriever, texts, kind, config.encode_batch_size, precision, show_progress)
+        if cache is not None:
+            cache.put(key, pooled)
+    if pooled_only:
+        # A cache hit is a read-only memory map of the entry: hand out a copy.
+        return np.array(pooled, dtype=np.float32) if isinstance(pooled, np.memmap) else pooled
+    return apply_head_stages(retriever, pooled)
 
 
 def _run_batches(
     retriever: Retriever,
-    stages: Sequence[torch.nn.Module],
     texts: Sequence[str],
     kind: str,
     batch_size: int,
     precision: str,
     show_progress: bool,
 ) -> np.ndarray:
+    """The pooled embeddings of ``texts`` (the backbone's output), float32, in input order."""
     output: np.ndarray | None = None
     was_training = retriever.model.training
     retriever.model.eval()
     bar = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=not show_progress)
     try:
         with torch.inference_mode(), autocast(precision, retriever.device):
-            run = _inference_runner(retriever, stages, precision)
+            run = _encoder_runner(retriever, precision)
             for positions, batch in length_sorted_batches(retriever, texts, kind, batch_size):
                 embeddings = run(batch)["sentence_embedding"].float().cpu().numpy()
                 if output is None:
@@ -131,23 +142,21 @@ def _run_batches(
     return output
 
 
-def _inference_runner(
-    retriever: Retriever, stages: Sequence[torch.nn.Module], precision: str
-) -> Callable[[dict], dict]:
-    """The stages as one function; under bf16 the encoder runs on bf16 copies of its weights.
+def _encoder_runner(retriever: Retriever, precision: str) -> Callable[[dict], dict]:
+    """The stages up to pooling as one function; under bf16 they run on bf16 copies of their weights.
 
     Autocast alone converts every weight matrix to bf16 again at every call; converting once per
     encoding spares that (and keeps layer norms and activations in bf16 too). The model's own
-    weights stay float32, so training is unaffected. The MoE head still runs under autocast.
+    weights stay float32, so training is unaffected.
     """
+    stages = retriever.encoder_stages()
     if precision != "bf16":
         return functools.partial(run_stages, stages)
-    encoder = {id(stage) for stage in retriever.encoder_stages()}
-    weights = [_bf16_state(stage) if id(stage) in encoder else None for stage in stages]
+    weights = [_bf16_state(stage) for stage in stages]
 
     def run(features: dict) -> dict:
         for stage, state in zip(stages, weights, strict=True):
-            features = torch.func.functional_call(stage, state, (features,)) if state else stage(features)
+            features = torch.func.functional_call(stage, state, (features,))
         return features
 
     return run
@@ -160,34 +169,44 @@ def _bf16_state(stage: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def apply_head_stages(
-    retriever: Retriever, pooled: np.ndarray, expert_pooling: str | None = None, batch_size: int = 4096
-) -> np.ndarray:
-    """Apply the stages after pooling (MoE head, normalisation) to pooled embeddings.
+@contextlib.contextmanager
+def expert_pooling(retriever: Retriever, rule: str | None) -> Iterator[None]:
+    """Let the MoE head combine its experts by ``rule`` inside the block, then restore its own.
 
-    Lets one backbone pass serve several inference rules (e.g. ``top1`` and ``all``) of one model.
-    Runs in float32: the head is tiny, and this keeps the result independent of the backbone's
-    precision.
+    ``None`` (or a model without a head) changes nothing. :meth:`Retriever.fingerprint` inside the
+    block identifies the embeddings made under ``rule``.
     """
     head = retriever.head
-    previous = head.expert_pooling if head is not None else None
-    if head is not None and expert_pooling is not None:
-        head.expert_pooling = expert_pooling
+    if head is None or rule is None:
+        yield
+        return
+    previous = head.expert_pooling
+    head.expert_pooling = rule
+    try:
+        yield
+    finally:
+        head.expert_pooling = previous
+
+
+def apply_head_stages(
+    retriever: Retriever, pooled: np.ndarray, rule: str | None = None, batch_size: int = 4096
+) -> np.ndarray:
+    """Apply the stages after pooling (MoE head, normalisation) to pooled embeddings, in float32.
+
+    The one place the head runs at inference. Float32 whatever the backbone's precision: the head
+    is tiny, and this keeps the result independent of that precision and of the cache. Also lets
+    one backbone pass serve several inference rules (``rule``: e.g. ``top1`` and ``all``).
+    """
     stages = retriever.head_stages()
     was_training = retriever.model.training
     retriever.model.eval()
     try:
         chunks = []
-        with torch.inference_mode():
+        with torch.inference_mode(), expert_pooling(retriever, rule):
             for start in range(0, len(pooled), batch_size):
-                x = torch.from_numpy(np.array(pooled[start : start + batch_size], dtype=np.float32)).to(
-                    retriever.device
-                )
-                chunks.append(
-                    run_stages(stages, {"sentence_embedding": x})["sentence_embedding"].cpu().numpy()
-                )
+                x = torch.from_numpy(np.array(pooled[start : start + batch_size], dtype=np.float32))
+                features = run_stages(stages, {"sentence_embedding": x.to(retriever.device)})
+                chunks.append(features["sentence_embedding"].float().cpu().numpy())
     finally:
-        if head is not None:
-            head.expert_pooling = previous
         retriever.model.train(was_training)
-    return np.concatenate(chunks).astype(np.float32) if chunks else pooled.astype(np.float32)
+    return np.concatenate(chunks) if chunks else np.asarray(pooled, dtype=np.float32)

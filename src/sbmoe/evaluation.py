@@ -41,9 +41,9 @@ import numpy as np
 from sbmoe.config import PAPER_METRICS
 from sbmoe.errors import UsageError
 from sbmoe.io import atomic_open, write_json
+from sbmoe.runs import Run
 
 Qrels = Mapping[str, Mapping[str, int]]
-RunDict = Mapping[str, Mapping[str, float]]
 
 METRICS_FILE = "metrics.json"
 PER_QUERY_FILE = "per_query.json"
@@ -70,7 +70,7 @@ class EvaluationResult:
 
 def evaluate_run(
     qrels: Qrels,
-    run: RunDict,
+    run: Run,
     metrics: Sequence[str] | str = PAPER_METRICS,
 ) -> EvaluationResult:
     """Score a run against qrels with ranx (see the module docstring for the conventions).
@@ -104,7 +104,7 @@ def evaluate_run(
     return EvaluationResult(metrics=means, per_query=per_query, num_queries=len(query_ids))
 
 
-def write_trec_run(run: RunDict, path: str | os.PathLike, tag: str = "sbmoe") -> Path:
+def write_trec_run(run: Run, path: str | os.PathLike, tag: str = "sbmoe") -> Path:
     """Write a run in TREC format, ``qid Q0 docid rank score tag``, atomically.
 
     Ranks start at 1 and follow descending score, ties broken by ascending doc id. Scores are written
@@ -132,7 +132,7 @@ def write_trec_run(run: RunDict, path: str | os.PathLike, tag: str = "sbmoe") ->
     return path
 
 
-def read_trec_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+def read_trec_run(path: str | os.PathLike) -> Run:
     """Read a TREC run file (``qid Q0 docid rank score tag`` per line) into a run dict.
 
     Blank lines are skipped. The score column is what counts; the rank column is only checked to be
@@ -143,7 +143,7 @@ def read_trec_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
         ValueError: a malformed line or a repeated (query, doc) pair; the message names file and line.
     """
     path = Path(path)
-    run: dict[str, dict[str, float]] = {}
+    run: Run = {}
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             fields = line.split()

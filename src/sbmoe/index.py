@@ -13,8 +13,10 @@ k-means cells), the last two approximate and faster on large corpora. Each store
 ``float32`` (the default) or ``float16`` (FAISS's fp16 scalar quantizer: half the memory and disk,
 scores of unit vectors move by less than 5e-4).
 
-A corpus too large for one process is indexed in shards, each saved by
-:meth:`DenseIndex.save_shard`; :mod:`sbmoe.shards` searches and merges them.
+A corpus too large for one process is indexed in shards: a *sharded* index is a directory of such
+index directories, ``shard-00000-of-00004/`` ..., each written by :meth:`DenseIndex.save_shard`.
+This module defines that layout (:func:`shard_directory`, :func:`is_sharded_index`) so that a single
+index can tell it apart; :mod:`sbmoe.shards` builds on this module to search and merge shards.
 
 Scores are inner products of the vectors as given; normalising them (cosine similarity) is the
 encoder's job.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
@@ -37,6 +40,7 @@ import numpy as np
 from sbmoe import __version__
 from sbmoe.errors import MissingInputError, SbmoeError, UsageError
 from sbmoe.io import atomic_directory, write_json
+from sbmoe.runs import Run
 
 INDEX_FILE = "index.faiss"
 DOC_IDS_FILE = "doc_ids.json"
@@ -44,6 +48,7 @@ META_FILE = "meta.json"
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 EMBEDDING_DTYPES = ("float32", "float16")
+SHARD_PATTERN = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
 _HNSW_M = 32
 # FAISS searches HNSW graphs with efSearch=16 by default, too narrow for top-100 retrieval.
@@ -59,8 +64,6 @@ _ADD_CHUNK = 1 << 18
 # converts at most this many values to float32 at once.
 _SCORE_BLOCK = 1 << 24
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-Run = dict[str, dict[str, float]]
 
 
 class IndexMismatchError(SbmoeError, ValueError):
@@ -78,6 +81,73 @@ class IndexMismatchError(SbmoeError, ValueError):
             f"comparable with this model's queries. Rebuild it with the current model: "
             f"`sbmoe index --model <model> ... --output {self.directory}`."
         )
+
+
+def shard_directory(root: str | os.PathLike, shard: int, num_shards: int) -> Path:
+    """Where shard ``shard`` of ``num_shards`` lives inside the sharded index ``root``."""
+    return Path(root) / f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+def is_sharded_index(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds shard directories (and no single index of its own)."""
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / META_FILE).exists():
+        return False
+    return any(SHARD_PATTERN.match(entry.name) and entry.is_dir() for entry in directory.iterdir())
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``meta.json`` of an index directory; ``dtype`` is filled in for older indexes.
+
+    Raises:
+        FileNotFoundError: there is no ``meta.json``.
+        ValueError: it is corrupt: not JSON, not an object, a required entry missing or unknown.
+    """
+    meta_path = Path(directory) / META_FILE
+    meta = _read_json_file(meta_path)
+    if not isinstance(meta, dict):
+        raise UsageError(f"{meta_path} is corrupt: expected a JSON object")
+    missing = [key for key in ("fingerprint", "index_type", "dim", "count") if key not in meta]
+    if missing:
+        raise UsageError(f"{meta_path} is corrupt: missing {', '.join(missing)}")
+    if not isinstance(meta["fingerprint"], str) or not meta["fingerprint"]:
+        raise UsageError(f"{meta_path} is corrupt: fingerprint must be a non-empty string")
+    if meta["index_type"] not in INDEX_TYPES:
+        raise UsageError(f"{meta_path}: unknown index_type {meta['index_type']!r}")
+    # Indexes saved before float16 storage existed have no dtype: they are float32.
+    meta.setdefault("dtype", "float32")
+    if meta["dtype"] not in EMBEDDING_DTYPES:
+        raise UsageError(
+            f"{meta_path}: unknown dtype {meta['dtype']!r}; expected one of {', '.join(EMBEDDING_DTYPES)}"
+        )
+    return meta
+
+
+def read_doc_ids(directory: str | os.PathLike) -> tuple[str, ...]:
+    """The checked document ids of an index directory, in row order."""
+    ids_path = Path(directory) / DOC_IDS_FILE
+    raw_ids = _read_json_file(ids_path)
+    if not isinstance(raw_ids, list):
+        raise UsageError(f"{ids_path} is corrupt: expected a JSON list of document ids")
+    try:
+        return check_ids(raw_ids, "doc_ids")
+    except ValueError as error:
+        raise UsageError(f"{ids_path} is corrupt: {error}") from None
+
+
+def check_ids(ids: Sequence[str], name: str) -> tuple[str, ...]:
+    """``ids`` as a tuple, checked to be unique strings; the error names them ``name``."""
+    if isinstance(ids, str):
+        raise UsageError(f"{name} must be a sequence of strings, not a single string")
+    result = tuple(ids)
+    for value in result:
+        if not isinstance(value, str):
+            raise UsageError(f"{name} must all be strings, found {value!r} ({type(value).__name__})")
+    if len(set(result)) != len(result):
+        repeated = [value for value, count in Counter(result).items() if count > 1]
+        shown = ", ".join(repr(value) for value in repeated[:5])
+        raise UsageError(f"{name} must be unique; {len(repeated)} repeat, e.g. {shown}")
+    return result
 
 
 def default_nlist(count: int) -> int:
@@ -142,17 +212,42 @@ class DenseIndex:
         vectors = _as_matrix(embeddings, "embeddings")
         if vectors.shape[0] == 0:
             raise UsageError("embeddings has no rows: there is nothing to index")
-        ids = _check_ids(doc_ids, "doc_ids")
+        ids = check_ids(doc_ids, "doc_ids")
         if len(ids) != vectors.shape[0]:
             raise UsageError(
                 f"got {len(ids)} doc_ids for {vectors.shape[0]} embedding rows; they must match one to one"
             )
-        if nprobe is not None and index_type != "ivf":
-            raise UsageError(f"nprobe applies to ivf indexes, not {index_type!r}")
         index = _build_faiss_index(
             index_type, dtype, vectors.shape[1], len(ids), lambda: iter([vectors]), nlist
         )
         self._attach(index, ids, fingerprint, index_type, dtype, metadata, nprobe)
+
+    @classmethod
+    def from_chunks(
+        cls,
+        chunks: Callable[[], Iterator[np.ndarray]],
+        doc_ids: Sequence[str],
+        fingerprint: str,
+        dim: int,
+        index_type: str = "flat",
+        metadata: Mapping[str, Any] | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        dtype: str = "float32",
+    ) -> DenseIndex:
+        """An index over embeddings that arrive in row-order chunks, never all in memory at once.
+
+        Args:
+            chunks: Returns a fresh iterator over ``(rows, dim)`` arrays each time it is called
+                (twice for ``ivf``: once to draw the k-means sample, once to add the vectors).
+            doc_ids: One unique id per row over all chunks.
+            dim: Embedding dimension.
+
+        The other arguments are those of :class:`DenseIndex`.
+        """
+        ids = check_ids(doc_ids, "doc_ids")
+        index = _build_faiss_index(index_type, dtype, dim, len(ids), chunks, nlist)
+        return cls._from_faiss(index, ids, fingerprint, index_type, dtype, metadata, nprobe)
 
     def _attach(
         self,
@@ -164,6 +259,8 @@ class DenseIndex:
         metadata: Mapping[str, Any] | None,
         nprobe: int | None = None,
     ) -> None:
+        if nprobe is not None and index_type != "ivf":
+            raise UsageError(f"nprobe applies to ivf indexes, not {index_type!r}")
         if not isinstance(fingerprint, str) or not fingerprint:
             raise UsageError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
         metadata = dict(metadata or {})
@@ -225,6 +322,15 @@ class DenseIndex:
         view.flags.writeable = False
         return view
 
+    def iter_vectors(self, rows: int = _ADD_CHUNK) -> Iterator[np.ndarray]:
+        """The stored embeddings as float32 arrays of ``rows`` rows, in row order (see :meth:`vectors`).
+
+        Bounds the memory of the float32 copies that float16 and ``ivf`` indexes hand out.
+        """
+        _check_positive(rows, "rows")
+        for start in range(0, len(self), rows):
+            yield self.vectors(start, start + rows)
+
     @property
     def dim(self) -> int:
         """Embedding dimension."""
@@ -284,7 +390,7 @@ class DenseIndex:
                 raise UsageError("exclude_self needs query_ids to compare with the doc ids")
             qids = tuple(str(i) for i in range(queries.shape[0]))
         else:
-            qids = _check_ids(query_ids, "query_ids")
+            qids = check_ids(query_ids, "query_ids")
             if len(qids) != queries.shape[0]:
                 raise UsageError(f"got {len(qids)} query_ids for {queries.shape[0]} query embeddings")
         _check_positive(k, "k")
@@ -376,9 +482,6 @@ class DenseIndex:
         directory = Path(directory)
         if not directory.is_dir():
             raise MissingInputError(f"no index directory at {directory}; build one with `sbmoe index ...`")
-        # sbmoe.shards builds on this module, so it is imported here, not at the top.
-        from sbmoe.shards import is_sharded_index
-
         if is_sharded_index(directory):
             raise UsageError(
                 f"{directory} holds a sharded index: search it with sbmoe.shards.load_index (or "
@@ -386,34 +489,12 @@ class DenseIndex:
             )
 
         meta_path = directory / META_FILE
-        meta = _read_json_file(meta_path)
-        if not isinstance(meta, dict):
-            raise UsageError(f"{meta_path} is corrupt: expected a JSON object")
-        missing = [key for key in ("fingerprint", "index_type", "dim", "count") if key not in meta]
-        if missing:
-            raise UsageError(f"{meta_path} is corrupt: missing {', '.join(missing)}")
-        if not isinstance(meta["fingerprint"], str) or not meta["fingerprint"]:
-            raise UsageError(f"{meta_path} is corrupt: fingerprint must be a non-empty string")
-        if meta["index_type"] not in INDEX_TYPES:
-            raise UsageError(f"{meta_path}: unknown index_type {meta['index_type']!r}")
-        # Indexes saved before float16 storage existed have no dtype: they are float32.
-        dtype = meta.get("dtype", "float32")
-        if dtype not in EMBEDDING_DTYPES:
-            raise UsageError(
-                f"{meta_path}: unknown dtype {dtype!r}; expected one of {', '.join(EMBEDDING_DTYPES)}"
-            )
+        meta = read_meta(directory)
+        dtype = meta["dtype"]
         # Checked before reading the (possibly large) index file.
         if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
             raise IndexMismatchError(directory, str(meta["fingerprint"]), expected_fingerprint)
-
-        ids_path = directory / DOC_IDS_FILE
-        raw_ids = _read_json_file(ids_path)
-        if not isinstance(raw_ids, list):
-            raise UsageError(f"{ids_path} is corrupt: expected a JSON list of document ids")
-        try:
-            doc_ids = _check_ids(raw_ids, "doc_ids")
-        except ValueError as error:
-            raise UsageError(f"{ids_path} is corrupt: {error}") from None
+        doc_ids = read_doc_ids(directory)
 
         index_path = directory / INDEX_FILE
         if not index_path.is_file():
@@ -457,8 +538,7 @@ class DenseIndex:
         """Save as shard ``shard`` of ``num_shards`` of a sharded index in ``root``.
 
         Args:
-            root: The sharded index directory; this shard goes to
-                :func:`sbmoe.shards.shard_directory`.
+            root: The sharded index directory; this shard goes to :func:`shard_directory`.
             shard: This shard's number, ``0 <= shard < num_shards``.
             num_shards: How many shards make the whole corpus.
             start: Position of this shard's first document in the whole corpus.
@@ -467,8 +547,6 @@ class DenseIndex:
         Returns:
             The shard's directory.
         """
-        from sbmoe.shards import shard_directory  # sbmoe.shards builds on this module
-
         root = Path(root)
         if (root / META_FILE).exists():
             raise UsageError(
@@ -689,20 +767,6 @@ def _as_matrix(array: np.ndarray, name: str) -> np.ndarray:
         bad = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
         raise UsageError(f"{name} has NaN or infinite values (first in row {bad})")
     return matrix
-
-
-def _check_ids(ids: Sequence[str], name: str) -> tuple[str, ...]:
-    if isinstance(ids, str):
-        raise UsageError(f"{name} must be a sequence of strings, not a single string")
-    result = tuple(ids)
-    for value in result:
-        if not isinstance(value, str):
-            raise UsageError(f"{name} must all be strings, found {value!r} ({type(value).__name__})")
-    if len(set(result)) != len(result):
-        repeated = [value for value, count in Counter(result).items() if count > 1]
-        shown = ", ".join(repr(value) for value in repeated[:5])
-        raise UsageError(f"{name} must be unique; {len(repeated)} repeat, e.g. {shown}")
-    return result
 
 
 def _check_positive(value: int, name: str) -> None:

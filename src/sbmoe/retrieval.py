@@ -1,133 +1,297 @@
-"""Index a corpus with a retriever and search it: texts in, ranx-style runs out."""
+"""The retrieval jobs: index a corpus (or a shard of it), merge index shards, search, evaluate.
+
+Texts go in, ranx-style runs come out. Each job takes config dataclasses from :mod:`sbmoe.config`
+(:class:`~sbmoe.config.EncodeConfig` for how texts are encoded, :class:`~sbmoe.config.IndexConfig`,
+:class:`~sbmoe.config.SearchConfig`, :class:`~sbmoe.config.EvaluateConfig`), and the jobs that write
+outputs save their configs and provenance beside them. Two searches: :func:`search` over an index
+(in memory or saved, single or sharded) and :func:`search_documents` over texts without keeping an
+index, for one or several inference rules of an MoE model from one encoding pass.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
+import dataclasses
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from sbmoe.cache import EmbeddingCache
-from sbmoe.encoding import apply_head_stages, encode_texts
+from sbmoe.config import EncodeConfig, EvaluateConfig, IndexConfig, SearchConfig, provenance
+from sbmoe.data import BeirCollection
+from sbmoe.distributed import shard_bounds
+from sbmoe.encoding import apply_head_stages, encode_texts, expert_pooling
 from sbmoe.errors import UsageError
+from sbmoe.evaluation import EvaluationResult, evaluate_run, save_metrics, write_trec_run
 from sbmoe.index import DenseIndex
+from sbmoe.io import write_json
 from sbmoe.modeling import Retriever
-from sbmoe.shards import ShardedIndex
+from sbmoe.runs import Run
+from sbmoe.shards import ShardedIndex, load_index
 
-Run = dict[str, dict[str, float]]
+
+@dataclass
+class EvaluationOutput:
+    """One evaluated system: where its files are, its scores and how long encoding and search took."""
+
+    name: str
+    output_dir: Path
+    result: EvaluationResult
+    seconds: float
 
 
 def build_index(
     retriever: Retriever,
-    doc_ids: Sequence[str],
-    documents: Sequence[str],
-    batch_size: int = 64,
-    precision: str = "auto",
-    index_type: str = "flat",
+    documents: Mapping[str, str],
+    config: IndexConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
     show_progress: bool = False,
     cache: EmbeddingCache | None = None,
-    nlist: int | None = None,
-    nprobe: int | None = None,
-    dtype: str = "float32",
 ) -> DenseIndex:
-    """Encode ``documents`` and put them in a FAISS inner-product index tagged with the model.
+    """Encode ``documents`` (doc id -> text) into a FAISS inner-product index tagged with the model.
 
-    ``index_type`` is ``flat`` (exact), ``hnsw`` or ``ivf``; ``nlist`` / ``nprobe`` set the IVF cells
-    and the cells searched per query; ``dtype`` (``float32`` or ``float16``) is how the index stores
-    the embeddings (see :class:`~sbmoe.index.DenseIndex`).
+    ``config`` chooses the index type (none given: ``flat``, exact), IVF cells and the embeddings'
+    storage dtype (none given: ``float32``); see :class:`~sbmoe.index.DenseIndex`.
     """
+    config = config or IndexConfig()
     embeddings = encode_texts(
-        retriever, documents, "document", batch_size, precision, show_progress=show_progress, cache=cache
+        retriever, list(documents.values()), "document", encode, show_progress=show_progress, cache=cache
     )
     return DenseIndex(
         embeddings,
-        list(doc_ids),
+        list(documents),
         retriever.fingerprint(),
-        index_type=index_type,
-        nlist=nlist,
-        nprobe=nprobe,
-        dtype=dtype,
+        index_type=config.index_type or "flat",
+        nlist=config.nlist,
+        nprobe=config.nprobe,
+        dtype=config.embedding_dtype or "float32",
     )
 
 
 def search(
     retriever: Retriever,
-    index: DenseIndex | ShardedIndex,
-    query_ids: Sequence[str],
-    queries: Sequence[str],
-    top_k: int = 100,
-    exclude_self: bool = False,
-    batch_size: int = 64,
-    precision: str = "auto",
+    index: DenseIndex | ShardedIndex | str | os.PathLike,
+    queries: Mapping[str, str],
+    config: SearchConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
     show_progress: bool = False,
     cache: EmbeddingCache | None = None,
 ) -> Run:
-    """Encode ``queries`` and return their top-``top_k`` documents from ``index``.
+    """Encode ``queries`` (query id -> text) and return their top documents from ``index``.
 
-    The caller makes sure ``index`` was built by ``retriever`` (``DenseIndex.load`` and
-    ``ShardedIndex.load`` check the fingerprint of a saved index). A sharded index is searched shard
-    by shard.
+    ``index`` is an index in memory or the directory of a saved one, single or sharded (searched
+    shard by shard). A saved index built by another model is refused
+    (:class:`~sbmoe.index.IndexMismatchError`); for one in memory that is the caller's job.
     """
+    config = config or SearchConfig()
+    if isinstance(index, (str, os.PathLike)):
+        index = load_index(index, expected_fingerprint=retriever.fingerprint())
     embeddings = encode_texts(
-        retriever, queries, "query", batch_size, precision, show_progress=show_progress, cache=cache
+        retriever, list(queries.values()), "query", encode, show_progress=show_progress, cache=cache
     )
-    return index.search(embeddings, top_k, query_ids=list(query_ids), exclude_self=exclude_self)
+    return index.search(embeddings, config.top_k, query_ids=list(queries), exclude_self=config.exclude_self)
 
 
-def search_texts(
+def search_documents(
     retriever: Retriever,
-    query_ids: Sequence[str],
-    queries: Sequence[str],
-    doc_ids: Sequence[str],
-    documents: Sequence[str],
-    top_k: int = 100,
-    batch_size: int = 64,
-    precision: str = "auto",
-    show_progress: bool = False,
-    cache: EmbeddingCache | None = None,
-) -> Run:
-    """Exact search of ``queries`` over ``documents`` without keeping an index."""
-    index = build_index(
-        retriever, doc_ids, documents, batch_size, precision, show_progress=show_progress, cache=cache
-    )
-    return search(
-        retriever, index, query_ids, queries, top_k, batch_size=batch_size, precision=precision, cache=cache
-    )
-
-
-def search_per_expert_pooling(
-    retriever: Retriever,
-    query_ids: Sequence[str],
-    queries: Sequence[str],
-    doc_ids: Sequence[str],
-    documents: Sequence[str],
-    expert_poolings: Sequence[str],
-    top_k: int = 100,
-    exclude_self: bool = False,
-    batch_size: int = 64,
-    precision: str = "auto",
+    queries: Mapping[str, str],
+    documents: Mapping[str, str],
+    config: SearchConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    expert_poolings: Sequence[str] = (),
     show_progress: bool = False,
     cache: EmbeddingCache | None = None,
 ) -> dict[str, Run]:
-    """Runs for several inference rules of one MoE model, encoding the texts once.
+    """Exact search of ``queries`` over ``documents`` (id -> text each) without keeping an index.
 
-    The backbone runs once per text; each rule (``top1``, ``all``, ...) then only re-applies the
-    small head to the pooled embeddings.
+    The backbone encodes every text once; each inference rule in ``expert_poolings`` (``top1``,
+    ``all``, ...) then only re-applies the small head to the pooled embeddings.
+
+    Returns:
+        One run per rule, keyed by rule; without ``expert_poolings``, one run under the model's own
+        rule (``model`` for a model without an MoE head).
+
+    Raises:
+        UsageError: ``expert_poolings`` for a model without an MoE head.
     """
-    if retriever.head is None:
-        raise UsageError("search_per_expert_pooling needs a model with an MoE head")
-    pooled_docs = encode_texts(
-        retriever, documents, "document", batch_size, precision, True, show_progress, cache=cache
+    config = config or SearchConfig()
+    if expert_poolings and retriever.head is None:
+        raise UsageError("expert_poolings need a model with an MoE head")
+    pooled_documents = encode_texts(
+        retriever,
+        list(documents.values()),
+        "document",
+        encode,
+        pooled_only=True,
+        show_progress=show_progress,
+        cache=cache,
     )
-    pooled_queries = encode_texts(retriever, queries, "query", batch_size, precision, True, cache=cache)
+    pooled_queries = encode_texts(
+        retriever, list(queries.values()), "query", encode, pooled_only=True, cache=cache
+    )
     runs = {}
-    for rule in expert_poolings:
-        doc_embeddings = apply_head_stages(retriever, pooled_docs, rule)
-        query_embeddings = apply_head_stages(retriever, pooled_queries, rule)
-        index = DenseIndex(doc_embeddings, list(doc_ids), fingerprint=f"{rule}")
-        runs[rule] = index.search(
-            np.ascontiguousarray(query_embeddings),
-            top_k,
-            query_ids=list(query_ids),
-            exclude_self=exclude_self,
-        )
+    for rule in expert_poolings or [None]:
+        with expert_pooling(retriever, rule):
+            name = retriever.head.expert_pooling if retriever.head is not None else "model"
+            index = DenseIndex(
+                apply_head_stages(retriever, pooled_documents), list(documents), retriever.fingerprint()
+            )
+            runs[name] = index.search(
+                apply_head_stages(retriever, pooled_queries),
+                config.top_k,
+                query_ids=list(queries),
+                exclude_self=config.exclude_self,
+            )
     return runs
+
+
+def evaluate_model(
+    retriever: Retriever,
+    collection: BeirCollection,
+    output_dir: str | Path,
+    config: EvaluateConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    show_progress: bool = True,
+    command: Sequence[str] | None = None,
+    cache: EmbeddingCache | None = None,
+) -> list[EvaluationOutput]:
+    """Search the split's queries over the whole corpus and score the run.
+
+    Writes ``metrics.json``, ``per_query.json``, ``run.trec`` and ``config.json`` (the configs and
+    :func:`~sbmoe.config.provenance`) into ``output_dir``, or into ``output_dir/<rule>/`` per
+    inference rule when several are asked for. ``config.expert_poolings`` are ignored for a model
+    without an MoE head.
+    """
+    config = config or EvaluateConfig()
+    encode = encode or EncodeConfig()
+    output_dir = Path(output_dir)
+    qrels = collection.split_qrels(config.split)
+    queries = {q: collection.queries[q] for q in sorted(qrels) if q in collection.queries}
+    documents = {d: doc.full_text for d, doc in collection.corpus.items()}
+    started = time.perf_counter()
+    runs = search_documents(
+        retriever,
+        queries,
+        documents,
+        SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
+        encode,
+        expert_poolings=config.expert_poolings if retriever.head is not None else (),
+        show_progress=show_progress,
+        cache=cache,
+    )
+    seconds = time.perf_counter() - started
+
+    fingerprint = retriever.fingerprint()
+    outputs = []
+    for rule, run in runs.items():
+        target = output_dir / rule if len(runs) > 1 else output_dir
+        result = evaluate_run(qrels, run, metrics=tuple(config.metrics))
+        save_metrics(result, target, extra={"split": config.split, "expert_pooling": rule})
+        write_trec_run(run, target / "run.trec", tag=f"sbmoe-{rule}")
+        write_json(
+            target / "config.json",
+            {
+                "evaluate_config": dataclasses.asdict(config),
+                "encode_config": dataclasses.asdict(encode),
+                "model_config": dataclasses.asdict(retriever.config),
+                "model_fingerprint": fingerprint,
+                "expert_pooling": rule,
+                "data": {"name": collection.name, "root": str(collection.root)},
+                "encode_and_search_seconds": round(seconds, 2),
+                **provenance(command),
+            },
+        )
+        outputs.append(EvaluationOutput(rule, target, result, seconds))
+    return outputs
+
+
+def index_corpus(
+    retriever: Retriever,
+    collection: BeirCollection,
+    output_dir: str | Path,
+    config: IndexConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    shard: tuple[int, int] | None = None,
+    show_progress: bool = True,
+    command: Sequence[str] | None = None,
+    cache: EmbeddingCache | None = None,
+) -> DenseIndex:
+    """Encode the collection's corpus and save the FAISS index (with the model's fingerprint).
+
+    The index's metadata records the collection, the model, index and encode configs, and
+    :func:`~sbmoe.config.provenance`.
+
+    Args:
+        shard: ``(i, N)``: encode only the ``i``-th of ``N`` consecutive slices of the corpus and
+            save it as that shard of the sharded index ``output_dir`` (see
+            :class:`~sbmoe.shards.ShardedIndex`); shards can be built by different processes or
+            machines. ``None`` indexes the whole corpus into ``output_dir``.
+
+    Returns:
+        The index built (the shard's, when sharded).
+    """
+    config = config or IndexConfig()
+    encode = encode or EncodeConfig()
+    doc_ids = list(collection.corpus)
+    start, stop = shard_bounds(len(doc_ids), *shard) if shard else (0, len(doc_ids))
+    if stop == start:
+        raise UsageError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
+    documents = {d: collection.corpus[d].full_text for d in doc_ids[start:stop]}
+    index = build_index(retriever, documents, config, encode, show_progress=show_progress, cache=cache)
+    index.metadata.update(
+        {
+            "collection": collection.name,
+            "model_config": dataclasses.asdict(retriever.config),
+            "index_config": dataclasses.asdict(config),
+            "encode_config": dataclasses.asdict(encode),
+            **provenance(command),
+        }
+    )
+    if shard:
+        index.save_shard(output_dir, shard[0], shard[1], start, len(collection.corpus))
+    else:
+        index.save(output_dir)
+    return index
+
+
+def merge_index(
+    index_dir: str | Path,
+    output_dir: str | Path,
+    config: IndexConfig | None = None,
+    *,
+    command: Sequence[str] | None = None,
+) -> DenseIndex:
+    """Merge the shards in ``index_dir`` into one index saved in ``output_dir``.
+
+    The merged index ranks exactly like a single-process index of the same type (for ``flat``,
+    the same index). ``config``'s index type and dtype may differ from the shards' (e.g. exact
+    shards, IVF merged; float32 shards, float16 merged) and default to theirs. The metadata keeps
+    the shards' and adds the merge's :func:`~sbmoe.config.provenance` under ``merge``.
+    """
+    config = config or IndexConfig()
+    sharded = ShardedIndex.load(index_dir)
+    merged = sharded.merge(
+        config.index_type, nlist=config.nlist, nprobe=config.nprobe, dtype=config.embedding_dtype
+    )
+    merged.metadata["merge"] = {"index_config": dataclasses.asdict(config), **provenance(command)}
+    merged.save(output_dir)
+    return merged
+
+
+def describe_run(run: Run, limit: int) -> list[dict[str, Any]]:
+    """Flatten a run into rows (query, rank, doc, score) for printing."""
+    rows = []
+    for query_id, scores in run.items():
+        ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:limit]
+        rows.extend(
+            {"query_id": query_id, "rank": rank, "doc_id": doc_id, "score": score}
+            for rank, (doc_id, score) in enumerate(ranked, start=1)
+        )
+    return rows

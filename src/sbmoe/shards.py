@@ -1,11 +1,12 @@
 """Sharded indexes: a directory of index directories, searched shard by shard or merged into one.
 
 A *sharded* index is a directory of :class:`~sbmoe.index.DenseIndex` directories,
-``shard-00000-of-00004/`` ..., each holding one contiguous slice of the corpus and written
-independently (by ``sbmoe index --shard i/N`` or one ``torchrun`` process each, through
-:meth:`~sbmoe.index.DenseIndex.save_shard`). :class:`ShardedIndex` searches it shard by shard, one
-shard in memory at a time, and merges the per-shard top-k lists (top-k of top-ks), which gives the
-same ranking as one index over the whole corpus; :meth:`ShardedIndex.merge` builds that index.
+``shard-00000-of-00004/`` ... (:func:`~sbmoe.index.shard_directory`), each holding one contiguous
+slice of the corpus and written independently (by ``sbmoe index --shard i/N`` or one ``torchrun``
+process each, through :meth:`~sbmoe.index.DenseIndex.save_shard`). :class:`ShardedIndex` searches
+it shard by shard, one shard in memory at a time, and merges the per-shard top-k lists (top-k of
+top-ks), which gives the same ranking as one index over the whole corpus; :meth:`ShardedIndex.merge`
+builds that index.
 
 Shards may differ in index type or embedding dtype (``float32`` / ``float16``), e.g. when some were
 rebuilt with other settings: each is searched as it is, and :attr:`ShardedIndex.index_type` or
@@ -14,10 +15,7 @@ rebuilt with other settings: each is searched as it is, and :attr:`ShardedIndex.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,32 +24,15 @@ import numpy as np
 
 from sbmoe.errors import MissingInputError, UsageError
 from sbmoe.index import (
-    _ADD_CHUNK,
-    DOC_IDS_FILE,
-    META_FILE,
+    SHARD_PATTERN,
     DenseIndex,
     IndexMismatchError,
-    Run,
-    _build_faiss_index,
-    _check_ids,
-    _check_positive,
-    _read_json_file,
+    check_ids,
+    is_sharded_index,
+    read_doc_ids,
+    read_meta,
 )
-
-SHARD_PATTERN = re.compile(r"^shard-(\d+)-of-(\d+)$")
-
-
-def shard_directory(root: str | os.PathLike, shard: int, num_shards: int) -> Path:
-    """Where shard ``shard`` of ``num_shards`` lives inside the sharded index ``root``."""
-    return Path(root) / f"shard-{shard:05d}-of-{num_shards:05d}"
-
-
-def is_sharded_index(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` holds shard directories (and no single index of its own)."""
-    directory = Path(directory)
-    if not directory.is_dir() or (directory / META_FILE).exists():
-        return False
-    return any(SHARD_PATTERN.match(entry.name) and entry.is_dir() for entry in directory.iterdir())
+from sbmoe.runs import Run, merge_runs
 
 
 def load_index(
@@ -61,21 +42,6 @@ def load_index(
     if is_sharded_index(directory):
         return ShardedIndex.load(directory, expected_fingerprint)
     return DenseIndex.load(directory, expected_fingerprint)
-
-
-def merge_runs(runs: Sequence[Run], k: int) -> Run:
-    """Merge runs over disjoint document sets into one top-``k`` run (the top-k of the top-ks).
-
-    Each run lists a query's documents best first. Equal scores keep the order of ``runs`` and,
-    within a run, its own order, so merging the runs of consecutive shards of a flat index gives
-    exactly the ranking of one flat index over all of them.
-    """
-    _check_positive(k, "k")
-    merged: Run = {}
-    for query_id in dict.fromkeys(q for run in runs for q in run):
-        lists = [run[query_id].items() for run in runs if query_id in run]
-        merged[query_id] = dict(itertools.islice(heapq.merge(*lists, key=lambda item: -item[1]), k))
-    return merged
 
 
 class ShardedIndex:
@@ -101,8 +67,7 @@ class ShardedIndex:
         self.fingerprint: str = metas[0]["fingerprint"]
         types = {meta["index_type"] for meta in metas}
         self.index_type = types.pop() if len(types) == 1 else "mixed"
-        # Shards saved before float16 storage existed have no dtype: they are float32.
-        dtypes = {meta.get("dtype", "float32") for meta in metas}
+        dtypes = {meta["dtype"] for meta in metas}
         self.dtype = dtypes.pop() if len(dtypes) == 1 else "mixed"
         self.metadata = {k: v for k, v in (metas[0].get("metadata") or {}).items() if k != "shard"}
         self._doc_ids: tuple[str, ...] | None = None
@@ -129,13 +94,8 @@ class ShardedIndex:
     def doc_ids(self) -> tuple[str, ...]:
         """Document id of each row over all shards, in corpus order (read on first use)."""
         if self._doc_ids is None:
-            ids: list[str] = []
-            for directory in self.shard_dirs:
-                raw = _read_json_file(directory / DOC_IDS_FILE)
-                if not isinstance(raw, list):
-                    raise UsageError(f"{directory / DOC_IDS_FILE} is corrupt: expected a JSON list")
-                ids.extend(raw)
-            self._doc_ids = _check_ids(ids, "doc_ids of the shards")
+            ids = [doc_id for directory in self.shard_dirs for doc_id in read_doc_ids(directory)]
+            self._doc_ids = check_ids(ids, "doc_ids of the shards")
         return self._doc_ids
 
     def shard(self, number: int) -> DenseIndex:
@@ -151,7 +111,6 @@ class ShardedIndex:
         batch_size: int = 1024,
     ) -> Run:
         """Search every shard in turn and merge their top-``k`` lists; see :meth:`DenseIndex.search`."""
-        _check_positive(k, "k")
         merged: Run | None = None
         for number in range(self.num_shards):
             run = self.shard(number).search(query_embeddings, k, query_ids, exclude_self, batch_size)
@@ -181,20 +140,22 @@ class ShardedIndex:
         """
         index_type = index_type or (self.index_type if self.index_type != "mixed" else "flat")
         dtype = dtype or (self.dtype if self.dtype != "mixed" else "float32")
-        if nprobe is not None and index_type != "ivf":
-            raise UsageError(f"nprobe applies to ivf indexes, not {index_type!r}")
-        doc_ids = self.doc_ids
         shards = [self.shard(number) for number in range(self.num_shards)]
 
         def chunks() -> Iterator[np.ndarray]:
-            # In slices: the vectors of a float16 or ivf shard are float32 copies.
-            for shard in shards:
-                for start in range(0, len(shard), _ADD_CHUNK):
-                    yield shard.vectors(start, start + _ADD_CHUNK)
+            return (chunk for shard in shards for chunk in shard.iter_vectors())
 
-        index = _build_faiss_index(index_type, dtype, self.dim, len(doc_ids), chunks, nlist)
-        metadata = {**self.metadata, "merged_from_shards": self.num_shards}
-        return DenseIndex._from_faiss(index, doc_ids, self.fingerprint, index_type, dtype, metadata, nprobe)
+        return DenseIndex.from_chunks(
+            chunks,
+            self.doc_ids,
+            self.fingerprint,
+            self.dim,
+            index_type,
+            metadata={**self.metadata, "merged_from_shards": self.num_shards},
+            nlist=nlist,
+            nprobe=nprobe,
+            dtype=dtype,
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None) -> ShardedIndex:
@@ -236,12 +197,12 @@ class ShardedIndex:
         shard_dirs = [found[i][1] for i in range(num_shards)]
         metas = []
         for number, shard_dir in enumerate(shard_dirs):
-            meta = _read_json_file(shard_dir / META_FILE)
-            if not isinstance(meta, dict) or not {"fingerprint", "index_type", "dim", "count"} <= set(meta):
-                raise UsageError(f"{shard_dir / META_FILE} is corrupt")
+            meta = read_meta(shard_dir)
             info = (meta.get("metadata") or {}).get("shard") or {}
             if info.get("index") != number or info.get("count") != num_shards:
-                raise UsageError(f"{shard_dir / META_FILE} does not describe shard {number} of {num_shards}")
+                raise UsageError(
+                    f"{shard_dir} does not describe shard {number} of {num_shards} in its meta.json"
+                )
             metas.append(meta)
         fingerprints = {meta["fingerprint"] for meta in metas}
         if len(fingerprints) > 1:

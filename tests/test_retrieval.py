@@ -1,0 +1,60 @@
+"""The retrieval jobs: one encoding pass serves several inference rules, indexes carry real fingerprints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sbmoe.config import EncodeConfig, ModelConfig, SearchConfig
+from sbmoe.modeling import Retriever
+from sbmoe.retrieval import build_index, search, search_documents
+
+DOCUMENTS = {
+    "d1": "vitamin D and bone density in the elderly",
+    "d2": "aspirin lowers the risk of heart attacks",
+    "d3": "zinc deficiency and the immune system",
+    "d4": "iron supplements in pregnancy",
+}
+QUERIES = {"q1": "does aspirin protect the heart", "q2": "bones of old people"}
+FP32 = EncodeConfig(precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_bert_dir):
+    torch.manual_seed(0)
+    return Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=3), device="cpu")
+
+
+def test_each_rule_ranks_as_a_model_saved_with_that_rule(retriever):
+    config = SearchConfig(top_k=3)
+    runs = search_documents(retriever, QUERIES, DOCUMENTS, config, FP32, expert_poolings=["top1", "all"])
+    assert list(runs) == ["top1", "all"]
+    for rule, run in runs.items():
+        retriever.head.expert_pooling = rule
+        try:
+            index = build_index(retriever, DOCUMENTS, encode=FP32)
+            expected = search(retriever, index, QUERIES, config, FP32)
+        finally:
+            retriever.head.expert_pooling = "top1"
+        assert list(run) == list(expected)
+        for query_id, hits in expected.items():
+            assert list(run[query_id]) == list(hits)
+            assert list(run[query_id].values()) == pytest.approx(list(hits.values()), abs=1e-6)
+    assert retriever.head.expert_pooling == "top1"  # restored
+    assert list(search_documents(retriever, QUERIES, DOCUMENTS, config, FP32)) == ["top1"]
+
+
+def test_a_saved_index_is_searched_by_directory_and_knows_its_model(retriever, tiny_bert_dir, tmp_path):
+    index = build_index(retriever, DOCUMENTS, encode=FP32)
+    assert index.fingerprint == retriever.fingerprint()
+    index.save(tmp_path / "index")
+    assert search(retriever, tmp_path / "index", QUERIES, encode=FP32) == search(
+        retriever, index, QUERIES, encode=FP32
+    )
+
+
+def test_expert_poolings_need_an_moe_head(tiny_bert_dir):
+    plain = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0), device="cpu")
+    with pytest.raises(ValueError, match="MoE head"):
+        search_documents(plain, QUERIES, DOCUMENTS, expert_poolings=["all"])
+    assert list(search_documents(plain, QUERIES, DOCUMENTS, encode=FP32)) == ["model"]
