@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from sbmoe.experiments import cell_configs, expand, load_grid, run_experiment
+from sbmoe.experiments import cell_configs, expand, load_grid, run_experiment, save_grid
 from sbmoe.io import read_json
 
 REPO_EXPERIMENTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments"
@@ -29,6 +29,11 @@ def test_shipped_grids_load_and_expand():
     assert cell_configs(paper, contriever)[1].temperature == 0.05
     cpu = expand(load_grid(REPO_EXPERIMENTS / "scifact-cpu.yaml"))
     assert len(cpu) == 2 * (1 + 3 + 2 * 3)  # zero-shot once; fine-tuned and SB-MoE per seed
+
+
+def test_saved_grid_loads_back(tmp_path):
+    grid = load_grid(REPO_EXPERIMENTS / "beyond-paper.yaml")
+    assert load_grid(save_grid(grid, tmp_path / "again.yaml")) == grid
 
 
 def test_expansion_ids_are_unique_and_overrides_layer(tmp_path):
@@ -96,7 +101,7 @@ def test_grid_runs_skips_finished_cells_and_records_failures(
         )
     )
     output = tmp_path / "out"
-    first = run_experiment(grid, output, show_progress=False)
+    first = run_experiment(grid, output, show_progress=False, command=["sbmoe", "experiment"])
     assert len(first.finished) == 4 and len(first.failed) == 4  # the missing collection fails alone
     failed = next(iter(first.failed))
     assert "no-such-collection" in read_json(output / "cells" / failed / "error.json")["error"]
@@ -106,6 +111,14 @@ def test_grid_runs_skips_finished_cells_and_records_failures(
     routing = read_json(output / "cells" / moe / "eval" / scifact_slice.name / "routing.json")
     assert sum(routing["documents"]["usage"]) == pytest.approx(1.0)
 
+    assert done["eval_seconds"][scifact_slice.name] > 0
+    assert read_json(output / "experiment.json")["provenance"]["command"] == ["sbmoe", "experiment"]
+
     second = run_experiment(grid, output, show_progress=False)
     assert sorted(second.skipped) == sorted(first.finished) and not second.finished
     assert len(second.failed) == 4
+
+    # A finished cell is reused only with the settings it was run with.
+    grid.train["max_steps"] = 3
+    with pytest.raises(ValueError, match=r"other settings \(max_steps 2 -> 3\)"):
+        run_experiment(grid, output, show_progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from sbmoe.evaluation import PAPER_METRICS
@@ -15,7 +17,7 @@ TOP1 = [b + 0.10 for b in BASE]
 ALL = [b + (0.05 if i % 2 else -0.05) for i, b in enumerate(BASE)]
 
 
-def write_cell(root, variant, experts, seed, rules: dict[str, list[float]], routing=False):
+def write_cell(root, variant, experts, seed, rules: dict[str, list[float]], routing=False, trains=True):
     cell_id = f"bb__c__{variant}" + (f"__n{experts}" if experts else "") + f"__s{seed}"
     folder = root / "cells" / cell_id
     evaluations = {}
@@ -39,6 +41,7 @@ def write_cell(root, variant, experts, seed, rules: dict[str, list[float]], rout
         }
         write_json(folder / "eval" / "c" / "routing.json", {"queries": usage, "documents": usage})
     cell = {"backbone": "bb", "collection": "c", "variant": variant, "experts": experts, "seed": seed}
+    cell["trains"] = trains
     write_json(folder / "done.json", {"cell": cell, "evaluations": {"c": evaluations}})
 
 
@@ -65,15 +68,37 @@ def test_means_over_seeds_and_significance(experiment):
 
 
 def test_tables_mark_best_and_significant(experiment):
-    report = build_report(experiment)
-    markdown = report.markdown()
+    report = build_report(experiment).to_report()
+    markdown = report.to_markdown()
     top1_row = next(line for line in markdown.splitlines() if line.startswith("| sb-moe N=2 top1"))
     all_row = next(line for line in markdown.splitlines() if line.startswith("| sb-moe N=2 all"))
     assert "**" in top1_row and "†" in top1_row  # best and significant
     assert "†" not in all_row
-    latex = report.latex()
+    latex = report.to_latex()
     assert r"\textbf{" in latex and r"$^\dagger$" in latex and r"\begin{tabular}" in latex
     assert "sb-moe N=2 top1" in latex
+
+
+def test_tables_order_rows_name_metrics_and_hide_a_constant_seed_count(experiment):
+    write_cell(experiment, "zero-shot", 0, 1, {"model": BASE}, trains=False)
+    write_cell(experiment, "one-expert", 1, 1, {"model": BASE})
+    write_cell(experiment, "one-expert", 1, 2, {"model": BASE})
+    table = build_report(experiment).to_report().tables[0]
+    labels = [row.label for row in table.rows]
+    # zero-shot, baselines, controls, SB-MoE; an MoE model's rules in the order top1, topk, all
+    assert labels == ["zero-shot", "fine-tuned", "one-expert N=1", "sb-moe N=2 top1", "sb-moe N=2 all"]
+    headers = [c.header for c in table.columns]
+    assert headers == ["seeds", "nDCG@10", "R@100", "MRR@10", "MAP@100", "P@1", "nDCG@3", "p"]
+    top1 = table.rows[3].cells
+    assert top1["p"].value < 0.05 and top1["ndcg@10"].dagger and "p" not in table.rows[1].cells
+
+    shutil.rmtree(experiment / "cells" / "bb__c__zero-shot__s1")
+    report = build_report(experiment).to_report()
+    assert "seeds" not in [c.header for c in report.tables[0].columns]
+    assert "2 seeds per system." in report.tables[0].notes
+    latex = report.to_latex()
+    assert r"\label{tab:bb-c-c}" in latex and r"\caption{bb: trained on c, evaluated on c. 2 seeds" in latex
+    assert r"\toprule" in latex and "nDCG@10 & R@100" in latex
 
 
 def test_written_report_has_tables_results_and_plots(experiment, tmp_path):

@@ -228,16 +228,22 @@ def test_report_renders():
     assert set(data["comparisons"]) == {"sb_moe", "same"}
     assert data["comparisons"]["sb_moe"]["significant"] is True
 
-    markdown = report.to_markdown()
-    lines = markdown.strip().splitlines()
-    assert lines[0].startswith("| system | ndcg@10 | Δ vs fine-tuned |")
+    rendered = report.to_report(label="tab:moe")
+    assert rendered.to_dict()["comparisons"] == data["comparisons"]
+    markdown = rendered.to_markdown()
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| system | nDCG@10 | Δ vs fine-tuned |")
     assert len(lines) == 2 + 1 + 2
-    assert all(line.count("|") - line.count("\\|") == 7 for line in lines)
+    # Five columns: significance is the dagger on the mean (explained below the table).
+    assert all(line.count("|") - line.count("\\|") == 6 for line in lines)
     assert "| fine-tuned (baseline) | 0.5000 |" in markdown
-    assert "| sb_moe | 0.6500 | +0.1500 | 0.1027 | 0.2055 | yes |" in markdown
+    assert "| sb_moe | 0.6500 † | +0.1500 | 0.1027 | 0.2055 |" in markdown
+    assert "| same | 0.5000 | +0.0000 |" in markdown
+    assert "α = 0.25" in markdown
 
-    latex = report.to_latex(label="tab:moe")
+    latex = rendered.to_latex()
     assert "\\begin{tabular}{lrrrr}" in latex and "\\label{tab:moe}" in latex
+    assert "\\toprule" in latex and "\\caption{nDCG@10: each system against fine-tuned." in latex
     assert "sb\\_moe & 0.6500$^\\dagger$ & +0.1500 & 0.1027 & 0.2055 \\\\" in latex
     assert "same & 0.5000 & +0.0000" in latex and "same & 0.5000$^" not in latex
 

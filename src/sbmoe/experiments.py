@@ -3,8 +3,9 @@
 A grid file (YAML) names the axes; every combination is a *cell* that trains (or not), evaluates on
 its collection (and on transfer collections), records expert usage, and writes everything in its
 own folder ``DIR/cells/<cell id>/``. Running the same grid again skips finished cells and resumes an
-interrupted one (training resumes from its checkpoint); a failing cell is recorded in its
-``error.json`` and the others go on.
+interrupted one (training resumes from its checkpoint); a finished cell whose settings the grid has
+since changed is refused rather than reused. A failing cell is recorded in its ``error.json`` and the
+others go on.
 
 Grid file keys (all but ``backbones``/``collections``/``variants`` optional)::
 
@@ -29,7 +30,8 @@ import dataclasses
 import re
 import time
 import traceback
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,15 +39,22 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from sbmoe import __version__
 from sbmoe.cache import EmbeddingCache
-from sbmoe.config import ModelConfig, TrainConfig, build_configs
+from sbmoe.config import (
+    EncodeConfig,
+    EvaluateConfig,
+    ModelConfig,
+    TrainConfig,
+    build_configs,
+    from_dict,
+    provenance,
+)
 from sbmoe.data import BeirCollection, load_collection, resolve_data
 from sbmoe.encoding import encode_texts
 from sbmoe.errors import UsageError
-from sbmoe.io import read_json, write_json
+from sbmoe.io import atomic_open, read_json, write_json
 from sbmoe.modeling import Retriever
-from sbmoe.pipeline import EvaluateConfig, evaluate_model
+from sbmoe.retrieval import evaluate_model
 from sbmoe.routing import routing_statistics
 from sbmoe.training import train
 
@@ -132,6 +141,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
 
 
+def eval_dir(cell_folder: Path, collection: str) -> Path:
+    """Where a cell's evaluation on ``collection`` (a name or a folder) is written."""
+    return cell_folder / "eval" / slug(collection)
+
+
 def load_grid(path: str | Path) -> ExperimentGrid:
     """Read and check a grid file; errors name the file and the key."""
     path = Path(path)
@@ -139,6 +153,19 @@ def load_grid(path: str | Path) -> ExperimentGrid:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
         raise UsageError(f"{path}: cannot read the experiment file ({error})") from error
+    return check_grid(data, path)
+
+
+def save_grid(grid: ExperimentGrid, path: str | Path) -> Path:
+    """Write ``grid`` as a grid file that :func:`load_grid` reads back."""
+    path = Path(path)
+    with atomic_open(path) as handle:
+        yaml.safe_dump(dataclasses.asdict(grid), handle, sort_keys=False)
+    return path
+
+
+def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
+    """Build a grid from its keys (as a grid file holds them); errors name ``path`` and the key."""
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping of grid keys at the top level")
     unknown = sorted(set(data) - GRID_KEYS)
@@ -152,7 +179,7 @@ def load_grid(path: str | Path) -> ExperimentGrid:
             raise UsageError(f"{path}: `{key}` must be a list")
     if not isinstance(data["variants"], dict):
         raise UsageError(f"{path}: `variants` must map variant names to settings")
-    data.setdefault("name", path.stem)
+    data.setdefault("name", Path(path).stem)
     grid = ExperimentGrid(**data)
     for name, settings in grid.variants.items():
         settings = settings or {}
@@ -227,19 +254,27 @@ class ExperimentSummary:
 
 
 def run_experiment(
-    grid: ExperimentGrid, output_dir: str | Path, show_progress: bool = True, command: list[str] | None = None
+    grid: ExperimentGrid,
+    output_dir: str | Path,
+    show_progress: bool = True,
+    command: Sequence[str] | None = None,
 ) -> ExperimentSummary:
-    """Run every unfinished cell of ``grid`` under ``output_dir``; failures are recorded, not raised."""
+    """Run every unfinished cell of ``grid`` under ``output_dir``; failures are recorded, not raised.
+
+    Raises:
+        UsageError: A finished cell under ``output_dir`` was run with other settings than the grid
+            gives it now (then nothing runs).
+    """
     output_dir = Path(output_dir)
     started = time.perf_counter()
+    cells = expand(grid)
+    check_finished_cells(grid, cells, output_dir)
     write_json(
-        output_dir / "experiment.json",
-        {"grid": dataclasses.asdict(grid), "command": command, "sbmoe_version": __version__},
+        output_dir / "experiment.json", {"grid": dataclasses.asdict(grid), "provenance": provenance(command)}
     )
     cache = EmbeddingCache(output_dir / "cache")
     collections = _CollectionLoader()
     summary = ExperimentSummary()
-    cells = expand(grid)
     bar = tqdm(cells, desc=f"experiment {grid.name}", unit="cell", disable=not show_progress)
     for cell in bar:
         folder = output_dir / "cells" / cell.cell_id
@@ -267,6 +302,33 @@ def run_experiment(
     return summary
 
 
+def check_finished_cells(grid: ExperimentGrid, cells: list[Cell], output_dir: Path) -> None:
+    """Refuse to reuse a finished cell whose saved settings differ from what ``grid`` gives it now."""
+    for cell in cells:
+        folder = output_dir / "cells" / cell.cell_id
+        if not (folder / "done.json").exists() or not (folder / "cell.json").exists():
+            continue
+        saved = read_json(folder / "cell.json")
+        changed = []
+        for key, current in zip(("model_config", "train_config"), cell_configs(grid, cell), strict=True):
+            with warnings.catch_warnings():
+                # A key an older version wrote and this one no longer has does not make a cell differ.
+                warnings.simplefilter("ignore")
+                before = from_dict(type(current), saved[key])
+            changed += [
+                f"{f.name} {getattr(before, f.name)!r} -> {getattr(current, f.name)!r}"
+                for f in dataclasses.fields(current)
+                if getattr(before, f.name) != getattr(current, f.name)
+            ]
+        if saved.get("evaluate", grid.evaluate) != grid.evaluate:
+            changed.append(f"evaluate {saved['evaluate']!r} -> {grid.evaluate!r}")
+        if changed:
+            raise UsageError(
+                f"{folder} was run with other settings ({'; '.join(changed)}); use another output "
+                "directory, or delete that cell to run it again"
+            )
+
+
 def run_cell(
     grid: ExperimentGrid,
     cell: Cell,
@@ -283,6 +345,7 @@ def run_cell(
             "cell": cell.to_dict(),
             "model_config": dataclasses.asdict(model_config),
             "train_config": dataclasses.asdict(train_config),
+            "evaluate": grid.evaluate,
         },
     )
     (folder / "error.json").unlink(missing_ok=True)
@@ -295,40 +358,45 @@ def run_cell(
     else:
         retriever = Retriever.from_config(model_config)
         training = None
-    evaluate = EvaluateConfig(**{"precision": train_config.precision, **grid.evaluate})
+    evaluate = EvaluateConfig(**grid.evaluate)
+    encode = EncodeConfig(precision=train_config.precision)
     if retriever.head is None:
         evaluate.expert_poolings = []
-    evaluations = {}
+    evaluations, eval_seconds = {}, {}
     for name in cell.evaluate_on:
         target = collections.get(name)
-        outputs = evaluate_model(retriever, target, folder / "eval" / name, evaluate, False, cache=cache)
+        outputs = evaluate_model(
+            retriever, target, eval_dir(folder, name), evaluate, encode, show_progress=False, cache=cache
+        )
         evaluations[name] = {out.name: out.result.metrics for out in outputs}
+        eval_seconds[name] = round(outputs[0].seconds, 2)  # one encoding pass serves every rule
         if retriever.head is not None:
-            write_json(folder / "eval" / name / "routing.json", _routing(retriever, target, evaluate, cache))
+            routing = _routing(retriever, target, evaluate, encode, cache)
+            write_json(eval_dir(folder, name) / "routing.json", routing)
     summary = {
         "cell": cell.to_dict(),
         "training": training,
         "evaluations": evaluations,
+        "eval_seconds": eval_seconds,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(folder / "done.json", summary)
     return summary
 
 
-def _routing(retriever: Retriever, collection: BeirCollection, evaluate: EvaluateConfig, cache) -> dict:
+def _routing(
+    retriever: Retriever, collection: BeirCollection, evaluate: EvaluateConfig, encode: EncodeConfig, cache
+) -> dict:
     """Expert usage of the split's queries and of the corpus (pooled embeddings come from the cache)."""
     query_ids = sorted(q for q in collection.split_qrels(evaluate.split) if q in collection.queries)
     queries = [collection.queries[q] for q in query_ids]
     documents = [doc.full_text for doc in collection.corpus.values()]
-    encode = {
-        "batch_size": evaluate.batch_size,
-        "precision": evaluate.precision,
-        "pooled_only": True,
-        "cache": cache,
-    }
+    pooled = {"pooled_only": True, "cache": cache}
     return {
-        "queries": routing_statistics(retriever, encode_texts(retriever, queries, "query", **encode)),
-        "documents": routing_statistics(retriever, encode_texts(retriever, documents, "document", **encode)),
+        "queries": routing_statistics(retriever, encode_texts(retriever, queries, "query", encode, **pooled)),
+        "documents": routing_statistics(
+            retriever, encode_texts(retriever, documents, "document", encode, **pooled)
+        ),
     }
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from sbmoe.report import ExperimentReport
+# (number of experts, mean, standard deviation over seeds)
+Point = tuple[int, float, float]
 
 
 def _pyplot():
@@ -29,73 +29,77 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def plot_metric_vs_experts(report: ExperimentReport, path: str | Path) -> Path | None:
-    """The primary metric against the number of experts, one panel per group, error bars over seeds.
+def plot_metric_vs_experts(
+    panels: Mapping[str, Mapping[str, Sequence[Point]]],
+    references: Mapping[str, Mapping[str, float]],
+    metric: str,
+    path: str | Path,
+    baseline: str = "",
+) -> Path:
+    """A metric against the number of experts, one panel per group, error bars over seeds.
 
-    Systems without a head (the baseline, zero-shot) are drawn as horizontal lines.
+    Args:
+        panels: Panel title -> line label -> points ``(experts, mean, std)``.
+        references: Panel title -> label -> value of a system without experts (drawn as a
+            horizontal line; ``baseline`` in black, the others in grey).
+        metric: The y-axis label.
+        path: The PNG to write.
+        baseline: Label of the reference line to draw in black.
     """
-    groups = report.groups()
-    if not any(s.experts for members in groups.values() for s in members):
-        return None
     plt = _pyplot()
-    metric = report.primary_metric
-    figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
-    for axis, (group, members) in zip(axes[0], groups.items(), strict=True):
-        lines: dict[tuple[str, str], list] = defaultdict(list)
-        for system in members:
-            if system.experts:
-                lines[(system.variant, system.rule)].append(system)
-            else:
-                axis.axhline(
-                    system.mean(metric),
-                    linestyle="--",
-                    linewidth=1,
-                    label=system.label,
-                    color="grey" if system.variant != report.baseline else "black",
-                )
-        for (variant, rule), systems in sorted(lines.items()):
-            systems.sort(key=lambda s: s.experts)
-            axis.errorbar(
-                [s.experts for s in systems],
-                [s.mean(metric) for s in systems],
-                yerr=[s.std(metric) for s in systems],
-                marker="o",
-                capsize=3,
-                label=f"{variant} {rule}",
-            )
-        axis.set_title(f"{group[0]} / {group[2]}", fontsize=9)
-        axis.set_xticks(sorted({s.experts for s in members if s.experts}))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for axis, (title, lines) in zip(axes[0], panels.items(), strict=True):
+        for label, value in references.get(title, {}).items():
+            colour = "black" if label == baseline else "grey"
+            axis.axhline(value, linestyle="--", linewidth=1, label=label, color=colour)
+        for label, points in lines.items():
+            experts, means, stds = zip(*sorted(points), strict=True)
+            axis.errorbar(experts, means, yerr=stds, marker="o", capsize=3, label=label)
+        axis.set_title(title, fontsize=9)
+        axis.set_xticks(sorted({p[0] for points in lines.values() for p in points}))
         axis.set_xlabel("experts")
         axis.set_ylabel(metric)
         axis.legend(fontsize=7)
     return _save(figure, Path(path))
 
 
-def plot_expert_usage(report: ExperimentReport, path: str | Path) -> Path | None:
-    """Share of queries and documents routed to each expert (first seed), per collection and system."""
-    with_routing = [s for s in report.systems if s.routing and s.train_collection == s.eval_collection]
-    if not with_routing:
-        return None
+def plot_expert_usage(systems: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
+    """Share of queries and documents whose top-1 expert each expert is, one panel per system.
+
+    Args:
+        systems: Panel title -> routing statistics (``queries`` and ``documents``, each with
+            ``usage``: the top-1 shares, as :func:`sbmoe.routing.routing_statistics` returns them).
+        path: The PNG to write.
+    """
     plt = _pyplot()
-    unique = {(s.backbone, s.eval_collection, s.variant, s.experts): s for s in with_routing}
-    systems = sorted(unique.values(), key=lambda s: (s.eval_collection, s.variant, s.experts))
-    figure, axes = plt.subplots(len(systems), 1, figsize=(7, 1.4 * len(systems) + 0.6), squeeze=False)
-    for axis, system in zip(axes[:, 0], systems, strict=True):
-        routing = system.routing[0]
+    figure, axes = plt.subplots(len(systems), 1, figsize=(7, 1.5 * len(systems) + 0.6), squeeze=False)
+    for axis, (title, routing) in zip(axes[:, 0], systems.items(), strict=True):
+        shares = {}
         for row, kind in enumerate(("queries", "documents")):
             usage = np.asarray(routing[kind]["usage"])
             left = np.concatenate([[0.0], np.cumsum(usage)[:-1]])
             colours = plt.cm.tab10(np.arange(len(usage)) % 10)
             axis.barh([row] * len(usage), usage, left=left, color=colours, edgecolor="white", height=0.7)
+            shares[kind] = float(usage.max())
         axis.set_yticks([0, 1], ["queries", "documents"], fontsize=7)
         axis.set_xlim(0, 1)
-        entropy = routing["documents"]["entropy"] / max(routing["documents"]["max_entropy"], 1e-9)
+        # The bars are hard top-1 shares, so the title states those (not the soft gate's entropy).
         axis.set_title(
-            f"{system.eval_collection}: {system.variant} N={system.experts} "
-            f"(document routing entropy {entropy:.2f} of max)",
+            f"{title}: top-1 share of the busiest expert {shares['queries']:.1%} of queries, "
+            f"{shares['documents']:.1%} of documents",
             fontsize=8,
         )
-    axes[-1, 0].set_xlabel("share of texts per expert")
+    axes[-1, 0].set_xlabel("share of texts per expert (top-1)")
+    from matplotlib.patches import Patch
+
+    experts = max(len(routing["documents"]["usage"]) for routing in systems.values())
+    axes[0, 0].legend(
+        handles=[Patch(color=plt.cm.tab10(i % 10), label=f"expert {i}") for i in range(experts)],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
+    figure.tight_layout()
     return _save(figure, Path(path))
 
 

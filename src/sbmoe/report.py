@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,15 @@ import numpy as np
 
 from sbmoe.errors import UsageError
 from sbmoe.evaluation import PAPER_METRICS
-from sbmoe.experiments import iter_finished_cells, slug
-from sbmoe.io import atomic_open, read_json, write_json
+from sbmoe.experiments import eval_dir, iter_finished_cells, slug
+from sbmoe.io import read_json
 from sbmoe.statistics import ComparisonReport, compare_to_baseline, mean_std
+from sbmoe.tables import Cell, Column, Report, Row, Table, metric_label
+
+# Rows run from the untrained model to the method: what a reader compares each system with comes
+# above it. A control is an MoE-shaped model without the mixture (one expert, or a fixed random gate).
+KINDS = ("zero-shot", "baseline", "control", "sb-moe")
+RULES = ("model", "top1", "topk", "all")
 
 
 @dataclass
@@ -34,12 +41,15 @@ class SystemResult:
     variant: str
     experts: int
     rule: str
+    kind: str = "sb-moe"
     seeds: list[int] = field(default_factory=list)
     metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     per_query: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
     routing: list[dict[str, Any]] = field(default_factory=list)
     cell_dirs: list[str] = field(default_factory=list)
     eval_dirs: list[str] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)
 
     @property
     def group(self) -> tuple[str, str, str]:
@@ -69,14 +79,45 @@ class SystemResult:
         return {q: sum(v) / len(v) for q, v in scores.items()}
 
 
-def collect_results(output_dir: str | Path, metrics: tuple[str, ...] = PAPER_METRICS) -> list[SystemResult]:
-    """Gather every finished cell's evaluations into systems (seeds merged)."""
+def system_kind(cell: dict[str, Any], model_config: dict[str, Any] | None = None) -> str:
+    """Which kind of row a cell's systems are: one of :data:`KINDS`.
+
+    Args:
+        cell: The cell as ``done.json`` records it.
+        model_config: The cell's resolved model settings (``cell.json``), when saved; the grid's
+            shared settings (e.g. a random gate for every variant) are only there.
+    """
+    if cell.get("trains") is False:
+        return "zero-shot"
+    if not cell["experts"]:
+        return "baseline"
+    gating = (model_config or cell.get("model") or {}).get("gating")
+    return "control" if cell["experts"] == 1 or gating == "random" else "sb-moe"
+
+
+def collect_results(
+    output_dir: str | Path,
+    metrics: tuple[str, ...] = PAPER_METRICS,
+    cell_ids: Collection[str] | None = None,
+) -> list[SystemResult]:
+    """Gather the finished cells' evaluations into systems (seeds merged).
+
+    Args:
+        output_dir: An experiment's output directory.
+        metrics: The metrics to read.
+        cell_ids: Only these cells (default: every finished cell).
+    """
     systems: dict[tuple, SystemResult] = {}
     for folder, done in iter_finished_cells(output_dir):
+        if cell_ids is not None and folder.name not in cell_ids:
+            continue
         cell = done["cell"]
+        saved = read_json(folder / "cell.json") if (folder / "cell.json").exists() else {}
+        kind = system_kind(cell, saved.get("model_config"))
+        training = done.get("training") or {}
         for eval_name, rules in done["evaluations"].items():
             for rule in rules:
-                directory = folder / "eval" / eval_name / (rule if len(rules) > 1 else "")
+                directory = eval_dir(folder, eval_name) / (rule if len(rules) > 1 else "")
                 key = (
                     cell["backbone"],
                     cell["collection"],
@@ -85,16 +126,20 @@ def collect_results(output_dir: str | Path, metrics: tuple[str, ...] = PAPER_MET
                     cell["experts"],
                     rule,
                 )
-                system = systems.setdefault(key, SystemResult(*key))
-                saved = read_json(directory / "metrics.json")
+                system = systems.setdefault(key, SystemResult(*key, kind=kind))
+                scores = read_json(directory / "metrics.json")
                 per_query = read_json(directory / "per_query.json")
                 system.seeds.append(cell["seed"])
                 system.cell_dirs.append(str(folder))
                 system.eval_dirs.append(str(directory))
                 for metric in metrics:
-                    system.metrics[metric].append(saved[metric])
+                    system.metrics[metric].append(scores[metric])
                     system.per_query[metric].append(per_query[metric])
-                routing_file = folder / "eval" / eval_name / "routing.json"
+                if "seconds" in training:
+                    system.train_seconds.append(training["seconds"])
+                if eval_name in done.get("eval_seconds", {}):
+                    system.eval_seconds.append(done["eval_seconds"][eval_name])
+                routing_file = eval_dir(folder, eval_name) / "routing.json"
                 if routing_file.exists():
                     system.routing.append(read_json(routing_file))
     return list(systems.values())
@@ -102,105 +147,108 @@ def collect_results(output_dir: str | Path, metrics: tuple[str, ...] = PAPER_MET
 
 @dataclass
 class ExperimentReport:
-    """Systems grouped for tables, with one significance report per group."""
+    """Systems grouped for tables, with one significance report per group.
+
+    Attributes:
+        variant_order: Variant names in the grid's order (rows of a kind follow it; variants not
+            in it come after, by name).
+    """
 
     systems: list[SystemResult]
     comparisons: dict[tuple[str, str, str], ComparisonReport]
     metrics: tuple[str, ...]
     baseline: str
     primary_metric: str
+    variant_order: list[str] = field(default_factory=list)
 
     def groups(self) -> dict[tuple[str, str, str], list[SystemResult]]:
+        """Systems per (backbone, training, evaluation collection), zero-shot first, SB-MoE last."""
         grouped: dict[tuple[str, str, str], list[SystemResult]] = defaultdict(list)
         for system in self.systems:
             grouped[system.group].append(system)
         for members in grouped.values():
-            members.sort(key=lambda s: (s.variant != self.baseline, s.variant, s.experts, s.rule))
+            members.sort(key=self._row_order)
         return dict(grouped)
 
-    def _significant(self, group: tuple[str, str, str], system: SystemResult) -> bool:
-        report = self.comparisons.get(group)
-        if report is None:
-            return False
-        return any(c.system == system.label and c.significant for c in report.comparisons)
-
-    def _cells(self, group, system: SystemResult, best: dict[str, float], bold, dagger) -> list[str]:
-        cells = []
-        for metric in self.metrics:
-            mean, std = system.mean(metric), system.std(metric)
-            text = f"{mean:.4f}" + (f" ± {std:.4f}" if len(system.seeds) > 1 else "")
-            if math.isclose(mean, best[metric], abs_tol=5e-5):
-                text = bold(text)
-            if metric == self.primary_metric and self._significant(group, system):
-                text += dagger
-            cells.append(text)
-        return cells
-
-    def markdown(self) -> str:
-        lines = []
-        for group, members in self.groups().items():
-            best = {m: max(s.mean(m) for s in members) for m in self.metrics}
-            backbone, trained_on, evaluated_on = group
-            title = (
-                f"### {backbone}: trained on {trained_on}, evaluated on {evaluated_on} ({_test_note(self)})"
-            )
-            lines += [
-                title,
-                "",
-                "| system | seeds | " + " | ".join(self.metrics) + " |",
-                "|---|---:|" + "---:|" * len(self.metrics),
-            ]
-            for system in members:
-                cells = self._cells(group, system, best, lambda t: f"**{t}**", " †")
-                lines.append(f"| {system.label} | {len(system.seeds)} | " + " | ".join(cells) + " |")
-            lines.append("")
-        lines.append(
-            f"Mean ± standard deviation over seeds; best per column in bold; † = {self.primary_metric} "
-            f"significantly different from `{self.baseline}` (paired test on per-query scores averaged "
-            "over seeds, Bonferroni-corrected within the table)."
+    def _row_order(self, system: SystemResult) -> tuple:
+        variant = system.variant
+        position = (
+            self.variant_order.index(variant) if variant in self.variant_order else len(self.variant_order)
         )
-        return "\n".join(lines) + "\n"
+        rule = RULES.index(system.rule) if system.rule in RULES else len(RULES)
+        kind = KINDS.index(system.kind) if system.kind in KINDS else len(KINDS)
+        return kind, variant != self.baseline, position, variant, system.experts, rule
 
-    def latex(self) -> str:
-        blocks = []
-        for group, members in self.groups().items():
-            best = {m: max(s.mean(m) for s in members) for m in self.metrics}
-            header = " & ".join(["System", "Seeds", *(_latex_escape(m) for m in self.metrics)])
-            rows = [
-                " & ".join(
-                    [
-                        _latex_escape(s.label),
-                        str(len(s.seeds)),
-                        *(
-                            c.replace("±", r"$\pm$")
-                            for c in self._cells(group, s, best, lambda t: rf"\textbf{{{t}}}", r"$^\dagger$")
-                        ),
-                    ]
-                )
-                + r" \\"
-                for s in members
-            ]
-            caption = _latex_escape(f"{group[0]}: trained on {group[1]}, evaluated on {group[2]}")
-            blocks.append(
-                "\n".join(
-                    [
-                        r"\begin{table}[t]",
-                        r"\centering",
-                        rf"\caption{{{caption}}}",
-                        r"\begin{tabular}{l" + "r" * (len(self.metrics) + 1) + "}",
-                        r"\toprule",
-                        header + r" \\",
-                        r"\midrule",
-                        *rows,
-                        r"\bottomrule",
-                        r"\end{tabular}",
-                        r"\end{table}",
-                    ]
-                )
+    def to_report(self, timing: bool = False) -> Report:
+        """One table per group (mean ± std over seeds, best in bold, † significant against the
+        baseline, its corrected p-value), with ``to_dict`` giving :meth:`to_dict`.
+
+        Args:
+            timing: Add columns with the mean training and evaluation seconds.
+        """
+        tables = [self._table(group, members, timing) for group, members in self.groups().items()]
+        tests = sorted({c.test for c in self.comparisons.values()})
+        metric = metric_label(self.primary_metric)
+        spread = (
+            "Mean ± standard deviation over seeds; " if any(len(s.seeds) > 1 for s in self.systems) else ""
+        )
+        if tests:
+            legend = (
+                f"{spread}best per column in bold; † = {metric} significantly different from "
+                f"{self.baseline} ({', '.join(tests)} on per-query scores averaged over seeds, "
+                "Bonferroni-corrected within the table); p = that corrected p-value."
             )
-        return "\n\n".join(blocks) + "\n"
+        else:
+            legend = f"{spread}best per column in bold; no {self.baseline} to test against."
+        legend = legend[0].upper() + legend[1:]
+        return Report(tables, [legend], self.to_dict())
+
+    def _table(self, group: tuple[str, str, str], members: list[SystemResult], timing: bool) -> Table:
+        backbone, trained_on, evaluated_on = group
+        seed_counts = {len(s.seeds) for s in members}
+        columns = [Column("seeds", "seeds")] if len(seed_counts) > 1 else []
+        columns += [Column(m, metric_label(m)) for m in self.metrics]
+        comparison = self.comparisons.get(group)
+        if comparison is not None:
+            columns.append(Column("p", "p", style="p"))
+        if timing:
+            columns += [Column("train_seconds", "train s", 0), Column("eval_seconds", "eval s", 0)]
+        best = {m: max(s.mean(m) for s in members) for m in self.metrics}
+        table = Table(
+            columns,
+            caption=f"{backbone}: trained on {trained_on}, evaluated on {evaluated_on}",
+            label="tab:" + slug(f"{backbone}-{trained_on}-{evaluated_on}").lower(),
+        )
+        if len(seed_counts) == 1:
+            count = seed_counts.pop()
+            table.notes.append(f"{count} seed{'s' if count > 1 else ''} per system.")
+        for system in members:
+            tested = None
+            if comparison is not None and system.label != comparison.baseline:
+                tested = comparison[system.label]
+            cells = {"seeds": Cell(len(system.seeds))}
+            for metric in self.metrics:
+                mean = system.mean(metric)
+                cells[metric] = Cell(
+                    mean,
+                    system.std(metric) if len(system.seeds) > 1 else None,
+                    bold=math.isclose(mean, best[metric], abs_tol=5e-5),
+                    dagger=metric == self.primary_metric and tested is not None and tested.significant,
+                )
+            if tested is not None:
+                cells["p"] = Cell(tested.corrected_p_value)
+            if timing:
+                cells["train_seconds"] = Cell(
+                    float(np.mean(system.train_seconds)) if system.train_seconds else "—"
+                )
+                cells["eval_seconds"] = Cell(
+                    float(np.mean(system.eval_seconds)) if system.eval_seconds else None
+                )
+            table.rows.append(Row(system.label, cells))
+        return table
 
     def to_dict(self) -> dict[str, Any]:
+        """Every system's per-seed metrics, means and standard deviations, and the comparisons."""
         return {
             "baseline": self.baseline,
             "primary_metric": self.primary_metric,
@@ -224,24 +272,6 @@ class ExperimentReport:
         }
 
 
-def _test_note(report: ExperimentReport) -> str:
-    tests = {c.test for c in report.comparisons.values()}
-    return f"significance: {', '.join(sorted(tests)) or 'none'}"
-
-
-def _latex_escape(text: str) -> str:
-    for char, escaped in (
-        ("\\", r"\textbackslash{}"),
-        ("_", r"\_"),
-        ("&", r"\&"),
-        ("%", r"\%"),
-        ("#", r"\#"),
-        ("@", "@"),
-    ):
-        text = text.replace(char, escaped)
-    return text
-
-
 def build_report(
     output_dir: str | Path,
     baseline: str = "fine-tuned",
@@ -250,12 +280,19 @@ def build_report(
     alpha: float = 0.05,
     seed: int = 42,
     metrics: tuple[str, ...] = PAPER_METRICS,
+    cell_ids: Collection[str] | None = None,
 ) -> ExperimentReport:
-    """Collect the finished cells of ``output_dir`` and test each system against ``baseline``."""
-    systems = collect_results(output_dir, metrics)
+    """Collect the finished cells of ``output_dir`` and test each system against ``baseline``.
+
+    Args:
+        cell_ids: Only these cells (default: every finished cell).
+    """
+    systems = collect_results(output_dir, metrics, cell_ids)
     if not systems:
         raise UsageError(f"{output_dir}: no finished cells (cells/*/done.json) to report on")
-    report = ExperimentReport(systems, {}, metrics, baseline, metric)
+    experiment = Path(output_dir) / "experiment.json"
+    order = list(read_json(experiment)["grid"]["variants"]) if experiment.exists() else []
+    report = ExperimentReport(systems, {}, metrics, baseline, metric, order)
     for group, members in report.groups().items():
         base = next((s for s in members if s.variant == baseline), None)
         others = [s for s in members if s is not base]
@@ -272,25 +309,39 @@ def build_report(
 def write_report(report: ExperimentReport, directory: str | Path, plots: bool = True) -> list[Path]:
     """Write tables.md, tables.tex, results.json and (unless ``plots`` is off) the PNG plots."""
     directory = Path(directory)
-    written = []
-    for name, text in (("tables.md", report.markdown()), ("tables.tex", report.latex())):
-        with atomic_open(directory / name) as handle:
-            handle.write(text)
-        written.append(directory / name)
-    write_json(directory / "results.json", report.to_dict())
-    written.append(directory / "results.json")
+    rendered = report.to_report()
+    written = [rendered.save(directory / name) for name in ("tables.md", "tables.tex", "results.json")]
     if not plots:
         return written
     from sbmoe.plots import plot_expert_usage, plot_metric_vs_experts
 
-    written += [
-        path
-        for path in (
-            plot_metric_vs_experts(report, directory / "metric_vs_experts.png"),
-            plot_expert_usage(report, directory / "expert_usage.png"),
+    groups = report.groups()
+    if any(s.experts for members in groups.values() for s in members):
+        panels: dict[str, dict[str, list[tuple[int, float, float]]]] = {}
+        references: dict[str, dict[str, float]] = {}
+        metric = report.primary_metric
+        for (backbone, _, evaluated_on), members in groups.items():
+            title = f"{backbone} / {evaluated_on}"
+            lines, flat = panels.setdefault(title, {}), references.setdefault(title, {})
+            for s in members:
+                if s.experts:
+                    lines.setdefault(f"{s.variant} {s.rule}", []).append(
+                        (s.experts, s.mean(metric), s.std(metric))
+                    )
+                else:
+                    flat[s.label] = s.mean(metric)
+        path = directory / "metric_vs_experts.png"
+        written.append(
+            plot_metric_vs_experts(panels, references, metric_label(metric), path, report.baseline)
         )
-        if path
-    ]
+    # One panel per trained MoE model (its first seed's routing), on the collection it was trained on.
+    routed = [s for s in report.systems if s.routing and s.train_collection == s.eval_collection]
+    usage = {
+        f"{s.backbone}, {s.eval_collection}: {s.variant} N={s.experts}": s.routing[0]
+        for s in sorted(routed, key=lambda s: (s.eval_collection, s.variant, s.experts))
+    }
+    if usage:
+        written.append(plot_expert_usage(usage, directory / "expert_usage.png"))
     for system in _tsne_systems(report):
         written.append(write_tsne(system, directory / f"tsne_{slug(system.eval_collection)}.png"))
     return written

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sbmoe.errors import UsageError
+from sbmoe.tables import Cell, Column, Report, Row, Table, metric_label
 
 TestName = Literal["t-test", "randomization"]
 TESTS: tuple[str, ...] = ("t-test", "randomization")
@@ -164,7 +165,7 @@ class Comparison:
 
 @dataclass
 class ComparisonReport:
-    """Every system against one baseline, on one metric; renders itself as a dict, Markdown or LaTeX.
+    """Every system against one baseline, on one metric; ``to_report`` renders it.
 
     Attributes:
         baseline: Name of the baseline system.
@@ -202,63 +203,41 @@ class ComparisonReport:
         }
         return data
 
-    def to_markdown(self, digits: int = 4) -> str:
-        """A Markdown table: baseline first, then each system with its difference and p-values.
+    def to_report(self, digits: int = 4, caption: str | None = None, label: str = "") -> Report:
+        """The comparison as one table: the baseline first, then each system with its difference
+        and p-values; a dagger marks the significant ones.
 
         Args:
-            digits: Decimal places of means and differences (p-values use the same, or scientific
-                notation when smaller than that precision shows).
+            digits: Decimal places of means, differences and p-values (p-values smaller than that
+                precision shows are written in scientific notation).
+            caption: Table caption; the metric and the baseline when None.
+            label: LaTeX ``\\label`` of the table; none when empty.
         """
-        metric = self.metric or "score"
-        lines = [
-            f"| system | {_md(metric)} | Δ vs {_md(self.baseline)} | p ({self.test}) | p ({self.correction}) "
-            f"| significant (α={self.alpha:g}) |",
-            "| --- | ---: | ---: | ---: | ---: | :---: |",
-            f"| {_md(self.baseline)} (baseline) | {self.baseline_mean:.{digits}f} | | | | |",
-        ]
+        metric = metric_label(self.metric or "score")
+        table = Table(
+            [
+                Column("mean", metric, digits),
+                Column("difference", f"Δ vs {self.baseline}", digits, "signed"),
+                Column("p_value", f"p ({self.test})", digits, "p"),
+                Column("corrected_p_value", f"p ({self.correction})", digits, "p"),
+            ],
+            caption=f"{metric}: each system against {self.baseline}" if caption is None else caption,
+            label=label,
+        )
+        table.rows.append(Row(f"{self.baseline} (baseline)", {"mean": Cell(self.baseline_mean)}))
         for c in self.comparisons:
-            lines.append(
-                f"| {_md(c.system)} | {c.mean:.{digits}f} | {c.mean_difference:+.{digits}f} "
-                f"| {_p(c.p_value, digits)} | {_p(c.corrected_p_value, digits)} "
-                f"| {'yes' if c.significant else 'no'} |"
-            )
-        return "\n".join(lines) + "\n"
-
-    def to_latex(self, digits: int = 4, caption: str | None = None, label: str | None = None) -> str:
-        """A LaTeX ``table`` (booktabs rules); significant systems get a dagger on their mean.
-
-        Args:
-            digits: Decimal places, as in :meth:`to_markdown`.
-            caption: Table caption; a description of the test and correction when None.
-            label: ``\\label`` of the table; none when None.
-        """
-        metric = _tex(self.metric or "score")
-        if caption is None:
-            caption = (
-                f"{metric}: each system against {_tex(self.baseline)}. "
-                f"$\\dagger$: {_tex(self.test)} p-value after {_tex(self.correction)} correction "
-                f"below $\\alpha = {self.alpha:g}$."
-            )
-        lines = [
-            "\\begin{table}",
-            "\\centering",
-            "\\begin{tabular}{lrrrr}",
-            "\\toprule",
-            f"System & {metric} & $\\Delta$ & $p$ & $p_{{\\mathrm{{corr}}}}$ \\\\",
-            "\\midrule",
-            f"{_tex(self.baseline)} (baseline) & {self.baseline_mean:.{digits}f} & & & \\\\",
-        ]
-        for c in self.comparisons:
-            mark = "$^\\dagger$" if c.significant else ""
-            lines.append(
-                f"{_tex(c.system)} & {c.mean:.{digits}f}{mark} & {c.mean_difference:+.{digits}f} "
-                f"& {_p(c.p_value, digits)} & {_p(c.corrected_p_value, digits)} \\\\"
-            )
-        lines += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{caption}}}"]
-        if label:
-            lines.append(f"\\label{{{label}}}")
-        lines.append("\\end{table}")
-        return "\n".join(lines) + "\n"
+            cells = {
+                "mean": Cell(c.mean, dagger=c.significant),
+                "difference": Cell(c.mean_difference),
+                "p_value": Cell(c.p_value),
+                "corrected_p_value": Cell(c.corrected_p_value),
+            }
+            table.rows.append(Row(c.system, cells))
+        legend = (
+            f"† {self.test} p-value after {self.correction} correction below α = {self.alpha:g} "
+            f"(paired on the queries each system shares with {self.baseline})."
+        )
+        return Report([table], [legend], self.to_dict())
 
 
 def compare_to_baseline(
@@ -370,31 +349,3 @@ def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[np.ndarray,
         if bad.size:
             raise UsageError(f"score of query {common[bad[0]]!r} is NaN")
     return x, y
-
-
-def _p(value: float, digits: int) -> str:
-    if value != 0.0 and value < 10.0**-digits:
-        return f"{value:.1e}"
-    return f"{value:.{digits}f}"
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-_TEX_SPECIALS = {
-    "\\": "\\textbackslash{}",
-    "&": "\\&",
-    "%": "\\%",
-    "$": "\\$",
-    "#": "\\#",
-    "_": "\\_",
-    "{": "\\{",
-    "}": "\\}",
-    "~": "\\textasciitilde{}",
-    "^": "\\textasciicircum{}",
-}
-
-
-def _tex(text: str) -> str:
-    return "".join(_TEX_SPECIALS.get(char, char) for char in text)
