@@ -24,7 +24,7 @@ from common import machine, scifact
 from sbmoe.config import build_configs
 from sbmoe.modeling import Retriever
 from sbmoe.runtime import seed_everything
-from sbmoe.training import Trainer
+from sbmoe.training import build_trainer
 
 STEPS = 2
 
@@ -49,7 +49,7 @@ def measure(batch_size: int, chunk_size: int) -> dict[str, float]:
     )
     seed_everything(0)
     with tempfile.TemporaryDirectory() as output:
-        trainer = Trainer(
+        trainer = build_trainer(
             Retriever.from_config(model_config), scifact(), train_config, output, show_progress=False
         )
         batches = trainer.batches(0)[:STEPS]

@@ -22,7 +22,7 @@ from sbmoe.cache import EmbeddingCache
 from sbmoe.config import build_configs
 from sbmoe.modeling import Retriever
 from sbmoe.runtime import seed_everything
-from sbmoe.training import Trainer
+from sbmoe.training import Trainer, build_trainer
 
 
 def make_trainer(collection, output, cache, **train_overrides) -> Trainer:
@@ -30,7 +30,9 @@ def make_trainer(collection, output, cache, **train_overrides) -> Trainer:
         "default", {"backbone": "all-MiniLM-L6-v2", "num_experts": 6}, {"epochs": 1, **train_overrides}
     )
     seed_everything(0)
-    return Trainer(Retriever.from_config(model_config), collection, train_config, output, False, cache=cache)
+    return build_trainer(
+        Retriever.from_config(model_config), collection, train_config, output, False, cache=cache
+    )
 
 
 def main() -> None:
@@ -46,9 +48,9 @@ def main() -> None:
         started = time.perf_counter()
         head_only = make_trainer(collection, f"{scratch}/head", cache, head_only=True)
         encode_seconds = time.perf_counter() - started
-        batches = head_only.batch_order(0, len(head_only.pairs))
+        batches = head_only.batch_order(0, len(head_only.data.pairs))
         print(
-            f"SciFact: {len(head_only.pairs)} training pairs, {len(batches)} steps per epoch, batch 32; "
+            f"SciFact: {len(head_only.data.pairs)} training pairs, {len(batches)} steps per epoch, batch 32; "
             f"precision {head_only.precision}"
         )
 

@@ -33,7 +33,7 @@ from sbmoe.encoding import encode_texts
 from sbmoe.index import DenseIndex
 from sbmoe.modeling import Retriever
 from sbmoe.runtime import resolve_device, resolve_precision, seed_everything
-from sbmoe.training import Trainer
+from sbmoe.training import build_trainer
 
 GPU_SIZES = {"passages": 100_000, "steps": 20, "batch_size": 64, "encode_batch_size": 512}
 CPU_SIZES = {"passages": 1_000, "steps": 3, "batch_size": 8, "encode_batch_size": 64}
@@ -121,7 +121,9 @@ def main() -> None:
         retriever = Retriever.from_config(model_config, device=device)
         print(f"model loaded in {time.perf_counter() - started:.1f} s: {retriever.describe()}")
         check(all(p.device == device for p in retriever.model.parameters()), f"every weight is on {device}")
-        trainer = Trainer(retriever, collection, train_config, Path(scratch) / "model", show_progress=False)
+        trainer = build_trainer(
+            retriever, collection, train_config, Path(scratch) / "model", show_progress=False
+        )
         check(trainer.precision == precision, f"training runs in {precision}")
         batches = trainer.batches(0)
         before = {k: v.detach().clone() for k, v in retriever.head.state_dict().items()}

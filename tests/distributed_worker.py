@@ -21,7 +21,7 @@ from sbmoe.data import load_collection
 from sbmoe.distributed import init_distributed, shutdown
 from sbmoe.modeling import Retriever
 from sbmoe.runtime import seed_everything
-from sbmoe.training import Trainer, train
+from sbmoe.training import build_trainer, train
 
 # Shared with test_distributed.py: the per-process batch is half the single process's.
 TRAIN_ARGS = [
@@ -56,7 +56,7 @@ def interrupted_then_resumed(model: str, data: str, output: Path, context) -> No
     )
     collection = load_collection(data)
     seed_everything(train_config.seed)
-    trainer = Trainer(
+    trainer = build_trainer(
         Retriever.from_config(model_config, device="cpu"),
         collection,
         train_config,

@@ -20,7 +20,7 @@ from sbmoe.data import load_collection
 from sbmoe.distributed import (
     DistributedContext,
     all_gather_with_grad,
-    average_gradients,
+    data_parallel,
     init_distributed,
     parse_shard,
     shard_bounds,
@@ -30,7 +30,7 @@ from sbmoe.io import read_json
 from sbmoe.modeling import Retriever
 from sbmoe.retrieval import build_index, search
 from sbmoe.runtime import resolve_device, seed_everything
-from sbmoe.training import Trainer
+from sbmoe.training import build_trainer
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -146,7 +146,7 @@ def test_refuses_to_resume_on_another_number_of_processes(tiny_bert_dir, scifact
     )
     collection = load_collection(scifact_slice)
     seed_everything(0)
-    trainer = Trainer(Retriever.from_config(model_config), collection, train_config, tmp_path, False)
+    trainer = build_trainer(Retriever.from_config(model_config), collection, train_config, tmp_path, False)
     interrupt_at_step(trainer, 1)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
@@ -154,7 +154,7 @@ def test_refuses_to_resume_on_another_number_of_processes(tiny_bert_dir, scifact
     assert saved["world_size"] == 1
     (tmp_path / "training" / "config.json").write_text(json.dumps({**saved, "world_size": 2}))
     with pytest.raises(ValueError, match="same number of processes"):
-        Trainer(Retriever.from_config(model_config), collection, train_config, tmp_path, False).train()
+        build_trainer(Retriever.from_config(model_config), collection, train_config, tmp_path, False).train()
 
 
 # ------------------------------------------------------------------------------ single-process parts
@@ -174,7 +174,7 @@ def test_single_process_context_and_devices(monkeypatch):
             resolve_device("cuda")
 
 
-def test_gather_and_gradient_averaging_are_identities_in_one_process():
+def test_gather_and_data_parallel_are_identities_in_one_process():
     context = DistributedContext()
     x = torch.randn(3, 4, requires_grad=True)
     gathered = all_gather_with_grad(x, [3], context)
@@ -182,10 +182,8 @@ def test_gather_and_gradient_averaging_are_identities_in_one_process():
     assert torch.equal(x.grad, torch.ones(3, 4))
     with pytest.raises(ValueError, match="holds 3 rows"):
         all_gather_with_grad(x, [2], context)
-    parameter = torch.nn.Parameter(torch.ones(2))
-    parameter.grad = torch.full((2,), 3.0)
-    average_gradients([parameter], context)
-    assert parameter.grad.tolist() == [3.0, 3.0]
+    module = torch.nn.Linear(2, 2)
+    assert data_parallel(module, context) is module  # no DDP: gradients stay as backward left them
 
 
 def test_shards_are_consecutive_and_balanced():

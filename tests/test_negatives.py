@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sbmoe.config import ModelConfig
+from sbmoe.config import EncodeConfig, ModelConfig
 from sbmoe.data import load_collection
 from sbmoe.modeling import Retriever
 from sbmoe.negatives import load_negatives, mine_bm25_negatives, mine_dense_negatives, save_negatives
@@ -38,7 +38,7 @@ def test_dense_negatives_are_not_positives(tiny_bert_dir, scifact_slice, tmp_pat
         ModelConfig(backbone=str(tiny_bert_dir), num_experts=0, max_doc_length=32)
     )
     negatives = mine_dense_negatives(
-        retriever, collection, qrels, per_query=3, depth=20, skip_top=1, precision="fp32"
+        retriever, collection, qrels, per_query=3, depth=20, skip_top=1, encode=EncodeConfig(precision="fp32")
     )
     assert_no_positives(negatives, qrels, 3)
     save_negatives(negatives, tmp_path / "negatives.json")

@@ -16,7 +16,7 @@ from sbmoe.io import read_json
 from sbmoe.modeling import Retriever
 from sbmoe.negatives import load_negatives
 from sbmoe.runtime import seed_everything
-from sbmoe.training import Trainer, learning_rate_lambda, train
+from sbmoe.training import build_trainer, learning_rate_lambda, train
 
 
 def configs(tiny_bert_dir, preset="default", model=None, **train_overrides):
@@ -57,7 +57,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_bert_dir, s
     train(model_config, train_config, collection, tmp_path / "whole", show_progress=False)
 
     seed_everything(train_config.seed)
-    interrupted = Trainer(
+    interrupted = build_trainer(
         Retriever.from_config(model_config),
         collection,
         train_config,
@@ -105,7 +105,7 @@ def test_finished_run_is_not_trained_again(tiny_bert_dir, scifact_slice, tmp_pat
 def test_checkpoint_from_another_configuration_is_refused(tiny_bert_dir, scifact_slice, tmp_path):
     collection = load_collection(scifact_slice)
     model_config, train_config = configs(tiny_bert_dir, max_steps=4, checkpoint_steps=1)
-    trainer = Trainer(
+    trainer = build_trainer(
         Retriever.from_config(model_config), collection, train_config, tmp_path / "run", show_progress=False
     )
     interrupt_at_step(trainer, 2)
@@ -129,7 +129,7 @@ def test_gate_learns_only_under_learned_gating(tiny_bert_dir, scifact_slice, tmp
     gate_before = [p.detach().clone() for p in retriever.head.gate.parameters()]
     noise_before = [p.detach().clone() for p in retriever.head.noise.parameters()]
     experts_before = retriever.head.expert_w1.detach().clone()
-    Trainer(retriever, collection, train_config, tmp_path / gating, show_progress=False).train()
+    build_trainer(retriever, collection, train_config, tmp_path / gating, show_progress=False).train()
     gate_changed = any(
         not torch.equal(a, b) for a, b in zip(gate_before, retriever.head.gate.parameters(), strict=True)
     )
@@ -171,7 +171,7 @@ def test_head_only_on_cached_embeddings_equals_training_through_a_frozen_backbon
         retriever = Retriever.from_config(model_config)
         backbone_before = {k: v.clone() for k, v in retriever.model[0].state_dict().items()}
         cache = EmbeddingCache(tmp_path / "cache")
-        Trainer(
+        build_trainer(
             retriever, collection, train_config, tmp_path / mode, show_progress=False, cache=cache
         ).train()
         assert_same_weights(backbone_before, retriever.model[0].state_dict())  # frozen
@@ -188,7 +188,9 @@ def test_head_only_on_cached_embeddings_equals_training_through_a_frozen_backbon
 def test_head_only_needs_a_head(tiny_bert_dir, scifact_slice, tmp_path):
     model_config, train_config = configs(tiny_bert_dir, model={"num_experts": 0}, head_only=True)
     with pytest.raises(ValueError, match="num-experts"):
-        Trainer(Retriever.from_config(model_config), load_collection(scifact_slice), train_config, tmp_path)
+        build_trainer(
+            Retriever.from_config(model_config), load_collection(scifact_slice), train_config, tmp_path
+        )
 
 
 def test_length_grouped_batches_cover_every_pair_once_with_similar_lengths():
@@ -228,7 +230,7 @@ def test_symmetric_loss_adds_the_document_to_query_direction(tiny_bert_dir, scif
             tiny_bert_dir, max_steps=1, checkpoint_selection="last", symmetric_loss=symmetric
         )
         seed_everything(0)
-        trainer = Trainer(
+        trainer = build_trainer(
             Retriever.from_config(model_config),
             collection,
             train_config,
@@ -254,18 +256,20 @@ def test_training_with_mined_hard_negatives(tiny_bert_dir, scifact_slice, tmp_pa
         tiny_bert_dir, max_steps=2, checkpoint_selection="last", hard_negatives=2, negatives_source="bm25"
     )
     seed_everything(0)
-    trainer = Trainer(
+    trainer = build_trainer(
         Retriever.from_config(model_config), collection, train_config, tmp_path / "run", show_progress=False
     )
     saved = load_negatives(tmp_path / "run" / "training" / "negatives.json")
-    assert saved == trainer.negatives and saved
+    assert saved == trainer.data.negatives and saved
     batch = trainer.batches(0)[0]
-    query_ids = [trainer.pairs[i][0] for i in batch]
-    picked = trainer._hard_negatives(query_ids)
+    query_ids = [trainer.data.pairs[i][0] for i in batch]
+    picked = trainer.data.hard_negatives(query_ids, trainer.step)
     assert len(picked) == 2 * len(query_ids)
     for position, query_id in enumerate(query_ids):
         assert not {
-            d for d in picked[2 * position : 2 * position + 2] if trainer.train_qrels[query_id].get(d, 0) > 0
+            d
+            for d in picked[2 * position : 2 * position + 2]
+            if trainer.data.train_qrels[query_id].get(d, 0) > 0
         }
     terms = trainer.training_step(batch)
     assert terms["contrastive"] > 0
@@ -302,7 +306,7 @@ def test_load_balancing_lowers_the_spread_of_expert_usage(tiny_bert_dir, scifact
             collapse_threshold=1.0,
         )
         seed_everything(0)
-        Trainer(
+        build_trainer(
             Retriever.from_config(model_config),
             collection,
             train_config,

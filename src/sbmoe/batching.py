@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -46,6 +47,43 @@ def length_grouped_batches(seed: int, batch_size: int, lengths: Sequence[int], g
         return [batches[i] for i in shuffled if len(batches[i]) >= 2]
 
     return order
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """One step's global batch as the processes split it.
+
+    Attributes:
+        queries: ``queries[r]``: the query ids of process ``r`` (a contiguous slice of the batch).
+        documents: ``documents[r]``: the positives of those queries, in the same order, followed by
+            their hard negatives.
+        rank: This process.
+    """
+
+    queries: list[list[str]]
+    documents: list[list[str]]
+    rank: int = 0
+
+    @property
+    def size(self) -> int:
+        """Pairs in the whole batch (all processes)."""
+        return sum(self.query_sizes)
+
+    @property
+    def query_sizes(self) -> list[int]:
+        return [len(ids) for ids in self.queries]
+
+    @property
+    def document_sizes(self) -> list[int]:
+        return [len(ids) for ids in self.documents]
+
+    def local_ids(self) -> dict[str, list[str]]:
+        """This process's texts to embed, by kind (``query``, ``document``)."""
+        return {"query": self.queries[self.rank], "document": self.documents[self.rank]}
+
+    def positives(self, rank: int) -> list[str]:
+        """The positive documents of process ``rank``'s queries, in query order."""
+        return self.documents[rank][: len(self.queries[rank])]
 
 
 def false_negative_mask(

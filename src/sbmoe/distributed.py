@@ -8,8 +8,9 @@ One process runs per device, started by ``torchrun`` (which sets ``RANK``, ``LOC
 
 Training uses these pieces for an exact data-parallel step: each process encodes its slice of the
 global batch, :func:`all_gather_with_grad` collects every process's document embeddings (the
-gradient flows back to the process that made them), and :func:`average_gradients` averages the
-gradients, so ``N`` processes with batch ``B`` take the same step as one process with batch ``N*B``.
+gradient flows back to the process that made them), and torch's DistributedDataParallel
+(:func:`data_parallel`) averages the gradients, so ``N`` processes with batch ``B`` take the same
+step as one process with batch ``N*B``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,9 +29,6 @@ from sbmoe.errors import UsageError
 from sbmoe.runtime import resolve_device
 
 T = TypeVar("T")
-
-# Gradients are averaged in buckets of this many elements (bounds the extra memory).
-_BUCKET_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -215,36 +213,33 @@ def all_gather_tensor(
         return all_gather_with_grad(tensor.detach(), sizes, context)
 
 
-def average_gradients(parameters: Iterable[torch.nn.Parameter], context: DistributedContext) -> None:
-    """Average the ``.grad`` of ``parameters`` over all processes, in place.
+def data_parallel(module: torch.nn.Module, context: DistributedContext) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when several processes train; ``module`` itself otherwise.
 
-    A parameter that has a gradient on some process but none on another (it took no part in that
-    process's loss) counts as a zero gradient there, so every process ends with the same values.
+    DDP starts every process from rank 0's parameters and averages the gradients in ``backward``.
+    ``find_unused_parameters``: parameters that require gradients may get none in a step (the gate
+    under ``paper`` gating, the noise network without noisy gating); DDP leaves their gradients at
+    ``None`` when no process used them, and counts them as zero where some did. Buffers (constant
+    position ids) are not broadcast: that would add a collective to every forward pass, no-grad ones
+    included, whose number differs between processes under gradient caching.
     """
     if not context.is_distributed:
-        return
-    trainable = [p for p in parameters if p.requires_grad]
-    if not trainable:
-        return
-    present = torch.tensor(
-        [p.grad is not None for p in trainable], dtype=torch.float32, device=context.device
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        module,
+        device_ids=[context.device] if context.device.type == "cuda" else None,
+        find_unused_parameters=True,
+        broadcast_buffers=False,
     )
-    dist.all_reduce(present)
-    with_grad = []
-    for parameter, flag in zip(trainable, present.tolist(), strict=True):
-        if flag > 0:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            with_grad.append(parameter)
-    for bucket in _buckets(with_grad, _BUCKET_ELEMENTS):
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        dist.all_reduce(flat)
-        flat /= context.world_size
-        offset = 0
-        for parameter in bucket:
-            count = parameter.grad.numel()
-            parameter.grad.copy_(flat[offset : offset + count].view_as(parameter.grad))
-            offset += count
+
+
+def no_sync(module: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` (backward accumulates, does not average) for a wrapped module; else a no-op."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.no_sync() if isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
 
 
 def broadcast_module(module: torch.nn.Module, context: DistributedContext) -> None:
@@ -254,23 +249,6 @@ def broadcast_module(module: torch.nn.Module, context: DistributedContext) -> No
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
-
-
-def _buckets(parameters: Sequence[torch.nn.Parameter], limit: int) -> Iterator[list[torch.nn.Parameter]]:
-    """Consecutive groups of same-dtype, same-device parameters of at most ``limit`` elements each."""
-    bucket: list[torch.nn.Parameter] = []
-    size = 0
-    for parameter in parameters:
-        compatible = not bucket or (
-            parameter.grad.dtype == bucket[0].grad.dtype and parameter.grad.device == bucket[0].grad.device
-        )
-        if bucket and (size + parameter.numel() > limit or not compatible):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(parameter)
-        size += parameter.numel()
-    if bucket:
-        yield bucket
 
 
 # ---------------------------------------------------------------------------------------- sharding

@@ -1,27 +1,41 @@
-"""Gradient caching (Gao et al., 2021): contrastive batches larger than memory would allow.
+"""Gradient caching (Gao et al., 2021) as a loss wrapper: contrastive batches larger than memory allows.
 
-A first pass embeds the batch's texts a chunk at a time without keeping activations; the loss is
-computed over all the embeddings (detached leaves) and back-propagated to them only; a second pass
-re-embeds each chunk under the random state of its first pass (same dropout, same gate noise) and
-back-propagates the kept embedding gradients into the parameters. The parameter gradients equal a
-single pass over the whole batch (up to the padding of each chunk), while the activations of one
-chunk at a time are held: memory grows with the chunk size, not the batch size, for about one more
-forward pass of time.
+``GradientCache(loss, chunk_size)(batch)`` returns the loss of ``loss(batch)``, computed another way,
+as sentence-transformers' CachedMultipleNegativesRankingLoss does: a first pass embeds the batch's
+texts a chunk at a time without keeping activations; the loss is computed over all the embeddings
+(detached leaves) and back-propagated to them only; the returned loss carries a hook, so that its
+``backward()`` re-embeds each chunk under the random state and autocast of its first pass (same
+dropout, same gate noise, same numerics) and back-propagates the kept embedding gradients into the
+parameters. The parameter gradients equal a single pass over the whole batch (up to the padding of
+each chunk), while the activations of one chunk at a time are held: memory grows with the chunk
+size, not the batch size, for about one more forward pass of time.
+
+Under DDP the replays of all chunks but the last run in ``no_sync``: gradients accumulate locally
+and are averaged once, by the last backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-DIFFERENTIABLE_KEYS = ("sentence_embedding", "router_logits")
-KEPT_KEYS = (*DIFFERENTIABLE_KEYS, "expert_index")
+from sbmoe.batching import TrainingBatch
+from sbmoe.distributed import no_sync
+from sbmoe.losses import Features, LossOutput
 
-Embed = Callable[[Sequence[str], str], dict[str, Any]]
+
+class EmbeddingLoss(Protocol):
+    """What :class:`GradientCache` wraps (e.g. :class:`~sbmoe.losses.RetrievalLoss`)."""
+
+    model: nn.Module
+
+    def from_features(self, features: dict[str, Features], batch: TrainingBatch) -> LossOutput: ...
 
 
 @dataclass
@@ -42,67 +56,85 @@ class _RandomState:
 
 @dataclass
 class _Chunk:
-    ids: list[str]
     kind: str
+    ids: list[str]
     random_state: _RandomState
-    leaves: dict[str, Tensor]
+    autocast: tuple[bool, torch.dtype]
+    leaves: Features
+
+    def autocast_context(self, device: torch.device) -> torch.autocast:
+        enabled, dtype = self.autocast
+        return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-class GradientCache:
-    """Embeds texts chunk by chunk for one training step, then replays the chunks with gradients.
+class GradientCache(nn.Module):
+    """Wraps a loss so that its model embeds ``chunk_size`` texts per forward pass.
 
     Args:
-        embed: ``embed(ids, kind)`` runs the model on the queries or documents ``ids`` and returns
-            its feature dict (``sentence_embedding``, and ``router_logits`` / ``expert_index``
-            where there is a MoE head).
+        loss: The loss to compute; its ``model`` embeds ``{kind: ids}`` and is replayed chunk by chunk.
         chunk_size: Texts per forward pass.
         device: Where the model computes (its random generator is replayed too).
-
-    Use: ``out = cache.embed(ids, kind)`` for every group of texts, compute the loss from the
-    outputs, ``loss.backward()``, then :meth:`backward` to carry the gradients into the model.
     """
 
-    def __init__(self, embed: Embed, chunk_size: int, device: torch.device) -> None:
+    def __init__(self, loss: EmbeddingLoss, chunk_size: int, device: torch.device | str = "cpu") -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self._embed = embed
+        super().__init__()
+        self.loss = loss
         self.chunk_size = chunk_size
         self.device = torch.device(device)
-        self._chunks: list[_Chunk] = []
 
-    def embed(self, ids: Sequence[str], kind: str) -> dict[str, Tensor]:
-        """Embed ``ids`` without activations; outputs are leaves that collect the loss's gradients."""
+    def forward(self, batch: TrainingBatch) -> LossOutput:
+        chunks: list[_Chunk] = []
+        features = {kind: self._embed(kind, ids, chunks) for kind, ids in batch.local_ids().items()}
+        output = self.loss.from_features(features, batch)
+        if not torch.is_grad_enabled():
+            return output
+        output.loss.backward()  # to the embeddings only: they are leaves
+        loss = output.loss.detach().requires_grad_()
+        loss.register_hook(functools.partial(self._replay, chunks=chunks))
+        return dataclasses.replace(output, loss=loss)
+
+    def _embed(self, kind: str, ids: list[str], chunks: list[_Chunk]) -> Features:
+        """Embed ``ids`` without activations; the outputs are leaves that collect the loss's gradients."""
         if not ids:
             raise ValueError(f"no {kind} texts to embed")
         parts = []
         for start in range(0, len(ids), self.chunk_size):
-            chunk_ids = list(ids[start : start + self.chunk_size])
+            chunk_ids = ids[start : start + self.chunk_size]
             random_state = _RandomState.capture(self.device)
+            autocast = (
+                torch.is_autocast_enabled(self.device.type),
+                torch.get_autocast_dtype(self.device.type),
+            )
             with torch.no_grad():
-                features = self._embed(chunk_ids, kind)
+                features = self.loss.model({kind: chunk_ids})[kind]
             leaves = {
-                key: features[key].detach().requires_grad_(key in DIFFERENTIABLE_KEYS)
-                for key in KEPT_KEYS
-                if key in features
+                key: value.detach().requires_grad_(value.is_floating_point())
+                for key, value in features.items()
             }
-            self._chunks.append(_Chunk(chunk_ids, kind, random_state, leaves))
+            chunks.append(_Chunk(kind, chunk_ids, random_state, autocast, leaves))
             parts.append(leaves)
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
-    def backward(self) -> None:
+    def _replay(self, grad: Tensor, chunks: list[_Chunk]) -> None:
         """Re-embed every chunk with gradients and back-propagate what the loss left on its outputs."""
+        model = self.loss.model
         resume_state = _RandomState.capture(self.device)
         try:
-            for chunk in self._chunks:
-                chunk.random_state.restore(self.device)
-                features = self._embed(chunk.ids, chunk.kind)
-                outputs, gradients = [], []
-                for key, leaf in chunk.leaves.items():
-                    if leaf.grad is not None:
-                        outputs.append(features[key])
-                        gradients.append(leaf.grad)
-                if outputs:
-                    torch.autograd.backward(outputs, gradients)
+            for position, chunk in enumerate(chunks):
+                last = position == len(chunks) - 1
+                # A hook runs inside backward, where gradients are off: turn them back on.
+                with torch.enable_grad(), contextlib.nullcontext() if last else no_sync(model):
+                    chunk.random_state.restore(self.device)
+                    with chunk.autocast_context(self.device):
+                        features = model({chunk.kind: chunk.ids})[chunk.kind]
+                    outputs, gradients = [], []
+                    for key, leaf in chunk.leaves.items():
+                        if leaf.grad is not None:
+                            outputs.append(features[key])
+                            gradients.append(leaf.grad * grad)
+                    if outputs:
+                        torch.autograd.backward(outputs, gradients)
         finally:
             resume_state.restore(self.device)  # the next step draws as if nothing was replayed
-            self._chunks.clear()

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from sbmoe.cache import EmbeddingCache
-from sbmoe.config import TrainConfig
+from sbmoe.config import EncodeConfig
 from sbmoe.data import BeirCollection
 from sbmoe.encoding import encode_texts
 from sbmoe.modeling import Retriever
@@ -26,7 +26,7 @@ class PooledTexts:
         retriever: Retriever,
         collection: BeirCollection,
         cache: EmbeddingCache | None,
-        config: TrainConfig,
+        encode: EncodeConfig,
         show_progress: bool = False,
     ) -> None:
         ids = {"query": list(collection.queries), "document": list(collection.corpus)}
@@ -40,8 +40,7 @@ class PooledTexts:
                 retriever,
                 texts[kind],
                 kind,
-                config.encode_batch_size,
-                config.precision,
+                encode,
                 pooled_only=True,
                 show_progress=show_progress,
                 cache=cache,

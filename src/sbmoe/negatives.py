@@ -19,6 +19,7 @@ from sbmoe.io import read_json, write_json
 
 if TYPE_CHECKING:
     from sbmoe.cache import EmbeddingCache
+    from sbmoe.config import EncodeConfig
     from sbmoe.modeling import Retriever
 
 Negatives = dict[str, list[str]]
@@ -90,35 +91,18 @@ def mine_dense_negatives(
     per_query: int = 10,
     depth: int = 100,
     skip_top: int = 0,
-    batch_size: int = 64,
-    precision: str = "auto",
+    encode: EncodeConfig | None = None,
     cache: EmbeddingCache | None = None,
     show_progress: bool = False,
 ) -> Negatives:
     """Negatives from a dense retriever's exact top-``depth`` (e.g. the zero-shot backbone)."""
+    from sbmoe.config import SearchConfig
     from sbmoe.retrieval import build_index, search
 
-    doc_ids = list(collection.corpus)
-    index = build_index(
-        retriever,
-        doc_ids,
-        [collection.corpus[d].full_text for d in doc_ids],
-        batch_size,
-        precision,
-        show_progress=show_progress,
-        cache=cache,
-    )
-    query_ids = [q for q in qrels if q in collection.queries]
-    run = search(
-        retriever,
-        index,
-        query_ids,
-        [collection.queries[q] for q in query_ids],
-        depth,
-        batch_size=batch_size,
-        precision=precision,
-        cache=cache,
-    )
+    documents = {doc_id: doc.full_text for doc_id, doc in collection.corpus.items()}
+    index = build_index(retriever, documents, encode=encode, show_progress=show_progress, cache=cache)
+    queries = {q: collection.queries[q] for q in qrels if q in collection.queries}
+    run = search(retriever, index, queries, SearchConfig(top_k=depth), encode, cache=cache)
     ranked = {q: sorted(docs, key=lambda d: -docs[d]) for q, docs in run.items()}
     return _filter(ranked, qrels, per_query, skip_top)
 

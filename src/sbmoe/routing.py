@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,10 +56,13 @@ def routing_statistics(retriever: Retriever, pooled: np.ndarray, batch_size: int
 class RoutingTracker:
     """Counts, over an epoch, which expert each training text was routed to.
 
-    ``usage_*`` are the shares of texts whose selected (noisy, while training) top-1 expert is m;
-    ``entropy_*`` the entropy of that distribution (``log N`` when even); ``noisy_clean_agreement``
-    how often the noisy selection equals the clean top-1 of the gate.
+    Texts are added by kind (``query``, ``document``). ``usage_queries`` / ``usage_documents`` are
+    the shares of texts whose selected (noisy, while training) top-1 expert is m; ``entropy_*`` the
+    entropy of that distribution (``log N`` when even); ``noisy_clean_agreement`` how often the
+    noisy selection equals the clean top-1 of the gate.
     """
+
+    LABELS: ClassVar[dict[str, str]] = {"query": "queries", "document": "documents"}
 
     def __init__(self) -> None:
         self.counts: dict[str, torch.Tensor] = {}
@@ -67,6 +70,7 @@ class RoutingTracker:
         self.total = 0
 
     def add(self, kind: str, features: dict[str, Any]) -> None:
+        """Count the selections in ``features`` (``expert_index``, ``router_logits``) of ``kind`` texts."""
         chosen = features["expert_index"].detach().cpu()
         clean = features["router_logits"].detach().argmax(dim=-1).cpu()
         num_experts = features["router_logits"].shape[-1]
@@ -81,6 +85,7 @@ class RoutingTracker:
         summary: dict[str, Any] = {"noisy_clean_agreement": self.agree / self.total}
         for kind, counts in self.counts.items():
             usage = counts.double() / counts.sum()
-            summary[f"usage_{kind}"] = [round(float(u), 4) for u in usage]
-            summary[f"entropy_{kind}"] = float(-(usage * usage.clamp_min(1e-12).log()).sum())
+            label = self.LABELS[kind]
+            summary[f"usage_{label}"] = [round(float(u), 4) for u in usage]
+            summary[f"entropy_{label}"] = float(-(usage * usage.clamp_min(1e-12).log()).sum())
         return summary

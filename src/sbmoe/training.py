@@ -15,10 +15,10 @@ checkpoint.
 
 Distributed data parallelism (``torchrun``, one process per device): every step takes one global
 batch of ``batch_size * world_size`` pairs from ``batch_order``; each process encodes its contiguous
-slice, scores its queries against the documents of all processes (gathered with their gradients),
-and the gradients are averaged, so the update equals one process's step on the whole global batch.
-Only rank 0 writes files; it reads the checkpoint too and hands its state to the other processes,
-so nodes need not share a disk.
+slice, the loss scores its queries against the documents of all processes (gathered with their
+gradients), and DistributedDataParallel averages the gradients, so the update equals one process's
+step on the whole global batch. Only rank 0 writes files; it reads the checkpoint too and hands its
+state to the other processes, so nodes need not share a disk.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,38 +40,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sbmoe import __version__
-from sbmoe.batching import (
-    BatchOrder,
-    false_negative_mask,
-    length_grouped_batches,
-    pick_negatives,
-    shuffled_batches,
-)
+from sbmoe.batching import BatchOrder, length_grouped_batches, shuffled_batches
 from sbmoe.cache import EmbeddingCache
-from sbmoe.config import ModelConfig, TrainConfig
-from sbmoe.data import BeirCollection, positive_pairs, train_dev_split
+from sbmoe.config import ModelConfig, TrainConfig, provenance
+from sbmoe.data import BeirCollection
 from sbmoe.dev_evaluation import DevEvaluator
-from sbmoe.distributed import (
-    DistributedContext,
-    all_gather_tensor,
-    all_gather_with_grad,
-    average_gradients,
-    broadcast_module,
-    init_distributed,
-    shard_bounds,
-    split_sizes,
-)
-from sbmoe.encoding import run_stages, tokenize
+from sbmoe.distributed import DistributedContext, broadcast_module, data_parallel, init_distributed
 from sbmoe.errors import UsageError
 from sbmoe.gradient_cache import GradientCache
-from sbmoe.head_only import PooledTexts
 from sbmoe.io import atomic_directory, read_json, write_json
-from sbmoe.losses import in_batch_contrastive_loss, load_balancing_loss, router_z_loss
+from sbmoe.losses import InBatchContrastiveLoss, RetrievalLoss, RouterLoss
 from sbmoe.modeling import Retriever
-from sbmoe.negatives import load_negatives, mine_bm25_negatives, mine_dense_negatives, save_negatives
 from sbmoe.routing import RoutingTracker
 from sbmoe.runtime import autocast, resolve_precision, seed_everything
+from sbmoe.trainable import TrainableEncoder
+from sbmoe.training_data import TrainingData, encode_config, prepare_training_data, require_head
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +95,20 @@ def learning_rate_lambda(config: TrainConfig, total_steps: int) -> Callable[[int
 
 
 class Trainer:
-    """Fine-tunes a :class:`Retriever` on a BEIR collection.
+    """Fine-tunes a :class:`Retriever` on prepared :class:`~sbmoe.training_data.TrainingData`.
+
+    :func:`build_trainer` prepares the data and builds one; :func:`train` does everything.
 
     Args:
         retriever: The model to train (its weights change in place).
-        collection: Training data; pairs come from ``config.train_split`` qrels.
+        data: Pairs, dev judgements, hard negatives, pooled texts (see
+            :func:`~sbmoe.training_data.prepare_training_data`).
         config: Training settings.
         output_dir: Where the model and ``training/`` go.
         show_progress: Show progress bars (rank 0 only).
         batch_order: Batch sampler of global batches (defaults to a seeded shuffle of batches of
             ``batch_size * world_size`` pairs).
-        rank: Process rank when no ``context`` is given; only rank 0 writes.
-        command: The command line to record beside the outputs.
+        command: The command line to record beside the outputs (default: ``sys.argv``).
         cache: Pooled-embedding cache for dev evaluation (pays off where the backbone is
             unchanged: the starting model, or a final model that is evaluated again).
         context: The data-parallel job this process belongs to (from
@@ -135,12 +119,11 @@ class Trainer:
     def __init__(
         self,
         retriever: Retriever,
-        collection: BeirCollection,
+        data: TrainingData,
         config: TrainConfig,
         output_dir: str | Path,
         show_progress: bool = True,
         batch_order: BatchOrder | None = None,
-        rank: int = 0,
         command: Sequence[str] | None = None,
         cache: EmbeddingCache | None = None,
         context: DistributedContext | None = None,
@@ -152,72 +135,73 @@ class Trainer:
                 f"the model is on {retriever.device} but this process computes on {self.context.device}"
             )
         self.retriever = retriever
-        self.collection = collection
+        self.data = data
         self.config = config
         self.output_dir = Path(output_dir)
         self.training_dir = self.output_dir / "training"
-        self.batch_order = batch_order
-        # ``rank`` (without a context) only decides who writes, as before contexts existed.
-        self.is_main = self.context.is_main and rank == 0
+        self.is_main = self.context.is_main
         self.show_progress = show_progress and self.is_main
-        self.global_batch_size = config.batch_size * self.context.world_size
-        self.command = list(command) if command is not None else list(sys.argv)
+        self.command = command
         self.precision = resolve_precision(config.precision, retriever.device)
-
-        self.train_qrels, self.dev_qrels = train_dev_split(
-            collection, config.train_split, config.dev_split, config.dev_fraction, config.seed
-        )
-        self.pairs = positive_pairs(self.train_qrels)
-        if len(self.pairs) < 2:
-            raise UsageError(
-                f"{collection.name}: fewer than 2 training pairs in split {config.train_split!r}"
-            )
-        if self.batch_order is None and config.length_grouped:
-            lengths = [len(collection.corpus[d].full_text) for _, d in self.pairs]
-            self.batch_order = length_grouped_batches(config.seed, self.global_batch_size, lengths)
-        elif self.batch_order is None:
-            self.batch_order = shuffled_batches(config.seed, self.global_batch_size)
+        global_batch_size = config.batch_size * self.context.world_size
+        if batch_order is None and config.length_grouped:
+            batch_order = length_grouped_batches(config.seed, global_batch_size, data.document_lengths())
+        self.batch_order = batch_order or shuffled_batches(config.seed, global_batch_size)
         self.steps_per_epoch = len(self.batches(0))
         planned = self.steps_per_epoch * config.epochs
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
-        self.frozen_backbone = config.freeze_backbone or config.head_only
-        if self.frozen_backbone and retriever.head is None:
-            raise UsageError(
-                "freeze_backbone/head_only train the MoE head only: the model needs --num-experts > 0"
-            )
-        if config.head_only and cache is None:
-            cache = EmbeddingCache()  # pooled embeddings are the whole point: keep them for next time
-        self.pooled = (
-            PooledTexts(retriever, collection, cache, config, self.show_progress)
-            if config.head_only
-            else None
+        frozen_backbone = require_head(retriever, config)
+        self.dev_evaluator = DevEvaluator(
+            data.collection, data.dev_qrels, encode_config(config), config.dev_max_docs, config.seed, cache
         )
-        self.dev_evaluator = DevEvaluator(collection, self.dev_qrels, config, cache)
-
-        backbone_params, head_params = retriever.parameter_groups()
-        groups = [{"params": head_params, "lr": config.lr_head, "name": "head"}] if head_params else []
-        if self.frozen_backbone:
-            for parameter in backbone_params:
-                parameter.requires_grad_(False)
-        else:
-            groups.insert(0, {"params": backbone_params, "lr": config.lr_backbone, "name": "backbone"})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.optimizer = self._optimizer(frozen_backbone)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, learning_rate_lambda(config, self.total_steps)
         )
+        self.loss = self._loss(frozen_backbone)
         self.step = 0
         self.best_score: float | None = None
         self.best_step = 0
         self.dev_history: list[dict[str, float]] = []
         self.routing = RoutingTracker()
-        self.doc_pool = list(collection.corpus)
-        self.negatives = self._prepare_negatives() if config.hard_negatives > 0 else None
-        # Every process starts from rank 0's weights, however each one built its model.
-        broadcast_module(retriever.model, self.context)
+
+    def _optimizer(self, frozen_backbone: bool) -> torch.optim.Optimizer:
+        """AdamW with one learning rate for the backbone and one for the head; a frozen backbone has none."""
+        backbone_params, head_params = self.retriever.parameter_groups()
+        groups = [{"params": head_params, "lr": self.config.lr_head, "name": "head"}] if head_params else []
+        if frozen_backbone:
+            for parameter in backbone_params:
+                parameter.requires_grad_(False)
+        else:
+            groups.insert(0, {"params": backbone_params, "lr": self.config.lr_backbone, "name": "backbone"})
+        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+
+    def _loss(self, frozen_backbone: bool) -> torch.nn.Module:
+        """The one loss object a step calls: contrastive (+ router losses), gradient-cached if configured.
+
+        The model it runs is wrapped in DDP under several processes (which also starts every process
+        from rank 0's weights), after the backbone is frozen, so DDP ignores frozen parameters.
+        """
+        config, context, head = self.config, self.context, self.retriever.head
+        router = None
+        if (
+            head is not None
+            and head.gating == "learned"
+            and (config.load_balancing_coef > 0 or config.router_z_loss_coef > 0)
+        ):
+            router = RouterLoss(config.load_balancing_coef, config.router_z_loss_coef, context)
+        encoder = TrainableEncoder(self.retriever, self.data, frozen_backbone, router is not None)
+        self.model = data_parallel(encoder, context)
+        qrels = self.data.train_qrels if config.mask_false_negatives else None
+        contrastive = InBatchContrastiveLoss(config.temperature, qrels, config.symmetric_loss, context)
+        loss = RetrievalLoss(self.model, contrastive, router, context)
+        if config.grad_cache_chunk_size:
+            return GradientCache(loss, config.grad_cache_chunk_size, self.retriever.device)
+        return loss
 
     def batches(self, epoch: int) -> list[list[int]]:
         """The epoch's global batches; under several processes, those too small to split are left out."""
-        batches = self.batch_order(epoch, len(self.pairs))
+        batches = self.batch_order(epoch, len(self.data.pairs))
         if self.context.is_distributed:
             batches = [batch for batch in batches if len(batch) >= self.context.world_size]
         return batches
@@ -228,7 +212,7 @@ class Trainer:
         return {
             "model_config": dataclasses.asdict(self.retriever.config),
             "train_config": dataclasses.asdict(self.config),
-            "data": {"name": self.collection.name, "root": str(self.collection.root)},
+            "data": {"name": self.data.collection.name, "root": str(self.data.collection.root)},
             "world_size": self.context.world_size,
         }
 
@@ -330,116 +314,26 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------------------------- steps
-    def training_step(self, batch: Sequence[int]) -> dict[str, float]:
-        """One optimiser step on the (global) batch of pairs at ``batch``; returns the loss terms.
+    def training_step(self, positions: Sequence[int]) -> dict[str, float]:
+        """One optimiser step on the global batch of pairs at ``positions``; returns the logged loss terms.
 
-        Under several processes each one encodes its contiguous slice of ``batch``; document
-        embeddings and router logits are gathered from all of them (with gradients), every process
-        scores its own queries against all documents, and the losses are scaled so that averaging
-        the gradients over processes gives exactly the gradient of the whole batch's loss.
+        Each process embeds its slice of the batch; the loss gathers what it needs from the other
+        processes, and DDP averages the gradients, so the step is one process's on the whole batch.
         """
-        context = self.context
-        sizes = split_sizes(len(batch), context.world_size)
-        start, stop = shard_bounds(len(batch), context.rank, context.world_size)
-        local = batch[start:stop]
-        query_ids = [self.pairs[i][0] for i in local]
-        doc_ids = [self.pairs[i][1] for i in local]
-        model = self.retriever.model
-        model.train()
-        if self.frozen_backbone:
-            for stage in self.retriever.encoder_stages():
-                stage.eval()  # frozen means no dropout either
-        # Each process's documents: its positives, then its queries' hard negatives (if any).
-        per_rank_docs = []
-        for rank in range(context.world_size):
-            first, last = shard_bounds(len(batch), rank, context.world_size)
-            positives = [self.pairs[i][1] for i in batch[first:last]]
-            queries_of_rank = [self.pairs[i][0] for i in batch[first:last]]
-            per_rank_docs.append(positives + self._hard_negatives(queries_of_rank))
-        local_docs = per_rank_docs[context.rank]
-        chunk_size = self.config.grad_cache_chunk_size
-        gradient_cache = GradientCache(self._embed, chunk_size, self.retriever.device) if chunk_size else None
-        embed = gradient_cache.embed if gradient_cache else self._embed
-        query_out = embed(query_ids, "query")
-        doc_out = embed(local_docs, "document")
-        if self.retriever.head is not None:
-            self.routing.add("queries", query_out)
-            self.routing.add("documents", doc_out)
-        doc_sizes = [len(docs) for docs in per_rank_docs]
-        documents = all_gather_with_grad(doc_out["sentence_embedding"].float(), doc_sizes, context)
-        all_doc_ids = [doc for docs in per_rank_docs for doc in docs]
-        mask = (
-            false_negative_mask(query_ids, all_doc_ids, self.train_qrels).to(documents.device)
-            if self.config.mask_false_negatives
-            else None
-        )
-        offset = sum(doc_sizes[: context.rank])
-        labels = torch.arange(offset, offset + len(local), device=documents.device)
-        contrastive = in_batch_contrastive_loss(
-            query_out["sentence_embedding"].float(),
-            documents,
-            self.config.temperature,
-            labels=labels,
-            false_negative_mask=mask,
-        )
-        if self.config.symmetric_loss:
-            # document -> query: each local document against every query of the batch.
-            queries = all_gather_with_grad(query_out["sentence_embedding"].float(), sizes, context)
-            all_query_ids = [self.pairs[i][0] for i in batch]
-            reverse_mask = (
-                false_negative_mask(all_query_ids, doc_ids, self.train_qrels).T.to(queries.device)
-                if self.config.mask_false_negatives
-                else None
-            )
-            reverse = in_batch_contrastive_loss(
-                doc_out["sentence_embedding"][: len(local)].float(),  # positives only
-                queries,
-                self.config.temperature,
-                labels=labels,
-                false_negative_mask=reverse_mask,
-            )
-            contrastive = (contrastive + reverse) / 2
-        # This process's share of the batch mean: the gradient average over processes then equals
-        # the gradient of the mean over the whole batch, whatever the slice sizes.
-        contrastive = contrastive * (len(local) * context.world_size / len(batch))
-        loss = contrastive
-        terms = {"contrastive": contrastive.item()}
-        head = self.retriever.head
-        if head is not None and head.gating == "learned":
-            # Router statistics are batch means: computed on the whole batch on every process.
-            router_sizes = [size + docs for size, docs in zip(sizes, doc_sizes, strict=True)]
-            logits = all_gather_with_grad(
-                torch.cat([query_out["router_logits"], doc_out["router_logits"]]).float(),
-                router_sizes,
-                context,
-            )
-            chosen = all_gather_tensor(
-                torch.cat([query_out["expert_index"], doc_out["expert_index"]]), router_sizes, context
-            )
-            if self.config.load_balancing_coef > 0:
-                balance = load_balancing_loss(logits, chosen)
-                loss = loss + self.config.load_balancing_coef * balance
-                terms["load_balancing"] = balance.item()
-            if self.config.router_z_loss_coef > 0:
-                z_loss = router_z_loss(logits)
-                loss = loss + self.config.router_z_loss_coef * z_loss
-                terms["router_z"] = z_loss.item()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if gradient_cache:
-            gradient_cache.backward()
-        average_gradients(model.parameters(), context)
+        batch = self.data.batch(positions, self.step, self.context.rank, self.context.world_size)
+        self.model.train()
+        with autocast(self.precision, self.retriever.device):
+            output = self.loss(batch)
+        output.loss.backward()
         if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        terms["loss"] = loss.item()
-        if context.is_distributed:
-            # The whole batch's values: the contrastive shares add up; router terms are the same
-            # on every process.
-            total = context.all_reduce_sum([terms["contrastive"], terms["loss"]])
-            terms["contrastive"], terms["loss"] = (value / context.world_size for value in total)
-        return terms
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.retriever.head is not None:
+            for kind, features in output.features.items():
+                self.routing.add(kind, features)
+        return output.terms
 
     def _log_routing(self, epoch: int) -> None:
         """Log the epoch's expert usage (training selections) and warn when one expert takes over."""
@@ -459,75 +353,6 @@ class Trainer:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-
-    def _hard_negatives(self, query_ids: Sequence[str]) -> list[str]:
-        """``hard_negatives`` mined negatives per query, rotating with the step (empty when off)."""
-        if self.negatives is None:
-            return []
-        return [
-            doc
-            for query_id in query_ids
-            for doc in pick_negatives(
-                self.negatives,
-                query_id,
-                self.config.hard_negatives,
-                self.config.seed,
-                self.step,
-                self.doc_pool,
-                self.train_qrels,
-            )
-        ]
-
-    def _prepare_negatives(self) -> dict[str, list[str]]:
-        """Mine (rank 0, once; kept in training/negatives.json for resumes) or read hard negatives."""
-        saved = self.training_dir / "negatives.json"
-        source = self.config.negatives_source
-
-        def mine() -> dict[str, list[str]]:
-            if saved.exists():
-                return load_negatives(saved)
-            depth, per_query = self.config.negatives_depth, max(10, self.config.hard_negatives)
-            if source == "bm25":
-                mined = mine_bm25_negatives(self.collection, self.train_qrels, per_query, depth)
-            elif source == "dense":
-                mined = mine_dense_negatives(
-                    self.retriever,
-                    self.collection,
-                    self.train_qrels,
-                    per_query,
-                    depth,
-                    batch_size=self.config.encode_batch_size,
-                    precision=self.config.precision,
-                    show_progress=self.show_progress,
-                )
-            else:
-                mined = load_negatives(source)
-            save_negatives(mined, saved)
-            return mined
-
-        return self.context.run_on_main(mine)
-
-    def _embed(self, ids: Sequence[str], kind: str) -> dict[str, Any]:
-        """Run the model on the queries or documents ``ids`` (from cached pooled embeddings if head-only)."""
-        with autocast(self.precision, self.retriever.device):
-            return self._run_model(ids, kind)
-
-    def _run_model(self, ids: Sequence[str], kind: str) -> dict[str, Any]:
-        if self.pooled is not None:
-            return run_stages(
-                self.retriever.head_stages(),
-                {"sentence_embedding": self.pooled.lookup(kind, ids).to(self.retriever.device)},
-            )
-        if kind == "query":
-            texts = [self.collection.queries[i] for i in ids]
-        else:
-            texts = [self.collection.corpus[i].full_text for i in ids]
-        features = tokenize(self.retriever, texts, kind)
-        if not self.frozen_backbone:
-            return run_stages(self.retriever.model.children(), features)
-        with torch.no_grad():
-            features = run_stages(self.retriever.encoder_stages(), features)
-        return run_stages(self.retriever.head_stages(), features)
 
     def evaluate_and_select(self, epoch: int) -> float:
         """Score dev nDCG@10; keep the model as best if it improves (or always, under ``last``)."""
@@ -565,13 +390,7 @@ class Trainer:
         if self.is_main:
             write_json(
                 self.training_dir / "config.json",
-                {
-                    **self.run_config(),
-                    "command": self.command,
-                    "sbmoe_version": __version__,
-                    "torch_version": torch.__version__,
-                    "precision": self.precision,
-                },
+                {**self.run_config(), **provenance(self.command), "precision": self.precision},
             )
         if state is None and self.config.checkpoint_selection == "best":
             self.evaluate_and_select(epoch=0)  # the starting model competes too
@@ -646,6 +465,30 @@ class Trainer:
         return result
 
 
+def build_trainer(
+    retriever: Retriever,
+    collection: BeirCollection,
+    config: TrainConfig,
+    output_dir: str | Path,
+    show_progress: bool = True,
+    command: Sequence[str] | None = None,
+    cache: EmbeddingCache | None = None,
+    context: DistributedContext | None = None,
+    batch_order: BatchOrder | None = None,
+) -> Trainer:
+    """Prepare the training data of ``collection`` (mining negatives, pooling texts) and a trainer on it.
+
+    Arguments as :class:`Trainer`'s; see :func:`~sbmoe.training_data.prepare_training_data`.
+    """
+    context = context or DistributedContext(device=retriever.device)
+    if config.head_only and cache is None:
+        cache = EmbeddingCache()  # pooled embeddings are the whole point: keep them for dev evaluation
+    training_dir = Path(output_dir) / "training"
+    progress = show_progress and context.is_main
+    data = prepare_training_data(retriever, collection, config, training_dir, cache, context, progress)
+    return Trainer(retriever, data, config, output_dir, show_progress, batch_order, command, cache, context)
+
+
 def train(
     model_config: ModelConfig,
     train_config: TrainConfig,
@@ -671,14 +514,7 @@ def train(
     context = context or init_distributed(device)
     seed_everything(train_config.seed)  # the head's initialisation depends on it
     retriever = Retriever.from_config(model_config, device=context.device)
-    trainer = Trainer(
-        retriever,
-        collection,
-        train_config,
-        output_dir,
-        show_progress,
-        command=command,
-        cache=cache,
-        context=context,
+    trainer = build_trainer(
+        retriever, collection, train_config, output_dir, show_progress, command, cache, context
     )
     return trainer.train()
