@@ -4,7 +4,8 @@
         WORK_DIR MODEL_DIR DATA_DIR
 
 Runs, in one launch (processes start slowly): training through the CLI, a run interrupted after its
-checkpoint and resumed, and sharded indexing through the CLI. ``test_distributed.py`` compares the
+checkpoint and resumed, the :data:`VARIANTS` of the training step, and sharded indexing through the
+CLI. ``test_distributed.py`` compares the
 outputs with single-process runs.
 """
 
@@ -39,6 +40,34 @@ TRAIN_ARGS = [
     "--device",
     "cpu",
 ]
+
+
+# Shared with test_distributed.py: steps that run differently under DDP, as (model, train) overrides.
+# Gradient caching replays chunks under no_sync; paper gating leaves the gate without gradients.
+VARIANTS = {
+    "cached-negatives-symmetric": (
+        {},
+        {"grad_cache_chunk_size": 3, "hard_negatives": 1, "symmetric_loss": True},
+    ),
+    "head-only-paper-gating": ({"gating": "paper"}, {"head_only": True}),
+}
+
+
+def variant_configs(model: str, variant: str, batch_size: int):
+    """The model and training configs of a :data:`VARIANTS` entry, ``batch_size`` pairs per process."""
+    model_overrides, train_overrides = VARIANTS[variant]
+    return build_configs(
+        "default",
+        {"backbone": model, "num_experts": 3, "noisy_gating": False, "max_doc_length": 48, **model_overrides},
+        {
+            "max_steps": 3,
+            "batch_size": batch_size,
+            "precision": "fp32",
+            "checkpoint_selection": "last",
+            "checkpoint_steps": None,
+            **train_overrides,
+        },
+    )
 
 
 def interrupted_then_resumed(model: str, data: str, output: Path, context) -> None:
@@ -84,6 +113,9 @@ def run(work: Path, model: str, data: str) -> None:
         code = main(["-q", "train", *arguments])
         assert code == 0
         interrupted_then_resumed(model, data, work / "resumed", context)
+        for variant in VARIANTS:
+            model_config, train_config = variant_configs(model, variant, batch_size=4)
+            train(model_config, train_config, load_collection(data), work / variant, False, context=context)
         code = main(
             [
                 "-q",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_same_top_k, interrupt_at_step
-from distributed_worker import TRAIN_ARGS
+from distributed_worker import TRAIN_ARGS, VARIANTS, variant_configs
 
 from sbmoe.cli import main
 from sbmoe.config import EncodeConfig, SearchConfig, build_configs
@@ -30,7 +30,7 @@ from sbmoe.io import read_json
 from sbmoe.modeling import Retriever
 from sbmoe.retrieval import build_index, search
 from sbmoe.runtime import resolve_device, seed_everything
-from sbmoe.training import build_trainer
+from sbmoe.training import build_trainer, train
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -110,6 +110,19 @@ def test_two_processes_train_like_one_with_the_doubled_batch(
     assert [r["dev_ndcg@10"] for r in dev_two] == pytest.approx([r["dev_ndcg@10"] for r in dev_one], abs=1e-6)
     config = read_json(ddp / "training" / "config.json")
     assert config["world_size"] == 2 and config["train_config"]["batch_size"] == 4
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_two_processes_train_like_one_under_gradient_caching_and_head_only(
+    torchrun_outputs, dropout_free_bert, scifact_slice, tmp_path, variant
+):
+    model_config, train_config = variant_configs(str(dropout_free_bert), variant, batch_size=8)
+    train(model_config, train_config, load_collection(scifact_slice), tmp_path, False, device="cpu")
+    one, two = train_log(tmp_path), train_log(torchrun_outputs / variant)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for key in ("loss", "contrastive"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
+    assert_close_weights(weights(tmp_path), weights(torchrun_outputs / variant))
 
 
 def test_training_resumed_under_two_processes_ends_like_an_uninterrupted_run(torchrun_outputs):
