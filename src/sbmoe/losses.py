@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,10 @@ from torch import Tensor, nn
 
 from sbmoe.batching import TrainingBatch, false_negative_mask
 from sbmoe.distributed import DistributedContext, all_gather_tensor, all_gather_with_grad
+
+if TYPE_CHECKING:
+    from sbmoe.config import TrainConfig
+    from sbmoe.moe_head import MoEHead
 
 Features = dict[str, Tensor]
 
@@ -182,6 +187,16 @@ class RouterLoss(nn.Module):
         self.load_balancing_coef = load_balancing_coef
         self.z_loss_coef = z_loss_coef
         self.context = context or DistributedContext()
+
+    @classmethod
+    def for_head(
+        cls, head: MoEHead | None, config: TrainConfig, context: DistributedContext | None = None
+    ) -> RouterLoss | None:
+        """The router loss ``config`` asks for, or ``None``: only a learned gate has one to learn from."""
+        coefs = (config.load_balancing_coef, config.router_z_loss_coef)
+        if head is None or head.gating != "learned" or not any(c > 0 for c in coefs):
+            return None
+        return cls(*coefs, context)
 
     def forward(
         self, queries: Features, documents: Features, batch: TrainingBatch

@@ -158,7 +158,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, learning_rate_lambda(config, self.total_steps)
         )
-        self.loss = self._loss(frozen_backbone)
+        router = RouterLoss.for_head(retriever.head, config, self.context)
+        # DDP (under several processes) wraps the model after the backbone is frozen, so it ignores
+        # frozen parameters; it also starts every process from rank 0's weights.
+        encoder = TrainableEncoder(retriever, data, frozen_backbone, router_gradients=router is not None)
+        self.model = data_parallel(encoder, self.context)
+        self.loss = self._loss(router)
         self.step = 0
         self.best_score: float | None = None
         self.best_step = 0
@@ -176,22 +181,9 @@ class Trainer:
             groups.insert(0, {"params": backbone_params, "lr": self.config.lr_backbone, "name": "backbone"})
         return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
 
-    def _loss(self, frozen_backbone: bool) -> torch.nn.Module:
-        """The one loss object a step calls: contrastive (+ router losses), gradient-cached if configured.
-
-        The model it runs is wrapped in DDP under several processes (which also starts every process
-        from rank 0's weights), after the backbone is frozen, so DDP ignores frozen parameters.
-        """
-        config, context, head = self.config, self.context, self.retriever.head
-        router = None
-        if (
-            head is not None
-            and head.gating == "learned"
-            and (config.load_balancing_coef > 0 or config.router_z_loss_coef > 0)
-        ):
-            router = RouterLoss(config.load_balancing_coef, config.router_z_loss_coef, context)
-        encoder = TrainableEncoder(self.retriever, self.data, frozen_backbone, router is not None)
-        self.model = data_parallel(encoder, context)
+    def _loss(self, router: RouterLoss | None) -> torch.nn.Module:
+        """The one loss object a step calls: contrastive (+ router losses), gradient-cached if configured."""
+        config, context = self.config, self.context
         qrels = self.data.train_qrels if config.mask_false_negatives else None
         contrastive = InBatchContrastiveLoss(config.temperature, qrels, config.symmetric_loss, context)
         loss = RetrievalLoss(self.model, contrastive, router, context)
