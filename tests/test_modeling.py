@@ -35,11 +35,12 @@ def test_pipeline_stages_follow_the_config(tiny_bert_dir):
     assert baseline.head is None
 
 
-def test_plain_transformer_defaults_to_mean_pooling_cosine_and_256_tokens(tiny_bert_dir):
+def test_plain_transformer_defaults_to_mean_pooling_cosine_and_its_own_token_limit(tiny_bert_dir):
     retriever = tiny(tiny_bert_dir)
     assert retriever.config.pooling == "mean"
     assert retriever.config.similarity == "cosine"
-    assert retriever.config.max_doc_length == 256
+    # 128 position embeddings: documents and queries both stop there (256 would not even run).
+    assert retriever.config.max_doc_length == retriever.config.max_query_length == 128
 
 
 def test_sentence_transformers_backbone_keeps_its_own_settings():
@@ -47,6 +48,7 @@ def test_sentence_transformers_backbone_keeps_its_own_settings():
     assert retriever.config.similarity == "cosine"  # MiniLM ships a Normalize module
     assert retriever.config.pooling == "mean"
     assert retriever.config.max_doc_length == 256  # its sentence_bert_config max_seq_length
+    assert retriever.config.max_query_length == 256  # queries too, unless a preset says otherwise
 
 
 @pytest.mark.parametrize("pooling", ["cls", "max"])

@@ -28,6 +28,7 @@ from sbmoe.config import (
     TrainConfig,
 )
 from sbmoe.errors import SbmoeError, UsageError
+from sbmoe.outputs import EVALUATION, INDEX, SHARDED_INDEX, TRAINING_RUN, check_output, output_lock
 
 DESCRIPTION = "Dense retrieval with a single-block Mixture-of-Experts head: train, index, search, evaluate."
 
@@ -82,6 +83,15 @@ def _add_encode_flags(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser.add_argument_group("encoding"), EncodeConfig)
 
 
+def _add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an earlier {what} at --output made with other settings (without it that is "
+        "refused; anything else at --output is always refused)",
+    )
+
+
 def _add_verb(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help_text, description=help_text)
     # -q is accepted after the verb too (SUPPRESS keeps a -q given before the verb).
@@ -106,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--output", required=True, help="directory for the model and training/ (resumes if interrupted)"
     )
+    _add_overwrite_flag(train, "training run")
     train.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -130,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--output", required=True, help="directory for metrics.json, per_query.json, run.trec"
     )
+    _add_overwrite_flag(evaluate, "evaluation")
     add_config_flags(evaluate.add_argument_group("evaluation"), EvaluateConfig)
     _add_length_overrides(evaluate)
     _add_encode_flags(evaluate)
@@ -139,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flag(index, "saved model directory, hub name or all-MiniLM-L6-v2")
     _add_data_flag(index)
     index.add_argument("--output", required=True, help="index directory (sharded: the folder of the shards)")
+    _add_overwrite_flag(index, "index")
     add_config_flags(index.add_argument_group("index"), IndexConfig)
     index.add_argument(
         "--shard",
@@ -153,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = _add_verb(commands, "merge-index", "merge the shards of a sharded index into one index")
     merge.add_argument("--index", required=True, help="sharded index directory from `sbmoe index --shard`")
     merge.add_argument("--output", required=True, help="directory of the merged index")
+    _add_overwrite_flag(merge, "index")
     add_config_flags(merge.add_argument_group("index"), IndexConfig)
 
     search = _add_verb(commands, "search", "search an index with queries")
@@ -162,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--query", action="append", help="a query text (repeatable)")
     source.add_argument("--queries", help="queries.jsonl (BEIR format)")
     search.add_argument("--output", help="write the run in TREC format here (default: print the hits)")
+    search.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the whole index against its checksum before searching (default: its size and a "
+        "sample of it)",
+    )
     add_config_flags(search.add_argument_group("search"), SearchConfig)
     _add_encode_flags(search)
 
@@ -274,6 +294,7 @@ def _command_train(args: argparse.Namespace) -> int:
         {**given_values(args, ModelConfig), "backbone": args.model},
         given_values(args, TrainConfig),
     )
+    check_output(args.output, TRAINING_RUN)
     collection = load_collection(resolve_data(args.data))
     # Under torchrun: joins the process group; rank 0 alone writes, logs and prints.
     with distributed_session(args.device or "auto") as context:
@@ -288,6 +309,7 @@ def _command_train(args: argparse.Namespace) -> int:
             command=args.command_line,
             cache=_cache(args),
             context=context,
+            overwrite=args.overwrite,
         )
     if context.is_main:
         print(json.dumps(result.to_dict(), indent=2))
@@ -301,6 +323,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     config = EvaluateConfig(**given_values(args, EvaluateConfig))
     config.validate()
     encode = _encode_config(args)
+    check_output(args.output, EVALUATION)
     collection = load_collection(resolve_data(args.data), splits=[config.split])
     retriever = _load_retriever(args, encode.device)
     outputs = evaluate_model(
@@ -312,6 +335,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         command=args.command_line,
         cache=_cache(args),
+        overwrite=args.overwrite,
     )
     for output in outputs:
         scores = "  ".join(f"{name} {value:.4f}" for name, value in output.result.metrics.items())
@@ -335,6 +359,7 @@ def _command_index(args: argparse.Namespace) -> int:
             if shard is not None:
                 raise UsageError("under torchrun each process indexes its own shard: leave out --shard")
             shard = (context.rank, context.world_size)
+        check_output(args.output, SHARDED_INDEX if shard else INDEX)
         retriever = _load_retriever(args, context.device)
         index = index_corpus(
             retriever,
@@ -346,6 +371,7 @@ def _command_index(args: argparse.Namespace) -> int:
             show_progress=not args.quiet and context.is_main,
             command=args.command_line,
             cache=_cache(args),
+            overwrite=args.overwrite,
         )
         if shard is None:
             print(f"indexed {len(index.doc_ids)} documents into {args.output}")
@@ -369,7 +395,8 @@ def _command_merge_index(args: argparse.Namespace) -> int:
 
     config = IndexConfig(**given_values(args, IndexConfig))
     config.validate()
-    merged = merge_index(args.index, args.output, config, command=args.command_line)
+    check_output(args.output, INDEX)
+    merged = merge_index(args.index, args.output, config, command=args.command_line, overwrite=args.overwrite)
     shards = merged.metadata["merged_from_shards"]
     print(f"merged {shards} shards ({len(merged)} documents) into {args.output}")
     return 0
@@ -383,13 +410,18 @@ def _command_search(args: argparse.Namespace) -> int:
     config = SearchConfig(**given_values(args, SearchConfig))
     config.validate()
     encode = _encode_config(args)
+    if args.output and Path(args.output).is_dir():
+        raise UsageError(f"--output {args.output} is a directory; search writes its run to a file")
+    if args.query and not all(query.strip() for query in args.query):
+        raise UsageError("--query is empty: give the text to search for")
     queries = (
         read_queries(args.queries) if args.queries else {f"q{i}": q for i, q in enumerate(args.query, 1)}
     )
     retriever = _load_retriever(args, encode.device)
-    run = search(retriever, args.index, queries, config, encode)
+    run = search(retriever, args.index, queries, config, encode, verify=args.verify)
     if args.output:
-        write_trec_run(run, args.output)
+        with output_lock(args.output):
+            write_trec_run(run, args.output)
         print(f"wrote {args.output}")
     else:
         for row in describe_run(run, config.top_k):

@@ -106,10 +106,14 @@ class ModelConfig:
     similarity: Similarity = setting(
         "auto", choices=SIMILARITIES, help="cosine, dot, or auto (the backbone's own, else cosine)"
     )
-    max_query_length: int = setting(64, help="token limit for queries", metavar="TOKENS")
+    max_query_length: int | None = setting(
+        None,
+        help="token limit for queries (none given: the backbone's own limit, its max_seq_length, else 256)",
+        metavar="TOKENS",
+    )
     max_doc_length: int | None = setting(
         None,
-        help="token limit for documents (none given: the backbone's max_seq_length, else 256)",
+        help="token limit for documents (none given: the backbone's own limit, its max_seq_length, else 256)",
         metavar="TOKENS",
     )
     num_experts: int = setting(

@@ -26,3 +26,9 @@ class MissingInputError(SbmoeError, FileNotFoundError):
 
 class ModelLoadError(SbmoeError, RuntimeError):
     """A backbone or saved model could not be found or loaded."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its class name when it has none (for one-line errors)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

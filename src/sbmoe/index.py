@@ -6,7 +6,9 @@ An index directory holds three files:
   memory-mapped, so the vectors of an exact index are paged in from disk as search needs them;
 * ``doc_ids.json``: the document id of each row, in row order;
 * ``meta.json``: the fingerprint of the model that made the embeddings, index type, embedding
-  dtype, dimension, document count, search settings, creation time, versions, and caller metadata.
+  dtype, dimension, document count, search settings, creation time, versions, caller metadata, and
+  a checksum of the other two files (size, SHA-256, SHA-256 of a sample), checked on every load
+  by size and sample and in full with ``verify``.
 
 Index types: ``flat`` (exact, the default), ``hnsw`` (graph) and ``ivf`` (inverted lists over
 k-means cells), the last two approximate and faster on large corpora. Each stores the embeddings as
@@ -24,6 +26,7 @@ encoder's job.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -64,6 +67,9 @@ _ADD_CHUNK = 1 << 18
 # converts at most this many values to float32 at once.
 _SCORE_BLOCK = 1 << 24
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+# The cheap check on load hashes this many blocks of this many bytes, spread over the file.
+_SAMPLE_BLOCKS = 64
+_SAMPLE_BYTES = 4096
 
 
 class IndexMismatchError(SbmoeError, ValueError):
@@ -455,12 +461,17 @@ class DenseIndex:
         with atomic_directory(directory) as tmp:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             write_json(tmp / DOC_IDS_FILE, list(self._doc_ids))
+            meta["checksum"] = {name: file_checksum(tmp / name) for name in (INDEX_FILE, DOC_IDS_FILE)}
             write_json(tmp / META_FILE, meta)
         return directory
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, expected_fingerprint: str | None = None, mmap: bool = True
+        cls,
+        directory: str | os.PathLike,
+        expected_fingerprint: str | None = None,
+        mmap: bool = True,
+        verify: bool = False,
     ) -> DenseIndex:
         """Load an index written by :meth:`save`.
 
@@ -471,6 +482,9 @@ class DenseIndex:
             mmap: map ``index.faiss`` into memory instead of reading it (``flat`` and ``hnsw``
                 vectors stay on disk until search touches them, so an index larger than memory
                 can be searched, and loading is instant).
+            verify: check the whole of ``index.faiss`` and ``doc_ids.json`` against the checksum in
+                ``meta.json``; otherwise only their sizes and a sample (indexes saved before
+                checksums existed are not checked).
 
         Raises:
             IndexMismatchError: the index was built by a different model.
@@ -494,6 +508,7 @@ class DenseIndex:
         # Checked before reading the (possibly large) index file.
         if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
             raise IndexMismatchError(directory, str(meta["fingerprint"]), expected_fingerprint)
+        verify_checksum(directory, meta, full=verify)
         doc_ids = read_doc_ids(directory)
 
         index_path = directory / INDEX_FILE
@@ -767,6 +782,49 @@ def _as_matrix(array: np.ndarray, name: str) -> np.ndarray:
         bad = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
         raise UsageError(f"{name} has NaN or infinite values (first in row {bad})")
     return matrix
+
+
+def file_checksum(path: Path) -> dict[str, Any]:
+    """Size, SHA-256 and SHA-256 of a sample (see :func:`_sample_digest`) of the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    size = path.stat().st_size
+    return {"size": size, "sha256": digest.hexdigest(), "sample_sha256": _sample_digest(path, size)}
+
+
+def _sample_digest(path: Path, size: int) -> str:
+    """SHA-256 of ``_SAMPLE_BLOCKS`` blocks spread evenly over the file (first and last included)."""
+    digest = hashlib.sha256()
+    last = max(size - _SAMPLE_BYTES, 0)
+    with open(path, "rb") as handle:
+        for number in range(_SAMPLE_BLOCKS):
+            handle.seek(last * number // (_SAMPLE_BLOCKS - 1))
+            digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def verify_checksum(directory: str | os.PathLike, meta: Mapping[str, Any], full: bool = False) -> None:
+    """Check the index files against ``meta``'s checksum: sizes and samples, or (``full``) everything.
+
+    Raises:
+        UsageError: a file differs from what was saved (damaged or replaced), naming it.
+    """
+    for name, expected in (meta.get("checksum") or {}).items():
+        path = Path(directory) / name
+        if not path.is_file():
+            continue  # the loader names missing files itself
+        size = path.stat().st_size
+        if size != expected["size"]:
+            problem = f"has {size} bytes, {META_FILE} says {expected['size']}"
+        elif full and file_checksum(path)["sha256"] != expected["sha256"]:
+            problem = "does not match the SHA-256 in " + META_FILE
+        elif not full and _sample_digest(path, size) != expected["sample_sha256"]:
+            problem = "does not match the sample checksum in " + META_FILE
+        else:
+            continue
+        raise UsageError(f"{path} {problem}: the index is damaged; rebuild it with `sbmoe index ...`")
 
 
 def _check_positive(value: int, name: str) -> None:

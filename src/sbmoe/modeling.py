@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,11 +147,16 @@ class Retriever:
         similarity = config.similarity
         if similarity == "auto":
             similarity = "cosine" if has_normalize or not is_st_model else "dot"
-        max_doc_length = config.max_doc_length or (
-            base.max_seq_length if is_st_model and base.max_seq_length else DEFAULT_MAX_LENGTH
-        )
+        # The backbone's own limit (sentence-transformers': its max_seq_length; a plain transformers
+        # model's: its position embeddings and tokenizer) serves queries and documents alike.
+        limit = base.max_seq_length or DEFAULT_MAX_LENGTH
+        max_doc_length = config.max_doc_length or limit
         resolved = dataclasses.replace(
-            config, pooling=pooling_mode, similarity=similarity, max_doc_length=max_doc_length
+            config,
+            pooling=pooling_mode,
+            similarity=similarity,
+            max_query_length=config.max_query_length or limit,
+            max_doc_length=max_doc_length,
         )
         stages: list[torch.nn.Module] = [transformer, pooling]
         if config.num_experts > 0:
@@ -235,9 +241,32 @@ class Retriever:
 
     def max_length(self, kind: str) -> int:
         """Token limit for ``kind`` (``query`` or ``document``)."""
-        if kind == "query":
-            return self.config.max_query_length
-        return self.config.max_doc_length or DEFAULT_MAX_LENGTH
+        limit = self.config.max_query_length if kind == "query" else self.config.max_doc_length
+        return limit or DEFAULT_MAX_LENGTH
+
+    def count_truncated(self, texts: Sequence[str], kind: str) -> int:
+        """How many of ``texts`` run past the token limit of ``kind`` (and are cut when encoded)."""
+        limit = self.max_length(kind)
+        # A token covers at least one character, so only texts longer than the limit can exceed it.
+        long = [text for text in self.prepare_texts(texts) if len(text) + 2 > limit]
+        if not long:
+            return 0
+        lengths = self.tokenizer(long, truncation=False, return_length=True, verbose=False)["length"]
+        return sum(length > limit for length in lengths)
+
+    def warn_truncated(self, texts: Sequence[str], kind: str, where: str) -> int:
+        """Warn with the count when ``texts`` (of ``kind``, from ``where``) run past the token limit."""
+        count = self.count_truncated(texts, kind)
+        if count:
+            flag = "--max-query-length" if kind == "query" else "--max-doc-length"
+            warnings.warn(
+                f"{where}: {count} of {len(texts)} {kind} texts are longer than the model's limit of "
+                f"{self.max_length(kind)} tokens and are cut there (raise it with {flag} when "
+                f"training, up to the backbone's own limit)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return count
 
     def prepare_texts(self, texts: Sequence[str]) -> list[str]:
         """Apply the configured text normalisation (lower-casing)."""

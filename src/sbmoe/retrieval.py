@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ from sbmoe.distributed import shard_bounds
 from sbmoe.encoding import apply_head_stages, encode_texts, expert_pooling
 from sbmoe.errors import UsageError
 from sbmoe.evaluation import EvaluationResult, evaluate_run, save_metrics, write_trec_run
-from sbmoe.index import DenseIndex
+from sbmoe.index import DenseIndex, shard_directory
 from sbmoe.io import write_json
 from sbmoe.modeling import Retriever
+from sbmoe.outputs import EVALUATION, INDEX, SHARDED_INDEX, check_output, writing_output
 from sbmoe.runs import Run
 from sbmoe.shards import ShardedIndex, load_index
 
@@ -80,16 +82,18 @@ def search(
     *,
     show_progress: bool = False,
     cache: EmbeddingCache | None = None,
+    verify: bool = False,
 ) -> Run:
     """Encode ``queries`` (query id -> text) and return their top documents from ``index``.
 
     ``index`` is an index in memory or the directory of a saved one, single or sharded (searched
     shard by shard). A saved index built by another model is refused
-    (:class:`~sbmoe.index.IndexMismatchError`); for one in memory that is the caller's job.
+    (:class:`~sbmoe.index.IndexMismatchError`); for one in memory that is the caller's job. A saved
+    index is checked against its checksum: its size and a sample, or in full with ``verify``.
     """
     config = config or SearchConfig()
     if isinstance(index, (str, os.PathLike)):
-        index = load_index(index, expected_fingerprint=retriever.fingerprint())
+        index = load_index(index, expected_fingerprint=retriever.fingerprint(), verify=verify)
     embeddings = encode_texts(
         retriever, list(queries.values()), "query", encode, show_progress=show_progress, cache=cache
     )
@@ -160,6 +164,7 @@ def evaluate_model(
     show_progress: bool = True,
     command: Sequence[str] | None = None,
     cache: EmbeddingCache | None = None,
+    overwrite: bool = False,
 ) -> list[EvaluationOutput]:
     """Search the split's queries over the whole corpus and score the run.
 
@@ -167,13 +172,44 @@ def evaluate_model(
     :func:`~sbmoe.config.provenance`) into ``output_dir``, or into ``output_dir/<rule>/`` per
     inference rule when several are asked for. ``config.expert_poolings`` are ignored for a model
     without an MoE head.
+
+    Args:
+        overwrite: Replace an earlier evaluation in ``output_dir`` made with other settings (see
+            :func:`~sbmoe.outputs.check_output`; anything but an evaluation there is refused anyway).
     """
     config = config or EvaluateConfig()
     encode = encode or EncodeConfig()
     output_dir = Path(output_dir)
+    fingerprint = retriever.fingerprint()
+    settings = {
+        "model_fingerprint": fingerprint,
+        "evaluate_config": dataclasses.asdict(config),
+        "data": collection.name,
+    }
+    with writing_output(output_dir, EVALUATION, settings, overwrite=overwrite) as replacing:
+        if replacing:
+            shutil.rmtree(output_dir)  # an earlier evaluation, with other settings: --overwrite
+        return _evaluate(
+            retriever, collection, output_dir, config, encode, fingerprint, show_progress, command, cache
+        )
+
+
+def _evaluate(
+    retriever: Retriever,
+    collection: BeirCollection,
+    output_dir: Path,
+    config: EvaluateConfig,
+    encode: EncodeConfig,
+    fingerprint: str,
+    show_progress: bool,
+    command: Sequence[str] | None,
+    cache: EmbeddingCache | None,
+) -> list[EvaluationOutput]:
     qrels = collection.split_qrels(config.split)
     queries = {q: collection.queries[q] for q in sorted(qrels) if q in collection.queries}
     documents = {d: doc.full_text for d, doc in collection.corpus.items()}
+    retriever.warn_truncated(list(queries.values()), "query", f"{collection.name} {config.split} queries")
+    retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
     started = time.perf_counter()
     runs = search_documents(
         retriever,
@@ -187,7 +223,6 @@ def evaluate_model(
     )
     seconds = time.perf_counter() - started
 
-    fingerprint = retriever.fingerprint()
     outputs = []
     for rule, run in runs.items():
         target = output_dir / rule if len(runs) > 1 else output_dir
@@ -222,6 +257,7 @@ def index_corpus(
     show_progress: bool = True,
     command: Sequence[str] | None = None,
     cache: EmbeddingCache | None = None,
+    overwrite: bool = False,
 ) -> DenseIndex:
     """Encode the collection's corpus and save the FAISS index (with the model's fingerprint).
 
@@ -233,6 +269,9 @@ def index_corpus(
             save it as that shard of the sharded index ``output_dir`` (see
             :class:`~sbmoe.shards.ShardedIndex`); shards can be built by different processes or
             machines. ``None`` indexes the whole corpus into ``output_dir``.
+        overwrite: Replace an earlier index in ``output_dir`` made from another model, collection
+            or index config (anything but an index there is refused anyway; see
+            :func:`~sbmoe.outputs.check_output`).
 
     Returns:
         The index built (the shard's, when sharded).
@@ -244,20 +283,30 @@ def index_corpus(
     if stop == start:
         raise UsageError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
     documents = {d: collection.corpus[d].full_text for d in doc_ids[start:stop]}
-    index = build_index(retriever, documents, config, encode, show_progress=show_progress, cache=cache)
-    index.metadata.update(
-        {
-            "collection": collection.name,
-            "model_config": dataclasses.asdict(retriever.config),
-            "index_config": dataclasses.asdict(config),
-            "encode_config": dataclasses.asdict(encode),
-            **provenance(command),
-        }
-    )
     if shard:
-        index.save_shard(output_dir, shard[0], shard[1], start, len(collection.corpus))
-    else:
-        index.save(output_dir)
+        check_output(output_dir, SHARDED_INDEX)
+    target = shard_directory(output_dir, *shard) if shard else Path(output_dir)
+    settings = {
+        "fingerprint": retriever.fingerprint(),
+        "collection": collection.name,
+        "index_config": dataclasses.asdict(config),
+    }
+    with writing_output(target, INDEX, settings, overwrite=overwrite):
+        retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
+        index = build_index(retriever, documents, config, encode, show_progress=show_progress, cache=cache)
+        index.metadata.update(
+            {
+                "collection": collection.name,
+                "model_config": dataclasses.asdict(retriever.config),
+                "index_config": dataclasses.asdict(config),
+                "encode_config": dataclasses.asdict(encode),
+                **provenance(command),
+            }
+        )
+        if shard:
+            index.save_shard(output_dir, shard[0], shard[1], start, len(collection.corpus))
+        else:
+            index.save(output_dir)
     return index
 
 
@@ -267,6 +316,7 @@ def merge_index(
     config: IndexConfig | None = None,
     *,
     command: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> DenseIndex:
     """Merge the shards in ``index_dir`` into one index saved in ``output_dir``.
 

@@ -36,12 +36,15 @@ from sbmoe.runs import Run, merge_runs
 
 
 def load_index(
-    directory: str | os.PathLike, expected_fingerprint: str | None = None
+    directory: str | os.PathLike, expected_fingerprint: str | None = None, verify: bool = False
 ) -> DenseIndex | ShardedIndex:
-    """Load a single index (:class:`DenseIndex`) or a sharded one (:class:`ShardedIndex`)."""
+    """Load a single index (:class:`DenseIndex`) or a sharded one (:class:`ShardedIndex`).
+
+    ``verify`` checks every file in full against its checksum (see :meth:`DenseIndex.load`).
+    """
     if is_sharded_index(directory):
-        return ShardedIndex.load(directory, expected_fingerprint)
-    return DenseIndex.load(directory, expected_fingerprint)
+        return ShardedIndex.load(directory, expected_fingerprint, verify)
+    return DenseIndex.load(directory, expected_fingerprint, verify=verify)
 
 
 class ShardedIndex:
@@ -60,8 +63,11 @@ class ShardedIndex:
         metadata: The first shard's caller metadata, without its ``shard`` entry.
     """
 
-    def __init__(self, directory: Path, shard_dirs: list[Path], metas: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, directory: Path, shard_dirs: list[Path], metas: list[dict[str, Any]], verify: bool = False
+    ) -> None:
         self.directory = directory
+        self.verify = verify
         self.shard_dirs = shard_dirs
         self._metas = metas
         self.fingerprint: str = metas[0]["fingerprint"]
@@ -100,7 +106,9 @@ class ShardedIndex:
 
     def shard(self, number: int) -> DenseIndex:
         """Load shard ``number`` (memory-mapped)."""
-        return DenseIndex.load(self.shard_dirs[number], expected_fingerprint=self.fingerprint)
+        return DenseIndex.load(
+            self.shard_dirs[number], expected_fingerprint=self.fingerprint, verify=self.verify
+        )
 
     def search(
         self,
@@ -158,10 +166,13 @@ class ShardedIndex:
         )
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, expected_fingerprint: str | None = None) -> ShardedIndex:
+    def load(
+        cls, directory: str | os.PathLike, expected_fingerprint: str | None = None, verify: bool = False
+    ) -> ShardedIndex:
         """Open a sharded index, checking that its shards are complete and consistent.
 
-        Reads only the shards' ``meta.json``; the vectors are read when searched.
+        Reads only the shards' ``meta.json``; the vectors are read (and checked against their
+        checksums: in full with ``verify``) when searched.
 
         Raises:
             FileNotFoundError: the directory holds no shards, or some are missing.
@@ -231,4 +242,4 @@ class ShardedIndex:
             position += meta["count"]
         if position != total:
             raise UsageError(f"the shards in {directory} hold {position} documents, the corpus has {total}")
-        return cls(directory, shard_dirs, metas)
+        return cls(directory, shard_dirs, metas, verify)

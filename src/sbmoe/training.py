@@ -23,11 +23,14 @@ state to the other processes, so nodes need not share a disk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,11 +49,12 @@ from sbmoe.config import ModelConfig, TrainConfig, provenance
 from sbmoe.data import BeirCollection
 from sbmoe.dev_evaluation import DevEvaluator
 from sbmoe.distributed import DistributedContext, broadcast_module, data_parallel, init_distributed
-from sbmoe.errors import UsageError
+from sbmoe.errors import UsageError, first_line
 from sbmoe.gradient_cache import GradientCache
 from sbmoe.io import atomic_directory, read_json, write_json
 from sbmoe.losses import InBatchContrastiveLoss, RetrievalLoss, RouterLoss
 from sbmoe.modeling import Retriever
+from sbmoe.outputs import TRAINING_RUN, check_output, writing_output
 from sbmoe.routing import RoutingTracker
 from sbmoe.runtime import autocast, resolve_precision, seed_everything
 from sbmoe.trainable import TrainableEncoder
@@ -70,6 +74,7 @@ class TrainResult:
     dev_history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from_step: int | None = None
+    warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -148,8 +153,8 @@ class Trainer:
             batch_order = length_grouped_batches(config.seed, global_batch_size, data.document_lengths())
         self.batch_order = batch_order or shuffled_batches(config.seed, global_batch_size)
         self.steps_per_epoch = len(self.batches(0))
-        planned = self.steps_per_epoch * config.epochs
-        self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
+        # As in Hugging Face's Trainer, max_steps wins over epochs (more epochs run if it asks for them).
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
         frozen_backbone = require_head(retriever, config)
         self.dev_evaluator = DevEvaluator(
             data.collection, data.dev_qrels, encode_config(config), config.dev_max_docs, config.seed, cache
@@ -202,33 +207,30 @@ class Trainer:
     def run_config(self) -> dict[str, Any]:
         """Everything that determines this run, saved beside it and compared on resume."""
         return {
-            "model_config": dataclasses.asdict(self.retriever.config),
-            "train_config": dataclasses.asdict(self.config),
+            **run_settings(self.retriever.config, self.config, self.data.collection),
             "data": {"name": self.data.collection.name, "root": str(self.data.collection.root)},
             "world_size": self.context.world_size,
         }
 
     def _check_resumable(self) -> dict[str, Any] | None:
         """The saved checkpoint state if this output dir holds one from the same configuration."""
+        check_output(
+            self.output_dir,
+            TRAINING_RUN,
+            run_settings(self.retriever.config, self.config, self.data.collection),
+        )
         state_file = self.training_dir / "checkpoint" / "state.json"
         if not state_file.exists():
             return None
         saved = read_json(self.training_dir / "config.json")
         mine = self.run_config()
-        if {k: saved.get(k) for k in ("model_config", "train_config")} != {
-            k: mine[k] for k in ("model_config", "train_config")
-        }:
-            raise UsageError(
-                f"{self.output_dir} holds a checkpoint of a different configuration; choose another "
-                f"--output or delete {self.training_dir} to start over"
-            )
         if saved.get("world_size", 1) != mine["world_size"]:
             raise UsageError(
                 f"{self.output_dir} holds a checkpoint of a run on {saved.get('world_size', 1)} "
                 f"process(es), this one has {mine['world_size']}: the global batch would change. Resume "
                 f"with the same number of processes, or choose another --output"
             )
-        return read_json(state_file)
+        return _read_checkpoint_file(state_file, read_json)
 
     def _rng_state(self) -> dict[str, Any]:
         state = {
@@ -272,6 +274,7 @@ class Trainer:
                     "best_score": self.best_score,
                     "best_step": self.best_step,
                     "dev_history": self.dev_history,
+                    "log_bytes": self._log_size(),
                 },
             )
 
@@ -280,8 +283,18 @@ class Trainer:
         directory = self.training_dir / "checkpoint"
 
         def read() -> dict[str, Any]:
-            self.retriever.model.load_state_dict(load_file(str(directory / "model.safetensors")))
-            return torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+            weights = _read_checkpoint_file(directory / "model.safetensors", lambda p: load_file(str(p)))
+            self.retriever.model.load_state_dict(weights)
+            extra = _read_checkpoint_file(
+                directory / "optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False)
+            )
+            if "log_bytes" in state:  # the steps logged after the checkpoint are taken again: drop them
+                with (
+                    contextlib.suppress(FileNotFoundError),
+                    open(self.training_dir / "log.jsonl", "r+b") as log,
+                ):
+                    log.truncate(state["log_bytes"])
+            return extra
 
         extra = self.context.run_on_main(read)
         broadcast_module(self.retriever.model, self.context)
@@ -297,6 +310,12 @@ class Trainer:
         self.best_step = state["best_step"]
         self.dev_history = state["dev_history"]
         return state["epoch"], state["batch_index"]
+
+    def _log_size(self) -> int:
+        try:
+            return os.path.getsize(self.training_dir / "log.jsonl")
+        except FileNotFoundError:
+            return 0
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -398,7 +417,7 @@ class Trainer:
         checkpoint_steps = self.config.checkpoint_steps
         epoch = start_epoch
         try:
-            while epoch < self.config.epochs and self.step < self.total_steps:
+            while self.step < self.total_steps:
                 batches = self.batches(epoch)
                 first = start_batch if epoch == start_epoch else 0
                 for batch_index in range(first, len(batches)):
@@ -434,6 +453,16 @@ class Trainer:
         return self._finish(started, resumed_from)
 
     def _finish(self, started: float, resumed_from: int | None) -> TrainResult:
+        warning = None
+        if self.config.checkpoint_selection == "best" and self.best_step == 0 and self.step > 0:
+            warning = (
+                f"no trained checkpoint beat the starting model on dev nDCG@10 ({self.best_score:.4f}): "
+                f"the saved model is the UNTRAINED start (best_step 0"
+                + (", its MoE head at its random initialisation" if self.retriever.head is not None else "")
+                + "); train longer, or keep the last checkpoint with --checkpoint-selection last"
+            )
+            logger.warning("%s: %s", self.output_dir, warning)
+            self._log({"step": self.step, "event": "warning", "message": warning})
         result = TrainResult(
             output_dir=self.output_dir,
             steps=self.step,
@@ -442,6 +471,7 @@ class Trainer:
             dev_history=self.dev_history,
             seconds=round(time.perf_counter() - started, 2),
             resumed_from_step=resumed_from,
+            warning=warning,
         )
 
         def save_best() -> None:
@@ -473,6 +503,10 @@ def build_trainer(
     Arguments as :class:`Trainer`'s; see :func:`~sbmoe.training_data.prepare_training_data`.
     """
     context = context or DistributedContext(device=retriever.device)
+    # Before the expensive part (mining negatives, pooling texts): is output_dir ours to train into?
+    context.run_on_main(
+        lambda: check_output(output_dir, TRAINING_RUN, run_settings(retriever.config, config, collection))
+    )
     if config.head_only and cache is None:
         cache = EmbeddingCache()  # pooled embeddings are the whole point: keep them for dev evaluation
     training_dir = Path(output_dir) / "training"
@@ -491,6 +525,7 @@ def train(
     cache: EmbeddingCache | None = None,
     device: str | torch.device | None = "auto",
     context: DistributedContext | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Build a retriever from ``model_config`` and train it; the best model is saved in ``output_dir``.
 
@@ -502,11 +537,53 @@ def train(
         device: ``auto`` (this process's GPU, else the CPU) or an explicit device; ignored when
             ``context`` is given.
         context: The data-parallel job (see :func:`sbmoe.distributed.init_distributed`).
+        overwrite: Retrain into an ``output_dir`` that holds a training run of other settings (its
+            ``training/`` folder is removed; the old model stays until the new one replaces it).
+
+    Raises:
+        UsageError: ``output_dir`` holds something else than a training run, a training run of
+            other settings (without ``overwrite``), or another process is training into it.
     """
     context = context or init_distributed(device)
+    train_config.validate()
     seed_everything(train_config.seed)  # the head's initialisation depends on it
     retriever = Retriever.from_config(model_config, device=context.device)
-    trainer = build_trainer(
-        retriever, collection, train_config, output_dir, show_progress, command, cache, context
-    )
-    return trainer.train()
+    settings = run_settings(retriever.config, train_config, collection)
+    with contextlib.ExitStack() as held:
+        # Rank 0 holds the output's lock for the whole run; a refusal there is raised everywhere.
+        replacing = context.run_on_main(
+            lambda: held.enter_context(
+                writing_output(output_dir, TRAINING_RUN, settings, overwrite=overwrite)
+            )
+        )
+        training_dir = Path(output_dir) / "training"
+        if replacing and context.is_main:
+            logger.warning("%s: --overwrite: replacing a training run of other settings", output_dir)
+            shutil.rmtree(training_dir)
+            training_dir.mkdir()
+        trainer = build_trainer(
+            retriever, collection, train_config, output_dir, show_progress, command, cache, context
+        )
+        return trainer.train()
+
+
+def run_settings(
+    model_config: ModelConfig, train_config: TrainConfig, collection: BeirCollection
+) -> dict[str, Any]:
+    """What makes two training runs the same (see :func:`sbmoe.outputs.recorded_settings`)."""
+    return {
+        "model_config": dataclasses.asdict(model_config),
+        "train_config": dataclasses.asdict(train_config),
+        "data": collection.name,
+    }
+
+
+def _read_checkpoint_file(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, with an unreadable (truncated, corrupt) checkpoint file named in a UsageError."""
+    try:
+        return read(path)
+    except Exception as error:  # safetensors, torch and json each raise their own kinds
+        raise UsageError(
+            f"{path} is unreadable ({type(error).__name__}: {first_line(error)}): the checkpoint is "
+            f"damaged; delete {path.parent} to train this run again from its start"
+        ) from error
