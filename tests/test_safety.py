@@ -302,3 +302,34 @@ def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(
         first, second = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "killed" / name))
         assert first.keys() == second.keys()
         assert all((first[key] == second[key]).all() for key in first), name
+
+
+# ------------------------------------------------------------------------------------ ranges, integrity
+@pytest.mark.parametrize(
+    ("flags", "cause"),
+    [
+        (["--lr-head", "nan"], "lr_head must be a finite number"),
+        (["--warmup-ratio", "2"], "warmup_ratio must be in [0, 1], got 2.0"),
+        (["--max-steps", "-1"], "max_steps must be >= 1, got -1"),
+        (["--epochs", "0"], "epochs must be >= 1 unless max_steps is set"),
+        (["--encode-batch-size", "0"], "encode_batch_size must be >= 1, got 0"),
+    ],
+)
+def test_unusable_training_settings_are_refused_before_anything_is_written(
+    tiny_bert_dir, scifact_slice, tmp_path, capsys, flags, cause
+):
+    refused(capsys, train_args(tiny_bert_dir, scifact_slice, tmp_path / "run", *flags), cause)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_index_is_refused_by_its_checksum(tiny_bert_dir, scifact_slice, tmp_path, capsys):
+    output = tmp_path / "ix"
+    assert main(["-q", *index_args(tiny_bert_dir, scifact_slice, output)]) == 0
+    vectors = output / "index.faiss"
+    search = ["search", "--model", str(tiny_bert_dir), "--index", str(output), "--query", "cells"]
+    original = vectors.read_bytes()
+    middle = len(original) // 2
+    vectors.write_bytes(original[:middle] + bytes([original[middle] ^ 1]) + original[middle + 1 :])
+    refused(capsys, [*search, "--verify"], str(vectors), "SHA-256")
+    vectors.write_bytes(bytes(len(original)))  # zeroed, same size
+    refused(capsys, search, str(vectors), "sample checksum", "rebuild it")

@@ -112,7 +112,7 @@ def test_checkpoint_from_another_configuration_is_refused(tiny_bert_dir, scifact
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     _, other = configs(tiny_bert_dir, max_steps=4, checkpoint_steps=1, lr_head=0.5)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match=r"other settings \(train_config.lr_head 0.001 -> 0.5\)"):
         train(model_config, other, collection, tmp_path / "run", show_progress=False)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import sys
 import time
 import warnings
@@ -238,6 +239,21 @@ class TrainConfig:
             raise UsageError(f"temperature must be > 0, got {self.temperature}")
         if self.epochs < 1 and self.max_steps is None:
             raise UsageError("epochs must be >= 1 unless max_steps is set")
+        for name in ("max_steps", "eval_steps", "checkpoint_steps", "dev_max_docs", "negatives_depth"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"{name} must be >= 1, got {value}")
+        rates = ("lr_backbone", "lr_head", "weight_decay", "max_grad_norm")
+        for name in (*rates, "load_balancing_coef", "router_z_loss_coef", "temperature"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UsageError(f"{name} must be a finite number >= 0, got {value}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise UsageError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0 <= self.collapse_threshold <= 1:
+            raise UsageError(f"collapse_threshold must be in [0, 1], got {self.collapse_threshold}")
+        if self.hard_negatives < 0:
+            raise UsageError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
         if not 0 < self.dev_fraction < 1:
             raise UsageError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
         if self.encode_batch_size < 1:
