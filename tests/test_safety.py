@@ -264,10 +264,9 @@ def train_steps(output: Path) -> list[int]:
 
 
 def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(
-    tiny_bert_dir, scifact_slice, tmp_path
+    tiny_bert_dir, scifact_slice, tmp_path, capsys
 ):
     argv = ["--max-steps", "6", "--checkpoint-steps", "2", "--checkpoint-selection", "last"]
-    whole = run_sbmoe(train_args(tiny_bert_dir, scifact_slice, tmp_path / "whole", *argv))
     killed = run_sbmoe(train_args(tiny_bert_dir, scifact_slice, tmp_path / "killed", *argv))
     deadline = time.monotonic() + 60
     while 3 not in train_steps(tmp_path / "killed") and time.monotonic() < deadline:
@@ -276,21 +275,10 @@ def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "training" / "done.json").exists()
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sbmoe.cli",
-            "-q",
-            *train_args(tiny_bert_dir, scifact_slice, tmp_path / "killed", *argv),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert whole.wait() == 0
-    assert json.loads(resumed.stdout)["resumed_from_step"] in (2, 4)
+    capsys.readouterr()
+    assert main(["-q", *train_args(tiny_bert_dir, scifact_slice, tmp_path / "killed", *argv)]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] in (2, 4)
+    assert main(["-q", *train_args(tiny_bert_dir, scifact_slice, tmp_path / "whole", *argv)]) == 0
     assert train_steps(tmp_path / "killed") == [1, 2, 3, 4, 5, 6]  # the log was cut back to the checkpoint
     weight_files = sorted(
         p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").glob("*/**/*.safetensors")
