@@ -49,6 +49,7 @@ _DESCRIPTIONS = {
 # A temporary of io.atomic_open / io.atomic_directory / Retriever.save: tempfile's 8 random characters.
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 _SHARD = re.compile(r"^shard-\d+-of-\d+$")
+_IN_PROGRESS = re.compile(rf"{_TEMPORARY.pattern}|^\..+\.(lock|old)$")
 
 
 def artifact_kind(path: str | os.PathLike) -> str | None:
@@ -60,7 +61,8 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
         return None
     if not path.is_dir():
         return "file"
-    entries = [entry for entry in path.iterdir() if not _TEMPORARY.match(entry.name)]
+    # Locks, temporaries and kept-aside copies of writes in progress (e.g. other shards') do not count.
+    entries = [entry for entry in path.iterdir() if not _IN_PROGRESS.match(entry.name)]
     if not entries:
         return None
     names = {entry.name for entry in entries}
