@@ -320,4 +320,4 @@ def test_a_damaged_index_is_refused_by_its_checksum(tiny_bert_dir, scifact_slice
     vectors.write_bytes(original[:middle] + bytes([original[middle] ^ 1]) + original[middle + 1 :])
     refused(capsys, [*search, "--verify"], str(vectors), "SHA-256")
     vectors.write_bytes(bytes(len(original)))  # zeroed, same size
-    refused(capsys, search, str(vectors), "sample checksum", "rebuild it")
+    refused(capsys, search, str(vectors), "sample checksum", "rebuild the index")

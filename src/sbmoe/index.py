@@ -824,7 +824,10 @@ def verify_checksum(directory: str | os.PathLike, meta: Mapping[str, Any], full:
             problem = "does not match the sample checksum in " + META_FILE
         else:
             continue
-        raise UsageError(f"{path} {problem}: the index is damaged; rebuild it with `sbmoe index ...`")
+        raise UsageError(
+            f"{path} is corrupt or changed since the index was saved (it {problem}); rebuild the index "
+            "with `sbmoe index ...`"
+        )
 
 
 def _check_positive(value: int, name: str) -> None:
