@@ -45,6 +45,19 @@ def assert_same_top_k(expected: dict, actual: dict, tolerance: float = 1e-5) -> 
                 ), (query_id, position, wanted, got)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory) -> Path:
+    """Embedding caches and ONNX exports of the test session go to a temporary folder."""
+    directory = tmp_path_factory.mktemp("sbmoe-cache")
+    previous = os.environ.get("SBMOE_CACHE_DIR")
+    os.environ["SBMOE_CACHE_DIR"] = str(directory)
+    yield directory
+    if previous is None:
+        os.environ.pop("SBMOE_CACHE_DIR", None)
+    else:
+        os.environ["SBMOE_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "scifact" / "corpus.jsonl").exists():

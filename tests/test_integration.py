@@ -54,6 +54,17 @@ def test_bf16_embeddings_of_the_pretrained_model_agree_with_fp32(collection):
     assert cosine.min() > 0.99
 
 
+def test_onnx_int8_embeddings_of_the_pretrained_model_agree_with_fp32(collection):
+    retriever = Retriever.load("all-MiniLM-L6-v2")
+    texts = [doc.full_text for doc in list(collection.corpus.values())[:32]]
+    fp32 = encode_texts(retriever, texts, "document", EncodeConfig(backend="torch", precision="fp32"))
+    onnx_fp32 = encode_texts(retriever, texts, "document", EncodeConfig(backend="onnx", precision="fp32"))
+    int8 = encode_texts(retriever, texts, "document", EncodeConfig(backend="onnx", precision="int8"))
+    np.testing.assert_allclose(onnx_fp32, fp32, atol=1e-4)
+    cosine = (fp32 * int8).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(int8, axis=1)
+    assert cosine.mean() > 0.99 and cosine.min() > 0.98
+
+
 def test_sb_moe_fine_tuning_runs_end_to_end(collection, tmp_path):
     model_config, train_config = build_configs(
         "default",

@@ -30,6 +30,8 @@ GATING_VARIANTS = ("paper", "learned", "random")
 EXPERT_POOLINGS = ("top1", "topk", "all")
 SIMILARITIES = ("auto", "cosine", "dot")
 PRECISIONS = ("auto", "fp32", "bf16")
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+BACKENDS = ("auto", "torch", "onnx")
 POOLINGS = ("mean", "cls", "max")
 SCHEDULERS = ("constant", "linear", "cosine")
 CHECKPOINT_SELECTIONS = ("best", "last")
@@ -72,6 +74,15 @@ def _precision_setting() -> Any:
         choices=PRECISIONS,
         help="bf16 (autocast, bf16 weight copies when encoding), fp32, or auto: bf16 where the "
         "CPU (AMX, AVX512-BF16) or GPU computes bf16 fast, else fp32",
+    )
+
+
+def _inference_precision_setting() -> Any:
+    return setting(
+        "auto",
+        choices=INFERENCE_PRECISIONS,
+        help="numerics of the backbone: fp32, bf16 (torch backend), int8 (onnx backend), or auto: "
+        "what --backend auto picks for this machine",
     )
 
 
@@ -265,7 +276,14 @@ class EncodeConfig:
     """How texts are encoded at inference (evaluate, index, search): batch, numerics, device."""
 
     encode_batch_size: int = _encode_batch_size_setting()
-    precision: Precision = _precision_setting()
+    precision: str = _inference_precision_setting()
+    backend: str = setting(
+        "auto",
+        choices=BACKENDS,
+        help="what runs the transformer: torch, onnx (ONNX Runtime, CPU; exported once per model and "
+        "cached), or auto: bf16 torch on CPUs with AMX/AVX512-BF16 and on GPUs, int8 onnx on other "
+        "x86 CPUs when onnxruntime is installed, else fp32 torch",
+    )
     device: str = setting(
         "auto", help="auto (this process's GPU when there is one, else the CPU), cpu, cuda, cuda:N"
     )

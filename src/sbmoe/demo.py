@@ -32,7 +32,7 @@ from sbmoe.experiments import (
 from sbmoe.io import read_json
 from sbmoe.modeling import resolve_backbone
 from sbmoe.report import build_report
-from sbmoe.runtime import resolve_device, resolve_precision
+from sbmoe.runtime import resolve_device, resolve_inference, resolve_precision
 from sbmoe.tables import Cell, Report, Row
 
 REFERENCE = "zero-shot (sentence-transformers encode)"
@@ -139,11 +139,13 @@ def run_demo(
         table.rows.insert(0, Row(REFERENCE, cells))
         zero_shot = next(s for s in experiment.systems if s.variant == "zero-shot")
         data_out["zero_shot_gap_ndcg@10"] = zero_shot.mean("ndcg@10") - metrics["ndcg@10"]
+    device = resolve_device("auto")
     budget = {
         "epochs": train.epochs,
         "batch": train.batch_size,
         "max length (query/doc)": f"{model.max_query_length}/{model.max_doc_length}",
-        "precision": resolve_precision(train.precision, resolve_device("auto")),
+        "training precision": resolve_precision(train.precision, device),
+        "encoding": "{0.backend} {0.precision}".format(resolve_inference("auto", train.precision, device)),
         "checkpoint": train.checkpoint_selection,
         "dev docs": train.dev_max_docs or "all",
         "seed": train.seed,

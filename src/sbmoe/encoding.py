@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from sbmoe.config import EncodeConfig
 from sbmoe.errors import UsageError
-from sbmoe.runtime import autocast, resolve_precision
+from sbmoe.runtime import InferencePlan, autocast, resolve_inference
 
 if TYPE_CHECKING:
     from sbmoe.cache import EmbeddingCache
@@ -79,7 +79,8 @@ def encode_texts(
 ) -> np.ndarray:
     """Encode ``texts`` into a float32 array (len(texts), d), in the input order.
 
-    The backbone runs up to pooling at ``config.precision`` (bf16: on bf16 copies of its weights);
+    The backbone runs up to pooling on ``config.backend`` at ``config.precision`` (resolved by
+    :func:`~sbmoe.runtime.resolve_inference`; bf16: on bf16 copies of its weights);
     the stages after pooling (MoE head, normalisation) then always run in float32 through
     :func:`apply_head_stages`, so the embeddings are the same whether the pooled ones come from
     the backbone or from ``cache``. Encoding runs where ``retriever`` is; ``config.device`` is
@@ -89,7 +90,7 @@ def encode_texts(
         retriever: The model.
         texts: Queries or documents (documents as "title text").
         kind: ``query`` or ``document``: selects the token limit.
-        config: Batch size and precision (defaults: :class:`~sbmoe.config.EncodeConfig`).
+        config: Batch size, backend and precision (defaults: :class:`~sbmoe.config.EncodeConfig`).
         pooled_only: Stop after pooling (the input of the MoE head); see :func:`apply_head_stages`.
         show_progress: Show a progress bar.
         cache: Reuse (or store) the pooled embeddings; only the head then runs on a hit.
@@ -100,11 +101,11 @@ def encode_texts(
     if not texts:
         dim = retriever.model.get_sentence_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)
-    precision = resolve_precision(config.precision, retriever.device)
-    key = cache.key(retriever, texts, kind, precision) if cache is not None else None
+    plan = resolve_inference(config.backend, config.precision, retriever.device)
+    key = cache.key(retriever, texts, kind, plan.key) if cache is not None else None
     pooled = cache.get(key, len(texts)) if cache is not None else None
     if pooled is None:
-        pooled = _run_batches(retriever, texts, kind, config.encode_batch_size, precision, show_progress)
+        pooled = _run_batches(retriever, texts, kind, config.encode_batch_size, plan, show_progress)
         if cache is not None:
             cache.put(key, pooled)
     if pooled_only:
@@ -118,7 +119,7 @@ def _run_batches(
     texts: Sequence[str],
     kind: str,
     batch_size: int,
-    precision: str,
+    plan: InferencePlan,
     show_progress: bool,
 ) -> np.ndarray:
     """The pooled embeddings of ``texts`` (the backbone's output), float32, in input order."""
@@ -127,8 +128,8 @@ def _run_batches(
     retriever.model.eval()
     bar = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=not show_progress)
     try:
-        with torch.inference_mode(), autocast(precision, retriever.device):
-            run = _encoder_runner(retriever, precision)
+        with torch.inference_mode(), autocast(plan.precision, retriever.device):
+            run = _encoder_runner(retriever, plan)
             for positions, batch in length_sorted_batches(retriever, texts, kind, batch_size):
                 embeddings = run(batch)["sentence_embedding"].float().cpu().numpy()
                 if output is None:
@@ -142,15 +143,20 @@ def _run_batches(
     return output
 
 
-def _encoder_runner(retriever: Retriever, precision: str) -> Callable[[dict], dict]:
-    """The stages up to pooling as one function; under bf16 they run on bf16 copies of their weights.
+def _encoder_runner(retriever: Retriever, plan: InferencePlan) -> Callable[[dict], dict]:
+    """The stages up to pooling as one function, run by the plan's backend at its precision.
 
-    Autocast alone converts every weight matrix to bf16 again at every call; converting once per
-    encoding spares that (and keeps layer norms and activations in bf16 too). The model's own
-    weights stay float32, so training is unaffected.
+    Under bf16 the torch stages run on bf16 copies of their weights: autocast alone converts every
+    weight matrix to bf16 again at every call; converting once per encoding spares that (and keeps
+    layer norms and activations in bf16 too). The model's own weights stay float32, so training is
+    unaffected. The onnx backend runs the exported transformer (see :mod:`sbmoe.onnx_backend`).
     """
+    if plan.backend == "onnx":
+        from sbmoe.onnx_backend import OnnxEncoder
+
+        return OnnxEncoder(retriever, plan.precision)
     stages = retriever.encoder_stages()
-    if precision != "bf16":
+    if plan.precision != "bf16":
         return functools.partial(run_stages, stages)
     weights = [_bf16_state(stage) for stage in stages]
 

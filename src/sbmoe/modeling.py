@@ -282,6 +282,11 @@ class Retriever:
             settings["inference_expert_pooling"] = head.expert_pooling
         return _hash_weights(self.model, settings)
 
+    def transformer_fingerprint(self) -> str:
+        """A SHA-256 over the transformer's weights and architecture: the key of its ONNX export."""
+        transformer = self.encoder_stages()[0]
+        return _hash_weights(transformer, {"architecture": type(transformer.auto_model).__name__})
+
     def encoder_fingerprint(self, kind: str) -> str:
         """A SHA-256 identifying the pooled embeddings of ``kind`` texts (what the head reads).
 

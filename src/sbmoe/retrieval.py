@@ -31,6 +31,7 @@ from sbmoe.io import write_json
 from sbmoe.modeling import Retriever
 from sbmoe.outputs import EVALUATION, INDEX, SHARDED_INDEX, check_output, writing_output
 from sbmoe.runs import Run
+from sbmoe.runtime import resolve_inference
 from sbmoe.shards import ShardedIndex, load_index
 
 
@@ -234,6 +235,7 @@ def _evaluate(
             {
                 "evaluate_config": dataclasses.asdict(config),
                 "encode_config": dataclasses.asdict(encode),
+                "encoding": encoding_used(retriever, encode),
                 "model_config": dataclasses.asdict(retriever.config),
                 "model_fingerprint": fingerprint,
                 "expert_pooling": rule,
@@ -300,6 +302,7 @@ def index_corpus(
                 "model_config": dataclasses.asdict(retriever.config),
                 "index_config": dataclasses.asdict(config),
                 "encode_config": dataclasses.asdict(encode),
+                "encoding": encoding_used(retriever, encode),
                 **provenance(command),
             }
         )
@@ -333,6 +336,12 @@ def merge_index(
     merged.metadata["merge"] = {"index_config": dataclasses.asdict(config), **provenance(command)}
     merged.save(output_dir)
     return merged
+
+
+def encoding_used(retriever: Retriever, encode: EncodeConfig) -> dict[str, str]:
+    """The backend and precision that ``encode`` resolves to for ``retriever`` here, and why."""
+    plan = resolve_inference(encode.backend, encode.precision, retriever.device)
+    return {"backend": plan.backend, "precision": plan.precision, "reason": plan.reason}
 
 
 def describe_run(run: Run, limit: int) -> list[dict[str, Any]]:

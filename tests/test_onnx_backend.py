@@ -1,0 +1,113 @@
+"""The ONNX Runtime backend and what ``--backend auto`` picks on each kind of machine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sbmoe.runtime as runtime
+from sbmoe.cache import EmbeddingCache
+from sbmoe.config import EncodeConfig, ModelConfig
+from sbmoe.encoding import encode_texts
+from sbmoe.errors import UsageError
+from sbmoe.modeling import Retriever
+from sbmoe.onnx_backend import export_transformer
+from sbmoe.runtime import resolve_inference
+
+TEXTS = [
+    "Vitamin D deficiency is associated with depression in older adults.",
+    "short",
+    "Randomised trials of statins show reduced cardiovascular events over five years of follow-up.",
+    "The cell cycle checkpoint kinase responds to DNA damage.",
+]
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_bert_dir):
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=str(tiny_bert_dir), num_experts=3, expert_pooling="all", max_doc_length=32)
+    return Retriever.from_config(config, device="cpu")
+
+
+def test_onnx_fp32_computes_what_torch_computes(retriever):
+    torch_fp32 = encode_texts(retriever, TEXTS, "document", EncodeConfig(backend="torch", precision="fp32"))
+    onnx_fp32 = encode_texts(retriever, TEXTS, "document", EncodeConfig(backend="onnx", precision="fp32"))
+    np.testing.assert_allclose(onnx_fp32, torch_fp32, atol=2e-5)
+    queries = encode_texts(retriever, TEXTS[:2], "query", EncodeConfig(backend="onnx", precision="fp32"))
+    assert queries.shape == (2, torch_fp32.shape[1])
+
+
+def test_onnx_int8_stays_close_to_fp32(retriever):
+    fp32 = encode_texts(retriever, TEXTS, "document", EncodeConfig(backend="torch", precision="fp32"))
+    int8 = encode_texts(retriever, TEXTS, "document", EncodeConfig(backend="onnx", precision="int8"))
+    assert not np.array_equal(int8, fp32)  # it is quantised...
+    cosine = np.sum(int8 * fp32, axis=1) / np.linalg.norm(int8, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cosine.min() > 0.95  # ...but close (a random tiny BERT; the real MiniLM is in test_integration)
+
+
+def test_export_is_made_once_per_weights_and_precision(retriever, tmp_path):
+    first = export_transformer(retriever, "fp32", tmp_path)
+    modified = first.stat().st_mtime_ns
+    assert export_transformer(retriever, "fp32", tmp_path) == first
+    assert first.stat().st_mtime_ns == modified  # reused, not rebuilt
+    assert export_transformer(retriever, "int8", tmp_path) != first
+    other = Retriever.from_config(ModelConfig(backbone=str(retriever.config.backbone), num_experts=0), "cpu")
+    with torch.no_grad():
+        next(other.encoder_stages()[0].parameters()).add_(0.01)
+    assert export_transformer(other, "fp32", tmp_path).parent != first.parent
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
+
+
+def test_cache_entries_are_kept_apart_by_backend(retriever, tmp_path):
+    cache = EmbeddingCache(tmp_path / "cache")
+    encode_texts(retriever, TEXTS, "document", EncodeConfig(backend="torch", precision="fp32"), cache=cache)
+    encode_texts(retriever, TEXTS, "document", EncodeConfig(backend="onnx", precision="fp32"), cache=cache)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "onnxruntime", "expected"),
+    [
+        ({"avx2", "avx512f", "amx_bf16"}, True, ("torch", "bf16")),  # Xeon with AMX
+        ({"avx2", "fma"}, True, ("onnx", "int8")),  # AVX2-only EPYC or laptop
+        ({"avx2", "fma"}, False, ("torch", "fp32")),  # ... without onnxruntime installed
+        ({"neon"}, True, ("torch", "fp32")),  # no x86 vector units the int8 kernels were measured on
+    ],
+)
+def test_auto_picks_per_machine(monkeypatch, flags, onnxruntime, expected):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: object() if onnxruntime else None)
+    plan = resolve_inference("auto", "auto", "cpu")
+    assert (plan.backend, plan.precision) == expected
+    assert plan.reason  # says why
+
+
+def test_explicit_choices_are_kept_and_impossible_ones_refused():
+    assert resolve_inference("torch", "fp32", "cpu").key == "fp32"
+    assert resolve_inference("onnx", "fp32", "cpu").key == "onnx-fp32"
+    assert resolve_inference("auto", "int8", "cpu").key == "onnx-int8"
+    with pytest.raises(UsageError, match="int8 runs on --backend onnx"):
+        resolve_inference("torch", "int8", "cpu")
+    with pytest.raises(UsageError, match="bf16 runs on --backend torch"):
+        resolve_inference("onnx", "bf16", "cpu")
+    with pytest.raises(UsageError, match="backend"):
+        resolve_inference("tensorrt", "auto", "cpu")
+
+
+def test_index_records_the_backend_and_precision_that_made_it(tiny_bert_dir, scifact_slice, tmp_path, capsys):
+    from sbmoe.cli import main
+    from sbmoe.io import read_json
+
+    model_dir = tmp_path / "model"
+    Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=2), device="cpu").save(
+        model_dir
+    )
+    index_dir = tmp_path / "index"
+    common = ["--model", str(model_dir), "--backend", "onnx", "--precision", "int8"]
+    assert main(["-q", "index", *common, "--data", str(scifact_slice), "--output", str(index_dir)]) == 0
+    capsys.readouterr()
+    encoding = read_json(index_dir / "meta.json")["metadata"]["encoding"]
+    assert (encoding["backend"], encoding["precision"]) == ("onnx", "int8")
+    assert main(["-q", "search", *common, "--index", str(index_dir), "--query", "cells", "--top-k", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
