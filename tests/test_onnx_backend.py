@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,22 @@ def test_index_records_the_backend_and_precision_that_made_it(tiny_bert_dir, sci
     assert (encoding["backend"], encoding["precision"]) == ("onnx", "int8")
     assert main(["-q", "search", *common, "--index", str(index_dir), "--query", "cells", "--top-k", "3"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_an_export_killed_midway_is_cleaned_up_by_the_next_one(retriever, tmp_path):
+    import subprocess
+    import sys
+
+    from sbmoe.onnx_backend import EXPORT_VERSION
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    name = f"{retriever.transformer_fingerprint()[:32]}-fp32-v{EXPORT_VERSION}"
+    killed = tmp_path / f".{name}.{dead.stdout.strip()}.abcdefgh.tmp"
+    running = tmp_path / f".{name}.{os.getpid()}.ijklmnop.tmp"  # a live owner: left alone
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "fp32.onnx").write_bytes(b"half an export")
+    export_transformer(retriever, "fp32", tmp_path)
+    assert not killed.exists() and running.exists()

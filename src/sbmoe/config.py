@@ -11,6 +11,8 @@ import importlib.metadata
 import math
 import sys
 import time
+import types
+import typing
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -450,7 +452,37 @@ def from_dict(cls: type[ConfigT], data: dict[str, Any], *, source: str = "config
     unknown = sorted(set(data) - known)
     if unknown:
         warnings.warn(f"{source}: ignoring unknown {cls.__name__} keys {unknown}", stacklevel=2)
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key in known and not _has_type(value, hints[key]):
+            raise UsageError(f"{source}: {key} must be {_type_name(hints[key])}, got {value!r}")
     return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON/YAML value fits a config field's type (ints count as floats, bools as nothing else)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, typing.get_args(hint)[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def build_configs(

@@ -16,7 +16,7 @@ import shutil
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
@@ -136,6 +136,8 @@ def load_collection(path: str | os.PathLike, splits: Sequence[str] | None = None
 
     corpus = _load_jsonl(corpus_path, "documents", _build_document)
     queries = _load_jsonl(queries_path, "queries", _build_query)
+    _warn_empty(corpus_path, "documents with an empty title and text", (d.full_text for d in corpus.values()))
+    _warn_empty(queries_path, "queries with an empty text", queries.values())
 
     qrels_dir = root / "qrels"
     available = {p.stem: p for p in qrels_dir.glob("*.tsv")} if qrels_dir.is_dir() else {}
@@ -153,12 +155,21 @@ def load_collection(path: str | os.PathLike, splits: Sequence[str] | None = None
     return BeirCollection(root.name, root, corpus, queries, qrels)
 
 
+def _warn_empty(path: Path, what: str, texts: Iterable[str]) -> None:
+    """One warning per file counting texts that are empty (they embed as the bare special tokens)."""
+    empty = sum(1 for text in texts if not text.strip())
+    if empty:
+        warnings.warn(f"{path}: {empty} {what}", DataWarning, stacklevel=3)
+
+
 def read_queries(path: str | os.PathLike) -> dict[str, str]:
     """Read a BEIR ``queries.jsonl`` (id -> text), validated like :func:`load_collection` does."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such queries file")
-    return _load_jsonl(path, "queries", _build_query)
+    queries = _load_jsonl(path, "queries", _build_query)
+    _warn_empty(path, "queries with an empty text", queries.values())
+    return queries
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -242,7 +253,7 @@ def _load_qrels(
     path: Path, corpus: Mapping[str, Document], queries: Mapping[str, str]
 ) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    skipped, example, first = 0, "", True
+    skipped, negative, example, first = 0, 0, "", True
     for lineno, line in _iter_lines(path):
         row = line.split("\t")
         if len(row) != 3:
@@ -270,7 +281,17 @@ def _load_qrels(
                 field, value = ("query-id", query_id) if query_id not in queries else ("corpus-id", doc_id)
                 example = f'{field} "{value}" on line {lineno}'
             continue
+        if score < 0:  # BEIR (pytrec_eval) counts scores <= 0 as not relevant; a negative gain would not
+            negative += 1
+            score = 0
         qrels.setdefault(query_id, {})[doc_id] = score
+    if negative:
+        warnings.warn(
+            f"{path}: {negative} qrels rows have a negative score; as in BEIR they count as not relevant "
+            "(score 0)",
+            DataWarning,
+            stacklevel=3,
+        )
     if skipped:
         warnings.warn(
             f"{path}: skipped {skipped} qrels rows naming an unknown query or document (e.g. {example})",

@@ -76,6 +76,7 @@ def encode_texts(
     pooled_only: bool = False,
     show_progress: bool = False,
     cache: EmbeddingCache | None = None,
+    chunk_size: int | None = None,
 ) -> np.ndarray:
     """Encode ``texts`` into a float32 array (len(texts), d), in the input order.
 
@@ -94,6 +95,8 @@ def encode_texts(
         pooled_only: Stop after pooling (the input of the MoE head); see :func:`apply_head_stages`.
         show_progress: Show a progress bar.
         cache: Reuse (or store) the pooled embeddings; only the head then runs on a hit.
+        chunk_size: With ``cache``, encode and store ``chunk_size`` texts at a time, so an
+            interrupted call resumes where it stopped.
     """
     config = config or EncodeConfig()
     if kind not in ("query", "document"):
@@ -102,16 +105,40 @@ def encode_texts(
         dim = retriever.model.get_sentence_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)
     plan = resolve_inference(config.backend, config.precision, retriever.device)
+    if cache is not None and chunk_size and len(texts) > chunk_size:
+        # Each chunk is its own cache entry: an interrupted encoding resumes at the unfinished chunk.
+        starts = range(0, len(texts), chunk_size)
+        pooled = np.concatenate(
+            [
+                _pooled(retriever, texts[i : i + chunk_size], kind, config, plan, show_progress, cache)
+                for i in starts
+            ]
+        )
+    else:
+        pooled = _pooled(retriever, texts, kind, config, plan, show_progress, cache)
+    if pooled_only:
+        # A cache hit is a read-only memory map of the entry: hand out a copy.
+        return np.array(pooled, dtype=np.float32) if isinstance(pooled, np.memmap) else pooled
+    return apply_head_stages(retriever, pooled)
+
+
+def _pooled(
+    retriever: Retriever,
+    texts: Sequence[str],
+    kind: str,
+    config: EncodeConfig,
+    plan: InferencePlan,
+    show_progress: bool,
+    cache: EmbeddingCache | None,
+) -> np.ndarray:
+    """The pooled embeddings of ``texts``, from ``cache`` when it holds them (then stored there)."""
     key = cache.key(retriever, texts, kind, plan.key) if cache is not None else None
     pooled = cache.get(key, len(texts)) if cache is not None else None
     if pooled is None:
         pooled = _run_batches(retriever, texts, kind, config.encode_batch_size, plan, show_progress)
         if cache is not None:
             cache.put(key, pooled)
-    if pooled_only:
-        # A cache hit is a read-only memory map of the entry: hand out a copy.
-        return np.array(pooled, dtype=np.float32) if isinstance(pooled, np.memmap) else pooled
-    return apply_head_stages(retriever, pooled)
+    return pooled
 
 
 def _run_batches(

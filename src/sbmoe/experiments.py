@@ -177,6 +177,10 @@ def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
     for key in ("backbones", "collections", "experts", "seeds"):
         if key in data and not isinstance(data[key], list):
             raise UsageError(f"{path}: `{key}` must be a list")
+    for key in ("experts", "seeds"):
+        bad = [v for v in data.get(key, []) if not isinstance(v, int) or isinstance(v, bool)]
+        if bad:
+            raise UsageError(f"{path}: `{key}` must be whole numbers, got {bad}")
     if not isinstance(data["variants"], dict):
         raise UsageError(f"{path}: `variants` must map variant names to settings")
     data.setdefault("name", Path(path).stem)

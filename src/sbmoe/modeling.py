@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 from sbmoe import __version__
 from sbmoe.config import ModelConfig, from_dict
-from sbmoe.errors import ModelLoadError
+from sbmoe.errors import ModelLoadError, UsageError
 from sbmoe.io import write_json
 from sbmoe.moe_head import MoEHead
 from sbmoe.runtime import resolve_device
@@ -68,7 +69,7 @@ def _load_sentence_transformer(name: str, source: str, device: torch.device) -> 
     trust = is_local and (Path(source) / SBMOE_CONFIG_FILE).exists()
     try:
         return SentenceTransformer(source, device=str(device), trust_remote_code=trust)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: truncated or empty weights
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if is_local:
             raise ModelLoadError(f"could not load a model from directory {source}: {first_line}") from error
@@ -196,10 +197,19 @@ class Retriever:
         try:
             saved = json.loads(config_path.read_text(encoding="utf-8"))
             config = from_dict(ModelConfig, saved["model_config"], source=str(config_path))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ModelLoadError(f"{config_path}: unreadable sbmoe model config ({error})") from error
-        model = _load_sentence_transformer(name_or_path, source, device)
-        return cls(model, config)
+            config.validate()  # the same rules as the command line
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UsageError) as error:
+            raise ModelLoadError(f"{config_path}: unusable sbmoe model config ({error})") from error
+        retriever = cls(_load_sentence_transformer(name_or_path, source, device), config)
+        head = retriever.head
+        experts = head.num_experts if head is not None else 0
+        if experts != config.num_experts or (head is not None and head.gating != config.gating):
+            found = "no MoE head" if head is None else f"{experts} experts, gating {head.gating!r}"
+            raise ModelLoadError(
+                f"{config_path} says num_experts={config.num_experts}, gating={config.gating!r}, "
+                f"but the saved weights hold {found}"
+            )
+        return retriever
 
     # ----------------------------------------------------------------------------------- parts
     @property

@@ -119,7 +119,9 @@ def export_transformer(
         return path
     started = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    _remove_dead_exports(folder)
+    # The pid in the name tells a later run whether the export in progress still has an owner.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
     try:
         _export_fp32(retriever, tmp / "fp32.onnx")
         if precision == "int8":
@@ -138,6 +140,24 @@ def export_transformer(
         "exported the transformer to ONNX (%s) in %.1f s: %s", precision, time.perf_counter() - started, path
     )
     return path
+
+
+def _remove_dead_exports(folder: Path) -> None:
+    """Remove temporaries of earlier exports of ``folder`` whose process is gone (killed mid-export)."""
+    for stale in folder.parent.glob(f".{folder.name}.*.*.tmp"):
+        pid = stale.name[len(folder.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class _LastHiddenState(torch.nn.Module):

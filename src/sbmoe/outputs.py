@@ -49,7 +49,7 @@ _DESCRIPTIONS = {
 # A temporary of io.atomic_open / io.atomic_directory / Retriever.save: tempfile's 8 random characters.
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 _SHARD = re.compile(r"^shard-\d+-of-\d+$")
-_IN_PROGRESS = re.compile(rf"{_TEMPORARY.pattern}|^\..+\.(lock|old)$")
+_IN_PROGRESS = re.compile(rf"{_TEMPORARY.pattern}|^\..+\.(lock|old|chunks)$")
 
 
 def artifact_kind(path: str | os.PathLike) -> str | None:
@@ -61,7 +61,8 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
         return None
     if not path.is_dir():
         return "file"
-    # Locks, temporaries and kept-aside copies of writes in progress (e.g. other shards') do not count.
+    # Locks, temporaries, kept-aside copies and encoded chunks of writes in progress (e.g. other
+    # shards') do not count.
     entries = [entry for entry in path.iterdir() if not _IN_PROGRESS.match(entry.name)]
     if not entries:
         return None

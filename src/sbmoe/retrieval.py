@@ -45,6 +45,10 @@ class EvaluationOutput:
     seconds: float
 
 
+# Documents encoded (and kept) at a time while indexing, so that an interrupted index resumes.
+INDEX_CHUNK_SIZE = 4096
+
+
 def build_index(
     retriever: Retriever,
     documents: Mapping[str, str],
@@ -61,7 +65,13 @@ def build_index(
     """
     config = config or IndexConfig()
     embeddings = encode_texts(
-        retriever, list(documents.values()), "document", encode, show_progress=show_progress, cache=cache
+        retriever,
+        list(documents.values()),
+        "document",
+        encode,
+        show_progress=show_progress,
+        cache=cache,
+        chunk_size=INDEX_CHUNK_SIZE,
     )
     return DenseIndex(
         embeddings,
@@ -293,9 +303,19 @@ def index_corpus(
         "collection": collection.name,
         "index_config": dataclasses.asdict(config),
     }
+    # Without a cache of the caller's, encoded chunks wait beside the output until the index is saved:
+    # a killed run, run again, encodes only what is missing.
+    chunks = target.parent / f".{target.name}.chunks"
     with writing_output(target, INDEX, settings, overwrite=overwrite):
         retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
-        index = build_index(retriever, documents, config, encode, show_progress=show_progress, cache=cache)
+        index = build_index(
+            retriever,
+            documents,
+            config,
+            encode,
+            show_progress=show_progress,
+            cache=cache or EmbeddingCache(chunks),
+        )
         index.metadata.update(
             {
                 "collection": collection.name,
@@ -310,6 +330,7 @@ def index_corpus(
             index.save_shard(output_dir, shard[0], shard[1], start, len(collection.corpus))
         else:
             index.save(output_dir)
+        shutil.rmtree(chunks, ignore_errors=True)
     return index
 
 

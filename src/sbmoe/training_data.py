@@ -141,6 +141,13 @@ def prepare_training_data(
     pairs = positive_pairs(train_qrels)
     if len(pairs) < 2:
         raise UsageError(f"{collection.name}: fewer than 2 training pairs in split {config.train_split!r}")
+    if context.is_main:
+        split = f"{collection.name} {config.train_split}"
+        retriever.warn_truncated([collection.queries[q] for q in train_qrels], "query", f"{split} queries")
+        documents = sorted({doc for _, doc in pairs})
+        retriever.warn_truncated(
+            [collection.corpus[d].full_text for d in documents], "document", f"{split} positives"
+        )
     negatives = None
     if config.hard_negatives > 0:
         negatives = context.run_on_main(
