@@ -66,19 +66,22 @@ def test_truncated_or_empty_weights_end_in_one_line(saved_model, tmp_path, capsy
 
 
 def test_negative_qrels_count_as_not_relevant_with_one_warning(scifact_slice, tmp_path):
+    original = load_collection(scifact_slice)
     collection = tmp_path / "negative"
     shutil.copytree(scifact_slice, collection)
-    test_qrels = collection / "qrels" / "test.tsv"
-    header, first, *rest = test_qrels.read_text(encoding="utf-8").splitlines()
-    query_id, doc_id, _ = first.split("\t")
-    test_qrels.write_text("\n".join([header, f"{query_id}\t{doc_id}\t-1", *rest]) + "\n", encoding="utf-8")
+    query_id, judged = next(iter(original.split_qrels("test").items()))
+    unjudged = next(d for d in original.corpus if d not in judged)
+    with (collection / "qrels" / "test.tsv").open("a", encoding="utf-8") as handle:
+        handle.write(f"{query_id}\t{unjudged}\t-1\n")
     with pytest.warns(DataWarning, match=r"test.tsv: 1 qrels rows have a negative score"):
         loaded = load_collection(collection)
-    assert loaded.split_qrels("test")[query_id][doc_id] == 0
-    # The -1 row scores exactly like a 0 row would: no negative gain.
-    run = {query_id: {doc_id: 1.0}}
-    as_zero = {query_id: {**loaded.split_qrels("test")[query_id], doc_id: 0}}
-    assert evaluate_run(loaded.split_qrels("test"), run).per_query == evaluate_run(as_zero, run).per_query
+    assert loaded.split_qrels("test")[query_id][unjudged] == 0
+    # Ranked above the relevant documents, the -1 document costs nothing, as in BEIR: every score is
+    # the one the collection without that row gives.
+    run = {q: {unjudged: 2.0, **{d: 1.0 for d in docs}} for q, docs in original.split_qrels("test").items()}
+    with_row = evaluate_run(loaded.split_qrels("test"), run).per_query
+    assert with_row == evaluate_run(original.split_qrels("test"), run).per_query
+    assert with_row["ndcg@10"][query_id] < 1.0  # the run does rank a non-relevant document first
 
 
 def test_empty_queries_and_documents_are_counted(scifact_slice, tmp_path):
