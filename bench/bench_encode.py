@@ -25,8 +25,7 @@ from sbmoe.encoding import encode_texts
 from sbmoe.evaluation import evaluate_run
 from sbmoe.index import DenseIndex
 from sbmoe.modeling import Retriever, resolve_backbone
-from sbmoe.onnx_backend import onnxruntime_available
-from sbmoe.runtime import cpu_has_fast_bf16, resolve_inference
+from sbmoe.runtime import cpu_has_fast_bf16, onnxruntime_available, resolve_inference
 
 MODEL = "all-MiniLM-L6-v2"
 MAX_LENGTH = 256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_cache_entries_are_kept_apart_by_backend(retriever, tmp_path):
 )
 def test_auto_picks_per_machine(monkeypatch, flags, onnxruntime, expected):
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
-    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: object() if onnxruntime else None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if onnxruntime else None)
     plan = resolve_inference("auto", "auto", "cpu")
     assert (plan.backend, plan.precision) == expected
     assert plan.reason  # says why
@@ -132,3 +133,11 @@ def test_an_export_killed_midway_is_cleaned_up_by_the_next_one(retriever, tmp_pa
         (folder / "fp32.onnx").write_bytes(b"half an export")
     export_transformer(retriever, "fp32", tmp_path)
     assert not killed.exists() and running.exists()
+
+
+def test_runtime_and_config_offer_the_same_choices():
+    import sbmoe.config as config
+
+    assert runtime.PRECISIONS == config.PRECISIONS
+    assert runtime.INFERENCE_PRECISIONS == config.INFERENCE_PRECISIONS
+    assert runtime.BACKENDS == config.BACKENDS

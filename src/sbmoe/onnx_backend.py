@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from sbmoe.errors import UsageError
+from sbmoe.runtime import onnxruntime_available
 
 if TYPE_CHECKING:
     from sbmoe.modeling import Retriever
@@ -36,16 +37,6 @@ ONNX_PRECISIONS = ("fp32", "int8")
 # Bumped when the export or quantisation changes what a cached model computes.
 EXPORT_VERSION = 1
 MODEL_FILE = "model.onnx"
-
-
-def onnxruntime_available() -> bool:
-    """Whether ONNX Runtime and the ONNX tools for exporting are installed."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def default_model_dir() -> Path:

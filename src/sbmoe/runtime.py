@@ -16,35 +16,41 @@ import torch
 
 from sbmoe.errors import UsageError
 
+# The same choices as sbmoe.config's settings, which cannot import this module at load time (torch would
+# slow `sbmoe --help`); tests/test_onnx_backend.py checks the two agree.
 PRECISIONS = ("auto", "fp32", "bf16")
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
+BACKENDS = ("auto", "torch", "onnx")
 # CPU flags that decide which numerics are fast here (bf16 and int8 matrix units, vector width).
 CPU_FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni", "amx_bf16", "amx_int8")
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line's value in ``/proc/cpuinfo`` (``None`` where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.cache
-def cpu_model_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def onnxruntime_available() -> bool:
+    """Whether ONNX Runtime and the ONNX tools for exporting are installed (found, not imported)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
 def cpu_description() -> str:
@@ -133,10 +139,10 @@ def resolve_inference(backend: str, precision: str, device: torch.device | str) 
     float32 torch. The choice is logged once per process with its reason.
     """
     device = torch.device(device)
-    if backend not in ("auto", "torch", "onnx"):
-        raise UsageError(f"backend must be auto, torch or onnx, got {backend!r}")
-    if precision not in (*PRECISIONS, "int8"):
-        raise UsageError(f"precision must be auto, fp32, bf16 or int8, got {precision!r}")
+    if backend not in BACKENDS:
+        raise UsageError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if precision not in INFERENCE_PRECISIONS:
+        raise UsageError(f"precision must be one of {list(INFERENCE_PRECISIONS)}, got {precision!r}")
     plan = _plan(backend, precision, device)
     if plan not in _announced:
         _announced.add(plan)
@@ -145,12 +151,12 @@ def resolve_inference(backend: str, precision: str, device: torch.device | str) 
 
 
 def _plan(backend: str, precision: str, device: torch.device) -> InferencePlan:
-    onnx_ready = importlib.util.find_spec("onnxruntime") is not None and device.type == "cpu"
+    onnx_ready = device.type == "cpu" and onnxruntime_available()
     where = f"{device.type} ({cpu_description()})" if device.type == "cpu" else str(device)
     if backend == "onnx" or (backend == "auto" and precision == "int8"):
         if device.type != "cpu":
             raise UsageError(f"the onnx backend runs on the CPU, not {device}")
-        if precision in ("bf16",):
+        if precision == "bf16":
             raise UsageError("the onnx backend runs fp32 or int8; bf16 runs on --backend torch")
         chosen = "int8" if precision == "auto" else precision
         return InferencePlan("onnx", chosen, f"asked for, on {where}")
