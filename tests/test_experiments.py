@@ -122,3 +122,29 @@ def test_grid_runs_skips_finished_cells_and_records_failures(
     grid.train["max_steps"] = 3
     with pytest.raises(ValueError, match=r"other settings \(max_steps 2 -> 3\)"):
         run_experiment(grid, output, show_progress=False)
+
+
+def test_shards_split_a_grid_between_processes_sharing_one_output(
+    tiny_bert_dir, scifact_slice, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SBMOE_DATA_DIR", str(scifact_slice.parent))
+    grid = load_grid(
+        write_grid(
+            tmp_path / "grid.yaml",
+            backbones=[str(tiny_bert_dir)],
+            collections=[scifact_slice.name],
+            seeds=[1, 2],
+            experts=[2],
+            variants={"fine-tuned": {"num_experts": 0}, "sb-moe": {"gating": "learned"}},
+            model={"max_doc_length": 32},
+            train={"max_steps": 1, "batch_size": 8, "precision": "fp32"},
+        )
+    )
+    cells = [cell.cell_id for cell in expand(grid)]
+    output = tmp_path / "out"
+    first = run_experiment(grid, output, show_progress=False, shard=(0, 2))
+    second = run_experiment(grid, output, show_progress=False, shard=(1, 2))
+    assert first.finished == cells[0::2] and second.finished == cells[1::2]
+    assert sorted(run_experiment(grid, output, show_progress=False).skipped) == sorted(cells)
+    with pytest.raises(ValueError, match="shard"):
+        run_experiment(grid, output, show_progress=False, shard=(2, 2))

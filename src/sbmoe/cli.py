@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -201,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("grid", help="experiment file (YAML), e.g. experiments/scifact-cpu.yaml")
     experiment.add_argument("--output", help="results directory (default: runs/<grid name>)")
     experiment.add_argument("--list", action="store_true", help="print the cells and exit")
+    experiment.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="run only cells I, I+N, I+2N, ... (N processes share one --output; default: %(default)s)",
+    )
 
     report = _add_verb(commands, "report", "tables, significance tests and plots of an experiment")
     report.add_argument("directory", help="an experiment's output directory")
@@ -219,16 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with 0 <= I < N."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise UsageError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
 def _command_experiment(args: argparse.Namespace) -> int:
     from sbmoe.experiments import expand, load_grid, run_experiment
 
     grid = load_grid(args.grid)
+    shard = _parse_shard(args.shard)
     if args.list:
-        for cell in expand(grid):
+        for cell in expand(grid)[shard[0] :: shard[1]]:
             print(cell.cell_id)
         return 0
     output = args.output or f"runs/{grid.name}"
-    summary = run_experiment(grid, output, show_progress=not args.quiet, command=args.command_line)
+    summary = run_experiment(
+        grid, output, show_progress=not args.quiet, command=args.command_line, shard=shard
+    )
     print(
         f"{len(summary.finished)} cells run, {len(summary.skipped)} already finished, "
         f"{len(summary.failed)} failed ({summary.seconds:.0f} s); results in {output}"

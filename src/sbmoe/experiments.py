@@ -262,16 +262,24 @@ def run_experiment(
     output_dir: str | Path,
     show_progress: bool = True,
     command: Sequence[str] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> ExperimentSummary:
     """Run every unfinished cell of ``grid`` under ``output_dir``; failures are recorded, not raised.
 
+    Args:
+        shard: ``(i, n)`` runs only cells ``i, i + n, i + 2n, ...`` of the grid, so that ``n``
+            processes (one per GPU, or several on one) share one output directory.
+
     Raises:
         UsageError: A finished cell under ``output_dir`` was run with other settings than the grid
-            gives it now (then nothing runs).
+            gives it now (then nothing runs), or ``shard`` is not a valid ``(i, n)``.
     """
     output_dir = Path(output_dir)
     started = time.perf_counter()
-    cells = expand(grid)
+    index, count = shard
+    if not 0 <= index < count:
+        raise UsageError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
+    cells = expand(grid)[index::count]
     check_finished_cells(grid, cells, output_dir)
     write_json(
         output_dir / "experiment.json", {"grid": dataclasses.asdict(grid), "provenance": provenance(command)}
