@@ -219,9 +219,15 @@ def test_bad_training_files_name_file_line_and_field(name, lines, message, tmp_p
         load_training_file(path)
 
 
-def test_bad_datasets_and_folders_are_named(scifact_slice, tmp_path):
+def test_a_dataset_dict_gives_its_train_split_and_bad_folders_are_named(scifact_slice, tmp_path):
     import datasets
 
+    pairs = datasets.Dataset.from_dict({"query": ["a", "b"], "positive": ["x", "y"]})
+    datasets.DatasetDict({"train": pairs, "test": pairs.select([0])}).save_to_disk(tmp_path / "dict")
+    assert sorted(load_training_file(tmp_path / "dict").queries.values()) == ["a", "b"]
+    datasets.DatasetDict({"dev": pairs, "test": pairs}).save_to_disk(tmp_path / "no-train")
+    with pytest.raises(DataError, match=r"no-train: no 'train' split among \['dev', 'test'\]"):
+        load_training_file(tmp_path / "no-train")
     dataset = tmp_path / "pairs"
     datasets.Dataset.from_dict({"anchor": ["a", "b", "c"], "positive": ["x", "y", None]}).save_to_disk(
         dataset

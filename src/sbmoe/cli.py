@@ -42,7 +42,8 @@ def _add_data_flag(parser: argparse.ArgumentParser, required: bool = True) -> No
         "--data",
         required=required,
         help="BEIR folder, or a collection name looked up in $SBMOE_DATA_DIR, then the cache "
-        "(~/.cache/sbmoe/data), then downloaded from the BEIR mirror",
+        "(~/.cache/sbmoe/data), then downloaded from the BEIR mirror, or irds:ID (an ir_datasets "
+        "id such as irds:beir/scifact/test)",
     )
 
 

@@ -83,14 +83,16 @@ def _export(ir_datasets: Any, dataset_id: str, folder: Path) -> None:
         raise DataError(
             f"{IRDS_PREFIX}{dataset_id}: not a dataset ir_datasets knows (ids: ir-datasets.com)"
         ) from None
-    if not dataset.has_docs() or not (dataset.has_queries() or dataset.has_qrels()):
-        raise DataError(f"{IRDS_PREFIX}{dataset_id}: ir_datasets has no documents or no queries for it")
+    if not dataset.has_docs():
+        raise DataError(f"{IRDS_PREFIX}{dataset_id}: ir_datasets has no documents for it")
     splits = _splits(ir_datasets, dataset_id, dataset)
+    sources = [dataset] if dataset.has_queries() else [s for s in splits.values() if s.has_queries()]
+    if not sources:
+        raise DataError(f"{IRDS_PREFIX}{dataset_id}: ir_datasets has no queries for it")
     with open(folder / "corpus.jsonl", "w", encoding="utf-8") as out:
         for doc in dataset.docs_iter():
             title = doc.title if "title" in doc._fields else ""
             _write_json_line(out, {"_id": doc.doc_id, "title": title, "text": _text(doc)})
-    sources = [dataset] if dataset.has_queries() else list(splits.values())
     seen: set[str] = set()
     with open(folder / "queries.jsonl", "w", encoding="utf-8") as out:
         for source in sources:

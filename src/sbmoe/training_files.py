@@ -115,7 +115,8 @@ def _tsv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     first = True
     for lineno, line in _iter_lines(path):
         cells = line.split("\t")
-        header = first and cells[0].strip().lower() in _QUERY_FIELDS and cells[1:2] == ["positive"]
+        names = [cell.strip().lower() for cell in cells[:2]]
+        header = first and names[0] in _QUERY_FIELDS and names[1:] == ["positive"]
         first = False
         if header:
             continue
