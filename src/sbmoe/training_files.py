@@ -199,9 +199,9 @@ class _Builder:
         if value is None and not required:
             return []
         if value is None and name not in record:
-            raise DataError(f'{where}: missing field "{name}"')
+            raise _absent(record, name, where)
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            raise DataError(f'{where}: field "{name}" must be a list of objects, got {_describe(value)}')
+            raise DataError(f'{where}: field "{name}" must be a list of objects, got {_json_type(value)}')
         if required and not value:
             raise DataError(f'{where}: field "{name}" is empty')
         doc_ids = []
@@ -247,8 +247,11 @@ class _Builder:
         )
 
 
-def _describe(value: Any) -> str:
-    return "null" if value is None else _json_type(value)
+def _absent(record: dict[str, Any], name: str, where: str) -> DataError:
+    """The error for a required field that is missing or null."""
+    return DataError(
+        f'{where}: missing field "{name}"' if name not in record else f'{where}: field "{name}" is null'
+    )
 
 
 def _string(record: dict[str, Any], name: str, where: str, within: str = "") -> str | None:
@@ -263,9 +266,7 @@ def _string(record: dict[str, Any], name: str, where: str, within: str = "") -> 
 def _text_field(record: dict[str, Any], name: str, where: str) -> str:
     value = _string(record, name, where)
     if value is None:
-        raise DataError(
-            f'{where}: missing field "{name}"' if name not in record else f'{where}: field "{name}" is null'
-        )
+        raise _absent(record, name, where)
     if not value.strip():
         raise DataError(f'{where}: field "{name}" is empty')
     return value
@@ -289,11 +290,7 @@ def _texts(record: dict[str, Any], name: str, where: str, required: bool) -> lis
     value = record.get(name)
     if value is None:
         if required:
-            raise DataError(
-                f'{where}: missing field "{name}"'
-                if name not in record
-                else f'{where}: field "{name}" is null'
-            )
+            raise _absent(record, name, where)
         return []
     items = [(name, value)] if isinstance(value, str) else None
     if isinstance(value, list):
@@ -306,7 +303,7 @@ def _texts(record: dict[str, Any], name: str, where: str, required: bool) -> lis
         raise DataError(f'{where}: field "{name}" is empty')
     for label, item in items:
         if not isinstance(item, str):
-            raise DataError(f'{where}: field "{label}" must be a string, got {_describe(item)}')
+            raise DataError(f'{where}: field "{label}" must be a string, got {_json_type(item)}')
         if not item.strip():
             raise DataError(f'{where}: field "{label}" is empty')
     return [item for _, item in items]
