@@ -43,7 +43,8 @@ def _add_data_flag(parser: argparse.ArgumentParser, required: bool = True) -> No
         "--data",
         required=required,
         help="BEIR folder, or a collection name looked up in $SBMOE_DATA_DIR, then the cache "
-        "(~/.cache/sbmoe/data), then downloaded from the BEIR mirror",
+        "(~/.cache/sbmoe/data), then downloaded from the BEIR mirror, or irds:ID (an ir_datasets "
+        "id such as irds:beir/scifact/test)",
     )
 
 
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "train", "fine-tune a retriever (with or without an MoE head); resumes if interrupted"
     )
     _add_model_flag(train, ModelConfig.__dataclass_fields__["backbone"].metadata["help"])
-    _add_data_flag(train)
+    _add_data_flag(train, required=False)
     train.add_argument(
         "--output", required=True, help="directory for the model and training/ (resumes if interrupted)"
     )
@@ -313,7 +314,8 @@ def _command_train(args: argparse.Namespace) -> int:
         given_values(args, TrainConfig),
     )
     check_output(args.output, TRAINING_RUN)
-    collection = load_collection(resolve_data(args.data))
+    # No --data: train_config.train_file names a training file, which train() reads.
+    collection = load_collection(resolve_data(args.data)) if args.data else None
     # Under torchrun: joins the process group; rank 0 alone writes, logs and prints.
     with distributed_session(args.device or "auto") as context:
         if not context.is_main:

@@ -211,6 +211,13 @@ class TrainConfig:
         0.9, help="warn when one expert takes more than this share of an epoch's texts", metavar="SHARE"
     )
     seed: int = setting(42, help="seed of every random choice (order, dev split, initialisation, noise)")
+    train_file: str | None = setting(
+        None,
+        help="train on this file instead of --data: Tevatron JSONL, query/positive/negative triples "
+        "(TSV or JSONL) or a Hugging Face dataset folder (save_to_disk); its listed negatives are the "
+        "hard negatives (--hard-negatives K), dev queries are held out of it (--dev-fraction)",
+        metavar="PATH",
+    )
     train_split: str = setting("train", help="qrels split the training pairs come from")
     dev_split: str | None = setting(
         "dev", help="qrels split for model selection; without it a seeded --dev-fraction is held out"

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from sbmoe.errors import DataError, UsageError
 from sbmoe.io import atomic_directory, atomic_open
+from sbmoe.irds import export_irds, is_irds_name
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 
@@ -187,9 +188,12 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
-def _load_jsonl(path: Path, what: str, build: Callable[[dict[str, Any], Path, int], _T]) -> dict[str, _T]:
-    """Map each record's ``_id`` to ``build(record, path, line)``, rejecting bad or repeated ids."""
-    items: dict[str, _T] = {}
+def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (1-based line number, object) for each non-blank line of a JSON Lines file.
+
+    Raises:
+        DataError: A line is not valid UTF-8, not JSON, or not a JSON object (path and line named).
+    """
     for lineno, line in _iter_lines(path):
         try:
             record = json.loads(line)
@@ -197,6 +201,13 @@ def _load_jsonl(path: Path, what: str, build: Callable[[dict[str, Any], Path, in
             raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {_json_type(record)}")
+        yield lineno, record
+
+
+def _load_jsonl(path: Path, what: str, build: Callable[[dict[str, Any], Path, int], _T]) -> dict[str, _T]:
+    """Map each record's ``_id`` to ``build(record, path, line)``, rejecting bad or repeated ids."""
+    items: dict[str, _T] = {}
+    for lineno, record in iter_json_objects(path):
         key = _record_id(record, path, lineno)
         if key in items:
             raise DataError(f'{path} line {lineno}: duplicate "_id" {key!r}')
@@ -317,9 +328,11 @@ def resolve_data(
     defaults to ``$SBMOE_DATA_DIR``); ``<cache_dir>/<name>`` (``cache_dir`` defaults to
     ``$SBMOE_CACHE_DIR/data``, else ``~/.cache/sbmoe/data``). Failing those, a known BEIR name is
     downloaded, checked against its published MD5 and extracted into ``<cache_dir>/<name>``.
+    ``irds:<id>`` (e.g. ``irds:beir/scifact/test``) is read through ir_datasets, which downloads by
+    its own rules, and exported once into ``<cache_dir>/irds`` (see :mod:`sbmoe.irds`).
 
     Args:
-        name_or_path: A directory, or a collection name such as ``"scifact"``.
+        name_or_path: A directory, a collection name such as ``"scifact"``, or ``irds:<id>``.
         data_dir: Folder of local collections.
         cache_dir: Folder for downloaded collections.
         download: Whether a missing known collection may be downloaded.
@@ -332,6 +345,12 @@ def resolve_data(
             checksum mismatch, bad archive); the message lists the places searched.
     """
     checksums = BEIR_MD5 if checksums is None else checksums
+    if cache_dir is None:
+        root = os.environ.get("SBMOE_CACHE_DIR")
+        cache_dir = Path(root) / "data" if root else "~/.cache/sbmoe/data"
+    cache = Path(cache_dir).expanduser()
+    if is_irds_name(name_or_path):
+        return export_irds(name_or_path, cache / "irds")
     candidate = Path(name_or_path).expanduser()
     if candidate.is_dir():
         return candidate
@@ -340,10 +359,6 @@ def resolve_data(
         data_dir = os.environ.get("SBMOE_DATA_DIR") or None
     if data_dir is not None:
         searched.append(Path(data_dir).expanduser() / name_or_path)
-    if cache_dir is None:
-        root = os.environ.get("SBMOE_CACHE_DIR")
-        cache_dir = Path(root) / "data" if root else "~/.cache/sbmoe/data"
-    cache = Path(cache_dir).expanduser()
     searched.append(cache / name_or_path)
     for place in searched[1:]:
         if place.is_dir():

@@ -59,6 +59,7 @@ from sbmoe.routing import RoutingTracker
 from sbmoe.runtime import autocast, resolve_precision, seed_everything
 from sbmoe.trainable import TrainableEncoder
 from sbmoe.training_data import TrainingData, encode_config, prepare_training_data, require_head
+from sbmoe.training_files import training_collection
 
 logger = logging.getLogger(__name__)
 
@@ -518,7 +519,7 @@ def build_trainer(
 def train(
     model_config: ModelConfig,
     train_config: TrainConfig,
-    collection: BeirCollection,
+    collection: BeirCollection | None,
     output_dir: str | Path,
     show_progress: bool = True,
     command: Sequence[str] | None = None,
@@ -534,6 +535,7 @@ def train(
     ``train_config.batch_size * world_size`` pairs; rank 0 writes the outputs.
 
     Args:
+        collection: What to train on; ``None`` when ``train_config.train_file`` names a training file.
         device: ``auto`` (this process's GPU, else the CPU) or an explicit device; ignored when
             ``context`` is given.
         context: The data-parallel job (see :func:`sbmoe.distributed.init_distributed`).
@@ -542,10 +544,13 @@ def train(
 
     Raises:
         UsageError: ``output_dir`` holds something else than a training run, a training run of
-            other settings (without ``overwrite``), or another process is training into it.
+            other settings (without ``overwrite``), or another process is training into it; both or
+            neither of ``collection`` and ``train_config.train_file`` are given.
+        DataError: The training file is malformed.
     """
     context = context or init_distributed(device)
     train_config.validate()
+    collection = training_collection(train_config, collection)
     seed_everything(train_config.seed)  # the head's initialisation depends on it
     retriever = Retriever.from_config(model_config, device=context.device)
     settings = run_settings(retriever.config, train_config, collection)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from sbmoe.batching import TrainingBatch, pick_negatives
 from sbmoe.cache import EmbeddingCache
 from sbmoe.config import EncodeConfig, TrainConfig
-from sbmoe.data import BeirCollection, positive_pairs, train_dev_split
+from sbmoe.data import BeirCollection, DataWarning, positive_pairs, train_dev_split
 from sbmoe.distributed import DistributedContext, shard_bounds
 from sbmoe.errors import UsageError
 from sbmoe.head_only import PooledTexts
@@ -22,6 +23,7 @@ from sbmoe.negatives import (
     mine_dense_negatives,
     save_negatives,
 )
+from sbmoe.training_files import TrainingFileCollection
 
 Qrels = dict[str, dict[str, int]]
 
@@ -120,8 +122,9 @@ def prepare_training_data(
 ) -> TrainingData:
     """Split the judgements, list the pairs, mine (or read) hard negatives, pool texts for head-only.
 
-    Hard negatives are mined once, by rank 0 (with the starting model when ``negatives_source`` is
-    ``dense``), and kept in ``training_dir/negatives.json``, so a resumed run reads the same ones.
+    Hard negatives are a training file's listed ones, or else mined once, by rank 0 (with the
+    starting model when ``negatives_source`` is ``dense``); either way they are kept in
+    ``training_dir/negatives.json``, so a resumed run reads the same ones.
 
     Args:
         retriever: The starting model (dense mining and head-only pooling use it).
@@ -148,6 +151,17 @@ def prepare_training_data(
         retriever.warn_truncated(
             [collection.corpus[d].full_text for d in documents], "document", f"{split} positives"
         )
+        if (
+            isinstance(collection, TrainingFileCollection)
+            and collection.negatives
+            and not config.hard_negatives
+        ):
+            warnings.warn(
+                f"{collection.root}: the negatives it lists are not used; --hard-negatives K puts K of "
+                "them per query in every batch",
+                DataWarning,
+                stacklevel=2,
+            )
     negatives = None
     if config.hard_negatives > 0:
         negatives = context.run_on_main(
@@ -176,7 +190,10 @@ def _mine_negatives(
         return load_negatives(saved)
     source = config.negatives_source
     depth, per_query = config.negatives_depth, max(10, config.hard_negatives)
-    if source == "bm25":
+    if isinstance(collection, TrainingFileCollection) and collection.negatives:
+        # The file's own negatives replace mining (queries without any are topped up at random).
+        mined = {query: collection.negatives[query] for query in train_qrels if query in collection.negatives}
+    elif source == "bm25":
         mined = mine_bm25_negatives(collection, train_qrels, per_query, depth)
     elif source == "dense":
         mined = mine_dense_negatives(
