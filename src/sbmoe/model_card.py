@@ -7,6 +7,7 @@ on the same model. It replaces the unfilled template sentence-transformers write
 
 from __future__ import annotations
 
+import collections
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from sbmoe.config import ModelConfig, from_dict
+from sbmoe.config import ModelConfig, TrainConfig, from_dict
 from sbmoe.data import BEIR_MD5
 from sbmoe.errors import MissingInputError, UsageError
 from sbmoe.io import read_json
@@ -172,50 +173,53 @@ def _model_section(
 
 
 def _training_section(
-    config: ModelConfig, t: Mapping[str, Any], setup: Mapping[str, Any], training: Mapping[str, Any]
+    config: ModelConfig, recorded: Mapping[str, Any], setup: Mapping[str, Any], training: Mapping[str, Any]
 ) -> str:
-    if not t or not setup:
+    if not recorded:
+        if training:
+            return (
+                "## Training\n\nTrained by an sbmoe version that did not record its settings in "
+                "sbmoe.json (they are in training/config.json beside the trained model)."
+                + _dev_scores(training)
+            )
         untrained = " Its MoE head is at its random initialisation." if config.num_experts else ""
         return f"## Training\n\nNot trained by sbmoe (no training recorded).{untrained}"
-    sample = f", over {t['dev_max_docs']} documents (a sample)" if t["dev_max_docs"] else ""
-    negatives = f" + {t['hard_negatives']} hard negatives per query ({t['negatives_source']})"
-    frozen = t["head_only"] or t["freeze_backbone"]
-    rates = f"head {t['lr_head']}" if frozen else f"backbone {t['lr_backbone']}, head {t['lr_head']}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = from_dict(TrainConfig, dict(recorded), source="train_config")
+    s = collections.defaultdict(lambda: "unknown", setup)
+    sample = f", over {t.dev_max_docs} documents (a sample)" if t.dev_max_docs else ""
+    negatives = (
+        f" + {t.hard_negatives} hard negatives per query ({t.negatives_source})" if t.hard_negatives else ""
+    )
     if config.num_experts == 0:
-        rates = f"{t['lr_backbone']}"
+        rates = f"{t.lr_backbone}"
+    elif t.head_only or t.freeze_backbone:
+        rates = f"head {t.lr_head}"
+    else:
+        rates = f"backbone {t.lr_backbone}, head {t.lr_head}"
+    router = (
+        f"; load balancing {t.load_balancing_coef}, router z-loss {t.router_z_loss_coef}"
+        if config.num_experts
+        else ""
+    )
     rows = [
-        (
-            "Data",
-            f"{setup['data']}: split `{t['train_split']}`, {setup['training_pairs']} query-document pairs",
-        ),
-        ("Dev set", f"{setup['dev_set']}: {setup['dev_queries']} queries{sample}"),
-        (
-            "Steps",
-            f"{training.get('steps', setup['total_steps'])} of {setup['total_steps']} "
-            f"({setup['steps_per_epoch']} per epoch)",
-        ),
-        (
-            "Batch",
-            f"{setup['batch_size']} pairs, in-batch negatives{negatives if t['hard_negatives'] else ''}",
-        ),
-        ("Trained", setup["trains"]),
+        ("Data", f"{s['data']}: split `{t.train_split}`, {s['training_pairs']} query-document pairs"),
+        ("Dev set", f"{s['dev_set']}: {s['dev_queries']} queries{sample}"),
+        ("Steps", f"{training.get('steps', s['total_steps'])} ({s['steps_per_epoch']} per epoch)"),
+        ("Batch", f"{s['batch_size']} pairs, in-batch negatives{negatives}"),
+        ("Trained", s["trains"]),
         (
             "Optimiser",
-            f"AdamW, learning rate {rates}, weight decay {t['weight_decay']}, {t['scheduler']} schedule, "
-            f"{t['warmup_ratio']:.0%} warm-up",
+            f"AdamW, learning rate {rates}, weight decay {t.weight_decay}, {t.scheduler} schedule, "
+            f"{t.warmup_ratio:.0%} warm-up",
         ),
-        ("Loss", f"in-batch contrastive, temperature {t['temperature']}" + _router_terms(config, t)),
-        ("Precision", f"{setup['precision']} on {setup['device']}"),
-        ("Seed", t["seed"]),
-        ("Model selection", f"{t['checkpoint_selection']} checkpoint on dev nDCG@10"),
+        ("Loss", f"in-batch contrastive, temperature {t.temperature}{router}"),
+        ("Precision", f"{s['precision']} on {s['device']}"),
+        ("Seed", t.seed),
+        ("Model selection", f"{t.checkpoint_selection} checkpoint on dev nDCG@10"),
     ]
     return "## Training\n\n" + _table(rows) + _dev_scores(training)
-
-
-def _router_terms(config: ModelConfig, t: Mapping[str, Any]) -> str:
-    if not config.num_experts:
-        return ""
-    return f"; load balancing {t['load_balancing_coef']}, router z-loss {t['router_z_loss_coef']}"
 
 
 def _dev_scores(training: Mapping[str, Any]) -> str:
