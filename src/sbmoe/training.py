@@ -9,6 +9,7 @@ Layout of an output directory::
         checkpoint/         latest state for resuming (model, optimiser, scheduler, RNG, position)
         best/               best model so far on dev nDCG@10 (or the last, by configuration)
         done.json           written when training finished; summary of the run
+        tensorboard/        event files, under report_to="tensorboard" (see sbmoe.training_log)
 
 Everything under ``training/`` is written atomically, so an interrupted run resumes from its last
 checkpoint.
