@@ -88,7 +88,7 @@ def render_model_card(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unknown keys of a newer version: Retriever.load warns already
-        config = from_dict(ModelConfig, saved["model_config"], source=f"{CARD_FILE} model_config")
+        config = from_dict(ModelConfig, saved["model_config"], source="sbmoe.json model_config")
     training = saved.get("training") or {}
     train_config = saved.get("train_config") or {}
     setup = saved.get("training_setup") or {}
