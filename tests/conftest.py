@@ -126,3 +126,50 @@ def scifact_slice(data_dir, tmp_path_factory) -> Path:
     return write_beir_slice(
         data_dir / "scifact", tmp_path_factory.mktemp("beir") / "scifact-slice", 48, 16, 40
     )
+
+
+@pytest.fixture(scope="session")
+def tensorboard_run(data_dir, tiny_bert_dir, tmp_path_factory):
+    """A tiny MoE model trained 3 steps on a real SciFact slice with TensorBoard on.
+
+    Returns (output dir, TrainResult, the messages the trainer logged). The slice's folder is named
+    ``scifact`` so the model card can name the BEIR collection.
+    """
+    import logging
+
+    from sbmoe.config import build_configs
+    from sbmoe.data import load_collection
+    from sbmoe.training import train
+
+    root = tmp_path_factory.mktemp("tensorboard-run")
+    collection = load_collection(write_beir_slice(data_dir / "scifact", root / "scifact", 48, 16, 40))
+    model_config, train_config = build_configs(
+        "default",
+        {"backbone": str(tiny_bert_dir), "num_experts": 3, "max_doc_length": 48},
+        {
+            "max_steps": 3,
+            "batch_size": 8,
+            "eval_steps": 2,
+            "dev_max_docs": 30,
+            "checkpoint_selection": "last",
+            "checkpoint_steps": None,
+            "precision": "fp32",
+            "report_to": "tensorboard",
+        },
+    )
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, trainer_logger = Collect(level=logging.INFO), logging.getLogger("sbmoe.training")
+    trainer_logger.addHandler(handler)
+    level = trainer_logger.level
+    trainer_logger.setLevel(logging.INFO)
+    try:
+        result = train(model_config, train_config, collection, root / "model", show_progress=False)
+    finally:
+        trainer_logger.removeHandler(handler)
+        trainer_logger.setLevel(level)
+    return root / "model", result, messages

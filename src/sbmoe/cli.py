@@ -94,6 +94,16 @@ def _add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _add_evaluation_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--evaluation",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="add the test metrics of an `sbmoe evaluate` output of this model to the card (repeatable)",
+    )
+
+
 def _add_verb(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help_text, description=help_text)
     # -q is accepted after the verb too (SUPPRESS keeps a -q given before the verb).
@@ -214,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("directory", help="an experiment's output directory")
     report.add_argument("--output", help="where to write the report (default: DIRECTORY/report)")
     add_config_flags(report, ReportConfig)
+
+    push = _add_verb(commands, "push", "upload a saved model with its model card to the Hugging Face Hub")
+    push.add_argument("directory", help="saved model folder (from `sbmoe train`); training/ is not uploaded")
+    push.add_argument("repo_id", help="hub repository, e.g. USER/scifact-sbmoe (created when missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument(
+        "--token", help="token with write access (default: $HF_TOKEN, else the one of `hf auth login`)"
+    )
+    _add_evaluation_flag(push)
+
+    card = _add_verb(commands, "model-card", "(re)write a saved model's README.md model card")
+    card.add_argument("directory", help="saved model folder (from `sbmoe train`)")
+    _add_evaluation_flag(card)
 
     convert = _add_verb(
         commands, "convert-multidomain", "convert a Multi-Domain Benchmark collection to a BEIR folder"
@@ -469,6 +492,23 @@ def _command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_push(args: argparse.Namespace) -> int:
+    from sbmoe.hub import push_model
+
+    url = push_model(
+        args.directory, args.repo_id, private=args.private, token=args.token, evaluations=args.evaluation
+    )
+    print(f"pushed {args.directory} to https://huggingface.co/{args.repo_id} ({url})")
+    return 0
+
+
+def _command_model_card(args: argparse.Namespace) -> int:
+    from sbmoe.hub import write_model_card
+
+    print(f"wrote {write_model_card(args.directory, args.evaluation)}")
+    return 0
+
+
 COMMANDS = {
     "train": _command_train,
     "evaluate": _command_evaluate,
@@ -478,6 +518,8 @@ COMMANDS = {
     "demo": _command_demo,
     "experiment": _command_experiment,
     "report": _command_report,
+    "push": _command_push,
+    "model-card": _command_model_card,
     "convert-multidomain": _command_convert_multidomain,
 }
 

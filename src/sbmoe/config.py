@@ -38,6 +38,7 @@ POOLINGS = ("mean", "cls", "max")
 SCHEDULERS = ("constant", "linear", "cosine")
 CHECKPOINT_SELECTIONS = ("best", "last")
 INDEX_TYPES = ("flat", "hnsw", "ivf")
+REPORT_TO = ("none", "tensorboard")
 EMBEDDING_DTYPES = ("float32", "float16")
 
 
@@ -246,6 +247,12 @@ class TrainConfig:
         0,
         help="gradient caching: embed a step's texts N at a time (big batches, little memory; 0 = off)",
         metavar="N",
+    )
+    report_to: str = setting(
+        "none",
+        choices=REPORT_TO,
+        help="also write loss terms, learning rates, dev scores and expert usage for TensorBoard into "
+        "OUTPUT/training/tensorboard (needs the tensorboard extra)",
     )
 
     def validate(self) -> None:

@@ -28,6 +28,10 @@ class ModelLoadError(SbmoeError, RuntimeError):
     """A backbone or saved model could not be found or loaded."""
 
 
+class HubError(SbmoeError, RuntimeError):
+    """The Hugging Face Hub could not be reached, or refused a request (token, repository)."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of ``error``'s message, or its class name when it has none (for one-line errors)."""
     text = str(error).strip()

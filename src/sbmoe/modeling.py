@@ -28,9 +28,10 @@ from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 from sbmoe import __version__
-from sbmoe.config import ModelConfig, from_dict
+from sbmoe.config import ModelConfig, from_dict, provenance
 from sbmoe.errors import ModelLoadError, UsageError
 from sbmoe.io import write_json
+from sbmoe.model_card import CARD_FILE, render_model_card
 from sbmoe.moe_head import MoEHead
 from sbmoe.runtime import resolve_device
 
@@ -60,6 +61,14 @@ def resolve_backbone(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
         raise ModelLoadError(f"model directory {name!r} does not exist")
     return name
+
+
+def hub_model_id(name: str) -> str | None:
+    """The Hugging Face hub id ``name`` stands for, or ``None`` for a local directory."""
+    if name in MINILM_NAMES:
+        return MINILM_NAMES[1]
+    is_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    return name if is_hub_id and not Path(name).expanduser().exists() else None
 
 
 def _load_sentence_transformer(name: str, source: str, device: torch.device) -> SentenceTransformer:
@@ -322,16 +331,18 @@ class Retriever:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".tmp", dir=directory))
         try:
+            # What sentence-transformers' model.similarity computes, for users of the plain pipeline.
+            self.model.similarity_fn_name = "dot" if self.config.similarity == "dot" else "cosine"
             self.model.save(str(tmp))
-            write_json(
-                tmp / SBMOE_CONFIG_FILE,
-                {
-                    "sbmoe_version": __version__,
-                    "model_config": dataclasses.asdict(self.config),
-                    "fingerprint": self.fingerprint(),
-                    **(extra or {}),
-                },
-            )
+            saved = {
+                "sbmoe_version": __version__,
+                "model_config": dataclasses.asdict(self.config),
+                "fingerprint": self.fingerprint(),
+                "versions": provenance()["versions"],
+                **(extra or {}),
+            }
+            write_json(tmp / SBMOE_CONFIG_FILE, saved)
+            (tmp / CARD_FILE).write_text(self.model_card(saved), encoding="utf-8")  # not ST's template
             # sbmoe.json goes last: a folder without it is not taken for a complete sbmoe model.
             (directory / SBMOE_CONFIG_FILE).unlink(missing_ok=True)
             entries = sorted(tmp.iterdir(), key=lambda p: p.name == SBMOE_CONFIG_FILE)
@@ -342,6 +353,21 @@ class Retriever:
                 os.replace(entry, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def model_card(
+        self,
+        saved: dict[str, Any],
+        model_id: str | None = None,
+        evaluations: Sequence[dict[str, Any]] = (),
+    ) -> str:
+        """The README.md of this model with ``saved`` as its sbmoe.json (see :mod:`sbmoe.model_card`)."""
+        return render_model_card(
+            saved,
+            dimension=self.model.get_embedding_dimension(),
+            base_model=hub_model_id(self.config.backbone),
+            model_id=model_id,
+            evaluations=evaluations,
+        )
 
     def describe(self) -> dict[str, Any]:
         """A short summary for logs and tables."""

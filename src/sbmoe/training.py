@@ -9,6 +9,7 @@ Layout of an output directory::
         checkpoint/         latest state for resuming (model, optimiser, scheduler, RNG, position)
         best/               best model so far on dev nDCG@10 (or the last, by configuration)
         done.json           written when training finished; summary of the run
+        tensorboard/        event files, under report_to="tensorboard" (see sbmoe.training_log)
 
 Everything under ``training/`` is written atomically, so an interrupted run resumes from its last
 checkpoint.
@@ -60,6 +61,7 @@ from sbmoe.runtime import autocast, resolve_precision, seed_everything
 from sbmoe.trainable import TrainableEncoder
 from sbmoe.training_data import TrainingData, encode_config, prepare_training_data, require_head
 from sbmoe.training_files import training_collection
+from sbmoe.training_log import TENSORBOARD_DIR, TrainingReporter, startup_line, startup_record
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +177,8 @@ class Trainer:
         self.best_step = 0
         self.dev_history: list[dict[str, float]] = []
         self.routing = RoutingTracker()
+        self.reporter = TrainingReporter()  # replaced for the run by train()
+        self.setup: dict[str, Any] = {}  # the start-up record, kept for the model card
 
     def _optimizer(self, frozen_backbone: bool) -> torch.optim.Optimizer:
         """AdamW with one learning rate for the backbone and one for the head; a frozen backbone has none."""
@@ -324,6 +328,33 @@ class Trainer:
         self.training_dir.mkdir(parents=True, exist_ok=True)
         with open(self.training_dir / "log.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.reporter.record(record)
+
+    def _log_start(self, resumed_from: int | None) -> None:
+        """Open the run's reporter; log and record what is about to be trained (rank 0)."""
+        if not self.is_main:
+            return
+        self.reporter = TrainingReporter(
+            self.config.report_to,
+            self.training_dir / TENSORBOARD_DIR,
+            [group["name"] for group in self.optimizer.param_groups],
+            purge_step=resumed_from,
+        )
+        record = startup_record(
+            self.retriever,
+            self.data,
+            self.config,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            world_size=self.context.world_size,
+            precision=self.precision,
+            dev_queries=len(self.dev_evaluator.query_ids),
+            output_dir=self.output_dir,
+            resumed_from=resumed_from,
+        )
+        logger.info(startup_line(record))
+        self._log(record)
+        self.setup = record
 
     # ------------------------------------------------------------------------------------- steps
     def training_step(self, positions: Sequence[int]) -> dict[str, float]:
@@ -399,6 +430,7 @@ class Trainer:
         state = self.context.run_on_main(self._check_resumable)
         start_epoch, start_batch = self._load_checkpoint(state) if state else (0, 0)
         resumed_from = self.step if state else None
+        self._log_start(resumed_from)
         if self.is_main:
             write_json(
                 self.training_dir / "config.json",
@@ -451,6 +483,7 @@ class Trainer:
                 self._save_checkpoint(epoch, 0)
         finally:
             bar.close()
+            self.reporter.close()
         return self._finish(started, resumed_from)
 
     def _finish(self, started: float, resumed_from: int | None) -> TrainResult:
@@ -479,7 +512,8 @@ class Trainer:
             if not self.is_main:
                 return
             best = Retriever.load(str(self.training_dir / "best"), device="cpu")
-            best.save(self.output_dir, extra={"training": result.to_dict()})
+            card_facts = {"train_config": dataclasses.asdict(self.config), "training_setup": self.setup}
+            best.save(self.output_dir, extra={"training": result.to_dict(), **card_facts})
             self.retriever.model.load_state_dict(best.model.state_dict())
             write_json(self.training_dir / "done.json", result.to_dict())
 
@@ -575,10 +609,15 @@ def train(
 def run_settings(
     model_config: ModelConfig, train_config: TrainConfig, collection: BeirCollection
 ) -> dict[str, Any]:
-    """What makes two training runs the same (see :func:`sbmoe.outputs.recorded_settings`)."""
+    """What makes two training runs the same (see :func:`sbmoe.outputs.recorded_settings`).
+
+    Where the run reports to (``report_to``) does not change it: a run may resume with TensorBoard on.
+    """
+    train_settings = dataclasses.asdict(train_config)
+    del train_settings["report_to"]
     return {
         "model_config": dataclasses.asdict(model_config),
-        "train_config": dataclasses.asdict(train_config),
+        "train_config": train_settings,
         "data": collection.name,
     }
 
