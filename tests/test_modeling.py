@@ -128,3 +128,25 @@ def test_unreachable_hub_name_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match=r"could not load 'huawei-noah/TinyBERT_General_4L_312D'.*hub"):
         Retriever.from_config(ModelConfig(backbone="huawei-noah/TinyBERT_General_4L_312D"))
+
+
+def test_hub_id_of_a_pushed_sbmoe_model_loads_from_the_hub_cache(tiny_bert_dir, tmp_path, monkeypatch):
+    """A hub repository holding a saved sbmoe model loads by its id (here from the offline cache)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    retriever = tiny(tiny_bert_dir, num_experts=2)
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-sbmoe"
+    retriever.save(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded = Retriever.load("someone/tiny-sbmoe", device="cpu")
+    assert loaded.fingerprint() == retriever.fingerprint() and loaded.head.num_experts == 2
+
+    shutil.rmtree(repo)  # not in the cache and no network: a plain-encoder load that fails in one line
+    with pytest.raises(ModelLoadError, match="someone/tiny-sbmoe"):
+        Retriever.load("someone/tiny-sbmoe", device="cpu")

@@ -284,12 +284,9 @@ def _usage_section(config: ModelConfig, model_id: str | None, version: str | Non
         'documents = model.encode(["Aspirin lowers the risk of stroke in adults."])\n'
         "print(model.similarity(queries, documents))"
     )
-    # sbmoe's own commands read a local folder: a model on the hub is downloaded first.
-    download = f"hf download {model_id} --local-dir model\n" if model_id else ""
     sbmoe = (
         "With sbmoe (evaluate, index, search):\n\n```bash\n"
-        f"{download}sbmoe evaluate --model {'model' if model_id else name} --data {data or 'scifact'} "
-        "--output eval\n```"
+        f"sbmoe evaluate --model {model_id or name} --data {data or 'scifact'} --output eval\n```"
     )
     text = f"## Usage\n\n```bash\n{install}\n```\n\n```python\n{python}\n```\n\n{why}"
     if notes:

@@ -71,6 +71,25 @@ def hub_model_id(name: str) -> str | None:
     return name if is_hub_id and not Path(name).expanduser().exists() else None
 
 
+def hub_sbmoe_snapshot(name: str) -> str | None:
+    """The local copy of hub repository ``name`` when it holds a saved sbmoe model (e.g. one that
+    ``sbmoe push`` uploaded), downloaded or taken from the Hugging Face cache; else ``None``.
+
+    Any other hub model, a local directory, or a hub that cannot be reached gives ``None``, and the
+    caller loads ``name`` as a plain encoder (whose own errors then say what went wrong).
+    """
+    if name in MINILM_NAMES or hub_model_id(name) != name:
+        return None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        hf_hub_download(name, SBMOE_CONFIG_FILE)
+        return snapshot_download(name)
+    except (OSError, HfHubHTTPError):  # not an sbmoe model, no such repository, or offline
+        return None
+
+
 def _load_sentence_transformer(name: str, source: str, device: torch.device) -> SentenceTransformer:
     """Load ``source`` (resolved from ``name``) onto ``device``, with one clear error if that fails."""
     is_local = Path(source).is_dir()
@@ -199,7 +218,7 @@ class Retriever:
                 ``cpu``, ``cuda`` or ``cuda:1``.
         """
         device = resolve_device(device)
-        source = resolve_backbone(name_or_path)
+        source = hub_sbmoe_snapshot(name_or_path) or resolve_backbone(name_or_path)
         config_path = Path(source) / SBMOE_CONFIG_FILE
         if not config_path.exists():
             return cls.from_config(ModelConfig(backbone=name_or_path, num_experts=0), device=device)
