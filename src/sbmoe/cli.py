@@ -318,13 +318,16 @@ def _command_train(args: argparse.Namespace) -> int:
 
 def _command_evaluate(args: argparse.Namespace) -> int:
     from sbmoe.data import load_collection, resolve_data
+    from sbmoe.query_groups import splits_to_load
     from sbmoe.retrieval import evaluate_model
 
     config = EvaluateConfig(**given_values(args, EvaluateConfig))
     config.validate()
     encode = _encode_config(args)
     check_output(args.output, EVALUATION)
-    collection = load_collection(resolve_data(args.data), splits=[config.split])
+    root = resolve_data(args.data)
+    # The train split too, when there is one: it tells seen from unseen queries (sbmoe.query_groups).
+    collection = load_collection(root, splits=splits_to_load(root, config.split))
     retriever = _load_retriever(args, encode.device)
     outputs = evaluate_model(
         retriever,
@@ -340,6 +343,9 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     for output in outputs:
         scores = "  ".join(f"{name} {value:.4f}" for name, value in output.result.metrics.items())
         print(f"{output.name}: {scores}  ({output.output_dir / 'metrics.json'})")
+        for group, summary in (output.query_groups or {}).items():
+            means = "  ".join(f"{name} {summary[name]:.4f}" for name in summary if name != "num_queries")
+            print(f"  {group} queries (n={summary['num_queries']}): {means or '-'}")
     return 0
 
 
