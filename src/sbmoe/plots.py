@@ -119,7 +119,11 @@ def plot_tsne(points: np.ndarray, experts: np.ndarray, title: str, path: str | P
 
     plt = _pyplot()
     perplexity = max(2.0, min(30.0, (len(points) - 1) / 3))
-    coords = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(points)
+    # Exact gradients are quicker than Barnes-Hut's approximation for the few dozen points drawn here.
+    method = "exact" if len(points) <= 500 else "barnes_hut"
+    coords = TSNE(
+        n_components=2, perplexity=perplexity, random_state=seed, init="pca", method=method
+    ).fit_transform(points)
     figure, axis = plt.subplots(figsize=(5.5, 4.5))
     colours = plt.cm.tab10(np.asarray(experts) % 10)  # the colours of the expert-usage figure
     axis.scatter(coords[1:, 0], coords[1:, 1], c=colours[1:], s=28)

@@ -112,9 +112,9 @@ class ExperimentReport:
         )
         if tests:
             legend = (
-                f"{spread}best per column in bold; † = {metric} significantly different from "
-                f"{self.baseline} ({', '.join(tests)} on per-query scores averaged over seeds, "
-                "Bonferroni-corrected within the table); p = that corrected p-value."
+                f"{spread}best per column in bold. In the tables of every metric, † = {metric} "
+                f"significantly different from {self.baseline} ({', '.join(tests)} on per-query scores "
+                "averaged over seeds, Bonferroni-corrected within the table); p = that corrected p-value."
             )
         else:
             legend = f"{spread}best per column in bold; no {self.baseline} to test against."
@@ -262,6 +262,8 @@ class ExperimentReport:
         for (_, system_label), cells in rows.items():
             if set(cells) - {"trained_on", "in-domain", "p in-domain"}:  # evaluated off its collection
                 table.rows.append(Row(system_label, cells))
+        # A collection every row was trained on has its numbers under "in-domain" only.
+        table.columns = [c for c in table.columns if any(c.key in row.cells for row in table.rows)]
         return table
 
     def to_dict(self) -> dict[str, Any]:

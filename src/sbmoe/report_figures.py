@@ -5,7 +5,8 @@
 * ``expert_usage.png``: per trained MoE model, the hard top-1 share of each expert, for queries and
   documents of the collection it was trained on.
 * ``tsne_<collection>.png``: a query and its top documents under the MoE model with the most
-  experts, coloured by top-1 expert; the query is the one whose top documents span the most experts.
+  experts, coloured by top-1 expert; the query is the one whose top documents span the most experts,
+  and the title says when routing collapsed.
 """
 
 from __future__ import annotations
@@ -89,28 +90,38 @@ def tsne_systems(systems: Sequence[SystemResult]) -> list[SystemResult]:
     return list(chosen.values())
 
 
-def most_spread_query(experts: Mapping[str, Sequence[int]]) -> tuple[str, int]:
-    """The query whose documents are routed to the most distinct experts, and that number.
+def choose_tsne_query(ranked: Mapping[str, Sequence[str]], expert_of: Mapping[str, int]) -> tuple[str, str]:
+    """The query whose top :data:`SPREAD_DEPTH` documents span the most experts, and what that says.
 
     Args:
-        experts: Query id -> the top-1 expert of each of its top documents.
+        ranked: Query id -> its documents, best first (at least the top :data:`SPREAD_DEPTH`).
+        expert_of: Doc id -> top-1 expert, for those documents.
 
     Returns:
-        ``(query id, distinct experts)``; ties go to the first query in ``experts``.
+        ``(query id, note)``: the note states how many experts its documents span, or that every
+        query's top documents share one expert, or that routing collapsed (every document examined
+        goes to one expert). Ties go to the first query in ``ranked``.
     """
-    if not experts:
+    if not ranked:
         raise ValueError("no query to choose from")
-    spread = {query_id: len(set(chosen)) for query_id, chosen in experts.items()}
-    best = max(spread, key=lambda query_id: spread[query_id])
-    return best, spread[best]
+    spread = {q: len({expert_of[d] for d in docs[:SPREAD_DEPTH]}) for q, docs in ranked.items()}
+    query_id = max(spread, key=lambda q: spread[q])
+    if spread[query_id] > 1:
+        return query_id, f"its top {SPREAD_DEPTH} documents span {spread[query_id]} experts"
+    examined = {d for docs in ranked.values() for d in docs[:SPREAD_DEPTH]}
+    experts = {expert_of[d] for d in examined}
+    if len(experts) == 1:
+        return query_id, (
+            f"routing collapsed: all {len(examined)} documents examined go to expert {experts.pop()}"
+        )
+    return query_id, f"the top {SPREAD_DEPTH} documents of each of {len(ranked)} queries share one expert"
 
 
 def write_tsne(system: SystemResult, path: Path, top: int = 50) -> Path:
     """t-SNE of a test query and its top documents (first seed's model), coloured by expert.
 
-    The query is the one of the first :data:`TSNE_CANDIDATES` whose top :data:`SPREAD_DEPTH`
-    documents span the most experts; when each of them sends all of those to one expert, the
-    title says that routing collapsed.
+    The query is chosen among the first :data:`TSNE_CANDIDATES` by :func:`choose_tsne_query`; the
+    title says how far its documents' routing spreads, or that routing collapsed.
     """
     from sbmoe.data import load_collection, resolve_data
     from sbmoe.evaluation import read_trec_run
@@ -125,24 +136,17 @@ def write_tsne(system: SystemResult, path: Path, top: int = 50) -> Path:
     ranked = {q: sorted(run[q], key=lambda d: (-run[q][d], d)) for q in sorted(run)[:TSNE_CANDIDATES]}
     shortlist = sorted({d for docs in ranked.values() for d in docs[:SPREAD_DEPTH]})
     _, routed = _head_outputs(retriever, [collection.corpus[d].full_text for d in shortlist], "document")
-    expert_of = dict(zip(shortlist, routed.tolist(), strict=True))
-    query_id, spread = most_spread_query(
-        {q: [expert_of[d] for d in docs[:SPREAD_DEPTH]] for q, docs in ranked.items()}
-    )
+    query_id, note = choose_tsne_query(ranked, dict(zip(shortlist, routed.tolist(), strict=True)))
 
     doc_ids = ranked[query_id][:top]
     query_points, query_expert = _head_outputs(retriever, [collection.queries[query_id]], "query")
     doc_points, doc_experts = _head_outputs(
         retriever, [collection.corpus[d].full_text for d in doc_ids], "document"
     )
-    model = f"{system.variant}, N={system.experts}, {system.rule}"
-    if spread > 1:
-        title = f"{system.eval_collection}, query {query_id}: top {len(doc_ids)} documents ({model})"
-    else:
-        title = (
-            f"{system.eval_collection}, query {query_id} ({model}): routing collapsed, the top "
-            f"{SPREAD_DEPTH} documents of each of {len(ranked)} queries go to one expert"
-        )
+    title = (
+        f"{system.eval_collection}, query {query_id}: top {len(doc_ids)} documents "
+        f"({system.variant}, N={system.experts}, {system.rule}); {note}"
+    )
     points = np.concatenate([query_points, doc_points])
     return plot_tsne(points, np.concatenate([query_expert, doc_experts]), title, path)
 
