@@ -87,4 +87,3 @@ def test_the_rule_matters_on_this_run(self_matching):
     kept = evaluate_run(qrels, runs[False], metrics=("ndcg@10",)).metrics["ndcg@10"]
     dropped = evaluate_run(qrels, runs[True], metrics=("ndcg@10",)).metrics["ndcg@10"]
     assert dropped > kept  # the self-matches were non-relevant documents ranked above relevant ones
-

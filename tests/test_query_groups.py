@@ -88,7 +88,9 @@ def test_every_evaluation_on_a_collection_with_a_train_split_reports_groups(
     collection = load_collection(scifact_slice)
     config = EvaluateConfig(metrics=["ndcg@10"])
     [output] = evaluate_model(retriever, collection, tmp_path / "test", config, show_progress=False)
-    expected = group_queries(collection.split_qrels("test"), training_positives(collection.split_qrels("train")))
+    expected = group_queries(
+        collection.split_qrels("test"), training_positives(collection.split_qrels("train"))
+    )
     assert read_query_groups(tmp_path / "test") == expected
     saved = read_json(tmp_path / "test" / "metrics.json")["query_groups"]
     assert saved == output.query_groups
