@@ -80,7 +80,7 @@ def test_evaluate_writes_metrics_per_query_scores_and_run(trained, scifact_slice
     # The train split is read too, to break the scores down by seen and unseen queries.
     assert sum(group["num_queries"] for group in metrics["query_groups"].values()) == 16
     out = capsys.readouterr().out
-    assert "ndcg@10" in out and "  unseen queries (n=" in out
+    assert "nDCG@10" in out and "  unseen queries (n=" in out
 
 
 def test_evaluate_several_inference_rules_in_one_pass(trained, scifact_slice, tmp_path):

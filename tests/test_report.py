@@ -177,7 +177,7 @@ def mean(values):
 @pytest.fixture()
 def study(tmp_path):
     """Zero-shot, a baseline, two controls and an SB-MoE on c, the trained ones evaluated on d too."""
-    both = {"groups": GROUPS}
+    grouped = {"groups": GROUPS}
     write_cell(
         tmp_path,
         "zero-shot",
@@ -186,14 +186,14 @@ def study(tmp_path):
         {"model": ZERO_C},
         trains=False,
         transfer={"d": {"model": ZERO_D}},
-        **both,
+        **grouped,
     )
-    write_cell(tmp_path, "prior", 0, 1, {"model": BASE}, trains=False, control="zero-shot+prior", **both)
+    write_cell(tmp_path, "prior", 0, 1, {"model": BASE}, trains=False, control="zero-shot+prior", **grouped)
     for seed in (1, 2):
         write_cell(
             tmp_path, "fine-tuned", 0, seed, {"model": BASE}, transfer={"d": {"model": FINE_TUNED_D}}, **both
         )
-        write_cell(tmp_path, "linear", 0, seed, {"model": BASE}, model={"head": "linear"}, **both)
+        write_cell(tmp_path, "linear", 0, seed, {"model": BASE}, model={"head": "linear"}, **grouped)
         write_cell(
             tmp_path, "sb-moe", 2, seed, {"model": MEMORIZER}, transfer={"d": {"model": MEMORIZER_D}}, **both
         )

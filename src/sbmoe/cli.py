@@ -320,6 +320,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     from sbmoe.data import load_collection, resolve_data
     from sbmoe.query_groups import splits_to_load
     from sbmoe.retrieval import evaluate_model
+    from sbmoe.tables import metric_label
 
     config = EvaluateConfig(**given_values(args, EvaluateConfig))
     config.validate()
@@ -341,10 +342,12 @@ def _command_evaluate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     for output in outputs:
-        scores = "  ".join(f"{name} {value:.4f}" for name, value in output.result.metrics.items())
+        scores = "  ".join(
+            f"{metric_label(name)} {value:.4f}" for name, value in output.result.metrics.items()
+        )
         print(f"{output.name}: {scores}  ({output.output_dir / 'metrics.json'})")
         for group, summary in (output.query_groups or {}).items():
-            means = "  ".join(f"{name} {summary[name]:.4f}" for name in summary if name != "num_queries")
+            means = "  ".join(f"{metric_label(m)} {v:.4f}" for m, v in summary.items() if m != "num_queries")
             print(f"  {group} queries (n={summary['num_queries']}): {means or '-'}")
     return 0
 
