@@ -191,11 +191,23 @@ def study(tmp_path):
     write_cell(tmp_path, "prior", 0, 1, {"model": BASE}, trains=False, control="zero-shot+prior", **grouped)
     for seed in (1, 2):
         write_cell(
-            tmp_path, "fine-tuned", 0, seed, {"model": BASE}, transfer={"d": {"model": FINE_TUNED_D}}, **both
+            tmp_path,
+            "fine-tuned",
+            0,
+            seed,
+            {"model": BASE},
+            transfer={"d": {"model": FINE_TUNED_D}},
+            **grouped,
         )
         write_cell(tmp_path, "linear", 0, seed, {"model": BASE}, model={"head": "linear"}, **grouped)
         write_cell(
-            tmp_path, "sb-moe", 2, seed, {"model": MEMORIZER}, transfer={"d": {"model": MEMORIZER_D}}, **both
+            tmp_path,
+            "sb-moe",
+            2,
+            seed,
+            {"model": MEMORIZER},
+            transfer={"d": {"model": MEMORIZER_D}},
+            **grouped,
         )
     write_json(
         tmp_path / "experiment.json",
