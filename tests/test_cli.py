@@ -77,7 +77,10 @@ def test_evaluate_writes_metrics_per_query_scores_and_run(trained, scifact_slice
     n_docs = sum(1 for _ in (scifact_slice / "corpus.jsonl").open())
     assert len(run) == 16 and all(len(docs) == min(100, n_docs) for docs in run.values())
     assert read_json(tmp_path / "eval" / "config.json")["evaluate_config"]["split"] == "test"
-    assert "ndcg@10" in capsys.readouterr().out
+    # The train split is read too, to break the scores down by seen and unseen queries.
+    assert sum(group["num_queries"] for group in metrics["query_groups"].values()) == 16
+    out = capsys.readouterr().out
+    assert "nDCG@10" in out and "  unseen queries (n=" in out
 
 
 def test_evaluate_several_inference_rules_in_one_pass(trained, scifact_slice, tmp_path):

@@ -56,6 +56,10 @@ def test_table_has_every_system_and_metric(demo):
     assert all(isinstance(row.cells["train_seconds"].value, float) for row in rows[2:])
     assert all(row.cells["train_seconds"].value == "—" for row in rows[:2])
     assert r"\label{tab:demo}" in report.to_latex()
+    # SciFact's test queries split by whether their answers were training positives (16 in the slice).
+    seen = report.tables[1]
+    assert seen.label == "tab:demo-seen" and seen.columns[0].header == "nDCG@10 all (n=16)"
+    assert [row.label for row in seen.rows] == systems[1:]
 
 
 def test_outputs_and_settings_are_saved(demo):

@@ -8,7 +8,8 @@ import pytest
 
 from sbmoe.evaluation import PAPER_METRICS
 from sbmoe.io import read_json, write_json
-from sbmoe.report import build_report, write_report
+from sbmoe.report import build_report, system_kind, write_report
+from sbmoe.report_figures import choose_tsne_query
 
 QUERIES = [f"q{i}" for i in range(12)]
 BASE = [0.30, 0.42, 0.55, 0.61, 0.25, 0.48, 0.52, 0.39, 0.66, 0.44, 0.58, 0.35]
@@ -17,19 +18,38 @@ TOP1 = [b + 0.10 for b in BASE]
 ALL = [b + (0.05 if i % 2 else -0.05) for i, b in enumerate(BASE)]
 
 
-def write_cell(root, variant, experts, seed, rules: dict[str, list[float]], routing=False, trains=True):
-    cell_id = f"bb__c__{variant}" + (f"__n{experts}" if experts else "") + f"__s{seed}"
+def write_cell(
+    root,
+    variant,
+    experts,
+    seed,
+    rules: dict[str, list[float]],
+    routing=False,
+    trains=True,
+    *,
+    collection="c",
+    transfer: dict[str, dict[str, list[float]]] | None = None,
+    groups: dict[str, list[str]] | None = None,
+    control: str | None = None,
+    model: dict | None = None,
+):
+    """A finished cell as experiments.run_cell leaves it: per-query scores of each rule on its
+    collection (and on the ``transfer`` collections), optional query groups, routing and cell.json."""
+    cell_id = f"bb__{collection}__{variant}" + (f"__n{experts}" if experts else "") + f"__s{seed}"
     folder = root / "cells" / cell_id
     evaluations = {}
-    for rule, scores in rules.items():
-        shifted = [s + 0.01 * (seed - 1) for s in scores]  # seeds differ a little
-        directory = folder / "eval" / "c" / (rule if len(rules) > 1 else "")
-        metrics = {m: sum(shifted) / len(shifted) for m in PAPER_METRICS}
-        write_json(directory / "metrics.json", {**metrics, "num_queries": len(shifted)})
-        write_json(
-            directory / "per_query.json", {m: dict(zip(QUERIES, shifted, strict=True)) for m in PAPER_METRICS}
-        )
-        evaluations[rule] = metrics
+    for eval_name, scores_per_rule in {collection: rules, **(transfer or {})}.items():
+        evaluations[eval_name] = {}
+        for rule, scores in scores_per_rule.items():
+            shifted = [s + 0.01 * (seed - 1) for s in scores]  # seeds differ a little
+            directory = folder / "eval" / eval_name / (rule if len(scores_per_rule) > 1 else "")
+            metrics = {m: sum(shifted) / len(shifted) for m in PAPER_METRICS}
+            write_json(directory / "metrics.json", {**metrics, "num_queries": len(shifted)})
+            per_query = {m: dict(zip(QUERIES, shifted, strict=True)) for m in PAPER_METRICS}
+            write_json(directory / "per_query.json", per_query)
+            if groups and eval_name == collection:
+                write_json(directory / "query_groups.json", groups)
+            evaluations[eval_name][rule] = metrics
     if routing:
         usage = {
             "usage": [0.75, 0.25],
@@ -39,10 +59,14 @@ def write_cell(root, variant, experts, seed, rules: dict[str, list[float]], rout
             "max_share": 0.75,
             "count": 12,
         }
-        write_json(folder / "eval" / "c" / "routing.json", {"queries": usage, "documents": usage})
-    cell = {"backbone": "bb", "collection": "c", "variant": variant, "experts": experts, "seed": seed}
+        write_json(folder / "eval" / collection / "routing.json", {"queries": usage, "documents": usage})
+    cell = {"backbone": "bb", "collection": collection, "variant": variant, "experts": experts, "seed": seed}
     cell["trains"] = trains
-    write_json(folder / "done.json", {"cell": cell, "evaluations": {"c": evaluations}})
+    if control:
+        cell["control"] = control
+    if model is not None:
+        write_json(folder / "cell.json", {"cell": cell, "model_config": {"num_experts": experts, **model}})
+    write_json(folder / "done.json", {"cell": cell, "evaluations": evaluations})
 
 
 @pytest.fixture()
@@ -114,3 +138,242 @@ def test_written_report_has_tables_results_and_plots(experiment, tmp_path):
 def test_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no finished cells"):
         build_report(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("cell", "model", "kind"),
+    [
+        ({"trains": False, "experts": 0}, None, "zero-shot"),
+        ({"trains": False, "experts": 3}, {"num_experts": 3}, "zero-shot"),  # an untrained head
+        ({"trains": False, "experts": 0, "control": "zero-shot+prior"}, None, "control"),
+        ({"trains": True, "experts": 0, "control": "document-prior"}, None, "control"),
+        ({"trains": True, "experts": 0}, {"num_experts": 0}, "baseline"),
+        ({"trains": True, "experts": 0}, {"num_experts": 0, "head": "linear"}, "control"),
+        ({"trains": True, "experts": 1}, {"num_experts": 1}, "control"),
+        ({"trains": True, "experts": 4}, {"num_experts": 4, "gating": "random"}, "control"),
+        ({"trains": True, "experts": 4}, {"num_experts": 4, "gating": "learned"}, "sb-moe"),
+        ({"trains": True, "experts": 4}, None, "sb-moe"),  # no cell.json: done.json decides
+    ],
+)
+def test_system_kind_rules(cell, model, kind):
+    assert system_kind(cell, model) == kind
+
+
+# Query groups of collection c: 6 seen, 1 partly-seen, 5 unseen.
+GROUPS = {"seen": QUERIES[:6], "partly-seen": QUERIES[6:7], "unseen": QUERIES[7:]}
+# A model that learned the training documents: +0.2 on queries whose answers it saw, +-0.05 on the
+# unseen ones (no gain); on collection d, where it did not train, +-0.01 around zero-shot.
+MEMORIZER = [b + 0.2 if i < 7 else b + (0.05 if i % 2 else -0.05) for i, b in enumerate(BASE)]
+ZERO_C = [b - 0.05 for b in BASE]
+ZERO_D = [0.2 + 0.03 * i for i in range(12)]
+MEMORIZER_D = [z + (0.01 if i % 2 else -0.01) for i, z in enumerate(ZERO_D)]
+FINE_TUNED_D = [z - 0.04 for z in ZERO_D]  # fine-tuning on c costs 0.04 on d on every query
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+@pytest.fixture()
+def study(tmp_path):
+    """Zero-shot, a baseline, two controls and an SB-MoE on c, the trained ones evaluated on d too."""
+    grouped = {"groups": GROUPS}
+    write_cell(
+        tmp_path,
+        "zero-shot",
+        0,
+        1,
+        {"model": ZERO_C},
+        trains=False,
+        transfer={"d": {"model": ZERO_D}},
+        **grouped,
+    )
+    write_cell(tmp_path, "prior", 0, 1, {"model": BASE}, trains=False, control="zero-shot+prior", **grouped)
+    for seed in (1, 2):
+        write_cell(
+            tmp_path,
+            "fine-tuned",
+            0,
+            seed,
+            {"model": BASE},
+            transfer={"d": {"model": FINE_TUNED_D}},
+            **grouped,
+        )
+        write_cell(tmp_path, "linear", 0, seed, {"model": BASE}, model={"head": "linear"}, **grouped)
+        write_cell(
+            tmp_path,
+            "sb-moe",
+            2,
+            seed,
+            {"model": MEMORIZER},
+            transfer={"d": {"model": MEMORIZER_D}},
+            **grouped,
+        )
+    write_json(
+        tmp_path / "experiment.json",
+        {"grid": {"variants": {"sb-moe": {}, "fine-tuned": {}, "linear": {}, "prior": {}, "zero-shot": {}}}},
+    )
+    return tmp_path
+
+
+def test_rows_run_zero_shot_baselines_controls_sb_moe_whatever_the_grid_order(study):
+    tables = build_report(study).to_report().tables
+    assert [t.label for t in tables] == ["tab:bb-c-c", "tab:bb-c-c-seen", "tab:bb-c-d", "tab:bb-transfer"]
+    assert [row.label for row in tables[0].rows] == [
+        "zero-shot",
+        "fine-tuned",
+        "linear",
+        "prior",
+        "sb-moe N=2",
+    ]
+    assert "seeds" in [c.key for c in tables[0].columns]  # 1 seed for the untrained, 2 for the rest
+
+
+def test_seen_and_unseen_columns_with_significance_per_group(study):
+    report = build_report(study)
+    table = report.to_report().tables[1]
+    headers = [c.header for c in table.columns]
+    assert headers == [
+        "nDCG@10 all (n=12)",
+        "p",
+        "nDCG@10 seen (n=6)",
+        "p",
+        "nDCG@10 partly-seen (n=1)",
+        "nDCG@10 unseen (n=5)",
+        "p",
+    ]  # a group of one query is shown without a test
+    rows = {row.label: row.cells for row in table.rows}
+    moe = rows["sb-moe N=2"]
+    assert moe["seen"].value == pytest.approx(mean(MEMORIZER[:6]) + 0.005)  # two seeds 0.01 apart
+    assert moe["unseen"].value == pytest.approx(mean(MEMORIZER[7:]) + 0.005)
+    assert moe["seen"].dagger and moe["p seen"].value < 0.05  # the gain is all on seen queries
+    assert not moe["unseen"].dagger and moe["p unseen"].value > 0.05
+    assert rows["zero-shot"]["seen"].value == pytest.approx(mean(ZERO_C[:6]))
+    assert "p seen" not in rows["fine-tuned"]  # the baseline itself
+
+    group = ("bb", "c", "c")
+    seen = report.group_comparisons[(group, "seen")]
+    assert seen.comparisons[0].num_queries == 6 and len(seen.comparisons) == 4  # every other system
+    assert all(c.corrected_p_value == pytest.approx(min(1.0, 4 * c.p_value)) for c in seen.comparisons)
+    assert (group, "partly-seen") not in report.group_comparisons
+    # Off its training collection a table has no groups: "seen" would mean seen by nobody there.
+    assert not any((("bb", "c", "d"), name) in report.group_comparisons for name in GROUPS)
+
+    markdown = report.to_report().to_markdown()
+    assert "| nDCG@10 all (n=12) | p | nDCG@10 seen (n=6) |" in markdown
+    latex = report.to_report().to_latex()
+    assert r"\label{tab:bb-c-c-seen}" in latex and r"\toprule" in latex
+    results = report.to_dict()
+    moe_system = next(
+        s for s in results["systems"] if s["label"] == "sb-moe N=2" and s["eval_collection"] == "c"
+    )
+    assert moe_system["query_groups"]["seen"]["num_queries"] == 6
+    assert "bb / c / c / unseen" in results["query_group_comparisons"]
+
+
+def test_transfer_deltas_from_zero_shot_with_significance(study):
+    report = build_report(study)
+    table = report.to_report().tables[-1]
+    # c has no column of its own: every row was trained on it (its numbers are in-domain).
+    assert [c.header for c in table.columns] == ["trained on", "Δ in-domain", "p", "Δ d", "p"]
+    rows = {row.label: row.cells for row in table.rows}
+    assert list(rows) == ["fine-tuned", "sb-moe N=2"]  # the others were not evaluated off c
+    moe, tuned = rows["sb-moe N=2"], rows["fine-tuned"]
+    assert moe["trained_on"].value == "c"
+    assert moe["in-domain"].value == pytest.approx(mean(MEMORIZER) + 0.005 - mean(ZERO_C))
+    assert moe["in-domain"].dagger
+    assert moe["d"].value == pytest.approx(0.005) and not moe["d"].dagger  # seeds 0.01 apart, no gain
+    assert tuned["d"].value == pytest.approx(-0.04 + 0.005) and tuned["d"].dagger  # a loss, significant
+    on_d = report.transfer[("bb", "d")]
+    assert on_d.baseline == "zero-shot" and {c.system for c in on_d.comparisons} == {
+        "fine-tuned (c)",
+        "sb-moe N=2 (c)",
+    }
+    assert tuned["p d"].value == on_d["fine-tuned (c)"].corrected_p_value
+    assert "zero-shot: c 0.4125, d 0.3650" in table.notes[0]
+    latex = report.to_report().to_latex()
+    assert r"\label{tab:bb-transfer}" in latex and r"$\Delta$ d" in latex and r"\bottomrule" in latex
+
+
+def test_written_report_carries_the_new_comparisons(study, tmp_path):
+    write_report(build_report(study), tmp_path / "report", plots=False)
+    results = read_json(tmp_path / "report" / "results.json")
+    assert set(results["transfer_comparisons"]) == {"bb / c", "bb / d"}
+    markdown = (tmp_path / "report" / "tables.md").read_text(encoding="utf-8")
+    assert "Δ in-domain" in markdown and "seen (n=6)" in markdown
+
+
+def png_title(path) -> str:
+    """The panel titles sbmoe.plots writes into a PNG's Title text, whitespace collapsed."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return " ".join(image.text["Title"].split())
+
+
+def test_figures_say_what_they_show(study, tmp_path):
+    write_cell(
+        study, "sb-moe", 2, 1, {"model": MEMORIZER}, routing=True, transfer={"d": {"model": MEMORIZER_D}}
+    )
+    written = write_report(build_report(study), tmp_path / "report")
+    names = {path.name for path in written}
+    assert {"metric_vs_experts.png", "expert_usage.png"} <= names
+    # The bars are hard top-1 shares; the title says so, and names no (soft-gate) entropy.
+    usage = png_title(tmp_path / "report" / "expert_usage.png")
+    assert "top-1 share of the busiest expert 75.0% of queries, 75.0% of documents" in usage
+    assert "entropy" not in usage
+    # One panel per training -> evaluation pair: a transfer line is never drawn into the in-domain one.
+    assert png_title(tmp_path / "report" / "metric_vs_experts.png") == "bb / c | bb / c → d"
+
+
+def test_tsne_query_choice_and_what_its_title_says():
+    experts = {"a1": 0, "a2": 0, "b1": 1, "b2": 2, "c1": 1, "c2": 1}
+    ranked = {"a": ["a1", "a2"], "b": ["b1", "b2", "a1"], "c": ["c1", "c2"]}
+    assert choose_tsne_query(ranked, experts) == ("b", "its top 10 documents span 3 experts")
+    assert choose_tsne_query({"a": ["a1", "a2"], "c": ["c1", "c2"]}, experts) == (
+        "a",
+        "the top 10 documents of each of 2 queries share one expert",
+    )
+    assert choose_tsne_query({"c": ["c1", "c2"], "b": ["b1"]}, experts) == (
+        "c",
+        "routing collapsed: all 3 documents examined go to expert 1",
+    )
+    with pytest.raises(ValueError):
+        choose_tsne_query({}, experts)
+
+
+def test_tsne_of_a_trained_moe_model(tiny_bert_dir, scifact_slice, tmp_path):
+    import torch
+
+    from sbmoe.config import EvaluateConfig, ModelConfig
+    from sbmoe.data import load_collection
+    from sbmoe.experiments import eval_dir
+    from sbmoe.modeling import Retriever
+    from sbmoe.retrieval import evaluate_model
+
+    # A cell folder as run_cell leaves it, with an untrained MoE model standing in for a trained one.
+    torch.manual_seed(0)
+    retriever = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=3), device="cpu")
+    name = str(scifact_slice)
+    folder = tmp_path / "cells" / "bb__slice__sb-moe__n3__s1"
+    retriever.save(folder / "model")
+    config = EvaluateConfig(metrics=list(PAPER_METRICS))
+    evaluate_model(
+        retriever, load_collection(scifact_slice), eval_dir(folder, name), config, show_progress=False
+    )
+    cell = {
+        "backbone": "bb",
+        "collection": name,
+        "variant": "sb-moe",
+        "experts": 3,
+        "seed": 1,
+        "trains": True,
+    }
+    write_json(folder / "done.json", {"cell": cell, "evaluations": {name: {"model": {}}}})
+
+    written = write_report(build_report(tmp_path), tmp_path / "report")
+    [tsne] = [path for path in written if path.name.startswith("tsne_")]
+    title = png_title(tsne)
+    assert f"{name}, query " in title and ": top 50 documents (sb-moe, N=3, model); " in title
+    # A random gate sends a random model's texts to one expert, and the title says so.
+    assert "routing collapsed: all " in title

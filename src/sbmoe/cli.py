@@ -361,13 +361,17 @@ def _command_train(args: argparse.Namespace) -> int:
 
 def _command_evaluate(args: argparse.Namespace) -> int:
     from sbmoe.data import load_collection, resolve_data
+    from sbmoe.query_groups import splits_to_load
     from sbmoe.retrieval import evaluate_model
+    from sbmoe.tables import metric_label
 
     config = EvaluateConfig(**given_values(args, EvaluateConfig))
     config.validate()
     encode = _encode_config(args)
     check_output(args.output, EVALUATION)
-    collection = load_collection(resolve_data(args.data), splits=[config.split])
+    root = resolve_data(args.data)
+    # The train split too, when there is one: it tells seen from unseen queries (sbmoe.query_groups).
+    collection = load_collection(root, splits=splits_to_load(root, config.split))
     retriever = _load_retriever(args, encode.device)
     outputs = evaluate_model(
         retriever,
@@ -381,8 +385,13 @@ def _command_evaluate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     for output in outputs:
-        scores = "  ".join(f"{name} {value:.4f}" for name, value in output.result.metrics.items())
+        scores = "  ".join(
+            f"{metric_label(name)} {value:.4f}" for name, value in output.result.metrics.items()
+        )
         print(f"{output.name}: {scores}  ({output.output_dir / 'metrics.json'})")
+        for group, summary in (output.query_groups or {}).items():
+            means = "  ".join(f"{metric_label(m)} {v:.4f}" for m, v in summary.items() if m != "num_queries")
+            print(f"  {group} queries (n={summary['num_queries']}): {means or '-'}")
     return 0
 
 

@@ -40,13 +40,16 @@ import numpy as np
 
 from sbmoe.config import PAPER_METRICS
 from sbmoe.errors import UsageError
-from sbmoe.io import atomic_open, write_json
+from sbmoe.io import atomic_open, read_json, write_json
+from sbmoe.query_groups import group_scores
 from sbmoe.runs import Run
 
 Qrels = Mapping[str, Mapping[str, int]]
 
 METRICS_FILE = "metrics.json"
 PER_QUERY_FILE = "per_query.json"
+QUERY_GROUPS_FILE = "query_groups.json"
+QUERY_GROUPS_KEY = "query_groups"
 
 
 @dataclass
@@ -175,23 +178,32 @@ def save_metrics(
     result: EvaluationResult,
     output_dir: str | os.PathLike,
     extra: Mapping[str, Any] | None = None,
+    query_groups: Mapping[str, list[str]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``metrics.json`` and ``per_query.json`` into ``output_dir``, each atomically.
 
     ``metrics.json`` holds metric name -> mean, ``num_queries``, and the ``extra`` entries (e.g. model
     and dataset names); ``per_query.json`` holds metric name -> query id -> score.
 
+    Args:
+        query_groups: Group name -> query ids (see :mod:`sbmoe.query_groups`: seen, partly-seen and
+            unseen queries). When given, ``metrics.json`` also holds ``query_groups``: group name ->
+            ``num_queries`` and the mean of every metric over the group, and ``query_groups.json``
+            lists each group's query ids.
+
     Returns:
         The paths of ``metrics.json`` and ``per_query.json``.
 
     Raises:
-        ValueError: an ``extra`` key would overwrite a metric or ``num_queries``.
+        ValueError: an ``extra`` key would overwrite a metric, ``num_queries`` or ``query_groups``.
     """
     summary: dict[str, Any] = {name: float(value) for name, value in result.metrics.items()}
     summary["num_queries"] = int(result.num_queries)
-    clashes = sorted(set(extra or {}) & set(summary))
+    if query_groups is not None:
+        summary[QUERY_GROUPS_KEY] = group_scores(result.per_query, query_groups)
+    clashes = sorted(set(extra or {}) & (set(summary) | {QUERY_GROUPS_KEY}))
     if clashes:
-        raise UsageError(f"extra keys {clashes} clash with metric names or 'num_queries'")
+        raise UsageError(f"extra keys {clashes} clash with metric names, 'num_queries' or 'query_groups'")
     summary.update(extra or {})
 
     output_dir = Path(output_dir)
@@ -199,7 +211,18 @@ def save_metrics(
     per_query_path = output_dir / PER_QUERY_FILE
     write_json(metrics_path, summary)
     write_json(per_query_path, result.per_query)
+    groups_path = output_dir / QUERY_GROUPS_FILE
+    if query_groups is not None:
+        write_json(groups_path, {name: list(ids) for name, ids in query_groups.items()})
+    else:
+        groups_path.unlink(missing_ok=True)  # a stale one from an earlier evaluation would mislead
     return metrics_path, per_query_path
+
+
+def read_query_groups(directory: str | os.PathLike) -> dict[str, list[str]] | None:
+    """The query groups :func:`save_metrics` wrote into ``directory``; None if it wrote none."""
+    path = Path(directory) / QUERY_GROUPS_FILE
+    return read_json(path) if path.is_file() else None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,19 @@ def _pyplot():
 
 
 def _save(figure, path: Path) -> Path:
+    """Write ``figure`` as PNG and close it; the PNG's ``Title`` text holds the panel titles."""
+    from matplotlib import pyplot
+
     from sbmoe.io import atomic_open
 
-    with atomic_open(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=130, bbox_inches="tight")
+    titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
+    try:
+        with atomic_open(path, "wb") as handle:
+            figure.savefig(
+                handle, format="png", dpi=130, bbox_inches="tight", metadata={"Title": " | ".join(titles)}
+            )
+    finally:
+        pyplot.close(figure)
     return path
 
 
@@ -109,22 +119,24 @@ def plot_tsne(points: np.ndarray, experts: np.ndarray, title: str, path: str | P
 
     plt = _pyplot()
     perplexity = max(2.0, min(30.0, (len(points) - 1) / 3))
-    coords = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(points)
+    # Exact gradients are quicker than Barnes-Hut's approximation for the few dozen points drawn here.
+    method = "exact" if len(points) <= 500 else "barnes_hut"
+    coords = TSNE(
+        n_components=2, perplexity=perplexity, random_state=seed, init="pca", method=method
+    ).fit_transform(points)
     figure, axis = plt.subplots(figsize=(5.5, 4.5))
-    scatter = axis.scatter(
-        coords[1:, 0],
-        coords[1:, 1],
-        c=experts[1:],
-        cmap="tab10",
-        s=28,
-        vmin=0,
-        vmax=max(int(experts.max()), 1),
-    )
-    axis.scatter(
-        coords[0, 0], coords[0, 1], marker="*", s=260, c="black", label=f"query (expert {experts[0]})"
-    )
-    axis.legend(*scatter.legend_elements(), title="expert", fontsize=7, loc="best")
-    axis.set_title(title, fontsize=9)
+    colours = plt.cm.tab10(np.asarray(experts) % 10)  # the colours of the expert-usage figure
+    axis.scatter(coords[1:, 0], coords[1:, 1], c=colours[1:], s=28)
+    from matplotlib.lines import Line2D
+
+    star = axis.scatter(coords[0, 0], coords[0, 1], marker="*", s=260, c="black")
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=plt.cm.tab10(e % 10), label=f"expert {e}")
+        for e in sorted(set(experts[1:].tolist()))
+    ]
+    star.set_label(f"query (expert {experts[0]})")
+    axis.legend(handles=[star, *handles], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axis.set_title(textwrap.fill(title, 70), fontsize=9)
     axis.set_xticks([])
     axis.set_yticks([])
     return _save(figure, Path(path))

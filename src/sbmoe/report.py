@@ -4,6 +4,15 @@ Systems are grouped by (backbone, training collection, evaluation collection); w
 system is a (variant, experts, inference rule) and its numbers are the mean and standard deviation
 over seeds. Every system is tested against the baseline variant of its group on per-query scores
 averaged over seeds (paired), Bonferroni-corrected over the comparisons of the group.
+
+Two more views guard against gains that are not retrieval:
+
+* Seen and unseen queries (:mod:`sbmoe.query_groups`): where a collection's test queries share
+  relevant documents with its training queries, each in-domain table is followed by one of the
+  primary metric on the seen, partly-seen and unseen queries, tested against the baseline within
+  each group.
+* Transfer: per backbone, how far each system moved from the zero-shot backbone on every collection
+  it was evaluated on, the ones it was not trained on included, tested against zero-shot.
 """
 
 from __future__ import annotations
@@ -20,138 +29,37 @@ import numpy as np
 
 from sbmoe.errors import UsageError
 from sbmoe.evaluation import PAPER_METRICS
-from sbmoe.experiments import eval_dir, iter_finished_cells, slug
+from sbmoe.experiments import slug
 from sbmoe.io import read_json
-from sbmoe.statistics import ComparisonReport, compare_to_baseline, mean_std
+from sbmoe.query_groups import GROUPS, restrict
+from sbmoe.results import KINDS, RULES, SystemResult, collect_results, system_kind
+from sbmoe.statistics import Comparison, ComparisonReport, compare_to_baseline
 from sbmoe.tables import Cell, Column, Report, Row, Table, metric_label
 
-# Rows run from the untrained model to the method: what a reader compares each system with comes
-# above it. A control is an MoE-shaped model without the mixture (one expert, or a fixed random gate).
-KINDS = ("zero-shot", "baseline", "control", "sb-moe")
-RULES = ("model", "top1", "topk", "all")
+__all__ = [
+    "ExperimentReport",
+    "SystemResult",
+    "build_report",
+    "collect_results",
+    "system_kind",
+    "write_report",
+]
 
-
-@dataclass
-class SystemResult:
-    """One system of one group: per-seed metrics and per-query scores."""
-
-    backbone: str
-    train_collection: str
-    eval_collection: str
-    variant: str
-    experts: int
-    rule: str
-    kind: str = "sb-moe"
-    seeds: list[int] = field(default_factory=list)
-    metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    per_query: dict[str, list[dict[str, float]]] = field(default_factory=lambda: defaultdict(list))
-    routing: list[dict[str, Any]] = field(default_factory=list)
-    cell_dirs: list[str] = field(default_factory=list)
-    eval_dirs: list[str] = field(default_factory=list)
-    train_seconds: list[float] = field(default_factory=list)
-    eval_seconds: list[float] = field(default_factory=list)
-
-    @property
-    def group(self) -> tuple[str, str, str]:
-        return self.backbone, self.train_collection, self.eval_collection
-
-    @property
-    def label(self) -> str:
-        parts = [self.variant]
-        if self.experts:
-            parts.append(f"N={self.experts}")
-        if self.rule not in ("model", ""):
-            parts.append(self.rule)
-        return " ".join(parts)
-
-    def mean(self, metric: str) -> float:
-        return mean_std(self.metrics[metric])[0]
-
-    def std(self, metric: str) -> float:
-        return mean_std(self.metrics[metric])[1]
-
-    def mean_per_query(self, metric: str) -> dict[str, float]:
-        """Per-query score averaged over the seeds that scored the query."""
-        scores: dict[str, list[float]] = defaultdict(list)
-        for run in self.per_query[metric]:
-            for query_id, value in run.items():
-                scores[query_id].append(value)
-        return {q: sum(v) / len(v) for q, v in scores.items()}
-
-
-def system_kind(cell: dict[str, Any], model_config: dict[str, Any] | None = None) -> str:
-    """Which kind of row a cell's systems are: one of :data:`KINDS`.
-
-    Args:
-        cell: The cell as ``done.json`` records it.
-        model_config: The cell's resolved model settings (``cell.json``), when saved; the grid's
-            shared settings (e.g. a random gate for every variant) are only there.
-    """
-    if cell.get("trains") is False:
-        return "zero-shot"
-    if not cell["experts"]:
-        return "baseline"
-    gating = (model_config or cell.get("model") or {}).get("gating")
-    return "control" if cell["experts"] == 1 or gating == "random" else "sb-moe"
-
-
-def collect_results(
-    output_dir: str | Path,
-    metrics: tuple[str, ...] = PAPER_METRICS,
-    cell_ids: Collection[str] | None = None,
-) -> list[SystemResult]:
-    """Gather the finished cells' evaluations into systems (seeds merged).
-
-    Args:
-        output_dir: An experiment's output directory.
-        metrics: The metrics to read.
-        cell_ids: Only these cells (default: every finished cell).
-    """
-    systems: dict[tuple, SystemResult] = {}
-    for folder, done in iter_finished_cells(output_dir):
-        if cell_ids is not None and folder.name not in cell_ids:
-            continue
-        cell = done["cell"]
-        saved = read_json(folder / "cell.json") if (folder / "cell.json").exists() else {}
-        kind = system_kind(cell, saved.get("model_config"))
-        training = done.get("training") or {}
-        for eval_name, rules in done["evaluations"].items():
-            for rule in rules:
-                directory = eval_dir(folder, eval_name) / (rule if len(rules) > 1 else "")
-                key = (
-                    cell["backbone"],
-                    cell["collection"],
-                    eval_name,
-                    cell["variant"],
-                    cell["experts"],
-                    rule,
-                )
-                system = systems.setdefault(key, SystemResult(*key, kind=kind))
-                scores = read_json(directory / "metrics.json")
-                per_query = read_json(directory / "per_query.json")
-                system.seeds.append(cell["seed"])
-                system.cell_dirs.append(str(folder))
-                system.eval_dirs.append(str(directory))
-                for metric in metrics:
-                    system.metrics[metric].append(scores[metric])
-                    system.per_query[metric].append(per_query[metric])
-                if "seconds" in training:
-                    system.train_seconds.append(training["seconds"])
-                if eval_name in done.get("eval_seconds", {}):
-                    system.eval_seconds.append(done["eval_seconds"][eval_name])
-                routing_file = eval_dir(folder, eval_name) / "routing.json"
-                if routing_file.exists():
-                    system.routing.append(read_json(routing_file))
-    return list(systems.values())
+# Label of the zero-shot reference in the transfer comparisons.
+ZERO_SHOT = "zero-shot"
 
 
 @dataclass
 class ExperimentReport:
-    """Systems grouped for tables, with one significance report per group.
+    """Systems grouped for tables, with significance reports per group, query group and transfer.
 
     Attributes:
         variant_order: Variant names in the grid's order (rows of a kind follow it; variants not
             in it come after, by name).
+        group_comparisons: (group, query group) -> the group's systems against the baseline on the
+            primary metric, on that query group's queries only.
+        transfer: (backbone, evaluation collection) -> every system evaluated there against the
+            zero-shot backbone on the primary metric (systems named by ``transfer_label``).
     """
 
     systems: list[SystemResult]
@@ -160,6 +68,8 @@ class ExperimentReport:
     baseline: str
     primary_metric: str
     variant_order: list[str] = field(default_factory=list)
+    group_comparisons: dict[tuple[tuple[str, str, str], str], ComparisonReport] = field(default_factory=dict)
+    transfer: dict[tuple[str, str], ComparisonReport] = field(default_factory=dict)
 
     def groups(self) -> dict[tuple[str, str, str], list[SystemResult]]:
         """Systems per (backbone, training, evaluation collection), zero-shot first, SB-MoE last."""
@@ -180,13 +90,21 @@ class ExperimentReport:
         return kind, variant != self.baseline, position, variant, system.experts, rule
 
     def to_report(self, timing: bool = False) -> Report:
-        """One table per group (mean ± std over seeds, best in bold, † significant against the
-        baseline, its corrected p-value), with ``to_dict`` giving :meth:`to_dict`.
+        """Per group a table (mean ± std over seeds, best in bold, † significant against the
+        baseline, its corrected p-value), followed by its seen/unseen table where there is one;
+        then a transfer table per backbone whose systems were evaluated off their training
+        collection. ``to_dict`` gives :meth:`to_dict`.
 
         Args:
             timing: Add columns with the mean training and evaluation seconds.
         """
-        tables = [self._table(group, members, timing) for group, members in self.groups().items()]
+        tables = []
+        for group, members in self.groups().items():
+            tables.append(self._table(group, members, timing))
+            query_groups = in_domain_query_groups(members)
+            if query_groups:
+                tables.append(self._query_group_table(group, members, query_groups))
+        tables += [self._transfer_table(backbone) for backbone in self._transfer_backbones()]
         tests = sorted({c.test for c in self.comparisons.values()})
         metric = metric_label(self.primary_metric)
         spread = (
@@ -194,9 +112,9 @@ class ExperimentReport:
         )
         if tests:
             legend = (
-                f"{spread}best per column in bold; † = {metric} significantly different from "
-                f"{self.baseline} ({', '.join(tests)} on per-query scores averaged over seeds, "
-                "Bonferroni-corrected within the table); p = that corrected p-value."
+                f"{spread}best per column in bold. In the tables of every metric, † = {metric} "
+                f"significantly different from {self.baseline} ({', '.join(tests)} on per-query scores "
+                "averaged over seeds, Bonferroni-corrected within the table); p = that corrected p-value."
             )
         else:
             legend = f"{spread}best per column in bold; no {self.baseline} to test against."
@@ -204,7 +122,6 @@ class ExperimentReport:
         return Report(tables, [legend], self.to_dict())
 
     def _table(self, group: tuple[str, str, str], members: list[SystemResult], timing: bool) -> Table:
-        backbone, trained_on, evaluated_on = group
         seed_counts = {len(s.seeds) for s in members}
         columns = [Column("seeds", "seeds")] if len(seed_counts) > 1 else []
         columns += [Column(m, metric_label(m)) for m in self.metrics]
@@ -214,18 +131,12 @@ class ExperimentReport:
         if timing:
             columns += [Column("train_seconds", "train s", 0), Column("eval_seconds", "eval s", 0)]
         best = {m: max(s.mean(m) for s in members) for m in self.metrics}
-        table = Table(
-            columns,
-            caption=f"{backbone}: trained on {trained_on}, evaluated on {evaluated_on}",
-            label="tab:" + slug(f"{backbone}-{trained_on}-{evaluated_on}").lower(),
-        )
+        table = Table(columns, caption=_caption(group), label=_table_label(group))
         if len(seed_counts) == 1:
             count = seed_counts.pop()
             table.notes.append(f"{count} seed{'s' if count > 1 else ''} per system.")
         for system in members:
-            tested = None
-            if comparison is not None and system.label != comparison.baseline:
-                tested = comparison[system.label]
+            tested = self._tested(comparison, system)
             cells = {"seeds": Cell(len(system.seeds))}
             for metric in self.metrics:
                 mean = system.mean(metric)
@@ -247,6 +158,114 @@ class ExperimentReport:
             table.rows.append(Row(system.label, cells))
         return table
 
+    def _query_group_table(
+        self, group: tuple[str, str, str], members: list[SystemResult], query_groups: dict[str, list[str]]
+    ) -> Table:
+        """The primary metric on all, seen, partly-seen and unseen queries, each tested apart."""
+        metric = self.primary_metric
+        label = metric_label(metric)
+        backbone, trained_on, _ = group
+        subsets = {"all": sorted(members[0].mean_per_query(metric))}
+        subsets.update((name, query_groups[name]) for name in GROUPS if query_groups.get(name))
+        tests = {"all": self.comparisons.get(group)}
+        tests.update((name, self.group_comparisons.get((group, name))) for name in GROUPS)
+        columns = []
+        for name, ids in subsets.items():
+            columns.append(Column(name, f"{label} {name} (n={len(ids)})"))
+            if tests[name] is not None:
+                columns.append(Column(f"p {name}", "p", style="p"))
+        table = Table(
+            columns,
+            caption=f"{backbone} trained on {trained_on}: {label} on queries whose relevant documents "
+            "were all (seen), some (partly-seen) or none (unseen) training positives",
+            label=_table_label(group) + "-seen",
+        )
+        table.notes.append(
+            f"A training positive is a document relevant to a query of {trained_on}'s train split; "
+            f"† and p: {label} against {self.baseline} on that column's queries only."
+        )
+        scores = {
+            name: {s.label: s.group_mean_std(metric, ids) for s in members} for name, ids in subsets.items()
+        }
+        best = {name: max(mean for mean, _ in values.values()) for name, values in scores.items()}
+        for system in members:
+            cells = {}
+            for name in subsets:
+                mean, std = scores[name][system.label]
+                tested = self._tested(tests[name], system)
+                cells[name] = Cell(
+                    mean,
+                    std if len(system.seeds) > 1 else None,
+                    bold=math.isclose(mean, best[name], abs_tol=5e-5),
+                    dagger=tested is not None and tested.significant,
+                )
+                if tested is not None:
+                    cells[f"p {name}"] = Cell(tested.corrected_p_value)
+            table.rows.append(Row(system.label, cells))
+        return table
+
+    @staticmethod
+    def _tested(comparison: ComparisonReport | None, system: SystemResult) -> Comparison | None:
+        """The system's comparison in ``comparison``; None for the baseline itself or no test."""
+        if comparison is None or system.label == comparison.baseline:
+            return None
+        return comparison[system.label]
+
+    def _transfer_backbones(self) -> list[str]:
+        """Backbones with a system evaluated off its training collection, against zero-shot there."""
+        backbones = {
+            s.backbone
+            for s in self.systems
+            if s.train_collection != s.eval_collection and (s.backbone, s.eval_collection) in self.transfer
+        }
+        return [b for b in dict.fromkeys(s.backbone for s in self.systems) if b in backbones]
+
+    def _transfer_table(self, backbone: str) -> Table:
+        """Δ of the primary metric from zero-shot: in-domain, then on every evaluated collection."""
+        label = metric_label(self.primary_metric)
+        evaluated = [c for (b, c) in self.transfer if b == backbone]
+        columns = [Column("trained_on", "trained on"), Column("in-domain", "Δ in-domain", style="signed")]
+        columns.append(Column("p in-domain", "p", style="p"))
+        for collection in evaluated:
+            columns.append(Column(collection, f"Δ {collection}", style="signed"))
+            columns.append(Column(f"p {collection}", "p", style="p"))
+        table = Table(
+            columns,
+            caption=f"{backbone}: change in {label} from the zero-shot backbone, on the training "
+            "collection (in-domain) and on the others",
+            label="tab:" + slug(f"{backbone}-transfer").lower(),
+        )
+        references = ", ".join(f"{c} {self.transfer[(backbone, c)].baseline_mean:.4f}" for c in evaluated)
+        table.notes.append(
+            f"Δ = {label} minus the zero-shot backbone's on the same collection (zero-shot: {references}); "
+            f"† and p: {self.transfer[(backbone, evaluated[0])].test} against zero-shot, Bonferroni over the "
+            "systems evaluated on that collection."
+        )
+        trained_on = list(dict.fromkeys(s.train_collection for s in self.systems))
+        systems = sorted(
+            (s for s in self.systems if s.backbone == backbone and s.kind != "zero-shot"),
+            key=lambda s: (trained_on.index(s.train_collection), self._row_order(s)),
+        )
+        rows: dict[tuple[str, str], dict[str, Cell]] = {}
+        for system in systems:
+            comparison = self.transfer.get((backbone, system.eval_collection))
+            if comparison is None:
+                continue
+            tested = comparison[system.transfer_label]
+            in_domain = system.train_collection == system.eval_collection
+            column = "in-domain" if in_domain else system.eval_collection
+            cells = rows.setdefault(
+                (system.train_collection, system.label), {"trained_on": Cell(system.train_collection)}
+            )
+            cells[column] = Cell(tested.mean_difference, dagger=tested.significant)
+            cells[f"p {column}"] = Cell(tested.corrected_p_value)
+        for (_, system_label), cells in rows.items():
+            if set(cells) - {"trained_on", "in-domain", "p in-domain"}:  # evaluated off its collection
+                table.rows.append(Row(system_label, cells))
+        # A collection every row was trained on has its numbers under "in-domain" only.
+        table.columns = [c for c in table.columns if any(c.key in row.cells for row in table.rows)]
+        return table
+
     def to_dict(self) -> dict[str, Any]:
         """Every system's per-seed metrics, means and standard deviations, and the comparisons."""
         return {
@@ -257,19 +276,54 @@ class ExperimentReport:
                     **{
                         f.name: getattr(s, f.name)
                         for f in dataclasses.fields(s)
-                        if f.name not in ("per_query", "metrics")
+                        if f.name not in ("per_query", "metrics", "query_groups")
                     },
                     "label": s.label,
                     "metrics_per_seed": dict(s.metrics),
                     "mean": {m: s.mean(m) for m in self.metrics},
                     "std": {m: s.std(m) for m in self.metrics},
+                    "query_groups": {
+                        name: {"num_queries": len(ids), **_group_means(s, self.metrics, ids)}
+                        for name, ids in (s.query_groups or {}).items()
+                    },
                 }
                 for s in self.systems
             ],
             "comparisons": {
                 " / ".join(group): report.to_dict() for group, report in self.comparisons.items()
             },
+            "query_group_comparisons": {
+                " / ".join([*group, name]): report.to_dict()
+                for (group, name), report in self.group_comparisons.items()
+            },
+            "transfer_comparisons": {
+                " / ".join(key): report.to_dict() for key, report in self.transfer.items()
+            },
         }
+
+
+def in_domain_query_groups(members: list[SystemResult]) -> dict[str, list[str]] | None:
+    """The query groups of a table's systems, when they were evaluated on their training collection.
+
+    Off the training collection "seen" would mean seen by no system of the table, so there is none.
+    """
+    for system in members:
+        if system.train_collection == system.eval_collection and system.query_groups:
+            return system.query_groups
+    return None
+
+
+def _group_means(system: SystemResult, metrics: tuple[str, ...], ids: list[str]) -> dict[str, float]:
+    return {m: system.group_mean_std(m, ids)[0] for m in metrics} if ids else {}
+
+
+def _caption(group: tuple[str, str, str]) -> str:
+    backbone, trained_on, evaluated_on = group
+    return f"{backbone}: trained on {trained_on}, evaluated on {evaluated_on}"
+
+
+def _table_label(group: tuple[str, str, str]) -> str:
+    return "tab:" + slug("-".join(group)).lower()
 
 
 def build_report(
@@ -282,7 +336,8 @@ def build_report(
     metrics: tuple[str, ...] = PAPER_METRICS,
     cell_ids: Collection[str] | None = None,
 ) -> ExperimentReport:
-    """Collect the finished cells of ``output_dir`` and test each system against ``baseline``.
+    """Collect the finished cells of ``output_dir`` and test each system against ``baseline`` (on
+    all queries and on each query group) and against the zero-shot backbone (transfer).
 
     Args:
         cell_ids: Only these cells (default: every finished cell).
@@ -293,6 +348,7 @@ def build_report(
     experiment = Path(output_dir) / "experiment.json"
     order = list(read_json(experiment)["grid"]["variants"]) if experiment.exists() else []
     report = ExperimentReport(systems, {}, metrics, baseline, metric, order)
+    tests = {"test": test, "alpha": alpha, "seed": seed, "metric": metric}
     for group, members in report.groups().items():
         base = next((s for s in members if s.variant == baseline), None)
         others = [s for s in members if s is not base]
@@ -300,97 +356,50 @@ def build_report(
             continue
         per_query = {base.label: base.mean_per_query(metric)}
         per_query.update({s.label: s.mean_per_query(metric) for s in others})
-        report.comparisons[group] = compare_to_baseline(
-            per_query, base.label, test=test, alpha=alpha, seed=seed, metric=metric
-        )
+        report.comparisons[group] = compare_to_baseline(per_query, base.label, **tests)
+        for name, ids in (in_domain_query_groups(members) or {}).items():
+            # A paired test needs two queries; a smaller group is shown without one.
+            if len(ids) >= 2:
+                restricted = {label: restrict(scores, ids) for label, scores in per_query.items()}
+                report.group_comparisons[(group, name)] = compare_to_baseline(restricted, base.label, **tests)
+    report.transfer = _transfer_comparisons(report, tests)
     return report
 
 
+def _transfer_comparisons(
+    report: ExperimentReport, tests: dict[str, Any]
+) -> dict[tuple[str, str], ComparisonReport]:
+    """Per (backbone, evaluation collection) with a zero-shot system: every other system against it."""
+    zero_shots: dict[tuple[str, str], SystemResult] = {}
+    # Any zero-shot cell of the backbone evaluated there will do (they score the same untrained model);
+    # prefer the one of that collection, without a head's inference rule.
+    ranked = sorted(
+        (s for s in report.systems if s.kind == "zero-shot"),
+        key=lambda s: (s.train_collection != s.eval_collection, s.rule != "model", s.experts),
+    )
+    for system in ranked:
+        zero_shots.setdefault((system.backbone, system.eval_collection), system)
+    comparisons = {}
+    for key, zero_shot in zero_shots.items():
+        others = [
+            s for s in report.systems if s.kind != "zero-shot" and (s.backbone, s.eval_collection) == key
+        ]
+        if not others:
+            continue
+        per_query = {ZERO_SHOT: zero_shot.mean_per_query(report.primary_metric)}
+        per_query.update({s.transfer_label: s.mean_per_query(report.primary_metric) for s in others})
+        comparisons[key] = compare_to_baseline(per_query, ZERO_SHOT, **tests)
+    return comparisons
+
+
 def write_report(report: ExperimentReport, directory: str | Path, plots: bool = True) -> list[Path]:
-    """Write tables.md, tables.tex, results.json and (unless ``plots`` is off) the PNG plots."""
+    """Write tables.md, tables.tex, results.json and (unless ``plots`` is off) the PNG plots
+    (:func:`sbmoe.report_figures.write_figures`)."""
     directory = Path(directory)
     rendered = report.to_report()
     written = [rendered.save(directory / name) for name in ("tables.md", "tables.tex", "results.json")]
-    if not plots:
-        return written
-    from sbmoe.plots import plot_expert_usage, plot_metric_vs_experts
+    if plots:
+        from sbmoe.report_figures import write_figures
 
-    groups = report.groups()
-    if any(s.experts for members in groups.values() for s in members):
-        panels: dict[str, dict[str, list[tuple[int, float, float]]]] = {}
-        references: dict[str, dict[str, float]] = {}
-        metric = report.primary_metric
-        for (backbone, _, evaluated_on), members in groups.items():
-            title = f"{backbone} / {evaluated_on}"
-            lines, flat = panels.setdefault(title, {}), references.setdefault(title, {})
-            for s in members:
-                if s.experts:
-                    lines.setdefault(f"{s.variant} {s.rule}", []).append(
-                        (s.experts, s.mean(metric), s.std(metric))
-                    )
-                else:
-                    flat[s.label] = s.mean(metric)
-        path = directory / "metric_vs_experts.png"
-        written.append(
-            plot_metric_vs_experts(panels, references, metric_label(metric), path, report.baseline)
-        )
-    # One panel per trained MoE model (its first seed's routing), on the collection it was trained on.
-    routed = [s for s in report.systems if s.routing and s.train_collection == s.eval_collection]
-    usage = {
-        f"{s.backbone}, {s.eval_collection}: {s.variant} N={s.experts}": s.routing[0]
-        for s in sorted(routed, key=lambda s: (s.eval_collection, s.variant, s.experts))
-    }
-    if usage:
-        written.append(plot_expert_usage(usage, directory / "expert_usage.png"))
-    for system in _tsne_systems(report):
-        written.append(write_tsne(system, directory / f"tsne_{slug(system.eval_collection)}.png"))
+        written += write_figures(report.groups(), report.primary_metric, report.baseline, directory)
     return written
-
-
-def _tsne_systems(report: ExperimentReport) -> list[SystemResult]:
-    """Per evaluation collection, the trained MoE system with the most experts (top1 rule preferred)."""
-    chosen: dict[str, SystemResult] = {}
-    for system in report.systems:
-        trained = system.cell_dirs and (Path(system.cell_dirs[0]) / "model").exists()
-        if not system.experts or not trained:
-            continue
-        current = chosen.get(system.eval_collection)
-        rank = (system.experts, system.rule == "top1")
-        if current is None or rank > (current.experts, current.rule == "top1"):
-            chosen[system.eval_collection] = system
-    return list(chosen.values())
-
-
-def write_tsne(system: SystemResult, path: Path, top: int = 50) -> Path:
-    """t-SNE of one test query and its top documents (first seed's model), coloured by expert."""
-    import torch
-
-    from sbmoe.data import load_collection, resolve_data
-    from sbmoe.encoding import encode_texts
-    from sbmoe.evaluation import read_trec_run
-    from sbmoe.modeling import Retriever
-    from sbmoe.plots import plot_tsne
-
-    retriever = Retriever.load(str(Path(system.cell_dirs[0]) / "model"))
-    if system.rule in ("top1", "topk", "all"):
-        retriever.head.expert_pooling = system.rule
-    collection = load_collection(resolve_data(system.eval_collection))
-    run = read_trec_run(Path(system.eval_dirs[0]) / "run.trec")
-    query_id = sorted(run)[0]
-    doc_ids = sorted(run[query_id], key=lambda d: -run[query_id][d])[:top]
-    texts = [collection.queries[query_id], *(collection.corpus[d].full_text for d in doc_ids)]
-    pooled = np.concatenate(
-        [
-            encode_texts(retriever, texts[:1], "query", pooled_only=True),
-            encode_texts(retriever, texts[1:], "document", pooled_only=True),
-        ]
-    )
-    retriever.head.eval()
-    with torch.inference_mode():
-        out = retriever.head({"sentence_embedding": torch.from_numpy(pooled)})
-    points = torch.nn.functional.normalize(out["sentence_embedding"], dim=-1).numpy()
-    title = (
-        f"{system.eval_collection}, query {query_id}: top {len(doc_ids)} documents "
-        f"({system.variant}, N={system.experts}, {system.rule})"
-    )
-    return plot_tsne(points, out["expert_index"].numpy(), title, path)

@@ -30,6 +30,7 @@ from sbmoe.index import DenseIndex, shard_directory
 from sbmoe.io import write_json
 from sbmoe.modeling import Retriever
 from sbmoe.outputs import EVALUATION, INDEX, SHARDED_INDEX, check_output, writing_output
+from sbmoe.query_groups import group_scores, split_query_groups
 from sbmoe.runs import Run
 from sbmoe.runtime import resolve_inference
 from sbmoe.shards import ShardedIndex, load_index
@@ -43,6 +44,8 @@ class EvaluationOutput:
     output_dir: Path
     result: EvaluationResult
     seconds: float
+    # Seen / partly-seen / unseen: query count and metric means each (None: no training split).
+    query_groups: dict[str, dict[str, Any]] | None = None
 
 
 # Documents encoded (and kept) at a time while indexing, so that an interrupted index resumes.
@@ -181,8 +184,10 @@ def evaluate_model(
 
     Writes ``metrics.json``, ``per_query.json``, ``run.trec`` and ``config.json`` (the configs and
     :func:`~sbmoe.config.provenance`) into ``output_dir``, or into ``output_dir/<rule>/`` per
-    inference rule when several are asked for. ``config.expert_poolings`` are ignored for a model
-    without an MoE head.
+    inference rule when several are asked for. When ``collection`` holds a ``train`` split (and the
+    evaluated split is another), ``metrics.json`` also breaks the scores down into seen, partly-seen
+    and unseen queries and ``query_groups.json`` lists them (:mod:`sbmoe.query_groups`).
+    ``config.expert_poolings`` are ignored for a model without an MoE head.
 
     Args:
         overwrite: Replace an earlier evaluation in ``output_dir`` made with other settings (see
@@ -217,6 +222,8 @@ def _evaluate(
     cache: EmbeddingCache | None,
 ) -> list[EvaluationOutput]:
     qrels = collection.split_qrels(config.split)
+    # Seen / partly-seen / unseen queries, on collections with a training split (sbmoe.query_groups).
+    groups = split_query_groups(collection.qrels, config.split)
     queries = {q: collection.queries[q] for q in sorted(qrels) if q in collection.queries}
     documents = {d: doc.full_text for d, doc in collection.corpus.items()}
     retriever.warn_truncated(list(queries.values()), "query", f"{collection.name} {config.split} queries")
@@ -238,7 +245,10 @@ def _evaluate(
     for rule, run in runs.items():
         target = output_dir / rule if len(runs) > 1 else output_dir
         result = evaluate_run(qrels, run, metrics=tuple(config.metrics))
-        save_metrics(result, target, extra={"split": config.split, "expert_pooling": rule})
+        save_metrics(
+            result, target, extra={"split": config.split, "expert_pooling": rule}, query_groups=groups
+        )
+        group_summary = group_scores(result.per_query, groups) if groups is not None else None
         write_trec_run(run, target / "run.trec", tag=f"sbmoe-{rule}")
         write_json(
             target / "config.json",
@@ -254,7 +264,7 @@ def _evaluate(
                 **provenance(command),
             },
         )
-        outputs.append(EvaluationOutput(rule, target, result, seconds))
+        outputs.append(EvaluationOutput(rule, target, result, seconds, group_summary))
     return outputs
 
 
