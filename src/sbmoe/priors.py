@@ -167,9 +167,9 @@ def evaluate_control(
         documents = encode_texts(
             retriever, [collection.corpus[d].full_text for d in doc_ids], "document", encode, cache=cache
         )
-        beta, dev_scores = 0.0, {}
+        beta, dev_scores, dev_queries = 0.0, {}, 0
         if counts:
-            beta, dev_scores = choose_beta(
+            beta, dev_scores, dev_queries = choose_beta(
                 retriever, collection, documents, train_config, config.exclude_self, encode, cache
             )
         queries = encode_texts(
@@ -178,7 +178,7 @@ def evaluate_control(
         run = PriorScorer(documents, doc_ids, counts).run(
             queries, query_ids, beta, config.top_k, config.exclude_self
         )
-        details.update({"beta": beta, "dev_ndcg@10": dev_scores, "beta_grid": list(BETA_GRID)})
+        details.update({"beta": beta, "dev_ndcg@10": dev_scores, "dev_queries": dev_queries})
     settings = {
         "model_fingerprint": fingerprint,
         "evaluate_config": dataclasses.asdict(config),
@@ -204,8 +204,9 @@ def choose_beta(
     exclude_self: bool = False,
     encode: EncodeConfig | None = None,
     cache: EmbeddingCache | None = None,
-) -> tuple[float, dict[str, float]]:
-    """The weight of :data:`BETA_GRID` with the best dev nDCG@10, and every candidate's score.
+) -> tuple[float, dict[str, float], int]:
+    """The weight of :data:`BETA_GRID` with the best dev nDCG@10, every candidate's score, and the
+    number of dev queries.
 
     Dev is the held-out part of the training split that :func:`~sbmoe.data.train_dev_split` gives
     for ``train_config``; the counts come from the rest of the training split only.
@@ -229,4 +230,4 @@ def choose_beta(
         run = scorer.run(queries, dev_ids, beta, 10, exclude_self)
         scores[beta] = evaluate_run(dev_qrels, run, metrics=("ndcg@10",)).metrics["ndcg@10"]
     best = max(BETA_GRID, key=lambda beta: (scores[beta], -beta))
-    return best, {str(beta): score for beta, score in scores.items()}
+    return best, {str(beta): score for beta, score in scores.items()}, len(dev_ids)
