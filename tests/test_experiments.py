@@ -59,7 +59,8 @@ def test_expansion_ids_are_unique_and_overrides_layer(tmp_path):
     )
     moe = next(c for c in cells if c.variant == "moe" and c.experts == 4)
     assert cell_configs(grid, moe)[0].num_experts == 4 and cell_configs(grid, moe)[0].gating == "paper"
-    assert base.evaluate_on == (["c1", "c2"] if base.collection == "c1" else ["c2"])
+    # Every cell is evaluated on its own collection first, then on the grid's others (transfer).
+    assert base.evaluate_on == (["c1", "c2"] if base.collection == "c1" else ["c2", "c1"])
 
 
 @pytest.mark.parametrize(
@@ -92,6 +93,7 @@ def test_grid_runs_skips_finished_cells_and_records_failures(
             name="tiny",
             backbones=[str(tiny_bert_dir)],
             collections=[scifact_slice.name, "no-such-collection"],
+            transfer=False,
             seeds=[1, 2],
             experts=[2],
             variants={"fine-tuned": {"num_experts": 0}, "sb-moe": {"gating": "learned"}},

@@ -29,6 +29,7 @@ Similarity = Literal["auto", "cosine", "dot"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 GATING_VARIANTS = ("paper", "learned", "random")
+HEADS = ("moe", "linear")
 EXPERT_POOLINGS = ("top1", "topk", "all")
 SIMILARITIES = ("auto", "cosine", "dot")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -133,6 +134,12 @@ class ModelConfig:
     )
     num_experts: int = setting(
         6, help="experts in the MoE block; 0 = the plain fine-tuned baseline (no head)"
+    )
+    head: Literal["moe", "linear"] = setting(
+        "moe",
+        choices=HEADS,
+        help="moe (the SB-MoE block, --num-experts experts; 0 = no head) or linear (a control: one "
+        "zero-initialised residual Linear(d, d), no experts or gate; --num-experts is ignored)",
     )
     expert_pooling: ExpertPooling = setting(
         "top1",

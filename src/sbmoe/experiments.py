@@ -1,27 +1,36 @@
 """Experiment grids: backbones x collections x variants x experts x seeds, run cell by cell.
 
 A grid file (YAML) names the axes; every combination is a *cell* that trains (or not), evaluates on
-its collection (and on transfer collections), records expert usage, and writes everything in its
-own folder ``DIR/cells/<cell id>/``. Running the same grid again skips finished cells and resumes an
-interrupted one (training resumes from its checkpoint); a finished cell whose settings the grid has
-since changed is refused rather than reused. A failing cell is recorded in its ``error.json`` and the
-others go on.
+its collection and then zero-shot on every other collection of the grid (transfer), records expert
+usage, and writes everything in its own folder ``DIR/cells/<cell id>/``. Running the same grid again
+skips finished cells and resumes an interrupted one (training resumes from its checkpoint); a
+finished cell that lacks an evaluation the grid now asks for (a collection added) is evaluated on it
+without retraining; a finished cell whose settings the grid has since changed is refused rather
+than reused. A failing cell is recorded in its ``error.json`` and the others go on.
 
 Grid file keys (all but ``backbones``/``collections``/``variants`` optional)::
 
     name: scifact-cpu
     preset: default                  # or paper
     backbones: [all-MiniLM-L6-v2]    # names, directories, or registered short names (tinybert, ...)
-    collections: [scifact, nfcorpus] # train (and evaluate) on each
-    transfer: {msmarco: [scifact]}   # also evaluate models trained on msmarco on scifact
+    collections: [scifact, nfcorpus] # train on each; evaluate on it, then on the others (transfer)
+    transfer: {msmarco: [scifact]}   # also evaluate models trained on msmarco on scifact;
+                                     #   `transfer: false`: each cell on its own collection only
     variants:                        # name -> model settings; `train:` holds training overrides,
       fine-tuned: {num_experts: 0}   #   `train: false` evaluates the backbone untrained
       sb-moe: {gating: learned}
+      linear: {head: linear}         # the linear residual adapter (no experts: not on the experts axis)
+      prior: {control: document-prior}  # untrained controls (sbmoe.priors): document-prior,
+                                     #   zero-shot+prior
     experts: [3, 6, 9, 12]           # for every variant whose num_experts is not 0
-    seeds: [1, 2, 3]
+    seeds: [1, 2, 3]                 # untrained cells (train: false, controls) run the first only
     model: {max_doc_length: 256}     # for every cell
     train: {epochs: 1}
+    train_per_collection:            # training settings for cells trained on one collection
+      nfcorpus: {max_steps: 300}     #   (over `train`, under a variant's own `train:`)
     evaluate: {split: test, expert_poolings: [top1, all]}
+    evaluate_per_collection:         # `evaluate` settings that differ for one evaluated collection
+      arguana: {exclude_self: true}  #   (BEIR drops a query's own document from ArguAna's ranking)
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from sbmoe.encoding import encode_texts
 from sbmoe.errors import UsageError
 from sbmoe.io import atomic_open, read_json, write_json
 from sbmoe.modeling import Retriever
+from sbmoe.priors import CONTROLS, evaluate_control
 from sbmoe.retrieval import evaluate_model
 from sbmoe.routing import routing_statistics
 from sbmoe.training import train
@@ -90,6 +100,8 @@ GRID_KEYS = {
     "model",
     "train",
     "evaluate",
+    "train_per_collection",
+    "evaluate_per_collection",
 }
 
 
@@ -104,10 +116,25 @@ class ExperimentGrid:
     experts: list[int] = field(default_factory=lambda: [6])
     seeds: list[int] = field(default_factory=lambda: [42])
     preset: str = "default"
-    transfer: dict[str, list[str]] = field(default_factory=dict)
+    # True: every cell is also evaluated on the grid's other collections; a mapping adds, per
+    # training collection, more collections to that; False: each cell on its own collection only.
+    transfer: dict[str, list[str]] | bool = True
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
+    train_per_collection: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluate_per_collection: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def evaluation_collections(self, collection: str) -> list[str]:
+        """Where a cell trained on ``collection`` is evaluated: there first, then transfer targets."""
+        if self.transfer is False:
+            return [collection]
+        extra = self.transfer.get(collection, []) if isinstance(self.transfer, dict) else []
+        return list(dict.fromkeys([collection, *self.collections, *extra]))
+
+    def evaluate_settings(self, collection: str) -> dict[str, Any]:
+        """The ``evaluate`` settings for ``collection``: the grid's, with its own overrides on top."""
+        return {**self.evaluate, **self.evaluate_per_collection.get(collection, {})}
 
 
 @dataclass
@@ -123,6 +150,7 @@ class Cell:
     model: dict[str, Any]
     train: dict[str, Any]
     evaluate_on: list[str]
+    control: str | None = None
 
     @property
     def cell_id(self) -> str:
@@ -184,19 +212,50 @@ def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
     if not isinstance(data["variants"], dict):
         raise UsageError(f"{path}: `variants` must map variant names to settings")
     data.setdefault("name", Path(path).stem)
+    transfer = data.get("transfer", True)
+    if not isinstance(transfer, (bool, dict)) or (
+        isinstance(transfer, dict) and not all(isinstance(v, list) for v in transfer.values())
+    ):
+        raise UsageError(f"{path}: `transfer` must be true, false or a mapping of collection -> list")
     grid = ExperimentGrid(**data)
     for name, settings in grid.variants.items():
         settings = settings or {}
         grid.variants[name] = settings
-        model_keys = set(settings) - {"train"}
+        model_keys = set(settings) - {"train", "control"}
         bad = sorted(model_keys - {f.name for f in dataclasses.fields(ModelConfig)})
         if bad:
             raise UsageError(f"{path}: variant {name!r} has unknown model settings {bad}")
+        control = settings.get("control")
+        if control is not None and control not in CONTROLS:
+            raise UsageError(f"{path}: variant {name!r}: unknown control {control!r}; choose from {CONTROLS}")
+        if control is not None and settings.get("train", False) is not False:
+            raise UsageError(f"{path}: variant {name!r}: a control is never trained; drop its `train`")
     for key, cls in (("model", ModelConfig), ("train", TrainConfig), ("evaluate", EvaluateConfig)):
         bad = sorted(set(getattr(grid, key)) - {f.name for f in dataclasses.fields(cls)})
         if bad:
             raise UsageError(f"{path}: `{key}` has unknown settings {bad}")
+    evaluated = {name for c in grid.collections for name in grid.evaluation_collections(c)}
+    _check_per_collection(grid, "train_per_collection", TrainConfig, set(grid.collections), path)
+    _check_per_collection(grid, "evaluate_per_collection", EvaluateConfig, evaluated, path)
     return grid
+
+
+def _check_per_collection(
+    grid: ExperimentGrid, key: str, cls: type, names: set[str], path: str | Path
+) -> None:
+    """Each entry of ``grid.<key>`` names one of ``names`` and holds settings of ``cls``."""
+    entries = getattr(grid, key)
+    if not isinstance(entries, dict):
+        raise UsageError(f"{path}: `{key}` must map collection names to settings")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for name, settings in entries.items():
+        if name not in names:
+            raise UsageError(f"{path}: `{key}` names {name!r}, which is none of {sorted(names)}")
+        if not isinstance(settings, dict):
+            raise UsageError(f"{path}: `{key}.{name}` must be a mapping of settings")
+        bad = sorted(set(settings) - fields)
+        if bad:
+            raise UsageError(f"{path}: `{key}.{name}` has unknown settings {bad}")
 
 
 def expand(grid: ExperimentGrid) -> list[Cell]:
@@ -205,10 +264,13 @@ def expand(grid: ExperimentGrid) -> list[Cell]:
     for backbone in grid.backbones:
         for collection in grid.collections:
             for variant, settings in grid.variants.items():
-                trains = settings.get("train", {}) is not False
+                control = settings.get("control")
+                trains = control is None and settings.get("train", {}) is not False
                 train_overrides = settings.get("train") or {}
-                model_overrides = {k: v for k, v in settings.items() if k != "train"}
+                model_overrides = {k: v for k, v in settings.items() if k not in ("train", "control")}
                 fixed = model_overrides.get("num_experts", grid.model.get("num_experts"))
+                if control is not None or model_overrides.get("head", grid.model.get("head")) == "linear":
+                    fixed = 0  # controls and the linear adapter have no experts
                 # A variant that fixes its number of experts (0 = no head, 1 = one-expert control)
                 # is not expanded over the experts axis.
                 for experts in grid.experts if fixed is None else [fixed]:
@@ -223,14 +285,16 @@ def expand(grid: ExperimentGrid) -> list[Cell]:
                                 trains=trains,
                                 model={**model_overrides, "num_experts": experts},
                                 train=dict(train_overrides),
-                                evaluate_on=[collection, *grid.transfer.get(collection, [])],
+                                evaluate_on=grid.evaluation_collections(collection),
+                                control=control,
                             )
                         )
     return cells
 
 
 def cell_configs(grid: ExperimentGrid, cell: Cell) -> tuple[ModelConfig, TrainConfig]:
-    """Resolve a cell's model and training configs: preset, backbone registry, grid, variant, cell."""
+    """Resolve a cell's model and training configs: preset, backbone registry, grid, the training
+    collection's ``train_per_collection`` entry, variant, cell."""
     registered = REGISTERED_BACKBONES.get(cell.backbone, {})
     backbone = registered.get("name", cell.backbone)
     model = {"backbone": backbone}
@@ -243,6 +307,7 @@ def cell_configs(grid: ExperimentGrid, cell: Cell) -> tuple[ModelConfig, TrainCo
     model.update(cell.model)
     model.setdefault("num_experts", cell.experts)
     train_settings.update(grid.train)
+    train_settings.update(grid.train_per_collection.get(cell.collection, {}))
     train_settings.update(cell.train)
     return build_configs(grid.preset, model, train_settings)
 
@@ -290,7 +355,7 @@ def run_experiment(
     bar = tqdm(cells, desc=f"experiment {grid.name}", unit="cell", disable=not show_progress)
     for cell in bar:
         folder = output_dir / "cells" / cell.cell_id
-        if (folder / "done.json").exists():
+        if _missing_evaluations(cell, folder) == []:
             summary.skipped.append(cell.cell_id)
             continue
         bar.set_postfix_str(cell.cell_id)
@@ -314,14 +379,29 @@ def run_experiment(
     return summary
 
 
+def _missing_evaluations(cell: Cell, folder: Path) -> list[str] | None:
+    """The collections a finished cell has yet to be evaluated on (``None``: it is not finished)."""
+    if not (folder / "done.json").exists():
+        return None
+    evaluated = read_json(folder / "done.json")["evaluations"]
+    return [name for name in cell.evaluate_on if name not in evaluated]
+
+
 def check_finished_cells(grid: ExperimentGrid, cells: list[Cell], output_dir: Path) -> None:
-    """Refuse to reuse a finished cell whose saved settings differ from what ``grid`` gives it now."""
+    """Refuse to reuse a finished cell whose saved settings differ from what ``grid`` gives it now.
+
+    Compared: the model and training configs, the control, the grid's ``evaluate`` settings, and the
+    per-collection ``evaluate`` overrides of every collection the cell was evaluated on. A
+    collection the grid added since (e.g. by transfer) is no difference: it is evaluated next run.
+    """
     for cell in cells:
         folder = output_dir / "cells" / cell.cell_id
         if not (folder / "done.json").exists() or not (folder / "cell.json").exists():
             continue
         saved = read_json(folder / "cell.json")
         changed = []
+        if saved["cell"].get("control") != cell.control:
+            changed.append(f"control {saved['cell'].get('control')!r} -> {cell.control!r}")
         for key, current in zip(("model_config", "train_config"), cell_configs(grid, cell), strict=True):
             with warnings.catch_warnings():
                 # A key an older version wrote and this one no longer has does not make a cell differ.
@@ -334,6 +414,11 @@ def check_finished_cells(grid: ExperimentGrid, cells: list[Cell], output_dir: Pa
             ]
         if saved.get("evaluate", grid.evaluate) != grid.evaluate:
             changed.append(f"evaluate {saved['evaluate']!r} -> {grid.evaluate!r}")
+        overrides = saved.get("evaluate_per_collection", {})
+        for name in read_json(folder / "done.json")["evaluations"]:
+            before, now = overrides.get(name, {}), grid.evaluate_per_collection.get(name, {})
+            if name in cell.evaluate_on and before != now:
+                changed.append(f"evaluate_per_collection.{name} {before!r} -> {now!r}")
         if changed:
             raise UsageError(
                 f"{folder} was run with other settings ({'; '.join(changed)}); use another output "
@@ -349,7 +434,12 @@ def run_cell(
     cache: EmbeddingCache,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """Train (unless the variant says not to), evaluate and record routing for one cell."""
+    """Train (unless the variant says not to), evaluate and record routing for one cell.
+
+    A control (``cell.control``) is not trained: :func:`sbmoe.priors.evaluate_control` scores it
+    and ``done.json`` records how it was set up under ``controls``. A finished cell is only
+    evaluated on the collections its ``done.json`` lacks.
+    """
     model_config, train_config = cell_configs(grid, cell)
     write_json(
         folder / "cell.json",
@@ -358,25 +448,46 @@ def run_cell(
             "model_config": dataclasses.asdict(model_config),
             "train_config": dataclasses.asdict(train_config),
             "evaluate": grid.evaluate,
+            "evaluate_per_collection": {
+                name: grid.evaluate_per_collection[name]
+                for name in cell.evaluate_on
+                if name in grid.evaluate_per_collection
+            },
         },
     )
     (folder / "error.json").unlink(missing_ok=True)
+    previous = read_json(folder / "done.json") if (folder / "done.json").exists() else {}
     started = time.perf_counter()
-    collection = collections.get(cell.collection)
-    if cell.trains:
+    if cell.trains and previous:
+        retriever, training = Retriever.load(str(folder / "model")), previous["training"]
+    elif cell.trains:
+        collection = collections.get(cell.collection)
         result = train(model_config, train_config, collection, folder / "model", show_progress, cache=cache)
         retriever = Retriever.load(str(folder / "model"))
         training = result.to_dict()
     else:
-        retriever = Retriever.from_config(model_config)
+        # document-prior reads no text; the zero-shot model is built only for what does.
+        retriever = None if cell.control == "document-prior" else Retriever.from_config(model_config)
         training = None
-    evaluate = EvaluateConfig(**grid.evaluate)
     encode = EncodeConfig(precision=train_config.precision)
-    if retriever.head is None:
-        evaluate.expert_poolings = []
-    evaluations, eval_seconds = {}, {}
+    evaluations = dict(previous.get("evaluations", {}))
+    eval_seconds = dict(previous.get("eval_seconds", {}))
+    controls = dict(previous.get("controls", {}))
     for name in cell.evaluate_on:
+        if name in evaluations:
+            continue
         target = collections.get(name)
+        evaluate = EvaluateConfig(**grid.evaluate_settings(name))
+        if cell.control is not None:
+            output = evaluate_control(
+                cell.control, target, eval_dir(folder, name), evaluate, train_config, retriever, encode, cache
+            )
+            evaluations[name] = {"model": output.result.metrics}
+            eval_seconds[name] = output.seconds
+            controls[name] = output.details
+            continue
+        if retriever.head is None:
+            evaluate.expert_poolings = []
         outputs = evaluate_model(
             retriever, target, eval_dir(folder, name), evaluate, encode, show_progress=False, cache=cache
         )
@@ -390,8 +501,10 @@ def run_cell(
         "training": training,
         "evaluations": evaluations,
         "eval_seconds": eval_seconds,
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(previous.get("seconds", 0) + time.perf_counter() - started, 1),
     }
+    if cell.control is not None:
+        summary["controls"] = controls
     write_json(folder / "done.json", summary)
     return summary
 

@@ -1,7 +1,8 @@
 """Build, save, load and fingerprint SB-MoE retrievers.
 
 A retriever is a sentence-transformers pipeline ``Transformer -> Pooling -> MoEHead -> Normalize``
-(the head is left out for the plain fine-tuned baseline, the normalisation for dot-product models),
+(the head is left out for the plain fine-tuned baseline, the normalisation for dot-product models;
+the ``linear`` control puts a :class:`~sbmoe.adapters.LinearAdapter` where the MoE head goes),
 plus the :class:`~sbmoe.config.ModelConfig` that describes it. ``Retriever.save(dir)`` writes the
 sentence-transformers format, so ``SentenceTransformer(dir, trust_remote_code=True)`` reloads it.
 """
@@ -28,6 +29,7 @@ from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 from sbmoe import __version__
+from sbmoe.adapters import LinearAdapter
 from sbmoe.config import ModelConfig, from_dict, provenance
 from sbmoe.errors import ModelLoadError, UsageError
 from sbmoe.io import write_json
@@ -147,6 +149,9 @@ class Retriever:
     def from_config(cls, config: ModelConfig, device: str | torch.device | None = "auto") -> Retriever:
         """Build a retriever on ``config.backbone``, adding a fresh MoE head when ``num_experts > 0``.
 
+        ``head="linear"`` adds a :class:`~sbmoe.adapters.LinearAdapter` instead (whatever
+        ``num_experts`` says: the resolved config records 0 experts).
+
         A backbone that already is a saved sbmoe model keeps its own head and settings.
 
         Args:
@@ -186,9 +191,12 @@ class Retriever:
             similarity=similarity,
             max_query_length=config.max_query_length or limit,
             max_doc_length=max_doc_length,
+            num_experts=0 if config.head == "linear" else config.num_experts,
         )
         stages: list[torch.nn.Module] = [transformer, pooling]
-        if config.num_experts > 0:
+        if config.head == "linear":
+            stages.append(LinearAdapter(pooling.get_embedding_dimension(), similarity == "cosine"))
+        elif config.num_experts > 0:
             stages.append(
                 MoEHead(
                     pooling.get_embedding_dimension(),
@@ -231,19 +239,31 @@ class Retriever:
         retriever = cls(_load_sentence_transformer(name_or_path, source, device), config)
         head = retriever.head
         experts = head.num_experts if head is not None else 0
-        if experts != config.num_experts or (head is not None and head.gating != config.gating):
-            found = "no MoE head" if head is None else f"{experts} experts, gating {head.gating!r}"
+        linear = isinstance(retriever.head_module, LinearAdapter)
+        if (
+            experts != config.num_experts
+            or (head is not None and head.gating != config.gating)
+            or linear != (config.head == "linear")
+        ):
+            found = "a linear adapter" if linear else "no MoE head"
+            if head is not None:
+                found = f"{experts} experts, gating {head.gating!r}"
             raise ModelLoadError(
-                f"{config_path} says num_experts={config.num_experts}, gating={config.gating!r}, "
-                f"but the saved weights hold {found}"
+                f"{config_path} says head={config.head!r}, num_experts={config.num_experts}, "
+                f"gating={config.gating!r}, but the saved weights hold {found}"
             )
         return retriever
 
     # ----------------------------------------------------------------------------------- parts
     @property
     def head(self) -> MoEHead | None:
-        """The MoE head, or ``None`` for a plain bi-encoder."""
+        """The MoE head, or ``None`` for a plain bi-encoder or a linear adapter (no experts, no routing)."""
         return next((m for m in self.model.children() if isinstance(m, MoEHead)), None)
+
+    @property
+    def head_module(self) -> MoEHead | LinearAdapter | None:
+        """The trainable module after pooling (MoE head or linear adapter), or ``None``."""
+        return next((m for m in self.model.children() if isinstance(m, (MoEHead, LinearAdapter))), None)
 
     @property
     def tokenizer(self) -> Any:
@@ -272,7 +292,7 @@ class Retriever:
 
     def parameter_groups(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         """(backbone parameters, head parameters), for separate learning rates."""
-        head = self.head
+        head = self.head_module
         head_ids = {id(p) for p in head.parameters()} if head is not None else set()
         backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
         return backbone, list(head.parameters()) if head is not None else []
@@ -391,10 +411,12 @@ class Retriever:
     def describe(self) -> dict[str, Any]:
         """A short summary for logs and tables."""
         head = self.head
+        module = self.head_module
         return {
             "backbone": self.config.backbone,
+            "head": self.config.head if module is not None else None,
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "head_parameters": sum(p.numel() for p in head.parameters()) if head is not None else 0,
+            "head_parameters": sum(p.numel() for p in module.parameters()) if module is not None else 0,
             "similarity": self.config.similarity,
             "pooling": self.config.pooling,
             "experts": self.config.num_experts,

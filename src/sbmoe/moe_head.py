@@ -31,7 +31,30 @@ from sbmoe.config import EXPERT_POOLINGS, GATING_VARIANTS
 NORMALIZE_EPS = 1e-6
 
 
-class MoEHead(Module):
+class SavedModule(Module):
+    """A sentence-transformers module that saves its ``config_keys`` and its weights, and loads them.
+
+    Saved models then reload with plain ``SentenceTransformer(dir, trust_remote_code=True)``.
+    """
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        self.save_config(output_path)
+        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+
+    @classmethod
+    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> SavedModule:
+        hub_kwargs = {
+            key: kwargs[key]
+            for key in ("token", "cache_folder", "revision", "local_files_only")
+            if key in kwargs
+        }
+        config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        module = cls(**{key: value for key, value in config.items() if key in cls.config_keys})
+        cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=module, **hub_kwargs)
+        return module
+
+
+class MoEHead(SavedModule):
     """N bottleneck experts, a (noisy) gate, and a residual connection onto the pooled embedding.
 
     The head reads ``features["sentence_embedding"]`` and replaces it with the head's output. It also
@@ -179,22 +202,3 @@ class MoEHead(Module):
         features["router_noisy_logits"] = logits
         features["expert_index"] = logits.argmax(dim=-1)
         return features
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.config_keys}
-
-    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        self.save_config(output_path)
-        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
-
-    @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> MoEHead:
-        hub_kwargs = {
-            key: kwargs[key]
-            for key in ("token", "cache_folder", "revision", "local_files_only")
-            if key in kwargs
-        }
-        config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        head = cls(**{key: value for key, value in config.items() if key in cls.config_keys})
-        cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=head, **hub_kwargs)
-        return head

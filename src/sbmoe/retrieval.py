@@ -244,28 +244,42 @@ def _evaluate(
     outputs = []
     for rule, run in runs.items():
         target = output_dir / rule if len(runs) > 1 else output_dir
-        result = evaluate_run(qrels, run, metrics=tuple(config.metrics))
-        save_metrics(
-            result, target, extra={"split": config.split, "expert_pooling": rule}, query_groups=groups
-        )
+        record = {
+            "encode_config": dataclasses.asdict(encode),
+            "encoding": encoding_used(retriever, encode),
+            "model_config": dataclasses.asdict(retriever.config),
+            "model_fingerprint": fingerprint,
+            "expert_pooling": rule,
+            "data": {"name": collection.name, "root": str(collection.root)},
+            "encode_and_search_seconds": round(seconds, 2),
+            **provenance(command),
+        }
+        result = save_evaluation(qrels, run, target, config, rule, record, groups)
         group_summary = group_scores(result.per_query, groups) if groups is not None else None
-        write_trec_run(run, target / "run.trec", tag=f"sbmoe-{rule}")
-        write_json(
-            target / "config.json",
-            {
-                "evaluate_config": dataclasses.asdict(config),
-                "encode_config": dataclasses.asdict(encode),
-                "encoding": encoding_used(retriever, encode),
-                "model_config": dataclasses.asdict(retriever.config),
-                "model_fingerprint": fingerprint,
-                "expert_pooling": rule,
-                "data": {"name": collection.name, "root": str(collection.root)},
-                "encode_and_search_seconds": round(seconds, 2),
-                **provenance(command),
-            },
-        )
         outputs.append(EvaluationOutput(rule, target, result, seconds, group_summary))
     return outputs
+
+
+def save_evaluation(
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Run,
+    target: Path,
+    config: EvaluateConfig,
+    rule: str,
+    record: Mapping[str, Any],
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> EvaluationResult:
+    """Score ``run`` and write ``metrics.json``, ``per_query.json``, ``run.trec`` and ``config.json``.
+
+    The files every evaluated system has (a model under one inference rule, or a control):
+    ``config.json`` holds ``config`` as ``evaluate_config`` and then ``record``; with ``groups``
+    (:func:`sbmoe.query_groups.split_query_groups`), ``metrics.json`` scores each group too.
+    """
+    result = evaluate_run(qrels, run, metrics=tuple(config.metrics))
+    save_metrics(result, target, extra={"split": config.split, "expert_pooling": rule}, query_groups=groups)
+    write_trec_run(run, target / "run.trec", tag=f"sbmoe-{rule}")
+    write_json(target / "config.json", {"evaluate_config": dataclasses.asdict(config), **record})
+    return result
 
 
 def index_corpus(

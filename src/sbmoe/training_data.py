@@ -104,9 +104,10 @@ def encode_config(config: TrainConfig) -> EncodeConfig:
 def require_head(retriever: Retriever, config: TrainConfig) -> bool:
     """Whether the backbone is frozen; refuses a frozen backbone for a model without a head."""
     frozen = config.freeze_backbone or config.head_only
-    if frozen and retriever.head is None:
+    if frozen and retriever.head_module is None:
         raise UsageError(
-            "freeze_backbone/head_only train the MoE head only: the model needs --num-experts > 0"
+            "freeze_backbone/head_only train the head only: the model needs --num-experts > 0 "
+            "or --head linear"
         )
     return frozen
 
