@@ -24,7 +24,7 @@ from sbmoe.encoding import encode_texts
 from sbmoe.errors import UsageError
 from sbmoe.evaluation import read_trec_run
 from sbmoe.modeling import Retriever
-from sbmoe.retrieval import build_index
+from sbmoe.retrieval import build_index, search
 from sbmoe.routing import route
 from sbmoe.serve import BackgroundServer, create_app
 from sbmoe.service import SearchService, load_service
@@ -77,8 +77,8 @@ def test_concurrent_requests_rank_as_sbmoe_search(server, model_dir, index_dir, 
     running, service = server
     queries = load_collection(scifact_slice).queries
     run_file = tmp_path / "run.trec"
-    search = ["-q", "search", "--model", str(model_dir), "--index", str(index_dir), "--top-k", "10"]
-    command = [*search, "--queries", str(scifact_slice / "queries.jsonl"), "--output", str(run_file)]
+    searching = ["-q", "search", "--model", str(model_dir), "--index", str(index_dir), "--top-k", "10"]
+    command = [*searching, "--queries", str(scifact_slice / "queries.jsonl"), "--output", str(run_file)]
     assert main([*command, *ENCODE_FLAGS]) == 0
     expected = read_trec_run(run_file)
 
@@ -192,6 +192,30 @@ def test_without_the_collection_or_a_head_the_extras_are_refused(server, tiny_be
     index = build_index(plain, {"d1": "one text", "d2": "another"}, encode=FP32)
     with SearchService(plain, index, encode=FP32) as headless, pytest.raises(UsageError, match="no MoE head"):
         headless.search(["q"], routing=True)
+
+
+def test_waiting_requests_are_encoded_together_except_under_int8(server, index_dir, scifact_slice):
+    _, service = server
+    texts = list(load_collection(scifact_slice).queries.values())[:24]
+    expected = search(service.retriever, index_dir, {str(n): t for n, t in enumerate(texts)}, encode=FP32)
+    before = dict(service.stats)
+    # Submitted faster than one encoding takes: the worker finds them waiting and batches them.
+    futures = [service.search([text]) for text in texts]
+    served = {str(n): dict(future.result()[0].hits) for n, future in enumerate(futures)}
+    assert service.stats["requests"] - before["requests"] == len(texts)
+    assert service.stats["batches"] - before["batches"] < len(texts)
+    assert_same_top_k(expected, served)
+
+    int8 = EncodeConfig(backend="onnx", precision="int8", device="cpu")
+    pairs = [texts[n : n + 2] for n in range(0, 12, 2)]
+    with SearchService(service.retriever, index_dir, encode=int8) as quantised:
+        assert not quantised.batches_requests
+        futures = [quantised.search(pair) for pair in pairs]
+        for pair, future in zip(pairs, futures, strict=True):
+            # As `sbmoe search` with these two queries: int8 embeddings depend on their batch.
+            alone = search(service.retriever, index_dir, {"a": pair[0], "b": pair[1]}, encode=int8)
+            assert [result.hits for result in future.result()] == [list(alone[q].items()) for q in "ab"]
+        assert quantised.stats["batches"] == len(pairs)
 
 
 def test_serve_refuses_an_index_built_by_another_model(tiny_bert_dir, index_dir, capsys):

@@ -6,6 +6,12 @@ waiting (up to ``max_batch_texts`` texts), encodes their texts in one pass per k
 index once per ``top_k`` asked for, and resolves the futures. One lone request is encoded at once,
 without waiting for company; requests arriving while the model works are batched together.
 
+Except under int8 (the onnx backend's dynamic quantisation): its activation scales are computed
+over the whole batch, so a text's embedding depends on the texts encoded with it (cosine down to
+0.983 between a SciFact query encoded alone and in a batch of 20, all-MiniLM-L6-v2). There the
+worker takes one request at a time, so a request's answer depends on its own texts only, as
+``sbmoe search``'s does on its queries, never on what other clients sent meanwhile.
+
 The steps are those of :func:`sbmoe.retrieval.search` (backbone up to pooling, then the head in
 float32, then the index), so a query ranks as ``sbmoe search`` ranks it.
 """
@@ -33,6 +39,7 @@ from sbmoe.index import DenseIndex
 from sbmoe.modeling import Retriever
 from sbmoe.retrieval import encoding_used
 from sbmoe.routing import route
+from sbmoe.runtime import resolve_inference
 from sbmoe.shards import ShardedIndex, load_index
 
 logger = logging.getLogger(__name__)
@@ -69,7 +76,8 @@ class SearchService:
     """A retriever and its index, answering :meth:`search` and :meth:`embed` from any thread.
 
     The worker thread starts with the service and stops at :meth:`close` (or at the end of a
-    ``with`` block), after finishing the jobs already submitted.
+    ``with`` block), after finishing the jobs already submitted. :attr:`batches_requests` says
+    whether waiting requests are encoded together (not under int8; see the module's docstring).
 
     Args:
         retriever: The model that built the index.
@@ -118,6 +126,8 @@ class SearchService:
         self.documents = documents
         self.collection = collection
         self.stats = {"requests": 0, "batches": 0, "texts": 0}
+        plan = resolve_inference(self.encode_config.backend, self.encode_config.precision, retriever.device)
+        self.batches_requests = plan.precision != "int8"
         # Set up once: an ONNX Runtime session or bf16 weight copies, not one per request.
         self._runner = encoder_runner(retriever, self.encode_config)
         self._encode("warm up", "query")
@@ -201,7 +211,11 @@ class SearchService:
             "encoding": encoding_used(self.retriever, self.encode_config),
             "device": str(self.retriever.device),
             "default_top_k": self.search_config.top_k,
-            "concurrency": f"micro-batching: one worker, up to {self.max_batch_texts} texts per batch",
+            "concurrency": (
+                f"micro-batching: one worker encodes up to {self.max_batch_texts} waiting texts at once"
+                if self.batches_requests
+                else "one request at a time (int8 embeddings depend on the batch they are encoded in)"
+            ),
             "stats": dict(self.stats),
         }
 
@@ -238,7 +252,7 @@ class SearchService:
             if job is None:
                 return
             jobs, texts, stop = [job], len(job.texts), False
-            while texts < self.max_batch_texts:
+            while self.batches_requests and texts < self.max_batch_texts:
                 try:
                     waiting = self._queue.get_nowait()
                 except queue.Empty:
