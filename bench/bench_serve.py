@@ -6,7 +6,8 @@ from the embedding cache after the first run), then the SciFact test queries sen
 * one at a time from one client: the library's ``search()`` called in-process (the reference),
   the same service in-process without HTTP, and ``POST /search`` (the ratio is the HTTP cost);
 * in batches of ``--batch`` queries per call, the same three ways;
-* one query per request from ``--clients`` threads at once (micro-batched by the service);
+* one query per request from ``--clients`` threads at once (micro-batched by the service, except
+  under int8, where it takes one request at a time);
 * the one-shot ``sbmoe search`` command per query (model and index loaded every time).
 
 Prints the CPU class, p50/p95/p99 latency and queries/s, and how often the served top 10 equals
@@ -81,15 +82,18 @@ def in_process(service: SearchService) -> Search:
     return lambda queries: [[doc for doc, _ in result.hits] for result in service.search(queries).result()]
 
 
-def timed(run: Search, groups: Sequence[list[str]]) -> tuple[list[float], list[list[str]], float]:
-    """Send ``groups`` one after another: seconds per call, rankings in query order, total seconds."""
-    latencies, rankings = [], []
-    started = time.perf_counter()
-    for group in groups:
-        begun = time.perf_counter()
-        rankings.extend(run(group))
-        latencies.append(time.perf_counter() - begun)
-    return latencies, rankings, time.perf_counter() - started
+def interleaved(ways: dict[str, Search], groups: Sequence[list[str]]) -> dict[str, tuple[list[float], list]]:
+    """Send each group every way in turn, the order rotating, so that load on the machine hits all
+    ways alike: per way, seconds per call and the rankings in query order."""
+    measured: dict[str, tuple[list[float], list]] = {name: ([], []) for name in ways}
+    names = list(ways)
+    for n, group in enumerate(groups):
+        for name in names[n % len(names) :] + names[: n % len(names)]:
+            begun = time.perf_counter()
+            rankings = ways[name](group)
+            measured[name][0].append(time.perf_counter() - begun)
+            measured[name][1].extend(rankings)
+    return measured
 
 
 def concurrent(url: str, texts: list[str], clients: int) -> tuple[list[float], list[list[str]], float]:
@@ -148,19 +152,25 @@ def one_by_one_and_batched(
 ) -> tuple[list[str], list[str], float, list[list[str]]]:
     """Table rows and notes of the sequential phases; the single-query library rate and rankings."""
     rows, notes = [], []
+    ways = {
+        "library `search()`": library(service),
+        "service in-process": in_process(service),
+        "HTTP": Client(url),
+    }
     single = [[text] for text in texts]
     batched = [texts[i : i + batch] for i in range(0, len(texts), batch)]
     for label, groups in (("single", single), (f"batches of {batch}", batched)):
-        latencies, reference, total = timed(library(service), groups)
-        rates = {"library": len(texts) / total}
+        measured = interleaved(ways, groups)
+        rates = {name: len(texts) / sum(latencies) for name, (latencies, _) in measured.items()}
+        reference_rate, reference = rates["library `search()`"], measured["library `search()`"][1]
         if label == "single":
-            single_rate, single_reference = rates["library"], reference
-        rows.append(row(f"{label}: library `search()`", latencies, len(texts), total, rates["library"]))
-        for name, run in (("service in-process", in_process(service)), ("HTTP", Client(url))):
-            latencies, rankings, total = timed(run, groups)
-            rates[name] = len(texts) / total
-            rows.append(row(f"{label}: {name}", latencies, len(texts), total, rates["library"]))
-            notes.append(f"{label}, {name}: same top {TOP_K} as the library {same_top(rankings, reference)}")
+            single_rate, single_reference = reference_rate, reference
+        for name, (latencies, rankings) in measured.items():
+            rows.append(row(f"{label}: {name}", latencies, len(texts), sum(latencies), reference_rate))
+            if rankings is not reference:
+                notes.append(
+                    f"{label}, {name}: same top {TOP_K} as the library {same_top(rankings, reference)}"
+                )
         overhead = rates["service in-process"] / rates["HTTP"]
         notes.append(f"{label}: HTTP takes {overhead:.2f}x the in-process service's time")
     return rows, notes, single_rate, single_reference
