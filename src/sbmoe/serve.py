@@ -3,8 +3,8 @@
 Endpoints: ``POST /search`` (one query or a batch; ids, scores, and on request titles, texts and
 the queries' expert routing), ``POST /embed`` (embeddings of queries or documents), ``GET /health``
 and ``GET /info``. Requests are validated (pydantic) and refused with a 4xx status and a message;
-concurrent requests are micro-batched by the service (see :mod:`sbmoe.service`). FastAPI and uvicorn are the ``serve`` extra
-(``pip install 'sbmoe[serve]'``), imported only when an app is built.
+concurrent requests are micro-batched by the service (see :mod:`sbmoe.service`). FastAPI and
+uvicorn are the ``serve`` extra (``pip install 'sbmoe[serve]'``), imported only when an app is built.
 
 This module does not postpone annotations: FastAPI reads the request models of the endpoints,
 which are defined inside :func:`create_app` with the limits of its :class:`ServeConfig`.
