@@ -14,6 +14,7 @@ Prints the CPU class, p50/p95/p99 latency and queries/s, and how often the serve
 the in-process one. Bounded: at most ``--queries`` queries per phase and ``--cold-starts`` commands.
 
     .venv/bin/python bench/bench_serve.py [--queries 300] [--batch 32] [--clients 8] [--cold-starts 3]
+        [--backend auto] [--precision auto]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 from common import machine, scifact
 
 from sbmoe.cache import EmbeddingCache
-from sbmoe.config import SearchConfig, ServeConfig
+from sbmoe.config import EncodeConfig, SearchConfig, ServeConfig
 from sbmoe.modeling import Retriever
 from sbmoe.retrieval import index_corpus, search
 from sbmoe.serve import BackgroundServer, create_app
@@ -71,7 +72,8 @@ def library(service: SearchService) -> Search:
 
     def run(queries: Sequence[str]) -> list[list[str]]:
         ids = [str(n) for n in range(len(queries))]
-        found = search(service.retriever, service.index, dict(zip(ids, queries, strict=True)), SEARCH)
+        queried = dict(zip(ids, queries, strict=True))
+        found = search(service.retriever, service.index, queried, SEARCH, service.encode_config)
         return [list(found[query_id]) for query_id in ids]
 
     return run
@@ -113,11 +115,12 @@ def concurrent(url: str, texts: list[str], clients: int) -> tuple[list[float], l
     return [a[0] for a in answers], [a[1] for a in answers], time.perf_counter() - started
 
 
-def cold_starts(model_dir: Path, index_dir: Path, texts: list[str]) -> list[float]:
+def cold_starts(model_dir: Path, index_dir: Path, texts: list[str], encode: EncodeConfig) -> list[float]:
     """Seconds of one ``sbmoe search --query`` command per text (model and index loaded each time)."""
     seconds = []
     for text in texts:
         command = ["search", "--model", str(model_dir), "--index", str(index_dir), "--query", text]
+        command += ["--backend", encode.backend, "--precision", encode.precision]
         begun = time.perf_counter()
         subprocess.run([sys.executable, "-m", "sbmoe.cli", "-q", *command], check=True, capture_output=True)
         seconds.append(time.perf_counter() - begun)
@@ -182,6 +185,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="queries per batched call")
     parser.add_argument("--clients", type=int, default=8, help="threads sending at once")
     parser.add_argument("--cold-starts", type=int, default=3, help="one-shot `sbmoe search` commands")
+    parser.add_argument("--backend", default="auto", help="encoding backend (default: auto)")
+    parser.add_argument("--precision", default="auto", help="encoding precision (default: auto)")
     parser.add_argument("--workdir", help="keep the saved model and index here (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -193,7 +198,8 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as scratch:
         model_dir, index_dir = prepare(Path(args.workdir or scratch))
-        service = SearchService(Retriever.load(str(model_dir)), index_dir, SEARCH)
+        encode = EncodeConfig(backend=args.backend, precision=args.precision)
+        service = SearchService(Retriever.load(str(model_dir)), index_dir, SEARCH, encode)
         info = service.info()
         print(f"machine: {machine()}")
         print(
@@ -214,7 +220,7 @@ def main() -> None:
             f"{args.clients} clients: {len(texts)} requests in {service.stats['batches'] - batches_before} "
             f"micro-batches; same top {TOP_K} as the library {same_top(rankings, reference)}"
         )
-        cold = cold_starts(model_dir, index_dir, texts[: args.cold_starts])
+        cold = cold_starts(model_dir, index_dir, texts[: args.cold_starts], encode)
         table.append(
             row("one-shot `sbmoe search` command per query", cold, len(cold), sum(cold), single_rate)
         )

@@ -188,6 +188,8 @@ def test_without_the_collection_or_a_head_the_extras_are_refused(server, tiny_be
         assert status == 400 and "--data" in body["detail"]
         status, body = request(f"{running.url}/search", {"query": "q", "top_k": 2})
         assert status == 200 and len(body["results"][0]["hits"]) == 2
+    with pytest.raises(UsageError, match="documents are not in the collection nfcorpus"):
+        SearchService(service.retriever, index_dir, documents={"MED-10": None}, collection="nfcorpus")
     plain = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0), device="cpu")
     index = build_index(plain, {"d1": "one text", "d2": "another"}, encode=FP32)
     with SearchService(plain, index, encode=FP32) as headless, pytest.raises(UsageError, match="no MoE head"):
@@ -223,6 +225,17 @@ def test_serve_refuses_an_index_built_by_another_model(tiny_bert_dir, index_dir,
     assert main([*command, *ENCODE_FLAGS]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "different model" in error
+
+
+def test_without_the_serve_extra_the_command_says_what_to_install(index_dir, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "uvicorn" else find_spec(name)
+    )
+    assert main(["-q", "serve", "--model", "any", "--index", str(index_dir)]) == 2
+    assert "needs uvicorn: pip install 'sbmoe[serve]'" in capsys.readouterr().err
 
 
 def test_the_command_serves_until_interrupted(model_dir, index_dir):

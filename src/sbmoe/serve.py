@@ -12,6 +12,7 @@ which are defined inside :func:`create_app` with the limits of its :class:`Serve
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -33,6 +34,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _require_extra() -> None:
+    """Fail in one line, not with an ImportError, when the ``serve`` extra is not installed."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"serving needs {' and '.join(missing)}: pip install 'sbmoe[serve]'")
+
+
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("the text is empty: give the text to search for or encode")
@@ -46,6 +54,7 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
         service: The loaded model and index (see :func:`~sbmoe.service.load_service`).
         config: The request limits (``max_top_k``, ``max_texts``); host and port are the server's.
     """
+    _require_extra()
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
     from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -156,6 +165,7 @@ def serve(
         verify: Check the index in full against its checksum before serving.
         log_level: uvicorn's log level (``warning`` drops the per-request lines).
     """
+    _require_extra()
     import uvicorn
 
     config, search = _checked(config, search)

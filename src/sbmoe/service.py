@@ -112,16 +112,17 @@ class SearchService:
         if max_batch_texts < 1:
             raise UsageError(f"max_batch_texts must be >= 1, got {max_batch_texts}")
         self.max_batch_texts = max_batch_texts
+        self.fingerprint = retriever.fingerprint()  # a hash of every weight: computed once
         self.index_path = str(index) if isinstance(index, (str, os.PathLike)) else None
         if isinstance(index, (str, os.PathLike)):
-            index = load_index(index, expected_fingerprint=retriever.fingerprint(), verify=verify)
+            index = load_index(index, expected_fingerprint=self.fingerprint, verify=verify)
         self.index = index
         if documents is not None:
             missing = [doc_id for doc_id in index.doc_ids if doc_id not in documents]
             if missing:
                 raise UsageError(
                     f"{len(missing)} of the index's {len(index)} documents are not in the collection "
-                    f"{collection or ''} (e.g. {missing[0]!r}): give the collection the index was built from"
+                    f"{collection or 'given'} (e.g. {missing[0]!r}): give the one the index was built from"
                 )
         self.documents = documents
         self.collection = collection
@@ -194,7 +195,7 @@ class SearchService:
             "sbmoe_version": __version__,
             "model": {
                 "backbone": self.retriever.config.backbone,
-                "fingerprint": self.retriever.fingerprint(),
+                "fingerprint": self.fingerprint,
                 "experts": head.num_experts if head is not None else 0,
                 "expert_pooling": head.expert_pooling if head is not None else None,
             },
