@@ -25,7 +25,6 @@ import queue
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -348,6 +347,6 @@ def load_service(
         max_batch_texts=max_batch_texts,
         verify=verify,
     )
-    where = f" ({Path(service.index_path).name})" if service.index_path else ""
-    logger.info("serving %d documents%s; %s", len(service.index), where, service.info()["encoding"]["reason"])
+    where = service.index_path or "an index in memory"
+    logger.info("serving %s: %d documents, %s", where, len(service.index), service.info()["concurrency"])
     return service
