@@ -59,8 +59,7 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
     from fastapi.responses import JSONResponse
     from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-    config = config or ServeConfig()
-    config.validate()
+    config, _ = _checked(config, service.search_config)
     Text = Annotated[str, AfterValidator(_not_blank)]
     TopK = Annotated[int, Field(ge=1, le=config.max_top_k)]
     Texts = Annotated[list[Text], Field(min_length=1, max_length=config.max_texts)]
