@@ -18,10 +18,20 @@ from sbmoe.config import (
     ModelConfig,
     ReportConfig,
     SearchConfig,
+    ServeConfig,
     TrainConfig,
 )
 
-CONFIGS = (ModelConfig, TrainConfig, EncodeConfig, IndexConfig, EvaluateConfig, SearchConfig, ReportConfig)
+CONFIGS = (
+    ModelConfig,
+    TrainConfig,
+    EncodeConfig,
+    IndexConfig,
+    EvaluateConfig,
+    SearchConfig,
+    ReportConfig,
+    ServeConfig,
+)
 # What a verb reads or writes: the same flag names a different thing per verb by design.
 INPUT_OUTPUT_FLAGS = {"--model", "--data", "--output", "--index", "-h", "--help", "-q", "--quiet"}
 

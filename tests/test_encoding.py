@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sbmoe.config import EncodeConfig, ModelConfig
-from sbmoe.encoding import apply_head_stages, encode_texts
+from sbmoe.encoding import apply_head_stages, encode_texts, encoder_runner
 from sbmoe.modeling import Retriever
 from sbmoe.runtime import resolve_precision
 
@@ -89,3 +89,22 @@ def test_head_applied_to_pooled_embeddings_equals_full_encode(retriever):
 
 def test_empty_input_gives_empty_matrix(retriever):
     assert encode_texts(retriever, [], "query").shape == (0, 32)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_encoding_runs_in_eval_mode_and_keeps_the_models_mode(retriever, training):
+    retriever.model.train(training)
+    try:
+        # Dropout and the head's gate noise are off while encoding, whatever the model's mode.
+        first, second = (encode_texts(retriever, TEXTS, "document", FP32) for _ in range(2))
+        np.testing.assert_array_equal(first, second)
+        assert {module.training for module in retriever.model.modules()} == {training}
+    finally:
+        retriever.model.eval()
+
+
+def test_a_runner_kept_across_calls_encodes_as_a_fresh_one(retriever):
+    runner = encoder_runner(retriever, BF16)  # bf16 weight copies made once
+    kept = [encode_texts(retriever, [text], "query", BF16, runner=runner) for text in TEXTS]
+    fresh = [encode_texts(retriever, [text], "query", BF16) for text in TEXTS]
+    np.testing.assert_array_equal(np.concatenate(kept), np.concatenate(fresh))

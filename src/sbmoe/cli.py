@@ -26,6 +26,7 @@ from sbmoe.config import (
     ModelConfig,
     ReportConfig,
     SearchConfig,
+    ServeConfig,
     TrainConfig,
 )
 from sbmoe.errors import SbmoeError, UsageError
@@ -196,6 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(search.add_argument_group("search"), SearchConfig)
     _add_encode_flags(search)
+
+    serve = _add_verb(commands, "serve", "answer searches over HTTP, with the model and index loaded once")
+    _add_model_flag(serve, "the model that built the index")
+    serve.add_argument("--index", required=True, help="index directory from `sbmoe index`")
+    serve.add_argument(
+        "--data",
+        help="the collection the index was built from (BEIR folder or name), so that hits can carry "
+        "their titles and texts (default: ids and scores only)",
+    )
+    serve.add_argument(
+        "--verify", action="store_true", help="check the whole index against its checksum before serving"
+    )
+    add_config_flags(serve.add_argument_group("server"), ServeConfig)
+    add_config_flags(
+        serve.add_argument_group("search (a request may ask otherwise)"), SearchConfig, only={"top_k"}
+    )
+    _add_encode_flags(serve)
 
     demo = _add_verb(commands, "demo", "zero-shot vs fine-tuned vs SB-MoE on SciFact, in one table")
     demo.add_argument("--model", help="backbone (default: the demo's, all-MiniLM-L6-v2)")
@@ -481,6 +499,25 @@ def _command_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_serve(args: argparse.Namespace) -> int:
+    from sbmoe.serve import serve
+
+    config = ServeConfig(**given_values(args, ServeConfig))
+    config.validate()
+    search = SearchConfig(**given_values(args, SearchConfig))
+    serve(
+        args.model,
+        args.index,
+        config,
+        search,
+        _encode_config(args),
+        data=args.data,
+        verify=args.verify,
+        log_level="warning" if args.quiet else "info",
+    )
+    return 0
+
+
 def _command_demo(args: argparse.Namespace) -> int:
     from sbmoe.demo import run_demo
 
@@ -524,6 +561,7 @@ COMMANDS = {
     "index": _command_index,
     "merge-index": _command_merge_index,
     "search": _command_search,
+    "serve": _command_serve,
     "demo": _command_demo,
     "experiment": _command_experiment,
     "report": _command_report,

@@ -390,6 +390,31 @@ class SearchConfig:
 
 
 @dataclass
+class ServeConfig:
+    """Where ``sbmoe serve`` listens and how much one request may ask for."""
+
+    host: str = setting(
+        "127.0.0.1",
+        help="address to listen on: 127.0.0.1 answers this machine only; 0.0.0.0 every network "
+        "(there is no authentication: put a proxy in front)",
+    )
+    port: int = setting(8000, help="TCP port (0: any free port, logged at start)")
+    max_top_k: int = setting(1000, help="largest top_k a request may ask for", metavar="K")
+    max_texts: int = setting(256, help="most queries (or texts to embed) in one request", metavar="N")
+    max_batch_texts: int = setting(
+        512, help="most texts encoded together when waiting requests are micro-batched", metavar="N"
+    )
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_top_k", "max_texts", "max_batch_texts"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class ReportConfig:
     """How ``sbmoe report`` compares the systems of an experiment."""
 

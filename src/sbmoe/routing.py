@@ -26,6 +26,36 @@ def routing_statistics(retriever: Retriever, pooled: np.ndarray, batch_size: int
     head = retriever.head
     if head is None:
         raise ValueError("routing statistics need a model with an MoE head")
+    index, probs = route(retriever, pooled, batch_size)
+    usage = torch.bincount(index, minlength=head.num_experts).double() / max(len(index), 1)
+    mean_probs = probs.double().mean(dim=0)
+    per_text = -(probs.double() * probs.double().clamp_min(1e-12).log()).sum(dim=-1)
+    return {
+        "usage": usage.tolist(),
+        "entropy": float(-(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()),
+        "max_entropy": float(np.log(head.num_experts)),
+        "mean_text_entropy": float(per_text.mean()),
+        "max_share": float(usage.max()),
+        "count": len(index),
+    }
+
+
+def route(
+    retriever: Retriever, pooled: np.ndarray, batch_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the MoE head sends each text at inference: its top-1 expert and its gate probabilities.
+
+    Args:
+        retriever: A model with an MoE head.
+        pooled: Pooled embeddings (the head's input), ``(n, d)``.
+
+    Returns:
+        The top-1 expert of each text ``(n,)`` (the clean gate's argmax) and the softmax of the
+        clean gate logits ``(n, experts)``, both on the CPU.
+    """
+    head = retriever.head
+    if head is None:
+        raise ValueError("routing needs a model with an MoE head")
     was_training = head.training
     head.eval()
     chosen, probabilities = [], []
@@ -38,19 +68,9 @@ def routing_statistics(retriever: Retriever, pooled: np.ndarray, batch_size: int
                 probabilities.append(torch.softmax(out["router_logits"].float(), dim=-1).cpu())
     finally:
         head.train(was_training)
-    index = torch.cat(chosen)
-    probs = torch.cat(probabilities)
-    usage = torch.bincount(index, minlength=head.num_experts).double() / max(len(index), 1)
-    mean_probs = probs.double().mean(dim=0)
-    per_text = -(probs.double() * probs.double().clamp_min(1e-12).log()).sum(dim=-1)
-    return {
-        "usage": usage.tolist(),
-        "entropy": float(-(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()),
-        "max_entropy": float(np.log(head.num_experts)),
-        "mean_text_entropy": float(per_text.mean()),
-        "max_share": float(usage.max()),
-        "count": len(index),
-    }
+    if not chosen:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, head.num_experts)
+    return torch.cat(chosen), torch.cat(probabilities)
 
 
 class RoutingTracker:
