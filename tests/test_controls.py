@@ -334,7 +334,8 @@ def test_what_helps_grid_expands_to_the_study():
     by_name = {(c.collection, c.variant, c.seed): c for c in cells}
     head_only = cell_configs(grid, by_name["nfcorpus", "head-only-linear", 1])
     assert head_only[0].head == "linear" and head_only[0].num_experts == 0
-    assert (head_only[1].head_only, head_only[1].epochs, head_only[1].max_steps) == (True, 10, None)
+    assert (head_only[1].head_only, head_only[1].epochs, head_only[1].max_steps) == (True, 10, 300)
+    assert cell_configs(grid, by_name["scifact", "head-only-linear", 1])[1].max_steps is None
     full = cell_configs(grid, by_name["nfcorpus", "sb-moe-all", 2])[1]
     assert (full.head_only, full.max_steps, full.batch_size) == (False, 300, 64)
     assert cell_configs(grid, by_name["scifact", "sb-moe-all", 2])[1].epochs == 3

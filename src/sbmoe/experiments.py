@@ -67,6 +67,7 @@ from sbmoe.priors import CONTROLS, evaluate_control
 from sbmoe.retrieval import evaluate_model
 from sbmoe.routing import routing_statistics
 from sbmoe.training import train
+from sbmoe.training_data import encode_config
 
 # The study's backbones: hub name, pooling, and the temperature of the published recipe.
 # Under the paper preset a cell also takes the published temperature and number of epochs.
@@ -469,7 +470,7 @@ def run_cell(
         # document-prior reads no text; the zero-shot model is built only for what does.
         retriever = None if cell.control == "document-prior" else Retriever.from_config(model_config)
         training = None
-    encode = EncodeConfig(precision=train_config.precision)
+    encode = encode_config(train_config)  # the batch size and precision training encodes with
     evaluations = dict(previous.get("evaluations", {}))
     eval_seconds = dict(previous.get("eval_seconds", {}))
     controls = dict(previous.get("controls", {}))

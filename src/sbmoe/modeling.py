@@ -335,6 +335,8 @@ class Retriever:
         """A SHA-256 over the weights and every setting that changes the embeddings."""
         settings = dataclasses.asdict(self.config)
         settings.pop("backbone")  # where it came from does not change what it computes
+        # The head's kind shows in the weights' names; leaving it out keeps earlier fingerprints valid.
+        settings.pop("head")
         head = self.head
         if head is not None:
             settings["inference_expert_pooling"] = head.expert_pooling
