@@ -377,3 +377,10 @@ def test_tsne_of_a_trained_moe_model(tiny_bert_dir, scifact_slice, tmp_path):
     assert f"{name}, query " in title and ": top 50 documents (sb-moe, N=3, model); " in title
     # A random gate sends a random model's texts to one expert, and the title says so.
     assert "routing collapsed: all " in title
+
+    # Weights deleted to save space (as after a GPU run): the tables still come, the t-SNE is skipped.
+    (folder / "model" / "model.safetensors").unlink()
+    with pytest.warns(UserWarning, match="t-SNE of .* skipped"):
+        written = write_report(build_report(tmp_path), tmp_path / "report-again")
+    assert not [path for path in written if path.name.startswith("tsne_")]
+    assert (tmp_path / "report-again" / "tables.md").exists()

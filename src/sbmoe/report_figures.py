@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from sbmoe.errors import ModelLoadError
 from sbmoe.experiments import slug
 from sbmoe.results import SystemResult
 from sbmoe.tables import metric_label
@@ -67,7 +69,10 @@ def write_figures(
     if usage:
         written.append(plot_expert_usage(usage, directory / "expert_usage.png"))
     for system in tsne_systems(systems):
-        written.append(write_tsne(system, directory / f"tsne_{slug(system.eval_collection)}.png"))
+        try:
+            written.append(write_tsne(system, directory / f"tsne_{slug(system.eval_collection)}.png"))
+        except ModelLoadError as error:  # e.g. the cells' weights were deleted to save space
+            warnings.warn(f"t-SNE of {system.eval_collection} skipped: {error}", stacklevel=2)
     return written
 
 
@@ -160,6 +165,8 @@ def _head_outputs(retriever, texts: list[str], kind: str) -> tuple[np.ndarray, n
     pooled = encode_texts(retriever, texts, kind, pooled_only=True)
     retriever.head.eval()
     with torch.inference_mode():
-        out = retriever.head({"sentence_embedding": torch.from_numpy(pooled)})
-    points = torch.nn.functional.normalize(out["sentence_embedding"], dim=-1).numpy()
-    return points, out["expert_index"].numpy()
+        # The head sits on the model's device (a GPU when there is one); the picture is drawn on the CPU.
+        x = torch.from_numpy(np.asarray(pooled, dtype=np.float32)).to(retriever.device)
+        out = retriever.head({"sentence_embedding": x})
+    points = torch.nn.functional.normalize(out["sentence_embedding"].float(), dim=-1).cpu().numpy()
+    return points, out["expert_index"].cpu().numpy()
