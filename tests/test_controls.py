@@ -265,18 +265,21 @@ def test_grid_evaluates_transfer_by_default_controls_included(
     # NFCorpus has its own evaluate settings.
     grid = check_grid({**values, "transfer": True})
     second = run_experiment(grid, output, show_progress=False)
-    assert len(second.finished) == 8 and not second.failed
+    assert len(second.finished) == 4 and not second.failed  # the models; controls stay in-domain
     for cell in expand(grid):
         done = read_json(output / "cells" / cell.cell_id / "done.json")
         other = "scifact" if cell.collection == "nfcorpus" else "nfcorpus"
-        assert list(done["evaluations"]) == cell.evaluate_on == [cell.collection, other]
+        # A prior belongs to its collection: controls are not carried to the other one.
+        expected = [cell.collection] if cell.control else [cell.collection, other]
+        assert list(done["evaluations"]) == cell.evaluate_on == expected
         assert done["cell"]["control"] == cell.control
         folder = output / "cells" / cell.cell_id / "eval"
-        assert read_json(folder / "nfcorpus" / "config.json")["evaluate_config"]["exclude_self"] is True
-        assert read_json(folder / "scifact" / "config.json")["evaluate_config"]["exclude_self"] is False
+        for name in expected:
+            exclude_self = read_json(folder / name / "config.json")["evaluate_config"]["exclude_self"]
+            assert exclude_self is (name == "nfcorpus")
         if cell.control == "zero-shot+prior":
-            assert done["controls"]["nfcorpus"]["beta"] in BETA_GRID  # chosen on NFCorpus' own dev
-            assert done["controls"]["scifact"]["prior_split"] == "train"
+            assert done["controls"][cell.collection]["beta"] in BETA_GRID  # chosen on its own dev
+            assert done["controls"][cell.collection]["prior_split"] == "train"
         if cell.variant == "linear":
             saved = read_json(output / "cells" / cell.cell_id / "cell.json")
             assert saved["model_config"]["head"] == "linear"
@@ -284,7 +287,7 @@ def test_grid_evaluates_transfer_by_default_controls_included(
     assert read_json(output / "cells" / cells[3].cell_id / "done.json")["training"] == trained
     assert run_experiment(grid, output, show_progress=False).skipped  # all finished now
     systems = collect_results(output)
-    assert len(systems) == 2 * 2 * 4  # (trained on, evaluated on) x variants
+    assert len(systems) == 2 * 2 * 2 + 2 * 2  # (trained on, evaluated on) x 2 models, controls in-domain
 
     # A collection evaluated under other settings is not reused.
     grid = check_grid({**values, "transfer": True, "evaluate_per_collection": {}})
@@ -330,7 +333,9 @@ def test_what_helps_grid_expands_to_the_study():
     cells = expand(grid)
     # per collection: 7 head-only + 6 fully fine-tuned variants x 3 seeds, 3 untrained systems once
     assert len(cells) == 2 * ((7 + 6) * 3 + 3) == 84
-    assert all(c.evaluate_on == [c.collection, *{"scifact", "nfcorpus"} - {c.collection}] for c in cells)
+    for cell in cells:
+        others = [] if cell.control else sorted({"scifact", "nfcorpus"} - {cell.collection})
+        assert cell.evaluate_on == [cell.collection, *others]
     by_name = {(c.collection, c.variant, c.seed): c for c in cells}
     head_only = cell_configs(grid, by_name["nfcorpus", "head-only-linear", 1])
     assert head_only[0].head == "linear" and head_only[0].num_experts == 0

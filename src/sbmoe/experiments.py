@@ -286,7 +286,13 @@ def expand(grid: ExperimentGrid) -> list[Cell]:
                                 trains=trains,
                                 model={**model_overrides, "num_experts": experts},
                                 train=dict(train_overrides),
-                                evaluate_on=grid.evaluation_collections(collection),
+                                # A document prior is its evaluated collection's own: it has
+                                # nothing to carry to another collection.
+                                evaluate_on=(
+                                    [collection]
+                                    if control is not None
+                                    else grid.evaluation_collections(collection)
+                                ),
                                 control=control,
                             )
                         )

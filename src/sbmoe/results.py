@@ -135,6 +135,8 @@ def collect_results(
         kind = system_kind(cell, saved.get("model_config"))
         training = done.get("training") or {}
         for eval_name, rules in done["evaluations"].items():
+            if cell.get("control") and eval_name != cell["collection"]:
+                continue  # a prior is its evaluated collection's own, not carried over (older runs)
             for rule in rules:
                 directory = eval_dir(folder, eval_name) / (rule if len(rules) > 1 else "")
                 key = (
