@@ -134,9 +134,11 @@ def resolve_inference(backend: str, precision: str, device: torch.device | str) 
     """Turn ``auto`` backend and precision into what is fastest here while keeping quality.
 
     ``auto`` picks bf16 torch on GPUs with bf16 and on CPUs with AMX or AVX512-BF16 (2.97x
-    sentence-transformers' float32 encode on a 2-core Xeon with AMX), int8 ONNX Runtime on other x86
-    CPUs when onnxruntime is installed (1.4x on a 2-core AVX2 EPYC, cosine 0.995 to float32), else
-    float32 torch. The choice is logged once per process with its reason.
+    sentence-transformers' float32 encode on a 2-core Xeon with AMX), else float32 torch (1.23x on a
+    2-core AVX2 EPYC). int8 ONNX Runtime (1.44x there) is never picked by ``auto``: it quantises
+    activations with one scale per batch, so a text's embedding depends on the texts encoded with it
+    (cosine down to 0.986 between a query encoded alone and in a batch). The choice is logged once
+    per process with its reason.
     """
     device = torch.device(device)
     if backend not in BACKENDS:
@@ -151,7 +153,6 @@ def resolve_inference(backend: str, precision: str, device: torch.device | str) 
 
 
 def _plan(backend: str, precision: str, device: torch.device) -> InferencePlan:
-    onnx_ready = device.type == "cpu" and onnxruntime_available()
     where = f"{device.type} ({cpu_description()})" if device.type == "cpu" else str(device)
     if backend == "onnx" or (backend == "auto" and precision == "int8"):
         if device.type != "cpu":
@@ -167,6 +168,8 @@ def _plan(backend: str, precision: str, device: torch.device) -> InferencePlan:
     bf16 = resolve_precision("auto", device)
     if bf16 == "bf16":
         return InferencePlan("torch", "bf16", f"fast bf16 on {where}")
-    if device.type == "cpu" and onnx_ready and "avx2" in cpu_flags():
-        return InferencePlan("onnx", "int8", f"no fast bf16 on {where}; int8 ONNX Runtime is faster")
-    return InferencePlan("torch", "fp32", f"no fast bf16 on {where} and no onnxruntime for int8")
+    return InferencePlan(
+        "torch",
+        "fp32",
+        f"no fast bf16 on {where} (--precision int8 is faster on x86, but batch-dependent)",
+    )
