@@ -85,19 +85,23 @@ def test_linear_adapter_round_trips_through_sbmoe_and_sentence_transformers(tiny
         Retriever.load(str(tmp_path / "model"))
 
 
-def test_linear_adapter_trains_head_only_on_cached_embeddings(tiny_bert_dir, scifact_slice, tmp_path):
-    model_config, train_config = tiny_configs(tiny_bert_dir, {"head": "linear"}, head_only=True)
-    retriever = Retriever.from_config(model_config)
-    backbone = {k: v.clone() for k, v in retriever.model[0].state_dict().items()}
-    trainer = build_trainer(
+def train_head_only(retriever, collection_dir, train_config, tmp_path) -> None:
+    """Train ``retriever`` on the collection in ``tmp_path/run``, pooled texts cached in ``tmp_path``."""
+    build_trainer(
         retriever,
-        load_collection(scifact_slice),
+        load_collection(collection_dir),
         train_config,
         tmp_path / "run",
         show_progress=False,
         cache=EmbeddingCache(tmp_path / "cache"),
-    )
-    trainer.train()
+    ).train()
+
+
+def test_linear_adapter_trains_head_only_on_cached_embeddings(tiny_bert_dir, scifact_slice, tmp_path):
+    model_config, train_config = tiny_configs(tiny_bert_dir, {"head": "linear"}, head_only=True)
+    retriever = Retriever.from_config(model_config)
+    backbone = {k: v.clone() for k, v in retriever.model[0].state_dict().items()}
+    train_head_only(retriever, scifact_slice, train_config, tmp_path)
     assert torch.count_nonzero(retriever.head_module.linear.weight) > 0  # it learned
     for key, value in retriever.model[0].state_dict().items():
         assert torch.equal(value, backbone[key]), key  # the backbone is frozen
@@ -115,14 +119,7 @@ def test_random_gate_stays_fixed_while_experts_learn_head_only(tiny_bert_dir, sc
     head = retriever.head
     fixed = {k: v.clone() for k, v in head.state_dict().items() if k.startswith(("gate.", "noise."))}
     experts = head.expert_w1.detach().clone()
-    build_trainer(
-        retriever,
-        load_collection(scifact_slice),
-        train_config,
-        tmp_path / "run",
-        show_progress=False,
-        cache=EmbeddingCache(tmp_path / "cache"),
-    ).train()
+    train_head_only(retriever, scifact_slice, train_config, tmp_path)
     assert fixed and all(torch.equal(head.state_dict()[k], v) for k, v in fixed.items())
     assert not torch.equal(experts, head.expert_w1)
 

@@ -16,6 +16,24 @@ def write_grid(path, **values):
     return path
 
 
+def tiny_grid(tmp_path, tiny_bert_dir, collections, max_steps, **values):
+    """The fine-tuned baseline and SB-MoE (2 experts) on ``collections``, two seeds, a few steps."""
+    return load_grid(
+        write_grid(
+            tmp_path / "grid.yaml",
+            name="tiny",
+            backbones=[str(tiny_bert_dir)],
+            collections=collections,
+            seeds=[1, 2],
+            experts=[2],
+            variants={"fine-tuned": {"num_experts": 0}, "sb-moe": {"gating": "learned"}},
+            model={"max_doc_length": 32},
+            train={"max_steps": max_steps, "batch_size": 8, "precision": "fp32"},
+            **values,
+        )
+    )
+
+
 def test_shipped_grids_load_and_expand():
     paper = load_grid(REPO_EXPERIMENTS / "paper.yaml")
     cells = expand(paper)
@@ -87,20 +105,13 @@ def test_grid_runs_skips_finished_cells_and_records_failures(
     tiny_bert_dir, scifact_slice, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("SBMOE_DATA_DIR", str(scifact_slice.parent))
-    grid = load_grid(
-        write_grid(
-            tmp_path / "grid.yaml",
-            name="tiny",
-            backbones=[str(tiny_bert_dir)],
-            collections=[scifact_slice.name, "no-such-collection"],
-            transfer=False,
-            seeds=[1, 2],
-            experts=[2],
-            variants={"fine-tuned": {"num_experts": 0}, "sb-moe": {"gating": "learned"}},
-            model={"max_doc_length": 32},
-            train={"max_steps": 2, "batch_size": 8, "precision": "fp32"},
-            evaluate={"expert_poolings": ["top1", "all"]},
-        )
+    grid = tiny_grid(
+        tmp_path,
+        tiny_bert_dir,
+        [scifact_slice.name, "no-such-collection"],
+        max_steps=2,
+        transfer=False,
+        evaluate={"expert_poolings": ["top1", "all"]},
     )
     output = tmp_path / "out"
     first = run_experiment(grid, output, show_progress=False, command=["sbmoe", "experiment"])
@@ -130,18 +141,7 @@ def test_shards_split_a_grid_between_processes_sharing_one_output(
     tiny_bert_dir, scifact_slice, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("SBMOE_DATA_DIR", str(scifact_slice.parent))
-    grid = load_grid(
-        write_grid(
-            tmp_path / "grid.yaml",
-            backbones=[str(tiny_bert_dir)],
-            collections=[scifact_slice.name],
-            seeds=[1, 2],
-            experts=[2],
-            variants={"fine-tuned": {"num_experts": 0}, "sb-moe": {"gating": "learned"}},
-            model={"max_doc_length": 32},
-            train={"max_steps": 1, "batch_size": 8, "precision": "fp32"},
-        )
-    )
+    grid = tiny_grid(tmp_path, tiny_bert_dir, [scifact_slice.name], max_steps=1)
     cells = [cell.cell_id for cell in expand(grid)]
     output = tmp_path / "out"
     first = run_experiment(grid, output, show_progress=False, shard=(0, 2))

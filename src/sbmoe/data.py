@@ -173,7 +173,7 @@ def read_queries(path: str | os.PathLike) -> dict[str, str]:
     return queries
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, text) for each non-blank line, without BOM or line ending."""
     # Binary reading with per-line decoding keeps line numbers exact even for bad UTF-8.
     with open(path, "rb") as handle:
@@ -194,13 +194,13 @@ def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     Raises:
         DataError: A line is not valid UTF-8, not JSON, or not a JSON object (path and line named).
     """
-    for lineno, line in _iter_lines(path):
+    for lineno, line in iter_lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path} line {lineno}: expected a JSON object, got {_json_type(record)}")
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {json_type(record)}")
         yield lineno, record
 
 
@@ -220,7 +220,8 @@ def _load_jsonl(path: Path, what: str, build: Callable[[dict[str, Any], Path, in
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string"}
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of ``value``'s type (string, number, array, ...), for error messages."""
     return _JSON_TYPES.get(type(value), "array" if isinstance(value, list) else "object")
 
 
@@ -232,7 +233,7 @@ def _record_id(record: dict[str, Any], path: Path, lineno: int) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise DataError(f'{path} line {lineno}: field "_id" must be a string, got {_json_type(value)}')
+        raise DataError(f'{path} line {lineno}: field "_id" must be a string, got {json_type(value)}')
     if not value.strip():
         raise DataError(f'{path} line {lineno}: field "_id" is empty')
     return value
@@ -256,7 +257,7 @@ def _record_str(record: dict[str, Any], field: str, path: Path, lineno: int, req
             raise DataError(f'{path} line {lineno}: missing field "{field}"')
         return ""
     if not isinstance(value, str):
-        raise DataError(f'{path} line {lineno}: field "{field}" must be a string, got {_json_type(value)}')
+        raise DataError(f'{path} line {lineno}: field "{field}" must be a string, got {json_type(value)}')
     return value
 
 
@@ -265,7 +266,7 @@ def _load_qrels(
 ) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     skipped, negative, example, first = 0, 0, "", True
-    for lineno, line in _iter_lines(path):
+    for lineno, line in iter_lines(path):
         row = line.split("\t")
         if len(row) != 3:
             raise DataError(

@@ -192,7 +192,7 @@ def _iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                         f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})"
                     ) from None
                 if not isinstance(record, dict):
-                    raise DataError(f"{path} line {lineno}: expected a JSON object, got {_json_type(record)}")
+                    raise DataError(f"{path} line {lineno}: expected a JSON object, got {json_type(record)}")
                 yield lineno, record
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: not a readable gzip file ({exc})") from None
@@ -201,7 +201,7 @@ def _iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string"}
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), "array" if isinstance(value, list) else "object")
 
 
@@ -210,7 +210,7 @@ def _as_id(value: Any, where: str, field_name: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise DataError(f'{where}: field "{field_name}" must be a string, got {_json_type(value)}')
+        raise DataError(f'{where}: field "{field_name}" must be a string, got {json_type(value)}')
     if not value.strip():
         raise DataError(f'{where}: field "{field_name}" is empty')
     if any(char in value for char in "\t\r\n"):
@@ -234,7 +234,7 @@ def _record_text(record: dict[str, Any], field_name: str, where: str, required: 
             raise DataError(f'{where}: field "{field_name}" must be a string, got null')
         raise DataError(f'{where}: missing field "{field_name}"')
     if not isinstance(value, str):
-        raise DataError(f'{where}: field "{field_name}" must be a string, got {_json_type(value)}')
+        raise DataError(f'{where}: field "{field_name}" must be a string, got {json_type(value)}')
     return value
 
 
@@ -274,7 +274,7 @@ def _convert_queries(
             raise DataError(f'{where}: missing field "rel_doc_ids"')
         relevant = record["rel_doc_ids"]
         if not isinstance(relevant, list):
-            raise DataError(f'{where}: field "rel_doc_ids" must be an array, got {_json_type(relevant)}')
+            raise DataError(f'{where}: field "rel_doc_ids" must be an array, got {json_type(relevant)}')
         known: dict[str, None] = {}  # ordered set: a repeated id is one judgement
         for index, value in enumerate(relevant):
             doc_id = _as_id(value, where, f"rel_doc_ids[{index}]")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sbmoe.config import TrainConfig
-from sbmoe.data import BeirCollection, DataWarning, Document, _iter_lines, _json_type, iter_json_objects
+from sbmoe.data import BeirCollection, DataWarning, Document, iter_json_objects, iter_lines, json_type
 from sbmoe.errors import DataError, MissingInputError, UsageError, first_line
 
 _NEGATIVE_COLUMN = re.compile(r"negative_(\d+)")
@@ -108,12 +108,12 @@ def _is_tsv(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".jsonl", ".json"):
         return suffix == ".tsv"
-    return not next((line.lstrip().startswith("{") for _, line in _iter_lines(path)), False)
+    return not next((line.lstrip().startswith("{") for _, line in iter_lines(path)), False)
 
 
 def _tsv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     first = True
-    for lineno, line in _iter_lines(path):
+    for lineno, line in iter_lines(path):
         cells = line.split("\t")
         names = [cell.strip().lower() for cell in cells[:2]]
         header = first and names[0] in _QUERY_FIELDS and names[1:] == ["positive"]
@@ -201,7 +201,7 @@ class _Builder:
         if value is None and name not in record:
             raise _absent(record, name, where)
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            raise DataError(f'{where}: field "{name}" must be a list of objects, got {_json_type(value)}')
+            raise DataError(f'{where}: field "{name}" must be a list of objects, got {json_type(value)}')
         if required and not value:
             raise DataError(f'{where}: field "{name}" is empty')
         doc_ids = []
@@ -259,7 +259,7 @@ def _string(record: dict[str, Any], name: str, where: str, within: str = "") -> 
     value = record.get(name)
     if value is not None and not isinstance(value, str):
         label = f"{within}.{name}" if within else name
-        raise DataError(f'{where}: field "{label}" must be a string, got {_json_type(value)}')
+        raise DataError(f'{where}: field "{label}" must be a string, got {json_type(value)}')
     return value
 
 
@@ -279,7 +279,7 @@ def _id_field(record: dict[str, Any], name: str, where: str, within: str = "") -
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if value is not None and not isinstance(value, str):
-        raise DataError(f'{where}: field "{label}" must be a string, got {_json_type(value)}')
+        raise DataError(f'{where}: field "{label}" must be a string, got {json_type(value)}')
     if value is not None and not value.strip():
         raise DataError(f'{where}: field "{label}" is empty')
     return value
@@ -297,13 +297,13 @@ def _texts(record: dict[str, Any], name: str, where: str, required: bool) -> lis
         items = [(f"{name}[{position}]", item) for position, item in enumerate(value)]
     if items is None:
         raise DataError(
-            f'{where}: field "{name}" must be a string or a list of strings, got {_json_type(value)}'
+            f'{where}: field "{name}" must be a string or a list of strings, got {json_type(value)}'
         )
     if required and not items:
         raise DataError(f'{where}: field "{name}" is empty')
     for label, item in items:
         if not isinstance(item, str):
-            raise DataError(f'{where}: field "{label}" must be a string, got {_json_type(item)}')
+            raise DataError(f'{where}: field "{label}" must be a string, got {json_type(item)}')
         if not item.strip():
             raise DataError(f'{where}: field "{label}" is empty')
     return [item for _, item in items]
