@@ -91,3 +91,14 @@ def test_no_network_and_no_local_copy_is_one_clear_line(tmp_path):
 
     with pytest.raises(DataError, match="irds:no-such/dataset: not a dataset ir_datasets knows"):
         resolve_data("irds:no-such/dataset", cache_dir=tmp_path)
+
+
+def test_grades_that_mean_non_relevant_to_their_collection_are_named():
+    """ANTIQUE grades non-answers 1 and 2; sbmoe counts every grade above 0, and says what they mean."""
+    import ir_datasets
+
+    from sbmoe.errors import DataWarning
+    from sbmoe.irds import _warn_grades
+
+    with pytest.warns(DataWarning, match=r"irds:antique/test: every grade above 0 counts as relevant.*1 = "):
+        _warn_grades("antique/test", {"test": ir_datasets.load("antique/test")})

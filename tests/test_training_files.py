@@ -257,3 +257,25 @@ def test_a_negative_that_is_also_a_positive_stays_a_positive(tmp_path):
     texts = {doc_id: doc.text for doc_id, doc in collection.corpus.items()}
     assert sorted(texts[d] for d in collection.qrels["train"][query_id]) == ["a", "b"]
     assert [texts[d] for d in collection.negatives[query_id]] == ["c"]
+
+
+def test_a_passage_given_with_and_without_its_docid_is_not_its_own_negative(tmp_path):
+    path = tmp_path / "tevatron.jsonl"
+    record = {
+        "query_id": "1",
+        "query": "a",
+        "positive_passages": [{"docid": "1", "text": "x"}],
+        "negative_passages": [{"text": "x"}, {"text": "y"}],
+    }
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.warns(DataWarning, match="1 listed negatives are also positives"):
+        collection = load_training_file(path)
+    assert [collection.corpus[d].text for d in collection.negatives["1"]] == ["y"]
+
+
+def test_trailing_tabs_in_a_tsv_line_are_ignored(tmp_path):
+    path = tmp_path / "triples.tsv"
+    path.write_text("q1\tp1\t\nq2\tp2\tn2\t\t\n", encoding="utf-8")
+    collection = load_training_file(path)
+    assert len(collection.queries) == 2
+    assert sum(len(negatives) for negatives in collection.negatives.values()) == 1

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from sbmoe.errors import DataError, UsageError
+from sbmoe.errors import DataError, DataWarning, UsageError
 from sbmoe.io import atomic_directory, atomic_open
 from sbmoe.irds import export_irds, is_irds_name
 
@@ -50,10 +50,6 @@ BEIR_MD5: dict[str, str] = {
 
 _SPLIT_ORDER = {"train": 0, "dev": 1, "test": 2}
 _T = TypeVar("_T")
-
-
-class DataWarning(UserWarning):
-    """Something in a collection was skipped, or adjusted, without making it unusable."""
 
 
 @dataclass(frozen=True)

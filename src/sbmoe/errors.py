@@ -32,6 +32,10 @@ class HubError(SbmoeError, RuntimeError):
     """The Hugging Face Hub could not be reached, or refused a request (token, repository)."""
 
 
+class DataWarning(UserWarning):
+    """Something in a collection was skipped, or adjusted, without making it unusable."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of ``error``'s message, or its class name when it has none (for one-line errors)."""
     text = str(error).strip()

@@ -14,12 +14,13 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sbmoe.errors import DataError, first_line
+from sbmoe.errors import DataError, DataWarning, first_line
 from sbmoe.io import atomic_directory
 
 IRDS_PREFIX = "irds:"
@@ -109,6 +110,24 @@ def _export(ir_datasets: Any, dataset_id: str, folder: Path) -> None:
                 if any(set(value) & {"\t", "\n", "\r"} for value in ids):
                     raise DataError(f"{IRDS_PREFIX}{dataset_id}: qrels id with a tab or line break: {ids!r}")
                 out.write(f"{qrel.query_id}\t{qrel.doc_id}\t{qrel.relevance}\n")
+    _warn_grades(dataset_id, splits)
+
+
+def _warn_grades(dataset_id: str, splits: dict[str, Any]) -> None:
+    """Say what each positive grade means where ir_datasets defines them: sbmoe (as BEIR) counts every
+    grade above 0 as relevant, and some collections grade non-answers 1 (ANTIQUE, TREC DL)."""
+    definitions = {}
+    for source in splits.values():
+        defined = source.qrels_defs() if hasattr(source, "qrels_defs") else None
+        definitions.update({grade: text for grade, text in (defined or {}).items() if grade > 0})
+    if definitions:
+        listed = "; ".join(f"{grade} = {text}" for grade, text in sorted(definitions.items()))
+        warnings.warn(
+            f"{IRDS_PREFIX}{dataset_id}: every grade above 0 counts as relevant; ir_datasets defines "
+            f"them as: {listed}",
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 def _splits(ir_datasets: Any, dataset_id: str, dataset: Any) -> dict[str, Any]:

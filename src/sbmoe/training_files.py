@@ -115,6 +115,8 @@ def _tsv_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     first = True
     for lineno, line in iter_lines(path):
         cells = line.split("\t")
+        while len(cells) > 2 and not cells[-1].strip():
+            cells.pop()  # trailing tabs, as some exports leave them
         names = [cell.strip().lower() for cell in cells[:2]]
         header = first and names[0] in _QUERY_FIELDS and names[1:] == ["positive"]
         first = False
@@ -226,12 +228,22 @@ class _Builder:
             )
         return doc_id
 
+    def _content(self, doc_id: str) -> tuple[str, str]:
+        document = self.corpus[doc_id]
+        return document.title, document.text
+
     def collection(self) -> TrainingFileCollection:
         if not self.queries:
             raise DataError(f"{self.path}: no training examples")
         negatives, dropped = {}, 0
         for query_id, listed in self.negatives.items():
-            kept = [doc_id for doc_id in listed if doc_id not in self.positives[query_id]]
+            # Also by content: a passage given once with a docid and once without gets two ids.
+            positive_texts = {self._content(doc_id) for doc_id in self.positives[query_id]}
+            kept = [
+                doc_id
+                for doc_id in listed
+                if doc_id not in self.positives[query_id] and self._content(doc_id) not in positive_texts
+            ]
             dropped += len(listed) - len(kept)
             if kept:
                 negatives[query_id] = kept
