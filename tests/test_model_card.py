@@ -104,6 +104,22 @@ def test_baseline_card_says_plain_sentence_transformers_and_that_loads_it(tiny_b
     np.testing.assert_allclose(model.encode(TEXTS), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_linear_adapter_card_names_the_adapter_and_its_load_lines_work(tiny_bert_dir, tmp_path):
+    torch.manual_seed(0)
+    adapter = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), head="linear"))
+    with torch.no_grad():
+        adapter.head_module.linear.weight.normal_(std=0.1)
+    adapter.save(tmp_path / "model")
+    metadata, body = read_card(tmp_path / "model")
+    assert "mixture-of-experts" not in metadata["tags"]
+    assert "| Head | a linear residual adapter, y = x + W x + b (no experts, no gate) |" in body
+    assert "`sbmoe.adapters.LinearAdapter`" in body and "starts at zero" in body
+    assert code_blocks(body, "bash")[0].startswith("pip install sbmoe")
+    model = run_usage_lines(body, tmp_path / "model")["model"]
+    expected = encode_texts(adapter, TEXTS, "document", EncodeConfig(precision="fp32"))
+    np.testing.assert_allclose(model.encode(TEXTS), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_hub_ids_of_backbones():
     assert hub_model_id("all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
     assert hub_model_id("BAAI/bge-small-en-v1.5") == "BAAI/bge-small-en-v1.5"

@@ -21,7 +21,7 @@ from sbmoe.cli import main
 from sbmoe.config import EncodeConfig, ModelConfig, ServeConfig
 from sbmoe.data import load_collection
 from sbmoe.encoding import encode_texts
-from sbmoe.errors import UsageError
+from sbmoe.errors import SbmoeError, UsageError
 from sbmoe.evaluation import read_trec_run
 from sbmoe.modeling import Retriever
 from sbmoe.retrieval import build_index, search
@@ -240,16 +240,18 @@ def test_without_the_serve_extra_the_command_says_what_to_install(index_dir, mon
 
 def test_the_command_serves_until_interrupted(model_dir, index_dir):
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "sbmoe.cli", "serve", "--model", str(model_dir), "--index"]
+    # -q silences logging, not the address: with --port 0 it is the only way to reach the service.
+    command = [sys.executable, "-m", "sbmoe.cli", "-q", "serve", "--model", str(model_dir), "--index"]
     process = subprocess.Popen(
         [*command, str(index_dir), "--port", "0", *ENCODE_FLAGS],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=environment,
     )
     try:
         url = None
-        for line in process.stderr:
+        for line in process.stdout:
             if line.startswith("listening on "):
                 url = line.split()[-1]
                 break
@@ -260,3 +262,20 @@ def test_the_command_serves_until_interrupted(model_dir, index_dir):
         process.send_signal(signal.SIGINT)
         remaining = process.communicate(timeout=60)[1]
     assert process.returncode == 0, remaining
+
+
+def test_a_sharded_index_is_verified_once_at_start(model_dir, scifact_slice, tmp_path):
+    """--verify checks every shard before serving (a damaged one is refused), not on every request."""
+    sharded = tmp_path / "sharded"
+    command = ["-q", "index", "--model", str(model_dir), "--data", str(scifact_slice), "--output"]
+    for shard in ("0/2", "1/2"):
+        assert main([*command, str(sharded), "--shard", shard, *ENCODE_FLAGS]) == 0
+    with load_service(model_dir, sharded, encode=FP32, verify=True) as service:
+        assert not service.index.verify  # checked: searches open shards with the sample check only
+        assert service.search(["vitamin D"]).result(timeout=60)[0]
+    damaged = next(sharded.glob("shard-00001*")) / "index.faiss"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(SbmoeError, match=r"corrupt|checksum"):
+        load_service(model_dir, sharded, encode=FP32, verify=True)

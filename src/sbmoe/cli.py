@@ -514,6 +514,7 @@ def _command_serve(args: argparse.Namespace) -> int:
         data=args.data,
         verify=args.verify,
         log_level="warning" if args.quiet else "info",
+        announce=lambda url: print(f"listening on {url}", flush=True),
     )
     return 0
 

@@ -29,10 +29,17 @@ DEV_ROWS = 20
 
 def describe_head(config: ModelConfig) -> str:
     """The MoE head in a few words, e.g. ``6 experts, learned gating, top1 expert pooling``."""
+    if config.head == "linear":
+        return "a linear residual adapter, y = x + W x + b (no experts, no gate)"
     if config.num_experts == 0:
         return "no head (the plain fine-tuned bi-encoder)"
     pooling = f"top-{config.experts_top_k}" if config.expert_pooling == "topk" else config.expert_pooling
     return f"{config.num_experts} experts, {config.gating} gating, {pooling} expert pooling"
+
+
+def _has_head(config: ModelConfig) -> bool:
+    """Whether the model carries an sbmoe head module (MoE or linear adapter) after its pooling."""
+    return bool(config.num_experts) or config.head == "linear"
 
 
 def read_evaluation(directory: str | Path, fingerprint: str) -> list[dict[str, Any]]:
@@ -129,8 +136,12 @@ def _front_matter(
 
 def _title(config: ModelConfig, saved: Mapping[str, Any], base_model: str | None, data: str | None) -> str:
     name = Path(config.backbone).name
-    title = f"{name} + SB-MoE" if config.num_experts else f"{name} (fine-tuned)"
-    kind = "an SB-MoE head" if config.num_experts else "no MoE head (the fine-tuned baseline)"
+    if config.head == "linear":
+        title, kind = f"{name} + linear adapter", "a linear residual adapter (a control for SB-MoE)"
+    elif config.num_experts:
+        title, kind = f"{name} + SB-MoE", "an SB-MoE head"
+    else:
+        title, kind = f"{name} (fine-tuned)", "no MoE head (the fine-tuned baseline)"
     source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{config.backbone}`"
     trained = f"fine-tuned on {data}" if data else "built"
     return (
@@ -182,7 +193,11 @@ def _training_section(
                 "sbmoe.json (they are in training/config.json beside the trained model)."
                 + _dev_scores(training)
             )
-        untrained = " Its MoE head is at its random initialisation." if config.num_experts else ""
+        untrained = ""
+        if config.num_experts:
+            untrained = " Its MoE head is at its random initialisation."
+        elif config.head == "linear":
+            untrained = " Its linear adapter starts at zero: the backbone's own embeddings."
         return f"## Training\n\nNot trained by sbmoe (no training recorded).{untrained}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -192,7 +207,7 @@ def _training_section(
     negatives = (
         f" + {t.hard_negatives} hard negatives per query ({t.negatives_source})" if t.hard_negatives else ""
     )
-    if config.num_experts == 0:
+    if not _has_head(config):
         rates = f"{t.lr_backbone}"
     elif t.head_only or t.freeze_backbone:
         rates = f"head {t.lr_head}"
@@ -257,11 +272,12 @@ def _evaluation_section(evaluations: Sequence[Mapping[str, Any]]) -> str:
 
 def _usage_section(config: ModelConfig, model_id: str | None, version: str | None, data: str | None) -> str:
     name = model_id or LOCAL_PLACEHOLDER
-    if config.num_experts:
+    if _has_head(config):
         install = f"pip install sbmoe  # saved with sbmoe {version}"
         load = f'model = SentenceTransformer("{name}", trust_remote_code=True)'
+        module = "sbmoe.adapters.LinearAdapter" if config.head == "linear" else "sbmoe.moe_head.MoEHead"
         why = (
-            "The MoE head is the class `sbmoe.moe_head.MoEHead` of the sbmoe package, so sbmoe must be "
+            f"The head is the class `{module}` of the sbmoe package, so sbmoe must be "
             "installed and `trust_remote_code=True` given; no code is downloaded with the model."
         )
     else:

@@ -12,12 +12,14 @@ which are defined inside :func:`create_app` with the limits of its :class:`Serve
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from sbmoe.config import EncodeConfig, SearchConfig, ServeConfig
@@ -146,6 +148,7 @@ def serve(
     data: str | os.PathLike | None = None,
     verify: bool = False,
     log_level: str = "info",
+    announce: Callable[[str], None] | None = None,
 ) -> None:
     """Load ``model`` and ``index`` once and answer HTTP requests until interrupted.
 
@@ -162,6 +165,8 @@ def serve(
         data: The collection the index was built from (BEIR folder or name), to return titles
             and texts; without it, hits are ids and scores.
         verify: Check the index in full against its checksum before serving.
+        announce: Called with the URL once the service listens (the command line prints it, so
+            ``--port 0`` is reachable under ``-q`` too); without it, the URL is logged.
         log_level: uvicorn's log level (``warning`` drops the per-request lines).
     """
     _require_extra()
@@ -174,7 +179,7 @@ def serve(
             model, index, search, encode, data=data, max_batch_texts=config.max_batch_texts, verify=verify
         )
         server = uvicorn.Server(uvicorn.Config(create_app(service, config), log_level=log_level))
-        logger.info("listening on %s", _url(listening))
+        (announce or functools.partial(logger.info, "listening on %s"))(_url(listening))
         # uvicorn shuts down gracefully on Ctrl-C, then raises it again for the caller: done, then.
         with contextlib.suppress(KeyboardInterrupt):
             server.run(sockets=[listening])

@@ -47,7 +47,7 @@ def startup_record(
     elif config.freeze_backbone:
         trains = "head only (frozen backbone)"
     else:
-        trains = "backbone and head" if retriever.head is not None else "backbone"
+        trains = "backbone and head" if retriever.head_module is not None else "backbone"
     dev = resolve_inference("auto", config.precision, retriever.device)
     if config.dev_split is not None and config.dev_split in data.collection.qrels:
         dev_set = f"split {config.dev_split}"
