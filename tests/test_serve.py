@@ -27,7 +27,7 @@ from sbmoe.modeling import Retriever
 from sbmoe.retrieval import build_index, search
 from sbmoe.routing import route
 from sbmoe.serve import BackgroundServer, create_app
-from sbmoe.service import SearchService, load_service
+from sbmoe.service import SearchService, ServiceClosedError, load_service
 
 pytest.importorskip("fastapi")
 FP32 = EncodeConfig(precision="fp32", backend="torch", device="cpu")
@@ -69,7 +69,7 @@ def server(model_dir, index_dir, scifact_slice):
     with BackgroundServer(create_app(service, LIMITS)) as running:
         yield running, service
     assert not service.alive  # the app's shutdown closed the service
-    with pytest.raises(UsageError, match="closed"):
+    with pytest.raises(ServiceClosedError, match="closed"):
         service.search(["after the end"])
 
 
@@ -149,6 +149,7 @@ def test_embeddings_are_the_librarys(server, kind):
         ("search", {"query": "q", "top_k": 0}, "greater than or equal to 1"),
         ("search", {"query": "q", "top_k": 51}, "less than or equal to 50"),
         ("search", {"query": "q", "top_k": "ten"}, "valid integer"),
+        ("search", {"query": "q", "top_k": True}, "valid integer"),
         ("search", {"query": "q", "queries": ["q"]}, "either query"),
         ("search", {}, "either query"),
         ("search", {"query": "q", "topk": 5}, "Extra inputs"),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from sbmoe.config import EncodeConfig, SearchConfig, ServeConfig
 from sbmoe.errors import SbmoeError, UsageError
-from sbmoe.service import KINDS, NO_DOCUMENTS, SearchService, load_service
+from sbmoe.service import KINDS, NO_DOCUMENTS, SearchService, ServiceClosedError, load_service
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -63,7 +63,7 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
 
     config, _ = _checked(config, service.search_config)
     Text = Annotated[str, AfterValidator(_not_blank)]
-    TopK = Annotated[int, Field(ge=1, le=config.max_top_k)]
+    TopK = Annotated[int, Field(ge=1, le=config.max_top_k, strict=True)]  # not true, 2.5 or "3"
     Texts = Annotated[list[Text], Field(min_length=1, max_length=config.max_texts)]
 
     class SearchRequest(BaseModel):
@@ -96,7 +96,8 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
 
     @app.exception_handler(SbmoeError)
     async def refused(request: Any, error: SbmoeError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=400)
+        unavailable = isinstance(error, ServiceClosedError)  # shutting down: try again elsewhere
+        return JSONResponse({"detail": str(error)}, status_code=503 if unavailable else 400)
 
     @app.post("/search")
     async def search(request: SearchRequest) -> JSONResponse:

@@ -33,7 +33,7 @@ from sbmoe import __version__
 from sbmoe.config import EncodeConfig, SearchConfig
 from sbmoe.data import Document
 from sbmoe.encoding import apply_head_stages, encode_texts, encoder_runner
-from sbmoe.errors import UsageError
+from sbmoe.errors import SbmoeError, UsageError
 from sbmoe.index import DenseIndex
 from sbmoe.modeling import Retriever
 from sbmoe.retrieval import encoding_used
@@ -69,6 +69,10 @@ class _Job:
     future: concurrent.futures.Future
     top_k: int | None = None  # None: an encoding, not a search
     routing: bool = False
+
+
+class ServiceClosedError(SbmoeError):
+    """A request reached a service that is shutting down or shut down."""
 
 
 class SearchService:
@@ -247,7 +251,7 @@ class SearchService:
             raise UsageError("a text is empty: give the text to encode")
         with self._lock:
             if self._closed:
-                raise UsageError("the search service is closed")
+                raise ServiceClosedError("the search service is closed")
             self._queue.put(job)
         return job.future
 
