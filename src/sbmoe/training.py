@@ -481,10 +481,14 @@ class Trainer:
                 if not (eval_steps and self.step % eval_steps == 0) or self.step >= self.total_steps:
                     self.evaluate_and_select(epoch)
                 self._save_checkpoint(epoch, 0)
+        except BaseException:
+            self.reporter.close()
+            raise
         finally:
             bar.close()
-            self.reporter.close()
-        return self._finish(started, resumed_from)
+        result = self._finish(started, resumed_from)
+        self.reporter.close()  # after _finish, so its warning reaches TensorBoard too
+        return result
 
     def _finish(self, started: float, resumed_from: int | None) -> TrainResult:
         warning = None
