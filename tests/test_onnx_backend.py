@@ -151,3 +151,25 @@ def test_what_auto_picks_here_embeds_a_text_alike_alone_and_in_a_batch(retriever
     batch = encode_texts(retriever, texts, "query", auto)
     alone = np.stack([encode_texts(retriever, [text], "query", auto)[0] for text in texts])
     np.testing.assert_allclose(alone, batch, atol=2e-3 if runtime.cpu_has_fast_bf16() else 1e-5)
+
+
+def test_two_threads_exporting_at_once_get_the_same_model(retriever, tmp_path, monkeypatch):
+    """A service's worker and a caller may both need the export first: tracing is serialised."""
+    import threading
+
+    int8 = EncodeConfig(backend="onnx", precision="int8", device="cpu")
+    monkeypatch.setenv("SBMOE_CACHE_DIR", str(tmp_path / "together"))
+    results: list = [None, None]
+
+    def encode(slot: int) -> None:
+        results[slot] = encode_texts(retriever, TEXTS, "query", int8)
+
+    threads = [threading.Thread(target=encode, args=(slot,)) for slot in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monkeypatch.setenv("SBMOE_CACHE_DIR", str(tmp_path / "alone"))
+    expected = encode_texts(retriever, TEXTS, "query", int8)
+    for result in results:
+        np.testing.assert_array_equal(result, expected)

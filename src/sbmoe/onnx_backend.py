@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from sbmoe.modeling import Retriever
 
 logger = logging.getLogger(__name__)
+_EXPORT_LOCK = threading.Lock()
 
 ONNX_PRECISIONS = ("fp32", "int8")
 # Bumped when the export or quantisation changes what a cached model computes.
@@ -108,29 +110,39 @@ def export_transformer(
     path = folder / MODEL_FILE
     if path.exists():
         return path
-    started = time.perf_counter()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_exports(folder)
-    # The pid in the name tells a later run whether the export in progress still has an owner.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
-    try:
-        _export_fp32(retriever, tmp / "fp32.onnx")
-        if precision == "int8":
-            _quantize_int8(tmp / "fp32.onnx", tmp / MODEL_FILE)
-            (tmp / "fp32.onnx").unlink()
-        else:
-            (tmp / "fp32.onnx").rename(tmp / MODEL_FILE)
-        # First writer wins: renaming onto a finished export fails, and that export is the same model.
-        with contextlib.suppress(OSError):
-            os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not path.exists():
-        raise UsageError(f"could not write the ONNX export to {folder}")
-    logger.info(
-        "exported the transformer to ONNX (%s) in %.1f s: %s", precision, time.perf_counter() - started, path
-    )
-    return path
+    # Tracing one module from two threads at once (a service's worker and a caller) corrupts
+    # the export: one export at a time per process; other processes agree by the rename below.
+    with _EXPORT_LOCK:
+        if path.exists():
+            return path
+        started = time.perf_counter()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_exports(folder)
+        # The pid in the name tells a later run whether the export in progress still has an owner.
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent)
+        )
+        try:
+            _export_fp32(retriever, tmp / "fp32.onnx")
+            if precision == "int8":
+                _quantize_int8(tmp / "fp32.onnx", tmp / MODEL_FILE)
+                (tmp / "fp32.onnx").unlink()
+            else:
+                (tmp / "fp32.onnx").rename(tmp / MODEL_FILE)
+            # First writer wins: renaming onto a finished export fails, and that export is the same model.
+            with contextlib.suppress(OSError):
+                os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not path.exists():
+            raise UsageError(f"could not write the ONNX export to {folder}")
+        logger.info(
+            "exported the transformer to ONNX (%s) in %.1f s: %s",
+            precision,
+            time.perf_counter() - started,
+            path,
+        )
+        return path
 
 
 def _remove_dead_exports(folder: Path) -> None:
