@@ -136,21 +136,18 @@ def test_each_format_trains_a_model_end_to_end(kind, examples, tiny_bert_dir, tm
     assert read_json(output / "sbmoe.json")["training"]["steps"] == 2
 
 
-def test_listed_negatives_left_unused_are_warned_about(examples, tiny_bert_dir, tmp_path):
+def test_listed_negatives_are_used_unless_turned_off(examples, tiny_bert_dir, tmp_path):
     path = write("triples-tsv", examples[:12], tmp_path)
     arguments = ["-q", "train", "--model", str(tiny_bert_dir), "--train-file", str(path)]
-    arguments += [
-        "--output",
-        str(tmp_path / "m"),
-        "--num-experts",
-        "0",
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "4",
-    ]
-    with pytest.warns(DataWarning, match="negatives it lists are not used; --hard-negatives K"):
-        assert main([*arguments, "--max-doc-length", "32", "--precision", "fp32"]) == 0
+    arguments += ["--num-experts", "0", "--max-steps", "1", "--batch-size", "4"]
+    arguments += ["--max-doc-length", "32", "--precision", "fp32"]
+    assert main([*arguments, "--output", str(tmp_path / "used")]) == 0
+    start = read_json(tmp_path / "used" / "training" / "config.json")
+    assert start["train_config"]["hard_negatives"] == 1  # one listed negative per query, by default
+    assert (tmp_path / "used" / "training" / "negatives.json").exists()
+    with pytest.warns(DataWarning, match=r"negatives it lists are not used \(--no-file-negatives\)"):
+        assert main([*arguments, "--output", str(tmp_path / "unused"), "--no-file-negatives"]) == 0
+    assert read_json(tmp_path / "unused" / "training" / "config.json")["train_config"]["hard_negatives"] == 0
 
 
 def test_train_takes_a_collection_or_a_training_file(examples, scifact_slice, tmp_path, capsys):

@@ -223,8 +223,14 @@ class TrainConfig:
         None,
         help="train on this file instead of --data: Tevatron JSONL, query/positive/negative triples "
         "(TSV or JSONL) or a Hugging Face dataset folder (save_to_disk); its listed negatives are the "
-        "hard negatives (--hard-negatives K), dev queries are held out of it (--dev-fraction)",
+        "hard negatives (--hard-negatives K, 1 unless given), dev queries are held out of it "
+        "(--dev-fraction)",
         metavar="PATH",
+    )
+    file_negatives: bool = setting(
+        True,
+        help="use the negatives a --train-file lists, 1 per query unless --hard-negatives says more "
+        "(--no-file-negatives: in-batch negatives only)",
     )
     train_split: str = setting("train", help="qrels split the training pairs come from")
     dev_split: str | None = setting(

@@ -60,7 +60,7 @@ from sbmoe.routing import RoutingTracker
 from sbmoe.runtime import autocast, resolve_precision, seed_everything
 from sbmoe.trainable import TrainableEncoder
 from sbmoe.training_data import TrainingData, encode_config, prepare_training_data, require_head
-from sbmoe.training_files import training_collection
+from sbmoe.training_files import TrainingFileCollection, training_collection
 from sbmoe.training_log import TENSORBOARD_DIR, TrainingReporter, startup_line, startup_record
 
 logger = logging.getLogger(__name__)
@@ -589,6 +589,15 @@ def train(
     context = context or init_distributed(device)
     train_config.validate()
     collection = training_collection(train_config, collection)
+    if (
+        isinstance(collection, TrainingFileCollection)
+        and collection.negatives
+        and train_config.file_negatives
+        and train_config.hard_negatives == 0
+    ):
+        # A file that lists negatives is asking for them: one per query unless --hard-negatives.
+        train_config = dataclasses.replace(train_config, hard_negatives=1)
+        logger.info("%s lists negatives: 1 per query joins each batch", train_config.train_file)
     seed_everything(train_config.seed)  # the head's initialisation depends on it
     retriever = Retriever.from_config(model_config, device=context.device)
     settings = run_settings(retriever.config, train_config, collection)

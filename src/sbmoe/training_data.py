@@ -158,8 +158,8 @@ def prepare_training_data(
             and not config.hard_negatives
         ):
             warnings.warn(
-                f"{collection.root}: the negatives it lists are not used; --hard-negatives K puts K of "
-                "them per query in every batch",
+                f"{collection.root}: the negatives it lists are not used (--no-file-negatives); "
+                "--hard-negatives K puts K of them per query in every batch",
                 DataWarning,
                 stacklevel=2,
             )
