@@ -108,3 +108,27 @@ def test_a_runner_kept_across_calls_encodes_as_a_fresh_one(retriever):
     kept = [encode_texts(retriever, [text], "query", BF16, runner=runner) for text in TEXTS]
     fresh = [encode_texts(retriever, [text], "query", BF16) for text in TEXTS]
     np.testing.assert_array_equal(np.concatenate(kept), np.concatenate(fresh))
+
+
+def test_threads_encoding_with_one_training_mode_model_all_get_eval_mode(tiny_bert_dir):
+    """A service's worker and a caller encode with one model: neither may see training mode
+    (dropout, gate noise) restored by the other in the middle of its encoding."""
+    import threading
+
+    torch.manual_seed(0)
+    model = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=3), device="cpu")
+    model.model.train()
+    expected = encode_texts(model, TEXTS * 4, "query", FP32)
+    results: list = []
+
+    def encode() -> None:
+        results.extend(encode_texts(model, TEXTS * 4, "query", FP32) for _ in range(15))
+
+    threads = [threading.Thread(target=encode) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 45 and model.model.training  # its own mode back once all are done
+    for result in results:
+        np.testing.assert_allclose(result, expected, atol=1e-6)

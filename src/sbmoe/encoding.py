@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -224,16 +225,31 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
     Free when the model is in eval mode already (a server encoding one query at a time): switching
     walks every submodule: milliseconds for MiniLM on 2 cores, as long as encoding a short query.
+    Threads encoding with one model at once (a service's worker and a caller) share one switch: the
+    first to enter switches, the last to leave restores; otherwise one could restore training mode
+    (dropout, gate noise) in the middle of another's encoding.
     """
-    was_training = model.training
-    switch = any(module.training for module in model.modules())
-    if switch:
-        model.eval()
+    with _EVAL_LOCK:
+        entry = _EVAL_USERS.get(id(model))
+        if entry is None:
+            switch = any(module.training for module in model.modules())
+            entry = _EVAL_USERS[id(model)] = [0, model.training, switch]
+            if switch:
+                model.eval()
+        entry[0] += 1
     try:
         yield
     finally:
-        if switch:
-            model.train(was_training)
+        with _EVAL_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _EVAL_USERS[id(model)]
+                if entry[2]:
+                    model.train(entry[1])
+
+
+_EVAL_LOCK = threading.Lock()
+_EVAL_USERS: dict[int, list] = {}  # id(model) -> [threads inside, its own mode, switched]
 
 
 @contextlib.contextmanager
