@@ -59,31 +59,16 @@ def unrelated(tmp_path) -> Path:
     return folder
 
 
+def verb_args(verb: str, model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return [verb, "--model", str(model), "--data", str(data), "--output", str(output), *extra]
+
+
 def index_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "index",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--output",
-        str(output),
-        *extra,
-    ]
+    return verb_args("index", model, data, output, *extra)
 
 
 def train_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--output",
-        str(output),
-        *TRAIN_FLAGS,
-        *extra,
-    ]
+    return verb_args("train", model, data, output, *TRAIN_FLAGS, *extra)
 
 
 # ------------------------------------------------------------------------------------ refusals
