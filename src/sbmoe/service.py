@@ -119,11 +119,6 @@ class SearchService:
         self.index_path = str(index) if isinstance(index, (str, os.PathLike)) else None
         if isinstance(index, (str, os.PathLike)):
             index = load_index(index, expected_fingerprint=self.fingerprint, verify=verify)
-        if isinstance(index, ShardedIndex) and index.verify:
-            # Shards are opened per search: check each in full once, now, rather than on every request.
-            for number in range(index.num_shards):
-                index.shard(number)
-            index.verify = False
         self.index = index
         if documents is not None:
             missing = [doc_id for doc_id in index.doc_ids if doc_id not in documents]

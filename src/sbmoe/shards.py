@@ -171,8 +171,8 @@ class ShardedIndex:
     ) -> ShardedIndex:
         """Open a sharded index, checking that its shards are complete and consistent.
 
-        Reads only the shards' ``meta.json``; the vectors are read (and checked against their
-        checksums: in full with ``verify``) when searched.
+        Reads only the shards' ``meta.json`` (and, with ``verify``, every shard's files in full
+        against their checksums); the vectors are read, with a sample checksum check, when searched.
 
         Raises:
             FileNotFoundError: the directory holds no shards, or some are missing.
@@ -242,4 +242,7 @@ class ShardedIndex:
             position += meta["count"]
         if position != total:
             raise UsageError(f"the shards in {directory} hold {position} documents, the corpus has {total}")
-        return cls(directory, shard_dirs, metas, verify)
+        if verify:  # every file in full, once, here: searches then open shards with the sample check
+            for shard_dir in shard_dirs:
+                DenseIndex.load(shard_dir, expected_fingerprint=metas[0]["fingerprint"], verify=True)
+        return cls(directory, shard_dirs, metas)
