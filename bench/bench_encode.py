@@ -20,12 +20,12 @@ import numpy as np
 from common import machine, median_seconds, scifact
 from sentence_transformers import SentenceTransformer
 
-from sbmoe.config import EncodeConfig
-from sbmoe.encoding import encode_texts
-from sbmoe.evaluation import evaluate_run
-from sbmoe.index import DenseIndex
-from sbmoe.modeling import Retriever, resolve_backbone
-from sbmoe.runtime import cpu_has_fast_bf16, onnxruntime_available, resolve_inference
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.core.runtime import cpu_has_fast_bf16, onnxruntime_available, resolve_inference
+from sbmoe.evaluation.metrics import evaluate_run
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.retriever import Retriever, resolve_backbone
+from sbmoe.retrieval.index import DenseIndex
 
 MODEL = "all-MiniLM-L6-v2"
 MAX_LENGTH = 256

@@ -21,10 +21,10 @@ import time
 
 from common import machine, scifact
 
-from sbmoe.config import build_configs
-from sbmoe.modeling import Retriever
-from sbmoe.runtime import seed_everything
-from sbmoe.training import build_trainer
+from sbmoe.config.presets import build_configs
+from sbmoe.core.runtime import seed_everything
+from sbmoe.model.retriever import Retriever
+from sbmoe.train.trainer import build_trainer
 
 STEPS = 2
 

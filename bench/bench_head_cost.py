@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from common import machine, median_seconds, scifact
 
-from sbmoe.config import EncodeConfig, ModelConfig
-from sbmoe.encoding import apply_head_stages, encode_texts
-from sbmoe.modeling import Retriever
-from sbmoe.runtime import resolve_precision
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.core.runtime import resolve_precision
+from sbmoe.inference.encoding import apply_head_stages, encode_texts
+from sbmoe.model.retriever import Retriever
 
 
 def head_seconds(retriever: Retriever, pooled: np.ndarray) -> float:

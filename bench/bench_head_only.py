@@ -18,11 +18,11 @@ import time
 import torch
 from common import machine, median_seconds, scifact
 
-from sbmoe.cache import EmbeddingCache
-from sbmoe.config import build_configs
-from sbmoe.modeling import Retriever
-from sbmoe.runtime import seed_everything
-from sbmoe.training import Trainer, build_trainer
+from sbmoe.config.presets import build_configs
+from sbmoe.core.runtime import seed_everything
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.model.retriever import Retriever
+from sbmoe.train.trainer import Trainer, build_trainer
 
 
 def make_trainer(collection, output, cache, **train_overrides) -> Trainer:

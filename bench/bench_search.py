@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from common import machine, median_seconds, scifact
 
-from sbmoe.cache import EmbeddingCache
-from sbmoe.encoding import encode_texts
-from sbmoe.index import DenseIndex
-from sbmoe.modeling import Retriever
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.index import DenseIndex
 
 TOP_K = 100
 

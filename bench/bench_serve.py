@@ -36,12 +36,13 @@ from urllib.parse import urlparse
 import numpy as np
 from common import machine, scifact
 
-from sbmoe.cache import EmbeddingCache
-from sbmoe.config import EncodeConfig, SearchConfig, ServeConfig
-from sbmoe.modeling import Retriever
-from sbmoe.retrieval import index_corpus, search
-from sbmoe.serve import BackgroundServer, create_app
-from sbmoe.service import SearchService
+from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.indexing import index_corpus
+from sbmoe.retrieval.search import search
+from sbmoe.serve.http import BackgroundServer, create_app
+from sbmoe.serve.service import SearchService
 
 MODEL = "all-MiniLM-L6-v2"
 DOC_TOKENS = 128

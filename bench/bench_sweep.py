@@ -15,11 +15,12 @@ import time
 
 from common import machine, scifact
 
-from sbmoe.cache import EmbeddingCache
-from sbmoe.config import EvaluateConfig, build_configs
-from sbmoe.modeling import Retriever
-from sbmoe.retrieval import evaluate_model
-from sbmoe.training import train
+from sbmoe.config.jobs import EvaluateConfig
+from sbmoe.config.presets import build_configs
+from sbmoe.evaluation.evaluate import evaluate_model
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.model.retriever import Retriever
+from sbmoe.train.trainer import train
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from sbmoe.data import BeirCollection, load_collection, resolve_data
-from sbmoe.runtime import cpu_description
+from sbmoe.core.runtime import cpu_description
+from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
 
 
 def machine() -> str:

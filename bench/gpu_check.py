@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from common import machine
 
-from sbmoe.config import EncodeConfig, build_configs
-from sbmoe.data import load_collection, resolve_data
-from sbmoe.encoding import encode_texts
-from sbmoe.index import DenseIndex
-from sbmoe.modeling import Retriever
-from sbmoe.runtime import resolve_device, resolve_precision, seed_everything
-from sbmoe.training import build_trainer
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.presets import build_configs
+from sbmoe.core.runtime import resolve_device, resolve_precision, seed_everything
+from sbmoe.data.beir import load_collection, resolve_data
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.index import DenseIndex
+from sbmoe.train.trainer import build_trainer
 
 GPU_SIZES = {"passages": 100_000, "steps": 20, "batch_size": 64, "encode_batch_size": 512}
 CPU_SIZES = {"passages": 1_000, "steps": 3, "batch_size": 8, "encode_batch_size": 64}

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from conftest import interrupt_at_step
 
-from sbmoe.cli import main
-from sbmoe.config import build_configs
-from sbmoe.data import load_collection
-from sbmoe.distributed import init_distributed, shutdown
-from sbmoe.modeling import Retriever
-from sbmoe.runtime import seed_everything
-from sbmoe.training import build_trainer, train
+from sbmoe.cli.main import main
+from sbmoe.config.presets import build_configs
+from sbmoe.core.distributed import init_distributed, shutdown
+from sbmoe.core.runtime import seed_everything
+from sbmoe.data.beir import load_collection
+from sbmoe.model.retriever import Retriever
+from sbmoe.train.trainer import build_trainer, train
 
 # Shared with test_distributed.py: the per-process batch is half the single process's.
 TRAIN_ARGS = [

@@ -1,4 +1,9 @@
-"""The package's layers: imports point one way (no circles), and the light modules stay light."""
+"""The package's layers: each subpackage imports only from the ones below it, and nothing forms a circle.
+
+The order, lowest first, is :data:`LAYERS`; a module may import its own package and any package
+listed before it, at module level or inside functions alike. ``sbmoe.moe_head`` and
+``sbmoe.adapters`` are aliases that keep models saved by 0.1.0 loading (``tests/test_saved_models.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,29 +13,68 @@ from pathlib import Path
 import sbmoe
 
 PACKAGE = Path(sbmoe.__file__).parent
+LAYERS = (
+    "core",
+    "config",
+    "data",
+    "model",
+    "inference",
+    "retrieval",
+    "evaluation",
+    "train",
+    "study",
+    "serve",
+    "cli",
+)
+LEGACY_ALIASES = {"moe_head": "model", "adapters": "model"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The sbmoe modules ``path`` imports (``from sbmoe.x import y`` counts ``sbmoe.x.y`` if it is one)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sbmoe":
+            found.add(node.module)
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                if (PACKAGE.parent / Path(*submodule.split("."))).with_suffix(".py").exists():
+                    found.add(submodule)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "sbmoe")
+    return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the sbmoe modules it imports, at module level or inside functions."""
-    graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        name = path.stem
-        imported = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sbmoe"):
-                parts = node.module.split(".")
-                if len(parts) > 1:
-                    imported.add(parts[1])
-                else:  # from sbmoe import x
-                    imported.update(
-                        alias.name for alias in node.names if (PACKAGE / f"{alias.name}.py").exists()
-                    )
-            elif isinstance(node, ast.Import):
-                imported.update(
-                    alias.name.split(".")[1] for alias in node.names if alias.name.startswith("sbmoe.")
-                )
-        graph[name] = imported - {name, "__init__"}
-    return graph
+    """Module -> the sbmoe modules it imports."""
+    return {
+        module_name(path): imported_modules(path) - {module_name(path)}
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+
+
+def package_of(module: str) -> str | None:
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None  # the top-level package (its version)
+    return LEGACY_ALIASES.get(parts[1], parts[1])
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    wrong = []
+    for module, targets in graph.items():
+        here = package_of(module)
+        for target in targets:
+            there = package_of(target)
+            if here is None or there is None or there == here:
+                continue
+            if LAYERS.index(there) > LAYERS.index(here):
+                wrong.append(f"{module} imports {target} ({there} is above {here})")
+    return sorted(wrong)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -55,10 +99,37 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_no_import_circle_anywhere_in_the_package():
+def test_every_subpackage_has_a_layer_and_a_docstring():
+    packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+    assert sorted(LAYERS) == packages
+    for name in packages:
+        docstring = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text(encoding="utf-8")))
+        assert docstring and len(docstring.split()) >= 15, f"sbmoe.{name} needs a one-paragraph docstring"
+    top_level = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert top_level == sorted(LEGACY_ALIASES)
+
+
+def test_no_package_imports_one_above_it():
     graph = import_graph()
-    assert "cli" in graph and "training" in graph  # the scan sees the package
+    assert "sbmoe.cli.main" in graph and "sbmoe.train.trainer" in graph  # the scan sees the package
+    assert upward_imports(graph) == []
+
+
+def test_upward_imports_are_found():
+    graph = {"sbmoe.core.io": {"sbmoe.train.trainer"}, "sbmoe.cli.main": {"sbmoe.core.io"}}
+    assert upward_imports(graph) == ["sbmoe.core.io imports sbmoe.train.trainer (train is above core)"]
+
+
+def test_no_import_circle_between_modules_or_packages():
+    graph = import_graph()
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if package_of(module):
+            packages.setdefault(package_of(module), set()).update(
+                t for t in map(package_of, targets) if t and t != package_of(module)
+            )
+    assert find_cycle(packages) is None, " -> ".join(find_cycle(packages) or [])
 
 
 def test_find_cycle_finds_one():
@@ -66,10 +137,18 @@ def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_lower_layers_never_import_higher_ones():
-    graph = import_graph()
-    higher = {"cli", "training", "experiments", "report", "demo"}
-    for low in ("config", "errors", "runtime", "io", "index", "runs", "evaluation", "data", "moe_head"):
-        assert not graph[low] & higher, f"{low} imports {sorted(graph[low] & higher)}"
-    for search_layer in ("index", "shards", "retrieval", "evaluation", "encoding", "cache"):
-        assert "training" not in graph[search_layer], f"{search_layer} imports training"
+def test_the_core_and_config_import_no_heavy_package():
+    """``sbmoe --help`` and config handling must not pay for torch: core's light modules and config."""
+    light = [
+        *PACKAGE.glob("config/*.py"),
+        *(PACKAGE / "core" / f"{n}.py" for n in ("errors", "io", "choices")),
+    ]
+    for path in light:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {
+            alias.name.split(".")[0]
+            for node in tree.body
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+        }
+        assert not top & {"torch", "numpy", "transformers", "faiss"}, path

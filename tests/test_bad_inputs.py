@@ -11,10 +11,11 @@ import warnings
 import pytest
 from test_safety import refused, tree_hash
 
-from sbmoe.config import ModelConfig
-from sbmoe.data import DataWarning, load_collection, read_queries
-from sbmoe.evaluation import evaluate_run
-from sbmoe.modeling import Retriever
+from sbmoe.config.model import ModelConfig
+from sbmoe.core.errors import DataWarning
+from sbmoe.data.beir import load_collection, read_queries
+from sbmoe.evaluation.metrics import evaluate_run
+from sbmoe.model.retriever import Retriever
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,8 @@ def test_a_damaged_checkpoint_on_resume_is_named_in_one_line(
 ):
     from test_safety import train_args
 
-    from sbmoe.cli import main
-    from sbmoe.training import Trainer
+    from sbmoe.cli.main import main
+    from sbmoe.train.trainer import Trainer
 
     output = tmp_path / "run"
     argv = [

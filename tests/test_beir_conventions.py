@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from sbmoe.config import ModelConfig, SearchConfig
-from sbmoe.data import load_collection
-from sbmoe.evaluation import evaluate_run
-from sbmoe.modeling import Retriever
-from sbmoe.retrieval import search_documents
+from sbmoe.config.jobs import SearchConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.data.beir import load_collection
+from sbmoe.evaluation.metrics import evaluate_run
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.search import search_documents
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sbmoe.cache import EmbeddingCache, texts_digest
-from sbmoe.config import EncodeConfig, ModelConfig
-from sbmoe.encoding import encode_texts
-from sbmoe.modeling import Retriever
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.inference.cache import EmbeddingCache, texts_digest
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.retriever import Retriever
 
 TEXTS = ["first document about zinc", "second one, on iron deficiency", "third"]
 FP32 = EncodeConfig(precision="fp32")
@@ -27,9 +28,11 @@ def test_hit_returns_the_same_embeddings_without_encoding(retriever, tmp_path, m
     assert (cache.hits, cache.misses) == (0, 1)
     np.testing.assert_allclose(first, encode_texts(retriever, TEXTS, "document", FP32), atol=1e-6)
 
-    import sbmoe.encoding
+    import sbmoe.inference.encoding
 
-    monkeypatch.setattr(sbmoe.encoding, "_run_batches", lambda *a, **k: pytest.fail("encoded again"))
+    monkeypatch.setattr(
+        sbmoe.inference.encoding, "_run_batches", lambda *a, **k: pytest.fail("encoded again")
+    )
     second = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
     assert cache.hits == 1
     np.testing.assert_array_equal(first, second)

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from sbmoe.cli import main
-from sbmoe.evaluation import PAPER_METRICS, read_trec_run
-from sbmoe.io import read_json
+from sbmoe.cli.main import main
+from sbmoe.core.choices import PAPER_METRICS
+from sbmoe.core.io import read_json
+from sbmoe.evaluation.metrics import read_trec_run
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,7 @@ def test_index_then_search_and_refuse_another_models_index(
 
 
 def test_index_stores_float16_embeddings_on_request(trained, scifact_slice, tmp_path, capsys):
-    from sbmoe.index import DenseIndex
+    from sbmoe.retrieval.index import DenseIndex
 
     common = ["-q", "index", "--model", str(trained), "--data", str(scifact_slice), "--output"]
     assert main([*common, str(tmp_path / "full")]) == 0

@@ -9,18 +9,18 @@ import sys
 
 import pytest
 
-from sbmoe.cli import build_parser
-from sbmoe.cli_flags import flag_name, given_values
-from sbmoe.config import (
+from sbmoe.cli.flags import flag_name, given_values
+from sbmoe.cli.main import build_parser
+from sbmoe.config.jobs import (
     EncodeConfig,
     EvaluateConfig,
     IndexConfig,
-    ModelConfig,
     ReportConfig,
     SearchConfig,
     ServeConfig,
-    TrainConfig,
 )
+from sbmoe.config.model import ModelConfig
+from sbmoe.config.train import TrainConfig
 
 CONFIGS = (
     ModelConfig,
@@ -134,7 +134,7 @@ def test_inference_flags_fill_their_configs():
 
 def test_help_imports_nothing_heavy():
     code = (
-        "import sys\nfrom sbmoe.cli import build_parser\nparser = build_parser()\nparser.format_help()\n"
+        "import sys\nfrom sbmoe.cli.main import build_parser\nparser = build_parser()\nparser.format_help()\n"
         "heavy = {'torch', 'sentence_transformers', 'transformers', 'faiss', 'numpy'}\n"
         "assert not heavy & set(sys.modules), sorted(heavy & set(sys.modules))\n"
     )

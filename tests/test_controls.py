@@ -13,21 +13,25 @@ import torch
 from conftest import REPO, assert_same_top_k, write_beir_slice
 from sentence_transformers import SentenceTransformer
 
-from sbmoe import priors
-from sbmoe.adapters import LinearAdapter
-from sbmoe.cache import EmbeddingCache
-from sbmoe.config import EncodeConfig, EvaluateConfig, ModelConfig, SearchConfig, TrainConfig, build_configs
-from sbmoe.data import load_collection, train_dev_split
-from sbmoe.encoding import encode_texts
-from sbmoe.errors import ModelLoadError
-from sbmoe.evaluation import read_trec_run
-from sbmoe.experiments import cell_configs, check_grid, expand, load_grid, run_experiment
-from sbmoe.io import read_json
-from sbmoe.modeling import Retriever
-from sbmoe.priors import BETA_GRID, PriorScorer, document_counts, document_prior_run, evaluate_control
-from sbmoe.report import collect_results
-from sbmoe.retrieval import evaluate_model, search_documents
-from sbmoe.training import build_trainer
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.config.presets import build_configs
+from sbmoe.config.train import TrainConfig
+from sbmoe.core.errors import ModelLoadError
+from sbmoe.core.io import read_json
+from sbmoe.data.beir import load_collection, train_dev_split
+from sbmoe.evaluation.evaluate import evaluate_model
+from sbmoe.evaluation.metrics import read_trec_run
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.adapters import LinearAdapter
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.search import search_documents
+from sbmoe.study import controls as priors
+from sbmoe.study.controls import BETA_GRID, PriorScorer, document_counts, document_prior_run, evaluate_control
+from sbmoe.study.experiments import cell_configs, check_grid, expand, load_grid, run_experiment
+from sbmoe.study.results import collect_results
+from sbmoe.train.trainer import build_trainer
 
 TEXTS = ["Vitamin D deficiency is linked to depression.", "a b c", "Aspirin lowers the risk of stroke."]
 FP32 = EncodeConfig(precision="fp32")

@@ -1,4 +1,4 @@
-"""Tests for sbmoe.data: loading and validating BEIR folders, finding/downloading them, splits."""
+"""Tests for sbmoe.data.beir: loading and validating BEIR folders, finding/downloading them, splits."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sbmoe.data import (
+from sbmoe.core.errors import DataError, DataWarning
+from sbmoe.data.beir import (
     BeirCollection,
-    DataError,
-    DataWarning,
     Document,
     load_collection,
     positive_pairs,

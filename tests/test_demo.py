@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from sbmoe.demo import DEMO_GRID, demo_grid, run_demo
-from sbmoe.evaluation import PAPER_METRICS
-from sbmoe.experiments import eval_dir, expand, load_grid
-from sbmoe.io import read_json
-from sbmoe.tables import metric_label
+from sbmoe.core.choices import PAPER_METRICS
+from sbmoe.core.io import read_json
+from sbmoe.evaluation.tables import metric_label
+from sbmoe.study.demo import DEMO_GRID, demo_grid, run_demo
+from sbmoe.study.experiments import eval_dir, expand, load_grid
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import torch
 from conftest import assert_same_top_k, interrupt_at_step
 from distributed_worker import TRAIN_ARGS, VARIANTS, variant_configs
 
-from sbmoe.cli import main
-from sbmoe.config import EncodeConfig, SearchConfig, build_configs
-from sbmoe.data import load_collection
-from sbmoe.distributed import (
+from sbmoe.cli.main import main
+from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.presets import build_configs
+from sbmoe.core.distributed import (
     DistributedContext,
     all_gather_with_grad,
     data_parallel,
@@ -26,11 +26,13 @@ from sbmoe.distributed import (
     shard_bounds,
     split_sizes,
 )
-from sbmoe.io import read_json
-from sbmoe.modeling import Retriever
-from sbmoe.retrieval import build_index, search
-from sbmoe.runtime import resolve_device, seed_everything
-from sbmoe.training import build_trainer, train
+from sbmoe.core.io import read_json
+from sbmoe.core.runtime import resolve_device, seed_everything
+from sbmoe.data.beir import load_collection
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.indexing import build_index
+from sbmoe.retrieval.search import search
+from sbmoe.train.trainer import build_trainer, train
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sbmoe.config import EncodeConfig, ModelConfig
-from sbmoe.encoding import apply_head_stages, encode_texts, encoder_runner
-from sbmoe.modeling import Retriever
-from sbmoe.runtime import resolve_precision
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.core.runtime import resolve_precision
+from sbmoe.inference.encoding import apply_head_stages, encode_texts, encoder_runner
+from sbmoe.model.retriever import Retriever
 
 TEXTS = [
     "short",
@@ -63,7 +64,7 @@ def test_bf16_encoding_leaves_the_float32_weights_untouched(retriever):
 
 
 def test_auto_precision_falls_back_to_fp32_without_fast_bf16(monkeypatch):
-    import sbmoe.runtime as runtime
+    import sbmoe.core.runtime as runtime
 
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", "cpu") == "fp32"

@@ -1,4 +1,4 @@
-"""Tests for sbmoe.evaluation: hand-computed metrics, ranx conventions, TREC files, metric reports."""
+"""Tests for sbmoe.evaluation.metrics: hand-computed metrics, ranx conventions, TREC files, metric reports."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from sbmoe.evaluation import (
-    PAPER_METRICS,
+from sbmoe.core.choices import PAPER_METRICS
+from sbmoe.evaluation.metrics import (
     EvaluationResult,
     evaluate_run,
     read_trec_run,

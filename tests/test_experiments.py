@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from sbmoe.experiments import cell_configs, expand, load_grid, run_experiment, save_grid
-from sbmoe.io import read_json
+from sbmoe.core.io import read_json
+from sbmoe.study.experiments import cell_configs, expand, load_grid, run_experiment, save_grid
 
 REPO_EXPERIMENTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments"
 

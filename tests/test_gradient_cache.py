@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbmoe.config import build_configs
-from sbmoe.data import load_collection
-from sbmoe.gradient_cache import GradientCache
-from sbmoe.modeling import Retriever
-from sbmoe.runtime import seed_everything
-from sbmoe.training import build_trainer
+from sbmoe.config.presets import build_configs
+from sbmoe.core.runtime import seed_everything
+from sbmoe.data.beir import load_collection
+from sbmoe.model.retriever import Retriever
+from sbmoe.train.gradient_cache import GradientCache
+from sbmoe.train.trainer import build_trainer
 
 
 def gradients_after_two_steps(

@@ -7,8 +7,8 @@ import threading
 import pytest
 from huggingface_hub import constants
 
-from sbmoe.cli import main
-from sbmoe.hub import model_files
+from sbmoe.cli.main import main
+from sbmoe.model.hub import model_files
 
 
 def refused(capsys, argv: list[str]) -> str:

@@ -1,5 +1,5 @@
-"""Tests for sbmoe.index: exact and HNSW search, exclude_self, save/load, fingerprints, float16 storage,
-validation."""
+"""Tests for sbmoe.retrieval.index: exact and HNSW search, exclude_self, save/load, fingerprints,
+float16 storage, validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from sbmoe.index import DenseIndex, IndexMismatchError
+from sbmoe.retrieval.index import DenseIndex, IndexMismatchError
 
 FINGERPRINT = "a1b2c3d4e5f6a7b8c9d0" * 2
 
@@ -62,9 +62,9 @@ def test_flat_search_on_float_vectors(corpus) -> None:
 def test_exact_search_across_corpus_blocks(monkeypatch, dtype: str) -> None:
     # Force many corpus blocks so the block-merging path is exercised, ties included. Small integers
     # are exact in float16 too, so both dtypes must give the brute-force ranking exactly.
-    import sbmoe.index
+    import sbmoe.retrieval.index
 
-    monkeypatch.setattr(sbmoe.index, "_SCORE_BLOCK", 64)
+    monkeypatch.setattr(sbmoe.retrieval.index, "_SCORE_BLOCK", 64)
     rng = np.random.default_rng(3)
     docs = rng.integers(-1, 2, size=(203, 6)).astype(np.float32)
     queries = rng.integers(-1, 2, size=(9, 6)).astype(np.float32)

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 from conftest import assert_same_top_k
 
-from sbmoe.cli import main
-from sbmoe.config import EncodeConfig, ModelConfig, SearchConfig
-from sbmoe.data import load_collection
-from sbmoe.distributed import shard_bounds
-from sbmoe.index import DenseIndex, IndexMismatchError, is_sharded_index, shard_directory
-from sbmoe.modeling import Retriever
-from sbmoe.retrieval import search
-from sbmoe.runs import merge_runs
-from sbmoe.shards import ShardedIndex, load_index
+from sbmoe.cli.main import main
+from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.core.distributed import shard_bounds
+from sbmoe.core.runs import merge_runs
+from sbmoe.data.beir import load_collection
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.index import DenseIndex, IndexMismatchError, is_sharded_index, shard_directory
+from sbmoe.retrieval.search import search
+from sbmoe.retrieval.shards import ShardedIndex, load_index
 
 FINGERPRINT = "0123456789abcdef" * 4
 

@@ -9,13 +9,14 @@ import pytest
 from conftest import write_beir_slice
 from sentence_transformers import SentenceTransformer
 
-from sbmoe.config import EncodeConfig, EvaluateConfig, build_configs
-from sbmoe.data import load_collection
-from sbmoe.demo import sentence_transformers_reference
-from sbmoe.encoding import encode_texts
-from sbmoe.modeling import Retriever, resolve_backbone
-from sbmoe.retrieval import evaluate_model
-from sbmoe.training import train
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig
+from sbmoe.config.presets import build_configs
+from sbmoe.data.beir import load_collection
+from sbmoe.evaluation.evaluate import evaluate_model
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.retriever import Retriever, resolve_backbone
+from sbmoe.study.demo import sentence_transformers_reference
+from sbmoe.train.trainer import train
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sbmoe.io import atomic_directory, atomic_open, read_json, write_json
+from sbmoe.core.io import atomic_directory, atomic_open, read_json, write_json
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):

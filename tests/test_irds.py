@@ -11,8 +11,8 @@ import zipfile
 
 import pytest
 
-from sbmoe.data import load_collection, resolve_data
-from sbmoe.errors import DataError
+from sbmoe.core.errors import DataError
+from sbmoe.data.beir import load_collection, resolve_data
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def exported(data_dir, tmp_path_factory) -> dict[str, object]:
         for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"):
             zipped.write(data_dir / "scifact" / name, f"scifact/{name}")
     code = (
-        "import sys\nfrom sbmoe.data import resolve_data\n"
+        "import sys\nfrom sbmoe.data.beir import resolve_data\n"
         "for name in sys.argv[2:]:\n    print(resolve_data(name, cache_dir=sys.argv[1]))\n"
     )
     names = ["irds:beir/scifact/test", "irds:beir/scifact"]
@@ -97,8 +97,8 @@ def test_grades_that_mean_non_relevant_to_their_collection_are_named():
     """ANTIQUE grades non-answers 1 and 2; sbmoe counts every grade above 0, and says what they mean."""
     import ir_datasets
 
-    from sbmoe.errors import DataWarning
-    from sbmoe.irds import _warn_grades
+    from sbmoe.core.errors import DataWarning
+    from sbmoe.data.irds import _warn_grades
 
     with pytest.warns(DataWarning, match=r"irds:antique/test: every grade above 0 counts as relevant.*1 = "):
         _warn_grades("antique/test", {"test": ir_datasets.load("antique/test")})

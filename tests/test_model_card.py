@@ -11,13 +11,14 @@ import pytest
 import torch
 import yaml
 
-from sbmoe.cli import main
-from sbmoe.config import EncodeConfig, EvaluateConfig, ModelConfig
-from sbmoe.data import load_collection
-from sbmoe.encoding import encode_texts
-from sbmoe.model_card import LOCAL_PLACEHOLDER
-from sbmoe.modeling import Retriever, hub_model_id
-from sbmoe.retrieval import evaluate_model
+from sbmoe.cli.main import main
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.data.beir import load_collection
+from sbmoe.evaluation.evaluate import evaluate_model
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.card import LOCAL_PLACEHOLDER
+from sbmoe.model.retriever import Retriever, hub_model_id
 
 TEXTS = ["Vitamin D deficiency is linked to depression.", "Aspirin lowers the risk of stroke in adults."]
 
@@ -113,7 +114,7 @@ def test_linear_adapter_card_names_the_adapter_and_its_load_lines_work(tiny_bert
     metadata, body = read_card(tmp_path / "model")
     assert "mixture-of-experts" not in metadata["tags"]
     assert "| Head | a linear residual adapter, y = x + W x + b (no experts, no gate) |" in body
-    assert "`sbmoe.adapters.LinearAdapter`" in body and "starts at zero" in body
+    assert "`sbmoe.model.adapters.LinearAdapter`" in body and "starts at zero" in body
     assert code_blocks(body, "bash")[0].startswith("pip install sbmoe")
     model = run_usage_lines(body, tmp_path / "model")["model"]
     expected = encode_texts(adapter, TEXTS, "document", EncodeConfig(precision="fp32"))

@@ -8,10 +8,12 @@ import torch
 from conftest import minilm_path
 from sentence_transformers import SentenceTransformer
 
-from sbmoe.config import EncodeConfig, ModelConfig
-from sbmoe.encoding import encode_texts
-from sbmoe.modeling import ModelLoadError, Retriever, resolve_backbone
-from sbmoe.moe_head import MoEHead
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.core.errors import ModelLoadError
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.moe_head import MoEHead
+from sbmoe.model.retriever import Retriever, resolve_backbone
 
 TEXTS = [
     "Vitamin D deficiency is linked to depression.",

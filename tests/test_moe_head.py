@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sbmoe.moe_head import MoEHead
+from sbmoe.model.moe_head import MoEHead
 
 
 def make_head(**kwargs) -> MoEHead:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sbmoe.data import DataError, DataWarning, load_collection
-from sbmoe.multidomain import MULTIDOMAIN_COLLECTIONS, QUERY_FILES, convert_multidomain
+from sbmoe.core.errors import DataError, DataWarning
+from sbmoe.data.beir import load_collection
+from sbmoe.data.multidomain import MULTIDOMAIN_COLLECTIONS, QUERY_FILES, convert_multidomain
 
 # Records shaped like the release's: retrieval fields plus some of the metadata it also carries.
 DOCS = [

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from sbmoe.config import EncodeConfig, ModelConfig
-from sbmoe.data import load_collection
-from sbmoe.modeling import Retriever
-from sbmoe.negatives import load_negatives, mine_bm25_negatives, mine_dense_negatives, save_negatives
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.data.beir import load_collection
+from sbmoe.model.retriever import Retriever
+from sbmoe.train.negatives import load_negatives, mine_bm25_negatives, mine_dense_negatives, save_negatives
 
 
 def assert_no_positives(negatives, qrels, per_query):

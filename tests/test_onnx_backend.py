@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-import sbmoe.runtime as runtime
-from sbmoe.cache import EmbeddingCache
-from sbmoe.config import EncodeConfig, ModelConfig
-from sbmoe.encoding import encode_texts
-from sbmoe.errors import UsageError
-from sbmoe.modeling import Retriever
-from sbmoe.onnx_backend import export_transformer
-from sbmoe.runtime import resolve_inference
+import sbmoe.core.runtime as runtime
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.core.errors import UsageError
+from sbmoe.core.runtime import resolve_inference
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.onnx_backend import export_transformer
+from sbmoe.model.retriever import Retriever
 
 TEXTS = [
     "Vitamin D deficiency is associated with depression in older adults.",
@@ -100,8 +101,8 @@ def test_explicit_choices_are_kept_and_impossible_ones_refused():
 
 
 def test_index_records_the_backend_and_precision_that_made_it(tiny_bert_dir, scifact_slice, tmp_path, capsys):
-    from sbmoe.cli import main
-    from sbmoe.io import read_json
+    from sbmoe.cli.main import main
+    from sbmoe.core.io import read_json
 
     model_dir = tmp_path / "model"
     Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=2), device="cpu").save(
@@ -121,7 +122,7 @@ def test_an_export_killed_midway_is_cleaned_up_by_the_next_one(retriever, tmp_pa
     import subprocess
     import sys
 
-    from sbmoe.onnx_backend import EXPORT_VERSION
+    from sbmoe.inference.onnx_backend import EXPORT_VERSION
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
@@ -134,14 +135,6 @@ def test_an_export_killed_midway_is_cleaned_up_by_the_next_one(retriever, tmp_pa
         (folder / "fp32.onnx").write_bytes(b"half an export")
     export_transformer(retriever, "fp32", tmp_path)
     assert not killed.exists() and running.exists()
-
-
-def test_runtime_and_config_offer_the_same_choices():
-    import sbmoe.config as config
-
-    assert runtime.PRECISIONS == config.PRECISIONS
-    assert runtime.INFERENCE_PRECISIONS == config.INFERENCE_PRECISIONS
-    assert runtime.BACKENDS == config.BACKENDS
 
 
 def test_what_auto_picks_here_embeds_a_text_alike_alone_and_in_a_batch(retriever):

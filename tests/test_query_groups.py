@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from sbmoe.config import EvaluateConfig, ModelConfig
-from sbmoe.data import load_collection
-from sbmoe.evaluation import evaluate_run, read_query_groups, save_metrics
-from sbmoe.io import read_json
-from sbmoe.modeling import Retriever
-from sbmoe.query_groups import (
+from sbmoe.config.jobs import EvaluateConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.core.io import read_json
+from sbmoe.data.beir import load_collection
+from sbmoe.evaluation.evaluate import evaluate_model
+from sbmoe.evaluation.metrics import evaluate_run, read_query_groups, save_metrics
+from sbmoe.evaluation.query_groups import (
     group_queries,
     group_scores,
     split_query_groups,
     splits_to_load,
     training_positives,
 )
-from sbmoe.retrieval import evaluate_model
+from sbmoe.model.retriever import Retriever
 
 TRAIN = {"t1": {"d1": 1, "d2": 0}, "t2": {"d3": 2}}  # d2 is judged, but not relevant
 TEST = {

@@ -6,10 +6,11 @@ import shutil
 
 import pytest
 
-from sbmoe.evaluation import PAPER_METRICS
-from sbmoe.io import read_json, write_json
-from sbmoe.report import build_report, system_kind, write_report
-from sbmoe.report_figures import choose_tsne_query
+from sbmoe.core.choices import PAPER_METRICS
+from sbmoe.core.io import read_json, write_json
+from sbmoe.study.figures import choose_tsne_query
+from sbmoe.study.report import build_report, write_report
+from sbmoe.study.results import system_kind
 
 QUERIES = [f"q{i}" for i in range(12)]
 BASE = [0.30, 0.42, 0.55, 0.61, 0.25, 0.48, 0.52, 0.39, 0.66, 0.44, 0.58, 0.35]
@@ -304,7 +305,7 @@ def test_written_report_carries_the_new_comparisons(study, tmp_path):
 
 
 def png_title(path) -> str:
-    """The panel titles sbmoe.plots writes into a PNG's Title text, whitespace collapsed."""
+    """The panel titles sbmoe.study.plots writes into a PNG's Title text, whitespace collapsed."""
     from PIL import Image
 
     with Image.open(path) as image:
@@ -345,11 +346,12 @@ def test_tsne_query_choice_and_what_its_title_says():
 def test_tsne_of_a_trained_moe_model(tiny_bert_dir, scifact_slice, tmp_path):
     import torch
 
-    from sbmoe.config import EvaluateConfig, ModelConfig
-    from sbmoe.data import load_collection
-    from sbmoe.experiments import eval_dir
-    from sbmoe.modeling import Retriever
-    from sbmoe.retrieval import evaluate_model
+    from sbmoe.config.jobs import EvaluateConfig
+    from sbmoe.config.model import ModelConfig
+    from sbmoe.data.beir import load_collection
+    from sbmoe.evaluation.evaluate import evaluate_model
+    from sbmoe.model.retriever import Retriever
+    from sbmoe.study.experiments import eval_dir
 
     # A cell folder as run_cell leaves it, with an untrained MoE model standing in for a trained one.
     torch.manual_seed(0)

@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 
-import sbmoe.encoding as encoding
-import sbmoe.retrieval as retrieval
-from sbmoe.config import EncodeConfig, ModelConfig
-from sbmoe.data import load_collection
-from sbmoe.index import DenseIndex
-from sbmoe.modeling import Retriever
+import sbmoe.inference.encoding as encoding
+import sbmoe.retrieval.indexing as retrieval
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.data.beir import load_collection
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.index import DenseIndex
 
 ENCODE = EncodeConfig(backend="torch", precision="fp32")
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbmoe.config import EncodeConfig, ModelConfig, SearchConfig
-from sbmoe.modeling import Retriever
-from sbmoe.retrieval import build_index, search, search_documents
+from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.indexing import build_index
+from sbmoe.retrieval.search import search, search_documents
 
 DOCUMENTS = {
     "d1": "vitamin D and bone density in the elderly",

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sbmoe.cli import main
-from sbmoe.io import read_json
-from sbmoe.outputs import artifact_kind, lock_path, output_lock
+from sbmoe.cli.main import main
+from sbmoe.core.artifacts import artifact_kind, lock_path, output_lock
+from sbmoe.core.io import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ["--batch-size", "8", "--max-doc-length", "48", "--precision", "fp32", "--num-experts", "2"]
@@ -175,7 +175,7 @@ def test_max_steps_wins_over_epochs(tiny_bert_dir, scifact_slice, tmp_path, caps
 # ------------------------------------------------------------------------------------ locks
 HOLD_LOCK = """
 import os, sys, time
-from sbmoe.outputs import output_lock
+from sbmoe.core.artifacts import output_lock
 with output_lock(sys.argv[1]):
     print("locked", flush=True)
     if sys.argv[2] == "die":

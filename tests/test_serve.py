@@ -17,17 +17,19 @@ import torch
 from conftest import assert_same_top_k
 
 from sbmoe import __version__
-from sbmoe.cli import main
-from sbmoe.config import EncodeConfig, ModelConfig, ServeConfig
-from sbmoe.data import load_collection
-from sbmoe.encoding import encode_texts
-from sbmoe.errors import SbmoeError, UsageError
-from sbmoe.evaluation import read_trec_run
-from sbmoe.modeling import Retriever
-from sbmoe.retrieval import build_index, search
-from sbmoe.routing import route
-from sbmoe.serve import BackgroundServer, create_app
-from sbmoe.service import SearchService, ServiceClosedError, load_service
+from sbmoe.cli.main import main
+from sbmoe.config.jobs import EncodeConfig, ServeConfig
+from sbmoe.config.model import ModelConfig
+from sbmoe.core.errors import SbmoeError, UsageError
+from sbmoe.data.beir import load_collection
+from sbmoe.evaluation.metrics import read_trec_run
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.routing import route
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.indexing import build_index
+from sbmoe.retrieval.search import search
+from sbmoe.serve.http import BackgroundServer, create_app
+from sbmoe.serve.service import SearchService, ServiceClosedError, load_service
 
 pytest.importorskip("fastapi")
 FP32 = EncodeConfig(precision="fp32", backend="torch", device="cpu")

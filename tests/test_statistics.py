@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from sbmoe import statistics
-from sbmoe.statistics import (
+from sbmoe.evaluation import statistics
+from sbmoe.evaluation.statistics import (
     ComparisonReport,
     bonferroni,
     compare_to_baseline,
@@ -249,7 +249,7 @@ def test_report_renders():
 
 
 # --------------------------------------------------------------------------------------------------
-# Cross-check against ranx (a test-time reference only; sbmoe.statistics does not import it)
+# Cross-check against ranx (a test-time reference only; sbmoe.evaluation.statistics does not import it)
 
 
 def test_t_test_agrees_with_ranx():

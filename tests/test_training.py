@@ -8,15 +8,15 @@ import pytest
 import torch
 from conftest import interrupt_at_step
 
-from sbmoe.batching import false_negative_mask, length_grouped_batches, pick_negatives, shuffled_batches
-from sbmoe.cache import EmbeddingCache
-from sbmoe.config import build_configs
-from sbmoe.data import load_collection
-from sbmoe.io import read_json
-from sbmoe.modeling import Retriever
-from sbmoe.negatives import load_negatives
-from sbmoe.runtime import seed_everything
-from sbmoe.training import build_trainer, learning_rate_lambda, train
+from sbmoe.config.presets import build_configs
+from sbmoe.core.io import read_json
+from sbmoe.core.runtime import seed_everything
+from sbmoe.data.beir import load_collection
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.model.retriever import Retriever
+from sbmoe.train.batching import false_negative_mask, length_grouped_batches, pick_negatives, shuffled_batches
+from sbmoe.train.negatives import load_negatives
+from sbmoe.train.trainer import build_trainer, learning_rate_lambda, train
 
 
 def configs(tiny_bert_dir, preset="default", model=None, **train_overrides):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from sbmoe.cli import main
-from sbmoe.data import DataWarning, load_collection
-from sbmoe.errors import DataError, MissingInputError
-from sbmoe.io import read_json
-from sbmoe.training_files import load_training_file
+from sbmoe.cli.main import main
+from sbmoe.core.errors import DataError, DataWarning, MissingInputError
+from sbmoe.core.io import read_json
+from sbmoe.data.beir import load_collection
+from sbmoe.data.training_files import load_training_file
 
 FORMATS = ("tevatron", "triples-jsonl", "triples-tsv", "hf")
 

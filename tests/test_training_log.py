@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from sbmoe.config import ModelConfig, TrainConfig
-from sbmoe.data import load_collection, positive_pairs, train_dev_split
-from sbmoe.training import run_settings
+from sbmoe.config.model import ModelConfig
+from sbmoe.config.train import TrainConfig
+from sbmoe.data.beir import load_collection, positive_pairs, train_dev_split
+from sbmoe.train.trainer import run_settings
 
 
 def log_records(output) -> list[dict]:

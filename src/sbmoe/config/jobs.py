@@ -1,0 +1,159 @@
+"""The configs of the inference jobs: encoding, indexing, evaluation, search, serving and reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from sbmoe.config.base import check_choices
+from sbmoe.config.fields import (
+    documents_top_k_setting,
+    encode_batch_size_setting,
+    exclude_self_setting,
+    inference_precision_setting,
+    setting,
+)
+from sbmoe.core.choices import BACKENDS, EMBEDDING_DTYPES, EXPERT_POOLINGS, INDEX_TYPES, PAPER_METRICS
+from sbmoe.core.errors import UsageError
+
+
+@dataclass
+class EncodeConfig:
+    """How texts are encoded at inference (evaluate, index, search): batch, numerics, device."""
+
+    encode_batch_size: int = encode_batch_size_setting()
+    precision: str = inference_precision_setting()
+    backend: str = setting(
+        "auto",
+        choices=BACKENDS,
+        help="what runs the transformer: torch, onnx (ONNX Runtime, CPU; exported once per model and "
+        "cached), or auto: bf16 torch on CPUs with AMX/AVX512-BF16 and on GPUs, int8 onnx on other "
+        "x86 CPUs when onnxruntime is installed, else fp32 torch",
+    )
+    device: str = setting(
+        "auto", help="auto (this process's GPU when there is one, else the CPU), cpu, cuda, cuda:N"
+    )
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        check_choices(self)
+        if self.encode_batch_size < 1:
+            raise UsageError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+
+
+@dataclass
+class IndexConfig:
+    """What kind of FAISS index to build (``sbmoe index``) or merge shards into (``sbmoe merge-index``)."""
+
+    index_type: str | None = setting(
+        None,
+        choices=INDEX_TYPES,
+        help="flat = exact search; hnsw or ivf = approximate, faster on large corpora "
+        "(none given: flat, or the shards' type when merging)",
+    )
+    nlist: int | None = setting(
+        None, help="ivf: number of cells (default about 2 sqrt(documents))", metavar="N"
+    )
+    nprobe: int | None = setting(
+        None, help="ivf: cells searched per query (default 2 sqrt(nlist))", metavar="N"
+    )
+    embedding_dtype: str | None = setting(
+        None,
+        choices=EMBEDDING_DTYPES,
+        help="how the index stores embeddings: float32, or float16 for half the memory and disk "
+        "(none given: float32, or the shards' when merging)",
+    )
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        check_choices(self)
+        for name in ("nlist", "nprobe"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass
+class EvaluateConfig:
+    """What an evaluation searches and scores."""
+
+    split: str = setting("test", help="qrels split whose queries are searched")
+    top_k: int = documents_top_k_setting(100)
+    exclude_self: bool = exclude_self_setting()
+    expert_poolings: list[str] = setting(
+        default_factory=list,
+        flag="--expert-pooling",
+        choices=EXPERT_POOLINGS,
+        nargs="+",
+        help="inference rule(s) of an MoE model to evaluate; several share one encoding pass "
+        "(none given: the model's own)",
+    )
+    metrics: list[str] = setting(
+        default_factory=lambda: list(PAPER_METRICS), nargs="+", help="ranx metric names"
+    )
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        check_choices(self)
+        if self.top_k < 1:
+            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class SearchConfig:
+    """How many documents a search returns per query."""
+
+    top_k: int = documents_top_k_setting(10)
+    exclude_self: bool = exclude_self_setting()
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        if self.top_k < 1:
+            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class ServeConfig:
+    """Where ``sbmoe serve`` listens and how much one request may ask for."""
+
+    host: str = setting(
+        "127.0.0.1",
+        help="address to listen on: 127.0.0.1 answers this machine only; 0.0.0.0 every network "
+        "(there is no authentication: put a proxy in front)",
+    )
+    port: int = setting(8000, help="TCP port (0: any free port, logged at start)")
+    max_top_k: int = setting(1000, help="largest top_k a request may ask for", metavar="K")
+    max_texts: int = setting(256, help="most queries (or texts to embed) in one request", metavar="N")
+    max_batch_texts: int = setting(
+        512, help="most texts encoded together when waiting requests are micro-batched", metavar="N"
+    )
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_top_k", "max_texts", "max_batch_texts"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ReportConfig:
+    """How ``sbmoe report`` compares the systems of an experiment."""
+
+    baseline: str = setting("fine-tuned", help="variant every system is tested against")
+    metric: str = setting("ndcg@10", help="metric of the significance tests")
+    test: Literal["t-test", "randomization"] = setting(
+        "t-test",
+        choices=("t-test", "randomization"),
+        help="paired Student's t-test, or Fisher's randomization test",
+    )
+    alpha: float = setting(0.05, help="significance level (Bonferroni-corrected within each table)")
+    randomization_seed: int = setting(42, help="seed of the randomization test")
+    plots: bool = setting(True, help="draw the PNG plots (needs matplotlib)")
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        check_choices(self)
+        if not 0 < self.alpha < 1:
+            raise UsageError(f"alpha must be in (0, 1), got {self.alpha}")

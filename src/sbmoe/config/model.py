@@ -1,0 +1,94 @@
+"""The model config: backbone, pooling, similarity, token limits and the head (saved as ``sbmoe.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from sbmoe.config.base import check_choices
+from sbmoe.config.fields import setting
+from sbmoe.core.choices import (
+    EXPERT_POOLINGS,
+    GATING_VARIANTS,
+    HEADS,
+    POOLINGS,
+    SIMILARITIES,
+    ExpertPooling,
+    GatingVariant,
+    Similarity,
+)
+from sbmoe.core.errors import UsageError
+
+
+@dataclass
+class ModelConfig:
+    """How to build an SB-MoE retriever from a backbone encoder (saved as ``sbmoe.json``)."""
+
+    backbone: str = setting(
+        "all-MiniLM-L6-v2",
+        flag="--model",
+        help="hub name, local directory (a saved sbmoe, sentence-transformers or transformers "
+        "model), or all-MiniLM-L6-v2 (offline copy)",
+    )
+    pooling: str | None = setting(
+        None, choices=POOLINGS, help="pooling of the last layer (none given: the backbone's own, else mean)"
+    )
+    similarity: Similarity = setting(
+        "auto", choices=SIMILARITIES, help="cosine, dot, or auto (the backbone's own, else cosine)"
+    )
+    max_query_length: int | None = setting(
+        None,
+        help="token limit for queries (none given: the backbone's own limit, its max_seq_length, else 256)",
+        metavar="TOKENS",
+    )
+    max_doc_length: int | None = setting(
+        None,
+        help="token limit for documents (none given: the backbone's own limit, its max_seq_length, else 256)",
+        metavar="TOKENS",
+    )
+    num_experts: int = setting(
+        6, help="experts in the MoE block; 0 = the plain fine-tuned baseline (no head)"
+    )
+    head: Literal["moe", "linear"] = setting(
+        "moe",
+        choices=HEADS,
+        help="moe (the SB-MoE block, --num-experts experts; 0 = no head) or linear (a control: one "
+        "zero-initialised residual Linear(d, d), no experts or gate; --num-experts is ignored)",
+    )
+    expert_pooling: ExpertPooling = setting(
+        "top1",
+        choices=EXPERT_POOLINGS,
+        help="how expert outputs combine: top1, topk (--experts-top-k experts) or all (softmax-weighted)",
+    )
+    experts_top_k: int = setting(2, help="experts combined under --expert-pooling topk", metavar="K")
+    gating: GatingVariant = setting(
+        "learned",
+        choices=GATING_VARIANTS,
+        help="learned (the gate scales normalised expert outputs and trains), paper (the published "
+        "code: the gate cancels and gets no gradient) or random (gate fixed at its initialisation)",
+    )
+    noisy_gating: bool = setting(True, help="add learned Gaussian noise to the gate logits while training")
+    expert_dropout: float = setting(
+        0.0, help="probability of hiding an expert from a text while training", metavar="P"
+    )
+    lowercase: bool = setting(False, help="lower-case every query and document before tokenisation")
+
+    # Keys that older versions wrote under another name.
+    RENAMED: ClassVar[dict[str, str]] = {"top_k": "experts_top_k"}
+
+    def validate(self) -> None:
+        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        check_choices(self)
+        if self.num_experts < 0:
+            raise UsageError(f"num_experts must be >= 0 (0 = no MoE head), got {self.num_experts}")
+        if self.expert_pooling == "topk" and not 1 <= self.experts_top_k <= max(self.num_experts, 1):
+            raise UsageError(
+                f"experts_top_k must be between 1 and num_experts={self.num_experts}, "
+                f"got {self.experts_top_k}"
+            )
+        if not 0 <= self.expert_dropout < 1:
+            raise UsageError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
+        for name in ("max_query_length", "max_doc_length"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise UsageError(f"{name} must be at least 2 tokens, got {value}")

@@ -1,0 +1,319 @@
+"""Output paths: what an existing output is, whether a job may write over it, and one writer at a time.
+
+The rule every job follows: no command deletes or replaces something it did not create. A job may
+write over an existing output only when it is the same kind of sbmoe artifact (an index over an
+index, a training run over a training run, an evaluation over an evaluation), and only with
+``overwrite`` when it was made with other settings. Anything else is refused with a
+:class:`~sbmoe.core.errors.UsageError` naming the path, before any expensive work.
+
+While a job writes an output it holds a lock file beside it (``.NAME.lock``: pid and host, held
+with ``flock`` so a killed process releases it). A second writer is refused; a lock left by a dead
+process is taken over with a warning, and the temporaries its interrupted writes left behind
+(``.NAME.*.tmp``, ``.NAME.old``) are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from sbmoe.core.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+INDEX = "index"
+SHARDED_INDEX = "sharded index"
+TRAINING_RUN = "training run"
+MODEL = "model"
+EVALUATION = "evaluation"
+
+# What each kind is, for messages.
+_DESCRIPTIONS = {
+    "file": "is a file",
+    "foreign": "is a non-empty directory that sbmoe did not write",
+    INDEX: "holds an sbmoe index",
+    SHARDED_INDEX: "holds a sharded sbmoe index",
+    TRAINING_RUN: "holds an sbmoe training run (a trained model and its training/ folder)",
+    MODEL: "holds a model",
+    EVALUATION: "holds an sbmoe evaluation",
+}
+# A temporary of io.atomic_open / io.atomic_directory / Retriever.save: tempfile's 8 random characters.
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+_SHARD = re.compile(r"^shard-\d+-of-\d+$")
+_IN_PROGRESS = re.compile(rf"{_TEMPORARY.pattern}|^\..+\.(lock|old|chunks)$")
+
+
+def artifact_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` holds: ``None`` (nothing: missing or an empty directory), one of the sbmoe kinds
+    (:data:`INDEX`, :data:`SHARDED_INDEX`, :data:`TRAINING_RUN`, :data:`MODEL`, :data:`EVALUATION`),
+    ``"file"`` or ``"foreign"`` (a directory sbmoe did not write)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not path.is_dir():
+        return "file"
+    # Locks, temporaries, kept-aside copies and encoded chunks of writes in progress (e.g. other
+    # shards') do not count.
+    entries = [entry for entry in path.iterdir() if not _IN_PROGRESS.match(entry.name)]
+    if not entries:
+        return None
+    names = {entry.name for entry in entries}
+    if {"meta.json", "doc_ids.json"} <= names:
+        return INDEX
+    if (path / "training").is_dir():
+        return TRAINING_RUN
+    if names & {"sbmoe.json", "modules.json", "config_sentence_transformers.json"} or (
+        {"config.json"} <= names and names & {"model.safetensors", "pytorch_model.bin"}
+    ):
+        return MODEL
+    if all(entry.is_dir() and _SHARD.match(entry.name) for entry in entries):
+        return SHARDED_INDEX
+    if _is_evaluation(path) or all(entry.is_dir() and _is_evaluation(entry) for entry in entries):
+        return EVALUATION
+    return "foreign"
+
+
+def _is_evaluation(path: Path) -> bool:
+    """A folder :func:`sbmoe.evaluation.evaluate.evaluate_model` wrote (metrics.json beside config.json)."""
+    return (path / "metrics.json").is_file() and (path / "config.json").is_file()
+
+
+def recorded_settings(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """The settings an existing artifact of ``kind`` at ``path`` was made with (empty: not recorded).
+
+    The keys are those the jobs pass to :func:`check_output`: an index's model ``fingerprint``,
+    ``collection`` and ``index_config``; a training run's ``model_config``, ``train_config`` and
+    ``data``; an evaluation's ``model_fingerprint``, ``evaluate_config`` and ``data``.
+    """
+    path = Path(path)
+    if kind == INDEX:
+        meta = _read_settings_file(path / "meta.json")
+        extra = meta.get("metadata") or {}
+        return meta and {
+            "fingerprint": meta.get("fingerprint"),
+            "collection": extra.get("collection"),
+            "index_config": extra.get("index_config"),
+        }
+    if kind == TRAINING_RUN:
+        saved = _read_settings_file(path / "training" / "config.json")
+        return saved and {
+            "model_config": saved.get("model_config"),
+            "train_config": saved.get("train_config"),
+            "data": (saved.get("data") or {}).get("name"),
+        }
+    if kind == EVALUATION:
+        files = [path / "config.json", *sorted(path.glob("*/config.json"))]
+        saved = _read_settings_file(next(file for file in files if file.is_file()))
+        return saved and {
+            "model_fingerprint": saved.get("model_fingerprint"),
+            "evaluate_config": saved.get("evaluate_config"),
+            "data": (saved.get("data") or {}).get("name"),
+        }
+    return {}
+
+
+def _read_settings_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(
+            f"{path} is unreadable ({error}); move the folder aside or choose another --output"
+        ) from error
+    return data if isinstance(data, dict) else {}
+
+
+def setting_differences(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``name old -> new`` for every (nested) key of ``after`` whose value differs in ``before``."""
+    changes = []
+    for key, new in after.items():
+        old = before.get(key)
+        if isinstance(new, Mapping) and isinstance(old, Mapping):
+            changes += setting_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key} {old!r} -> {new!r}")
+    return changes
+
+
+def check_output(
+    path: str | os.PathLike,
+    kind: str,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    flag: str = "--output",
+) -> bool:
+    """Refuse to write a ``kind`` artifact at ``path`` unless that is safe.
+
+    Args:
+        path: The output.
+        kind: What the job writes there.
+        settings: What the new artifact is made with (keys as :func:`recorded_settings`'); ``None``
+            checks the kind only.
+        overwrite: Allow replacing an artifact of ``kind`` made with other settings.
+        flag: The option that named ``path``, for messages.
+
+    Returns:
+        Whether an existing artifact made with other settings will be replaced (under ``overwrite``).
+
+    Raises:
+        UsageError: ``path`` holds something else than a ``kind`` artifact, or one made with other
+            settings and ``overwrite`` is off.
+    """
+    path = Path(path)
+    found = artifact_kind(path)
+    if found is None:
+        return False
+    if found != kind:
+        raise UsageError(
+            f"{flag} {path} {_DESCRIPTIONS[found]}; sbmoe writes a {kind} only where there is nothing or "
+            f"an earlier {kind}, so nothing was changed: choose another {flag}"
+        )
+    recorded = recorded_settings(path, kind) if settings else {}
+    if not recorded:  # nothing to compare with: a write that died before recording its settings
+        return False
+    changes = setting_differences(recorded, settings)
+    if changes and not overwrite:
+        raise UsageError(
+            f"{flag} {path} holds a {kind} made with other settings ({'; '.join(changes)}); "
+            f"pass --overwrite to replace it, or choose another {flag}"
+        )
+    return bool(changes)
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of the output ``path`` (beside it, so it survives the output's replacement)."""
+    path = Path(path).absolute()
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of the output ``path`` for the block.
+
+    Raises:
+        UsageError: another live process holds the lock, or the place of ``path`` is not writable.
+    """
+    path = Path(path)
+    lock = lock_path(path)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = _acquire(lock, path)
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error} ({lock.parent})") from error
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        handle.close()  # releases the flock
+
+
+def _acquire(lock: Path, path: Path) -> Any:
+    """Open and flock ``lock``; refuse when a live process holds it, take over a dead one's."""
+    while True:
+        handle = open(lock, "a+", encoding="utf-8")  # noqa: SIM115 (held until the block ends)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(handle)
+            handle.close()
+            raise UsageError(
+                f"{path} is being written by another sbmoe process ({owner}; lock {lock}); wait for it "
+                f"to finish, or choose another output"
+            ) from None
+        # Another process may have removed the file between our open and our flock: lock the new one.
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    previous = _owner(handle)
+    this_host = socket.gethostname()
+    if previous:
+        try:
+            recorded = json.loads(previous)
+        except json.JSONDecodeError:
+            recorded = {}
+        if isinstance(recorded, dict) and recorded.get("host") not in (None, this_host):
+            handle.close()
+            raise UsageError(
+                f"{path} is locked by pid {recorded.get('pid')} on host {recorded['host']} (lock {lock}); "
+                f"if that process is gone, delete the lock file"
+            )
+        logger.warning("taking over the stale lock of %s left by a dead process (%s)", path, previous)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": this_host}))
+    handle.flush()
+    return handle
+
+
+def _owner(handle: Any) -> str:
+    handle.seek(0)
+    return handle.read().strip()
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted writes of the output ``path`` left (call it holding the output's lock).
+
+    That is: ``.NAME.<random>.tmp`` beside ``path``, temporaries inside ``path`` and its
+    sub-folders (``.model.*.tmp``, ``training/.checkpoint.*.tmp``, ``.metrics.json.*.tmp``, ...), and
+    an ``.X.old`` copy whose ``X`` is back in place.
+
+    Returns:
+        What was removed (each also logged as a warning).
+    """
+    path = Path(path)
+    prefix = f".{path.name}."
+    stale = [
+        entry
+        for entry in path.parent.iterdir()
+        if entry.name.startswith(prefix) and _TEMPORARY.match(entry.name)
+    ]
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and path.exists():
+        stale.append(old)
+    if path.is_dir() and not path.is_symlink():
+        folders = [path, *(entry for entry in path.iterdir() if entry.is_dir() and not entry.is_symlink())]
+        for folder in folders:
+            for entry in folder.iterdir():
+                original = entry.with_name(entry.name[1:-4]) if entry.name.endswith(".old") else None
+                if _TEMPORARY.match(entry.name) or (
+                    original is not None and entry.name.startswith(".") and original.exists()
+                ):
+                    stale.append(entry)
+    for entry in stale:
+        logger.warning("removing %s, left by an interrupted write", entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return stale
+
+
+@contextlib.contextmanager
+def writing_output(
+    path: str | os.PathLike,
+    kind: str,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Iterator[bool]:
+    """Lock ``path`` for the whole write, :func:`check_output` it, then clean its stale temporaries.
+
+    Yields:
+        Whether an existing ``kind`` made with other settings is being replaced (``overwrite``).
+    """
+    with output_lock(path):
+        replacing = check_output(path, kind, settings, overwrite=overwrite)
+        remove_stale_temporaries(path)
+        yield replacing

@@ -1,0 +1,155 @@
+"""The evaluate job: search a split's queries over the whole corpus, score the run and write it.
+
+Writes ``metrics.json``, ``per_query.json``, ``run.trec`` and ``config.json`` per evaluated system
+(a model under one inference rule, or a control), with seen / unseen query groups where the
+collection has a training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
+from sbmoe.config.provenance import provenance
+from sbmoe.core.artifacts import EVALUATION, writing_output
+from sbmoe.core.io import write_json
+from sbmoe.core.runs import Run
+from sbmoe.data.beir import BeirCollection
+from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics, write_trec_run
+from sbmoe.evaluation.query_groups import group_scores, split_query_groups
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.indexing import encoding_used
+from sbmoe.retrieval.search import search_documents
+
+
+@dataclass
+class EvaluationOutput:
+    """One evaluated system: where its files are, its scores and how long encoding and search took."""
+
+    name: str
+    output_dir: Path
+    result: EvaluationResult
+    seconds: float
+    # Seen / partly-seen / unseen: query count and metric means each (None: no training split).
+    query_groups: dict[str, dict[str, Any]] | None = None
+
+
+def evaluate_model(
+    retriever: Retriever,
+    collection: BeirCollection,
+    output_dir: str | Path,
+    config: EvaluateConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    show_progress: bool = True,
+    command: Sequence[str] | None = None,
+    cache: EmbeddingCache | None = None,
+    overwrite: bool = False,
+) -> list[EvaluationOutput]:
+    """Search the split's queries over the whole corpus and score the run.
+
+    Writes ``metrics.json``, ``per_query.json``, ``run.trec`` and ``config.json`` (the configs and
+    :func:`~sbmoe.config.provenance.provenance`) into ``output_dir``, or into ``output_dir/<rule>/`` per
+    inference rule when several are asked for. When ``collection`` holds a ``train`` split (and the
+    evaluated split is another), ``metrics.json`` also breaks the scores down into seen, partly-seen
+    and unseen queries and ``query_groups.json`` lists them (:mod:`sbmoe.evaluation.query_groups`).
+    ``config.expert_poolings`` are ignored for a model without an MoE head.
+
+    Args:
+        overwrite: Replace an earlier evaluation in ``output_dir`` made with other settings (see
+            :func:`~sbmoe.core.artifacts.check_output`; anything but an evaluation there is refused anyway).
+    """
+    config = config or EvaluateConfig()
+    encode = encode or EncodeConfig()
+    output_dir = Path(output_dir)
+    fingerprint = retriever.fingerprint()
+    settings = {
+        "model_fingerprint": fingerprint,
+        "evaluate_config": dataclasses.asdict(config),
+        "data": collection.name,
+    }
+    with writing_output(output_dir, EVALUATION, settings, overwrite=overwrite) as replacing:
+        if replacing:
+            shutil.rmtree(output_dir)  # an earlier evaluation, with other settings: --overwrite
+        return _evaluate(
+            retriever, collection, output_dir, config, encode, fingerprint, show_progress, command, cache
+        )
+
+
+def _evaluate(
+    retriever: Retriever,
+    collection: BeirCollection,
+    output_dir: Path,
+    config: EvaluateConfig,
+    encode: EncodeConfig,
+    fingerprint: str,
+    show_progress: bool,
+    command: Sequence[str] | None,
+    cache: EmbeddingCache | None,
+) -> list[EvaluationOutput]:
+    qrels = collection.split_qrels(config.split)
+    # Seen / partly-seen / unseen queries, on collections with a training split (evaluation.query_groups).
+    groups = split_query_groups(collection.qrels, config.split)
+    queries = {q: collection.queries[q] for q in sorted(qrels) if q in collection.queries}
+    documents = {d: doc.full_text for d, doc in collection.corpus.items()}
+    retriever.warn_truncated(list(queries.values()), "query", f"{collection.name} {config.split} queries")
+    retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
+    started = time.perf_counter()
+    runs = search_documents(
+        retriever,
+        queries,
+        documents,
+        SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
+        encode,
+        expert_poolings=config.expert_poolings if retriever.head is not None else (),
+        show_progress=show_progress,
+        cache=cache,
+    )
+    seconds = time.perf_counter() - started
+
+    outputs = []
+    for rule, run in runs.items():
+        target = output_dir / rule if len(runs) > 1 else output_dir
+        record = {
+            "encode_config": dataclasses.asdict(encode),
+            "encoding": encoding_used(retriever, encode),
+            "model_config": dataclasses.asdict(retriever.config),
+            "model_fingerprint": fingerprint,
+            "expert_pooling": rule,
+            "data": {"name": collection.name, "root": str(collection.root)},
+            "encode_and_search_seconds": round(seconds, 2),
+            **provenance(command),
+        }
+        result = save_evaluation(qrels, run, target, config, rule, record, groups)
+        group_summary = group_scores(result.per_query, groups) if groups is not None else None
+        outputs.append(EvaluationOutput(rule, target, result, seconds, group_summary))
+    return outputs
+
+
+def save_evaluation(
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Run,
+    target: Path,
+    config: EvaluateConfig,
+    rule: str,
+    record: Mapping[str, Any],
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> EvaluationResult:
+    """Score ``run`` and write ``metrics.json``, ``per_query.json``, ``run.trec`` and ``config.json``.
+
+    The files every evaluated system has (a model under one inference rule, or a control):
+    ``config.json`` holds ``config`` as ``evaluate_config`` and then ``record``; with ``groups``
+    (:func:`sbmoe.evaluation.query_groups.split_query_groups`), ``metrics.json`` scores each group too.
+    """
+    result = evaluate_run(qrels, run, metrics=tuple(config.metrics))
+    save_metrics(result, target, extra={"split": config.split, "expert_pooling": rule}, query_groups=groups)
+    write_trec_run(run, target / "run.trec", tag=f"sbmoe-{rule}")
+    write_json(target / "config.json", {"evaluate_config": dataclasses.asdict(config), **record})
+    return result

@@ -1,0 +1,290 @@
+"""Encode texts with a retriever: length-sorted batches, inference mode, bf16 backbone, float32 head.
+
+The one encode path: the backbone (up to pooling) at the configured precision, optionally cached on
+disk, then the MoE head and normalisation in float32 (:func:`apply_head_stages`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sbmoe.config.jobs import EncodeConfig
+from sbmoe.core.errors import UsageError
+from sbmoe.core.runtime import InferencePlan, autocast, resolve_inference
+
+if TYPE_CHECKING:
+    from sbmoe.inference.cache import EmbeddingCache
+    from sbmoe.model.retriever import Retriever
+
+
+def tokenize(retriever: Retriever, texts: Sequence[str], kind: str) -> dict[str, torch.Tensor]:
+    """Tokenise one batch, padded to its longest text and truncated at the limit for ``kind``."""
+    batch = retriever.tokenizer(
+        retriever.prepare_texts(texts),
+        padding=True,
+        truncation=True,
+        max_length=retriever.max_length(kind),
+        return_tensors="pt",
+    )
+    return {key: value.to(retriever.device) for key, value in batch.items()}
+
+
+def length_sorted_batches(
+    retriever: Retriever, texts: Sequence[str], kind: str, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Yield (positions, padded batch) with texts grouped by token length, longest first.
+
+    Sorting by length keeps padding (wasted compute) small; longest first surfaces an
+    out-of-memory error at once instead of at the end.
+    """
+    encodings = retriever.tokenizer(
+        retriever.prepare_texts(texts),
+        truncation=True,
+        max_length=retriever.max_length(kind),
+        add_special_tokens=True,
+    )
+    lengths = np.fromiter((len(ids) for ids in encodings["input_ids"]), dtype=np.int64, count=len(texts))
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        features = [{key: encodings[key][i] for key in encodings} for i in positions]
+        batch = retriever.tokenizer.pad(features, padding=True, return_tensors="pt")
+        yield positions, {key: value.to(retriever.device) for key, value in batch.items()}
+
+
+def run_stages(stages: Sequence[torch.nn.Module], features: dict) -> dict:
+    """Pass a feature dict through pipeline stages."""
+    for stage in stages:
+        features = stage(features)
+    return features
+
+
+def encode_texts(
+    retriever: Retriever,
+    texts: Sequence[str],
+    kind: str = "document",
+    config: EncodeConfig | None = None,
+    *,
+    pooled_only: bool = False,
+    show_progress: bool = False,
+    cache: EmbeddingCache | None = None,
+    chunk_size: int | None = None,
+    runner: Callable[[dict], dict] | None = None,
+) -> np.ndarray:
+    """Encode ``texts`` into a float32 array (len(texts), d), in the input order.
+
+    The backbone runs up to pooling on ``config.backend`` at ``config.precision`` (resolved by
+    :func:`~sbmoe.core.runtime.resolve_inference`; bf16: on bf16 copies of its weights);
+    the stages after pooling (MoE head, normalisation) then always run in float32 through
+    :func:`apply_head_stages`, so the embeddings are the same whether the pooled ones come from
+    the backbone or from ``cache``. Encoding runs where ``retriever`` is; ``config.device`` is
+    where callers load it.
+
+    Args:
+        retriever: The model.
+        texts: Queries or documents (documents as "title text").
+        kind: ``query`` or ``document``: selects the token limit.
+        config: Batch size, backend and precision (defaults: :class:`~sbmoe.config.jobs.EncodeConfig`).
+        pooled_only: Stop after pooling (the input of the MoE head); see :func:`apply_head_stages`.
+        show_progress: Show a progress bar.
+        cache: Reuse (or store) the pooled embeddings; only the head then runs on a hit.
+        chunk_size: With ``cache``, encode and store ``chunk_size`` texts at a time, so an
+            interrupted call resumes where it stopped.
+        runner: The backbone as :func:`encoder_runner` set it up for ``config``, kept by a caller
+            that encodes many small batches (a server), so the backend is not set up per call.
+    """
+    config = config or EncodeConfig()
+    if kind not in ("query", "document"):
+        raise UsageError(f"kind must be 'query' or 'document', got {kind!r}")
+    if not texts:
+        dim = retriever.model.get_sentence_embedding_dimension()
+        return np.zeros((0, dim), dtype=np.float32)
+    plan = resolve_inference(config.backend, config.precision, retriever.device)
+    if cache is not None and chunk_size and len(texts) > chunk_size:
+        # Each chunk is its own cache entry: an interrupted encoding resumes at the unfinished chunk.
+        starts = range(0, len(texts), chunk_size)
+        pooled = np.concatenate(
+            [
+                _pooled(
+                    retriever, texts[i : i + chunk_size], kind, config, plan, show_progress, cache, runner
+                )
+                for i in starts
+            ]
+        )
+    else:
+        pooled = _pooled(retriever, texts, kind, config, plan, show_progress, cache, runner)
+    if pooled_only:
+        # A cache hit is a read-only memory map of the entry: hand out a copy.
+        return np.array(pooled, dtype=np.float32) if isinstance(pooled, np.memmap) else pooled
+    return apply_head_stages(retriever, pooled)
+
+
+def _pooled(
+    retriever: Retriever,
+    texts: Sequence[str],
+    kind: str,
+    config: EncodeConfig,
+    plan: InferencePlan,
+    show_progress: bool,
+    cache: EmbeddingCache | None,
+    runner: Callable[[dict], dict] | None = None,
+) -> np.ndarray:
+    """The pooled embeddings of ``texts``, from ``cache`` when it holds them (then stored there)."""
+    key = cache.key(retriever, texts, kind, plan.key) if cache is not None else None
+    pooled = cache.get(key, len(texts)) if cache is not None else None
+    if pooled is None:
+        pooled = _run_batches(retriever, texts, kind, config.encode_batch_size, plan, show_progress, runner)
+        if cache is not None:
+            cache.put(key, pooled)
+    return pooled
+
+
+def _run_batches(
+    retriever: Retriever,
+    texts: Sequence[str],
+    kind: str,
+    batch_size: int,
+    plan: InferencePlan,
+    show_progress: bool,
+    runner: Callable[[dict], dict] | None = None,
+) -> np.ndarray:
+    """The pooled embeddings of ``texts`` (the backbone's output), float32, in input order."""
+    output: np.ndarray | None = None
+    bar = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=not show_progress)
+    try:
+        with torch.inference_mode(), eval_mode(retriever.model), autocast(plan.precision, retriever.device):
+            run = runner or _encoder_runner(retriever, plan)
+            for positions, batch in length_sorted_batches(retriever, texts, kind, batch_size):
+                embeddings = run(batch)["sentence_embedding"].float().cpu().numpy()
+                if output is None:
+                    output = np.empty((len(texts), embeddings.shape[1]), dtype=np.float32)
+                output[positions] = embeddings
+                bar.update(len(positions))
+    finally:
+        bar.close()
+    assert output is not None
+    return output
+
+
+def encoder_runner(retriever: Retriever, config: EncodeConfig | None = None) -> Callable[[dict], dict]:
+    """The backbone up to pooling, set up once for ``config``'s backend and precision.
+
+    For :func:`encode_texts`'s ``runner``: an ONNX Runtime session or bf16 weight copies are then
+    made once instead of at every call. Valid while the model's weights do not change.
+    """
+    config = config or EncodeConfig()
+    plan = resolve_inference(config.backend, config.precision, retriever.device)
+    with torch.inference_mode():
+        return _encoder_runner(retriever, plan)
+
+
+def _encoder_runner(retriever: Retriever, plan: InferencePlan) -> Callable[[dict], dict]:
+    """The stages up to pooling as one function, run by the plan's backend at its precision.
+
+    Under bf16 the torch stages run on bf16 copies of their weights: autocast alone converts every
+    weight matrix to bf16 again at every call; converting once per encoding spares that (and keeps
+    layer norms and activations in bf16 too). The model's own weights stay float32, so training is
+    unaffected. The onnx backend runs the exported transformer (see :mod:`sbmoe.inference.onnx_backend`).
+    """
+    if plan.backend == "onnx":
+        from sbmoe.inference.onnx_backend import OnnxEncoder
+
+        return OnnxEncoder(retriever, plan.precision)
+    stages = retriever.encoder_stages()
+    if plan.precision != "bf16":
+        return functools.partial(run_stages, stages)
+    weights = [_bf16_state(stage) for stage in stages]
+
+    def run(features: dict) -> dict:
+        for stage, state in zip(stages, weights, strict=True):
+            features = torch.func.functional_call(stage, state, (features,))
+        return features
+
+    return run
+
+
+def _bf16_state(stage: torch.nn.Module) -> dict[str, torch.Tensor]:
+    tensors = itertools.chain(stage.named_parameters(), stage.named_buffers())
+    return {
+        name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor for name, tensor in tensors
+    }
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, its own mode restored after.
+
+    Free when the model is in eval mode already (a server encoding one query at a time): switching
+    walks every submodule: milliseconds for MiniLM on 2 cores, as long as encoding a short query.
+    Threads encoding with one model at once (a service's worker and a caller) share one switch: the
+    first to enter switches, the last to leave restores; otherwise one could restore training mode
+    (dropout, gate noise) in the middle of another's encoding.
+    """
+    with _EVAL_LOCK:
+        entry = _EVAL_USERS.get(id(model))
+        if entry is None:
+            switch = any(module.training for module in model.modules())
+            entry = _EVAL_USERS[id(model)] = [0, model.training, switch]
+            if switch:
+                model.eval()
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _EVAL_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _EVAL_USERS[id(model)]
+                if entry[2]:
+                    model.train(entry[1])
+
+
+_EVAL_LOCK = threading.Lock()
+_EVAL_USERS: dict[int, list] = {}  # id(model) -> [threads inside, its own mode, switched]
+
+
+@contextlib.contextmanager
+def expert_pooling(retriever: Retriever, rule: str | None) -> Iterator[None]:
+    """Let the MoE head combine its experts by ``rule`` inside the block, then restore its own.
+
+    ``None`` (or a model without a head) changes nothing. :meth:`Retriever.fingerprint` inside the
+    block identifies the embeddings made under ``rule``.
+    """
+    head = retriever.head
+    if head is None or rule is None:
+        yield
+        return
+    previous = head.expert_pooling
+    head.expert_pooling = rule
+    try:
+        yield
+    finally:
+        head.expert_pooling = previous
+
+
+def apply_head_stages(
+    retriever: Retriever, pooled: np.ndarray, rule: str | None = None, batch_size: int = 4096
+) -> np.ndarray:
+    """Apply the stages after pooling (MoE head, normalisation) to pooled embeddings, in float32.
+
+    The one place the head runs at inference. Float32 whatever the backbone's precision: the head
+    is tiny, and this keeps the result independent of that precision and of the cache. Also lets
+    one backbone pass serve several inference rules (``rule``: e.g. ``top1`` and ``all``).
+    """
+    stages = retriever.head_stages()
+    chunks = []
+    with torch.inference_mode(), eval_mode(retriever.model), expert_pooling(retriever, rule):
+        for start in range(0, len(pooled), batch_size):
+            x = torch.from_numpy(np.array(pooled[start : start + batch_size], dtype=np.float32))
+            features = run_stages(stages, {"sentence_embedding": x.to(retriever.device)})
+            chunks.append(features["sentence_embedding"].float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.asarray(pooled, dtype=np.float32)

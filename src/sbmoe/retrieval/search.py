@@ -1,0 +1,111 @@
+"""The search jobs: queries over an index (in memory or saved, single or sharded), or over texts without
+keeping an index, for one or several inference rules of an MoE model from one encoding pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.core.errors import UsageError
+from sbmoe.core.runs import Run
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.inference.encoding import apply_head_stages, encode_texts, expert_pooling
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.shards import ShardedIndex, load_index
+
+
+def search(
+    retriever: Retriever,
+    index: DenseIndex | ShardedIndex | str | os.PathLike,
+    queries: Mapping[str, str],
+    config: SearchConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    show_progress: bool = False,
+    cache: EmbeddingCache | None = None,
+    verify: bool = False,
+) -> Run:
+    """Encode ``queries`` (query id -> text) and return their top documents from ``index``.
+
+    ``index`` is an index in memory or the directory of a saved one, single or sharded (searched
+    shard by shard). A saved index built by another model is refused
+    (:class:`~sbmoe.retrieval.index.IndexMismatchError`); for one in memory that is the caller's job. A saved
+    index is checked against its checksum: its size and a sample, or in full with ``verify``.
+    """
+    config = config or SearchConfig()
+    if isinstance(index, (str, os.PathLike)):
+        index = load_index(index, expected_fingerprint=retriever.fingerprint(), verify=verify)
+    embeddings = encode_texts(
+        retriever, list(queries.values()), "query", encode, show_progress=show_progress, cache=cache
+    )
+    return index.search(embeddings, config.top_k, query_ids=list(queries), exclude_self=config.exclude_self)
+
+
+def search_documents(
+    retriever: Retriever,
+    queries: Mapping[str, str],
+    documents: Mapping[str, str],
+    config: SearchConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    expert_poolings: Sequence[str] = (),
+    show_progress: bool = False,
+    cache: EmbeddingCache | None = None,
+) -> dict[str, Run]:
+    """Exact search of ``queries`` over ``documents`` (id -> text each) without keeping an index.
+
+    The backbone encodes every text once; each inference rule in ``expert_poolings`` (``top1``,
+    ``all``, ...) then only re-applies the small head to the pooled embeddings.
+
+    Returns:
+        One run per rule, keyed by rule; without ``expert_poolings``, one run under the model's own
+        rule (``model`` for a model without an MoE head).
+
+    Raises:
+        UsageError: ``expert_poolings`` for a model without an MoE head.
+    """
+    config = config or SearchConfig()
+    if expert_poolings and retriever.head is None:
+        raise UsageError("expert_poolings need a model with an MoE head")
+    pooled_documents = encode_texts(
+        retriever,
+        list(documents.values()),
+        "document",
+        encode,
+        pooled_only=True,
+        show_progress=show_progress,
+        cache=cache,
+    )
+    pooled_queries = encode_texts(
+        retriever, list(queries.values()), "query", encode, pooled_only=True, cache=cache
+    )
+    runs = {}
+    for rule in expert_poolings or [None]:
+        with expert_pooling(retriever, rule):
+            name = retriever.head.expert_pooling if retriever.head is not None else "model"
+            index = DenseIndex(
+                apply_head_stages(retriever, pooled_documents), list(documents), retriever.fingerprint()
+            )
+            runs[name] = index.search(
+                apply_head_stages(retriever, pooled_queries),
+                config.top_k,
+                query_ids=list(queries),
+                exclude_self=config.exclude_self,
+            )
+    return runs
+
+
+def describe_run(run: Run, limit: int) -> list[dict[str, Any]]:
+    """Flatten a run into rows (query, rank, doc, score) for printing."""
+    rows = []
+    for query_id, scores in run.items():
+        ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:limit]
+        rows.extend(
+            {"query_id": query_id, "rank": rank, "doc_id": doc_id, "score": score}
+            for rank, (doc_id, score) in enumerate(ranked, start=1)
+        )
+    return rows

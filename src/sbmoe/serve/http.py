@@ -1,0 +1,258 @@
+"""``sbmoe serve``: the search service (:mod:`sbmoe.serve.service`) over HTTP, with FastAPI and uvicorn.
+
+Endpoints: ``POST /search`` (one query or a batch; ids, scores, and on request titles, texts and
+the queries' expert routing), ``POST /embed`` (embeddings of queries or documents), ``GET /health``
+and ``GET /info``. Requests are validated (pydantic) and refused with a 4xx status and a message;
+concurrent requests are micro-batched by the service (see :mod:`sbmoe.serve.service`). FastAPI and
+uvicorn are the ``serve`` extra (``pip install 'sbmoe[serve]'``), imported only when an app is built.
+
+This module does not postpone annotations: FastAPI reads the request models of the endpoints,
+which are defined inside :func:`create_app` with the limits of its :class:`ServeConfig`.
+"""
+
+import asyncio
+import contextlib
+import functools
+import importlib.util
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
+from sbmoe.core.errors import SbmoeError, UsageError
+from sbmoe.serve.service import KINDS, NO_DOCUMENTS, SearchService, ServiceClosedError, load_service
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from sbmoe.model.retriever import Retriever
+    from sbmoe.retrieval.index import DenseIndex
+    from sbmoe.retrieval.shards import ShardedIndex
+
+logger = logging.getLogger(__name__)
+
+
+def _require_extra() -> None:
+    """Fail in one line, not with an ImportError, when the ``serve`` extra is not installed."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"serving needs {' and '.join(missing)}: pip install 'sbmoe[serve]'")
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("the text is empty: give the text to search for or encode")
+    return text
+
+
+def create_app(service: SearchService, config: ServeConfig | None = None) -> "FastAPI":
+    """The FastAPI app answering with ``service``; the service is closed when the app shuts down.
+
+    Args:
+        service: The loaded model and index (see :func:`~sbmoe.serve.service.load_service`).
+        config: The request limits (``max_top_k``, ``max_texts``); host and port are the server's.
+    """
+    _require_extra()
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import JSONResponse
+    from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+    config, _ = _checked(config, service.search_config)
+    Text = Annotated[str, AfterValidator(_not_blank)]
+    TopK = Annotated[int, Field(ge=1, le=config.max_top_k, strict=True)]  # not true, 2.5 or "3"
+    Texts = Annotated[list[Text], Field(min_length=1, max_length=config.max_texts)]
+
+    class SearchRequest(BaseModel):
+        """Either ``query`` or ``queries``."""
+
+        model_config = ConfigDict(extra="forbid")
+        query: Text | None = None
+        queries: Texts | None = None
+        top_k: TopK = service.search_config.top_k
+        documents: bool = Field(False, description="also return each hit's title and text")
+        routing: bool = Field(False, description="also return each query's top-1 expert and gate")
+
+        @model_validator(mode="after")
+        def one_source(self) -> "SearchRequest":
+            if (self.query is None) == (self.queries is None):
+                raise ValueError("give either query (one text) or queries (a list of texts)")
+            return self
+
+    class EmbedRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: Texts
+        kind: Literal[KINDS] = "query"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.close()
+
+    app = FastAPI(title="sbmoe", description="Dense retrieval with an SB-MoE head", lifespan=lifespan)
+
+    @app.exception_handler(SbmoeError)
+    async def refused(request: Any, error: SbmoeError) -> JSONResponse:
+        unavailable = isinstance(error, ServiceClosedError)  # shutting down: try again elsewhere
+        return JSONResponse({"detail": str(error)}, status_code=503 if unavailable else 400)
+
+    @app.post("/search")
+    async def search(request: SearchRequest) -> JSONResponse:
+        if request.documents and service.documents is None:
+            raise UsageError(NO_DOCUMENTS)
+        texts = [request.query] if request.query is not None else request.queries
+        results = await asyncio.wrap_future(service.search(texts, request.top_k, routing=request.routing))
+        answers = []
+        for text, result in zip(texts, results, strict=True):
+            hits = [{"id": doc_id, "score": score} for doc_id, score in result.hits]
+            if request.documents:
+                for hit in hits:
+                    document = service.document(hit["id"])
+                    hit.update(title=document.title, text=document.text)
+            answer: dict[str, Any] = {"query": text, "hits": hits}
+            if request.routing:
+                answer["routing"] = {"expert": result.expert, "gate": result.gate}
+            answers.append(answer)
+        return JSONResponse({"results": answers})
+
+    @app.post("/embed")
+    async def embed(request: EmbedRequest) -> JSONResponse:
+        embeddings = await asyncio.wrap_future(service.embed(request.texts, request.kind))
+        return JSONResponse(
+            {"kind": request.kind, "dim": int(embeddings.shape[1]), "embeddings": embeddings.tolist()}
+        )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not service.alive:
+            raise HTTPException(503, "the search worker has stopped")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/info")
+    async def info() -> JSONResponse:
+        limits = {"max_top_k": config.max_top_k, "max_texts": config.max_texts}
+        return JSONResponse({**service.info(), "limits": limits})
+
+    return app
+
+
+def serve(
+    model: "Retriever | str | os.PathLike",
+    index: "DenseIndex | ShardedIndex | str | os.PathLike",
+    config: ServeConfig | None = None,
+    search: SearchConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    data: str | os.PathLike | None = None,
+    verify: bool = False,
+    log_level: str = "info",
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Load ``model`` and ``index`` once and answer HTTP requests until interrupted.
+
+    Ctrl-C or SIGTERM shuts down cleanly: requests in progress are answered, then the service
+    stops. The port is taken before the model loads, so a busy port fails at once.
+
+    Args:
+        model: The model that built the index (a :class:`~sbmoe.model.retriever.Retriever` or what
+            :meth:`~sbmoe.model.retriever.Retriever.load` takes).
+        index: The index, or its directory; an index built by another model is refused.
+        config: Host, port and request limits.
+        search: The default ``top_k``.
+        encode: Backend, precision, batch size and device of the encodings.
+        data: The collection the index was built from (BEIR folder or name), to return titles
+            and texts; without it, hits are ids and scores.
+        verify: Check the index in full against its checksum before serving.
+        announce: Called with the URL once the service listens (the command line prints it, so
+            ``--port 0`` is reachable under ``-q`` too); without it, the URL is logged.
+        log_level: uvicorn's log level (``warning`` drops the per-request lines).
+    """
+    _require_extra()
+    import uvicorn
+
+    config, search = _checked(config, search)
+    listening = _listen(config.host, config.port)
+    try:
+        service = load_service(
+            model, index, search, encode, data=data, max_batch_texts=config.max_batch_texts, verify=verify
+        )
+        server = uvicorn.Server(uvicorn.Config(create_app(service, config), log_level=log_level))
+        (announce or functools.partial(logger.info, "listening on %s"))(_url(listening))
+        # uvicorn shuts down gracefully on Ctrl-C, then raises it again for the caller: done, then.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[listening])
+    finally:
+        listening.close()
+
+
+class BackgroundServer:
+    """Serve an app from a thread of this process, e.g. in tests, benchmarks or a notebook.
+
+    Use as a context manager: the server is up (at :attr:`url`) inside the block and shut down
+    cleanly at its end.
+
+    Args:
+        app: From :func:`create_app`.
+        host: Address to listen on.
+        port: TCP port; 0 takes a free one (see :attr:`url`).
+        log_level: uvicorn's log level.
+    """
+
+    def __init__(
+        self, app: "FastAPI", host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ) -> None:
+        import uvicorn
+
+        self._socket = _listen(host, port)
+        self.url = _url(self._socket)
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="sbmoe-serve", daemon=True
+        )
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise UsageError(f"the server at {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Answer the requests in progress, then stop the server (and close the app's service)."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join()
+        self._socket.close()
+
+
+def _checked(config: ServeConfig | None, search: SearchConfig | None) -> tuple[ServeConfig, SearchConfig]:
+    config = config or ServeConfig()
+    search = search or SearchConfig()
+    config.validate()
+    search.validate()
+    if search.top_k > config.max_top_k:
+        raise UsageError(f"top_k {search.top_k} is above max_top_k {config.max_top_k}")
+    return config, search
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6, as ``host`` resolves)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def _url(listening: socket.socket) -> str:
+    host, port = listening.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -1,0 +1,356 @@
+"""A search service: a model and its index loaded once, answering searches and encodings from threads.
+
+Concurrency: micro-batching. One worker thread owns the model; callers on any thread submit jobs
+and get a :class:`~concurrent.futures.Future`. Whenever the worker is free it takes every job
+waiting (up to ``max_batch_texts`` texts), encodes their texts in one pass per kind, searches the
+index once per ``top_k`` asked for, and resolves the futures. One lone request is encoded at once,
+without waiting for company; requests arriving while the model works are batched together.
+
+Except under int8 (the onnx backend's dynamic quantisation): its activation scales are computed
+over the whole batch, so a text's embedding depends on the texts encoded with it (cosine down to
+0.983 between a SciFact query encoded alone and in a batch of 20, all-MiniLM-L6-v2). There the
+worker takes one request at a time, so a request's answer depends on its own texts only, as
+``sbmoe search``'s does on its queries, never on what other clients sent meanwhile.
+
+The steps are those of :func:`sbmoe.retrieval.search.search` (backbone up to pooling, then the head in
+float32, then the index), so a query ranks as ``sbmoe search`` ranks it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sbmoe import __version__
+from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.core.errors import SbmoeError, UsageError
+from sbmoe.core.runtime import resolve_inference
+from sbmoe.data.beir import Document
+from sbmoe.inference.encoding import apply_head_stages, encode_texts, encoder_runner
+from sbmoe.inference.routing import route
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.indexing import encoding_used
+from sbmoe.retrieval.shards import ShardedIndex, load_index
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("query", "document")
+NO_DOCUMENTS = "documents: the service was started without the collection the index was built from (--data)"
+
+
+@dataclass
+class SearchResult:
+    """One query's answer: its top documents, best first, and (when asked) its routing.
+
+    Attributes:
+        hits: (doc id, score) pairs, best first.
+        expert: The query's top-1 expert in the MoE head (when routing was asked for).
+        gate: The head's gate probabilities over its experts for the query (idem).
+    """
+
+    hits: list[tuple[str, float]]
+    expert: int | None = None
+    gate: list[float] | None = None
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    kind: str
+    future: concurrent.futures.Future
+    top_k: int | None = None  # None: an encoding, not a search
+    routing: bool = False
+
+
+class ServiceClosedError(SbmoeError):
+    """A request reached a service that is shutting down or shut down."""
+
+
+class SearchService:
+    """A retriever and its index, answering :meth:`search` and :meth:`embed` from any thread.
+
+    The worker thread starts with the service and stops at :meth:`close` (or at the end of a
+    ``with`` block), after finishing the jobs already submitted. :attr:`batches_requests` says
+    whether waiting requests are encoded together (not under int8; see the module's docstring).
+
+    Args:
+        retriever: The model that built the index.
+        index: The index in memory, or the directory of a saved one (single or sharded); a saved
+            index built by another model is refused (:class:`~sbmoe.retrieval.index.IndexMismatchError`).
+        search: The default ``top_k`` of :meth:`search`.
+        encode: Backend, precision and batch size of the encodings.
+        documents: Doc id -> document, to look up titles and texts (:meth:`document`); it must
+            hold every document of the index.
+        collection: The name of ``documents``' collection (for :meth:`info`).
+        max_batch_texts: Most texts encoded together in one micro-batch.
+        verify: Check a saved index in full against its checksum.
+    """
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        index: DenseIndex | ShardedIndex | str | os.PathLike,
+        search: SearchConfig | None = None,
+        encode: EncodeConfig | None = None,
+        *,
+        documents: Mapping[str, Document] | None = None,
+        collection: str | None = None,
+        max_batch_texts: int = 512,
+        verify: bool = False,
+    ) -> None:
+        self.retriever = retriever
+        self.search_config = search or SearchConfig()
+        self.search_config.validate()
+        self.encode_config = encode or EncodeConfig()
+        self.encode_config.validate()
+        if max_batch_texts < 1:
+            raise UsageError(f"max_batch_texts must be >= 1, got {max_batch_texts}")
+        self.max_batch_texts = max_batch_texts
+        self.fingerprint = retriever.fingerprint()  # a hash of every weight: computed once
+        self.index_path = str(index) if isinstance(index, (str, os.PathLike)) else None
+        if isinstance(index, (str, os.PathLike)):
+            index = load_index(index, expected_fingerprint=self.fingerprint, verify=verify)
+        self.index = index
+        if documents is not None:
+            missing = [doc_id for doc_id in index.doc_ids if doc_id not in documents]
+            if missing:
+                raise UsageError(
+                    f"{len(missing)} of the index's {len(index)} documents are not in the collection "
+                    f"{collection or 'given'} (e.g. {missing[0]!r}): give the one the index was built from"
+                )
+        self.documents = documents
+        self.collection = collection
+        self.stats = {"requests": 0, "batches": 0, "texts": 0}
+        plan = resolve_inference(self.encode_config.backend, self.encode_config.precision, retriever.device)
+        self.batches_requests = plan.precision != "int8"
+        # Set up once: an ONNX Runtime session or bf16 weight copies, not one per request.
+        self._runner = encoder_runner(retriever, self.encode_config)
+        self._encode("warm up", "query")
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="sbmoe-search-worker", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------------------- public API
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (jobs are being answered)."""
+        return self._worker.is_alive()
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the embeddings."""
+        return int(self.index.dim)
+
+    def search(
+        self, queries: Sequence[str], top_k: int | None = None, *, routing: bool = False
+    ) -> concurrent.futures.Future[list[SearchResult]]:
+        """Submit queries; the future resolves to one :class:`SearchResult` per query, in order.
+
+        Args:
+            queries: Query texts.
+            top_k: Documents per query (default: the service's ``search`` config).
+            routing: Also report each query's top-1 expert and gate probabilities (models with an
+                MoE head only).
+
+        Raises:
+            UsageError: No queries, ``top_k`` below 1, or routing asked of a model without a head.
+        """
+        top_k = self.search_config.top_k if top_k is None else top_k
+        if top_k < 1:
+            raise UsageError(f"top_k must be >= 1, got {top_k}")
+        if routing and self.retriever.head is None:
+            raise UsageError("routing: this model has no MoE head")
+        return self._submit(_Job(list(queries), "query", concurrent.futures.Future(), top_k, routing))
+
+    def embed(self, texts: Sequence[str], kind: str = "query") -> concurrent.futures.Future[np.ndarray]:
+        """Submit texts; the future resolves to their embeddings, float32 ``(len(texts), dim)``.
+
+        Args:
+            texts: Queries or documents (documents as "title text").
+            kind: ``query`` or ``document``: selects the token limit.
+        """
+        if kind not in KINDS:
+            raise UsageError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+        return self._submit(_Job(list(texts), kind, concurrent.futures.Future()))
+
+    def document(self, doc_id: str) -> Document:
+        """The title and text of an indexed document (needs ``documents``)."""
+        if self.documents is None:
+            raise UsageError(NO_DOCUMENTS)
+        return self.documents[doc_id]
+
+    def info(self) -> dict[str, Any]:
+        """What is served: model, index, encoding, device, versions, and the requests so far."""
+        head = self.retriever.head
+        index = self.index
+        return {
+            "sbmoe_version": __version__,
+            "model": {
+                "backbone": self.retriever.config.backbone,
+                "fingerprint": self.fingerprint,
+                "experts": head.num_experts if head is not None else 0,
+                "expert_pooling": head.expert_pooling if head is not None else None,
+            },
+            "index": {
+                "path": self.index_path,
+                "size": len(index),
+                "type": index.index_type,
+                "dtype": index.dtype,
+                "dim": self.dim,
+                "shards": index.num_shards if isinstance(index, ShardedIndex) else None,
+                "collection": index.metadata.get("collection"),
+            },
+            "documents": self.collection if self.documents is not None else None,
+            "encoding": encoding_used(self.retriever, self.encode_config),
+            "device": str(self.retriever.device),
+            "default_top_k": self.search_config.top_k,
+            "concurrency": (
+                f"micro-batching: one worker encodes up to {self.max_batch_texts} waiting texts at once"
+                if self.batches_requests
+                else "one request at a time (int8 embeddings depend on the batch they are encoded in)"
+            ),
+            "stats": dict(self.stats),
+        }
+
+    def close(self) -> None:
+        """Finish the jobs already submitted, then stop the worker; later submissions are refused."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._worker.join()
+
+    def __enter__(self) -> SearchService:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------- worker
+    def _submit(self, job: _Job) -> concurrent.futures.Future:
+        if not job.texts:
+            raise UsageError("no texts given")
+        if not all(isinstance(text, str) and text.strip() for text in job.texts):
+            raise UsageError("a text is empty: give the text to encode")
+        with self._lock:
+            if self._closed:
+                raise ServiceClosedError("the search service is closed")
+            self._queue.put(job)
+        return job.future
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, texts, stop = [job], len(job.texts), False
+            while self.batches_requests and texts < self.max_batch_texts:
+                try:
+                    waiting = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is None:
+                    stop = True
+                    break
+                jobs.append(waiting)
+                texts += len(waiting.texts)
+            self._run([job for job in jobs if job.future.set_running_or_notify_cancel()])
+            if stop:
+                return
+
+    def _run(self, jobs: list[_Job]) -> None:
+        """Answer one micro-batch; an error fails the batch's jobs, not the worker."""
+        try:
+            answers = self._answer(jobs)
+        except Exception as error:  # handed to the callers, whose threads report it
+            for job in jobs:
+                job.future.set_exception(error)
+            return
+        self.stats["requests"] += len(jobs)
+        self.stats["batches"] += 1
+        self.stats["texts"] += sum(len(job.texts) for job in jobs)
+        for job, answer in zip(jobs, answers, strict=True):
+            job.future.set_result(answer)
+
+    def _answer(self, jobs: list[_Job]) -> list[Any]:
+        """The answers of ``jobs``, in order: one encoding pass per kind, one search per ``top_k``."""
+        answers: list[Any] = [None] * len(jobs)
+        for kind in KINDS:
+            mine = [i for i, job in enumerate(jobs) if job.kind == kind]
+            if not mine:
+                continue
+            pooled, embeddings = self._encode([text for i in mine for text in jobs[i].texts], kind)
+            starts = np.cumsum([0] + [len(jobs[i].texts) for i in mine])
+            rows = {i: np.arange(starts[n], starts[n + 1]) for n, i in enumerate(mine)}
+            searches = [i for i in mine if jobs[i].top_k is not None]
+            hits: dict[str, list[tuple[str, float]]] = {}
+            for top_k in sorted({jobs[i].top_k for i in searches}):
+                chosen = np.concatenate([rows[i] for i in searches if jobs[i].top_k == top_k])
+                run = self.index.search(embeddings[chosen], top_k, query_ids=[str(r) for r in chosen])
+                hits.update((row, list(ranked.items())) for row, ranked in run.items())
+            experts, gates = (None, None)
+            if any(jobs[i].routing for i in searches):
+                experts, gates = route(self.retriever, pooled)
+            for i in mine:
+                if jobs[i].top_k is None:
+                    answers[i] = embeddings[rows[i]]
+                elif jobs[i].routing:
+                    answers[i] = [
+                        SearchResult(hits[str(r)], int(experts[r]), gates[r].tolist()) for r in rows[i]
+                    ]
+                else:
+                    answers[i] = [SearchResult(hits[str(r)]) for r in rows[i]]
+        return answers
+
+    def _encode(self, texts: Sequence[str] | str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled embeddings (the head's input) and final embeddings, as :func:`encode_texts` makes them."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        pooled = encode_texts(
+            self.retriever, texts, kind, self.encode_config, pooled_only=True, runner=self._runner
+        )
+        return pooled, apply_head_stages(self.retriever, pooled)
+
+
+def load_service(
+    model: Retriever | str | os.PathLike,
+    index: DenseIndex | ShardedIndex | str | os.PathLike,
+    search: SearchConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    data: str | os.PathLike | None = None,
+    max_batch_texts: int = 512,
+    verify: bool = False,
+) -> SearchService:
+    """Load the model (a :class:`Retriever`, or what :meth:`Retriever.load` takes), its index and
+    optionally its collection (``data``: a BEIR folder or collection name), into a running service.
+    """
+    from sbmoe.data.beir import load_collection, resolve_data
+
+    encode = encode or EncodeConfig()
+    retriever = model if isinstance(model, Retriever) else Retriever.load(str(model), device=encode.device)
+    collection = load_collection(resolve_data(str(data)), splits=[]) if data is not None else None
+    service = SearchService(
+        retriever,
+        index,
+        search,
+        encode,
+        documents=collection.corpus if collection is not None else None,
+        collection=collection.name if collection is not None else None,
+        max_batch_texts=max_batch_texts,
+        verify=verify,
+    )
+    where = service.index_path or "an index in memory"
+    logger.info("serving %s: %d documents, %s", where, len(service.index), service.info()["concurrency"])
+    return service

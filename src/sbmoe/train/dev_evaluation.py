@@ -1,0 +1,84 @@
+"""Dev evaluation during training: nDCG@10 of held-out queries, for model selection."""
+
+from __future__ import annotations
+
+import random
+
+from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.core.distributed import DistributedContext, shard_bounds
+from sbmoe.data.beir import BeirCollection
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.model.retriever import Retriever
+
+
+class DevEvaluator:
+    """Dev nDCG@10 on the held-out queries, over the whole corpus or a seeded sample of it.
+
+    The sample keeps every dev positive and adds random other documents up to ``max_docs``, so
+    the score is comparable between steps of one run (not with full-corpus test scores).
+
+    Args:
+        collection: Queries and corpus.
+        dev_qrels: The dev judgements.
+        encode: Batch size and precision of the encoding.
+        max_docs: Size of the seeded corpus sample (``None``: the whole corpus).
+        seed: Seeds the sample.
+        cache: Pooled-embedding cache.
+    """
+
+    def __init__(
+        self,
+        collection: BeirCollection,
+        dev_qrels: dict[str, dict[str, int]],
+        encode: EncodeConfig,
+        max_docs: int | None = None,
+        seed: int = 0,
+        cache: EmbeddingCache | None = None,
+    ):
+        self.encode = encode
+        self.cache = cache
+        self.qrels = {q: rels for q, rels in dev_qrels.items() if q in collection.queries}
+        self.query_ids = sorted(self.qrels)
+        self.queries = {q: collection.queries[q] for q in self.query_ids}
+        # Corpus (file) order, as evaluation uses: identical texts share pooled-embedding cache entries.
+        doc_ids = list(collection.corpus)
+        if max_docs is not None and max_docs < len(doc_ids):
+            positives = sorted({d for rels in self.qrels.values() for d in rels if d in collection.corpus})
+            others = sorted(set(doc_ids) - set(positives))
+            rng = random.Random(seed)
+            extra = max(0, max_docs - len(positives))
+            chosen = set(positives) | set(rng.sample(others, min(extra, len(others))))
+            doc_ids = [d for d in doc_ids if d in chosen]
+        self.doc_ids = doc_ids
+        self.documents = {d: collection.corpus[d].full_text for d in doc_ids}
+
+    def ndcg10(
+        self, retriever: Retriever, show_progress: bool = False, context: DistributedContext | None = None
+    ) -> float:
+        """Encode, search exactly, and score nDCG@10.
+
+        Under several processes each one encodes and searches its contiguous slice of the corpus;
+        the per-slice top-10s are merged (as a sharded index is searched), so every process gets
+        the score of the whole corpus.
+        """
+        from sbmoe.core.runs import merge_runs
+        from sbmoe.evaluation.metrics import evaluate_run
+        from sbmoe.retrieval.search import search_documents
+
+        context = context or DistributedContext(device=retriever.device)
+        start, stop = shard_bounds(len(self.doc_ids), context.rank, context.world_size)
+        run = {q: {} for q in self.query_ids}
+        if stop > start:
+            documents = {d: self.documents[d] for d in self.doc_ids[start:stop]}
+            (run,) = search_documents(
+                retriever,
+                self.queries,
+                documents,
+                SearchConfig(top_k=10),
+                self.encode,
+                show_progress=show_progress,
+                cache=self.cache,
+            ).values()
+        if context.is_distributed:
+            run = merge_runs(context.all_gather_object(run), 10)
+        return evaluate_run(self.qrels, run, metrics=("ndcg@10",)).metrics["ndcg@10"]

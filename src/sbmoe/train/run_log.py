@@ -1,0 +1,151 @@
+"""What a training run tells the people watching it: a start-up summary and, optionally, TensorBoard.
+
+The trainer writes every record of ``training/log.jsonl`` through a :class:`TrainingReporter` as
+well; with ``report_to="tensorboard"`` it turns them into scalars under ``training/tensorboard/``
+(``tensorboard --logdir OUTPUT/training/tensorboard``): the loss terms and learning rates per step,
+dev nDCG@10 per evaluation, and the experts' shares of the texts per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sbmoe.config.train import TrainConfig
+from sbmoe.core.errors import UsageError
+from sbmoe.core.runtime import resolve_inference
+from sbmoe.model.card import describe_head
+from sbmoe.model.retriever import Retriever
+from sbmoe.train.training_data import TrainingData
+
+logger = logging.getLogger(__name__)
+
+TENSORBOARD_DIR = "tensorboard"
+# Record keys that are positions or labels, not values to plot.
+_NOT_SCALARS = frozenset({"step", "epoch", "event", "lr", "seconds"})
+
+
+def startup_record(
+    retriever: Retriever,
+    data: TrainingData,
+    config: TrainConfig,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+    world_size: int,
+    precision: str,
+    dev_queries: int,
+    output_dir: str | Path,
+    resumed_from: int | None,
+) -> dict[str, Any]:
+    """The ``start`` record of ``log.jsonl``: what is about to be trained, on what, where and how."""
+    if config.head_only:
+        trains = "head only (pooled embeddings cached)"
+    elif config.freeze_backbone:
+        trains = "head only (frozen backbone)"
+    else:
+        trains = "backbone and head" if retriever.head_module is not None else "backbone"
+    dev = resolve_inference("auto", config.precision, retriever.device)
+    if config.dev_split is not None and config.dev_split in data.collection.qrels:
+        dev_set = f"split {config.dev_split}"
+    else:
+        dev_set = f"{config.dev_fraction:.0%} of the {config.train_split} queries, held out"
+    return {
+        "step": resumed_from or 0,
+        "event": "start",
+        "data": data.collection.name,
+        "training_pairs": len(data.pairs),
+        "dev_queries": dev_queries,
+        "dev_set": dev_set,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "batch_size": config.batch_size * world_size,
+        "processes": world_size,
+        "hard_negatives": config.hard_negatives,
+        "device": str(retriever.device),
+        "precision": precision,
+        "backend": "torch",
+        "dev_backend": f"{dev.backend} {dev.precision}",
+        "head": describe_head(retriever.config),
+        "trains": trains,
+        "output_dir": str(output_dir),
+        "resumed_from_step": resumed_from,
+    }
+
+
+def startup_line(record: Mapping[str, Any]) -> str:
+    """The start-up record as one line for the log."""
+    r = record
+    negatives = f" + {r['hard_negatives']} hard negatives/query" if r["hard_negatives"] else ""
+    resumed = f"; resuming at step {r['resumed_from_step']}" if r["resumed_from_step"] else ""
+    return (
+        f"training on {r['data']}: {r['training_pairs']} pairs, {r['dev_queries']} dev queries "
+        f"({r['dev_set']}); {r['steps_per_epoch']} steps/epoch, {r['total_steps']} steps of batch "
+        f"{r['batch_size']}{negatives} ({r['processes']} process(es)); {r['device']} {r['precision']} "
+        f"({r['backend']}; dev evaluation {r['dev_backend']}); head: {r['head']}; trains "
+        f"{r['trains']}; output {r['output_dir']}{resumed}"
+    )
+
+
+class TrainingReporter:
+    """Mirrors the records of ``log.jsonl`` to TensorBoard (or nowhere, under ``report_to="none"``).
+
+    Args:
+        report_to: ``none`` or ``tensorboard``.
+        log_dir: Where the event files go.
+        lr_names: Name of each learning rate of a ``train`` record's ``lr`` list (the optimiser's
+            parameter groups).
+        purge_step: On resume, the events a killed run wrote from this step on are dropped, as the
+            steps after the checkpoint run again.
+
+    Raises:
+        UsageError: ``tensorboard`` without the tensorboard package installed.
+    """
+
+    def __init__(
+        self,
+        report_to: str = "none",
+        log_dir: str | Path = TENSORBOARD_DIR,
+        lr_names: Sequence[str] = (),
+        purge_step: int | None = None,
+    ) -> None:
+        self.lr_names = list(lr_names)
+        self.writer = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise UsageError(
+                    "--report-to tensorboard needs the tensorboard package: pip install 'sbmoe[tensorboard]'"
+                ) from error
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        """Write the plottable values of one ``log.jsonl`` record."""
+        if self.writer is None:
+            return
+        step, event = record["step"], record.get("event")
+        if event == "start":
+            table = "\n".join(f"| {key} | {value} |" for key, value in record.items() if key != "event")
+            self.writer.add_text("start", "| setting | value |\n| --- | --- |\n" + table, step)
+            return
+        for name, value in record.items():
+            if name in _NOT_SCALARS:
+                continue
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{event}/{name}", value, step)
+            elif isinstance(value, list) and name.startswith("usage_"):
+                for expert, share in enumerate(value):
+                    self.writer.add_scalar(f"{event}/{name}/expert_{expert}", share, step)
+        if "lr" in record:
+            for name, rate in zip(self.lr_names, record["lr"], strict=True):
+                self.writer.add_scalar(f"lr/{name}", rate, step)
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
