@@ -139,12 +139,7 @@ def read_checkpoint(directory: str | Path) -> Checkpoint | None:
     recover_directory(directory)
     if not directory.exists():
         return None
-    if (directory / PICKLED_FILE).exists():
-        raise UsageError(
-            f"{directory} is a checkpoint of sbmoe 0.1.0, whose {PICKLED_FILE} is a pickle that could run "
-            f"code when loaded, so it is not read: delete {directory} to train this run again from its "
-            "start, or resume it with sbmoe 0.1.0 if you trust where it came from"
-        )
+    refuse_pickled(directory)
     state = _read(directory / STATE_FILE, read_json)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
@@ -186,6 +181,21 @@ def read_checkpoint(directory: str | Path) -> Checkpoint | None:
         scheduler=state["scheduler"],
         rng=rng,
     )
+
+
+def refuse_pickled(directory: str | Path) -> None:
+    """Refuse a checkpoint of sbmoe 0.1.0 in ``directory`` (its pickle is never opened).
+
+    Raises:
+        UsageError: ``directory`` holds ``optimizer.pt``.
+    """
+    directory = Path(directory)
+    if (directory / PICKLED_FILE).exists():
+        raise UsageError(
+            f"{directory} is a checkpoint of sbmoe 0.1.0, whose {PICKLED_FILE} is a pickle that could run "
+            f"code when loaded, so it is not read: delete {directory} to train this run again from its "
+            "start, or resume it with sbmoe 0.1.0 if you trust where it came from"
+        )
 
 
 @contextlib.contextmanager

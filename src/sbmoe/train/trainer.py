@@ -6,7 +6,8 @@ Layout of an output directory::
     DIR/training/
         config.json         model and training configs, data, command, versions
         log.jsonl           one line per step / evaluation
-        checkpoint/         latest state for resuming (model, optimiser, scheduler, RNG, position)
+        checkpoint/         latest state for resuming (model, optimiser, scheduler, RNG, position),
+                            in safetensors and JSON: nothing pickled (see sbmoe.train.checkpoint)
         best/               best model so far on dev nDCG@10 (or the last, by configuration)
         done.json           written when training finished; summary of the run
         tensorboard/        event files, under report_to="tensorboard" (see sbmoe.train.run_log)
@@ -57,6 +58,7 @@ from sbmoe.train.checkpoint import (
     Checkpoint,
     RandomState,
     read_checkpoint,
+    refuse_pickled,
     refusing_misfits,
     write_checkpoint,
 )
@@ -280,9 +282,17 @@ class Trainer:
         # Each process's random state (dropout, gate noise) goes into rank 0's checkpoint.
         rng = self.context.all_gather_object(RandomState.capture(self.retriever.device))
         if self.is_main:
-            model, optimizer = self.retriever.model.state_dict(), self.optimizer.state_dict()
-            state = (self.log.size(), self.selection.state(), model, optimizer, self.scheduler.state_dict())
-            checkpoint = Checkpoint(self.step, epoch, batch_index, *state, rng)
+            checkpoint = Checkpoint(
+                step=self.step,
+                epoch=epoch,
+                batch_index=batch_index,
+                log_bytes=self.log.size(),
+                selection=self.selection.state(),
+                model=self.retriever.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                rng=rng,
+            )
             write_checkpoint(self.training_dir / "checkpoint", checkpoint)
 
     def _resume(self) -> tuple[int, int] | None:
@@ -380,10 +390,14 @@ def build_trainer(
     Arguments as :class:`Trainer`'s; see :func:`~sbmoe.train.training_data.prepare_training_data`.
     """
     context = context or DistributedContext(device=retriever.device)
-    # Before the expensive part (mining negatives, pooling texts): is output_dir ours to train into?
-    context.run_on_main(
-        lambda: check_output(output_dir, TRAINING_RUN, run_settings(retriever.config, config, collection))
-    )
+
+    # Before the expensive part (mining negatives, pooling texts): is output_dir ours to train into,
+    # and can its checkpoint (if any) be read safely?
+    def check() -> None:
+        check_output(output_dir, TRAINING_RUN, run_settings(retriever.config, config, collection))
+        refuse_pickled(Path(output_dir) / "training" / "checkpoint")
+
+    context.run_on_main(check)
     if config.head_only and cache is None:
         cache = EmbeddingCache()  # pooled embeddings are the whole point: keep them for dev evaluation
     training_dir = Path(output_dir) / "training"
