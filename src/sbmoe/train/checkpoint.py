@@ -37,6 +37,18 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "state.json"
 PICKLED_FILE = "optimizer.pt"  # format 1 (sbmoe 0.1.0): never opened
+# The fields of state.json and their types, checked on reading.
+_STATE_FIELDS: dict[str, type] = {
+    "step": int,
+    "epoch": int,
+    "batch_index": int,
+    "log_bytes": int,
+    "selection": dict,
+    "scheduler": dict,
+    "optimizer": dict,
+    "rng": list,
+}
+_KIND_NAMES = {int: "a whole number", dict: "an object", list: "a list"}
 
 
 @dataclass
@@ -208,19 +220,6 @@ def refusing_misfits(directory: str | Path) -> Iterator[None]:
             f"{directory} does not fit this run ({type(error).__name__}: {first_line(error)}): delete "
             f"{directory} to train this run again from its start"
         ) from error
-
-
-_STATE_FIELDS: dict[str, type] = {
-    "step": int,
-    "epoch": int,
-    "batch_index": int,
-    "log_bytes": int,
-    "selection": dict,
-    "scheduler": dict,
-    "optimizer": dict,
-    "rng": list,
-}
-_KIND_NAMES = {int: "a whole number", dict: "an object", list: "a list"}
 
 
 def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,7 +33,6 @@ import shutil
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,31 +64,13 @@ from sbmoe.train.checkpoint import (
 from sbmoe.train.dev_evaluation import DevEvaluator
 from sbmoe.train.losses import RouterLoss
 from sbmoe.train.optimization import build_loss, build_optimizer, build_scheduler
+from sbmoe.train.run import TrainResult, refuse_another_world_size, run_settings
 from sbmoe.train.run_log import RunLog, collapse_warnings, startup_line, startup_record
 from sbmoe.train.selection import ModelSelection
 from sbmoe.train.trainable import TrainableEncoder
 from sbmoe.train.training_data import TrainingData, encode_config, prepare_training_data, require_head
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    """What a finished training run reports."""
-
-    output_dir: Path
-    steps: int
-    best_step: int
-    best_dev_ndcg10: float | None
-    dev_history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    resumed_from_step: int | None = None
-    warning: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["output_dir"] = str(self.output_dir)
-        return data
 
 
 class Trainer:
@@ -318,7 +299,7 @@ class Trainer:
         checkpoint = read_checkpoint(self.training_dir / "checkpoint")
         if checkpoint is None:
             return None
-        _refuse_another_world_size(self.output_dir, self.context.world_size)
+        refuse_another_world_size(self.output_dir, self.context.world_size)
         with refusing_misfits(self.training_dir / "checkpoint"):
             self.retriever.model.load_state_dict(checkpoint.model)
         self.log.cut(checkpoint.log_bytes)  # the steps logged after the checkpoint are taken again
@@ -469,30 +450,3 @@ def train(
             retriever, collection, train_config, output_dir, show_progress, command, cache, context
         )
         return trainer.train()
-
-
-def run_settings(
-    model_config: ModelConfig, train_config: TrainConfig, collection: BeirCollection
-) -> dict[str, Any]:
-    """What makes two training runs the same (see :func:`sbmoe.core.artifacts.recorded_settings`).
-
-    Where the run reports to (``report_to``) does not change it: a run may resume with TensorBoard on.
-    """
-    train_settings = dataclasses.asdict(train_config)
-    del train_settings["report_to"]
-    return {
-        "model_config": dataclasses.asdict(model_config),
-        "train_config": train_settings,
-        "data": collection.name,
-    }
-
-
-def _refuse_another_world_size(output_dir: Path, world_size: int) -> None:
-    """Refuse to resume a run of ``output_dir`` that ran on another number of processes."""
-    saved = read_json(output_dir / "training" / "config.json").get("world_size", 1)
-    if saved != world_size:
-        raise UsageError(
-            f"{output_dir} holds a checkpoint of a run on {saved} process(es), this one has {world_size}: "
-            "the global batch would change. Resume with the same number of processes, or choose another "
-            "--output"
-        )
