@@ -22,7 +22,7 @@ from sbmoe.core.errors import UsageError
 from sbmoe.core.io import read_json, write_json
 from sbmoe.train.checkpoint import Checkpoint, RandomState, read_checkpoint, write_checkpoint
 
-RUN = ["--max-steps", "6", "--checkpoint-steps", "2", "--checkpoint-selection", "last"]
+RUN = ["--max-steps", "4", "--checkpoint-steps", "1", "--checkpoint-selection", "last"]
 
 
 def optimised_model(
@@ -126,7 +126,7 @@ def test_resuming_from_a_pickled_checkpoint_is_refused_in_one_line(
     for name in ("optimizer.safetensors", "rng.safetensors"):
         (checkpoint / name).unlink()
     torch.save({"optimizer": Payload()}, checkpoint / "optimizer.pt")
-    write_json(checkpoint / "state.json", {"step": 4, "epoch": 0, "batch_index": 4, "log_bytes": 10})
+    write_json(checkpoint / "state.json", {"step": 3, "epoch": 0, "batch_index": 3, "log_bytes": 10})
     before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
     argv = train_args(tiny_bert_dir, scifact_slice, output, *RUN)
     refused(capsys, argv, str(checkpoint), "a pickle that could run code", "sbmoe 0.1.0")
@@ -136,7 +136,7 @@ def test_resuming_from_a_pickled_checkpoint_is_refused_in_one_line(
 
 # ------------------------------------------------------------------------------------ kill -9 in a write
 # The killed process runs the real CLI; only the moment of its death is arranged: SIGKILL to itself
-# at a chosen point of the second checkpoint's write (the one of step 4).
+# at a chosen point of the second checkpoint's write (the one of step 2).
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
@@ -204,15 +204,15 @@ def test_kill_9_inside_a_checkpoint_write_then_the_same_command_ends_identically
         [sys.executable, "-c", KILLER, point, *argv], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert train_steps(output) == [1, 2, 3, 4]  # died writing the checkpoint of step 4
+    assert train_steps(output) == [1, 2]  # died writing the checkpoint of step 2
     assert leftovers(output)  # the interrupted write left its temporary (or the set-aside copy)
     assert read_json(output / "training" / "config.json")["world_size"] == 1
 
     capsys.readouterr()
     assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 2
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 1
     assert leftovers(output) == []
-    assert train_records(output) == train_records(whole_run)  # steps 3-4 again, the same losses
+    assert train_records(output) == train_records(whole_run)  # step 2 again, the same losses
     expected, actual = weight_files(whole_run), weight_files(output)
     assert expected.keys() == actual.keys() and expected
     for name, tensors in expected.items():
