@@ -68,12 +68,20 @@ class Client:
 
     def __call__(self, queries: Sequence[str]) -> list[list[str]]:
         body = json.dumps({"queries": list(queries), "top_k": TOP_K})
-        self.connection.request("POST", "/search", body, {"Content-Type": "application/json"})
-        answer = self.connection.getresponse()
+        try:
+            answer = self._post(body)
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # uvicorn closes a connection idle for 5 s (other ways ran meanwhile): reconnect, as clients do.
+            self.connection.close()
+            answer = self._post(body)
         payload = json.loads(answer.read())
         if answer.status != 200:
             raise RuntimeError(f"/search answered {answer.status}: {payload}")
         return [[hit["id"] for hit in result["hits"]] for result in payload["results"]]
+
+    def _post(self, body: str) -> http.client.HTTPResponse:
+        self.connection.request("POST", "/search", body, {"Content-Type": "application/json"})
+        return self.connection.getresponse()
 
 
 def library(service: SearchService) -> Search:
@@ -278,6 +286,7 @@ def main() -> None:
         with BackgroundServer(create_app(service, ServeConfig(max_texts=max(args.batch, 256)))) as server:
             rows, notes, measured = single_queries(service, server.url, texts)
             single_table += rows
+            print("\n".join(single_table), flush=True)
             batch_rows, _ = batched(service, server.url, texts, args.batch)
             table += batch_rows
             single_rate = len(texts) / sum(measured[HTTP][0])
@@ -299,7 +308,6 @@ def main() -> None:
             table.append(
                 row("one-shot `sbmoe search` command per query", cold, len(cold), sum(cold), single_rate)
             )
-    print("\n".join(single_table))
     print()
     print("\n".join(table))
     print("\n".join(f"- {note}" for note in notes))
