@@ -222,7 +222,8 @@ def test_health_and_info(server, model_dir, scifact_slice):
     assert info["index"]["collection"] == "scifact-slice" == info["documents"]
     encoding = info["encoding"]
     assert (encoding["backend"], encoding["precision"], info["device"]) == ("torch", "fp32", "cpu")
-    assert info["limits"] == {"max_top_k": 50, "max_texts": 8}
+    assert info["limits"] == {"max_top_k": 50, "max_texts": 8, "max_request_bytes": 1 << 20}
+    assert info["in_progress"] == 1  # this request
 
 
 def test_without_the_collection_or_a_head_the_extras_are_refused(server, tiny_bert_dir, index_dir):
@@ -380,7 +381,8 @@ def test_without_the_serve_extra_the_command_says_what_to_install(index_dir, mon
     assert "needs uvicorn: pip install 'sbmoe[serve]'" in capsys.readouterr().err
 
 
-def test_the_command_serves_until_interrupted(model_dir, index_dir):
+def start_command(model_dir, index_dir) -> tuple[subprocess.Popen, str]:
+    """``sbmoe serve`` in a child process on a free port; the process and its URL."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # -q silences logging, not the address: with --port 0 it is the only way to reach the service.
     command = [sys.executable, "-m", "sbmoe.cli", "-q", "serve", "--model", str(model_dir), "--index"]
@@ -391,18 +393,44 @@ def test_the_command_serves_until_interrupted(model_dir, index_dir):
         text=True,
         env=environment,
     )
+    for line in process.stdout:
+        if line.startswith("listening on "):
+            return process, line.split()[-1]
+    process.kill()
+    raise AssertionError(f"the server did not say where it listens: {process.communicate()[1]}")
+
+
+def test_the_command_serves_until_interrupted(model_dir, index_dir):
+    process, url = start_command(model_dir, index_dir)
     try:
-        url = None
-        for line in process.stdout:
-            if line.startswith("listening on "):
-                url = line.split()[-1]
-                break
-        assert url, "the server did not say where it listens"
         status, body = request(f"{url}/search", {"query": "vitamin D", "top_k": 2})
         assert status == 200 and len(body["results"][0]["hits"]) == 2
     finally:
         process.send_signal(signal.SIGINT)
         remaining = process.communicate(timeout=60)[1]
+    assert process.returncode == 0, remaining
+
+
+def test_sigterm_answers_503_until_the_request_in_progress_is_answered(model_dir, index_dir):
+    process, url = start_command(model_dir, index_dir)
+    address = urllib.parse.urlparse(url)
+    body = json.dumps({"query": "vitamin D", "top_k": 2}).encode()
+    head = "POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    try:
+        with socket.create_connection((address.hostname, address.port), timeout=60) as slow:
+            slow.sendall(head.encode() + body[:5])
+            # In progress once the server has read its head: then /info counts it and itself.
+            wait_until(lambda: request(f"{url}/info")[1]["in_progress"] == 2)
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: raw_request(f"{url}/health")[0] == 503)
+            status, answer = request(f"{url}/search", {"query": "late", "top_k": 2})
+            assert status == 503 and "stopping" in answer["detail"]
+            slow.sendall(body[5:])
+            assert slow.makefile("rb").read().decode().startswith("HTTP/1.1 200")
+        remaining = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
     assert process.returncode == 0, remaining
 
 

@@ -133,7 +133,7 @@ class ServeConfig:
         "default: $SBMOE_API_KEY, else none (prefer the variable: flags show in `ps`)",
         metavar="KEY",
     )
-    max_request_bytes: int = setting(1 << 20, help="largest request body accepted (413 above)", metavar="BYTES")
+    max_request_bytes: int = setting(1 << 20, help="largest request body accepted (413 above)", metavar="N")
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""

@@ -164,7 +164,9 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
     @app.get("/info")
     async def info() -> JSONResponse:
         limits = {"max_top_k": config.max_top_k, "max_texts": config.max_texts}
-        return JSONResponse({**service.info(), "limits": limits})
+        limits["max_request_bytes"] = config.max_request_bytes
+        # Requests received and not yet answered, this one included.
+        return JSONResponse({**service.info(), "limits": limits, "in_progress": app.state.gate.in_flight})
 
     return app
 
