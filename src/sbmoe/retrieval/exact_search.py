@@ -74,6 +74,7 @@ def _scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     if len(queries) == 1 and vectors.dtype == np.float32:
         scores = np.empty((1, len(vectors)), dtype=np.float32)
         query = np.ascontiguousarray(queries[0], dtype=np.float32)
+        vectors = np.ascontiguousarray(vectors)  # FAISS reads raw rows: a view must be contiguous
         faiss.fvec_inner_products_ny(
             faiss.swig_ptr(scores),
             faiss.swig_ptr(query),
