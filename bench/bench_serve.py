@@ -1,20 +1,20 @@
-"""Serving: latency and throughput of `sbmoe serve` over loopback against in-process search, same run.
+"""Serving: one query through `sbmoe serve` against the time of one forward pass, stage by stage.
 
-all-MiniLM-L6-v2 saved with 128-token documents, the SciFact corpus indexed once (encodings come
-from the embedding cache after the first run), then the SciFact test queries sent:
+all-MiniLM-L6-v2 saved with 128-token documents, the SciFact corpus indexed once (flat, exact;
+encodings come from the embedding cache after the first run), then the SciFact test queries sent
+one at a time, every way in turn for each query (so that load on the machine hits all ways alike):
 
-* one at a time from one client: the library's ``search()`` called in-process (the reference),
-  the same service in-process without HTTP, and ``POST /search`` (the ratio is the HTTP cost);
-* in batches of ``--batch`` queries per call, the same three ways;
-* one query per request from ``--clients`` threads at once (micro-batched by the service, except
-  under int8, where it takes one request at a time);
-* the one-shot ``sbmoe search`` command per query (model and index loaded every time).
+* sentence-transformers' own ``encode`` of the one query (the floor: one forward pass);
+* the stages of a served query: tokenisation, the backbone, the head, ``DenseIndex.search``;
+* sbmoe's single-text encoder (the service's), the library's ``search()``, the service in-process
+  and ``POST /search`` over loopback HTTP (keep-alive): p50/p95/p99, and served p50 / floor;
+* then batches of ``--batch`` queries per call, and ``--clients`` threads sending single queries
+  at once (throughput), and the one-shot ``sbmoe search`` command per query.
 
-Prints the CPU class, p50/p95/p99 latency and queries/s, and how often the served top 10 equals
-the in-process one. Bounded: at most ``--queries`` queries per phase and ``--cold-starts`` commands.
+Prints the CPU (model name and flags) first, and how often the served top 10 equals the library's.
 
     .venv/bin/python bench/bench_serve.py [--queries 300] [--batch 32] [--clients 8] [--cold-starts 3]
-        [--backend auto] [--precision auto]
+        [--backend auto] [--precision auto] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
 from common import machine, scifact
 
 from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
+from sbmoe.core.runtime import autocast
 from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.inference.encoding import TextEncoder, encoder_runner, run_stages, tokenize
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import index_corpus
 from sbmoe.retrieval.search import search
@@ -45,6 +48,11 @@ from sbmoe.serve.http import BackgroundServer, create_app
 from sbmoe.serve.service import SearchService
 
 MODEL = "all-MiniLM-L6-v2"
+FLOOR = "sentence-transformers `encode` (floor)"
+SERVICE = "service in-process"
+HTTP = "HTTP `POST /search`"
+INDEX = "`DenseIndex.search` of one vector"
+ENCODE = "sbmoe encode of one text (the service's)"
 DOC_TOKENS = 128
 TOP_K = 10
 SEARCH = SearchConfig(top_k=TOP_K)
@@ -60,12 +68,20 @@ class Client:
 
     def __call__(self, queries: Sequence[str]) -> list[list[str]]:
         body = json.dumps({"queries": list(queries), "top_k": TOP_K})
-        self.connection.request("POST", "/search", body, {"Content-Type": "application/json"})
-        answer = self.connection.getresponse()
+        try:
+            answer = self._post(body)
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # uvicorn closes a connection idle for 5 s (other ways ran meanwhile): reconnect, as clients do.
+            self.connection.close()
+            answer = self._post(body)
         payload = json.loads(answer.read())
         if answer.status != 200:
             raise RuntimeError(f"/search answered {answer.status}: {payload}")
         return [[hit["id"] for hit in result["hits"]] for result in payload["results"]]
+
+    def _post(self, body: str) -> http.client.HTTPResponse:
+        self.connection.request("POST", "/search", body, {"Content-Type": "application/json"})
+        return self.connection.getresponse()
 
 
 def library(service: SearchService) -> Search:
@@ -151,33 +167,91 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
     return model_dir, index_dir
 
 
-def one_by_one_and_batched(
-    service: SearchService, url: str, texts: list[str], batch: int
-) -> tuple[list[str], list[str], float, list[list[str]]]:
-    """Table rows and notes of the sequential phases; the single-query library rate and rankings."""
-    rows, notes = [], []
-    ways = {
-        "library `search()`": library(service),
-        "service in-process": in_process(service),
-        "HTTP": Client(url),
+def stage_ways(service: SearchService, texts: list[str]) -> dict[str, Search]:
+    """The floor and each stage of a served query, timed on their own (they return no ranking)."""
+    retriever, encode = service.retriever, service.encode_config
+    encoder = TextEncoder(retriever, encode)
+    runner = encoder_runner(retriever, encode)
+    precision = encoder.plan.precision
+    batches = {text: tokenize(retriever, [text], "query") for text in texts}
+    encoded = {text: encoder(text, "query") for text in texts}  # (pooled, embedding)
+    heads = retriever.head_stages()
+
+    def floor(group: Sequence[str]) -> list:
+        retriever.model.encode(list(group), batch_size=1, show_progress_bar=False)
+        return []
+
+    def backbone(group: Sequence[str]) -> list:
+        with torch.inference_mode(), autocast(precision, retriever.device):
+            runner(dict(batches[group[0]]))
+        return []
+
+    def head(group: Sequence[str]) -> list:
+        with torch.inference_mode():
+            run_stages(heads, {"sentence_embedding": torch.from_numpy(encoded[group[0]][0])})
+        return []
+
+    def timed_only(stage: Callable[[str], object]) -> Search:
+        def run(group: Sequence[str]) -> list:
+            stage(group[0])
+            return []  # not a ranking
+
+        return run
+
+    return {
+        FLOOR: floor,
+        "tokenise": timed_only(lambda text: tokenize(retriever, [text], "query")),
+        "backbone (tokens to pooled)": backbone,
+        "head (float32)": head,
+        INDEX: timed_only(lambda text: service.index.search(encoded[text][1], TOP_K, query_ids=["q"])),
+        ENCODE: timed_only(lambda text: encoder(text, "query")),
     }
-    single = [[text] for text in texts]
-    batched = [texts[i : i + batch] for i in range(0, len(texts), batch)]
-    for label, groups in (("single", single), (f"batches of {batch}", batched)):
-        measured = interleaved(ways, groups)
-        rates = {name: len(texts) / sum(latencies) for name, (latencies, _) in measured.items()}
-        reference_rate, reference = rates["library `search()`"], measured["library `search()`"][1]
-        if label == "single":
-            single_rate, single_reference = reference_rate, reference
-        for name, (latencies, rankings) in measured.items():
-            rows.append(row(f"{label}: {name}", latencies, len(texts), sum(latencies), reference_rate))
-            if rankings is not reference:
-                notes.append(
-                    f"{label}, {name}: same top {TOP_K} as the library {same_top(rankings, reference)}"
-                )
-        overhead = rates["service in-process"] / rates["HTTP"]
-        notes.append(f"{label}: HTTP takes {overhead:.2f}x the in-process service's time")
-    return rows, notes, single_rate, single_reference
+
+
+def single_queries(service: SearchService, url: str, texts: list[str]) -> tuple[list[str], list[str], dict]:
+    """Table rows and notes of one query at a time, every way interleaved; the measurements."""
+    served = {"library `search()`": library(service), SERVICE: in_process(service), HTTP: Client(url)}
+    measured = interleaved({**stage_ways(service, texts), **served}, [[text] for text in texts])
+    p50 = {name: float(np.percentile(latencies, 50)) for name, (latencies, _) in measured.items()}
+    rows = [latency_row(name, latencies, p50[FLOOR]) for name, (latencies, _) in measured.items()]
+    reference = measured["library `search()`"][1]
+    notes = [
+        f"served p50 over HTTP / floor p50 = {p50[HTTP] / p50[FLOOR]:.2f}x "
+        f"({p50[HTTP] * 1000:.1f} ms / {p50[FLOOR] * 1000:.1f} ms)",
+        f"in the service outside encoding and search (queue, hand-off to the worker, the result): "
+        f"{median_gap(measured, SERVICE, ENCODE, INDEX):.2f} ms; HTTP, validation and JSON: "
+        f"{median_gap(measured, HTTP, SERVICE):.2f} ms (medians of the per-query differences)",
+    ]
+    for name in (SERVICE, HTTP):
+        notes.append(
+            f"single, {name}: same top {TOP_K} as the library {same_top(measured[name][1], reference)}"
+        )
+    return rows, notes, measured
+
+
+def batched(service: SearchService, url: str, texts: list[str], batch: int) -> tuple[list[str], float]:
+    """Table rows of batches of ``batch`` queries per call; the library's rate."""
+    ways = {"library `search()`": library(service), SERVICE: in_process(service), HTTP: Client(url)}
+    groups = [texts[i : i + batch] for i in range(0, len(texts), batch)]
+    measured = interleaved(ways, groups)
+    rates = {name: len(texts) / sum(latencies) for name, (latencies, _) in measured.items()}
+    reference = rates["library `search()`"]
+    rows = [
+        row(f"batches of {batch}: {name}", latencies, len(texts), sum(latencies), reference)
+        for name, (latencies, _) in measured.items()
+    ]
+    return rows, reference
+
+
+def median_gap(measured: dict, whole: str, *parts: str) -> float:
+    """Median over queries of ``whole``'s time minus its ``parts``' (measured on the same query), ms."""
+    gaps = np.array(measured[whole][0]) - sum(np.array(measured[part][0]) for part in parts)
+    return float(np.median(gaps)) * 1000
+
+
+def latency_row(name: str, latencies: Sequence[float], floor: float) -> str:
+    p50, p95, p99 = np.percentile(np.array(latencies) * 1000, [50, 95, 99])
+    return f"| {name} | {p50:.2f} | {p95:.2f} | {p99:.2f} | {p50 / (floor * 1000):.2f}x |"
 
 
 def main() -> None:
@@ -193,6 +267,7 @@ def main() -> None:
 
     collection = scifact()
     texts = [collection.queries[q] for q in sorted(collection.split_qrels("test"))][: args.queries]
+    single_table = ["| one query | p50 ms | p95 ms | p99 ms | p50 vs floor |", "|---|---:|---:|---:|---:|"]
     table = [
         "| how | p50 ms | p95 ms | p99 ms | queries/s | vs library in-process |",
         "|---|---:|---:|---:|---:|---:|",
@@ -209,22 +284,31 @@ def main() -> None:
             f"{info['encoding']['backend']} {info['encoding']['precision']}"
         )
         with BackgroundServer(create_app(service, ServeConfig(max_texts=max(args.batch, 256)))) as server:
-            rows, notes, single_rate, reference = one_by_one_and_batched(
-                service, server.url, texts, args.batch
+            rows, notes, measured = single_queries(service, server.url, texts)
+            single_table += rows
+            print("\n".join(single_table), flush=True)
+            batch_rows, _ = batched(service, server.url, texts, args.batch)
+            table += batch_rows
+            single_rate = len(texts) / sum(measured[HTTP][0])
+            library_rate = len(texts) / sum(measured["library `search()`"][0])
+            table.append(
+                row(f"single: {HTTP}", measured[HTTP][0], len(texts), sum(measured[HTTP][0]), library_rate)
             )
-            table += rows
-            batches_before = service.stats["batches"]
+            rounds_before = service.stats["batches"]
             latencies, rankings, total = concurrent(server.url, texts, args.clients)
-        name = f"{args.clients} clients at once, single: HTTP"
-        table.append(row(name, latencies, len(texts), total, single_rate))
+        name = f"{args.clients} clients at once, single queries: {HTTP}"
+        table.append(row(name, latencies, len(texts), total, library_rate))
         notes.append(
-            f"{args.clients} clients: {len(texts)} requests in {service.stats['batches'] - batches_before} "
-            f"micro-batches; same top {TOP_K} as the library {same_top(rankings, reference)}"
+            f"{args.clients} clients: {len(texts) / total:.1f} queries/s, one client {single_rate:.1f} "
+            f"({len(texts)} requests in {service.stats['batches'] - rounds_before} rounds of the worker); "
+            f"same top {TOP_K} as the library {same_top(rankings, measured['library `search()`'][1])}"
         )
-        cold = cold_starts(model_dir, index_dir, texts[: args.cold_starts], encode)
-        table.append(
-            row("one-shot `sbmoe search` command per query", cold, len(cold), sum(cold), single_rate)
-        )
+        if args.cold_starts:
+            cold = cold_starts(model_dir, index_dir, texts[: args.cold_starts], encode)
+            table.append(
+                row("one-shot `sbmoe search` command per query", cold, len(cold), sum(cold), single_rate)
+            )
+    print()
     print("\n".join(table))
     print("\n".join(f"- {note}" for note in notes))
 

@@ -9,7 +9,7 @@ import torch
 from sbmoe.config.jobs import EncodeConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.runtime import resolve_precision
-from sbmoe.inference.encoding import apply_head_stages, encode_texts, encoder_runner
+from sbmoe.inference.encoding import TextEncoder, apply_head_stages, encode_texts, encoder_runner
 from sbmoe.model.retriever import Retriever
 
 TEXTS = [
@@ -133,3 +133,17 @@ def test_threads_encoding_with_one_training_mode_model_all_get_eval_mode(tiny_be
     assert len(results) == 45 and model.model.training  # its own mode back once all are done
     for result in results:
         np.testing.assert_allclose(result, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_single_text_encoder_is_the_librarys_and_repeats_its_bytes(retriever, precision):
+    config = EncodeConfig(backend="torch", precision=precision, device="cpu")
+    encoder = TextEncoder(retriever, config)
+    texts = ["aspirin and the heart", "zinc deficiency " * 20]
+    pooled = encode_texts(retriever, texts, "query", config, pooled_only=True)
+    for n, text in enumerate(texts):
+        first, embedding = encoder(text, "query")
+        np.testing.assert_allclose(first[0], pooled[n], atol=1e-5 if precision == "fp32" else 2e-2)
+        np.testing.assert_array_equal(embedding, apply_head_stages(retriever, first))
+        again = encoder(text, "query")
+        assert (again[0].tobytes(), again[1].tobytes()) == (first.tobytes(), embedding.tobytes())

@@ -59,17 +59,21 @@ def test_flat_search_on_float_vectors(corpus) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_exact_search_across_corpus_blocks(monkeypatch, dtype: str) -> None:
+@pytest.mark.parametrize("batch_size", [1024, 1])
+def test_exact_search_across_corpus_blocks(monkeypatch, tmp_path, dtype: str, batch_size: int) -> None:
     # Force many corpus blocks so the block-merging path is exercised, ties included. Small integers
-    # are exact in float16 too, so both dtypes must give the brute-force ranking exactly.
-    import sbmoe.retrieval.index
+    # are exact in float16 too, so both dtypes must give the brute-force ranking exactly, in batches
+    # and one query at a time (other code paths), in memory and memory-mapped (misaligned vectors).
+    import sbmoe.retrieval.exact_search
 
-    monkeypatch.setattr(sbmoe.retrieval.index, "_SCORE_BLOCK", 64)
+    monkeypatch.setattr(sbmoe.retrieval.exact_search, "_SCORE_BLOCK", 64)
     rng = np.random.default_rng(3)
     docs = rng.integers(-1, 2, size=(203, 6)).astype(np.float32)
     queries = rng.integers(-1, 2, size=(9, 6)).astype(np.float32)
-    run = DenseIndex(docs, [str(i) for i in range(203)], FINGERPRINT, dtype=dtype).search(queries, k=17)
-    assert [[int(d) for d in hits] for hits in run.values()] == _brute_force(queries, docs, 17)
+    index = DenseIndex(docs, [str(i) for i in range(203)], FINGERPRINT, dtype=dtype)
+    for searched in (index, DenseIndex.load(index.save(tmp_path / "index"))):
+        run = searched.search(queries, k=17, batch_size=batch_size)
+        assert [[int(d) for d in hits] for hits in run.values()] == _brute_force(queries, docs, 17)
 
 
 def test_batch_size_does_not_change_results(corpus) -> None:

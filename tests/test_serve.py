@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,15 +42,36 @@ ENCODE_FLAGS = ["--precision", "fp32", "--backend", "torch", "--device", "cpu"]
 LIMITS = ServeConfig(max_top_k=50, max_texts=8)
 
 
-def request(url: str, payload: dict | None = None) -> tuple[int, dict]:
+def request(url: str, payload: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
     """POST ``payload`` as JSON (GET without one); the status and the decoded JSON answer."""
+    status, body = raw_request(url, payload, headers)
+    return status, json.loads(body)
+
+
+def raw_request(url: str, payload: dict | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    """As :func:`request`, the answer's body as sent (bytes)."""
     data = json.dumps(payload).encode() if payload is not None else None
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(headers or {})}
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=60) as answer:
-            return answer.status, json.loads(answer.read())
+            return answer.status, answer.read()
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        return error.code, error.read()
+
+
+def send(
+    url: str, path: str, data: bytes, headers: dict | None = None, chunked: bool = False
+) -> tuple[int, dict]:
+    """POST raw ``data`` to ``path`` (chunked: without a Content-Length); the status and JSON answer."""
+    address = urllib.parse.urlparse(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    try:
+        body = iter([data[i : i + 65536] for i in range(0, len(data), 65536)]) if chunked else data
+        connection.request("POST", path, body, {"Content-Type": "application/json"}, encode_chunked=chunked)
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +184,29 @@ def test_embeddings_are_the_librarys(server, kind):
         ("embed", {"texts": ["q"], "kind": "passage"}, "'query' or 'document'"),
         ("embed", {"texts": ["q"] * 9}, "at most 8"),
         ("embed", {"texts": "not a list"}, "valid list"),
+        # Python's JSON reads NaN and Infinity: refused by name, not a crash in the error's echo.
+        ("search", {"query": "q", "top_k": float("nan")}, "top_k: Input should be a valid integer"),
+        ("search", {"query": "q", "top_k": float("inf")}, "top_k: Input should be a valid integer"),
+        ("search", {"query": float("nan")}, "query: Input should be a valid string"),
+        ("search", {"query": "q", "documents": float("-inf")}, "documents: Input should be a valid boolean"),
+        ("embed", {"texts": ["q", float("nan")]}, "texts.1: Input should be a valid string"),
     ],
 )
 def test_bad_requests_get_422_with_the_reason(server, path, payload, message):
     running, _ = server
     status, body = request(f"{running.url}/{path}", payload)
     assert status == 422
-    assert message in json.dumps(body["detail"])
+    assert message in body["detail"] and "\n" not in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(b'{"query": "q", ', "JSON decode error"), (b"[" * 50_000 + b"]" * 50_000, "error parsing the body")],
+)
+def test_malformed_json_gets_a_4xx(server, data, message):
+    running, _ = server
+    status, body = send(running.url, "/search", data)
+    assert 400 <= status < 500 and message in body["detail"]
 
 
 def test_health_and_info(server, model_dir, scifact_slice):
@@ -180,7 +222,8 @@ def test_health_and_info(server, model_dir, scifact_slice):
     assert info["index"]["collection"] == "scifact-slice" == info["documents"]
     encoding = info["encoding"]
     assert (encoding["backend"], encoding["precision"], info["device"]) == ("torch", "fp32", "cpu")
-    assert info["limits"] == {"max_top_k": 50, "max_texts": 8}
+    assert info["limits"] == {"max_top_k": 50, "max_texts": 8, "max_request_bytes": 1 << 20}
+    assert info["in_progress"] == 1  # this request
 
 
 def test_without_the_collection_or_a_head_the_extras_are_refused(server, tiny_bert_dir, index_dir):
@@ -199,28 +242,125 @@ def test_without_the_collection_or_a_head_the_extras_are_refused(server, tiny_be
         headless.search(["q"], routing=True)
 
 
-def test_waiting_requests_are_encoded_together_except_under_int8(server, index_dir, scifact_slice):
+@pytest.mark.parametrize(
+    "encode", [FP32, EncodeConfig(backend="onnx", precision="int8", device="cpu")], ids=["fp32", "int8"]
+)
+def test_waiting_requests_are_answered_together_each_as_alone(server, index_dir, scifact_slice, encode):
     _, service = server
     texts = list(load_collection(scifact_slice).queries.values())[:24]
-    expected = search(service.retriever, index_dir, {str(n): t for n, t in enumerate(texts)}, encode=FP32)
-    before = dict(service.stats)
-    # Submitted faster than one encoding takes: the worker finds them waiting and batches them.
-    futures = [service.search([text]) for text in texts]
-    served = {str(n): dict(future.result()[0].hits) for n, future in enumerate(futures)}
-    assert service.stats["requests"] - before["requests"] == len(texts)
-    assert service.stats["batches"] - before["batches"] < len(texts)
-    assert_same_top_k(expected, served)
+    with SearchService(service.retriever, index_dir, encode=encode) as serving:
+        alone = [serving.search([text]).result(timeout=60)[0] for text in texts]
+        embedded_alone = [serving.embed([text]).result(timeout=60) for text in texts]
+        before = dict(serving.stats)
+        # Submitted faster than one encoding takes: the worker finds them waiting and takes them in
+        # one round; int8 too (its activation scales are per batch, but every text is encoded alone).
+        futures = [serving.search([text]) for text in texts]
+        pairs = [serving.search(texts[n : n + 2]) for n in range(0, len(texts), 2)]
+        embedded = serving.embed(texts)
+        assert [future.result(timeout=60)[0] for future in futures] == alone
+        assert [result for pair in pairs for result in pair.result(timeout=60)] == alone
+        assert embedded.result(timeout=60).tobytes() == np.concatenate(embedded_alone).tobytes()
+        assert serving.stats["requests"] - before["requests"] == len(texts) + len(pairs) + 1
+        assert serving.stats["batches"] - before["batches"] < len(texts) + len(pairs) + 1
+    if encode is FP32:
+        expected = search(service.retriever, index_dir, {str(n): t for n, t in enumerate(texts)}, encode=FP32)
+        assert_same_top_k(expected, {str(n): dict(result.hits) for n, result in enumerate(alone)})
 
-    int8 = EncodeConfig(backend="onnx", precision="int8", device="cpu")
-    pairs = [texts[n : n + 2] for n in range(0, 12, 2)]
-    with SearchService(service.retriever, index_dir, encode=int8) as quantised:
-        assert not quantised.batches_requests
-        futures = [quantised.search(pair) for pair in pairs]
-        for pair, future in zip(pairs, futures, strict=True):
-            # As `sbmoe search` with these two queries: int8 embeddings depend on their batch.
-            alone = search(service.retriever, index_dir, {"a": pair[0], "b": pair[1]}, encode=int8)
-            assert [result.hits for result in future.result()] == [list(alone[q].items()) for q in "ab"]
-        assert quantised.stats["batches"] == len(pairs)
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_a_query_gets_the_same_bytes_alone_and_among_concurrent_requests(
+    model_dir, index_dir, scifact_slice, precision
+):
+    """The body of a request does not depend on what the service was answering meanwhile."""
+    texts = list(load_collection(scifact_slice).queries.values())[:16]
+    encode = EncodeConfig(precision=precision, device="cpu")
+    service = load_service(model_dir, index_dir, encode=encode, data=scifact_slice)
+    with BackgroundServer(create_app(service, ServeConfig(max_top_k=50, max_texts=16))) as running:
+        url = f"{running.url}/search"
+        asked = [{"query": text, "top_k": 10, "routing": True} for text in texts]
+        alone = [raw_request(url, payload) for payload in asked]
+        # The same requests again, each among batches of the other queries, from 8 threads at once.
+        company = [{"queries": texts[n:] + texts[:n], "top_k": 10, "routing": True} for n in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda payload: raw_request(url, payload), (company + asked) * 2))
+    for answer in answers[len(company) : len(company) + len(asked)] + answers[-len(asked) :]:
+        assert answer[0] == 200
+    assert answers[len(company) : len(company) + len(asked)] == alone == answers[-len(asked) :]
+    for n, (status, body) in enumerate(answers[: len(company)]):
+        rotated = [json.loads(text)["results"][0] for _, text in alone[n:] + alone[:n]]
+        assert status == 200 and json.loads(body)["results"] == rotated
+
+
+def test_an_api_key_guards_every_endpoint_but_health(model_dir, index_dir, monkeypatch):
+    monkeypatch.setenv("SBMOE_API_KEY", "from the environment")
+    service = load_service(model_dir, index_dir, encode=FP32)
+    with BackgroundServer(create_app(service, ServeConfig(api_key="s3cret key"))) as running:
+        search_url, payload = f"{running.url}/search", {"query": "vitamin D", "top_k": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "from the environment"}):
+            status, body = request(search_url, payload, headers)
+            assert status == 401 and "API key" in body["detail"]
+        assert request(f"{running.url}/info", headers={"Authorization": "Bearer nope"})[0] == 401
+        assert request(search_url, payload, {"Authorization": "Bearer s3cret key"})[0] == 200
+        assert request(search_url, payload, {"X-API-Key": "s3cret key"})[0] == 200
+        assert request(f"{running.url}/health") == (200, {"status": "ok"})
+    service = load_service(model_dir, index_dir, encode=FP32)
+    with BackgroundServer(create_app(service)) as running:  # no key given: the variable's
+        assert request(f"{running.url}/info")[0] == 401
+        assert request(f"{running.url}/info", headers={"X-API-Key": "from the environment"})[0] == 200
+    monkeypatch.setenv("SBMOE_API_KEY", " ")
+    with pytest.raises(UsageError, match="SBMOE_API_KEY is set but empty"):
+        create_app(service)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
+def test_a_body_above_the_limit_gets_413(server, model_dir, index_dir, chunked):
+    _, service = server
+    bare = SearchService(service.retriever, index_dir, encode=FP32)
+    with BackgroundServer(create_app(bare, ServeConfig(max_request_bytes=2000))) as running:
+        small = json.dumps({"query": "vitamin D " * 150, "top_k": 2}).encode()
+        assert len(small) < 2000 and send(running.url, "/search", small, chunked=chunked)[0] == 200
+        large = json.dumps({"query": "vitamin D " * 250, "top_k": 2}).encode()
+        status, body = send(running.url, "/search", large, chunked=chunked)
+        assert status == 413 and "larger than the limit of 2000 bytes" in body["detail"]
+
+
+def test_while_stopping_new_requests_get_503_until_those_in_progress_are_answered(model_dir, index_dir):
+    service = load_service(model_dir, index_dir, encode=FP32)
+    app = create_app(service)
+    running = BackgroundServer(app).__enter__()
+    address = urllib.parse.urlparse(running.url)
+    body = json.dumps({"query": "vitamin D", "top_k": 2}).encode()
+    head = "POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    slow = socket.create_connection((address.hostname, address.port), timeout=60)
+    stopper = threading.Thread(target=running.stop)
+    try:
+        slow.sendall(head.encode() + body[:5])  # a request in progress: its body still coming
+        wait_until(lambda: app.state.gate.in_flight == 1)
+        stopper.start()
+        wait_until(lambda: app.state.gate.stopping)
+        for _ in range(3):  # still listening, refusing politely
+            status, answer = request(f"{running.url}/search", {"query": "late", "top_k": 2})
+            assert status == 503 and "stopping" in answer["detail"]
+        assert service.alive
+        slow.sendall(body[5:])
+        reply = slow.makefile("rb").read().decode()
+        assert reply.startswith("HTTP/1.1 200") and '"hits"' in reply
+        stopper.join(timeout=60)
+        assert not stopper.is_alive() and not service.alive
+        with pytest.raises(OSError):
+            socket.create_connection((address.hostname, address.port), timeout=5)
+    finally:
+        slow.close()
+        if not stopper.is_alive():
+            running.stop()
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_serve_refuses_an_index_built_by_another_model(tiny_bert_dir, index_dir, capsys):
@@ -241,7 +381,8 @@ def test_without_the_serve_extra_the_command_says_what_to_install(index_dir, mon
     assert "needs uvicorn: pip install 'sbmoe[serve]'" in capsys.readouterr().err
 
 
-def test_the_command_serves_until_interrupted(model_dir, index_dir):
+def start_command(model_dir, index_dir) -> tuple[subprocess.Popen, str]:
+    """``sbmoe serve`` in a child process on a free port; the process and its URL."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # -q silences logging, not the address: with --port 0 it is the only way to reach the service.
     command = [sys.executable, "-m", "sbmoe.cli", "-q", "serve", "--model", str(model_dir), "--index"]
@@ -252,18 +393,44 @@ def test_the_command_serves_until_interrupted(model_dir, index_dir):
         text=True,
         env=environment,
     )
+    for line in process.stdout:
+        if line.startswith("listening on "):
+            return process, line.split()[-1]
+    process.kill()
+    raise AssertionError(f"the server did not say where it listens: {process.communicate()[1]}")
+
+
+def test_the_command_serves_until_interrupted(model_dir, index_dir):
+    process, url = start_command(model_dir, index_dir)
     try:
-        url = None
-        for line in process.stdout:
-            if line.startswith("listening on "):
-                url = line.split()[-1]
-                break
-        assert url, "the server did not say where it listens"
         status, body = request(f"{url}/search", {"query": "vitamin D", "top_k": 2})
         assert status == 200 and len(body["results"][0]["hits"]) == 2
     finally:
         process.send_signal(signal.SIGINT)
         remaining = process.communicate(timeout=60)[1]
+    assert process.returncode == 0, remaining
+
+
+def test_sigterm_answers_503_until_the_request_in_progress_is_answered(model_dir, index_dir):
+    process, url = start_command(model_dir, index_dir)
+    address = urllib.parse.urlparse(url)
+    body = json.dumps({"query": "vitamin D", "top_k": 2}).encode()
+    head = "POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    try:
+        with socket.create_connection((address.hostname, address.port), timeout=60) as slow:
+            slow.sendall(head.encode() + body[:5])
+            # In progress once the server has read its head: then /info counts it and itself.
+            wait_until(lambda: request(f"{url}/info")[1]["in_progress"] == 2)
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: raw_request(f"{url}/health")[0] == 503)
+            status, answer = request(f"{url}/search", {"query": "late", "top_k": 2})
+            assert status == 503 and "stopping" in answer["detail"]
+            slow.sendall(body[5:])
+            assert slow.makefile("rb").read().decode().startswith("HTTP/1.1 200")
+        remaining = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
     assert process.returncode == 0, remaining
 
 

@@ -119,20 +119,29 @@ class ServeConfig:
     host: str = setting(
         "127.0.0.1",
         help="address to listen on: 127.0.0.1 answers this machine only; 0.0.0.0 every network "
-        "(there is no authentication: put a proxy in front)",
+        "(then set --api-key or SBMOE_API_KEY, and put TLS in front)",
     )
     port: int = setting(8000, help="TCP port (0: any free port, logged at start)")
     max_top_k: int = setting(1000, help="largest top_k a request may ask for", metavar="K")
     max_texts: int = setting(256, help="most queries (or texts to embed) in one request", metavar="N")
     max_batch_texts: int = setting(
-        512, help="most texts encoded together when waiting requests are micro-batched", metavar="N"
+        512, help="most texts answered in one round when waiting requests are micro-batched", metavar="N"
     )
+    api_key: str | None = setting(
+        None,
+        help="a key every request but GET /health must give (Authorization: Bearer KEY or X-API-Key: KEY); "
+        "default: $SBMOE_API_KEY, else none (prefer the variable: flags show in `ps`)",
+        metavar="KEY",
+    )
+    max_request_bytes: int = setting(1 << 20, help="largest request body accepted (413 above)", metavar="N")
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_top_k", "max_texts", "max_batch_texts"):
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("api_key is empty: give a key, or none to serve without one")
+        for name in ("max_top_k", "max_texts", "max_batch_texts", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -187,6 +187,40 @@ def encoder_runner(retriever: Retriever, config: EncodeConfig | None = None) -> 
         return _encoder_runner(retriever, plan)
 
 
+class TextEncoder:
+    """Encodes one text per forward pass, at its own length, set up once: what a server calls per text.
+
+    A text's embedding then never depends on what else is encoded: the pass that makes it has the
+    same input shape, hence the same kernels and the same rounding, whether it ran alone or between
+    other requests' texts, at every precision and backend (bf16 matrix kernels on AMX, and int8's
+    per-batch activation scales, change a text's embedding with the batch it is padded into). The
+    backend (an ONNX Runtime session or bf16 weight copies, see :func:`encoder_runner`), the stages
+    and the token limits are set up at construction; a call runs the tokenizer, the backbone and
+    the head (in float32, as :func:`apply_head_stages`), nothing else.
+
+    Args:
+        retriever: The model; valid while its weights do not change.
+        config: Backend and precision (the batch size does not apply).
+    """
+
+    def __init__(self, retriever: Retriever, config: EncodeConfig | None = None) -> None:
+        config = config or EncodeConfig()
+        self.retriever = retriever
+        self.plan = resolve_inference(config.backend, config.precision, retriever.device)
+        self._backbone = encoder_runner(retriever, config)
+        self._head = retriever.head_stages()
+
+    def __call__(self, text: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """The pooled embedding (the head's input) and the final embedding of ``text``, float32 ``(1, d)``."""
+        retriever = self.retriever
+        with torch.inference_mode(), eval_mode(retriever.model):
+            batch = tokenize(retriever, [text], kind)
+            with autocast(self.plan.precision, retriever.device):
+                pooled = self._backbone(batch)["sentence_embedding"].float()
+            embedding = run_stages(self._head, {"sentence_embedding": pooled.to(retriever.device)})
+            return pooled.cpu().numpy(), embedding["sentence_embedding"].float().cpu().numpy()
+
+
 def _encoder_runner(retriever: Retriever, plan: InferencePlan) -> Callable[[dict], dict]:
     """The stages up to pooling as one function, run by the plan's backend at its precision.
 

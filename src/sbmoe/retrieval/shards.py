@@ -25,7 +25,6 @@ import numpy as np
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.runs import Run, merge_runs
 from sbmoe.retrieval.index import (
-    SHARD_PATTERN,
     DenseIndex,
     IndexMismatchError,
     check_ids,
@@ -33,6 +32,7 @@ from sbmoe.retrieval.index import (
     read_doc_ids,
     read_meta,
 )
+from sbmoe.retrieval.index_files import SHARD_PATTERN
 
 
 def load_index(

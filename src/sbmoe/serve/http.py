@@ -2,9 +2,11 @@
 
 Endpoints: ``POST /search`` (one query or a batch; ids, scores, and on request titles, texts and
 the queries' expert routing), ``POST /embed`` (embeddings of queries or documents), ``GET /health``
-and ``GET /info``. Requests are validated (pydantic) and refused with a 4xx status and a message;
-concurrent requests are micro-batched by the service (see :mod:`sbmoe.serve.service`). FastAPI and
-uvicorn are the ``serve`` extra (``pip install 'sbmoe[serve]'``), imported only when an app is built.
+and ``GET /info``. Requests are validated (pydantic) and refused with a 4xx status and a one-line
+message naming the field; an optional API key, a body size limit and the graceful stop are the
+:mod:`sbmoe.serve.guard`'s. Concurrent requests are micro-batched by the service (see
+:mod:`sbmoe.serve.service`). FastAPI and uvicorn are the ``serve`` extra (``pip install
+'sbmoe[serve]'``), imported only when an app is built.
 
 This module does not postpone annotations: FastAPI reads the request models of the endpoints,
 which are defined inside :func:`create_app` with the limits of its :class:`ServeConfig`.
@@ -14,19 +16,22 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
+import ipaddress
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
 from sbmoe.core.errors import SbmoeError, UsageError
+from sbmoe.serve.guard import Gate, Guard
 from sbmoe.serve.service import KINDS, NO_DOCUMENTS, SearchService, ServiceClosedError, load_service
 
 if TYPE_CHECKING:
+    import uvicorn
     from fastapi import FastAPI
 
     from sbmoe.model.retriever import Retriever
@@ -34,6 +39,10 @@ if TYPE_CHECKING:
     from sbmoe.retrieval.shards import ShardedIndex
 
 logger = logging.getLogger(__name__)
+
+API_KEY_VARIABLE = "SBMOE_API_KEY"
+# How long a stopping server waits for the requests in progress before it closes anyway.
+STOP_TIMEOUT_SECONDS = 60.0
 
 
 def _require_extra() -> None:
@@ -49,15 +58,28 @@ def _not_blank(text: str) -> str:
     return text
 
 
+def api_key(config: ServeConfig) -> str | None:
+    """The key requests must give: ``config.api_key``, else ``$SBMOE_API_KEY``, else none."""
+    key = config.api_key if config.api_key is not None else os.environ.get(API_KEY_VARIABLE)
+    if key is not None and not key.strip():
+        raise UsageError(f"{API_KEY_VARIABLE} is set but empty: give a key, or unset it to serve without one")
+    return key
+
+
 def create_app(service: SearchService, config: ServeConfig | None = None) -> "FastAPI":
     """The FastAPI app answering with ``service``; the service is closed when the app shuts down.
 
+    The app's :class:`~sbmoe.serve.guard.Gate` is ``app.state.gate``: the servers of this module
+    stop through it (new requests get 503 until those in progress are answered).
+
     Args:
         service: The loaded model and index (see :func:`~sbmoe.serve.service.load_service`).
-        config: The request limits (``max_top_k``, ``max_texts``); host and port are the server's.
+        config: The request limits (``max_top_k``, ``max_texts``, ``max_request_bytes``) and the
+            API key (:func:`api_key`); host and port are the server's.
     """
     _require_extra()
     from fastapi import FastAPI, HTTPException
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -93,11 +115,19 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
         service.close()
 
     app = FastAPI(title="sbmoe", description="Dense retrieval with an SB-MoE head", lifespan=lifespan)
+    app.state.gate = Gate()
+    key = api_key(config)
+    app.add_middleware(Guard, gate=app.state.gate, api_key=key, max_body_bytes=config.max_request_bytes)
 
     @app.exception_handler(SbmoeError)
     async def refused(request: Any, error: SbmoeError) -> JSONResponse:
         unavailable = isinstance(error, ServiceClosedError)  # shutting down: try again elsewhere
         return JSONResponse({"detail": str(error)}, status_code=503 if unavailable else 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Any, error: RequestValidationError) -> JSONResponse:
+        # Field and reason only: echoing the input fails on what JSON cannot hold (NaN, Infinity).
+        return JSONResponse({"detail": _validation_message(error.errors())}, status_code=422)
 
     @app.post("/search")
     async def search(request: SearchRequest) -> JSONResponse:
@@ -134,7 +164,9 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
     @app.get("/info")
     async def info() -> JSONResponse:
         limits = {"max_top_k": config.max_top_k, "max_texts": config.max_texts}
-        return JSONResponse({**service.info(), "limits": limits})
+        limits["max_request_bytes"] = config.max_request_bytes
+        # Requests received and not yet answered, this one included.
+        return JSONResponse({**service.info(), "limits": limits, "in_progress": app.state.gate.in_flight})
 
     return app
 
@@ -153,8 +185,9 @@ def serve(
 ) -> None:
     """Load ``model`` and ``index`` once and answer HTTP requests until interrupted.
 
-    Ctrl-C or SIGTERM shuts down cleanly: requests in progress are answered, then the service
-    stops. The port is taken before the model loads, so a busy port fails at once.
+    Ctrl-C or SIGTERM shuts down cleanly: the server keeps listening, answering 503 to new
+    requests, until those in progress are answered; then it closes (a second Ctrl-C: at once). The
+    port is taken before the model loads, so a busy port fails at once.
 
     Args:
         model: The model that built the index (a :class:`~sbmoe.model.retriever.Retriever` or what
@@ -179,7 +212,13 @@ def serve(
         service = load_service(
             model, index, search, encode, data=data, max_batch_texts=config.max_batch_texts, verify=verify
         )
-        server = uvicorn.Server(uvicorn.Config(create_app(service, config), log_level=log_level))
+        app = create_app(service, config)
+        if api_key(config) is None and not ipaddress.ip_address(listening.getsockname()[0]).is_loopback:
+            logger.warning(
+                "listening beyond loopback without an API key: anyone who reaches the port can search"
+            )
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+        _stop_on_signal(server, app.state.gate)
         (announce or functools.partial(logger.info, "listening on %s"))(_url(listening))
         # uvicorn shuts down gracefully on Ctrl-C, then raises it again for the caller: done, then.
         with contextlib.suppress(KeyboardInterrupt):
@@ -208,6 +247,7 @@ class BackgroundServer:
 
         self._socket = _listen(host, port)
         self.url = _url(self._socket)
+        self._gate: Gate | None = getattr(app.state, "gate", None)
         self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, name="sbmoe-serve", daemon=True
@@ -227,11 +267,47 @@ class BackgroundServer:
         self.stop()
 
     def stop(self) -> None:
-        """Answer the requests in progress, then stop the server (and close the app's service)."""
+        """Answer the requests in progress (new ones get 503), then stop the server and the app's service."""
+        if self._gate is not None and self._server.started:
+            self._gate.stop_when_idle(STOP_TIMEOUT_SECONDS)
         self._server.should_exit = True
         if self._thread.is_alive():
             self._thread.join()
         self._socket.close()
+
+
+def _stop_on_signal(server: "uvicorn.Server", gate: Gate) -> None:
+    """On the first Ctrl-C or SIGTERM, stop ``server`` once ``gate`` has no request in progress.
+
+    Meanwhile the socket stays open and new requests get 503 (uvicorn alone would close it at
+    once, refusing connections). A second signal is uvicorn's own: stop now.
+    """
+    default = server.handle_exit
+
+    def stop_when_idle() -> None:
+        if not gate.stop_when_idle(STOP_TIMEOUT_SECONDS):
+            logger.warning(
+                "stopping with %d requests unanswered after %.0f s", gate.in_flight, STOP_TIMEOUT_SECONDS
+            )
+        server.should_exit = True
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        if gate.stopping:
+            default(sig, frame)
+        else:
+            gate.stopping = True
+            threading.Thread(target=stop_when_idle, name="sbmoe-serve-stop", daemon=True).start()
+
+    server.handle_exit = handle_exit  # uvicorn installs self.handle_exit as the signal handler
+
+
+def _validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
+    """One line naming each refused field and why, e.g. ``top_k: Input should be a valid integer``."""
+    reasons = []
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+        reasons.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(reasons) or "invalid request"
 
 
 def _checked(config: ServeConfig | None, search: SearchConfig | None) -> tuple[ServeConfig, SearchConfig]:

@@ -2,18 +2,19 @@
 
 Concurrency: micro-batching. One worker thread owns the model; callers on any thread submit jobs
 and get a :class:`~concurrent.futures.Future`. Whenever the worker is free it takes every job
-waiting (up to ``max_batch_texts`` texts), encodes their texts in one pass per kind, searches the
-index once per ``top_k`` asked for, and resolves the futures. One lone request is encoded at once,
-without waiting for company; requests arriving while the model works are batched together.
+waiting (up to ``max_batch_texts`` texts) and answers them in one round; one lone request is
+answered at once, without waiting for company.
 
-Except under int8 (the onnx backend's dynamic quantisation): its activation scales are computed
-over the whole batch, so a text's embedding depends on the texts encoded with it (cosine down to
-0.983 between a SciFact query encoded alone and in a batch of 20, all-MiniLM-L6-v2). There the
-worker takes one request at a time, so a request's answer depends on its own texts only, as
-``sbmoe search``'s does on its queries, never on what other clients sent meanwhile.
+The same answer for the same question: within a round, every text is encoded in a forward pass of
+its own, at its own length (:class:`~sbmoe.inference.encoding.TextEncoder`), and every query
+searches the index alone, so a response is the same bytes whether its request came alone or among
+others, under every precision and backend (bf16 matrix kernels on AMX CPUs and int8's per-batch
+activation scales change a text's embedding with the batch it is padded into). A text asked
+twice in one round is encoded once. Concurrency still pays: HTTP parsing and JSON overlap the
+encoding, and a round's requests share one wake-up of the worker.
 
-The steps are those of :func:`sbmoe.retrieval.search.search` (backbone up to pooling, then the head in
-float32, then the index), so a query ranks as ``sbmoe search`` ranks it.
+The steps are those of :func:`sbmoe.retrieval.search.search` (backbone up to pooling, then the head
+in float32, then the index), so a query ranks as ``sbmoe search`` ranks it.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ import numpy as np
 from sbmoe import __version__
 from sbmoe.config.jobs import EncodeConfig, SearchConfig
 from sbmoe.core.errors import SbmoeError, UsageError
-from sbmoe.core.runtime import resolve_inference
 from sbmoe.data.beir import Document
-from sbmoe.inference.encoding import apply_head_stages, encode_texts, encoder_runner
+from sbmoe.inference.encoding import TextEncoder
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
@@ -79,8 +79,7 @@ class SearchService:
     """A retriever and its index, answering :meth:`search` and :meth:`embed` from any thread.
 
     The worker thread starts with the service and stops at :meth:`close` (or at the end of a
-    ``with`` block), after finishing the jobs already submitted. :attr:`batches_requests` says
-    whether waiting requests are encoded together (not under int8; see the module's docstring).
+    ``with`` block), after finishing the jobs already submitted.
 
     Args:
         retriever: The model that built the index.
@@ -91,7 +90,7 @@ class SearchService:
         documents: Doc id -> document, to look up titles and texts (:meth:`document`); it must
             hold every document of the index.
         collection: The name of ``documents``' collection (for :meth:`info`).
-        max_batch_texts: Most texts encoded together in one micro-batch.
+        max_batch_texts: Most texts answered in one round of the worker.
         verify: Check a saved index in full against its checksum.
     """
 
@@ -130,11 +129,9 @@ class SearchService:
         self.documents = documents
         self.collection = collection
         self.stats = {"requests": 0, "batches": 0, "texts": 0}
-        plan = resolve_inference(self.encode_config.backend, self.encode_config.precision, retriever.device)
-        self.batches_requests = plan.precision != "int8"
         # Set up once: an ONNX Runtime session or bf16 weight copies, not one per request.
-        self._runner = encoder_runner(retriever, self.encode_config)
-        self._encode("warm up", "query")
+        self._encoder = TextEncoder(retriever, self.encode_config)
+        self._encoder("warm up", "query")
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -216,9 +213,8 @@ class SearchService:
             "device": str(self.retriever.device),
             "default_top_k": self.search_config.top_k,
             "concurrency": (
-                f"micro-batching: one worker encodes up to {self.max_batch_texts} waiting texts at once"
-                if self.batches_requests
-                else "one request at a time (int8 embeddings depend on the batch they are encoded in)"
+                f"micro-batching: one worker answers up to {self.max_batch_texts} waiting texts per round, "
+                "each encoded alone (an answer does not depend on the other requests)"
             ),
             "stats": dict(self.stats),
         }
@@ -256,7 +252,7 @@ class SearchService:
             if job is None:
                 return
             jobs, texts, stop = [job], len(job.texts), False
-            while self.batches_requests and texts < self.max_batch_texts:
+            while texts < self.max_batch_texts:
                 try:
                     waiting = self._queue.get_nowait()
                 except queue.Empty:
@@ -271,56 +267,36 @@ class SearchService:
                 return
 
     def _run(self, jobs: list[_Job]) -> None:
-        """Answer one micro-batch; an error fails the batch's jobs, not the worker."""
-        try:
-            answers = self._answer(jobs)
-        except Exception as error:  # handed to the callers, whose threads report it
-            for job in jobs:
+        """Answer one round of jobs; an error fails its job only, not the others or the worker."""
+        encoded: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        for job in jobs:
+            try:
+                answer = self._answer(job, encoded)
+            except Exception as error:  # handed to the caller, whose thread reports it
                 job.future.set_exception(error)
-            return
-        self.stats["requests"] += len(jobs)
-        self.stats["batches"] += 1
-        self.stats["texts"] += sum(len(job.texts) for job in jobs)
-        for job, answer in zip(jobs, answers, strict=True):
-            job.future.set_result(answer)
-
-    def _answer(self, jobs: list[_Job]) -> list[Any]:
-        """The answers of ``jobs``, in order: one encoding pass per kind, one search per ``top_k``."""
-        answers: list[Any] = [None] * len(jobs)
-        for kind in KINDS:
-            mine = [i for i, job in enumerate(jobs) if job.kind == kind]
-            if not mine:
                 continue
-            pooled, embeddings = self._encode([text for i in mine for text in jobs[i].texts], kind)
-            starts = np.cumsum([0] + [len(jobs[i].texts) for i in mine])
-            rows = {i: np.arange(starts[n], starts[n + 1]) for n, i in enumerate(mine)}
-            searches = [i for i in mine if jobs[i].top_k is not None]
-            hits: dict[str, list[tuple[str, float]]] = {}
-            for top_k in sorted({jobs[i].top_k for i in searches}):
-                chosen = np.concatenate([rows[i] for i in searches if jobs[i].top_k == top_k])
-                run = self.index.search(embeddings[chosen], top_k, query_ids=[str(r) for r in chosen])
-                hits.update((row, list(ranked.items())) for row, ranked in run.items())
-            experts, gates = (None, None)
-            if any(jobs[i].routing for i in searches):
-                experts, gates = route(self.retriever, pooled)
-            for i in mine:
-                if jobs[i].top_k is None:
-                    answers[i] = embeddings[rows[i]]
-                elif jobs[i].routing:
-                    answers[i] = [
-                        SearchResult(hits[str(r)], int(experts[r]), gates[r].tolist()) for r in rows[i]
-                    ]
-                else:
-                    answers[i] = [SearchResult(hits[str(r)]) for r in rows[i]]
-        return answers
+            self.stats["requests"] += 1
+            self.stats["texts"] += len(job.texts)
+            job.future.set_result(answer)
+        self.stats["batches"] += 1
 
-    def _encode(self, texts: Sequence[str] | str, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled embeddings (the head's input) and final embeddings, as :func:`encode_texts` makes them."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        pooled = encode_texts(
-            self.retriever, texts, kind, self.encode_config, pooled_only=True, runner=self._runner
-        )
-        return pooled, apply_head_stages(self.retriever, pooled)
+    def _answer(self, job: _Job, encoded: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) -> Any:
+        """``job``'s answer, every text encoded alone (or found in ``encoded``, this round's encodings)."""
+        vectors = []
+        for text in job.texts:
+            if (text, job.kind) not in encoded:
+                encoded[text, job.kind] = self._encoder(text, job.kind)
+            vectors.append(encoded[text, job.kind])
+        if job.top_k is None:
+            return np.concatenate([embedding for _, embedding in vectors])
+        results = []
+        for pooled, embedding in vectors:
+            result = SearchResult(list(self.index.search(embedding, job.top_k, query_ids=["q"])["q"].items()))
+            if job.routing:
+                experts, gates = route(self.retriever, pooled)
+                result.expert, result.gate = int(experts[0]), gates[0].tolist()
+            results.append(result)
+        return results
 
 
 def load_service(
