@@ -272,3 +272,13 @@ def test_expert_pooling_without_an_moe_head_is_ignored_with_one_warning(
             show_progress=False,
         )
     assert [output.name for output in outputs] == ["model"]
+
+
+def test_a_grid_with_an_unknown_metric_is_refused_before_any_cell(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "name: typo\nbackbones: [all-MiniLM-L6-v2]\ncollections: [scifact]\n"
+        "variants: {sb-moe: {}}\nevaluate: {metrics: [ndcg@10, bogus@10]}\n",
+        encoding="utf-8",
+    )
+    refused(capsys, ["experiment", str(grid), "--list"], str(grid), "metric 'bogus@10' is not supported")

@@ -236,6 +236,11 @@ def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
     evaluated = {name for c in grid.collections for name in grid.evaluation_collections(c)}
     _check_per_collection(grid, "train_per_collection", TrainConfig, set(grid.collections), path)
     _check_per_collection(grid, "evaluate_per_collection", EvaluateConfig, evaluated, path)
+    for name in sorted(evaluated):  # a bad metric would otherwise surface after each cell's training
+        try:
+            from_dict(EvaluateConfig, grid.evaluate_settings(name), source=str(path)).validate()
+        except UsageError as error:
+            raise UsageError(f"{path}: `evaluate` for {name}: {error}") from None
     return grid
 
 
