@@ -49,7 +49,7 @@ class ModelConfig:
         metavar="TOKENS",
     )
     num_experts: int = setting(
-        6, help="experts in the MoE block; 0 = the plain fine-tuned baseline (no head)"
+        6, help="experts in the MoE block, at most 256; 0 = the plain fine-tuned baseline (no head)"
     )
     head: Literal["moe", "linear"] = setting(
         "moe",

@@ -58,7 +58,9 @@ class TrainConfig:
     collapse_threshold: float = setting(
         0.9, help="warn when one expert takes more than this share of an epoch's texts", metavar="SHARE"
     )
-    seed: int = setting(42, help="seed of every random choice (order, dev split, initialisation, noise)")
+    seed: int = setting(
+        42, help="seed of every random choice (order, dev split, initialisation, noise); 0 to 2**32-1"
+    )
     train_file: str | None = setting(
         None,
         help="train on this file instead of --data: Tevatron JSONL, query/positive/negative triples "
