@@ -1,5 +1,6 @@
 """Bad inputs that used to be accepted silently or end in a traceback: damaged models, odd qrels,
-empty texts, mistyped grids. Each ends in one line (exit 2) or a counted warning, as a user meets it.
+empty texts, mistyped grids, sizes no machine has, unknown metrics. Each ends in one line (exit 2),
+before any work, or in a counted warning, as a user meets it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import warnings
 import pytest
 from test_safety import refused, tree_hash
 
+from sbmoe.config.checks import RANX_METRICS, is_metric_name
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, ReportConfig
 from sbmoe.config.model import ModelConfig
-from sbmoe.core.errors import DataWarning
+from sbmoe.core.errors import DataWarning, UsageError
 from sbmoe.data.beir import load_collection, read_queries
+from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.evaluation.metrics import evaluate_run
 from sbmoe.model.retriever import Retriever
 
@@ -143,3 +147,140 @@ def test_a_damaged_checkpoint_on_resume_is_named_in_one_line(
     target = output / "training" / "checkpoint" / damaged
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 3])
     refused(capsys, argv[1:], str(target))
+
+
+# ------------------------------------------------------------------------------------ checks before work
+def evaluate_args(model, data, output, *extra: str) -> list[str]:
+    return ["evaluate", "--model", str(model), "--data", str(data), "--output", str(output), *extra]
+
+
+@pytest.fixture
+def no_encoding(monkeypatch):
+    """Fail the test if anything is encoded: the refusals below must come before any encoding."""
+    import sbmoe.inference.encoding as encoding
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("encoding started before the bad setting was refused")
+
+    monkeypatch.setattr(encoding, "_run_batches", refuse)
+
+
+@pytest.mark.parametrize(
+    ("flags", "cause"),
+    [
+        (["--num-experts", "100000"], "num_experts must be <= 256, got 100000: each expert holds"),
+        (["--batch-size", "100000"], "batch_size 100000 with hard_negatives 0 makes 10,000,000,000"),
+        (["--hard-negatives", "100000"], "hard_negatives must be <= 256, got 100000"),
+        (["--encode-batch-size", "1000000"], "encode_batch_size must be <= 8192, got 1000000"),
+        (["--negatives-depth", "10000000"], "negatives_depth must be <= 100000"),
+        (["--seed", "-1"], "seed must be in [0, 2**32 - 1]"),
+        (["--seed", str(2**70)], f"seed must be in [0, 2**32 - 1] (what NumPy accepts), got {2**70}"),
+        (["--epochs", "-1", "--max-steps", "3"], "epochs must be >= 1, got -1"),
+        (["--epochs", "0", "--max-steps", "3"], "epochs must be >= 1, got 0"),
+        (
+            ["--max-doc-length", "100000"],
+            "max_doc_length (--max-doc-length) is 100000 tokens, more than the 128",
+        ),
+        (["--max-query-length", "129"], "max_query_length (--max-query-length) is 129 tokens"),
+    ],
+)
+def test_train_refuses_impossible_sizes_before_any_work(
+    tiny_bert_dir, scifact_slice, tmp_path, capsys, no_encoding, flags, cause
+):
+    from test_safety import train_args
+
+    refused(capsys, train_args(tiny_bert_dir, scifact_slice, tmp_path / "run", *flags), cause)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "cause"),
+    [
+        (["--metrics", "ndcg@10", "bogus@10"], "metric 'bogus@10' is not supported; use one of hits,"),
+        (["--metrics", "ndcg@0"], "metric 'ndcg@0' is not supported"),
+        (
+            ["--max-doc-length", "100000"],
+            "max_doc_length (--max-doc-length) is 100000 tokens, more than the 128",
+        ),
+        (["--top-k", "1000000000"], "top_k must be <= 100000"),
+        (["--encode-batch-size", "1000000"], "encode_batch_size must be <= 8192"),
+    ],
+)
+def test_evaluate_refuses_bad_settings_before_encoding(
+    tiny_bert_dir, scifact_slice, tmp_path, capsys, no_encoding, flags, cause
+):
+    refused(capsys, evaluate_args(tiny_bert_dir, scifact_slice, tmp_path / "eval", *flags), cause)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_every_metric_name_that_validation_accepts_is_computed_by_ranx():
+    qrels = {"q1": {"d1": 2, "d2": 1}, "q2": {"d3": 1}}
+    run = {"q1": {"d1": 0.9, "d4": 0.8, "d2": 0.1}, "q2": {"d3": 0.5}}
+    names = [f"{name}@10" for name in RANX_METRICS] + ["mrr", "ndcg@5-l2", "rbp.95"]
+    assert all(is_metric_name(name) for name in names)
+    assert set(evaluate_run(qrels, run, names).metrics) == set(names)
+    for wrong in ("NDCG@10", "ndcg@", "ndcg@ten", "recal@100", "ndcg@10-l0", "rbp"):
+        assert not is_metric_name(wrong), wrong
+
+
+def test_a_report_with_an_unknown_metric_or_seed_is_refused():
+    with pytest.raises(UsageError, match="metric: metric 'ndgc@10' is not supported"):
+        ReportConfig(metric="ndgc@10").validate()
+    with pytest.raises(UsageError, match=r"randomization_seed must be in \[0, 2\*\*32 - 1\]"):
+        ReportConfig(randomization_seed=-3).validate()
+
+
+# ------------------------------------------------------------------------------- nothing silently accepted
+@pytest.mark.parametrize("all_zero", [True, False], ids=["all-zero", "header-only"])
+def test_a_split_without_any_relevant_judgement_is_refused_naming_its_file(
+    scifact_slice, tmp_path, tiny_bert_dir, capsys, no_encoding, all_zero
+):
+    collection = tmp_path / "zero"
+    shutil.copytree(scifact_slice, collection)
+    qrels = collection / "qrels" / "test.tsv"
+    original = [line.split("\t") for line in qrels.read_text(encoding="utf-8").splitlines()[1:]]
+    rows = [f"{q}\t{d}\t0" for q, d, _ in original] if all_zero else []
+    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    before = tree_hash(collection)
+    refused(
+        capsys,
+        evaluate_args(tiny_bert_dir, collection, tmp_path / "eval"),
+        str(qrels),
+        "no relevant judgement",
+    )
+    assert tree_hash(collection) == before and not (tmp_path / "eval").exists()
+
+
+def test_expert_pooling_without_an_moe_head_is_ignored_with_one_warning(
+    tiny_bert_dir, scifact_slice, tmp_path
+):
+    for config in (
+        ModelConfig(backbone=str(tiny_bert_dir), num_experts=0, expert_pooling="all"),
+        ModelConfig(backbone=str(tiny_bert_dir), head="linear", expert_pooling="topk", experts_top_k=9),
+    ):
+        with pytest.warns(UserWarning, match=r"expert_pooling='(all|topk)' is ignored: the model has no MoE"):
+            config.validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        retriever = Retriever.from_config(config, device="cpu")
+    assert retriever.config.expert_pooling == "top1"  # recorded as what applies
+    with pytest.warns(UserWarning, match=r"expert_poolings \['topk'\] are ignored: .* has no MoE head"):
+        outputs = evaluate_model(
+            retriever,
+            load_collection(scifact_slice),
+            tmp_path / "eval",
+            EvaluateConfig(expert_poolings=["topk"]),
+            EncodeConfig(backend="torch", precision="fp32"),
+            show_progress=False,
+        )
+    assert [output.name for output in outputs] == ["model"]
+
+
+def test_a_grid_with_an_unknown_metric_is_refused_before_any_cell(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "name: typo\nbackbones: [all-MiniLM-L6-v2]\ncollections: [scifact]\n"
+        "variants: {sb-moe: {}}\nevaluate: {metrics: [ndcg@10, bogus@10]}\n",
+        encoding="utf-8",
+    )
+    refused(capsys, ["experiment", str(grid), "--list"], str(grid), "metric 'bogus@10' is not supported")

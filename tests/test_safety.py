@@ -284,7 +284,7 @@ def test_kill_9_during_training_then_resume_matches_an_uninterrupted_run(
         (["--lr-head", "nan"], "lr_head must be a finite number"),
         (["--warmup-ratio", "2"], "warmup_ratio must be in [0, 1], got 2.0"),
         (["--max-steps", "-1"], "max_steps must be >= 1, got -1"),
-        (["--epochs", "0"], "epochs must be >= 1 unless max_steps is set"),
+        (["--epochs", "0"], "epochs must be >= 1, got 0"),
         (["--encode-batch-size", "0"], "encode_batch_size must be >= 1, got 0"),
     ],
 )

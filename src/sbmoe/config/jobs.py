@@ -6,6 +6,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sbmoe.config.base import check_choices
+from sbmoe.config.checks import (
+    MAX_DOCUMENTS_TOP_K,
+    MAX_ENCODE_BATCH_SIZE,
+    check_at_most,
+    check_metric_names,
+    check_seed,
+)
 from sbmoe.config.fields import (
     documents_top_k_setting,
     encode_batch_size_setting,
@@ -39,6 +46,12 @@ class EncodeConfig:
         check_choices(self)
         if self.encode_batch_size < 1:
             raise UsageError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+        check_at_most(
+            "encode_batch_size",
+            self.encode_batch_size,
+            MAX_ENCODE_BATCH_SIZE,
+            "activations grow with the texts of one forward pass",
+        )
 
 
 @dataclass
@@ -95,8 +108,8 @@ class EvaluateConfig:
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
         check_choices(self)
-        if self.top_k < 1:
-            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
+        _check_top_k(self.top_k)
+        check_metric_names(self.metrics)
 
 
 @dataclass
@@ -108,8 +121,7 @@ class SearchConfig:
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
-        if self.top_k < 1:
-            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
+        _check_top_k(self.top_k)
 
 
 @dataclass
@@ -164,5 +176,13 @@ class ReportConfig:
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
         check_choices(self)
+        check_metric_names([self.metric], "metric")
         if not 0 < self.alpha < 1:
             raise UsageError(f"alpha must be in (0, 1), got {self.alpha}")
+        check_seed("randomization_seed", self.randomization_seed)
+
+
+def _check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise UsageError(f"top_k must be >= 1, got {top_k}")
+    check_at_most("top_k", top_k, MAX_DOCUMENTS_TOP_K, "search keeps queries x top_k scores and ids")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from sbmoe.config.base import check_choices
+from sbmoe.config.checks import MAX_NUM_EXPERTS, check_at_most
 from sbmoe.config.fields import setting
 from sbmoe.core.choices import (
     EXPERT_POOLINGS,
@@ -47,7 +49,7 @@ class ModelConfig:
         metavar="TOKENS",
     )
     num_experts: int = setting(
-        6, help="experts in the MoE block; 0 = the plain fine-tuned baseline (no head)"
+        6, help="experts in the MoE block, at most 256; 0 = the plain fine-tuned baseline (no head)"
     )
     head: Literal["moe", "linear"] = setting(
         "moe",
@@ -77,14 +79,34 @@ class ModelConfig:
     RENAMED: ClassVar[dict[str, str]] = {"top_k": "experts_top_k"}
 
     def validate(self) -> None:
-        """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        """Raise ``UsageError`` naming the first field that holds an unusable value.
+
+        Token limits are checked against the backbone's own when the model is built
+        (:class:`~sbmoe.model.retriever.Retriever`): only the backbone knows them.
+        """
         check_choices(self)
         if self.num_experts < 0:
             raise UsageError(f"num_experts must be >= 0 (0 = no MoE head), got {self.num_experts}")
-        if self.expert_pooling == "topk" and not 1 <= self.experts_top_k <= max(self.num_experts, 1):
+        check_at_most(
+            "num_experts",
+            self.num_experts,
+            MAX_NUM_EXPERTS,
+            "each expert holds about d x d weights (2.4 MB at d=768, four times that while training)",
+        )
+        if self.experts_top_k < 1:
+            raise UsageError(f"experts_top_k must be >= 1, got {self.experts_top_k}")
+        if self.has_moe_head() and self.expert_pooling == "topk" and self.experts_top_k > self.num_experts:
             raise UsageError(
                 f"experts_top_k must be between 1 and num_experts={self.num_experts}, "
                 f"got {self.experts_top_k}"
+            )
+        if not self.has_moe_head() and self.expert_pooling != "top1":
+            # Warned, not refused: a grid's model settings reach its head-less baselines too.
+            without = "head='linear'" if self.head == "linear" else "num_experts=0"
+            warnings.warn(
+                f"expert_pooling={self.expert_pooling!r} is ignored: the model has no MoE head ({without})",
+                UserWarning,
+                stacklevel=1,  # one place: shown once however often the config is validated
             )
         if not 0 <= self.expert_dropout < 1:
             raise UsageError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
@@ -92,3 +114,7 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 2:
                 raise UsageError(f"{name} must be at least 2 tokens, got {value}")
+
+    def has_moe_head(self) -> bool:
+        """Whether this config builds an MoE head (the experts and gate that expert pooling applies to)."""
+        return self.head == "moe" and self.num_experts > 0

@@ -7,6 +7,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sbmoe.config.base import check_choices
+from sbmoe.config.checks import (
+    MAX_DOCUMENTS_TOP_K,
+    MAX_ENCODE_BATCH_SIZE,
+    MAX_HARD_NEGATIVES,
+    MAX_IN_BATCH_SCORES,
+    check_at_most,
+    check_seed,
+)
 from sbmoe.config.fields import encode_batch_size_setting, precision_setting, setting
 from sbmoe.core.choices import CHECKPOINT_SELECTIONS, REPORT_TO, SCHEDULERS, Precision
 from sbmoe.core.errors import UsageError
@@ -50,7 +58,9 @@ class TrainConfig:
     collapse_threshold: float = setting(
         0.9, help="warn when one expert takes more than this share of an epoch's texts", metavar="SHARE"
     )
-    seed: int = setting(42, help="seed of every random choice (order, dev split, initialisation, noise)")
+    seed: int = setting(
+        42, help="seed of every random choice (order, dev split, initialisation, noise); 0 to 2**32-1"
+    )
     train_file: str | None = setting(
         None,
         help="train on this file instead of --data: Tevatron JSONL, query/positive/negative triples "
@@ -109,8 +119,9 @@ class TrainConfig:
             raise UsageError(f"grad_cache_chunk_size must be >= 0, got {self.grad_cache_chunk_size}")
         if self.temperature <= 0:
             raise UsageError(f"temperature must be > 0, got {self.temperature}")
-        if self.epochs < 1 and self.max_steps is None:
-            raise UsageError("epochs must be >= 1 unless max_steps is set")
+        if self.epochs < 1:  # even with max_steps, which wins: provenance must not record the impossible
+            raise UsageError(f"epochs must be >= 1, got {self.epochs}")
+        check_seed("seed", self.seed)
         for name in ("max_steps", "eval_steps", "checkpoint_steps", "dev_max_docs", "negatives_depth"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -130,3 +141,32 @@ class TrainConfig:
             raise UsageError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
         if self.encode_batch_size < 1:
             raise UsageError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+        self._check_memory_bounds()
+
+    def _check_memory_bounds(self) -> None:
+        """Refuse sizes whose memory no machine has, before anything is allocated."""
+        check_at_most(
+            "encode_batch_size",
+            self.encode_batch_size,
+            MAX_ENCODE_BATCH_SIZE,
+            "activations grow with the texts of one forward pass",
+        )
+        check_at_most(
+            "hard_negatives",
+            self.hard_negatives,
+            MAX_HARD_NEGATIVES,
+            "each one adds batch_size documents to every step's forward pass",
+        )
+        check_at_most(
+            "negatives_depth",
+            self.negatives_depth,
+            MAX_DOCUMENTS_TOP_K,
+            "mining ranks this many documents for every training query",
+        )
+        scores = self.batch_size * self.batch_size * (1 + self.hard_negatives)
+        if scores > MAX_IN_BATCH_SCORES:
+            raise UsageError(
+                f"batch_size {self.batch_size} with hard_negatives {self.hard_negatives} makes "
+                f"{scores:,} in-batch scores per step (batch x batch x (1 + hard negatives)); at most "
+                f"{MAX_IN_BATCH_SCORES:,} (1 GiB of float32, twice with gradients) fit: lower either"
+            )

@@ -306,6 +306,12 @@ def _load_qrels(
             DataWarning,
             stacklevel=3,
         )
+    if not any(score > 0 for judged in qrels.values() for score in judged.values()):
+        # Every metric would be 0 for every query, a silent wrong answer.
+        raise DataError(
+            f"{path}: no relevant judgement (no row with a score above 0 for a known query and "
+            "document): nothing to evaluate or train on"
+        )
     return qrels
 
 

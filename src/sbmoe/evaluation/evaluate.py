@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ def evaluate_model(
     inference rule when several are asked for. When ``collection`` holds a ``train`` split (and the
     evaluated split is another), ``metrics.json`` also breaks the scores down into seen, partly-seen
     and unseen queries and ``query_groups.json`` lists them (:mod:`sbmoe.evaluation.query_groups`).
-    ``config.expert_poolings`` are ignored for a model without an MoE head.
+    ``config.expert_poolings`` are ignored, with a warning, for a model without an MoE head.
 
     Args:
         overwrite: Replace an earlier evaluation in ``output_dir`` made with other settings (see
@@ -68,6 +69,13 @@ def evaluate_model(
     """
     config = config or EvaluateConfig()
     encode = encode or EncodeConfig()
+    if config.expert_poolings and retriever.head is None:
+        warnings.warn(
+            f"expert_poolings {config.expert_poolings} are ignored: {retriever.config.backbone} has no "
+            "MoE head; evaluating the model as it is",
+            UserWarning,
+            stacklevel=2,
+        )
     output_dir = Path(output_dir)
     fingerprint = retriever.fingerprint()
     settings = {

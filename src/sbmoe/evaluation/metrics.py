@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.config.checks import check_metric_names
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import atomic_open, read_json, write_json
@@ -121,11 +122,16 @@ def write_trec_run(run: Run, path: str | os.PathLike, tag: str = "sbmoe") -> Pat
     Returns:
         The path written.
 
+    An existing ``path`` is replaced only when it is empty or a run sbmoe wrote (every line a TREC
+    line whose tag starts with ``sbmoe``): a file of the user's given as the output is never lost.
+
     Raises:
-        ValueError: an id or the tag is empty or contains whitespace, or a score is NaN.
+        ValueError: an id or the tag is empty or contains whitespace, a score is NaN, or ``path``
+            holds something other than an sbmoe run.
     """
     _check_token(tag, "run tag")
     path = Path(path)
+    check_run_output(path)
     with atomic_open(path) as handle:
         for qid, docs in run.items():
             _check_token(qid, "query id")
@@ -133,6 +139,23 @@ def write_trec_run(run: Run, path: str | os.PathLike, tag: str = "sbmoe") -> Pat
                 _check_token(doc_id, f"doc id (query {qid!r})")
                 handle.write(f"{qid} Q0 {doc_id} {rank} {score!r} {tag}\n")
     return path
+
+
+def check_run_output(path: str | os.PathLike) -> None:
+    """Raise ``UsageError`` unless ``path`` is free for a run: missing, empty, or a run sbmoe wrote."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; a run is written to a file")
+    if not path.exists():
+        return
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if fields and (len(fields) != 6 or fields[1] != b"Q0" or not fields[5].startswith(b"sbmoe")):
+                raise UsageError(
+                    f"{path} exists and is not a run sbmoe wrote (line {line_number}): not replacing it; "
+                    "delete it or write the run elsewhere"
+                )
 
 
 def read_trec_run(path: str | os.PathLike) -> Run:
@@ -233,9 +256,7 @@ def _metric_names(metrics: Sequence[str] | str) -> list[str]:
     names = [metrics] if isinstance(metrics, str) else list(metrics)
     if not names:
         raise UsageError("no metrics requested")
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise UsageError(f"metric names must be non-empty strings, got {name!r}")
+    check_metric_names(names)  # before ranx, whose own error is a traceback
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 

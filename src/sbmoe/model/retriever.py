@@ -134,6 +134,18 @@ def _hash_weights(module: torch.nn.Module, settings: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def backbone_token_limit(transformer: torch.nn.Module) -> int | None:
+    """The most tokens ``transformer`` can take: the size of its position table, or else its
+    tokenizer's limit; ``None`` when neither says (e.g. relative positions)."""
+    embeddings = getattr(getattr(transformer, "auto_model", None), "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding):
+        # RoBERTa-style tables number positions from padding_idx + 1.
+        return table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
+    limit = getattr(getattr(transformer, "tokenizer", None), "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None  # ~1e30: "no limit"
+
+
 class Retriever:
     """A bi-encoder with an optional SB-MoE head, shared by queries and documents.
 
@@ -145,6 +157,25 @@ class Retriever:
     def __init__(self, model: SentenceTransformer, config: ModelConfig) -> None:
         self.model = model
         self.config = config
+
+    @property
+    def config(self) -> ModelConfig:
+        """The resolved model configuration; setting it checks its token limits against the backbone."""
+        return self._config
+
+    @config.setter
+    def config(self, config: ModelConfig) -> None:
+        # Here rather than in ModelConfig.validate: only the backbone knows its positions, and every
+        # way a limit arrives (building, loading, evaluate's overrides) goes through this setter.
+        limit = backbone_token_limit(self.encoder_stages()[0])
+        for name in ("max_query_length", "max_doc_length"):
+            value = getattr(config, name)
+            if limit is not None and value is not None and value > limit:
+                raise UsageError(
+                    f"{name} (--{name.replace('_', '-')}) is {value} tokens, more than the {limit} "
+                    f"positions of backbone {config.backbone!r}: give at most {limit}"
+                )
+        self._config = config
 
     # ----------------------------------------------------------------------------------- building
     @classmethod
@@ -185,7 +216,9 @@ class Retriever:
             similarity = "cosine" if has_normalize or not is_st_model else "dot"
         # The backbone's own limit (sentence-transformers': its max_seq_length; a plain transformers
         # model's: its position embeddings and tokenizer) serves queries and documents alike.
-        limit = base.max_seq_length or DEFAULT_MAX_LENGTH
+        limit = base.max_seq_length or min(
+            DEFAULT_MAX_LENGTH, backbone_token_limit(transformer) or DEFAULT_MAX_LENGTH
+        )
         max_doc_length = config.max_doc_length or limit
         resolved = dataclasses.replace(
             config,
@@ -194,6 +227,8 @@ class Retriever:
             max_query_length=config.max_query_length or limit,
             max_doc_length=max_doc_length,
             num_experts=0 if config.head == "linear" else config.num_experts,
+            # Recorded as what applies: without an MoE head there is no expert pooling.
+            expert_pooling=config.expert_pooling if config.has_moe_head() else "top1",
         )
         stages: list[torch.nn.Module] = [transformer, pooling]
         if config.head == "linear":

@@ -54,6 +54,7 @@ from sbmoe.config.model import ModelConfig
 from sbmoe.config.presets import build_configs
 from sbmoe.config.provenance import provenance
 from sbmoe.config.train import TrainConfig
+from sbmoe.core.artifacts import output_lock
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import atomic_open, read_json, write_json
 from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
@@ -235,6 +236,11 @@ def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
     evaluated = {name for c in grid.collections for name in grid.evaluation_collections(c)}
     _check_per_collection(grid, "train_per_collection", TrainConfig, set(grid.collections), path)
     _check_per_collection(grid, "evaluate_per_collection", EvaluateConfig, evaluated, path)
+    for name in sorted(evaluated):  # a bad metric would otherwise surface after each cell's training
+        try:
+            from_dict(EvaluateConfig, grid.evaluate_settings(name), source=str(path)).validate()
+        except UsageError as error:
+            raise UsageError(f"{path}: `evaluate` for {name}: {error}") from None
     return grid
 
 
@@ -341,7 +347,8 @@ def run_experiment(
 
     Raises:
         UsageError: A finished cell under ``output_dir`` was run with other settings than the grid
-            gives it now (then nothing runs), or ``shard`` is not a valid ``(i, n)``.
+            gives it now (then nothing runs), ``shard`` is not a valid ``(i, n)``, or another
+            process is running the same shard into ``output_dir``.
     """
     output_dir = Path(output_dir)
     started = time.perf_counter()
@@ -349,6 +356,19 @@ def run_experiment(
     if not 0 <= index < count:
         raise UsageError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
     cells = expand(grid)[index::count]
+    # A second process running the same cells into this output would race the first on every cell.
+    with output_lock(output_dir / f"shard-{index}-of-{count}"):
+        return _run_cells(grid, cells, output_dir, show_progress, command, started)
+
+
+def _run_cells(
+    grid: ExperimentGrid,
+    cells: list[Cell],
+    output_dir: Path,
+    show_progress: bool,
+    command: Sequence[str] | None,
+    started: float,
+) -> ExperimentSummary:
     check_finished_cells(grid, cells, output_dir)
     write_json(
         output_dir / "experiment.json", {"grid": dataclasses.asdict(grid), "provenance": provenance(command)}
