@@ -91,6 +91,12 @@ class EvaluateConfig:
     metrics: list[str] = setting(
         default_factory=lambda: list(PAPER_METRICS), nargs="+", help="ranx metric names"
     )
+    index: str | None = setting(
+        None,
+        help="search this index of the corpus (a directory from `sbmoe index`, or a store URI from "
+        "`sbmoe index --store`) instead of encoding the corpus (default: encode it, exact search)",
+        metavar="INDEX",
+    )
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
