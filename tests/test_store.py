@@ -158,7 +158,7 @@ def test_evaluate_index_scores_the_store_as_faiss_and_exact_search(
     for name in ("faiss", "store"):
         assert metrics[name] == pytest.approx(metrics["exact"], abs=1e-6), name
     config = json.loads((tmp_path / "store" / "config.json").read_text())
-    assert config["evaluate_config"]["index"] == store_uri
+    assert config["evaluate_config"]["corpus_index"] == store_uri
     # The store holds the model's own rule only: other rules need the corpus encoded under each.
     command = [
         "-q",

@@ -102,7 +102,7 @@ def _evaluate(
     queries = {q: collection.queries[q] for q in sorted(qrels) if q in collection.queries}
     retriever.warn_truncated(list(queries.values()), "query", f"{collection.name} {config.split} queries")
     started = time.perf_counter()
-    if config.index:
+    if config.corpus_index:
         runs = _search_index(retriever, collection.name, queries, config, encode, show_progress, cache)
     else:
         documents = {d: doc.full_text for d, doc in collection.corpus.items()}
@@ -147,7 +147,7 @@ def _search_index(
     show_progress: bool,
     cache: EmbeddingCache | None,
 ) -> dict[str, Run]:
-    """The run of ``queries`` over ``config.index`` (FAISS directory or store URI), under the model's rule."""
+    """The run of ``queries`` over ``config.corpus_index`` (FAISS directory or store URI), model's rule."""
     rule = retriever.head.expert_pooling if retriever.head is not None else "model"
     others = sorted(set(config.expert_poolings) - {rule}) if retriever.head is not None else []
     if others:
@@ -155,10 +155,12 @@ def _search_index(
             f"--index holds the corpus encoded under the model's own rule ({rule}); --expert-pooling "
             f"{' '.join(others)} needs it encoded under each: leave out --index"
         )
-    index = load_index(config.index, expected_fingerprint=retriever.fingerprint())
+    index = load_index(config.corpus_index, expected_fingerprint=retriever.fingerprint())
     built_from = index.metadata.get("collection")
     if built_from is not None and built_from != collection_name:
-        raise UsageError(f"the index {config.index} was built from {built_from!r}, not {collection_name!r}")
+        raise UsageError(
+            f"the index {config.corpus_index} was built from {built_from!r}, not {collection_name!r}"
+        )
     search_config = SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self)
     run = search(retriever, index, queries, search_config, encode, show_progress=show_progress, cache=cache)
     return {rule: run}
