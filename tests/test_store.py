@@ -103,12 +103,17 @@ def test_store_uris_parse_or_fail_in_one_line(tmp_path):
         "c1",
     )
     assert parse_store_uri("milvus://localhost").address == "http://localhost:19530"
+    spread = parse_store_uri("milvus://db:19530?collection=nq&shards=8&replicas=2")
+    assert (spread.shards, spread.replicas) == (8, 2) and lite.shards is None
     assert is_store_uri("milvus:x.db") and not is_store_uri(str(tmp_path)) and not is_store_uri(tmp_path)
     for bad, message in (
         ("milvus:corpus.sqlite", "ending in .db"),
         ("milvus:x.db?collection=1abc", "must start with a letter"),
         ("milvus:x.db?colection=a", "unknown parameter 'colection'"),
         ("milvus:x.db?tls=1", "tls applies to a server"),
+        ("milvus:x.db?shards=2", "shards applies to a server"),
+        ("milvus://db:19530?replicas=0", "replicas must be a positive integer"),
+        ("milvus://db:port", "the port must be a number"),
     ):
         with pytest.raises(UsageError, match=message):
             parse_store_uri(bad)

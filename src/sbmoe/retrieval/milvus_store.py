@@ -158,7 +158,7 @@ class MilvusStore:
                 f"has not finished; run `sbmoe index ... --store {uri.text}` again (with the missing "
                 f"--shard I/N, if sharded) to complete it"
             )
-        client.load_collection(uri.collection)
+        _load(client, uri)
         return store
 
     @classmethod
@@ -193,7 +193,7 @@ class MilvusStore:
             found = _read_meta(client, uri)
             different = [key for key in _SETTINGS if found.get(key) != meta.get(key)]
             if not different:
-                client.load_collection(uri.collection)
+                _load(client, uri)
                 return cls(uri, client, found), True
             if not overwrite:
                 if "fingerprint" in different:
@@ -204,8 +204,8 @@ class MilvusStore:
                     f"to replace it, or use another ?collection=NAME"
                 )
             client.drop_collection(uri.collection)
-        _create_collection(client, uri.collection, meta)
-        client.load_collection(uri.collection)
+        _create_collection(client, uri, meta)
+        _load(client, uri)
         return cls(uri, client, meta), False
 
     def close(self) -> None:
@@ -424,7 +424,12 @@ def _read_meta(client: Any, uri: StoreURI) -> dict[str, Any]:
     return meta
 
 
-def _create_collection(client: Any, name: str, meta: Mapping[str, Any]) -> None:
+def _load(client: Any, uri: StoreURI) -> None:
+    """Load the collection for searching, with the URI's replicas (a server's default: one)."""
+    client.load_collection(uri.collection, **({"replica_number": uri.replicas} if uri.replicas else {}))
+
+
+def _create_collection(client: Any, uri: StoreURI, meta: Mapping[str, Any]) -> None:
     data_type = _pymilvus().DataType
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field(ID_FIELD, data_type.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
@@ -449,11 +454,12 @@ def _create_collection(client: Any, name: str, meta: Mapping[str, Any]) -> None:
             field_name=VECTOR_FIELD, index_type="IVF_FLAT", metric_type="IP", params={"nlist": meta["nlist"]}
         )
     client.create_collection(
-        name,
+        uri.collection,
         schema=schema,
         index_params=index_params,
         consistency_level="Strong",
         properties={META_PROPERTY: json.dumps(meta, sort_keys=True)},
+        **({"num_shards": uri.shards} if uri.shards else {}),
     )
 
 

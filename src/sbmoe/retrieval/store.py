@@ -11,10 +11,12 @@ The engine is Milvus (:mod:`sbmoe.retrieval.milvus_store`), installed with the `
 
     milvus:PATH.db[?collection=NAME]            Milvus Lite, embedded, a local file (relative path)
     milvus:///ABSOLUTE/PATH.db[?collection=NAME] Milvus Lite at an absolute path
-    milvus://HOST:PORT[/DATABASE][?collection=NAME&tls=1]
+    milvus://HOST:PORT[/DATABASE][?collection=NAME&tls=1&shards=N&replicas=R]
                                                  a Milvus server or cluster (token: $MILVUS_TOKEN)
 
-``collection`` defaults to ``sbmoe``. The same code talks to both; only the URI changes.
+``collection`` defaults to ``sbmoe``; ``shards`` (a new collection's, default Milvus's own) and
+``replicas`` (in-memory copies loaded for searching) apply to a server. The same code talks to both;
+only the URI changes.
 """
 
 from __future__ import annotations

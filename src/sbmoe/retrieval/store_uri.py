@@ -14,7 +14,8 @@ DEFAULT_COLLECTION = "sbmoe"
 STORE_EXTRA = "store"
 # Milvus's rule for collection names: a letter or underscore, then letters, digits, underscores.
 _COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
-_QUERY_KEYS = {"collection", "tls"}
+_QUERY_KEYS = {"collection", "tls", "shards", "replicas"}
+_SERVER_ONLY = ("tls", "shards", "replicas")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class StoreURI:
         address: A server: ``http(s)://HOST:PORT``; ``None`` for Milvus Lite.
         database: A server's database (``None``: the default one).
         collection: The collection holding the documents.
+        shards: A server: shards a new collection is created with (Milvus spreads writes over them).
+        replicas: A server: in-memory replicas the collection is loaded with (spreads searches).
     """
 
     text: str
@@ -36,6 +39,8 @@ class StoreURI:
     address: str | None
     database: str | None
     collection: str
+    shards: int | None = None
+    replicas: int | None = None
 
     @property
     def is_embedded(self) -> bool:
@@ -61,7 +66,8 @@ def parse_store_uri(text: str) -> StoreURI:
     query = parse_qs(parts.query, keep_blank_values=True)
     unknown = sorted(set(query) - _QUERY_KEYS)
     if unknown:
-        raise UsageError(f"store URI {text!r}: unknown parameter {unknown[0]!r}; known: collection, tls")
+        known = ", ".join(sorted(_QUERY_KEYS))
+        raise UsageError(f"store URI {text!r}: unknown parameter {unknown[0]!r}; known: {known}")
     collection = query.get("collection", [DEFAULT_COLLECTION])[-1]
     if not _COLLECTION_NAME.fullmatch(collection):
         raise UsageError(
@@ -70,18 +76,29 @@ def parse_store_uri(text: str) -> StoreURI:
         )
     if parts.netloc:  # milvus://HOST:PORT[/DATABASE]
         scheme = "https" if query.get("tls", ["0"])[-1] in ("1", "true", "yes") else "http"
-        host = parts.hostname or ""
-        port = parts.port or 19530
+        try:
+            port = parts.port or 19530
+        except ValueError:
+            raise UsageError(f"store URI {text!r}: the port must be a number") from None
+        counts = {key: _positive(text, key, query[key][-1]) for key in ("shards", "replicas") if key in query}
+        address = f"{scheme}://{parts.hostname or ''}:{port}"
         database = parts.path.strip("/") or None
-        return StoreURI(text, "milvus", None, f"{scheme}://{host}:{port}", database, collection)
+        return StoreURI(text, "milvus", None, address, database, collection, **counts)
     path = parts.path
     if not path.endswith(".db"):
         raise UsageError(
             f"store URI {text!r}: a Milvus Lite database is a path ending in .db (e.g. milvus:runs/corpus.db)"
         )
-    if "tls" in query:
-        raise UsageError(f"store URI {text!r}: tls applies to a server (milvus://HOST:PORT), not a file")
+    for key in _SERVER_ONLY:
+        if key in query:
+            raise UsageError(f"store URI {text!r}: {key} applies to a server (milvus://HOST:PORT), not files")
     return StoreURI(text, "milvus", os.path.abspath(path), None, None, collection)
+
+
+def _positive(text: str, key: str, value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"store URI {text!r}: {key} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def missing_extra_message(package: str) -> str:
