@@ -29,7 +29,8 @@ from common import machine
 
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE
-from sbmoe.retrieval.milvus_store import MilvusStore, store_meta
+from sbmoe.retrieval.milvus_collection import store_meta
+from sbmoe.retrieval.milvus_store import MilvusStore
 from sbmoe.retrieval.store_uri import parse_store_uri
 
 K = 10

@@ -27,7 +27,8 @@ from sbmoe.inference.encoding import encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex, IndexMismatchError
-from sbmoe.retrieval.milvus_store import EXPERT_FIELD, GATE_FIELD, ID_FIELD, MilvusStore
+from sbmoe.retrieval.milvus_collection import EXPERT_FIELD, GATE_FIELD, ID_FIELD
+from sbmoe.retrieval.milvus_store import MilvusStore
 from sbmoe.retrieval.shards import load_index
 from sbmoe.retrieval.store import VectorStore, open_store
 from sbmoe.retrieval.store_uri import is_store_uri, parse_store_uri

@@ -22,7 +22,7 @@ def command_index_store(args: argparse.Namespace) -> int:
     from sbmoe.data.beir import load_collection, resolve_data
     from sbmoe.inference.cache import EmbeddingCache
     from sbmoe.model.retriever import Retriever
-    from sbmoe.retrieval.milvus_store import require_engine
+    from sbmoe.retrieval.milvus_collection import require_engine
     from sbmoe.retrieval.store_indexing import index_into_store
     from sbmoe.retrieval.store_uri import parse_store_uri
 

@@ -1,23 +1,11 @@
-"""A Milvus collection as an index: document ids, vectors, MoE routing fields and the model's fingerprint.
+"""A Milvus collection searched as an index and written by document id.
 
-One collection holds one corpus encoded by one model:
-
-* ``doc_id`` (primary key, VARCHAR) and ``embedding`` (FLOAT_VECTOR, inner-product metric);
-* for models with an MoE head, ``top_expert`` (INT32, the gate's argmax) and ``gate_weights``
-  (ARRAY of FLOAT, the gate's softmax), so a user can filter or inspect by expert
-  (``filter="top_expert == 2"``);
-* the collection property ``sbmoe.meta``: a JSON object with the fingerprint of the model that made
-  the vectors, the dimension, the corpus size, the index settings and the caller's metadata.
-
-Writes are upserts keyed by ``doc_id``: a document written twice is stored once. The same code
-talks to Milvus Lite (a local ``.db``, embedded in the process) and to a Milvus server or cluster;
-see :mod:`sbmoe.retrieval.store` for the URIs.
+The collection's layout is :mod:`sbmoe.retrieval.milvus_collection`'s. Writes are upserts keyed by
+``doc_id``: a document written twice is stored once.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -27,81 +15,28 @@ import numpy as np
 from sbmoe import __version__
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.runs import Run
-from sbmoe.retrieval.index import IndexMismatchError, check_ids, default_nlist, default_nprobe
-from sbmoe.retrieval.store_uri import StoreURI, missing_extra_message
+from sbmoe.retrieval.index import IndexMismatchError, check_ids
+from sbmoe.retrieval.milvus_collection import (
+    EXPERT_FIELD,
+    FORMAT_VERSION,
+    GATE_FIELD,
+    HNSW_EF_SEARCH,
+    ID_FIELD,
+    SETTINGS,
+    VECTOR_FIELD,
+    connect,
+    create_collection,
+    load_collection,
+    pymilvus_module,
+    read_meta,
+    release,
+)
+from sbmoe.retrieval.store_uri import StoreURI
 
-META_PROPERTY = "sbmoe.meta"
-FORMAT_VERSION = 1
-ID_FIELD = "doc_id"
-VECTOR_FIELD = "embedding"
-EXPERT_FIELD = "top_expert"
-GATE_FIELD = "gate_weights"
-MAX_ID_LENGTH = 2048
 # Milvus answers at most 16384 hits per query.
 MAX_TOP_K = 16384
 # Ids looked up in one `doc_id in [...]` query (keeps each expression small).
 _LOOKUP_BATCH = 1024
-_HNSW_M = 32
-_HNSW_EF_CONSTRUCTION = 200
-_HNSW_EF_SEARCH = 128  # as the FAISS HNSW index searches
-# Settings that must agree for a collection to be resumed rather than rebuilt.
-_SETTINGS = ("fingerprint", "dim", "count", "index_type", "nlist", "experts")
-
-
-def _pymilvus() -> Any:
-    """The ``pymilvus`` module, or a one-line error naming the extra that installs it."""
-    try:
-        import pymilvus
-    except ImportError:
-        raise UsageError(missing_extra_message("pymilvus")) from None
-    return pymilvus
-
-
-def require_engine(uri: StoreURI) -> None:
-    """Check that the packages ``uri`` needs are installed (before any expensive work).
-
-    Raises:
-        UsageError: one line naming the extra to install.
-    """
-    _pymilvus()
-    if uri.is_embedded:
-        try:
-            import milvus_lite  # noqa: F401  (pymilvus opens a local file through it)
-        except ImportError:
-            raise UsageError(missing_extra_message("milvus-lite")) from None
-
-
-def _connect(uri: StoreURI, create: bool) -> Any:
-    """A ``MilvusClient`` for ``uri``; a Milvus Lite file is created only when ``create``."""
-    require_engine(uri)
-    pymilvus = _pymilvus()
-    if uri.is_embedded:
-        if not create and not os.path.exists(uri.path):
-            raise MissingInputError(
-                f"no Milvus Lite database at {uri.path}; build it with `sbmoe index ... --store {uri.text}`"
-            )
-        os.makedirs(os.path.dirname(uri.path), exist_ok=True)
-        try:
-            return pymilvus.MilvusClient(uri.path)
-        except pymilvus.exceptions.MilvusException as error:
-            raise UsageError(
-                f"could not open the Milvus Lite database {uri.path} ({error.message}); Milvus Lite lets one "
-                f"process at a time open a file: is another sbmoe using it? (Shards run one after another "
-                f"on a file; to write them at once, use a Milvus server.)"
-            ) from None
-    token = os.environ.get("MILVUS_TOKEN", "")
-    try:
-        return pymilvus.MilvusClient(uri=uri.address, token=token, db_name=uri.database or "")
-    except pymilvus.exceptions.MilvusException as error:
-        raise UsageError(f"could not reach the Milvus server at {uri.address}: {error.message}") from None
-
-
-def _release(uri: StoreURI) -> None:
-    """Stop this process's embedded server for a Milvus Lite file, so other processes may open it."""
-    if uri.is_embedded:
-        from milvus_lite.server_manager import server_manager_instance
-
-        server_manager_instance.release_server(uri.path)
 
 
 def _quoted(value: str) -> str:
@@ -143,13 +78,13 @@ class MilvusStore:
             IndexMismatchError: the vectors were made by another model than ``expected_fingerprint``'s.
             UsageError: the collection was not written by sbmoe, or not all its documents are in yet.
         """
-        client = _connect(uri, create=False)
+        client = connect(uri, create=False)
         if not client.has_collection(uri.collection):
             raise MissingInputError(
                 f"{uri.text} has no collection {uri.collection!r}; build it with "
                 f"`sbmoe index ... --store {uri.text}`"
             )
-        store = cls(uri, client, _read_meta(client, uri))
+        store = cls(uri, client, read_meta(client, uri))
         if expected_fingerprint is not None and store.fingerprint != expected_fingerprint:
             raise IndexMismatchError(uri.text, store.fingerprint, expected_fingerprint)
         if len(store) != store.meta["count"]:
@@ -158,7 +93,7 @@ class MilvusStore:
                 f"has not finished; run `sbmoe index ... --store {uri.text}` again (with the missing "
                 f"--shard I/N, if sharded) to complete it"
             )
-        _load(client, uri)
+        load_collection(client, uri)
         return store
 
     @classmethod
@@ -186,14 +121,14 @@ class MilvusStore:
             **meta,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sbmoe_version": __version__,
-            "pymilvus_version": _pymilvus().__version__,
+            "pymilvus_version": pymilvus_module().__version__,
         }
-        client = _connect(uri, create=True)
+        client = connect(uri, create=True)
         if client.has_collection(uri.collection):
-            found = _read_meta(client, uri)
-            different = [key for key in _SETTINGS if found.get(key) != meta.get(key)]
+            found = read_meta(client, uri)
+            different = [key for key in SETTINGS if found.get(key) != meta.get(key)]
             if not different:
-                _load(client, uri)
+                load_collection(client, uri)
                 return cls(uri, client, found), True
             if not overwrite:
                 if "fingerprint" in different:
@@ -204,14 +139,14 @@ class MilvusStore:
                     f"to replace it, or use another ?collection=NAME"
                 )
             client.drop_collection(uri.collection)
-        _create_collection(client, uri, meta)
-        _load(client, uri)
+        create_collection(client, uri, meta)
+        load_collection(client, uri)
         return cls(uri, client, meta), False
 
     def close(self) -> None:
         """Disconnect (and stop this process's embedded server of a Milvus Lite file)."""
         self._client.close()
-        _release(self.uri)
+        release(self.uri)
 
     def __enter__(self) -> MilvusStore:
         return self
@@ -360,107 +295,10 @@ class MilvusStore:
     def _search_params(self, k: int) -> dict[str, Any]:
         params: dict[str, Any] = {}
         if self.index_type == "hnsw":
-            params = {"ef": max(_HNSW_EF_SEARCH, k)}
+            params = {"ef": max(HNSW_EF_SEARCH, k)}
         elif self.index_type == "ivf":
             params = {"nprobe": int(self.meta["nprobe"])}
         return {"metric_type": "IP", "params": params}
-
-
-def store_meta(
-    fingerprint: str,
-    dim: int,
-    count: int,
-    index_type: str,
-    experts: int,
-    metadata: Mapping[str, Any],
-    nlist: int | None = None,
-    nprobe: int | None = None,
-) -> dict[str, Any]:
-    """The settings a collection is created with (see :meth:`MilvusStore.create_or_resume`).
-
-    ``nlist`` and ``nprobe`` apply to ``ivf`` and default as for a FAISS IVF index of ``count`` vectors.
-    """
-    if index_type != "ivf" and (nlist is not None or nprobe is not None):
-        raise UsageError(f"nlist and nprobe apply to ivf, not {index_type!r}")
-    if index_type == "ivf":
-        nlist = default_nlist(count) if nlist is None else nlist
-        nprobe = min(nlist, default_nprobe(nlist) if nprobe is None else nprobe)
-    try:
-        json.dumps(dict(metadata))
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"metadata must be JSON-serialisable: {error}") from None
-    return {
-        "fingerprint": fingerprint,
-        "dim": int(dim),
-        "count": int(count),
-        "index_type": index_type,
-        "nlist": nlist,
-        "nprobe": nprobe,
-        "experts": int(experts),
-        "metric": "IP",
-        "metadata": dict(metadata),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# internals
-
-
-def _read_meta(client: Any, uri: StoreURI) -> dict[str, Any]:
-    properties = client.describe_collection(uri.collection).get("properties") or {}
-    text = properties.get(META_PROPERTY)
-    if text is None:
-        raise UsageError(
-            f"collection {uri.collection!r} of {uri.text} was not written by sbmoe (it has no "
-            f"{META_PROPERTY} property); use another ?collection=NAME"
-        )
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{uri.text}: the {META_PROPERTY} property is not valid JSON ({error})") from None
-    missing = [key for key in ("fingerprint", "dim", "count", "index_type") if key not in meta]
-    if missing:
-        raise UsageError(f"{uri.text}: the {META_PROPERTY} property lacks {', '.join(missing)}")
-    return meta
-
-
-def _load(client: Any, uri: StoreURI) -> None:
-    """Load the collection for searching, with the URI's replicas (a server's default: one)."""
-    client.load_collection(uri.collection, **({"replica_number": uri.replicas} if uri.replicas else {}))
-
-
-def _create_collection(client: Any, uri: StoreURI, meta: Mapping[str, Any]) -> None:
-    data_type = _pymilvus().DataType
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field(ID_FIELD, data_type.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
-    schema.add_field(VECTOR_FIELD, data_type.FLOAT_VECTOR, dim=meta["dim"])
-    if meta["experts"]:
-        schema.add_field(EXPERT_FIELD, data_type.INT32)
-        schema.add_field(
-            GATE_FIELD, data_type.ARRAY, element_type=data_type.FLOAT, max_capacity=meta["experts"]
-        )
-    index_params = client.prepare_index_params()
-    if meta["index_type"] == "flat":
-        index_params.add_index(field_name=VECTOR_FIELD, index_type="FLAT", metric_type="IP")
-    elif meta["index_type"] == "hnsw":
-        index_params.add_index(
-            field_name=VECTOR_FIELD,
-            index_type="HNSW",
-            metric_type="IP",
-            params={"M": _HNSW_M, "efConstruction": _HNSW_EF_CONSTRUCTION},
-        )
-    else:
-        index_params.add_index(
-            field_name=VECTOR_FIELD, index_type="IVF_FLAT", metric_type="IP", params={"nlist": meta["nlist"]}
-        )
-    client.create_collection(
-        uri.collection,
-        schema=schema,
-        index_params=index_params,
-        consistency_level="Strong",
-        properties={META_PROPERTY: json.dumps(meta, sort_keys=True)},
-        **({"num_shards": uri.shards} if uri.shards else {}),
-    )
 
 
 def _query_matrix(query_embeddings: np.ndarray, dim: int) -> np.ndarray:

@@ -24,7 +24,8 @@ from sbmoe.inference.encoding import apply_head_stages, encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE, encoding_used
-from sbmoe.retrieval.milvus_store import MAX_ID_LENGTH, MilvusStore, require_engine, store_meta
+from sbmoe.retrieval.milvus_collection import MAX_ID_LENGTH, require_engine, store_meta
+from sbmoe.retrieval.milvus_store import MilvusStore
 from sbmoe.retrieval.store_uri import parse_store_uri
 
 
