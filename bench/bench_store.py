@@ -63,7 +63,7 @@ def build_milvus(docs: np.ndarray, doc_ids: list[str], index_type: str, folder: 
     before, _ = memory_mib()
     started = time.perf_counter()
     meta = store_meta("bench", docs.shape[1], len(docs), index_type, 0, {})
-    store, _ = MilvusStore.create_or_resume(uri, meta)
+    store = MilvusStore.create_or_resume(uri, meta)
     for start in range(0, len(docs), INDEX_CHUNK_SIZE):
         store.upsert(doc_ids[start : start + INDEX_CHUNK_SIZE], docs[start : start + INDEX_CHUNK_SIZE])
     # Seal the segments (building their index) now rather than during the timed searches.

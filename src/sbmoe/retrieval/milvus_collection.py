@@ -35,7 +35,7 @@ _HNSW_M = 32
 _HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128  # as the FAISS HNSW index searches
 # Settings that must agree for a collection to be resumed rather than rebuilt.
-SETTINGS = ("fingerprint", "dim", "count", "index_type", "nlist", "experts")
+SETTINGS = ("fingerprint", "corpus", "dim", "count", "index_type", "nlist", "experts")
 
 
 def pymilvus_module() -> Any:
@@ -104,7 +104,7 @@ def store_meta(
     nlist: int | None = None,
     nprobe: int | None = None,
 ) -> dict[str, Any]:
-    """The settings a collection is created with (see :meth:`MilvusStore.create_or_resume`).
+    """The settings a collection is created with and resumed by (its ``sbmoe.meta`` property).
 
     ``nlist`` and ``nprobe`` apply to ``ivf`` and default as for a FAISS IVF index of ``count`` vectors.
     """
@@ -119,6 +119,7 @@ def store_meta(
         raise UsageError(f"metadata must be JSON-serialisable: {error}") from None
     return {
         "fingerprint": fingerprint,
+        "corpus": metadata.get("collection"),
         "dim": int(dim),
         "count": int(count),
         "index_type": index_type,
@@ -131,6 +132,7 @@ def store_meta(
 
 
 def read_meta(client: Any, uri: StoreURI) -> dict[str, Any]:
+    """The checked ``sbmoe.meta`` property of the collection ``uri`` names (which must exist)."""
     properties = client.describe_collection(uri.collection).get("properties") or {}
     text = properties.get(META_PROPERTY)
     if text is None:
@@ -154,6 +156,7 @@ def load_collection(client: Any, uri: StoreURI) -> None:
 
 
 def create_collection(client: Any, uri: StoreURI, meta: Mapping[str, Any]) -> None:
+    """Create the collection ``uri`` names, with ``meta`` (:func:`store_meta`) as its settings."""
     data_type = pymilvus_module().DataType
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field(ID_FIELD, data_type.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)

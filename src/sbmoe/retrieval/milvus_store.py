@@ -97,20 +97,14 @@ class MilvusStore:
         return store
 
     @classmethod
-    def create_or_resume(
-        cls, uri: StoreURI, meta: Mapping[str, Any], overwrite: bool = False
-    ) -> tuple[MilvusStore, bool]:
+    def create_or_resume(cls, uri: StoreURI, meta: Mapping[str, Any], overwrite: bool = False) -> MilvusStore:
         """The collection to write ``meta``'s corpus into: a new one, or one an earlier run began.
 
         Args:
             uri: Where to write.
-            meta: ``fingerprint``, ``dim``, ``count`` (documents in the whole corpus),
-                ``index_type``, ``nlist``, ``nprobe``, ``experts`` and ``metadata``.
+            meta: The collection's settings, from :func:`~sbmoe.retrieval.milvus_collection.store_meta`.
             overwrite: Drop a collection there written with other settings (another model, corpus
                 or index type) instead of refusing it.
-
-        Returns:
-            The store, and whether it already existed with the same settings (a resumed write).
 
         Raises:
             IndexMismatchError: the collection holds another model's vectors (without ``overwrite``).
@@ -129,7 +123,7 @@ class MilvusStore:
             different = [key for key in SETTINGS if found.get(key) != meta.get(key)]
             if not different:
                 load_collection(client, uri)
-                return cls(uri, client, found), True
+                return cls(uri, client, found)
             if not overwrite:
                 if "fingerprint" in different:
                     raise IndexMismatchError(uri.text, found["fingerprint"], meta["fingerprint"])
@@ -141,7 +135,7 @@ class MilvusStore:
             client.drop_collection(uri.collection)
         create_collection(client, uri, meta)
         load_collection(client, uri)
-        return cls(uri, client, meta), False
+        return cls(uri, client, meta)
 
     def close(self) -> None:
         """Disconnect (and stop this process's embedded server of a Milvus Lite file)."""

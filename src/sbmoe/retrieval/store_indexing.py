@@ -117,7 +117,7 @@ def index_into_store(
     )
     texts = [collection.corpus[d].full_text for d in doc_ids[start:stop]]
     retriever.warn_truncated(texts, "document", f"{collection.name} corpus")
-    store, _ = MilvusStore.create_or_resume(parsed, meta, overwrite=overwrite)
+    store = MilvusStore.create_or_resume(parsed, meta, overwrite=overwrite)
     written = skipped = 0
     chunk_size = chunk_size or INDEX_CHUNK_SIZE
     try:
