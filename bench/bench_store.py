@@ -6,8 +6,10 @@ Loads ``--size`` unit vectors (drawn around random centres, as in ``bench_ann.py
 (M 32, efSearch 128), and prints one table: build time, memory, disk, recall@10 against exact
 search, queries/s with all queries in batches of 1,024 and one query at a time.
 
-Milvus Lite runs inside this process (a gRPC server on loopback, the engine in Python over FAISS),
-so "memory" is the growth of this process's resident memory while the index is built and loaded.
+Each index is built and searched in a fresh process of its own (which draws the same vectors from
+the same seed), so "memory" is that process's resident memory growth while it builds and loads the
+index (Milvus Lite runs inside it: a gRPC
+server on loopback, the engine in Python over FAISS).
 
     .venv/bin/python bench/bench_store.py [--size 1000000] [--dim 384] [--queries 1000] [--single 50]
 """
@@ -15,11 +17,12 @@ so "memory" is the growth of this process's resident memory while the index is b
 from __future__ import annotations
 
 import argparse
-import gc
+import multiprocessing
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import faiss
@@ -66,12 +69,41 @@ def build_milvus(docs: np.ndarray, doc_ids: list[str], index_type: str, folder: 
     store = MilvusStore.create_or_resume(uri, meta)
     for start in range(0, len(docs), INDEX_CHUNK_SIZE):
         store.upsert(doc_ids[start : start + INDEX_CHUNK_SIZE], docs[start : start + INDEX_CHUNK_SIZE])
-    # Seal the segments (building their index) now rather than during the timed searches.
-    store._client.flush(uri.collection)
+    # As `sbmoe index --store` then `sbmoe search` do: close the writer, open the store for
+    # searching (Milvus Lite builds each sealed segment's index when it loads the collection).
+    store.close()
+    store = MilvusStore.open(uri, "bench")
     store.search(docs[:1], K)
     seconds = time.perf_counter() - started
     grown = memory_mib()[0] - before
     return store, seconds, grown, directory_mib(Path(uri.path))
+
+
+def data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """The documents and queries: unit vectors around ``args.centers`` random centres, seeded."""
+    rng = np.random.default_rng(args.seed)
+    centers = rng.standard_normal((args.centers, args.dim), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    return vectors(rng, args.size, args.dim, centers), vectors(rng, args.queries, args.dim, centers)
+
+
+def measure(case: tuple[str, str], args: argparse.Namespace, results) -> None:
+    """Build one (engine, index type) in a fresh folder, search it, and put the figures on ``results``."""
+    engine, index_type = case
+    docs, queries = data(args)
+    build = build_faiss if engine == "FAISS" else build_milvus
+    doc_ids = [f"d{i}" for i in range(len(docs))]
+    query_ids = [f"q{i}" for i in range(len(queries))]
+    folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    try:
+        index, seconds, grown, disk = build(docs, doc_ids, index_type, folder)
+        run, batched = timed(index.search, queries, query_ids, 1024)
+        _, one_by_one = timed(index.search, queries[: args.single], query_ids[: args.single], 1)
+        if isinstance(index, MilvusStore):
+            index.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    results.put((seconds, grown, disk, run, batched, one_by_one))
 
 
 def main() -> None:
@@ -84,44 +116,27 @@ def main() -> None:
     parser.add_argument("--index-types", nargs="+", default=["flat", "hnsw"], choices=("flat", "hnsw"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    import milvus_lite
-    import pymilvus
-
     print(f"machine: {machine()}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
-    print(f"pymilvus {pymilvus.__version__}, milvus-lite {milvus_lite.__version__}")
-    rng = np.random.default_rng(args.seed)
-    centers = rng.standard_normal((args.centers, args.dim), dtype=np.float32)
-    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    docs = vectors(rng, args.size, args.dim, centers)
-    queries = vectors(rng, args.queries, args.dim, centers)
-    doc_ids = [f"d{i}" for i in range(args.size)]
-    query_ids = [f"q{i}" for i in range(args.queries)]
+    print(f"pymilvus {version('pymilvus')}, milvus-lite {version('milvus-lite')}")
+    raw = args.size * args.dim * 4 / 2**20
     print(
         f"settings: {args.size:,} clustered unit vectors of dimension {args.dim} ({args.centers:,} centres), "
-        f"{args.queries} queries, top {K}, inner product; raw vectors {docs.nbytes / 2**20:,.0f} MiB"
+        f"{args.queries} queries, top {K}, inner product; raw vectors {raw:,.0f} MiB"
     )
-    folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    context = multiprocessing.get_context("spawn")
     rows, exact_run = [], None
-    try:
-        for index_type in args.index_types:
-            for engine, build in (("FAISS", build_faiss), ("Milvus Lite", build_milvus)):
-                index, seconds, grown, disk = build(docs, doc_ids, index_type, folder)
-                run, batched = timed(index.search, queries, query_ids, 1024)
-                _, single = timed(index.search, queries[: args.single], query_ids[: args.single], 1)
-                if exact_run is None:  # FAISS flat, the first row: the reference
-                    exact_run = run
-                rows.append(
-                    (engine, index_type, seconds, grown, disk, recall_at_k(run, exact_run), batched, single)
-                )
-                print(f"  done: {engine} {index_type} ({seconds:.0f} s build)", flush=True)
-                if isinstance(index, MilvusStore):
-                    index.close()
-                del index
-                gc.collect()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    cases = [("FAISS", "flat")] + [(e, t) for t in args.index_types for e in ("FAISS", "Milvus Lite")]
+    for case in dict.fromkeys(cases):  # FAISS flat first: the exact reference
+        results = context.Queue()
+        process = context.Process(target=measure, args=(case, args, results))
+        process.start()
+        seconds, grown, disk, run, batched, single = results.get()
+        process.join()
+        exact_run = exact_run or run
+        rows.append((*case, seconds, grown, disk, recall_at_k(run, exact_run), batched, single))
+        print(f"  done: {case[0]} {case[1]} ({seconds:.0f} s build)", flush=True)
     print()
-    print("| engine | index | build s | memory MiB | disk MiB | recall@10 | batched q/s | single q/s |")
+    print("| engine | index | build s | RSS growth MiB | disk MiB | recall@10 | batched q/s | single q/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for engine, index_type, seconds, grown, disk, recall, batched, single in rows:
         print(

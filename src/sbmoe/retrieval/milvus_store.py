@@ -6,6 +6,8 @@ The collection's layout is :mod:`sbmoe.retrieval.milvus_collection`'s. Writes ar
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -37,6 +39,25 @@ from sbmoe.retrieval.store_uri import StoreURI
 MAX_TOP_K = 16384
 # Ids looked up in one `doc_id in [...]` query (keeps each expression small).
 _LOOKUP_BATCH = 1024
+
+
+@contextlib.contextmanager
+def _quiet_timestamp_fallback() -> Iterator[None]:
+    """Silence the traceback and warning of a query iterator's first call on Milvus Lite.
+
+    pymilvus asks the server for a timestamp, which Milvus Lite does not implement: its in-process
+    gRPC server logs the refusal with a traceback and pymilvus warns that it uses its own clock,
+    which is what Milvus Lite wants. Nothing is wrong, so neither should reach the user.
+    """
+    loggers = [logging.getLogger(name) for name in ("grpc._server", "pymilvus")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _quoted(value: str) -> str:
@@ -180,9 +201,10 @@ class MilvusStore:
 
     def iter_doc_ids(self, page: int = 4096) -> Iterator[str]:
         """The document ids in the collection, ``page`` at a time."""
-        iterator = self._client.query_iterator(
-            self.uri.collection, batch_size=page, output_fields=[ID_FIELD], filter=""
-        )
+        with _quiet_timestamp_fallback():
+            iterator = self._client.query_iterator(
+                self.uri.collection, batch_size=page, output_fields=[ID_FIELD], filter=""
+            )
         try:
             while rows := iterator.next():
                 yield from (row[ID_FIELD] for row in rows)
