@@ -62,7 +62,9 @@ def evaluate_model(
     inference rule when several are asked for. When ``collection`` holds a ``train`` split (and the
     evaluated split is another), ``metrics.json`` also breaks the scores down into seen, partly-seen
     and unseen queries and ``query_groups.json`` lists them (:mod:`sbmoe.evaluation.query_groups`).
-    ``config.expert_poolings`` are ignored for a model without an MoE head.
+    ``config.expert_poolings`` are ignored for a model without an MoE head. With
+    ``config.corpus_index`` (a saved index or a store URI) the queries are searched there instead of
+    over the freshly encoded corpus, under the model's own rule only.
 
     Args:
         overwrite: Replace an earlier evaluation in ``output_dir`` made with other settings (see
