@@ -18,6 +18,7 @@ from typing import Any
 
 from sbmoe import __version__
 from sbmoe.cli.flags import add_config_flags, given_values, preset_default_describer
+from sbmoe.cli.store import INDEX_URI_HELP, STORE_HELP
 from sbmoe.config.jobs import (
     EncodeConfig,
     EvaluateConfig,
@@ -160,10 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encode_flags(evaluate)
     _add_cache_flag(evaluate)
 
-    index = _add_verb(commands, "index", "encode a corpus (or one shard of it) into a FAISS index")
+    index = _add_verb(
+        commands, "index", "encode a corpus (or one shard of it) into a FAISS index or a vector store"
+    )
     _add_model_flag(index, "saved model directory, hub name or all-MiniLM-L6-v2")
     _add_data_flag(index)
-    index.add_argument("--output", required=True, help="index directory (sharded: the folder of the shards)")
+    target = index.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", help="index directory (sharded: the folder of the shards)")
+    target.add_argument("--store", metavar="URI", help=STORE_HELP)
     _add_overwrite_flag(index, "index")
     add_config_flags(index.add_argument_group("index"), IndexConfig)
     index.add_argument(
@@ -184,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = _add_verb(commands, "search", "search an index with queries")
     _add_model_flag(search, "the model that built the index")
-    search.add_argument("--index", required=True, help="index directory from `sbmoe index`")
+    search.add_argument("--index", required=True, help=INDEX_URI_HELP)
     source = search.add_mutually_exclusive_group(required=True)
     source.add_argument("--query", action="append", help="a query text (repeatable)")
     source.add_argument("--queries", help="queries.jsonl (BEIR format)")
@@ -200,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = _add_verb(commands, "serve", "answer searches over HTTP, with the model and index loaded once")
     _add_model_flag(serve, "the model that built the index")
-    serve.add_argument("--index", required=True, help="index directory from `sbmoe index`")
+    serve.add_argument("--index", required=True, help=INDEX_URI_HELP)
     serve.add_argument(
         "--data",
         help="the collection the index was built from (BEIR folder or name), so that hits can carry "
@@ -419,6 +424,10 @@ def _command_index(args: argparse.Namespace) -> int:
     from sbmoe.retrieval.index import shard_directory
     from sbmoe.retrieval.indexing import index_corpus
 
+    if args.store:
+        from sbmoe.cli.store import command_index_store
+
+        return command_index_store(args)
     config = IndexConfig(**given_values(args, IndexConfig))
     config.validate()
     encode = _encode_config(args)

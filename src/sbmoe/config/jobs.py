@@ -104,6 +104,13 @@ class EvaluateConfig:
     metrics: list[str] = setting(
         default_factory=lambda: list(PAPER_METRICS), nargs="+", help="ranx metric names"
     )
+    corpus_index: str | None = setting(
+        None,
+        flag="--index",
+        help="search this index of the corpus (a directory from `sbmoe index`, or a store URI from "
+        "`sbmoe index --store`) instead of encoding the corpus and searching it exactly",
+        metavar="INDEX",
+    )
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""

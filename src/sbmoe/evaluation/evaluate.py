@@ -19,6 +19,7 @@ from typing import Any
 from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
 from sbmoe.config.provenance import provenance
 from sbmoe.core.artifacts import EVALUATION, writing_output
+from sbmoe.core.errors import UsageError
 from sbmoe.core.io import write_json
 from sbmoe.core.runs import Run
 from sbmoe.data.beir import BeirCollection
@@ -27,7 +28,8 @@ from sbmoe.evaluation.query_groups import group_scores, split_query_groups
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import encoding_used
-from sbmoe.retrieval.search import search_documents
+from sbmoe.retrieval.search import search, search_documents
+from sbmoe.retrieval.shards import load_index
 
 
 @dataclass
@@ -61,7 +63,9 @@ def evaluate_model(
     inference rule when several are asked for. When ``collection`` holds a ``train`` split (and the
     evaluated split is another), ``metrics.json`` also breaks the scores down into seen, partly-seen
     and unseen queries and ``query_groups.json`` lists them (:mod:`sbmoe.evaluation.query_groups`).
-    ``config.expert_poolings`` are ignored, with a warning, for a model without an MoE head.
+    ``config.expert_poolings`` are ignored, with a warning, for a model without an MoE head. With
+    ``config.corpus_index`` (a saved index or a store URI) the queries are searched there instead of
+    over the freshly encoded corpus, under the model's own rule only.
 
     Args:
         overwrite: Replace an earlier evaluation in ``output_dir`` made with other settings (see
@@ -106,20 +110,23 @@ def _evaluate(
     # Seen / partly-seen / unseen queries, on collections with a training split (evaluation.query_groups).
     groups = split_query_groups(collection.qrels, config.split)
     queries = {q: collection.queries[q] for q in sorted(qrels) if q in collection.queries}
-    documents = {d: doc.full_text for d, doc in collection.corpus.items()}
     retriever.warn_truncated(list(queries.values()), "query", f"{collection.name} {config.split} queries")
-    retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
     started = time.perf_counter()
-    runs = search_documents(
-        retriever,
-        queries,
-        documents,
-        SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
-        encode,
-        expert_poolings=config.expert_poolings if retriever.head is not None else (),
-        show_progress=show_progress,
-        cache=cache,
-    )
+    if config.corpus_index:
+        runs = _search_index(retriever, collection.name, queries, config, encode, show_progress, cache)
+    else:
+        documents = {d: doc.full_text for d, doc in collection.corpus.items()}
+        retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
+        runs = search_documents(
+            retriever,
+            queries,
+            documents,
+            SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
+            encode,
+            expert_poolings=config.expert_poolings if retriever.head is not None else (),
+            show_progress=show_progress,
+            cache=cache,
+        )
     seconds = time.perf_counter() - started
 
     outputs = []
@@ -139,6 +146,34 @@ def _evaluate(
         group_summary = group_scores(result.per_query, groups) if groups is not None else None
         outputs.append(EvaluationOutput(rule, target, result, seconds, group_summary))
     return outputs
+
+
+def _search_index(
+    retriever: Retriever,
+    collection_name: str,
+    queries: Mapping[str, str],
+    config: EvaluateConfig,
+    encode: EncodeConfig,
+    show_progress: bool,
+    cache: EmbeddingCache | None,
+) -> dict[str, Run]:
+    """The run of ``queries`` over ``config.corpus_index`` (FAISS directory or store URI), model's rule."""
+    rule = retriever.head.expert_pooling if retriever.head is not None else "model"
+    others = sorted(set(config.expert_poolings) - {rule}) if retriever.head is not None else []
+    if others:
+        raise UsageError(
+            f"--index holds the corpus encoded under the model's own rule ({rule}); --expert-pooling "
+            f"{' '.join(others)} needs it encoded under each: leave out --index"
+        )
+    index = load_index(config.corpus_index, expected_fingerprint=retriever.fingerprint())
+    built_from = index.metadata.get("collection")
+    if built_from is not None and built_from != collection_name:
+        raise UsageError(
+            f"the index {config.corpus_index} was built from {built_from!r}, not {collection_name!r}"
+        )
+    search_config = SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self)
+    run = search(retriever, index, queries, search_config, encode, show_progress=show_progress, cache=cache)
+    return {rule: run}
 
 
 def save_evaluation(

@@ -32,9 +32,10 @@ def search(
     """Encode ``queries`` (query id -> text) and return their top documents from ``index``.
 
     ``index`` is an index in memory or the directory of a saved one, single or sharded (searched
-    shard by shard). A saved index built by another model is refused
-    (:class:`~sbmoe.retrieval.index.IndexMismatchError`); for one in memory that is the caller's job. A saved
-    index is checked against its checksum: its size and a sample, or in full with ``verify``.
+    shard by shard), or a store's URI (``milvus:...``, :mod:`sbmoe.retrieval.store`). A saved
+    index built by another model is refused (:class:`~sbmoe.retrieval.index.IndexMismatchError`);
+    for one in memory that is the caller's job. A saved index is checked against its checksum: its
+    size and a sample, or in full with ``verify``.
     """
     config = config or SearchConfig()
     if isinstance(index, (str, os.PathLike)):

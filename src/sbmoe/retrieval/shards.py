@@ -33,15 +33,20 @@ from sbmoe.retrieval.index import (
     read_meta,
 )
 from sbmoe.retrieval.index_files import SHARD_PATTERN
+from sbmoe.retrieval.store import VectorStore, is_store_uri, open_store
 
 
 def load_index(
     directory: str | os.PathLike, expected_fingerprint: str | None = None, verify: bool = False
-) -> DenseIndex | ShardedIndex:
-    """Load a single index (:class:`DenseIndex`) or a sharded one (:class:`ShardedIndex`).
+) -> DenseIndex | ShardedIndex | VectorStore:
+    """Load a single index (:class:`DenseIndex`), a sharded one (:class:`ShardedIndex`) or a store.
 
-    ``verify`` checks every file in full against its checksum (see :meth:`DenseIndex.load`).
+    ``directory`` may be a store URI (``milvus:...``, see :mod:`sbmoe.retrieval.store`).
+    ``verify`` checks every file of a FAISS index in full against its checksum (see
+    :meth:`DenseIndex.load`); a store is always checked to hold its whole corpus.
     """
+    if is_store_uri(directory):
+        return open_store(str(directory), expected_fingerprint)
     if is_sharded_index(directory):
         return ShardedIndex.load(directory, expected_fingerprint, verify)
     return DenseIndex.load(directory, expected_fingerprint, verify=verify)

@@ -1,0 +1,145 @@
+"""The store index job: encode a corpus (or a shard of it) into a vector store, resumably.
+
+Documents go in chunks: each chunk asks the store which of its ids it already holds, encodes only
+the others and upserts them by id. A killed job, run again, therefore skips what was written and
+never stores a document twice; shards (``--shard I/N``, or one ``torchrun`` process each) write
+disjoint slices of the same collection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from sbmoe.config.jobs import EncodeConfig, IndexConfig
+from sbmoe.config.provenance import provenance
+from sbmoe.core.distributed import shard_bounds
+from sbmoe.core.errors import UsageError
+from sbmoe.data.beir import BeirCollection
+from sbmoe.inference.cache import EmbeddingCache
+from sbmoe.inference.encoding import apply_head_stages, encode_texts
+from sbmoe.inference.routing import route
+from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE, encoding_used
+from sbmoe.retrieval.milvus_collection import MAX_ID_LENGTH, require_engine, store_meta
+from sbmoe.retrieval.milvus_store import MilvusStore
+from sbmoe.retrieval.store_uri import parse_store_uri
+
+
+@dataclass
+class StoreIndexSummary:
+    """What one ``index --store`` run did.
+
+    Attributes:
+        uri: The store written.
+        start: First document of the slice (position in the corpus).
+        stop: End of the slice (exclusive).
+        written: Documents encoded and written by this run.
+        skipped: Documents of the slice already in the store (from an earlier, interrupted run).
+        stored: Documents in the store now, over all shards.
+        corpus: Documents in the whole corpus.
+    """
+
+    uri: str
+    start: int
+    stop: int
+    written: int
+    skipped: int
+    stored: int
+    corpus: int
+
+
+def index_into_store(
+    retriever: Retriever,
+    collection: BeirCollection,
+    uri: str,
+    config: IndexConfig | None = None,
+    encode: EncodeConfig | None = None,
+    *,
+    shard: tuple[int, int] | None = None,
+    show_progress: bool = True,
+    command: Sequence[str] | None = None,
+    cache: EmbeddingCache | None = None,
+    overwrite: bool = False,
+    chunk_size: int | None = None,
+) -> StoreIndexSummary:
+    """Encode the collection's corpus (or slice ``shard`` of it) into the store at ``uri``.
+
+    The collection records the model's fingerprint, the corpus size, the index settings and, for a
+    model with an MoE head, each document's top expert and gate weights.
+
+    Args:
+        uri: A store URI (:mod:`sbmoe.retrieval.store`).
+        config: Index type (``flat``: exact, the default; ``hnsw``; ``ivf`` with ``nlist``/``nprobe``);
+            ``embedding_dtype`` float16 is not offered for stores.
+        shard: ``(i, N)``: only the ``i``-th of ``N`` consecutive slices of the corpus.
+        overwrite: Replace a collection written with other settings (another model, corpus or
+            index type); one with the same settings is resumed either way.
+        chunk_size: Documents checked, encoded and written at a time (default ``INDEX_CHUNK_SIZE``).
+
+    Raises:
+        IndexMismatchError: the collection holds another model's vectors (without ``overwrite``).
+        UsageError: unusable settings, or a document id longer than the store accepts.
+    """
+    config = config or IndexConfig()
+    encode = encode or EncodeConfig()
+    parsed = parse_store_uri(uri)
+    require_engine(parsed)
+    if config.embedding_dtype not in (None, "float32"):
+        raise UsageError("a store keeps float32 vectors: leave out --embedding-dtype (or give float32)")
+    doc_ids = list(collection.corpus)
+    too_long = next((d for d in doc_ids if len(d.encode("utf-8")) > MAX_ID_LENGTH), None)
+    if too_long is not None:
+        raise UsageError(f"document id {too_long[:40]!r}... is longer than the store's {MAX_ID_LENGTH} bytes")
+    start, stop = shard_bounds(len(doc_ids), *shard) if shard else (0, len(doc_ids))
+    if stop == start:
+        raise UsageError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
+    head = retriever.head
+    meta = store_meta(
+        retriever.fingerprint(),
+        retriever.model.get_sentence_embedding_dimension(),
+        len(doc_ids),
+        config.index_type or "flat",
+        head.num_experts if head is not None else 0,
+        {
+            "collection": collection.name,
+            "model_config": dataclasses.asdict(retriever.config),
+            "index_config": dataclasses.asdict(config),
+            "encode_config": dataclasses.asdict(encode),
+            "encoding": encoding_used(retriever, encode),
+            **provenance(command),
+        },
+        nlist=config.nlist,
+        nprobe=config.nprobe,
+    )
+    texts = [collection.corpus[d].full_text for d in doc_ids[start:stop]]
+    retriever.warn_truncated(texts, "document", f"{collection.name} corpus")
+    store = MilvusStore.create_or_resume(parsed, meta, overwrite=overwrite)
+    written = skipped = 0
+    chunk_size = chunk_size or INDEX_CHUNK_SIZE
+    try:
+        chunks = range(start, stop, chunk_size)
+        for chunk in tqdm(chunks, desc="index --store", unit="chunk", disable=not show_progress):
+            ids = doc_ids[chunk : min(chunk + chunk_size, stop)]
+            present = store.existing_ids(ids)
+            todo = [position for position, doc_id in enumerate(ids) if doc_id not in present]
+            skipped += len(ids) - len(todo)
+            if not todo:
+                continue
+            chunk_texts = [texts[chunk - start + position] for position in todo]
+            pooled = encode_texts(retriever, chunk_texts, "document", encode, pooled_only=True, cache=cache)
+            experts = gates = None
+            if head is not None:
+                chosen, probabilities = route(retriever, pooled)
+                experts, gates = chosen.numpy(), probabilities.numpy()
+            store.upsert(
+                [ids[position] for position in todo], apply_head_stages(retriever, pooled), experts, gates
+            )
+            written += len(todo)
+        stored = len(store)
+    finally:
+        store.close()
+    return StoreIndexSummary(uri, start, stop, written, skipped, stored, len(doc_ids))
