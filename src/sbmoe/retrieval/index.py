@@ -88,6 +88,29 @@ class IndexMismatchError(SbmoeError, ValueError):
         )
 
 
+def check_fingerprint(
+    directory: str | os.PathLike, meta: Mapping[str, Any], expected: str | Sequence[str] | None
+) -> None:
+    """Refuse an index whose documents are not embedded as the querying model expects.
+
+    Args:
+        directory: The index (for the message).
+        meta: Its ``meta.json``.
+        expected: The querying model's fingerprint, or every fingerprint it accepts, the most
+            telling first (:meth:`~sbmoe.model.retriever.Retriever.index_fingerprints`): an index
+            matches when the fingerprint of its builder or of its documents is among them.
+
+    Raises:
+        IndexMismatchError: it does not match.
+    """
+    if expected is None:
+        return
+    accepted = [expected] if isinstance(expected, str) else list(expected)
+    held = {meta["fingerprint"], (meta.get("metadata") or {}).get("document_fingerprint")}
+    if not held & set(accepted):
+        raise IndexMismatchError(directory, str(meta["fingerprint"]), accepted[0])
+
+
 def shard_directory(root: str | os.PathLike, shard: int, num_shards: int) -> Path:
     """Where shard ``shard`` of ``num_shards`` lives inside the sharded index ``root``."""
     return Path(root) / f"shard-{shard:05d}-of-{num_shards:05d}"
@@ -468,7 +491,7 @@ class DenseIndex:
     def load(
         cls,
         directory: str | os.PathLike,
-        expected_fingerprint: str | None = None,
+        expected_fingerprint: str | Sequence[str] | None = None,
         mmap: bool = True,
         verify: bool = False,
     ) -> DenseIndex:
@@ -476,8 +499,8 @@ class DenseIndex:
 
         Args:
             directory: the index directory.
-            expected_fingerprint: fingerprint of the model that will encode the queries; when given,
-                it must equal the one the index was built with.
+            expected_fingerprint: fingerprint of the model that will encode the queries, or all
+                those it accepts (see :func:`check_fingerprint`); when given, the index must match.
             mmap: map ``index.faiss`` into memory instead of reading it (``flat`` and ``hnsw``
                 vectors stay on disk until search touches them, so an index larger than memory
                 can be searched, and loading is instant).
@@ -505,8 +528,7 @@ class DenseIndex:
         meta = read_meta(directory)
         dtype = meta["dtype"]
         # Checked before reading the (possibly large) index file.
-        if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
-            raise IndexMismatchError(directory, str(meta["fingerprint"]), expected_fingerprint)
+        check_fingerprint(directory, meta, expected_fingerprint)
         verify_checksum(directory, meta, full=verify)
         doc_ids = read_doc_ids(directory)
 

@@ -122,6 +122,8 @@ def index_corpus(
         index.metadata.update(
             {
                 "collection": collection.name,
+                # What the documents are: a query-side model of the same backbone searches them too.
+                "document_fingerprint": retriever.document_fingerprint(),
                 "model_config": dataclasses.asdict(retriever.config),
                 "index_config": dataclasses.asdict(config),
                 "encode_config": dataclasses.asdict(encode),

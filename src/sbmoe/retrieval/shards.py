@@ -27,7 +27,7 @@ from sbmoe.core.runs import Run, merge_runs
 from sbmoe.retrieval.index import (
     SHARD_PATTERN,
     DenseIndex,
-    IndexMismatchError,
+    check_fingerprint,
     check_ids,
     is_sharded_index,
     read_doc_ids,
@@ -36,7 +36,9 @@ from sbmoe.retrieval.index import (
 
 
 def load_index(
-    directory: str | os.PathLike, expected_fingerprint: str | None = None, verify: bool = False
+    directory: str | os.PathLike,
+    expected_fingerprint: str | Sequence[str] | None = None,
+    verify: bool = False,
 ) -> DenseIndex | ShardedIndex:
     """Load a single index (:class:`DenseIndex`) or a sharded one (:class:`ShardedIndex`).
 
@@ -167,7 +169,10 @@ class ShardedIndex:
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, expected_fingerprint: str | None = None, verify: bool = False
+        cls,
+        directory: str | os.PathLike,
+        expected_fingerprint: str | Sequence[str] | None = None,
+        verify: bool = False,
     ) -> ShardedIndex:
         """Open a sharded index, checking that its shards are complete and consistent.
 
@@ -221,8 +226,7 @@ class ShardedIndex:
                 f"the shards in {directory} were built by {len(fingerprints)} different models; rebuild "
                 f"the stale ones with the same model"
             )
-        if expected_fingerprint is not None and metas[0]["fingerprint"] != expected_fingerprint:
-            raise IndexMismatchError(directory, metas[0]["fingerprint"], expected_fingerprint)
+        check_fingerprint(directory, metas[0], expected_fingerprint)
         if len({meta["dim"] for meta in metas}) > 1:
             raise UsageError(f"the shards in {directory} hold vectors of different dimensions")
         infos = [meta["metadata"]["shard"] for meta in metas]

@@ -118,7 +118,7 @@ class SearchService:
         self.fingerprint = retriever.fingerprint()  # a hash of every weight: computed once
         self.index_path = str(index) if isinstance(index, (str, os.PathLike)) else None
         if isinstance(index, (str, os.PathLike)):
-            index = load_index(index, expected_fingerprint=self.fingerprint, verify=verify)
+            index = load_index(index, expected_fingerprint=retriever.index_fingerprints(), verify=verify)
         self.index = index
         if documents is not None:
             missing = [doc_id for doc_id in index.doc_ids if doc_id not in documents]
@@ -201,6 +201,7 @@ class SearchService:
                 "fingerprint": self.fingerprint,
                 "experts": head.num_experts if head is not None else 0,
                 "expert_pooling": head.expert_pooling if head is not None else None,
+                "head_side": self.retriever.config.head_side,
             },
             "index": {
                 "path": self.index_path,
@@ -320,7 +321,7 @@ class SearchService:
         pooled = encode_texts(
             self.retriever, texts, kind, self.encode_config, pooled_only=True, runner=self._runner
         )
-        return pooled, apply_head_stages(self.retriever, pooled)
+        return pooled, apply_head_stages(self.retriever, pooled, "query")
 
 
 def load_service(

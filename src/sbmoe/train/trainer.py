@@ -388,6 +388,8 @@ class Trainer:
             return
         self._log({"step": self.step, "epoch": epoch, "event": "routing", **summary})
         for kind in ("queries", "documents"):
+            if f"usage_{kind}" not in summary:
+                continue  # documents under a query-side head are not routed
             share = max(summary[f"usage_{kind}"])
             if share > self.config.collapse_threshold:
                 expert = summary[f"usage_{kind}"].index(share)
