@@ -26,6 +26,7 @@ from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex, IndexMismatchError
 from sbmoe.retrieval.search import search, search_documents
+from sbmoe.train.procrustes import orthogonal_map, procrustes_model
 from sbmoe.train.trainer import train
 
 FP32 = EncodeConfig(device="cpu", precision="fp32", backend="torch")
@@ -220,3 +221,85 @@ def test_a_query_side_head_never_trains_the_backbone(tiny_bert_dir):
     assert frozen.freeze_backbone and not frozen.head_only
     with pytest.raises(UsageError, match="needs a head"):
         ModelConfig(backbone="x", num_experts=0, head_side="query").validate()
+
+
+def test_orthogonal_map_recovers_a_rotation():
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    queries = rng.normal(size=(200, 16)).astype(np.float32)
+    found = orthogonal_map(queries, queries @ rotation)
+    np.testing.assert_allclose(found, rotation, atol=1e-4)
+    np.testing.assert_allclose(found @ found.T, np.eye(16), atol=1e-5)
+
+
+def test_the_procrustes_control_rotates_queries_only_and_serves_from_the_backbone_index(
+    tiny_bert_dir, scifact_slice, backbone_index, tmp_path
+):
+    backbone_dir, index_dir = backbone_index
+    backbone = Retriever.load(str(backbone_dir), device="cpu")
+    collection = load_collection(scifact_slice)
+    _, train_config = build_configs("default", {"backbone": str(tiny_bert_dir)}, {})
+    model = procrustes_model(backbone, collection, train_config, FP32)
+    texts = [collection.queries[q] for q in list(collection.queries)[:5]]
+    np.testing.assert_array_equal(
+        encode_texts(model, texts, "document", FP32), encode_texts(backbone, texts, "document", FP32)
+    )
+    # Queries: the backbone's pooled embedding times W, then the model's own normalisation.
+    weight = model.head_module.linear.weight.detach().numpy()
+    rotation = weight.T + np.eye(len(weight), dtype=np.float32)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(len(rotation)), atol=1e-5)
+    pooled = encode_texts(backbone, texts, "query", FP32, pooled_only=True)
+    rotated = pooled @ rotation
+    expected = rotated / np.linalg.norm(rotated, axis=1, keepdims=True)
+    np.testing.assert_allclose(encode_texts(model, texts, "query", FP32), expected, atol=1e-5)
+
+    # As a grid control: scored like a model, saved as one, searched on the backbone's index.
+    from sbmoe.config.jobs import EvaluateConfig
+    from sbmoe.study.controls import evaluate_control
+
+    output = evaluate_control(
+        "procrustes", collection, tmp_path / "eval", EvaluateConfig(), train_config, backbone, FP32
+    )
+    assert 0 <= output.result.metrics["ndcg@10"] <= 1 and (tmp_path / "eval" / "run.trec").exists()
+    saved = Retriever.load(str(tmp_path / "eval" / "model"), device="cpu")
+    assert saved.config.head_side == "query"
+    search(saved, index_dir, {"q": texts[0]}, encode=FP32)  # accepted: documents are the backbone's
+
+
+def test_query_side_cells_run_in_a_grid_and_the_study_grid_expands(
+    tiny_bert_dir, data_dir, tmp_path, monkeypatch
+):
+    from conftest import REPO, write_beir_slice
+
+    from sbmoe.core.io import read_json
+    from sbmoe.study.experiments import cell_configs, check_grid, expand, load_grid, run_experiment
+
+    write_beir_slice(data_dir / "scifact", tmp_path / "data" / "scifact", 24, 8, 30)
+    monkeypatch.setenv("SBMOE_DATA_DIR", str(tmp_path / "data"))
+    grid = check_grid(
+        {
+            "name": "query-side",
+            "backbones": [str(tiny_bert_dir)],
+            "collections": ["scifact"],
+            "seeds": [1],
+            "experts": [2],
+            "variants": {
+                "procrustes": {"control": "procrustes"},
+                "query-sb-moe": {"head_side": "query"},
+                "query-linear": {"head_side": "query", "head": "linear"},
+            },
+            "model": {"max_doc_length": 32},
+            "train": {"max_steps": 2, "batch_size": 8, "precision": "fp32", "checkpoint_selection": "last"},
+        }
+    )
+    summary = run_experiment(grid, tmp_path / "out", show_progress=False)
+    assert len(summary.finished) == 3 and not summary.failed
+    for cell in expand(grid):
+        done = read_json(tmp_path / "out" / "cells" / cell.cell_id / "done.json")
+        assert "scifact" in done["evaluations"]
+        if cell.control is None:
+            assert cell_configs(grid, cell)[1].head_only  # query-side heads train alone
+            assert done["training"]["steps"] == 2
+
+    study = expand(load_grid(REPO / "experiments" / "query-side.yaml"))
+    assert len(study) == 2 * (8 * 3 + 2)  # per collection: 8 trained variants x 3 seeds, 2 untrained
