@@ -113,7 +113,9 @@ def test_a_grid_with_mistyped_experts_is_refused_before_any_cell(tmp_path, capsy
     refused(capsys, ["experiment", str(grid), "--list"], str(grid), "`experts` must be whole numbers")
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "state.json"])
+@pytest.mark.parametrize(
+    "damaged", ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+)
 def test_a_damaged_checkpoint_on_resume_is_named_in_one_line(
     tiny_bert_dir, scifact_slice, tmp_path, capsys, monkeypatch, damaged
 ):

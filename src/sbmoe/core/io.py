@@ -51,6 +51,14 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(handle)
 
 
+def recover_directory(path: str | os.PathLike) -> None:
+    """Put back ``path``'s previous copy if an :func:`atomic_directory` write died between its renames."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that replaces ``path`` once the block succeeds.
@@ -61,8 +69,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
-    if old.exists() and not path.exists():
-        os.replace(old, path)  # an earlier write died between its two renames: restore its previous copy
+    recover_directory(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

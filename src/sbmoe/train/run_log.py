@@ -1,15 +1,17 @@
-"""What a training run tells the people watching it: a start-up summary and, optionally, TensorBoard.
+"""What a training run tells the people watching it: its log, a start-up summary, optionally TensorBoard.
 
-The trainer writes every record of ``training/log.jsonl`` through a :class:`TrainingReporter` as
-well; with ``report_to="tensorboard"`` it turns them into scalars under ``training/tensorboard/``
+The trainer writes every record through one :class:`RunLog`: a line of ``training/log.jsonl`` and,
+with ``report_to="tensorboard"`` it turns them into scalars under ``training/tensorboard/``
 (``tensorboard --logdir OUTPUT/training/tensorboard``): the loss terms and learning rates per step,
 dev nDCG@10 per evaluation, and the experts' shares of the texts per epoch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,3 +151,75 @@ class TrainingReporter:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def collapse_warnings(summary: Mapping[str, Any], threshold: float, epoch: int) -> list[str]:
+    """A warning for each kind of text (queries, documents) of which one expert took over ``threshold``.
+
+    Args:
+        summary: An epoch's routing summary (:meth:`~sbmoe.inference.routing.RoutingTracker.summary`).
+        threshold: The largest share of one expert that is not a collapse.
+        epoch: The epoch, for the message.
+    """
+    messages = []
+    for kind in ("queries", "documents"):
+        usage = summary.get(f"usage_{kind}")
+        if usage is None:
+            continue  # documents under a query-side head are not routed
+        share = max(usage)
+        if share > threshold:
+            messages.append(
+                f"expert collapse: expert {usage.index(share)} took {share:.0%} of the {kind} in epoch "
+                f"{epoch} (threshold {threshold:.0%}); consider load balancing (--load-balancing-coef) or "
+                "expert dropout"
+            )
+    return messages
+
+
+class RunLog:
+    """The run's log: each record a line of ``log.jsonl``, mirrored by a :class:`TrainingReporter`.
+
+    Only one process of a data-parallel job writes (``writes``); on the others every method does
+    nothing.
+
+    Args:
+        training_dir: The run's ``training/`` folder.
+        writes: Whether this process writes the log.
+    """
+
+    def __init__(self, training_dir: str | Path, writes: bool = True) -> None:
+        self.path = Path(training_dir) / "log.jsonl"
+        self.writes = writes
+        self.reporter = TrainingReporter()
+
+    def open(self, report_to: str, lr_names: Sequence[str], resumed_from: int | None) -> None:
+        """Start reporting to ``report_to`` (see :class:`TrainingReporter`) from step ``resumed_from``."""
+        if self.writes:
+            directory = self.path.parent / TENSORBOARD_DIR
+            self.reporter = TrainingReporter(report_to, directory, lr_names, purge_step=resumed_from)
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` to the log and report it."""
+        if not self.writes:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.reporter.record(record)
+
+    def size(self) -> int:
+        """The log's length in bytes (0 before the first record)."""
+        try:
+            return os.path.getsize(self.path)
+        except FileNotFoundError:
+            return 0
+
+    def cut(self, size: int) -> None:
+        """Cut the log back to ``size`` bytes (a resumed run takes the steps after its checkpoint again)."""
+        if self.writes and self.path.exists():
+            with open(self.path, "r+b") as handle:
+                handle.truncate(size)
+
+    def close(self) -> None:
+        """Close the reporter (flushing TensorBoard's events)."""
+        self.reporter.close()

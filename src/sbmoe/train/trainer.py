@@ -6,7 +6,8 @@ Layout of an output directory::
     DIR/training/
         config.json         model and training configs, data, command, versions
         log.jsonl           one line per step / evaluation
-        checkpoint/         latest state for resuming (model, optimiser, scheduler, RNG, position)
+        checkpoint/         latest state for resuming (model, optimiser, scheduler, RNG, position),
+                            in safetensors and JSON: nothing pickled (see sbmoe.train.checkpoint)
         best/               best model so far on dev nDCG@10 (or the last, by configuration)
         done.json           written when training finished; summary of the run
         tensorboard/        event files, under report_to="tensorboard" (see sbmoe.train.run_log)
@@ -26,22 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import os
-import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sbmoe.config.model import ModelConfig
@@ -49,8 +44,8 @@ from sbmoe.config.provenance import provenance
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.artifacts import TRAINING_RUN, check_output, writing_output
 from sbmoe.core.distributed import DistributedContext, broadcast_module, data_parallel, init_distributed
-from sbmoe.core.errors import UsageError, first_line
-from sbmoe.core.io import atomic_directory, read_json, write_json
+from sbmoe.core.errors import UsageError
+from sbmoe.core.io import read_json, write_json
 from sbmoe.core.runtime import autocast, resolve_precision, seed_everything
 from sbmoe.data.beir import BeirCollection
 from sbmoe.data.training_files import TrainingFileCollection, training_collection
@@ -58,56 +53,32 @@ from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.routing import RoutingTracker
 from sbmoe.model.retriever import Retriever
 from sbmoe.train.batching import BatchOrder, length_grouped_batches, shuffled_batches
+from sbmoe.train.checkpoint import (
+    Checkpoint,
+    RandomState,
+    read_checkpoint,
+    refuse_pickled,
+    refusing_misfits,
+    write_checkpoint,
+)
 from sbmoe.train.dev_evaluation import DevEvaluator
-from sbmoe.train.gradient_cache import GradientCache
-from sbmoe.train.losses import InBatchContrastiveLoss, RetrievalLoss, RouterLoss
-from sbmoe.train.run_log import TENSORBOARD_DIR, TrainingReporter, startup_line, startup_record
+from sbmoe.train.losses import RouterLoss
+from sbmoe.train.optimization import build_loss, build_optimizer, build_scheduler
+from sbmoe.train.run import TrainResult, refuse_another_world_size, run_settings
+from sbmoe.train.run_log import RunLog, collapse_warnings, startup_line, startup_record
+from sbmoe.train.selection import ModelSelection
 from sbmoe.train.trainable import TrainableEncoder
 from sbmoe.train.training_data import TrainingData, encode_config, prepare_training_data, require_head
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainResult:
-    """What a finished training run reports."""
-
-    output_dir: Path
-    steps: int
-    best_step: int
-    best_dev_ndcg10: float | None
-    dev_history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    resumed_from_step: int | None = None
-    warning: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["output_dir"] = str(self.output_dir)
-        return data
-
-
-def learning_rate_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the base learning rates at a given step."""
-    warmup = int(config.warmup_ratio * total_steps) if config.scheduler != "constant" else 0
-
-    def factor(step: int) -> float:
-        if config.scheduler == "constant":
-            return 1.0
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if config.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)
-
-    return factor
-
-
 class Trainer:
     """Fine-tunes a :class:`Retriever` on prepared :class:`~sbmoe.train.training_data.TrainingData`.
 
-    :func:`build_trainer` prepares the data and builds one; :func:`train` does everything.
+    :func:`build_trainer` prepares the data and builds one; :func:`train` does everything. Its parts:
+    :mod:`~sbmoe.train.optimization` (optimiser, schedule, loss), :mod:`~sbmoe.train.checkpoint`,
+    :mod:`~sbmoe.train.run_log` and :mod:`~sbmoe.train.selection`.
 
     Args:
         retriever: The model to train (its weights change in place).
@@ -144,14 +115,11 @@ class Trainer:
             raise UsageError(
                 f"the model is on {retriever.device} but this process computes on {self.context.device}"
             )
-        self.retriever = retriever
-        self.data = data
-        self.config = config
+        self.retriever, self.data, self.config, self.command = retriever, data, config, command
         self.output_dir = Path(output_dir)
         self.training_dir = self.output_dir / "training"
         self.is_main = self.context.is_main
         self.show_progress = show_progress and self.is_main
-        self.command = command
         self.precision = resolve_precision(config.precision, retriever.device)
         global_batch_size = config.batch_size * self.context.world_size
         if batch_order is None and config.length_grouped:
@@ -164,44 +132,19 @@ class Trainer:
         self.dev_evaluator = DevEvaluator(
             data.collection, data.dev_qrels, encode_config(config), config.dev_max_docs, config.seed, cache
         )
-        self.optimizer = self._optimizer(frozen_backbone)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, learning_rate_lambda(config, self.total_steps)
-        )
+        self.optimizer = build_optimizer(retriever, config, frozen_backbone)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         router = RouterLoss.for_head(retriever.head, config, self.context)
         # DDP (under several processes) wraps the model after the backbone is frozen, so it ignores
         # frozen parameters; it also starts every process from rank 0's weights.
         encoder = TrainableEncoder(retriever, data, frozen_backbone, router_gradients=router is not None)
         self.model = data_parallel(encoder, self.context)
-        self.loss = self._loss(router)
+        self.loss = build_loss(self.model, retriever, data, config, router, self.context)
         self.step = 0
-        self.best_score: float | None = None
-        self.best_step = 0
-        self.dev_history: list[dict[str, float]] = []
+        self.selection = ModelSelection(config.checkpoint_selection, self.training_dir / "best", self.is_main)
+        self.log = RunLog(self.training_dir, self.is_main)
         self.routing = RoutingTracker()
-        self.reporter = TrainingReporter()  # replaced for the run by train()
         self.setup: dict[str, Any] = {}  # the start-up record, kept for the model card
-
-    def _optimizer(self, frozen_backbone: bool) -> torch.optim.Optimizer:
-        """AdamW with one learning rate for the backbone and one for the head; a frozen backbone has none."""
-        backbone_params, head_params = self.retriever.parameter_groups()
-        groups = [{"params": head_params, "lr": self.config.lr_head, "name": "head"}] if head_params else []
-        if frozen_backbone:
-            for parameter in backbone_params:
-                parameter.requires_grad_(False)
-        else:
-            groups.insert(0, {"params": backbone_params, "lr": self.config.lr_backbone, "name": "backbone"})
-        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
-
-    def _loss(self, router: RouterLoss | None) -> torch.nn.Module:
-        """The one loss object a step calls: contrastive (+ router losses), gradient-cached if configured."""
-        config, context = self.config, self.context
-        qrels = self.data.train_qrels if config.mask_false_negatives else None
-        contrastive = InBatchContrastiveLoss(config.temperature, qrels, config.symmetric_loss, context)
-        loss = RetrievalLoss(self.model, contrastive, router, context)
-        if config.grad_cache_chunk_size:
-            return GradientCache(loss, config.grad_cache_chunk_size, self.retriever.device)
-        return loss
 
     def batches(self, epoch: int) -> list[list[int]]:
         """The epoch's global batches; under several processes, those too small to split are left out."""
@@ -210,7 +153,6 @@ class Trainer:
             batches = [batch for batch in batches if len(batch) >= self.context.world_size]
         return batches
 
-    # ------------------------------------------------------------------------------------- state
     def run_config(self) -> dict[str, Any]:
         """Everything that determines this run, saved beside it and compared on resume."""
         return {
@@ -219,146 +161,62 @@ class Trainer:
             "world_size": self.context.world_size,
         }
 
-    def _check_resumable(self) -> dict[str, Any] | None:
-        """The saved checkpoint state if this output dir holds one from the same configuration."""
-        check_output(
-            self.output_dir,
-            TRAINING_RUN,
-            run_settings(self.retriever.config, self.config, self.data.collection),
-        )
-        state_file = self.training_dir / "checkpoint" / "state.json"
-        if not state_file.exists():
-            return None
-        saved = read_json(self.training_dir / "config.json")
-        mine = self.run_config()
-        if saved.get("world_size", 1) != mine["world_size"]:
-            raise UsageError(
-                f"{self.output_dir} holds a checkpoint of a run on {saved.get('world_size', 1)} "
-                f"process(es), this one has {mine['world_size']}: the global batch would change. Resume "
-                f"with the same number of processes, or choose another --output"
-            )
-        return _read_checkpoint_file(state_file, read_json)
-
-    def _rng_state(self) -> dict[str, Any]:
-        state = {
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
-        }
-        if self.retriever.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.retriever.device).cpu()
-        return state
-
-    def _set_rng_state(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
-        if "cuda_rng" in state and self.retriever.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.retriever.device)
-
-    def _save_checkpoint(self, epoch: int, batch_index: int) -> None:
-        # Each process's random state (dropout, gate noise) goes into rank 0's checkpoint.
-        rank_rng = self.context.all_gather_object(self._rng_state()) if self.context.is_distributed else None
-        if not self.is_main:
-            return
-        with atomic_directory(self.training_dir / "checkpoint") as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.retriever.model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
-            extra = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                **self._rng_state(),
-            }
-            if rank_rng is not None:
-                extra["rank_rng"] = rank_rng
-            torch.save(extra, tmp / "optimizer.pt")
-            write_json(
-                tmp / "state.json",
-                {
-                    "step": self.step,
-                    "epoch": epoch,
-                    "batch_index": batch_index,
-                    "best_score": self.best_score,
-                    "best_step": self.best_step,
-                    "dev_history": self.dev_history,
-                    "log_bytes": self._log_size(),
-                },
-            )
-
-    def _load_checkpoint(self, state: dict[str, Any]) -> tuple[int, int]:
-        """Restore the checkpoint (read by rank 0, handed to the other processes)."""
-        directory = self.training_dir / "checkpoint"
-
-        def read() -> dict[str, Any]:
-            weights = _read_checkpoint_file(directory / "model.safetensors", lambda p: load_file(str(p)))
-            self.retriever.model.load_state_dict(weights)
-            extra = _read_checkpoint_file(
-                directory / "optimizer.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False)
-            )
-            if "log_bytes" in state:  # the steps logged after the checkpoint are taken again: drop them
-                with (
-                    contextlib.suppress(FileNotFoundError),
-                    open(self.training_dir / "log.jsonl", "r+b") as log,
-                ):
-                    log.truncate(state["log_bytes"])
-            return extra
-
-        extra = self.context.run_on_main(read)
-        broadcast_module(self.retriever.model, self.context)
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.scheduler.load_state_dict(extra["scheduler"])
-        rank_rng = extra.get("rank_rng")
-        if rank_rng is not None and len(rank_rng) == self.context.world_size:
-            self._set_rng_state(rank_rng[self.context.rank])
-        else:
-            self._set_rng_state(extra)
-        self.step = state["step"]
-        self.best_score = state["best_score"]
-        self.best_step = state["best_step"]
-        self.dev_history = state["dev_history"]
-        return state["epoch"], state["batch_index"]
-
-    def _log_size(self) -> int:
+    # ------------------------------------------------------------------------------------- loop
+    def train(self) -> TrainResult:
+        """Run (or resume) training; returns the summary. The kept model ends up in ``output_dir``."""
+        done_file = self.training_dir / "done.json"
+        summary = self.context.run_on_main(lambda: read_json(done_file) if done_file.exists() else None)
+        if summary is not None:
+            logger.info("%s is already trained; nothing to do", self.output_dir)
+            return TrainResult(**{**summary, "output_dir": Path(summary["output_dir"])})
+        started = time.perf_counter()
+        # Rank 0 draws exactly what a single process would; the others get streams of their own
+        # (dropout, gate noise). The batch order has its own generator, shared by all.
+        seed_everything(self.config.seed + self.context.rank)
+        position = self._resume()
+        resumed_from = self.step if position else None
+        self._start(resumed_from)
+        if position is None and self.config.checkpoint_selection == "best":
+            self.evaluate_and_select(epoch=0)  # the starting model competes too
+        progress = {"desc": "train", "unit": "step", "disable": not self.show_progress}
         try:
-            return os.path.getsize(self.training_dir / "log.jsonl")
-        except FileNotFoundError:
-            return 0
+            with tqdm(total=self.total_steps, initial=self.step, **progress) as bar:
+                self._loop(*(position or (0, 0)), bar)
+            return self._finish(started, resumed_from)
+        finally:
+            self.log.close()  # after _finish, so its warning reaches TensorBoard too
 
-    def _log(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        self.training_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.training_dir / "log.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        self.reporter.record(record)
+    def _loop(self, start_epoch: int, start_batch: int, bar: tqdm) -> None:
+        """Step to ``total_steps``: evaluate and checkpoint every so many steps and after each epoch."""
+        eval_steps, checkpoint_steps = self.config.eval_steps, self.config.checkpoint_steps
+        epoch = start_epoch
+        while self.step < self.total_steps:
+            batches = self.batches(epoch)
+            for batch_index in range(start_batch if epoch == start_epoch else 0, len(batches)):
+                self._step(batches[batch_index], epoch, bar)
+                if self.step >= self.total_steps:
+                    break
+                if eval_steps and self.step % eval_steps == 0:
+                    self.evaluate_and_select(epoch)
+                if checkpoint_steps and self.step % checkpoint_steps == 0:
+                    self._save_checkpoint(epoch, batch_index + 1)
+            epoch += 1
+            self._log_routing(epoch)
+            if not (eval_steps and self.step % eval_steps == 0) or self.step >= self.total_steps:
+                self.evaluate_and_select(epoch)
+            self._save_checkpoint(epoch, 0)
 
-    def _log_start(self, resumed_from: int | None) -> None:
-        """Open the run's reporter; log and record what is about to be trained (rank 0)."""
-        if not self.is_main:
-            return
-        self.reporter = TrainingReporter(
-            self.config.report_to,
-            self.training_dir / TENSORBOARD_DIR,
-            [group["name"] for group in self.optimizer.param_groups],
-            purge_step=resumed_from,
+    def _step(self, positions: Sequence[int], epoch: int, bar: tqdm) -> None:
+        terms = self.training_step(positions)
+        self.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{terms['loss']:.4f}")
+        self.log.record(
+            {"step": self.step, "epoch": epoch, "event": "train", "lr": self.scheduler.get_last_lr(), **terms}
         )
-        record = startup_record(
-            self.retriever,
-            self.data,
-            self.config,
-            steps_per_epoch=self.steps_per_epoch,
-            total_steps=self.total_steps,
-            world_size=self.context.world_size,
-            precision=self.precision,
-            dev_queries=len(self.dev_evaluator.query_ids),
-            output_dir=self.output_dir,
-            resumed_from=resumed_from,
-        )
-        logger.info(startup_line(record))
-        self._log(record)
-        self.setup = record
+        if not math.isfinite(terms["loss"]):
+            raise FloatingPointError(f"loss became {terms['loss']} at step {self.step}")
 
-    # ------------------------------------------------------------------------------------- steps
     def training_step(self, positions: Sequence[int]) -> dict[str, float]:
         """One optimiser step on the global batch of pairs at ``positions``; returns the logged loss terms.
 
@@ -380,152 +238,119 @@ class Trainer:
                 self.routing.add(kind, features)
         return output.terms
 
-    def _log_routing(self, epoch: int) -> None:
-        """Log the epoch's expert usage (training selections) and warn when one expert takes over."""
-        summary = self.routing.summary()
-        self.routing = RoutingTracker()
-        if not summary:
-            return
-        self._log({"step": self.step, "epoch": epoch, "event": "routing", **summary})
-        for kind in ("queries", "documents"):
-            if f"usage_{kind}" not in summary:
-                continue  # documents under a query-side head are not routed
-            share = max(summary[f"usage_{kind}"])
-            if share > self.config.collapse_threshold:
-                expert = summary[f"usage_{kind}"].index(share)
-                warnings.warn(
-                    f"expert collapse: expert {expert} took {share:.0%} of the {kind} in epoch {epoch} "
-                    f"(threshold {self.config.collapse_threshold:.0%}); consider load balancing "
-                    "(--load-balancing-coef) or expert dropout",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-
     def evaluate_and_select(self, epoch: int) -> float:
         """Score dev nDCG@10; keep the model as best if it improves (or always, under ``last``)."""
         started = time.perf_counter()
         # Every process scores its slice of the corpus; all of them get the same score, so they
         # take the same decisions.
         score = self.dev_evaluator.ndcg10(self.retriever, self.show_progress, self.context)
-        record = {"step": self.step, "epoch": epoch, "dev_ndcg@10": score}
-        self.dev_history.append(record)
-        improved = self.best_score is None or score > self.best_score
-        if self.config.checkpoint_selection == "last" or improved:
-            self.best_score, self.best_step = score, self.step
-            if self.is_main:
-                with atomic_directory(self.training_dir / "best") as tmp:
-                    self.retriever.save(tmp, extra={"step": self.step, "dev_ndcg@10": score})
-        self._log({**record, "event": "dev", "seconds": round(time.perf_counter() - started, 2)})
+        improved = self.selection.consider(self.retriever, self.step, epoch, score)
+        seconds = round(time.perf_counter() - started, 2)
+        self.log.record({**self.selection.history[-1], "event": "dev", "seconds": seconds})
         logger.info("step %d: dev nDCG@10 = %.4f%s", self.step, score, " (best)" if improved else "")
         return score
 
-    # ------------------------------------------------------------------------------------- loop
-    def train(self) -> TrainResult:
-        """Run (or resume) training; returns the summary. The best model ends up in ``output_dir``."""
-        done_file = self.training_dir / "done.json"
-        summary = self.context.run_on_main(lambda: read_json(done_file) if done_file.exists() else None)
-        if summary is not None:
-            logger.info("%s is already trained; nothing to do", self.output_dir)
-            return TrainResult(**{**summary, "output_dir": Path(summary["output_dir"])})
-        started = time.perf_counter()
-        # Rank 0 draws exactly what a single process would; the others get streams of their own
-        # (dropout, gate noise). The batch order has its own generator, shared by all.
-        seed_everything(self.config.seed + self.context.rank)
-        state = self.context.run_on_main(self._check_resumable)
-        start_epoch, start_batch = self._load_checkpoint(state) if state else (0, 0)
-        resumed_from = self.step if state else None
-        self._log_start(resumed_from)
-        if self.is_main:
-            write_json(
-                self.training_dir / "config.json",
-                {**self.run_config(), **provenance(self.command), "precision": self.precision},
-            )
-        if state is None and self.config.checkpoint_selection == "best":
-            self.evaluate_and_select(epoch=0)  # the starting model competes too
+    def _log_routing(self, epoch: int) -> None:
+        """Log the epoch's expert usage (training selections) and warn when one expert takes over."""
+        summary, self.routing = self.routing.summary(), RoutingTracker()
+        if summary:
+            self.log.record({"step": self.step, "epoch": epoch, "event": "routing", **summary})
+            for message in collapse_warnings(summary, self.config.collapse_threshold, epoch):
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not self.show_progress,
+    # ------------------------------------------------------------------------------------- state
+    def _save_checkpoint(self, epoch: int, batch_index: int) -> None:
+        # Each process's random state (dropout, gate noise) goes into rank 0's checkpoint.
+        rng = self.context.all_gather_object(RandomState.capture(self.retriever.device))
+        if self.is_main:
+            checkpoint = Checkpoint(
+                step=self.step,
+                epoch=epoch,
+                batch_index=batch_index,
+                log_bytes=self.log.size(),
+                selection=self.selection.state(),
+                model=self.retriever.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                rng=rng,
+            )
+            write_checkpoint(self.training_dir / "checkpoint", checkpoint)
+
+    def _resume(self) -> tuple[int, int] | None:
+        """Go on from this run's checkpoint, if any: the epoch and batch to start at (else ``None``)."""
+        checkpoint = self.context.run_on_main(self._read_checkpoint)
+        if checkpoint is None:
+            return None
+        broadcast_module(self.retriever.model, self.context)
+        with refusing_misfits(self.training_dir / "checkpoint"):
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.scheduler.load_state_dict(
+                {key: checkpoint.scheduler[key] for key in self.scheduler.state_dict()}
+            )
+            checkpoint.rng[self.context.rank].restore(self.retriever.device)
+        self.step = checkpoint.step
+        self.selection.restore(checkpoint.selection)
+        return checkpoint.epoch, checkpoint.batch_index
+
+    def _read_checkpoint(self) -> Checkpoint | None:
+        """On rank 0: the output's checkpoint of this run, its weights restored and the log cut back to it."""
+        settings = run_settings(self.retriever.config, self.config, self.data.collection)
+        check_output(self.output_dir, TRAINING_RUN, settings)
+        checkpoint = read_checkpoint(self.training_dir / "checkpoint")
+        if checkpoint is None:
+            return None
+        refuse_another_world_size(self.output_dir, self.context.world_size)
+        with refusing_misfits(self.training_dir / "checkpoint"):
+            self.retriever.model.load_state_dict(checkpoint.model)
+        self.log.cut(checkpoint.log_bytes)  # the steps logged after the checkpoint are taken again
+        return dataclasses.replace(checkpoint, model={})  # the weights reach the others by broadcast
+
+    def _start(self, resumed_from: int | None) -> None:
+        """Open the run log; record what is about to be trained, and the run's configuration (rank 0)."""
+        if not self.is_main:
+            return
+        self.log.open(self.config.report_to, [g["name"] for g in self.optimizer.param_groups], resumed_from)
+        self.setup = startup_record(
+            self.retriever,
+            self.data,
+            self.config,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            world_size=self.context.world_size,
+            precision=self.precision,
+            dev_queries=len(self.dev_evaluator.query_ids),
+            output_dir=self.output_dir,
+            resumed_from=resumed_from,
         )
-        eval_steps = self.config.eval_steps
-        checkpoint_steps = self.config.checkpoint_steps
-        epoch = start_epoch
-        try:
-            while self.step < self.total_steps:
-                batches = self.batches(epoch)
-                first = start_batch if epoch == start_epoch else 0
-                for batch_index in range(first, len(batches)):
-                    terms = self.training_step(batches[batch_index])
-                    self.step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{terms['loss']:.4f}")
-                    self._log(
-                        {
-                            "step": self.step,
-                            "epoch": epoch,
-                            "event": "train",
-                            "lr": self.scheduler.get_last_lr(),
-                            **terms,
-                        }
-                    )
-                    if not math.isfinite(terms["loss"]):
-                        raise FloatingPointError(f"loss became {terms['loss']} at step {self.step}")
-                    finished = self.step >= self.total_steps
-                    if eval_steps and self.step % eval_steps == 0 and not finished:
-                        self.evaluate_and_select(epoch)
-                    if checkpoint_steps and self.step % checkpoint_steps == 0 and not finished:
-                        self._save_checkpoint(epoch, batch_index + 1)
-                    if finished:
-                        break
-                epoch += 1
-                self._log_routing(epoch)
-                if not (eval_steps and self.step % eval_steps == 0) or self.step >= self.total_steps:
-                    self.evaluate_and_select(epoch)
-                self._save_checkpoint(epoch, 0)
-        except BaseException:
-            self.reporter.close()
-            raise
-        finally:
-            bar.close()
-        result = self._finish(started, resumed_from)
-        self.reporter.close()  # after _finish, so its warning reaches TensorBoard too
-        return result
+        logger.info(startup_line(self.setup))
+        self.log.record(self.setup)
+        config = {**self.run_config(), **provenance(self.command), "precision": self.precision}
+        write_json(self.training_dir / "config.json", config)
 
     def _finish(self, started: float, resumed_from: int | None) -> TrainResult:
-        warning = None
-        if self.config.checkpoint_selection == "best" and self.best_step == 0 and self.step > 0:
-            warning = (
-                f"no trained checkpoint beat the starting model on dev nDCG@10 ({self.best_score:.4f}): "
-                f"the saved model is the UNTRAINED start (best_step 0"
-                + (", its MoE head at its random initialisation" if self.retriever.head is not None else "")
-                + "); train longer, or keep the last checkpoint with --checkpoint-selection last"
-            )
+        warning = self.selection.untrained_warning(self.step, self.retriever.head is not None)
+        if warning:
             logger.warning("%s: %s", self.output_dir, warning)
-            self._log({"step": self.step, "event": "warning", "message": warning})
+            self.log.record({"step": self.step, "event": "warning", "message": warning})
         result = TrainResult(
             output_dir=self.output_dir,
             steps=self.step,
-            best_step=self.best_step,
-            best_dev_ndcg10=self.best_score,
-            dev_history=self.dev_history,
+            best_step=self.selection.best_step,
+            best_dev_ndcg10=self.selection.best_score,
+            dev_history=self.selection.history,
             seconds=round(time.perf_counter() - started, 2),
             resumed_from_step=resumed_from,
             warning=warning,
         )
 
-        def save_best() -> None:
-            if not self.is_main:
-                return
-            best = Retriever.load(str(self.training_dir / "best"), device="cpu")
+        def save_kept_model() -> None:
+            kept = self.selection.kept_model()
             card_facts = {"train_config": dataclasses.asdict(self.config), "training_setup": self.setup}
-            best.save(self.output_dir, extra={"training": result.to_dict(), **card_facts})
-            self.retriever.model.load_state_dict(best.model.state_dict())
+            kept.save(self.output_dir, extra={"training": result.to_dict(), **card_facts})
+            self.retriever.model.load_state_dict(kept.model.state_dict())
             write_json(self.training_dir / "done.json", result.to_dict())
 
-        self.context.run_on_main(save_best)
+        self.context.run_on_main(save_kept_model)
         broadcast_module(self.retriever.model, self.context)  # every process ends with the kept model
         return result
 
@@ -546,10 +371,14 @@ def build_trainer(
     Arguments as :class:`Trainer`'s; see :func:`~sbmoe.train.training_data.prepare_training_data`.
     """
     context = context or DistributedContext(device=retriever.device)
-    # Before the expensive part (mining negatives, pooling texts): is output_dir ours to train into?
-    context.run_on_main(
-        lambda: check_output(output_dir, TRAINING_RUN, run_settings(retriever.config, config, collection))
-    )
+
+    # Before the expensive part (mining negatives, pooling texts): is output_dir ours to train into,
+    # and can its checkpoint (if any) be read safely?
+    def check() -> None:
+        check_output(output_dir, TRAINING_RUN, run_settings(retriever.config, config, collection))
+        refuse_pickled(Path(output_dir) / "training" / "checkpoint")
+
+    context.run_on_main(check)
     if config.head_only and cache is None:
         cache = EmbeddingCache()  # pooled embeddings are the whole point: keep them for dev evaluation
     training_dir = Path(output_dir) / "training"
@@ -621,30 +450,3 @@ def train(
             retriever, collection, train_config, output_dir, show_progress, command, cache, context
         )
         return trainer.train()
-
-
-def run_settings(
-    model_config: ModelConfig, train_config: TrainConfig, collection: BeirCollection
-) -> dict[str, Any]:
-    """What makes two training runs the same (see :func:`sbmoe.core.artifacts.recorded_settings`).
-
-    Where the run reports to (``report_to``) does not change it: a run may resume with TensorBoard on.
-    """
-    train_settings = dataclasses.asdict(train_config)
-    del train_settings["report_to"]
-    return {
-        "model_config": dataclasses.asdict(model_config),
-        "train_config": train_settings,
-        "data": collection.name,
-    }
-
-
-def _read_checkpoint_file(path: Path, read: Callable[[Path], Any]) -> Any:
-    """``read(path)``, with an unreadable (truncated, corrupt) checkpoint file named in a UsageError."""
-    try:
-        return read(path)
-    except Exception as error:  # safetensors, torch and json each raise their own kinds
-        raise UsageError(
-            f"{path} is unreadable ({type(error).__name__}: {first_line(error)}): the checkpoint is "
-            f"damaged; delete {path.parent} to train this run again from its start"
-        ) from error
