@@ -336,7 +336,7 @@ def test_figures_say_what_they_show(study, tmp_path):
         study, "sb-moe", 3, 1, {"model": MEMORIZER}, routing=True, transfer={"d": {"model": MEMORIZER_D}}
     )
     write_report(build_report(study), tmp_path / "again")
-    assert png_title(tmp_path / "again" / "metric_vs_experts.png") == "bb / c | bb / c → d | bb / d"
+    assert png_title(tmp_path / "again" / "metric_vs_experts.png") == "bb / c | bb / c → d"
 
 
 def test_tsne_query_choice_and_what_its_title_says():
