@@ -22,7 +22,8 @@ import faiss
 import numpy as np
 from common import machine
 
-from sbmoe.retrieval.index import DenseIndex, default_nlist, default_nprobe
+from sbmoe.retrieval.faiss_indexes import default_nlist, default_nprobe
+from sbmoe.retrieval.index import DenseIndex
 
 K = 10
 

@@ -31,7 +31,7 @@ from sbmoe.model.retriever import Retriever
 def head_seconds(retriever: Retriever, pooled: np.ndarray) -> float:
     """Time of the stages after pooling over all passages, run as encoding runs them."""
     started = time.perf_counter()
-    apply_head_stages(retriever, pooled)
+    apply_head_stages(retriever, pooled, "document")
     return time.perf_counter() - started
 
 

@@ -78,13 +78,15 @@ def test_auto_precision_falls_back_to_fp32_without_fast_bf16(monkeypatch):
 def test_head_applied_to_pooled_embeddings_equals_full_encode(retriever):
     full = encode_texts(retriever, TEXTS, "document", FP32)
     pooled = encode_texts(retriever, TEXTS, "document", FP32, pooled_only=True)
-    np.testing.assert_allclose(apply_head_stages(retriever, pooled), full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply_head_stages(retriever, pooled, "document"), full, rtol=1e-5, atol=1e-6)
     retriever.head.expert_pooling = "all"
     try:
         full_all = encode_texts(retriever, TEXTS, "document", FP32)
     finally:
         retriever.head.expert_pooling = "top1"
-    np.testing.assert_allclose(apply_head_stages(retriever, pooled, "all"), full_all, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        apply_head_stages(retriever, pooled, "document", "all"), full_all, rtol=1e-5, atol=1e-6
+    )
     assert retriever.head.expert_pooling == "top1"  # restored
 
 

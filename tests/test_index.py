@@ -9,7 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from sbmoe.retrieval.index import DenseIndex, IndexMismatchError
+from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.index_files import IndexMismatchError
 
 FINGERPRINT = "a1b2c3d4e5f6a7b8c9d0" * 2
 

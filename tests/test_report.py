@@ -129,11 +129,13 @@ def test_tables_order_rows_name_metrics_and_hide_a_constant_seed_count(experimen
 def test_written_report_has_tables_results_and_plots(experiment, tmp_path):
     written = write_report(build_report(experiment), tmp_path / "report")
     names = {path.name for path in written}
-    assert {"tables.md", "tables.tex", "results.json", "metric_vs_experts.png", "expert_usage.png"} <= names
+    assert {"tables.md", "tables.tex", "results.json", "systems.png", "expert_usage.png"} <= names
+    # One expert count: no plot against the number of experts (one point per line says nothing).
+    assert "metric_vs_experts.png" not in names
     results = read_json(tmp_path / "report" / "results.json")
     top1 = next(s for s in results["systems"] if s["label"] == "sb-moe N=2 top1")
     assert top1["metrics_per_seed"]["ndcg@10"] == pytest.approx([sum(TOP1) / 12, sum(TOP1) / 12 + 0.01])
-    assert (tmp_path / "report" / "metric_vs_experts.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "report" / "systems.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_empty_directory_is_a_clear_error(tmp_path):
@@ -318,13 +320,23 @@ def test_figures_say_what_they_show(study, tmp_path):
     )
     written = write_report(build_report(study), tmp_path / "report")
     names = {path.name for path in written}
-    assert {"metric_vs_experts.png", "expert_usage.png"} <= names
+    assert {"systems.png", "gain_over_zero_shot.png", "expert_usage.png"} <= names
     # The bars are hard top-1 shares; the title says so, and names no (soft-gate) entropy.
     usage = png_title(tmp_path / "report" / "expert_usage.png")
     assert "top-1 share of the busiest expert 75.0% of queries, 75.0% of documents" in usage
     assert "entropy" not in usage
-    # One panel per training -> evaluation pair: a transfer line is never drawn into the in-domain one.
-    assert png_title(tmp_path / "report" / "metric_vs_experts.png") == "bb / c | bb / c → d"
+    # Systems on their own collection; gains over zero-shot per training collection (in-domain and
+    # transfer as two series of one panel, the zero-shot reference at 0).
+    assert png_title(tmp_path / "report" / "systems.png") == "bb / c"
+    assert png_title(tmp_path / "report" / "gain_over_zero_shot.png") == "bb, trained on c"
+
+    # Several expert counts of one variant: the metric against the number of experts, one panel per
+    # training -> evaluation pair (a transfer line is never drawn into the in-domain one).
+    write_cell(
+        study, "sb-moe", 3, 1, {"model": MEMORIZER}, routing=True, transfer={"d": {"model": MEMORIZER_D}}
+    )
+    write_report(build_report(study), tmp_path / "again")
+    assert png_title(tmp_path / "again" / "metric_vs_experts.png") == "bb / c | bb / c → d"
 
 
 def test_tsne_query_choice_and_what_its_title_says():

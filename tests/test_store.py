@@ -26,7 +26,8 @@ from sbmoe.evaluation.metrics import read_trec_run
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex, IndexMismatchError
+from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.index_files import IndexMismatchError
 from sbmoe.retrieval.milvus_collection import EXPERT_FIELD, GATE_FIELD, ID_FIELD
 from sbmoe.retrieval.milvus_store import MilvusStore
 from sbmoe.retrieval.shards import load_index

@@ -421,7 +421,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 def _command_index(args: argparse.Namespace) -> int:
     from sbmoe.core.distributed import distributed_session, parse_shard
     from sbmoe.data.beir import load_collection, resolve_data
-    from sbmoe.retrieval.index import shard_directory
+    from sbmoe.retrieval.index_files import shard_directory
     from sbmoe.retrieval.indexing import index_corpus
 
     if args.store:

@@ -12,6 +12,7 @@ from sbmoe.config.fields import setting
 from sbmoe.core.choices import (
     EXPERT_POOLINGS,
     GATING_VARIANTS,
+    HEAD_SIDES,
     HEADS,
     POOLINGS,
     SIMILARITIES,
@@ -56,6 +57,13 @@ class ModelConfig:
         choices=HEADS,
         help="moe (the SB-MoE block, --num-experts experts; 0 = no head) or linear (a control: one "
         "zero-initialised residual Linear(d, d), no experts or gate; --num-experts is ignored)",
+    )
+    head_side: Literal["both", "query"] = setting(
+        "both",
+        choices=HEAD_SIDES,
+        help="both (queries and documents pass the head: the paper's design) or query (only queries do; "
+        "documents keep the backbone's embeddings, so an index built with the backbone stays valid; "
+        "trains the head alone)",
     )
     expert_pooling: ExpertPooling = setting(
         "top1",
@@ -114,6 +122,8 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 2:
                 raise UsageError(f"{name} must be at least 2 tokens, got {value}")
+        if self.head_side == "query" and self.head == "moe" and self.num_experts == 0:
+            raise UsageError("head_side query needs a head: --num-experts > 0 or --head linear")
 
     def has_moe_head(self) -> bool:
         """Whether this config builds an MoE head (the experts and gate that expert pooling applies to)."""

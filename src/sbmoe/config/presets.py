@@ -75,7 +75,19 @@ def build_configs(
     model_values = {**chosen.model, **{k: v for k, v in (model_overrides or {}).items() if v is not None}}
     train_values = {**chosen.train, **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
     model_config = from_dict(ModelConfig, model_values, source=f"preset {preset}")
+    if model_config.head_side == "query":
+        train_values = _query_side_training(train_values)
     train_config = from_dict(TrainConfig, train_values, source=f"preset {preset}")
     model_config.validate()
     train_config.validate()
     return model_config, train_config
+
+
+def _query_side_training(train_values: dict[str, Any]) -> dict[str, Any]:
+    """A query-side head trains alone, on cached backbone embeddings unless the backbone is frozen."""
+    if train_values.get("head_only") is False and not train_values.get("freeze_backbone"):
+        raise UsageError(
+            "a query-side head trains alone: the backbone stays frozen because it encodes the "
+            "documents of the index; drop --no-head-only"
+        )
+    return {"head_only": not train_values.get("freeze_backbone"), **train_values}

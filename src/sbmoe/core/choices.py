@@ -17,6 +17,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 GATING_VARIANTS = ("paper", "learned", "random")
 HEADS = ("moe", "linear")
+# Where the head applies: both towers (the paper) or queries only (the index stays the backbone's).
+HEAD_SIDES = ("both", "query")
 EXPERT_POOLINGS = ("top1", "topk", "all")
 SIMILARITIES = ("auto", "cosine", "dot")
 POOLINGS = ("mean", "cls", "max")

@@ -61,10 +61,17 @@ def length_sorted_batches(
         yield positions, {key: value.to(retriever.device) for key, value in batch.items()}
 
 
-def run_stages(stages: Sequence[torch.nn.Module], features: dict) -> dict:
-    """Pass a feature dict through pipeline stages."""
+def run_stages(stages: Sequence[torch.nn.Module], features: dict, kind: str | None = None) -> dict:
+    """Pass a feature dict through pipeline stages; ``kind`` (query/document) goes to stages that ask.
+
+    A stage asks by naming ``task`` in its ``forward_kwargs`` (sentence-transformers' convention,
+    e.g. a query-side head: :class:`~sbmoe.model.head.Head`).
+    """
     for stage in stages:
-        features = stage(features)
+        if kind is not None and "task" in getattr(stage, "forward_kwargs", ()):
+            features = stage(features, task=kind)
+        else:
+            features = stage(features)
     return features
 
 
@@ -125,7 +132,7 @@ def encode_texts(
     if pooled_only:
         # A cache hit is a read-only memory map of the entry: hand out a copy.
         return np.array(pooled, dtype=np.float32) if isinstance(pooled, np.memmap) else pooled
-    return apply_head_stages(retriever, pooled)
+    return apply_head_stages(retriever, pooled, kind)
 
 
 def _pooled(
@@ -217,7 +224,7 @@ class TextEncoder:
             batch = tokenize(retriever, [text], kind)
             with autocast(self.plan.precision, retriever.device):
                 pooled = self._backbone(batch)["sentence_embedding"].float()
-            embedding = run_stages(self._head, {"sentence_embedding": pooled.to(retriever.device)})
+            embedding = run_stages(self._head, {"sentence_embedding": pooled.to(retriever.device)}, kind)
             return pooled.cpu().numpy(), embedding["sentence_embedding"].float().cpu().numpy()
 
 
@@ -306,19 +313,21 @@ def expert_pooling(retriever: Retriever, rule: str | None) -> Iterator[None]:
 
 
 def apply_head_stages(
-    retriever: Retriever, pooled: np.ndarray, rule: str | None = None, batch_size: int = 4096
+    retriever: Retriever, pooled: np.ndarray, kind: str, rule: str | None = None, batch_size: int = 4096
 ) -> np.ndarray:
     """Apply the stages after pooling (MoE head, normalisation) to pooled embeddings, in float32.
 
     The one place the head runs at inference. Float32 whatever the backbone's precision: the head
     is tiny, and this keeps the result independent of that precision and of the cache. Also lets
     one backbone pass serve several inference rules (``rule``: e.g. ``top1`` and ``all``).
+    ``kind`` (``query`` or ``document``) matters to a query-side head, which leaves documents as
+    they are.
     """
     stages = retriever.head_stages()
     chunks = []
     with torch.inference_mode(), eval_mode(retriever.model), expert_pooling(retriever, rule):
         for start in range(0, len(pooled), batch_size):
             x = torch.from_numpy(np.array(pooled[start : start + batch_size], dtype=np.float32))
-            features = run_stages(stages, {"sentence_embedding": x.to(retriever.device)})
+            features = run_stages(stages, {"sentence_embedding": x.to(retriever.device)}, kind)
             chunks.append(features["sentence_embedding"].float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.asarray(pooled, dtype=np.float32)

@@ -63,7 +63,8 @@ def route(
         with torch.inference_mode():
             for start in range(0, len(pooled), batch_size):
                 x = torch.from_numpy(np.array(pooled[start : start + batch_size], dtype=np.float32))
-                out = head({"sentence_embedding": x.to(retriever.device)})
+                # Routing is the gate's; a query-side head routes queries only.
+                out = head({"sentence_embedding": x.to(retriever.device)}, task="query")
                 chosen.append(out["expert_index"].cpu())
                 probabilities.append(torch.softmax(out["router_logits"].float(), dim=-1).cpu())
     finally:
@@ -90,7 +91,12 @@ class RoutingTracker:
         self.total = 0
 
     def add(self, kind: str, features: dict[str, Any]) -> None:
-        """Count the selections in ``features`` (``expert_index``, ``router_logits``) of ``kind`` texts."""
+        """Count the selections in ``features`` (``expert_index``, ``router_logits``) of ``kind`` texts.
+
+        Texts the head did not route (documents under a query-side head) are not counted.
+        """
+        if "expert_index" not in features:
+            return
         chosen = features["expert_index"].detach().cpu()
         clean = features["router_logits"].detach().argmax(dim=-1).cpu()
         num_experts = features["router_logits"].shape[-1]

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from sbmoe.model.moe_head import NORMALIZE_EPS, SavedModule
+from sbmoe.model.head import Head
 
 
-class LinearAdapter(SavedModule):
+class LinearAdapter(Head):
     """A zero-initialised residual ``Linear(d, d)`` on the pooled embedding.
 
     Reads ``features["sentence_embedding"]`` and replaces it with ``x + W x + b``; it leaves no router
@@ -27,21 +26,17 @@ class LinearAdapter(SavedModule):
         embedding_dimension: Dimension d of the pooled embedding.
         normalize_input: L2-normalise the pooled embedding first (set for cosine-similarity models,
             as for the MoE head).
+        side: ``both`` (queries and documents) or ``query`` (documents keep the backbone's embedding).
     """
 
-    config_keys: ClassVar[list[str]] = ["embedding_dimension", "normalize_input"]
+    config_keys: ClassVar[list[str]] = ["embedding_dimension", "normalize_input", "side"]
 
-    def __init__(self, embedding_dimension: int, normalize_input: bool = False) -> None:
-        super().__init__()
+    def __init__(self, embedding_dimension: int, normalize_input: bool = False, side: str = "both") -> None:
+        super().__init__(normalize_input, side)
         self.embedding_dimension = embedding_dimension
-        self.normalize_input = normalize_input
         self.linear = nn.Linear(embedding_dimension, embedding_dimension)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
-        x = features["sentence_embedding"]
-        if self.normalize_input:
-            x = F.normalize(x, p=2, dim=-1, eps=NORMALIZE_EPS)
-        features["sentence_embedding"] = x + self.linear(x)
-        return features
+    def delta(self, x: Tensor, features: dict[str, Any]) -> Tensor:
+        return self.linear(x)

@@ -23,38 +23,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from sentence_transformers.base.modules import Module
 from torch import Tensor, nn
 
 from sbmoe.core.choices import EXPERT_POOLINGS, GATING_VARIANTS
-
-NORMALIZE_EPS = 1e-6
-
-
-class SavedModule(Module):
-    """A sentence-transformers module that saves its ``config_keys`` and its weights, and loads them.
-
-    Saved models then reload with plain ``SentenceTransformer(dir, trust_remote_code=True)``.
-    """
-
-    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        self.save_config(output_path)
-        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
-
-    @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> SavedModule:
-        hub_kwargs = {
-            key: kwargs[key]
-            for key in ("token", "cache_folder", "revision", "local_files_only")
-            if key in kwargs
-        }
-        config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        module = cls(**{key: value for key, value in config.items() if key in cls.config_keys})
-        cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=module, **hub_kwargs)
-        return module
+from sbmoe.model.head import NORMALIZE_EPS, Head
 
 
-class MoEHead(SavedModule):
+class MoEHead(Head):
     """N bottleneck experts, a (noisy) gate, and a residual connection onto the pooled embedding.
 
     The head reads ``features["sentence_embedding"]`` and replaces it with the head's output. It also
@@ -74,6 +49,9 @@ class MoEHead(SavedModule):
             scores with cosine similarity, as the published code does).
         expert_dropout: While training, hide each expert from each text with this probability
             (at least one stays), so no text relies on a single expert.
+        side: ``both`` (the paper: queries and documents) or ``query`` (documents keep the
+            backbone's embedding; the mixture is scaled by a zero-initialised gain, so the untrained
+            head is the identity). See :mod:`sbmoe.model.head`.
     """
 
     config_keys: ClassVar[list[str]] = [
@@ -85,6 +63,7 @@ class MoEHead(SavedModule):
         "noisy_gating",
         "normalize_input",
         "expert_dropout",
+        "side",
     ]
 
     def __init__(
@@ -97,8 +76,9 @@ class MoEHead(SavedModule):
         noisy_gating: bool = True,
         normalize_input: bool = False,
         expert_dropout: float = 0.0,
+        side: str = "both",
     ) -> None:
-        super().__init__()
+        super().__init__(normalize_input, side)
         if num_experts < 1:
             raise ValueError(f"MoEHead needs at least one expert, got num_experts={num_experts}")
         if gating not in GATING_VARIANTS:
@@ -108,7 +88,6 @@ class MoEHead(SavedModule):
         self.top_k = top_k
         self.gating = gating
         self.noisy_gating = noisy_gating
-        self.normalize_input = normalize_input
         if not 0.0 <= expert_dropout < 1.0:
             raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
         self.expert_dropout = expert_dropout
@@ -123,6 +102,10 @@ class MoEHead(SavedModule):
         self.gate = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
         self.noise = nn.Linear(d, num_experts)
         self._init_experts()
+        if side == "query":
+            # A zero-initialised gain (as in ReZero): the untrained query-side head is the identity.
+            # Zeroing the experts instead would not do: learned gating adds normalised expert outputs.
+            self.residual_gain = nn.Parameter(torch.zeros(1))
         if gating == "random":
             for parameter in (*self.gate.parameters(), *self.noise.parameters()):
                 parameter.requires_grad_(False)
@@ -169,10 +152,8 @@ class MoEHead(SavedModule):
         mask = torch.zeros_like(probabilities).scatter(-1, top, 1.0)
         return probabilities * mask
 
-    def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
-        x = features["sentence_embedding"]
-        if self.normalize_input:
-            x = F.normalize(x, p=2, dim=-1, eps=NORMALIZE_EPS)
+    def delta(self, x: Tensor, features: dict[str, Any]) -> Tensor:
+        """The gated mixture of expert outputs; leaves the router features in ``features``."""
         clean_logits = self.gate(x)
         logits = clean_logits
         if self.training and self.noisy_gating and self.gating != "random":
@@ -193,12 +174,11 @@ class MoEHead(SavedModule):
             else:
                 weights = self.gate_weights(logits)
             mixed = torch.einsum("bn,bnd->bd", weights, expert_outputs)
-            output = F.normalize(mixed, p=2, dim=-1, eps=NORMALIZE_EPS) + x
+            change = F.normalize(mixed, p=2, dim=-1, eps=NORMALIZE_EPS)
         else:
             unit_outputs = F.normalize(expert_outputs, p=2, dim=-1, eps=NORMALIZE_EPS)
-            output = x + torch.einsum("bn,bnd->bd", self.gate_weights(logits), unit_outputs)
-        features["sentence_embedding"] = output
+            change = torch.einsum("bn,bnd->bd", self.gate_weights(logits), unit_outputs)
         features["router_logits"] = clean_logits
         features["router_noisy_logits"] = logits
         features["expert_index"] = logits.argmax(dim=-1)
-        return features
+        return change * self.residual_gain if self.side == "query" else change

@@ -146,6 +146,29 @@ def backbone_token_limit(transformer: torch.nn.Module) -> int | None:
     return limit if isinstance(limit, int) and limit < 1_000_000 else None  # ~1e30: "no limit"
 
 
+def _fingerprint_settings(config: ModelConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    settings = dataclasses.asdict(config)
+    settings.pop("backbone")  # where it came from does not change what it computes
+    # The head's kind shows in the weights' names; leaving it out keeps earlier fingerprints valid,
+    # and so does leaving out the side where it is the only one earlier versions had.
+    settings.pop("head")
+    if settings["head_side"] == "both":
+        settings.pop("head_side")
+    return {**settings, **extra}
+
+
+def _without_head(config: ModelConfig) -> ModelConfig:
+    """``config`` as the bare backbone's: no head, its head settings at their defaults."""
+    defaults = ModelConfig()
+    head_fields = ("head", "head_side", "expert_pooling", "experts_top_k", "gating", "noisy_gating")
+    return dataclasses.replace(
+        config,
+        num_experts=0,
+        expert_dropout=defaults.expert_dropout,
+        **{name: getattr(defaults, name) for name in head_fields},
+    )
+
+
 class Retriever:
     """A bi-encoder with an optional SB-MoE head, shared by queries and documents.
 
@@ -232,7 +255,9 @@ class Retriever:
         )
         stages: list[torch.nn.Module] = [transformer, pooling]
         if config.head == "linear":
-            stages.append(LinearAdapter(pooling.get_embedding_dimension(), similarity == "cosine"))
+            stages.append(
+                LinearAdapter(pooling.get_embedding_dimension(), similarity == "cosine", config.head_side)
+            )
         elif config.num_experts > 0:
             stages.append(
                 MoEHead(
@@ -244,6 +269,7 @@ class Retriever:
                     noisy_gating=config.noisy_gating,
                     expert_dropout=config.expert_dropout,
                     normalize_input=similarity == "cosine",
+                    side=config.head_side,
                 )
             )
         if similarity == "cosine":
@@ -370,14 +396,44 @@ class Retriever:
     # ----------------------------------------------------------------------------------- identity
     def fingerprint(self) -> str:
         """A SHA-256 over the weights and every setting that changes the embeddings."""
-        settings = dataclasses.asdict(self.config)
-        settings.pop("backbone")  # where it came from does not change what it computes
-        # The head's kind shows in the weights' names; leaving it out keeps earlier fingerprints valid.
-        settings.pop("head")
         head = self.head
-        if head is not None:
-            settings["inference_expert_pooling"] = head.expert_pooling
-        return _hash_weights(self.model, settings)
+        extra = {"inference_expert_pooling": head.expert_pooling} if head is not None else {}
+        return _hash_weights(self.model, _fingerprint_settings(self.config, extra))
+
+    def document_fingerprint(self) -> str:
+        """A SHA-256 identifying this model's document embeddings: what an index it builds holds.
+
+        A model whose head changes documents has its :meth:`fingerprint`. Without a head, or with
+        a query-side head, documents are the backbone's own: the hash covers the document encoder
+        only (weights, pooling, document length, normalisation, lower-casing), so every query-side
+        model trained on one backbone shares it with the backbone and its indexes.
+        """
+        module = self.head_module
+        if module is not None and module.side == "both":
+            return self.fingerprint()
+        settings = {
+            "pooling": self.config.pooling,
+            "max_length": self.max_length("document"),
+            "lowercase": self.config.lowercase,
+            "similarity": self.config.similarity,
+        }
+        return _hash_weights(torch.nn.ModuleList(self.encoder_stages()), settings)
+
+    def index_fingerprints(self) -> tuple[str, ...]:
+        """The fingerprints an index must carry for this model's queries to be searched in it.
+
+        An index records who built it (``fingerprint``) and, since document fingerprints exist,
+        its documents (``document_fingerprint``). A model whose head changes documents accepts
+        only indexes of its own; one whose documents are the backbone's also accepts an index the
+        bare backbone built with the same settings before document fingerprints were recorded.
+        """
+        module = self.head_module
+        if module is not None and module.side == "both":
+            return (self.fingerprint(),)
+        headless = [stage for stage in self.model.children() if stage is not module]
+        settings = _fingerprint_settings(_without_head(self.config), {})
+        backbone = _hash_weights(torch.nn.Sequential(*headless), settings)
+        return tuple(dict.fromkeys((self.document_fingerprint(), self.fingerprint(), backbone)))
 
     def transformer_fingerprint(self) -> str:
         """A SHA-256 over the transformer's weights and architecture: the key of its ONNX export."""

@@ -44,7 +44,7 @@ from sbmoe.retrieval.index_files import (
     FORMAT_VERSION,
     INDEX_FILE,
     META_FILE,
-    IndexMismatchError,
+    check_fingerprint,
     check_ids,
     file_checksum,
     is_sharded_index,
@@ -352,7 +352,7 @@ class DenseIndex:
     def load(
         cls,
         directory: str | os.PathLike,
-        expected_fingerprint: str | None = None,
+        expected_fingerprint: str | Sequence[str] | None = None,
         mmap: bool = True,
         verify: bool = False,
     ) -> DenseIndex:
@@ -360,8 +360,8 @@ class DenseIndex:
 
         Args:
             directory: the index directory.
-            expected_fingerprint: fingerprint of the model that will encode the queries; when given,
-                it must equal the one the index was built with.
+            expected_fingerprint: fingerprint of the model that will encode the queries, or all
+                those it accepts (see :func:`check_fingerprint`); when given, the index must match.
             mmap: map ``index.faiss`` into memory instead of reading it (``flat`` and ``hnsw``
                 vectors stay on disk until search touches them, so an index larger than memory
                 can be searched, and loading is instant).
@@ -389,8 +389,7 @@ class DenseIndex:
         meta = read_meta(directory)
         dtype = meta["dtype"]
         # Checked before reading the (possibly large) index file.
-        if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
-            raise IndexMismatchError(directory, str(meta["fingerprint"]), expected_fingerprint)
+        check_fingerprint(directory, meta, expected_fingerprint)
         verify_checksum(directory, meta, full=verify)
         doc_ids = read_doc_ids(directory)
 

@@ -48,6 +48,29 @@ class IndexMismatchError(SbmoeError, ValueError):
         )
 
 
+def check_fingerprint(
+    directory: str | os.PathLike, meta: Mapping[str, Any], expected: str | Sequence[str] | None
+) -> None:
+    """Refuse an index whose documents are not embedded as the querying model expects.
+
+    Args:
+        directory: The index (for the message).
+        meta: Its ``meta.json`` (a store: its collection metadata).
+        expected: The querying model's fingerprint, or every fingerprint it accepts, the most
+            telling first (:meth:`~sbmoe.model.retriever.Retriever.index_fingerprints`): an index
+            matches when the fingerprint of its builder or of its documents is among them.
+
+    Raises:
+        IndexMismatchError: it does not match.
+    """
+    if expected is None:
+        return
+    accepted = [expected] if isinstance(expected, str) else list(expected)
+    held = {meta["fingerprint"], (meta.get("metadata") or {}).get("document_fingerprint")}
+    if not held & set(accepted):
+        raise IndexMismatchError(directory, str(meta["fingerprint"]), accepted[0])
+
+
 def shard_directory(root: str | os.PathLike, shard: int, num_shards: int) -> Path:
     """Where shard ``shard`` of ``num_shards`` lives inside the sharded index ``root``."""
     return Path(root) / f"shard-{shard:05d}-of-{num_shards:05d}"

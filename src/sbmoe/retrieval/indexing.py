@@ -8,6 +8,7 @@ import dataclasses
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from sbmoe.config.jobs import EncodeConfig, IndexConfig
 from sbmoe.config.provenance import provenance
@@ -19,7 +20,8 @@ from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex, shard_directory
+from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.index_files import shard_directory
 from sbmoe.retrieval.shards import ShardedIndex
 
 # Documents encoded (and kept) at a time while indexing, so that an interrupted index resumes.
@@ -119,16 +121,7 @@ def index_corpus(
             show_progress=show_progress,
             cache=cache or EmbeddingCache(chunks),
         )
-        index.metadata.update(
-            {
-                "collection": collection.name,
-                "model_config": dataclasses.asdict(retriever.config),
-                "index_config": dataclasses.asdict(config),
-                "encode_config": dataclasses.asdict(encode),
-                "encoding": encoding_used(retriever, encode),
-                **provenance(command),
-            }
-        )
+        index.metadata.update(index_metadata(retriever, collection.name, config, encode, command))
         if shard:
             index.save_shard(output_dir, shard[0], shard[1], start, len(collection.corpus))
         else:
@@ -160,6 +153,26 @@ def merge_index(
     merged.metadata["merge"] = {"index_config": dataclasses.asdict(config), **provenance(command)}
     merged.save(output_dir)
     return merged
+
+
+def index_metadata(
+    retriever: Retriever,
+    collection: str,
+    config: IndexConfig,
+    encode: EncodeConfig,
+    command: Sequence[str] | None,
+) -> dict[str, Any]:
+    """What an index (FAISS or a store) records of how it was made, beside the model's fingerprint."""
+    return {
+        "collection": collection,
+        # What the documents are: a query-side model of the same backbone searches them too.
+        "document_fingerprint": retriever.document_fingerprint(),
+        "model_config": dataclasses.asdict(retriever.config),
+        "index_config": dataclasses.asdict(config),
+        "encode_config": dataclasses.asdict(encode),
+        "encoding": encoding_used(retriever, encode),
+        **provenance(command),
+    }
 
 
 def encoding_used(retriever: Retriever, encode: EncodeConfig) -> dict[str, str]:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sbmoe.core.errors import MissingInputError, UsageError
-from sbmoe.retrieval.index import default_nlist, default_nprobe
+from sbmoe.retrieval.faiss_indexes import default_nlist, default_nprobe
 from sbmoe.retrieval.store_uri import StoreURI, missing_extra_message
 
 META_PROPERTY = "sbmoe.meta"

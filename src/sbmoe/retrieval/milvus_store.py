@@ -17,7 +17,7 @@ import numpy as np
 from sbmoe import __version__
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.runs import Run
-from sbmoe.retrieval.index import IndexMismatchError, check_ids
+from sbmoe.retrieval.index_files import IndexMismatchError, check_fingerprint, check_ids
 from sbmoe.retrieval.milvus_collection import (
     EXPERT_FIELD,
     FORMAT_VERSION,
@@ -91,7 +91,7 @@ class MilvusStore:
 
     # ------------------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, uri: StoreURI, expected_fingerprint: str | None = None) -> MilvusStore:
+    def open(cls, uri: StoreURI, expected_fingerprint: str | Sequence[str] | None = None) -> MilvusStore:
         """Open a finished collection for searching.
 
         Raises:
@@ -106,8 +106,7 @@ class MilvusStore:
                 f"`sbmoe index ... --store {uri.text}`"
             )
         store = cls(uri, client, read_meta(client, uri))
-        if expected_fingerprint is not None and store.fingerprint != expected_fingerprint:
-            raise IndexMismatchError(uri.text, store.fingerprint, expected_fingerprint)
+        check_fingerprint(uri.text, store.meta, expected_fingerprint)
         if len(store) != store.meta["count"]:
             raise UsageError(
                 f"{uri.text} holds {len(store)} of the corpus's {store.meta['count']} documents: indexing "

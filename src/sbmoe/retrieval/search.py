@@ -39,7 +39,7 @@ def search(
     """
     config = config or SearchConfig()
     if isinstance(index, (str, os.PathLike)):
-        index = load_index(index, expected_fingerprint=retriever.fingerprint(), verify=verify)
+        index = load_index(index, expected_fingerprint=retriever.index_fingerprints(), verify=verify)
     embeddings = encode_texts(
         retriever, list(queries.values()), "query", encode, show_progress=show_progress, cache=cache
     )
@@ -89,10 +89,12 @@ def search_documents(
         with expert_pooling(retriever, rule):
             name = retriever.head.expert_pooling if retriever.head is not None else "model"
             index = DenseIndex(
-                apply_head_stages(retriever, pooled_documents), list(documents), retriever.fingerprint()
+                apply_head_stages(retriever, pooled_documents, "document"),
+                list(documents),
+                retriever.fingerprint(),
             )
             runs[name] = index.search(
-                apply_head_stages(retriever, pooled_queries),
+                apply_head_stages(retriever, pooled_queries, "query"),
                 config.top_k,
                 query_ids=list(queries),
                 exclude_self=config.exclude_self,

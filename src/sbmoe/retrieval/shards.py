@@ -24,20 +24,22 @@ import numpy as np
 
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.runs import Run, merge_runs
-from sbmoe.retrieval.index import (
-    DenseIndex,
-    IndexMismatchError,
+from sbmoe.retrieval.index import DenseIndex, read_meta
+from sbmoe.retrieval.index_files import (
+    SHARD_PATTERN,
+    check_fingerprint,
     check_ids,
     is_sharded_index,
     read_doc_ids,
-    read_meta,
 )
-from sbmoe.retrieval.index_files import SHARD_PATTERN
-from sbmoe.retrieval.store import VectorStore, is_store_uri, open_store
+from sbmoe.retrieval.store import VectorStore, open_store
+from sbmoe.retrieval.store_uri import is_store_uri
 
 
 def load_index(
-    directory: str | os.PathLike, expected_fingerprint: str | None = None, verify: bool = False
+    directory: str | os.PathLike,
+    expected_fingerprint: str | Sequence[str] | None = None,
+    verify: bool = False,
 ) -> DenseIndex | ShardedIndex | VectorStore:
     """Load a single index (:class:`DenseIndex`), a sharded one (:class:`ShardedIndex`) or a store.
 
@@ -172,7 +174,10 @@ class ShardedIndex:
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, expected_fingerprint: str | None = None, verify: bool = False
+        cls,
+        directory: str | os.PathLike,
+        expected_fingerprint: str | Sequence[str] | None = None,
+        verify: bool = False,
     ) -> ShardedIndex:
         """Open a sharded index, checking that its shards are complete and consistent.
 
@@ -226,8 +231,7 @@ class ShardedIndex:
                 f"the shards in {directory} were built by {len(fingerprints)} different models; rebuild "
                 f"the stale ones with the same model"
             )
-        if expected_fingerprint is not None and metas[0]["fingerprint"] != expected_fingerprint:
-            raise IndexMismatchError(directory, metas[0]["fingerprint"], expected_fingerprint)
+        check_fingerprint(directory, metas[0], expected_fingerprint)
         if len({meta["dim"] for meta in metas}) > 1:
             raise UsageError(f"the shards in {directory} hold vectors of different dimensions")
         infos = [meta["metadata"]["shard"] for meta in metas]

@@ -68,12 +68,13 @@ class VectorStore(Protocol):
         ...
 
 
-def open_store(uri: str | StoreURI, expected_fingerprint: str | None = None) -> MilvusStore:
+def open_store(uri: str | StoreURI, expected_fingerprint: str | Sequence[str] | None = None) -> MilvusStore:
     """Open a finished store for searching, refusing one built by another model.
 
     Args:
         uri: The store's URI.
-        expected_fingerprint: The fingerprint of the model that will encode the queries.
+        expected_fingerprint: The fingerprint of the model that will encode the queries, or all those
+            it accepts (:func:`~sbmoe.retrieval.index_files.check_fingerprint`).
 
     Raises:
         IndexMismatchError: built by another model.

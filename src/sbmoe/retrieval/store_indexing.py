@@ -8,14 +8,12 @@ disjoint slices of the same collection.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from sbmoe.config.jobs import EncodeConfig, IndexConfig
-from sbmoe.config.provenance import provenance
 from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.errors import UsageError
 from sbmoe.data.beir import BeirCollection
@@ -23,7 +21,7 @@ from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import apply_head_stages, encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE, encoding_used
+from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE, index_metadata
 from sbmoe.retrieval.milvus_collection import MAX_ID_LENGTH, require_engine, store_meta
 from sbmoe.retrieval.milvus_store import MilvusStore
 from sbmoe.retrieval.store_uri import parse_store_uri
@@ -104,14 +102,7 @@ def index_into_store(
         len(doc_ids),
         config.index_type or "flat",
         head.num_experts if head is not None else 0,
-        {
-            "collection": collection.name,
-            "model_config": dataclasses.asdict(retriever.config),
-            "index_config": dataclasses.asdict(config),
-            "encode_config": dataclasses.asdict(encode),
-            "encoding": encoding_used(retriever, encode),
-            **provenance(command),
-        },
+        index_metadata(retriever, collection.name, config, encode, command),
         nlist=config.nlist,
         nprobe=config.nprobe,
     )

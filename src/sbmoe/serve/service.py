@@ -117,7 +117,7 @@ class SearchService:
         self.fingerprint = retriever.fingerprint()  # a hash of every weight: computed once
         self.index_path = str(index) if isinstance(index, (str, os.PathLike)) else None
         if isinstance(index, (str, os.PathLike)):
-            index = load_index(index, expected_fingerprint=self.fingerprint, verify=verify)
+            index = load_index(index, expected_fingerprint=retriever.index_fingerprints(), verify=verify)
         self.index = index
         if documents is not None:
             missing = [doc_id for doc_id in index.doc_ids if doc_id not in documents]
@@ -198,6 +198,7 @@ class SearchService:
                 "fingerprint": self.fingerprint,
                 "experts": head.num_experts if head is not None else 0,
                 "expert_pooling": head.expert_pooling if head is not None else None,
+                "head_side": self.retriever.config.head_side,
             },
             "index": {
                 "path": self.index_path,

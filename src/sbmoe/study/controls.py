@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.artifacts import EVALUATION, writing_output
 from sbmoe.core.errors import UsageError
@@ -45,8 +45,10 @@ from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.search import search_documents
+from sbmoe.train.procrustes import procrustes_model
 
-CONTROLS = ("document-prior", "zero-shot+prior")
+CONTROLS = ("document-prior", "zero-shot+prior", "procrustes")
 # Cosine scores of one query's top documents lie within a few hundredths of each other, and
 # log(1 + count) is 0.69 for a document relevant to one training query: from no effect to a dominant one.
 BETA_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
@@ -152,8 +154,8 @@ def evaluate_control(
     """
     if control not in CONTROLS:
         raise UsageError(f"unknown control {control!r}; choose one of {list(CONTROLS)}")
-    if control == "zero-shot+prior" and retriever is None:
-        raise UsageError("zero-shot+prior needs the zero-shot model to add the prior to")
+    if control != "document-prior" and retriever is None:
+        raise UsageError(f"{control} needs the zero-shot model")
     started = time.perf_counter()
     qrels = collection.split_qrels(config.split)
     query_ids = sorted(q for q in qrels if q in collection.queries)
@@ -161,9 +163,22 @@ def evaluate_control(
     split = train_config.train_split
     counts = document_counts(collection.qrels[split]) if split in collection.qrels else {}
     details: dict[str, Any] = {"prior_split": split, "documents_with_prior": len(counts)}
+    model: Retriever | None = None  # the fitted procrustes model, saved beside its scores
     if control == "document-prior":
         fingerprint = "document-prior"
         run = document_prior_run(counts, doc_ids, query_ids, config.top_k, config.exclude_self)
+    elif control == "procrustes":
+        model = procrustes_model(retriever, collection, train_config, encode, cache)
+        fingerprint = f"procrustes:{model.fingerprint()}"
+        run = search_documents(
+            model,
+            {q: collection.queries[q] for q in query_ids},
+            {d: collection.corpus[d].full_text for d in doc_ids},
+            SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
+            encode,
+            cache=cache,
+        )["model"]
+        details.update({"pairs_split": split, "model": "model"})
     else:
         fingerprint = f"zero-shot+prior:{retriever.fingerprint()}"
         documents = encode_texts(
@@ -196,6 +211,8 @@ def evaluate_control(
     with writing_output(output_dir, EVALUATION, settings):
         groups = split_query_groups(collection.qrels, config.split)
         result = save_evaluation(qrels, run, output_dir, config, "model", record, groups)
+        if control == "procrustes":
+            model.save(output_dir / "model")  # query-side: it serves from the backbone's index
     return ControlOutput(result, round(time.perf_counter() - started, 2), details)
 
 

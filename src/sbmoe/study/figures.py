@@ -1,7 +1,13 @@
 """The figures of an experiment report: what each plot shows, drawn by :mod:`sbmoe.study.plots`.
 
-* ``metric_vs_experts.png``: the primary metric against the number of experts, one panel per
-  (backbone, training collection, evaluation collection), systems without experts as lines.
+* ``systems.png``: each system's primary metric on its own collection, with a 95% interval over
+  queries, zero-shot named as the reference; ``unseen.png``: the same on the test queries whose
+  relevant documents no training query had (where a document prior cannot help);
+* ``gain_over_zero_shot.png``: per training collection, each trained system's change from the
+  zero-shot backbone with a 95% interval over paired queries, in-domain and on every other
+  collection it was evaluated on (transfer);
+* ``metric_vs_experts.png`` (grids over several expert counts only): the primary metric against
+  the number of experts, one panel per (backbone, training collection, evaluation collection).
 * ``expert_usage.png``: per trained MoE model, the hard top-1 share of each expert, for queries and
   documents of the collection it was trained on.
 * ``tsne_<collection>.png``: a query and its top documents under the MoE model with the most
@@ -44,7 +50,11 @@ def write_figures(
 
     written = []
     systems = [s for members in groups.values() for s in members]
-    if any(s.experts for s in systems):
+    written += comparison_figures(systems, metric, directory)
+    counts: dict[str, set[int]] = {}
+    for s in systems:
+        counts.setdefault(s.variant, set()).add(s.experts)
+    if any(len(experts - {0}) > 1 for experts in counts.values()):
         panels: dict[str, dict[str, list[tuple[int, float, float]]]] = {}
         references: dict[str, dict[str, float]] = {}
         for (backbone, trained_on, evaluated_on), members in groups.items():
@@ -76,6 +86,65 @@ def write_figures(
     return written
 
 
+def interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """The mean of ``values`` and its normal-approximation 95% confidence interval."""
+    array = np.asarray(values, dtype=float)
+    mean = float(array.mean())
+    if len(array) < 2:
+        return mean, mean, mean
+    half = 1.96 * float(array.std(ddof=1)) / np.sqrt(len(array))
+    return mean, mean - half, mean + half
+
+
+def comparison_figures(systems: Sequence[SystemResult], metric: str, directory: Path) -> list[Path]:
+    """``systems.png``, ``unseen.png`` and ``gain_over_zero_shot.png`` (those the systems allow)."""
+    from sbmoe.study.plots import plot_intervals
+
+    label = metric_label(metric)
+    zero_shot = {(s.backbone, s.eval_collection): s for s in systems if s.kind == "zero-shot"}
+    in_domain = [s for s in systems if s.train_collection == s.eval_collection]
+    written = []
+    for name, subset, question in (
+        ("systems.png", None, f"{label} of each system on its own collection (95% interval over queries)"),
+        ("unseen.png", "unseen", f"{label} on unseen test queries: no training query shared their answers"),
+    ):
+        panels: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
+        references: dict[str, tuple[str, float]] = {}
+        for s in in_domain:
+            ids = None if subset is None else (s.query_groups or {}).get(subset)
+            if subset is not None and not ids:
+                continue
+            scores = s.mean_per_query(metric)
+            values = [scores[q] for q in (ids if ids is not None else scores) if q in scores]
+            panel = f"{s.backbone} / {s.eval_collection}" + (f" ({len(values)} queries)" if subset else "")
+            panels.setdefault(panel, {}).setdefault("", {})[s.label] = interval(values)
+            if s.kind == "zero-shot":
+                references[panel] = ("zero-shot", interval(values)[0])
+        if panels:
+            written.append(plot_intervals(panels, references, label, question, directory / name))
+    gains: dict[str, dict[str, dict[str, tuple[float, float, float]]]] = {}
+    for s in systems:
+        reference = zero_shot.get((s.backbone, s.eval_collection))
+        if s.kind == "zero-shot" or reference is None:
+            continue
+        ours, theirs = s.mean_per_query(metric), reference.mean_per_query(metric)
+        paired = [ours[q] - theirs[q] for q in ours if q in theirs]
+        if not paired:
+            continue
+        in_domain_gain = s.train_collection == s.eval_collection
+        series = "in-domain" if in_domain_gain else f"transfer to {s.eval_collection}"
+        panel = f"{s.backbone}, trained on {s.train_collection}"
+        gains.setdefault(panel, {}).setdefault(series, {})[s.label] = interval(paired)
+    if gains:
+        for panel in gains:  # in-domain first: rows follow its order
+            gains[panel] = dict(sorted(gains[panel].items(), key=lambda item: item[0] != "in-domain"))
+        question = f"Change in {label} from the zero-shot backbone (95% interval over paired queries)"
+        references = {panel: ("zero-shot", 0.0) for panel in gains}
+        path = directory / "gain_over_zero_shot.png"
+        written.append(plot_intervals(gains, references, f"Δ {label}", question, path))
+    return written
+
+
 def tsne_systems(systems: Sequence[SystemResult]) -> list[SystemResult]:
     """Per evaluation collection, the trained MoE system to draw: SB-MoE before controls, in-domain
     before transfer, then the most experts, the top1 rule preferred."""
@@ -87,12 +156,20 @@ def tsne_systems(systems: Sequence[SystemResult]) -> list[SystemResult]:
 
     for system in systems:
         trained = system.cell_dirs and (Path(system.cell_dirs[0]) / "model").exists()
-        if system.experts < 2 or not trained:
+        if system.experts < 2 or not trained or not _routes_documents(Path(system.cell_dirs[0])):
             continue
         current = chosen.get(system.eval_collection)
         if current is None or rank(system) > rank(current):
             chosen[system.eval_collection] = system
     return list(chosen.values())
+
+
+def _routes_documents(cell_dir: Path) -> bool:
+    """Whether the cell's head routes documents too (a query-side head leaves them unrouted)."""
+    from sbmoe.core.io import read_json
+
+    saved = read_json(cell_dir / "cell.json") if (cell_dir / "cell.json").exists() else {}
+    return saved.get("model_config", {}).get("head_side", "both") == "both"
 
 
 def choose_tsne_query(ranked: Mapping[str, Sequence[str]], expert_of: Mapping[str, int]) -> tuple[str, str]:

@@ -11,6 +11,10 @@ import numpy as np
 
 # (number of experts, mean, standard deviation over seeds)
 Point = tuple[int, float, float]
+# (mean, low, high): an estimate and its 95% confidence interval
+Interval = tuple[float, float, float]
+# Colours and markers of the series of an interval plot, in order.
+SERIES_STYLES = (("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "D"))
 
 
 def _pyplot():
@@ -71,6 +75,116 @@ def plot_metric_vs_experts(
         axis.set_ylabel(metric)
         axis.legend(fontsize=7)
     return _save(figure, Path(path))
+
+
+def plot_intervals(
+    panels: Mapping[str, Mapping[str, Mapping[str, Interval]]],
+    references: Mapping[str, tuple[str, float]],
+    xlabel: str,
+    title: str,
+    path: str | Path,
+) -> Path:
+    """Each system's estimate with its 95% interval, one row per system, one panel per case.
+
+    Answers one question per figure: the systems are the rows (labels on the axis, no legend over
+    the data), a reference (e.g. zero-shot) is a vertical line named where it is drawn, and the
+    x-axis fits the systems compared: a system far outside the others' range (e.g. a control that
+    never reads the query) is drawn as an arrow at the edge with its value written.
+
+    Args:
+        panels: Panel title -> series (e.g. ``in-domain``, ``transfer``) -> system label ->
+            ``(mean, low, high)``. Rows keep the first series' order; a legend of the series is
+            drawn below the panels when there are several.
+        references: Panel title -> (name, value) of the reference line.
+        xlabel: The x-axis label.
+        title: The figure's title: the question it answers.
+        path: The PNG to write.
+    """
+    plt = _pyplot()
+    names = list(dict.fromkeys(name for series in panels.values() for name in series))
+    rows = max(len({label for series in p.values() for label in series}) for p in panels.values())
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels), 0.32 * rows + 1.4), squeeze=False, sharey=False
+    )
+    for axis, (panel, series) in zip(axes[0], panels.items(), strict=True):
+        labels = list(dict.fromkeys(label for values in series.values() for label in values))
+        low, high = _fitted_range(
+            [v for values in series.values() for v in values.values()], references.get(panel)
+        )
+        offsets = np.linspace(-0.18, 0.18, len(series)) if len(series) > 1 else [0.0]
+        for (name, values), offset in zip(series.items(), offsets, strict=True):
+            colour, marker = SERIES_STYLES[names.index(name) % len(SERIES_STYLES)]
+            for row, label in enumerate(labels):
+                if label not in values:
+                    continue
+                mean, lower, upper = values[label]
+                y = row + offset
+                if low <= mean <= high:
+                    axis.errorbar(
+                        mean,
+                        y,
+                        xerr=[[mean - lower], [upper - mean]],
+                        fmt=marker,
+                        color=colour,
+                        capsize=2,
+                        markersize=4,
+                    )
+                else:  # off the fitted axis: an arrow at the edge, with the value
+                    edge = low if mean < low else high
+                    axis.plot(edge, y, marker="<" if mean < low else ">", color=colour, markersize=6)
+                    axis.annotate(
+                        f"{mean:.3f}",
+                        (edge, y),
+                        xytext=(6 if mean < low else -6, 0),
+                        textcoords="offset points",
+                        ha="left" if mean < low else "right",
+                        va="center",
+                        fontsize=7,
+                        color=colour,
+                    )
+        if panel in references:
+            name, value = references[panel]
+            axis.axvline(value, color="black", linewidth=0.8, linestyle="--")
+            axis.annotate(
+                name, (value, -0.6), xytext=(3, -2), textcoords="offset points", fontsize=7, va="top"
+            )
+        axis.set_yticks(range(len(labels)), labels, fontsize=7)
+        axis.set_ylim(len(labels) - 0.4, -0.6)
+        axis.set_xlim(low, high)
+        axis.set_xlabel(xlabel, fontsize=8)
+        axis.set_title(panel, fontsize=9)
+        axis.grid(axis="x", linewidth=0.3, alpha=0.6)
+        axis.tick_params(axis="x", labelsize=7)
+    figure.suptitle(title, fontsize=10)
+    if len(names) > 1:
+        from matplotlib.lines import Line2D
+
+        handles = [
+            Line2D([], [], color=colour, marker=marker, linestyle="", label=name)
+            for name, (colour, marker) in zip(names, SERIES_STYLES, strict=False)
+        ]
+        figure.legend(
+            handles=handles,
+            loc="lower center",
+            ncol=len(handles),
+            fontsize=8,
+            frameon=False,
+            bbox_to_anchor=(0.5, -0.02),
+        )
+    figure.tight_layout(rect=(0, 0.04, 1, 0.95))
+    return _save(figure, Path(path))
+
+
+def _fitted_range(intervals: Sequence[Interval], reference: tuple[str, float] | None) -> tuple[float, float]:
+    """An x-range holding every interval but those of far outliers (beyond 3 IQRs of the means)."""
+    means = np.array([mean for mean, _, _ in intervals])
+    q1, q3 = np.percentile(means, [25, 75])
+    spread = max(q3 - q1, 0.01)
+    kept = [(lo, hi) for mean, lo, hi in intervals if q1 - 3 * spread <= mean <= q3 + 3 * spread]
+    values = [v for pair in kept for v in pair] + ([reference[1]] if reference else [])
+    low, high = min(values), max(values)
+    margin = 0.06 * max(high - low, 1e-3)
+    return low - margin, high + margin
 
 
 def plot_expert_usage(systems: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:

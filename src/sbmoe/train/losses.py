@@ -202,10 +202,16 @@ class RouterLoss(nn.Module):
         self, queries: Features, documents: Features, batch: TrainingBatch
     ) -> tuple[Tensor, dict[str, float]]:
         """The weighted sum and the unweighted terms (``load_balancing``, ``router_z``)."""
-        sizes = [q + d for q, d in zip(batch.query_sizes, batch.document_sizes, strict=True)]
-        logits = torch.cat([queries["router_logits"], documents["router_logits"]]).float()
+        # Documents pass no head under a query-side head: then only queries are routed.
+        routed = [
+            (features, sizes)
+            for features, sizes in ((queries, batch.query_sizes), (documents, batch.document_sizes))
+            if "router_logits" in features
+        ]
+        sizes = [sum(per_kind) for per_kind in zip(*(kind_sizes for _, kind_sizes in routed), strict=True)]
+        logits = torch.cat([features["router_logits"] for features, _ in routed]).float()
         logits = all_gather_with_grad(logits, sizes, self.context)
-        chosen = torch.cat([queries["expert_index"], documents["expert_index"]])
+        chosen = torch.cat([features["expert_index"] for features, _ in routed])
         chosen = all_gather_tensor(chosen, sizes, self.context)
         loss, terms = logits.new_zeros(()), {}
         if self.load_balancing_coef > 0:

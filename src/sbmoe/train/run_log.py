@@ -163,7 +163,9 @@ def collapse_warnings(summary: Mapping[str, Any], threshold: float, epoch: int) 
     """
     messages = []
     for kind in ("queries", "documents"):
-        usage = summary[f"usage_{kind}"]
+        usage = summary.get(f"usage_{kind}")
+        if usage is None:
+            continue  # documents under a query-side head are not routed
         share = max(usage)
         if share > threshold:
             messages.append(

@@ -48,15 +48,15 @@ class TrainableEncoder(nn.Module):
         retriever = self.retriever
         if self.data.pooled is not None:
             pooled = self.data.pooled.lookup(kind, ids).to(retriever.device)
-            features = run_stages(retriever.head_stages(), {"sentence_embedding": pooled})
+            features = run_stages(retriever.head_stages(), {"sentence_embedding": pooled}, kind)
         else:
             features = tokenize(retriever, self.data.texts(kind, ids), kind)
             if self.frozen_backbone:
                 with torch.no_grad():
                     features = run_stages(retriever.encoder_stages(), features)
-                features = run_stages(retriever.head_stages(), features)
+                features = run_stages(retriever.head_stages(), features, kind)
             else:
-                features = run_stages(self.model.children(), features)
+                features = run_stages(self.model.children(), features, kind)
         outputs = {key: features[key] for key in OUTPUT_KEYS if key in features}
         if "router_logits" in outputs and not self.router_gradients:
             outputs["router_logits"] = outputs["router_logits"].detach()

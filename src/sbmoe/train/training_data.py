@@ -110,6 +110,11 @@ def require_head(retriever: Retriever, config: TrainConfig) -> bool:
             "freeze_backbone/head_only train the head only: the model needs --num-experts > 0 "
             "or --head linear"
         )
+    if not frozen and getattr(retriever.head_module, "side", "both") == "query":
+        raise UsageError(
+            "a query-side head trains alone: the backbone stays frozen because it encodes the "
+            "documents of the index (use --head-only or --freeze-backbone)"
+        )
     return frozen
 
 

@@ -1,0 +1,94 @@
+"""What every head on the pooled embedding shares: saving itself, its input, its residual and its side.
+
+A head sits between pooling and normalisation and adds a learned change to the pooled embedding
+(``y = x + delta(x)``). It applies to both kinds of text (``side="both"``, the paper's design) or to
+queries only (``side="query"``): documents then keep the frozen backbone's embeddings, so an index
+built with the zero-shot backbone stays valid for every query-side model trained on it.
+
+A query-side head adds its change to the raw pooled embedding, and each kind starts as the
+identity (zero-initialised last layer or residual gain), so an untrained query-side model embeds
+every text bit for bit as the zero-shot backbone does. Which side a text is on comes from
+sentence-transformers' ``task`` (``encode_query`` / ``encode_document``); sbmoe passes it on every
+call (:func:`sbmoe.inference.encoding.run_stages`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from sentence_transformers.base.modules import Module
+from torch import Tensor
+
+from sbmoe.core.choices import HEAD_SIDES
+
+NORMALIZE_EPS = 1e-6
+
+
+class SavedModule(Module):
+    """A sentence-transformers module that saves its ``config_keys`` and its weights, and loads them.
+
+    Saved models then reload with plain ``SentenceTransformer(dir, trust_remote_code=True)``.
+    """
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        self.save_config(output_path)
+        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+
+    @classmethod
+    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> SavedModule:
+        hub_kwargs = {
+            key: kwargs[key]
+            for key in ("token", "cache_folder", "revision", "local_files_only")
+            if key in kwargs
+        }
+        config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        module = cls(**{key: value for key, value in config.items() if key in cls.config_keys})
+        cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=module, **hub_kwargs)
+        return module
+
+
+class Head(SavedModule):
+    """A residual head on the pooled embedding: ``y = x + delta(x)``, on both sides or queries only.
+
+    Subclasses implement :meth:`delta`. Reads ``features["sentence_embedding"]`` and replaces it.
+
+    Args:
+        normalize_input: L2-normalise the pooled embedding before ``delta`` reads it (set when the
+            model scores with cosine similarity, as the published code does). A both-sided head
+            also adds ``delta`` to the normalised embedding; a query-side head adds it to the raw
+            one, so that at ``delta = 0`` a query embeds exactly as without the head.
+        side: ``both`` or ``query``.
+    """
+
+    forward_kwargs: ClassVar[set[str]] = {"task"}
+
+    def __init__(self, normalize_input: bool = False, side: str = "both") -> None:
+        super().__init__()
+        if side not in HEAD_SIDES:
+            raise ValueError(f"side must be one of {HEAD_SIDES}, got {side!r}")
+        self.normalize_input = normalize_input
+        self.side = side
+
+    def applies_to(self, task: str | None) -> bool:
+        """Whether the head changes texts of ``task`` (``query`` or ``document``)."""
+        if self.side == "both":
+            return True
+        if task not in ("query", "document"):
+            raise ValueError(
+                "this model's head is on the query side only: encode queries with encode_query() and "
+                "documents with encode_document() (or pass task='query' / task='document')"
+            )
+        return task == "query"
+
+    def delta(self, x: Tensor, features: dict[str, Any]) -> Tensor:
+        """The head's change to the (possibly normalised) pooled embedding ``x``; may add features."""
+        raise NotImplementedError
+
+    def forward(self, features: dict[str, Any], task: str | None = None, **kwargs) -> dict[str, Any]:
+        if not self.applies_to(task):
+            return features
+        raw = features["sentence_embedding"]
+        x = F.normalize(raw, p=2, dim=-1, eps=NORMALIZE_EPS) if self.normalize_input else raw
+        features["sentence_embedding"] = (raw if self.side == "query" else x) + self.delta(x, features)
+        return features
