@@ -84,7 +84,11 @@ def test_load_tiny_collection(tiny: Path) -> None:
         "q3": {"d4": 1},
         "q4": {"d5": 1},
     }
-    assert col.split_queries("test") == {"q5": "query 5", "q6": "query 6", "q7": "query 7"}
+    assert {q: col.queries[q] for q in col.split_qrels("test")} == {
+        "q5": "query 5",
+        "q6": "query 6",
+        "q7": "query 7",
+    }
 
 
 def test_split_order_and_missing_split(tmp_path: Path) -> None:
@@ -425,7 +429,7 @@ def test_real_scifact() -> None:
         assert len(qrels) == n_queries
         assert sum(len(docs) for docs in qrels.values()) == n_qrels
         assert len(positive_pairs(qrels)) == n_qrels  # all SciFact scores are 1
-    assert len(col.split_queries("test")) == 300
+    assert len({q: col.queries[q] for q in col.split_qrels("test")}) == 300
     train, dev = train_dev_split(col)  # no dev split: 10% of train held out
     assert len(dev) == 81 and len(train) == 728 and not train.keys() & dev.keys()
 

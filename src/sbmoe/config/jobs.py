@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sbmoe.config.base import check_choices
+from sbmoe.config.base import ConfigBase, check_choices
 from sbmoe.config.fields import (
     documents_top_k_setting,
     encode_batch_size_setting,
@@ -18,7 +18,7 @@ from sbmoe.core.errors import UsageError
 
 
 @dataclass
-class EncodeConfig:
+class EncodeConfig(ConfigBase):
     """How texts are encoded at inference (evaluate, index, search): batch, numerics, device."""
 
     encode_batch_size: int = encode_batch_size_setting()
@@ -42,7 +42,7 @@ class EncodeConfig:
 
 
 @dataclass
-class IndexConfig:
+class IndexConfig(ConfigBase):
     """What kind of FAISS index to build (``sbmoe index``) or merge shards into (``sbmoe merge-index``)."""
 
     index_type: str | None = setting(
@@ -74,7 +74,7 @@ class IndexConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(ConfigBase):
     """What an evaluation searches and scores."""
 
     split: str = setting("test", help="qrels split whose queries are searched")
@@ -100,7 +100,7 @@ class EvaluateConfig:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(ConfigBase):
     """How many documents a search returns per query."""
 
     top_k: int = documents_top_k_setting(10)
@@ -113,7 +113,7 @@ class SearchConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(ConfigBase):
     """Where ``sbmoe serve`` listens and how much one request may ask for."""
 
     host: str = setting(
@@ -138,7 +138,7 @@ class ServeConfig:
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(ConfigBase):
     """How ``sbmoe report`` compares the systems of an experiment."""
 
     baseline: str = setting("fine-tuned", help="variant every system is tested against")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from sbmoe.config.base import check_choices
+from sbmoe.config.base import ConfigBase, check_choices
 from sbmoe.config.fields import setting
 from sbmoe.core.choices import (
     EXPERT_POOLINGS,
@@ -21,7 +21,7 @@ from sbmoe.core.errors import UsageError
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigBase):
     """How to build an SB-MoE retriever from a backbone encoder (saved as ``sbmoe.json``)."""
 
     backbone: str = setting(

@@ -6,14 +6,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from sbmoe.config.base import check_choices
+from sbmoe.config.base import ConfigBase, check_choices
 from sbmoe.config.fields import encode_batch_size_setting, precision_setting, setting
 from sbmoe.core.choices import CHECKPOINT_SELECTIONS, REPORT_TO, SCHEDULERS, Precision
 from sbmoe.core.errors import UsageError
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """How to fine-tune: optimisation, loss, model selection and precision."""
 
     epochs: int = setting(1, help="passes over the training pairs")

@@ -265,11 +265,6 @@ def shard_bounds(count: int, shard: int, num_shards: int) -> tuple[int, int]:
     return start, start + base + (1 if shard < extra else 0)
 
 
-def split_sizes(count: int, num_shards: int) -> list[int]:
-    """Sizes of the :func:`shard_bounds` shards."""
-    return [stop - start for start, stop in (shard_bounds(count, i, num_shards) for i in range(num_shards))]
-
-
 def parse_shard(text: str) -> tuple[int, int]:
     """``"i/N"`` -> ``(i, N)``, with ``0 <= i < N``."""
     try:

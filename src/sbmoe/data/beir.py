@@ -99,10 +99,6 @@ class BeirCollection:
             )
         return self.qrels[split]
 
-    def split_queries(self, split: str) -> dict[str, str]:
-        """Query id -> text for the queries judged in ``split``, in qrels order."""
-        return {qid: self.queries[qid] for qid in self.split_qrels(split)}
-
 
 def load_collection(path: str | os.PathLike, splits: Sequence[str] | None = None) -> BeirCollection:
     """Read and validate a BEIR folder.

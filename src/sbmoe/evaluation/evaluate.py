@@ -7,7 +7,6 @@ collection has a training split.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 
 from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
 from sbmoe.config.provenance import provenance
-from sbmoe.core.artifacts import EVALUATION, writing_output
+from sbmoe.core.artifacts import EVALUATION, evaluation_settings, writing_output
 from sbmoe.core.io import write_json
 from sbmoe.core.runs import Run
 from sbmoe.data.beir import BeirCollection
@@ -70,11 +69,7 @@ def evaluate_model(
     encode = encode or EncodeConfig()
     output_dir = Path(output_dir)
     fingerprint = retriever.fingerprint()
-    settings = {
-        "model_fingerprint": fingerprint,
-        "evaluate_config": dataclasses.asdict(config),
-        "data": collection.name,
-    }
+    settings = evaluation_settings(fingerprint, config, collection.name)
     with writing_output(output_dir, EVALUATION, settings, overwrite=overwrite) as replacing:
         if replacing:
             shutil.rmtree(output_dir)  # an earlier evaluation, with other settings: --overwrite
@@ -118,9 +113,9 @@ def _evaluate(
     for rule, run in runs.items():
         target = output_dir / rule if len(runs) > 1 else output_dir
         record = {
-            "encode_config": dataclasses.asdict(encode),
+            "encode_config": encode.to_dict(),
             "encoding": encoding_used(retriever, encode),
-            "model_config": dataclasses.asdict(retriever.config),
+            "model_config": retriever.config.to_dict(),
             "model_fingerprint": fingerprint,
             "expert_pooling": rule,
             "data": {"name": collection.name, "root": str(collection.root)},
@@ -151,5 +146,5 @@ def save_evaluation(
     result = evaluate_run(qrels, run, metrics=tuple(config.metrics))
     save_metrics(result, target, extra={"split": config.split, "expert_pooling": rule}, query_groups=groups)
     write_trec_run(run, target / "run.trec", tag=f"sbmoe-{rule}")
-    write_json(target / "config.json", {"evaluate_config": dataclasses.asdict(config), **record})
+    write_json(target / "config.json", {"evaluate_config": config.to_dict(), **record})
     return result

@@ -276,11 +276,6 @@ class Retriever:
         """Where the model computes (its inputs are moved there)."""
         return self.model.device
 
-    def to(self, device: str | torch.device | None = "auto") -> Retriever:
-        """Move the model to ``device`` (``auto``: the GPU when there is one); returns ``self``."""
-        self.model.to(resolve_device(device))
-        return self
-
     def encoder_stages(self) -> list[torch.nn.Module]:
         """The stages up to and including pooling (what the head reads)."""
         stages = list(self.model.children())
@@ -335,7 +330,7 @@ class Retriever:
     # ----------------------------------------------------------------------------------- identity
     def fingerprint(self) -> str:
         """A SHA-256 over the weights and every setting that changes the embeddings."""
-        settings = dataclasses.asdict(self.config)
+        settings = self.config.to_dict()
         settings.pop("backbone")  # where it came from does not change what it computes
         # The head's kind shows in the weights' names; leaving it out keeps earlier fingerprints valid.
         settings.pop("head")
@@ -379,7 +374,7 @@ class Retriever:
             self.model.save(str(tmp))
             saved = {
                 "sbmoe_version": __version__,
-                "model_config": dataclasses.asdict(self.config),
+                "model_config": self.config.to_dict(),
                 "fingerprint": self.fingerprint(),
                 "versions": provenance()["versions"],
                 **(extra or {}),

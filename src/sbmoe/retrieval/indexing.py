@@ -4,14 +4,13 @@ index shards.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sbmoe.config.jobs import EncodeConfig, IndexConfig
 from sbmoe.config.provenance import provenance
-from sbmoe.core.artifacts import INDEX, SHARDED_INDEX, check_output, writing_output
+from sbmoe.core.artifacts import INDEX, SHARDED_INDEX, index_settings, writing_output
 from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runtime import resolve_inference
@@ -98,18 +97,13 @@ def index_corpus(
     if stop == start:
         raise UsageError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
     documents = {d: collection.corpus[d].full_text for d in doc_ids[start:stop]}
-    if shard:
-        check_output(output_dir, SHARDED_INDEX)
     target = shard_directory(output_dir, *shard) if shard else Path(output_dir)
-    settings = {
-        "fingerprint": retriever.fingerprint(),
-        "collection": collection.name,
-        "index_config": dataclasses.asdict(config),
-    }
+    settings = index_settings(retriever.fingerprint(), collection.name, config)
     # Without a cache of the caller's, encoded chunks wait beside the output until the index is saved:
     # a killed run, run again, encodes only what is missing.
     chunks = target.parent / f".{target.name}.chunks"
-    with writing_output(target, INDEX, settings, overwrite=overwrite):
+    within = SHARDED_INDEX if shard else None
+    with writing_output(target, INDEX, settings, overwrite=overwrite, within=within):
         retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
         index = build_index(
             retriever,
@@ -122,9 +116,9 @@ def index_corpus(
         index.metadata.update(
             {
                 "collection": collection.name,
-                "model_config": dataclasses.asdict(retriever.config),
-                "index_config": dataclasses.asdict(config),
-                "encode_config": dataclasses.asdict(encode),
+                "model_config": retriever.config.to_dict(),
+                "index_config": config.to_dict(),
+                "encode_config": encode.to_dict(),
                 "encoding": encoding_used(retriever, encode),
                 **provenance(command),
             }
@@ -151,14 +145,23 @@ def merge_index(
     the same index). ``config``'s index type and dtype may differ from the shards' (e.g. exact
     shards, IVF merged; float32 shards, float16 merged) and default to theirs. The metadata keeps
     the shards' and adds the merge's :func:`~sbmoe.config.provenance.provenance` under ``merge``.
+
+    Args:
+        overwrite: Replace an earlier index in ``output_dir`` made from another model, collection
+            or shards' index config (anything but an index there is refused anyway; see
+            :func:`~sbmoe.core.artifacts.check_output`).
     """
     config = config or IndexConfig()
     sharded = ShardedIndex.load(index_dir)
-    merged = sharded.merge(
-        config.index_type, nlist=config.nlist, nprobe=config.nprobe, dtype=config.embedding_dtype
-    )
-    merged.metadata["merge"] = {"index_config": dataclasses.asdict(config), **provenance(command)}
-    merged.save(output_dir)
+    # The merged index is what the shards are: their model, collection and index config.
+    shards_config = sharded.metadata.get("index_config")
+    settings = index_settings(sharded.fingerprint, sharded.metadata.get("collection"), shards_config)
+    with writing_output(output_dir, INDEX, settings, overwrite=overwrite):
+        merged = sharded.merge(
+            config.index_type, nlist=config.nlist, nprobe=config.nprobe, dtype=config.embedding_dtype
+        )
+        merged.metadata["merge"] = {"index_config": config.to_dict(), **provenance(command)}
+        merged.save(output_dir)
     return merged
 
 

@@ -449,8 +449,8 @@ def run_cell(
         folder / "cell.json",
         {
             "cell": cell.to_dict(),
-            "model_config": dataclasses.asdict(model_config),
-            "train_config": dataclasses.asdict(train_config),
+            "model_config": model_config.to_dict(),
+            "train_config": train_config.to_dict(),
             "evaluate": grid.evaluate,
             "evaluate_per_collection": {
                 name: grid.evaluate_per_collection[name]
