@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 import numpy as np
 from common import machine, scifact
 
-from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig, ServeConfig
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import index_corpus
@@ -146,7 +146,9 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
         retriever.config = dataclasses.replace(retriever.config, max_doc_length=DOC_TOKENS)
         retriever.save(model_dir)
         started = time.perf_counter()
-        index_corpus(retriever, scifact(), index_dir, cache=EmbeddingCache(), show_progress=False)
+        index_corpus(
+            retriever, scifact(), index_dir, options=JobOptions(cache=EmbeddingCache(), show_progress=False)
+        )
         print(f"indexed the SciFact corpus in {time.perf_counter() - started:.0f} s (cached on later runs)")
     return model_dir, index_dir
 

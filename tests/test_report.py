@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.io import read_json, write_json
 from sbmoe.study.figures import choose_tsne_query
@@ -351,7 +352,7 @@ def test_tsne_of_a_trained_moe_model(tiny_bert_dir, scifact_slice, tmp_path):
     from sbmoe.data.beir import load_collection
     from sbmoe.evaluation.evaluate import evaluate_model
     from sbmoe.model.retriever import Retriever
-    from sbmoe.study.experiments import eval_dir
+    from sbmoe.study.grid import eval_dir
 
     # A cell folder as run_cell leaves it, with an untrained MoE model standing in for a trained one.
     torch.manual_seed(0)
@@ -361,7 +362,11 @@ def test_tsne_of_a_trained_moe_model(tiny_bert_dir, scifact_slice, tmp_path):
     retriever.save(folder / "model")
     config = EvaluateConfig(metrics=list(PAPER_METRICS))
     evaluate_model(
-        retriever, load_collection(scifact_slice), eval_dir(folder, name), config, show_progress=False
+        retriever,
+        load_collection(scifact_slice),
+        eval_dir(folder, name),
+        config,
+        options=JobOptions(show_progress=False),
     )
     cell = {
         "backbone": "bb",

@@ -1,9 +1,11 @@
-"""The configs of the inference jobs: encoding, indexing, evaluation, search, serving and reports."""
+"""The configs of the inference jobs: encoding, indexing, evaluation, search, serving and reports, and
+the options every job takes (:class:`JobOptions`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sbmoe.config.base import ConfigBase, check_choices
 from sbmoe.config.fields import (
@@ -13,8 +15,34 @@ from sbmoe.config.fields import (
     inference_precision_setting,
     setting,
 )
-from sbmoe.core.choices import BACKENDS, EMBEDDING_DTYPES, EXPERT_POOLINGS, INDEX_TYPES, PAPER_METRICS
+from sbmoe.core.choices import (
+    BACKENDS,
+    EMBEDDING_DTYPES,
+    EXPERT_POOLINGS,
+    INDEX_TYPES,
+    PAPER_METRICS,
+    describe_auto_inference,
+)
 from sbmoe.core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job runs, not what it computes: the options that travel together through every job.
+
+    Attributes:
+        show_progress: Progress bars.
+        command: The command line recorded in the output's provenance (``None``: ``sys.argv``).
+        cache: An :class:`sbmoe.inference.cache.EmbeddingCache` of pooled embeddings to reuse (typed
+            loosely: config sits below inference).
+        overwrite: Replace an earlier output of the same kind made with other settings (anything
+            else at the output is refused anyway; see :func:`sbmoe.core.artifacts.writing_output`).
+    """
+
+    show_progress: bool = True
+    command: Sequence[str] | None = None
+    cache: Any = None
+    overwrite: bool = False
 
 
 @dataclass
@@ -27,8 +55,7 @@ class EncodeConfig(ConfigBase):
         "auto",
         choices=BACKENDS,
         help="what runs the transformer: torch, onnx (ONNX Runtime, CPU; exported once per model and "
-        "cached), or auto: bf16 torch on CPUs with AMX/AVX512-BF16 and on GPUs, int8 onnx on other "
-        "x86 CPUs when onnxruntime is installed, else fp32 torch",
+        f"cached), or {describe_auto_inference()}",
     )
     device: str = setting(
         "auto", help="auto (this process's GPU when there is one, else the CPU), cpu, cuda, cuda:N"

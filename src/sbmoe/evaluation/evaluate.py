@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions, SearchConfig
 from sbmoe.config.provenance import provenance
 from sbmoe.core.artifacts import EVALUATION, evaluation_settings, writing_output
 from sbmoe.core.io import write_json
@@ -22,7 +22,6 @@ from sbmoe.core.runs import Run
 from sbmoe.data.beir import BeirCollection
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics, write_trec_run
 from sbmoe.evaluation.query_groups import group_scores, split_query_groups
-from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import encoding_used
 from sbmoe.retrieval.search import search_documents
@@ -46,11 +45,7 @@ def evaluate_model(
     output_dir: str | Path,
     config: EvaluateConfig | None = None,
     encode: EncodeConfig | None = None,
-    *,
-    show_progress: bool = True,
-    command: Sequence[str] | None = None,
-    cache: EmbeddingCache | None = None,
-    overwrite: bool = False,
+    options: JobOptions | None = None,
 ) -> list[EvaluationOutput]:
     """Search the split's queries over the whole corpus and score the run.
 
@@ -62,20 +57,20 @@ def evaluate_model(
     ``config.expert_poolings`` are ignored for a model without an MoE head.
 
     Args:
-        overwrite: Replace an earlier evaluation in ``output_dir`` made with other settings (see
-            :func:`~sbmoe.core.artifacts.check_output`; anything but an evaluation there is refused anyway).
+        options: Progress bars, the command recorded, the embedding cache, and ``overwrite``: replace
+            an earlier evaluation in ``output_dir`` made with other settings (anything but an
+            evaluation there is refused anyway; see :func:`~sbmoe.core.artifacts.writing_output`).
     """
+    options = options or JobOptions()
     config = config or EvaluateConfig()
     encode = encode or EncodeConfig()
     output_dir = Path(output_dir)
     fingerprint = retriever.fingerprint()
     settings = evaluation_settings(fingerprint, config, collection.name)
-    with writing_output(output_dir, EVALUATION, settings, overwrite=overwrite) as replacing:
+    with writing_output(output_dir, EVALUATION, settings, overwrite=options.overwrite) as replacing:
         if replacing:
             shutil.rmtree(output_dir)  # an earlier evaluation, with other settings: --overwrite
-        return _evaluate(
-            retriever, collection, output_dir, config, encode, fingerprint, show_progress, command, cache
-        )
+        return _evaluate(retriever, collection, output_dir, config, encode, fingerprint, options)
 
 
 def _evaluate(
@@ -85,9 +80,7 @@ def _evaluate(
     config: EvaluateConfig,
     encode: EncodeConfig,
     fingerprint: str,
-    show_progress: bool,
-    command: Sequence[str] | None,
-    cache: EmbeddingCache | None,
+    options: JobOptions,
 ) -> list[EvaluationOutput]:
     qrels = collection.split_qrels(config.split)
     # Seen / partly-seen / unseen queries, on collections with a training split (evaluation.query_groups).
@@ -104,8 +97,8 @@ def _evaluate(
         SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
         encode,
         expert_poolings=config.expert_poolings if retriever.head is not None else (),
-        show_progress=show_progress,
-        cache=cache,
+        show_progress=options.show_progress,
+        cache=options.cache,
     )
     seconds = time.perf_counter() - started
 
@@ -120,7 +113,7 @@ def _evaluate(
             "expert_pooling": rule,
             "data": {"name": collection.name, "root": str(collection.root)},
             "encode_and_search_seconds": round(seconds, 2),
-            **provenance(command),
+            **provenance(options.command),
         }
         result = save_evaluation(qrels, run, target, config, rule, record, groups)
         group_summary = group_scores(result.per_query, groups) if groups is not None else None

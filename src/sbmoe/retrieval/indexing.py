@@ -5,10 +5,10 @@ index shards.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
-from sbmoe.config.jobs import EncodeConfig, IndexConfig
+from sbmoe.config.jobs import EncodeConfig, IndexConfig, JobOptions
 from sbmoe.config.provenance import provenance
 from sbmoe.core.artifacts import INDEX, SHARDED_INDEX, index_settings, writing_output
 from sbmoe.core.distributed import shard_bounds
@@ -66,12 +66,9 @@ def index_corpus(
     output_dir: str | Path,
     config: IndexConfig | None = None,
     encode: EncodeConfig | None = None,
+    options: JobOptions | None = None,
     *,
     shard: tuple[int, int] | None = None,
-    show_progress: bool = True,
-    command: Sequence[str] | None = None,
-    cache: EmbeddingCache | None = None,
-    overwrite: bool = False,
 ) -> DenseIndex:
     """Encode the collection's corpus and save the FAISS index (with the model's fingerprint).
 
@@ -79,17 +76,19 @@ def index_corpus(
     :func:`~sbmoe.config.provenance.provenance`.
 
     Args:
+        options: Progress bars, the command recorded, the embedding cache, and ``overwrite``:
+            replace an earlier index in ``output_dir`` made from another model, collection or index
+            config (anything but an index there is refused anyway; see
+            :func:`~sbmoe.core.artifacts.writing_output`).
         shard: ``(i, N)``: encode only the ``i``-th of ``N`` consecutive slices of the corpus and
             save it as that shard of the sharded index ``output_dir`` (see
             :class:`~sbmoe.retrieval.shards.ShardedIndex`); shards can be built by different processes or
             machines. ``None`` indexes the whole corpus into ``output_dir``.
-        overwrite: Replace an earlier index in ``output_dir`` made from another model, collection
-            or index config (anything but an index there is refused anyway; see
-            :func:`~sbmoe.core.artifacts.check_output`).
 
     Returns:
         The index built (the shard's, when sharded).
     """
+    options = options or JobOptions()
     config = config or IndexConfig()
     encode = encode or EncodeConfig()
     doc_ids = list(collection.corpus)
@@ -103,15 +102,15 @@ def index_corpus(
     # a killed run, run again, encodes only what is missing.
     chunks = target.parent / f".{target.name}.chunks"
     within = SHARDED_INDEX if shard else None
-    with writing_output(target, INDEX, settings, overwrite=overwrite, within=within):
+    with writing_output(target, INDEX, settings, overwrite=options.overwrite, within=within):
         retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
         index = build_index(
             retriever,
             documents,
             config,
             encode,
-            show_progress=show_progress,
-            cache=cache or EmbeddingCache(chunks),
+            show_progress=options.show_progress,
+            cache=options.cache or EmbeddingCache(chunks),
         )
         index.metadata.update(
             {
@@ -120,7 +119,7 @@ def index_corpus(
                 "index_config": config.to_dict(),
                 "encode_config": encode.to_dict(),
                 "encoding": encoding_used(retriever, encode),
-                **provenance(command),
+                **provenance(options.command),
             }
         )
         if shard:
@@ -135,9 +134,7 @@ def merge_index(
     index_dir: str | Path,
     output_dir: str | Path,
     config: IndexConfig | None = None,
-    *,
-    command: Sequence[str] | None = None,
-    overwrite: bool = False,
+    options: JobOptions | None = None,
 ) -> DenseIndex:
     """Merge the shards in ``index_dir`` into one index saved in ``output_dir``.
 
@@ -147,20 +144,21 @@ def merge_index(
     the shards' and adds the merge's :func:`~sbmoe.config.provenance.provenance` under ``merge``.
 
     Args:
-        overwrite: Replace an earlier index in ``output_dir`` made from another model, collection
-            or shards' index config (anything but an index there is refused anyway; see
-            :func:`~sbmoe.core.artifacts.check_output`).
+        options: The command recorded, and ``overwrite``: replace an earlier index in ``output_dir``
+            made from another model, collection or shards' index config (anything but an index there
+            is refused anyway; see :func:`~sbmoe.core.artifacts.writing_output`).
     """
+    options = options or JobOptions()
     config = config or IndexConfig()
     sharded = ShardedIndex.load(index_dir)
     # The merged index is what the shards are: their model, collection and index config.
     shards_config = sharded.metadata.get("index_config")
     settings = index_settings(sharded.fingerprint, sharded.metadata.get("collection"), shards_config)
-    with writing_output(output_dir, INDEX, settings, overwrite=overwrite):
+    with writing_output(output_dir, INDEX, settings, overwrite=options.overwrite):
         merged = sharded.merge(
             config.index_type, nlist=config.nlist, nprobe=config.nprobe, dtype=config.embedding_dtype
         )
-        merged.metadata["merge"] = {"index_config": config.to_dict(), **provenance(command)}
+        merged.metadata["merge"] = {"index_config": config.to_dict(), **provenance(options.command)}
         merged.save(output_dir)
     return merged
 

@@ -34,6 +34,7 @@ import numpy as np
 from sbmoe.config.jobs import EncodeConfig, EvaluateConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.artifacts import EVALUATION, evaluation_settings, writing_output
+from sbmoe.core.choices import CONTROLS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runs import Run
 from sbmoe.data.beir import BeirCollection, positive_pairs, train_dev_split
@@ -45,7 +46,6 @@ from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
 
-CONTROLS = ("document-prior", "zero-shot+prior")
 # Cosine scores of one query's top documents lie within a few hundredths of each other, and
 # log(1 + count) is 0.69 for a document relevant to one training query: from no effect to a dominant one.
 BETA_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)

@@ -19,7 +19,7 @@ import numpy as np
 
 from sbmoe.core.errors import ModelLoadError
 from sbmoe.evaluation.tables import metric_label
-from sbmoe.study.experiments import slug
+from sbmoe.study.grid import slug
 from sbmoe.study.results import SystemResult
 
 # The t-SNE query is chosen among this many test queries (the first by id), by how many experts

@@ -34,7 +34,7 @@ from sbmoe.core.io import read_json
 from sbmoe.evaluation.query_groups import GROUPS, restrict
 from sbmoe.evaluation.statistics import Comparison, ComparisonReport, compare_to_baseline
 from sbmoe.evaluation.tables import Cell, Column, Report, Row, Table, metric_label
-from sbmoe.study.experiments import slug
+from sbmoe.study.grid import slug
 from sbmoe.study.results import KINDS, RULES, SystemResult, collect_results, system_kind
 
 __all__ = [
