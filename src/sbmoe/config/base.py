@@ -12,7 +12,6 @@ import warnings
 from typing import Any, Literal, TypeVar
 
 from sbmoe.core.errors import MissingInputError, UsageError
-from sbmoe.core.io import read_json, write_json
 
 ConfigT = TypeVar("ConfigT")
 SelfT = TypeVar("SelfT", bound="ConfigBase")
@@ -36,6 +35,8 @@ class ConfigBase:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the config to ``path`` as JSON, atomically."""
+        from sbmoe.core.io import write_json  # not at import: `sbmoe --help` reads configs only
+
         write_json(path, self.to_dict())
 
     @classmethod
@@ -46,6 +47,8 @@ class ConfigBase:
             MissingInputError: ``path`` does not exist.
             UsageError: it is not a JSON object of this config's fields with their types.
         """
+        from sbmoe.core.io import read_json
+
         if not os.path.isfile(path):
             raise MissingInputError(f"{path}: no such config file")
         try:

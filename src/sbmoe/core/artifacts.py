@@ -36,6 +36,8 @@ TRAINING_RUN = "training run"
 MODEL = "model"
 EVALUATION = "evaluation"
 EXPERIMENT = "experiment"
+# A plain file (a search's TREC run): a file may replace a file, never a directory.
+FILE = "file"
 REPORT = "report"
 
 # What each kind is, for messages.
@@ -203,6 +205,9 @@ def check_output(
             settings and ``overwrite`` is off.
     """
     path = Path(path)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if FILE in kinds and path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; this job writes a file there: name a file")
     found = artifact_kind(path)
     if found is None:
         return False
