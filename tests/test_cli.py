@@ -255,7 +255,10 @@ def test_unknown_collection_name_lists_where_it_looked(capsys, tmp_path, monkeyp
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["index", "--model", "m", "--data", "d", "--output", "o", "--shard", "-1/2"], "--shard -1/2 is invalid"),
+        (
+            ["index", "--model", "m", "--data", "d", "--output", "o", "--shard", "-1/2"],
+            "--shard -1/2 is invalid",
+        ),
         (
             ["index", "--model", "m", "--data", "d", "--output", "o", "--shard", "2/2"],
             "--shard 2/2 is invalid",
