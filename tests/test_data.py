@@ -121,7 +121,16 @@ def test_numeric_ids_become_strings_and_title_is_optional(tmp_path: Path) -> Non
     corpus = jsonl([{"_id": 7, "text": "seven"}, {"_id": "8", "title": None, "text": ""}])
     queries = jsonl([{"_id": 1, "text": "one"}])
     root = write_beir(tmp_path / "c", corpus=corpus, queries=queries, qrels={"test": tsv([(1, 7, 1)])})
-    col = load_collection(root)
+    with pytest.warns(DataWarning) as caught:
+        col = load_collection(root)
+    # One warning per file, counting the converted ids and naming the first (issue 22: not silent).
+    numeric = sorted(str(w.message) for w in caught if "JSON numbers" in str(w.message))
+    assert numeric == [
+        f"{root / 'corpus.jsonl'}: 1 ids are JSON numbers, read as their decimal strings "
+        '(e.g. field "_id" 7 on line 1)',
+        f"{root / 'queries.jsonl'}: 1 ids are JSON numbers, read as their decimal strings "
+        '(e.g. field "_id" 1 on line 1)',
+    ]
     assert col.corpus == {"7": Document("", "seven"), "8": Document("", "")}  # empty text is allowed
     assert col.queries == {"1": "one"}
     assert col.split_qrels("test") == {"1": {"7": 1}}

@@ -32,7 +32,7 @@ from sbmoe import __version__
 from sbmoe.config.base import from_dict
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.provenance import provenance
-from sbmoe.core.errors import ModelLoadError, UsageError
+from sbmoe.core.errors import ModelLoadError, UsageError, first_line
 from sbmoe.core.io import write_json
 from sbmoe.core.runtime import resolve_device
 from sbmoe.model.adapters import LinearAdapter
@@ -102,12 +102,12 @@ def _load_sentence_transformer(name: str, source: str, device: torch.device) -> 
     try:
         return SentenceTransformer(source, device=str(device), trust_remote_code=trust)
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: truncated or empty weights
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         if is_local:
-            raise ModelLoadError(f"could not load a model from directory {source}: {first_line}") from error
+            raise ModelLoadError(f"could not load a model from directory {source}: {reason}") from error
         raise ModelLoadError(
             f"could not load {name!r}: it is not a local directory, and the Hugging Face hub could not "
-            f"provide it ({first_line}). Check the name and your internet connection, or pass a local "
+            f"provide it ({reason}). Check the name and your internet connection, or pass a local "
             f"directory holding a transformers or sentence-transformers model."
         ) from error
 
