@@ -5,28 +5,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from sbmoe.cli.common import (
-    add_cache_flag,
-    add_data_flag,
-    add_encode_flags,
-    add_model_flag,
-    add_overwrite_flag,
-    add_verb,
-    config_from,
-    job_options,
-    load_retriever,
-)
+from sbmoe.cli import common
 from sbmoe.cli.flags import add_config_flags
 from sbmoe.config.jobs import EncodeConfig, IndexConfig
 from sbmoe.core.errors import UsageError
 
 
 def register(commands: Any) -> None:
-    index = add_verb(commands, "index", "encode a corpus (or one shard of it) into a FAISS index")
-    add_model_flag(index, "saved model directory, hub name or all-MiniLM-L6-v2")
-    add_data_flag(index)
+    index = common.add_verb(commands, "index", "encode a corpus (or one shard of it) into a FAISS index")
+    common.add_model_flag(index, "saved model directory, hub name or all-MiniLM-L6-v2")
+    common.add_data_flag(index)
     index.add_argument("--output", required=True, help="index directory (sharded: the folder of the shards)")
-    add_overwrite_flag(index, "index")
+    common.add_overwrite_flag(index, "index")
     add_config_flags(index.add_argument_group("index"), IndexConfig)
     index.add_argument(
         "--shard",
@@ -35,14 +25,14 @@ def register(commands: Any) -> None:
         "OUTPUT/shard-<I>-of-<N> (under torchrun each process takes its own); search the shards as "
         "they are or merge them with `sbmoe merge-index` (default: the whole corpus)",
     )
-    add_encode_flags(index)
-    add_cache_flag(index)
+    common.add_encode_flags(index)
+    common.add_cache_flag(index)
     index.set_defaults(run=run_index)
 
-    merge = add_verb(commands, "merge-index", "merge the shards of a sharded index into one index")
+    merge = common.add_verb(commands, "merge-index", "merge the shards of a sharded index into one index")
     merge.add_argument("--index", required=True, help="sharded index directory from `sbmoe index --shard`")
     merge.add_argument("--output", required=True, help="directory of the merged index")
-    add_overwrite_flag(merge, "index")
+    common.add_overwrite_flag(merge, "index")
     add_config_flags(merge.add_argument_group("index"), IndexConfig)
     merge.set_defaults(run=run_merge)
 
@@ -53,8 +43,8 @@ def run_index(args: argparse.Namespace) -> int:
     from sbmoe.retrieval.index import shard_directory
     from sbmoe.retrieval.indexing import index_corpus
 
-    config = config_from(args, IndexConfig)
-    encode = config_from(args, EncodeConfig)
+    config = common.config_from(args, IndexConfig)
+    encode = common.config_from(args, EncodeConfig)
     shard = parse_shard(args.shard) if args.shard else None
     collection = load_collection(resolve_data(args.data), splits=[])
     with distributed_session(encode.device) as context:
@@ -62,9 +52,9 @@ def run_index(args: argparse.Namespace) -> int:
             if shard is not None:
                 raise UsageError("under torchrun each process indexes its own shard: leave out --shard")
             shard = (context.rank, context.world_size)
-        retriever = load_retriever(args, context.device)
-        options = job_options(args, show_progress=context.is_main)
-        index = index_corpus(retriever, collection, args.output, config, encode, options, shard=shard)
+        retriever = common.load_retriever(args, context.device)
+        options = common.job_options(args, show_progress=context.is_main)
+        index = index_corpus(retriever, collection, args.output, config, encode, options=options, shard=shard)
         if shard is None:
             print(f"indexed {len(index.doc_ids)} documents into {args.output}")
             return 0
@@ -85,7 +75,9 @@ def run_index(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     from sbmoe.retrieval.indexing import merge_index
 
-    merged = merge_index(args.index, args.output, config_from(args, IndexConfig), job_options(args))
+    merged = merge_index(
+        args.index, args.output, common.config_from(args, IndexConfig), common.job_options(args)
+    )
     shards = merged.metadata["merged_from_shards"]
     print(f"merged {shards} shards ({len(merged)} documents) into {args.output}")
     return 0

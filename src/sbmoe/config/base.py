@@ -109,3 +109,11 @@ def check_choices(config: Any) -> None:
         values = value if isinstance(value, list) else [value]
         if choices and any(v is not None and v not in choices for v in values):
             raise UsageError(f"{item.name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_at_least(config: Any, minimum: int, *names: str) -> None:
+    """Raise ``UsageError`` for the first of the fields ``names`` that is set and below ``minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"{name} must be >= {minimum}, got {value}")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sbmoe.config.base import ConfigBase, check_choices
+from sbmoe.config.base import ConfigBase, check_at_least, check_choices
 from sbmoe.config.fields import (
     documents_top_k_setting,
     encode_batch_size_setting,
@@ -64,8 +64,7 @@ class EncodeConfig(ConfigBase):
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
         check_choices(self)
-        if self.encode_batch_size < 1:
-            raise UsageError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+        check_at_least(self, 1, "encode_batch_size")
 
 
 @dataclass
@@ -94,10 +93,7 @@ class IndexConfig(ConfigBase):
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
         check_choices(self)
-        for name in ("nlist", "nprobe"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"{name} must be >= 1, got {value}")
+        check_at_least(self, 1, "nlist", "nprobe")
 
 
 @dataclass
@@ -122,8 +118,7 @@ class EvaluateConfig(ConfigBase):
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
         check_choices(self)
-        if self.top_k < 1:
-            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
+        check_at_least(self, 1, "top_k")
 
 
 @dataclass
@@ -135,8 +130,7 @@ class SearchConfig(ConfigBase):
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
-        if self.top_k < 1:
-            raise UsageError(f"top_k must be >= 1, got {self.top_k}")
+        check_at_least(self, 1, "top_k")
 
 
 @dataclass
@@ -159,9 +153,7 @@ class ServeConfig(ConfigBase):
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_top_k", "max_texts", "max_batch_texts"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "max_top_k", "max_texts", "max_batch_texts")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -169,8 +169,11 @@ def _find_file(folder: Path, relative: str) -> Path:
     raise DataError(f"{folder}: missing {relative} (or {relative}.gz)")
 
 
-def _record_id(record: dict[str, Any], where: str, ids: NumericIds) -> str:
-    return _single_line(ids.field(record, "id", where), where, "id")
+def _identified_records(path: Path, ids: NumericIds) -> Iterator[tuple[int, str, str, dict[str, Any]]]:
+    """(line, where, id, record) for each record of a release file (``where``: path and line)."""
+    for lineno, record in iter_json_objects(path):
+        where = f"{path} line {lineno}"
+        yield lineno, where, _single_line(ids.field(record, "id", where), where, "id"), record
 
 
 def _single_line(value: str, where: str, field_name: str) -> str:
@@ -183,10 +186,7 @@ def _single_line(value: str, where: str, field_name: str) -> str:
 def _convert_documents(path: Path, out: IO[str]) -> set[str]:
     """Write each document of ``collection.jsonl`` as a BEIR corpus line; return the ids."""
     first_line: dict[str, int] = {}
-    ids = NumericIds()
-    for lineno, record in iter_json_objects(path):
-        where = f"{path} line {lineno}"
-        doc_id = _record_id(record, where, ids)
+    for lineno, where, doc_id, record in _identified_records(path, NumericIds()):
         if doc_id in first_line:
             raise DataError(f'{where}: duplicate "id" {doc_id!r} (first on line {first_line[doc_id]})')
         first_line[doc_id] = lineno
@@ -207,9 +207,7 @@ def _convert_queries(
     """
     count, skipped, emptied, example = 0, 0, 0, ""
     ids = NumericIds()
-    for lineno, record in iter_json_objects(path):
-        where = f"{path} line {lineno}"
-        query_id = _record_id(record, where, ids)
+    for lineno, where, query_id, record in _identified_records(path, ids):
         if query_id in seen:
             raise DataError(f'{where}: duplicate "id" {query_id!r} (first in {seen[query_id]})')
         seen[query_id] = where

@@ -66,8 +66,8 @@ def index_corpus(
     output_dir: str | Path,
     config: IndexConfig | None = None,
     encode: EncodeConfig | None = None,
-    options: JobOptions | None = None,
     *,
+    options: JobOptions | None = None,
     shard: tuple[int, int] | None = None,
 ) -> DenseIndex:
     """Encode the collection's corpus and save the FAISS index (with the model's fingerprint).
