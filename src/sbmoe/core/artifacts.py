@@ -215,8 +215,8 @@ def check_output(
     if found not in kinds:
         kind = kinds[0]
         raise UsageError(
-            f"{flag} {path} {_DESCRIPTIONS[found]}; sbmoe writes a {kind} only where there is nothing or "
-            f"an earlier {kind}, so nothing was changed: choose another {flag}"
+            f"{flag} {path} {_DESCRIPTIONS[found]}; sbmoe writes {_a(kind)} only where there is nothing "
+            f"or an earlier {kind}, so nothing was changed: choose another {flag}"
         )
     kind = found
     recorded = recorded_settings(path, kind) if settings else {}
@@ -225,10 +225,14 @@ def check_output(
     changes = setting_differences(recorded, settings)
     if changes and not overwrite:
         raise UsageError(
-            f"{flag} {path} holds a {kind} made with other settings ({'; '.join(changes)}); "
+            f"{flag} {path} holds {_a(kind)} made with other settings ({'; '.join(changes)}); "
             f"pass --overwrite to replace it, or choose another {flag}"
         )
     return bool(changes)
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def lock_path(path: str | os.PathLike, role: str = "") -> Path:
