@@ -110,3 +110,20 @@ def test_search_output_onto_a_directory_is_refused_before_the_model_loads(tmp_pa
         capsys,
     )
     assert error == f"--output {target} is a directory; this job writes a file there: name a file"
+
+
+def test_a_published_report_folder_is_a_report_and_an_experiment_is_not(tmp_path):
+    from sbmoe.core.artifacts import EXPERIMENT, REPORT
+
+    published = tmp_path / "what-helps"
+    (published / "vs-zero-shot").mkdir(parents=True)
+    for name in ("tables.md", "tables.tex", "results.json", "experiment.json", "expert_usage.png"):
+        (published / name).write_text("x")
+    (published / "vs-zero-shot" / "tables.md").write_text("x")
+    assert artifact_kind(published) == REPORT  # `sbmoe report --output` may write there again
+    experiment = tmp_path / "runs"
+    (experiment / "cells").mkdir(parents=True)
+    (experiment / "experiment.json").write_text("{}")
+    assert artifact_kind(experiment) == EXPERIMENT
+    (published / "notes.txt").write_text("mine")
+    assert artifact_kind(published) == "foreign"

@@ -55,8 +55,9 @@ _DESCRIPTIONS = {
 # A temporary of io.atomic_open / io.atomic_directory / Retriever.save: tempfile's 8 random characters.
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 _SHARD = re.compile(r"^shard-\d+-of-\d+$")
-# What sbmoe.study.report.write_report writes (its plots are PNG files named after the tables).
-_REPORT_FILES_FIXED = {"tables.md", "tables.tex", "results.json"}
+# What sbmoe.study.report.write_report writes (its plots are PNG files named after the tables), and
+# the experiment's record that a published report keeps beside it (docs/results/).
+_REPORT_FILES_FIXED = {"tables.md", "tables.tex", "results.json", "experiment.json"}
 _IN_PROGRESS = re.compile(rf"{_TEMPORARY.pattern}|^\..+\.(lock|old|chunks)$")
 
 
@@ -83,15 +84,24 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
         {"config.json"} <= names and names & {"model.safetensors", "pytorch_model.bin"}
     ):
         return MODEL
+    if _is_report(path):
+        return REPORT
     if "experiment.json" in names:
         return EXPERIMENT
-    if "tables.md" in names and all(n in _REPORT_FILES_FIXED or n.endswith(".png") for n in names):
-        return REPORT
     if all(entry.is_dir() and _SHARD.match(entry.name) for entry in entries):
         return SHARDED_INDEX
     if _is_evaluation(path) or all(entry.is_dir() and _is_evaluation(entry) for entry in entries):
         return EVALUATION
     return "foreign"
+
+
+def _is_report(path: Path) -> bool:
+    """A folder :func:`sbmoe.study.report.write_report` wrote (tables.md, ...; reports nested in it count)."""
+    entries = [entry for entry in path.iterdir() if not _IN_PROGRESS.match(entry.name)]
+    return (path / "tables.md").is_file() and all(
+        entry.name in _REPORT_FILES_FIXED or entry.suffix == ".png" or (entry.is_dir() and _is_report(entry))
+        for entry in entries
+    )
 
 
 def _is_evaluation(path: Path) -> bool:

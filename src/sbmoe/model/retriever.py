@@ -134,6 +134,9 @@ def _hash_weights(module: torch.nn.Module, settings: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+# Its size (~290 lines) is earned: building (from a config or a saved folder), its parts, token
+# limits, identity (fingerprints) and saving are one object's duties, each in its own section below;
+# the work itself (encoding, training, cards) lives in other modules.
 class Retriever:
     """A bi-encoder with an optional SB-MoE head, shared by queries and documents.
 
