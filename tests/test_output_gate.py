@@ -126,4 +126,6 @@ def test_a_published_report_folder_is_a_report_and_an_experiment_is_not(tmp_path
     (experiment / "experiment.json").write_text("{}")
     assert artifact_kind(experiment) == EXPERIMENT
     (published / "notes.txt").write_text("mine")
-    assert artifact_kind(published) == "foreign"
+    with pytest.raises(UsageError, match="holds an sbmoe experiment; sbmoe writes a report only where"):
+        write_report(None, published)  # not a report any more: refused, nothing changed
+    assert (published / "notes.txt").read_text() == "mine"
