@@ -221,12 +221,10 @@ def check_output(
     found = artifact_kind(path)
     if found is None:
         return False
-    kinds = (kind,) if isinstance(kind, str) else kind
     if found not in kinds:
-        kind = kinds[0]
         raise UsageError(
-            f"{flag} {path} {_DESCRIPTIONS[found]}; sbmoe writes {_a(kind)} only where there is nothing "
-            f"or an earlier {kind}, so nothing was changed: choose another {flag}"
+            f"{flag} {path} {_DESCRIPTIONS[found]}; sbmoe writes {_a(kinds[0])} only where there is "
+            f"nothing or an earlier {kinds[0]}, so nothing was changed: choose another {flag}"
         )
     kind = found
     recorded = recorded_settings(path, kind) if settings else {}
