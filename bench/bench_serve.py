@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from common import machine, scifact
 
-from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig, ServeConfig
 from sbmoe.core.runtime import autocast
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import TextEncoder, encoder_runner, run_stages, tokenize
@@ -162,7 +162,9 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
         retriever.config = dataclasses.replace(retriever.config, max_doc_length=DOC_TOKENS)
         retriever.save(model_dir)
         started = time.perf_counter()
-        index_corpus(retriever, scifact(), index_dir, cache=EmbeddingCache(), show_progress=False)
+        index_corpus(
+            retriever, scifact(), index_dir, options=JobOptions(cache=EmbeddingCache(), show_progress=False)
+        )
         print(f"indexed the SciFact corpus in {time.perf_counter() - started:.0f} s (cached on later runs)")
     return model_dir, index_dir
 

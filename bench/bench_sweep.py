@@ -15,7 +15,7 @@ import time
 
 from common import machine, scifact
 
-from sbmoe.config.jobs import EvaluateConfig
+from sbmoe.config.jobs import EvaluateConfig, JobOptions
 from sbmoe.config.presets import build_configs
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.inference.cache import EmbeddingCache
@@ -40,8 +40,7 @@ def main() -> None:
             collection,
             f"{scratch}/zero-shot",
             EvaluateConfig(),
-            show_progress=False,
-            cache=cache,
+            options=JobOptions(show_progress=False, cache=cache),
         )[0]
         rows.append(("zero-shot", "-", zero_shot.result.metrics["ndcg@10"], time.perf_counter() - started))
         for experts in args.experts:
@@ -59,8 +58,7 @@ def main() -> None:
                     collection,
                     f"{output}/test",
                     EvaluateConfig(),
-                    show_progress=False,
-                    cache=cache,
+                    options=JobOptions(show_progress=False, cache=cache),
                 )[0]
                 rows.append((experts, rule, result.result.metrics["ndcg@10"], time.perf_counter() - began))
                 print(

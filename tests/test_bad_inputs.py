@@ -13,7 +13,7 @@ import pytest
 from test_safety import refused, tree_hash
 
 from sbmoe.config.checks import RANX_METRICS, is_metric_name
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, ReportConfig
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions, ReportConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.errors import DataWarning, UsageError
 from sbmoe.data.beir import load_collection, read_queries
@@ -271,7 +271,7 @@ def test_expert_pooling_without_an_moe_head_is_ignored_with_one_warning(
             tmp_path / "eval",
             EvaluateConfig(expert_poolings=["topk"]),
             EncodeConfig(backend="torch", precision="fp32"),
-            show_progress=False,
+            options=JobOptions(show_progress=False),
         )
     assert [output.name for output in outputs] == ["model"]
 

@@ -250,3 +250,40 @@ def test_unknown_collection_name_lists_where_it_looked(capsys, tmp_path, monkeyp
         == 2
     )
     assert "no-such-collection" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["index", "--model", "m", "--data", "d", "--output", "o", "--shard", "-1/2"],
+            "--shard -1/2 is invalid",
+        ),
+        (
+            ["index", "--model", "m", "--data", "d", "--output", "o", "--shard", "2/2"],
+            "--shard 2/2 is invalid",
+        ),
+        (["experiment", "grid.yaml", "--worker", "-1/2"], "--worker -1/2 is invalid"),
+    ],
+)
+def test_a_bad_i_of_n_says_what_i_n_means(argv, message, capsys):
+    assert main(["-q", *argv]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "I/N means part I of N, counted from 0" in error
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_experiment_shard_is_now_worker(capsys):
+    assert main(["-q", "experiment", "grid.yaml", "--shard", "0/2"]) == 2
+    assert "experiment --shard is now --worker 0/2" in capsys.readouterr().err
+
+
+def test_backend_help_says_what_auto_picks(capsys):
+    from sbmoe.core.choices import AUTO_INFERENCE
+
+    with pytest.raises(SystemExit):
+        main(["index", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for backend, precision, _ in AUTO_INFERENCE.values():
+        assert f"{backend} {precision}" in help_text
+    assert "int8 onnx only when asked for" in help_text

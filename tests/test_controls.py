@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, assert_same_top_k, write_beir_slice
 from sentence_transformers import SentenceTransformer
 
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions, SearchConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.presets import build_configs
 from sbmoe.config.train import TrainConfig
@@ -29,12 +29,15 @@ from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.search import search_documents
 from sbmoe.study import controls as priors
 from sbmoe.study.controls import BETA_GRID, PriorScorer, document_counts, document_prior_run, evaluate_control
-from sbmoe.study.experiments import cell_configs, check_grid, expand, load_grid, run_experiment
+from sbmoe.study.experiments import run_experiment
+from sbmoe.study.grid import cell_configs, check_grid, expand, load_grid
 from sbmoe.study.results import collect_results
 from sbmoe.train.trainer import build_trainer
 
 TEXTS = ["Vitamin D deficiency is linked to depression.", "a b c", "Aspirin lowers the risk of stroke."]
 FP32 = EncodeConfig(precision="fp32")
+
+QUIET = JobOptions(show_progress=False)
 
 
 def tiny(tiny_bert_dir, **overrides) -> Retriever:
@@ -216,7 +219,14 @@ def test_zero_shot_plus_prior_adds_the_weighted_prior_and_beta_zero_is_zero_shot
     evaluate_control(
         "zero-shot+prior", collection, tmp_path / "beta0", EvaluateConfig(), train_config, retriever, FP32
     )
-    evaluate_model(retriever, collection, tmp_path / "zero-shot", EvaluateConfig(), FP32, show_progress=False)
+    evaluate_model(
+        retriever,
+        collection,
+        tmp_path / "zero-shot",
+        EvaluateConfig(),
+        FP32,
+        options=JobOptions(show_progress=False),
+    )
     assert_same_top_k(
         read_trec_run(tmp_path / "zero-shot" / "run.trec"), read_trec_run(tmp_path / "beta0" / "run.trec")
     )
@@ -257,7 +267,7 @@ def test_grid_evaluates_transfer_by_default_controls_included(
     cells = expand(grid)
     # The linear adapter and the controls have no experts: not expanded over the experts axis.
     assert len(cells) == 2 * 4 and {c.experts for c in cells} == {0}
-    first = run_experiment(grid, output, show_progress=False)
+    first = run_experiment(grid, output, QUIET)
     assert len(first.finished) == 8 and not first.failed
     trained = read_json(output / "cells" / cells[3].cell_id / "done.json")["training"]
     assert cells[3].variant == "linear" and trained["steps"] == 2
@@ -265,7 +275,7 @@ def test_grid_evaluates_transfer_by_default_controls_included(
     # Transfer on (the default): finished cells are evaluated on the other collection, not retrained;
     # NFCorpus has its own evaluate settings.
     grid = check_grid({**values, "transfer": True})
-    second = run_experiment(grid, output, show_progress=False)
+    second = run_experiment(grid, output, QUIET)
     assert len(second.finished) == 4 and not second.failed  # the models; controls stay in-domain
     for cell in expand(grid):
         done = read_json(output / "cells" / cell.cell_id / "done.json")
@@ -286,7 +296,7 @@ def test_grid_evaluates_transfer_by_default_controls_included(
             assert saved["model_config"]["head"] == "linear"
             assert not (folder / "scifact" / "routing.json").exists()
     assert read_json(output / "cells" / cells[3].cell_id / "done.json")["training"] == trained
-    assert run_experiment(grid, output, show_progress=False).skipped  # all finished now
+    assert run_experiment(grid, output, QUIET).skipped  # all finished now
     systems = collect_results(output)
     assert len(systems) == 2 * 2 * 2 + 2 * 2  # (trained on, evaluated on) x 2 models, controls in-domain
 
@@ -294,7 +304,7 @@ def test_grid_evaluates_transfer_by_default_controls_included(
     grid = check_grid({**values, "transfer": True, "evaluate_per_collection": {}})
     changed = r"evaluate_per_collection.nfcorpus \{'exclude_self': True\} -> \{\}"
     with pytest.raises(ValueError, match=changed):
-        run_experiment(grid, output, show_progress=False)
+        run_experiment(grid, output, QUIET)
 
 
 @pytest.mark.parametrize(

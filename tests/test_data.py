@@ -84,7 +84,11 @@ def test_load_tiny_collection(tiny: Path) -> None:
         "q3": {"d4": 1},
         "q4": {"d5": 1},
     }
-    assert col.split_queries("test") == {"q5": "query 5", "q6": "query 6", "q7": "query 7"}
+    assert {q: col.queries[q] for q in col.split_qrels("test")} == {
+        "q5": "query 5",
+        "q6": "query 6",
+        "q7": "query 7",
+    }
 
 
 def test_split_order_and_missing_split(tmp_path: Path) -> None:
@@ -117,7 +121,16 @@ def test_numeric_ids_become_strings_and_title_is_optional(tmp_path: Path) -> Non
     corpus = jsonl([{"_id": 7, "text": "seven"}, {"_id": "8", "title": None, "text": ""}])
     queries = jsonl([{"_id": 1, "text": "one"}])
     root = write_beir(tmp_path / "c", corpus=corpus, queries=queries, qrels={"test": tsv([(1, 7, 1)])})
-    col = load_collection(root)
+    with pytest.warns(DataWarning) as caught:
+        col = load_collection(root)
+    # One warning per file, counting the converted ids and naming the first (issue 22: not silent).
+    numeric = sorted(str(w.message) for w in caught if "JSON numbers" in str(w.message))
+    assert numeric == [
+        f"{root / 'corpus.jsonl'}: 1 ids are JSON numbers, read as their decimal strings "
+        '(e.g. field "_id" 7 on line 1)',
+        f"{root / 'queries.jsonl'}: 1 ids are JSON numbers, read as their decimal strings "
+        '(e.g. field "_id" 1 on line 1)',
+    ]
     assert col.corpus == {"7": Document("", "seven"), "8": Document("", "")}  # empty text is allowed
     assert col.queries == {"1": "one"}
     assert col.split_qrels("test") == {"1": {"7": 1}}
@@ -425,7 +438,7 @@ def test_real_scifact() -> None:
         assert len(qrels) == n_queries
         assert sum(len(docs) for docs in qrels.values()) == n_qrels
         assert len(positive_pairs(qrels)) == n_qrels  # all SciFact scores are 1
-    assert len(col.split_queries("test")) == 300
+    assert len({q: col.queries[q] for q in col.split_qrels("test")}) == 300
     train, dev = train_dev_split(col)  # no dev split: 10% of train held out
     assert len(dev) == 81 and len(train) == 728 and not train.keys() & dev.keys()
 

@@ -8,7 +8,7 @@ from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.io import read_json
 from sbmoe.evaluation.tables import metric_label
 from sbmoe.study.demo import DEMO_GRID, demo_grid, run_demo
-from sbmoe.study.experiments import eval_dir, expand, load_grid
+from sbmoe.study.grid import eval_dir, expand, load_grid
 
 
 @pytest.fixture(scope="module")

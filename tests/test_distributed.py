@@ -24,7 +24,6 @@ from sbmoe.core.distributed import (
     init_distributed,
     parse_shard,
     shard_bounds,
-    split_sizes,
 )
 from sbmoe.core.io import read_json
 from sbmoe.core.runtime import resolve_device, seed_everything
@@ -200,7 +199,7 @@ def test_gather_and_data_parallel_are_identities_in_one_process():
 
 def test_shards_are_consecutive_and_balanced():
     assert [shard_bounds(10, i, 3) for i in range(3)] == [(0, 4), (4, 7), (7, 10)]
-    assert split_sizes(2, 3) == [1, 1, 0]
+    assert [shard_bounds(2, i, 3) for i in range(3)] == [(0, 1), (1, 2), (2, 2)]
     assert parse_shard("2/5") == (2, 5)
     for bad in ("5/5", "-1/3", "a/b", "3", "1/0"):
         with pytest.raises(ValueError):

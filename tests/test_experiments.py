@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.core.io import read_json
-from sbmoe.study.experiments import cell_configs, expand, load_grid, run_experiment, save_grid
+from sbmoe.study.experiments import run_experiment
+from sbmoe.study.grid import cell_configs, expand, load_grid, save_grid
 
 REPO_EXPERIMENTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments"
+
+QUIET = JobOptions(show_progress=False)
 
 
 def write_grid(path, **values):
@@ -114,7 +118,7 @@ def test_grid_runs_skips_finished_cells_and_records_failures(
         evaluate={"expert_poolings": ["top1", "all"]},
     )
     output = tmp_path / "out"
-    first = run_experiment(grid, output, show_progress=False, command=["sbmoe", "experiment"])
+    first = run_experiment(grid, output, JobOptions(show_progress=False, command=["sbmoe", "experiment"]))
     assert len(first.finished) == 4 and len(first.failed) == 4  # the missing collection fails alone
     failed = next(iter(first.failed))
     assert "no-such-collection" in read_json(output / "cells" / failed / "error.json")["error"]
@@ -127,26 +131,26 @@ def test_grid_runs_skips_finished_cells_and_records_failures(
     assert done["eval_seconds"][scifact_slice.name] > 0
     assert read_json(output / "experiment.json")["provenance"]["command"] == ["sbmoe", "experiment"]
 
-    second = run_experiment(grid, output, show_progress=False)
+    second = run_experiment(grid, output, QUIET)
     assert sorted(second.skipped) == sorted(first.finished) and not second.finished
     assert len(second.failed) == 4
 
     # A finished cell is reused only with the settings it was run with.
     grid.train["max_steps"] = 3
     with pytest.raises(ValueError, match=r"other settings \(max_steps 2 -> 3\)"):
-        run_experiment(grid, output, show_progress=False)
+        run_experiment(grid, output, QUIET)
 
 
-def test_shards_split_a_grid_between_processes_sharing_one_output(
+def test_workers_split_a_grid_between_processes_sharing_one_output(
     tiny_bert_dir, scifact_slice, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("SBMOE_DATA_DIR", str(scifact_slice.parent))
     grid = tiny_grid(tmp_path, tiny_bert_dir, [scifact_slice.name], max_steps=1)
     cells = [cell.cell_id for cell in expand(grid)]
     output = tmp_path / "out"
-    first = run_experiment(grid, output, show_progress=False, shard=(0, 2))
-    second = run_experiment(grid, output, show_progress=False, shard=(1, 2))
+    first = run_experiment(grid, output, QUIET, worker=(0, 2))
+    second = run_experiment(grid, output, QUIET, worker=(1, 2))
     assert first.finished == cells[0::2] and second.finished == cells[1::2]
-    assert sorted(run_experiment(grid, output, show_progress=False).skipped) == sorted(cells)
-    with pytest.raises(ValueError, match="shard"):
-        run_experiment(grid, output, show_progress=False, shard=(2, 2))
+    assert sorted(run_experiment(grid, output, QUIET).skipped) == sorted(cells)
+    with pytest.raises(ValueError, match="worker 2/2 is invalid; I/N means part I of N"):
+        run_experiment(grid, output, QUIET, worker=(2, 2))

@@ -9,7 +9,7 @@ import pytest
 from conftest import write_beir_slice
 from sentence_transformers import SentenceTransformer
 
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions
 from sbmoe.config.presets import build_configs
 from sbmoe.data.beir import load_collection
 from sbmoe.evaluation.evaluate import evaluate_model
@@ -39,7 +39,12 @@ def test_zero_shot_matches_sentence_transformers(collection, tmp_path):
     )
     bf16 = EncodeConfig(precision="bf16")
     ours = evaluate_model(
-        retriever, collection, tmp_path / "zs", EvaluateConfig(), bf16, show_progress=False
+        retriever,
+        collection,
+        tmp_path / "zs",
+        EvaluateConfig(),
+        bf16,
+        options=JobOptions(show_progress=False),
     )[0]
     st_result, _ = sentence_transformers_reference("all-MiniLM-L6-v2", collection, "test", 256, batch_size=32)
     assert ours.result.metrics["ndcg@10"] > 0.5  # a real retriever, not noise
@@ -83,7 +88,7 @@ def test_sb_moe_fine_tuning_runs_end_to_end(collection, tmp_path):
         collection,
         tmp_path / "eval",
         EvaluateConfig(expert_poolings=["top1", "all"]),
-        show_progress=False,
+        options=JobOptions(show_progress=False),
     )
     assert {o.name for o in outputs} == {"top1", "all"}
     assert all(o.result.metrics["ndcg@10"] > 0.5 for o in outputs)

@@ -53,7 +53,7 @@ def test_a_split_dataset_is_the_collection_with_that_split(exported, data_dir):
     assert collection.corpus == original.corpus
     assert collection.splits() == ["test"]
     assert collection.split_qrels("test") == original.split_qrels("test")
-    assert collection.queries == original.split_queries("test")
+    assert collection.queries == {q: original.queries[q] for q in original.split_qrels("test")}
 
 
 def test_a_dataset_without_qrels_takes_its_subsets_as_splits(exported, data_dir):

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from sbmoe.cli.main import main
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions
 from sbmoe.config.model import ModelConfig
 from sbmoe.data.beir import load_collection
 from sbmoe.evaluation.evaluate import evaluate_model
@@ -139,7 +139,7 @@ def test_model_card_command_adds_test_metrics_of_this_model_only(tensorboard_run
         tmp_path / "eval",
         EvaluateConfig(metrics=["ndcg@10", "recall@100"]),
         EncodeConfig(precision="fp32", backend="torch"),
-        show_progress=False,
+        options=JobOptions(show_progress=False),
     )
     assert main(["model-card", str(model), "--evaluation", str(tmp_path / "eval")]) == 0
     metadata, body = read_card(model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sbmoe.config.jobs import EvaluateConfig
+from sbmoe.config.jobs import EvaluateConfig, JobOptions
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.io import read_json
 from sbmoe.data.beir import load_collection
@@ -88,7 +88,9 @@ def test_every_evaluation_on_a_collection_with_a_train_split_reports_groups(
     retriever = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0), device="cpu")
     collection = load_collection(scifact_slice)
     config = EvaluateConfig(metrics=["ndcg@10"])
-    [output] = evaluate_model(retriever, collection, tmp_path / "test", config, show_progress=False)
+    [output] = evaluate_model(
+        retriever, collection, tmp_path / "test", config, options=JobOptions(show_progress=False)
+    )
     expected = group_queries(
         collection.split_qrels("test"), training_positives(collection.split_qrels("train"))
     )
@@ -103,8 +105,10 @@ def test_every_evaluation_on_a_collection_with_a_train_split_reports_groups(
 
     # The train split itself, and a collection loaded without its train split: no groups.
     train = EvaluateConfig(metrics=["ndcg@10"], split="train")
-    [output] = evaluate_model(retriever, collection, tmp_path / "train", train, show_progress=False)
+    [output] = evaluate_model(
+        retriever, collection, tmp_path / "train", train, options=JobOptions(show_progress=False)
+    )
     assert output.query_groups is None and read_query_groups(tmp_path / "train") is None
     test_only = load_collection(scifact_slice, splits=["test"])
-    evaluate_model(retriever, test_only, tmp_path / "alone", config, show_progress=False)
+    evaluate_model(retriever, test_only, tmp_path / "alone", config, options=JobOptions(show_progress=False))
     assert "query_groups" not in read_json(tmp_path / "alone" / "metrics.json")

@@ -16,7 +16,7 @@ from sentence_transformers import SentenceTransformer
 
 import sbmoe.inference.encoding as encoding
 from sbmoe.cli.main import main
-from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.presets import build_configs
 from sbmoe.core.errors import UsageError
@@ -273,7 +273,8 @@ def test_query_side_cells_run_in_a_grid_and_the_study_grid_expands(
     from conftest import REPO, write_beir_slice
 
     from sbmoe.core.io import read_json
-    from sbmoe.study.experiments import cell_configs, check_grid, expand, load_grid, run_experiment
+    from sbmoe.study.experiments import run_experiment
+    from sbmoe.study.grid import cell_configs, check_grid, expand, load_grid
 
     write_beir_slice(data_dir / "scifact", tmp_path / "data" / "scifact", 24, 8, 30)
     monkeypatch.setenv("SBMOE_DATA_DIR", str(tmp_path / "data"))
@@ -293,7 +294,7 @@ def test_query_side_cells_run_in_a_grid_and_the_study_grid_expands(
             "train": {"max_steps": 2, "batch_size": 8, "precision": "fp32", "checkpoint_selection": "last"},
         }
     )
-    summary = run_experiment(grid, tmp_path / "out", show_progress=False)
+    summary = run_experiment(grid, tmp_path / "out", JobOptions(show_progress=False))
     assert len(summary.finished) == 3 and not summary.failed
     for cell in expand(grid):
         done = read_json(tmp_path / "out" / "cells" / cell.cell_id / "done.json")

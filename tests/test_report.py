@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.io import read_json, write_json
 from sbmoe.study.figures import choose_tsne_query
@@ -363,7 +364,7 @@ def test_tsne_of_a_trained_moe_model(tiny_bert_dir, scifact_slice, tmp_path):
     from sbmoe.data.beir import load_collection
     from sbmoe.evaluation.evaluate import evaluate_model
     from sbmoe.model.retriever import Retriever
-    from sbmoe.study.experiments import eval_dir
+    from sbmoe.study.grid import eval_dir
 
     # A cell folder as run_cell leaves it, with an untrained MoE model standing in for a trained one.
     torch.manual_seed(0)
@@ -373,7 +374,11 @@ def test_tsne_of_a_trained_moe_model(tiny_bert_dir, scifact_slice, tmp_path):
     retriever.save(folder / "model")
     config = EvaluateConfig(metrics=list(PAPER_METRICS))
     evaluate_model(
-        retriever, load_collection(scifact_slice), eval_dir(folder, name), config, show_progress=False
+        retriever,
+        load_collection(scifact_slice),
+        eval_dir(folder, name),
+        config,
+        options=JobOptions(show_progress=False),
     )
     cell = {
         "backbone": "bb",
@@ -398,3 +403,31 @@ def test_tsne_of_a_trained_moe_model(tiny_bert_dir, scifact_slice, tmp_path):
         written = write_report(build_report(tmp_path), tmp_path / "report-again")
     assert not [path for path in written if path.name.startswith("tsne_")]
     assert (tmp_path / "report-again" / "tables.md").exists()
+
+
+def test_figure_head_outputs_leave_the_model_as_they_found_it(tiny_bert_dir):
+    import numpy as np
+    import torch
+
+    from sbmoe.config.model import ModelConfig
+    from sbmoe.inference.encoding import apply_head_stages, encode_texts
+    from sbmoe.inference.routing import route
+    from sbmoe.model.retriever import Retriever
+    from sbmoe.study.figures import _head_outputs
+
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=str(tiny_bert_dir), num_experts=3, expert_pooling="top1")
+    retriever = Retriever.from_config(config, device="cpu")
+    retriever.model.train()  # as a caller in the middle of training would hold it
+    texts = ["vitamin d and depression", "aspirin lowers the risk of stroke", "a b c"]
+    points, experts = _head_outputs(retriever, texts, "query", "all")
+    assert retriever.model.training and retriever.head.training
+    assert retriever.head.expert_pooling == "top1"
+    # The same numbers as the inference path under the rule asked for, and the head's own routing.
+    retriever.model.eval()
+    pooled = encode_texts(retriever, texts, "query", pooled_only=True)
+    expected = apply_head_stages(retriever, pooled, "all")
+    expected = expected / np.linalg.norm(expected, axis=-1, keepdims=True)
+    np.testing.assert_allclose(points, expected, atol=1e-6)
+    assert experts.tolist() == route(retriever, pooled)[0].tolist()
+    assert len(points) == len(experts) == 3

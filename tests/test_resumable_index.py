@@ -9,7 +9,7 @@ import pytest
 
 import sbmoe.inference.encoding as encoding
 import sbmoe.retrieval.indexing as retrieval
-from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.config.model import ModelConfig
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
@@ -39,11 +39,15 @@ def test_an_interrupted_index_resumes_at_its_unfinished_chunk(
     output = tmp_path / "index"
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
-        retrieval.index_corpus(retriever, collection, output, encode=ENCODE, show_progress=False)
+        retrieval.index_corpus(
+            retriever, collection, output, encode=ENCODE, options=JobOptions(show_progress=False)
+        )
     assert not output.exists() and len(list((tmp_path / ".index.chunks").glob("*.npy"))) == 2
 
     interrupt, encoded = False, []
-    retrieval.index_corpus(retriever, collection, output, encode=ENCODE, show_progress=False)
+    retrieval.index_corpus(
+        retriever, collection, output, encode=ENCODE, options=JobOptions(show_progress=False)
+    )
     assert len(encoded) == chunks - 2  # the two finished chunks came from disk
     assert not (tmp_path / ".index.chunks").exists()  # cleaned up once the index is saved
     documents = {d: collection.corpus[d].full_text for d in collection.corpus}

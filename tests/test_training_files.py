@@ -229,7 +229,7 @@ def test_a_dataset_dict_gives_its_train_split_and_bad_folders_are_named(scifact_
     datasets.Dataset.from_dict({"anchor": ["a", "b", "c"], "positive": ["x", "y", None]}).save_to_disk(
         dataset
     )
-    with pytest.raises(DataError, match=f'^{dataset} row 2: field "positive" is null'):
+    with pytest.raises(DataError, match=f'^{dataset} row 2: field "positive" must be a string, got null'):
         load_training_file(dataset)
     no_positive = tmp_path / "anchors"
     datasets.Dataset.from_dict({"anchor": ["a"], "text": ["x"]}).save_to_disk(no_positive)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sbmoe.cli.flags import given_values
+from sbmoe.cli import common
 from sbmoe.config.jobs import EncodeConfig, IndexConfig
 from sbmoe.core.errors import UsageError
 
@@ -20,16 +20,12 @@ def command_index_store(args: argparse.Namespace) -> int:
     """Run ``sbmoe index --store``: encode the corpus (or ``--shard``) into the store and report."""
     from sbmoe.core.distributed import distributed_session, parse_shard
     from sbmoe.data.beir import load_collection, resolve_data
-    from sbmoe.inference.cache import EmbeddingCache
-    from sbmoe.model.retriever import Retriever
     from sbmoe.retrieval.milvus_collection import require_engine
     from sbmoe.retrieval.store_indexing import index_into_store
     from sbmoe.retrieval.store_uri import parse_store_uri
 
-    config = IndexConfig(**given_values(args, IndexConfig))
-    config.validate()
-    encode = EncodeConfig(**given_values(args, EncodeConfig))
-    encode.validate()
+    config = common.config_from(args, IndexConfig)
+    encode = common.config_from(args, EncodeConfig)
     require_engine(parse_store_uri(args.store))  # before the model and corpus load
     shard = parse_shard(args.shard) if args.shard else None
     collection = load_collection(resolve_data(args.data), splits=[])
@@ -38,18 +34,10 @@ def command_index_store(args: argparse.Namespace) -> int:
             if shard is not None:
                 raise UsageError("under torchrun each process indexes its own shard: leave out --shard")
             shard = (context.rank, context.world_size)
-        retriever = Retriever.load(args.model, device=context.device)
+        retriever = common.load_retriever(args, context.device)
+        options = common.job_options(args, show_progress=context.is_main)
         summary = index_into_store(
-            retriever,
-            collection,
-            args.store,
-            config,
-            encode,
-            shard=shard,
-            show_progress=not args.quiet and context.is_main,
-            command=args.command_line,
-            cache=EmbeddingCache(args.cache_dir) if args.cache_dir else None,
-            overwrite=args.overwrite,
+            retriever, collection, args.store, config, encode, options=options, shard=shard
         )
         part = f"shard {shard[0]}/{shard[1]}, " if shard else ""
         print(

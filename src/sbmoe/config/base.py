@@ -1,18 +1,63 @@
-"""What every config shares: building one from a dict with type checks (tolerant of unknown keys), and
-checking declared choices.
+"""What every config shares: saving and loading itself (:class:`ConfigBase`), building one from a dict
+with type checks (tolerant of unknown keys), and checking declared choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 import warnings
 from typing import Any, Literal, TypeVar
 
-from sbmoe.core.errors import UsageError
+from sbmoe.core.errors import MissingInputError, UsageError
 
 ConfigT = TypeVar("ConfigT")
+SelfT = TypeVar("SelfT", bound="ConfigBase")
+
+
+class ConfigBase:
+    """The base of every config dataclass: ``to_dict`` / ``save`` / ``load`` (a JSON file).
+
+    ``load`` and :meth:`from_dict` tolerate keys a newer (or older) version wrote: they are named in a
+    warning and ignored, and renamed keys (a class's ``RENAMED``) are mapped to today's names.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-ready values (a deep copy)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[SelfT], data: dict[str, Any], *, source: str = "config") -> SelfT:
+        """Build the config from ``data`` (see :func:`from_dict`)."""
+        return from_dict(cls, data, source=source)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the config to ``path`` as JSON, atomically."""
+        from sbmoe.core.io import write_json  # not at import: `sbmoe --help` reads configs only
+
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls: type[SelfT], path: str | os.PathLike) -> SelfT:
+        """Read a config :meth:`save` wrote.
+
+        Raises:
+            MissingInputError: ``path`` does not exist.
+            UsageError: it is not a JSON object of this config's fields with their types.
+        """
+        from sbmoe.core.io import read_json
+
+        if not os.path.isfile(path):
+            raise MissingInputError(f"{path}: no such config file")
+        try:
+            data = read_json(path)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise UsageError(f"{path}: not a readable JSON config ({error})") from error
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: expected a JSON object of {cls.__name__} fields")
+        return from_dict(cls, data, source=str(path))
 
 
 def from_dict(cls: type[ConfigT], data: dict[str, Any], *, source: str = "config") -> ConfigT:
@@ -64,3 +109,11 @@ def check_choices(config: Any) -> None:
         values = value if isinstance(value, list) else [value]
         if choices and any(v is not None and v not in choices for v in values):
             raise UsageError(f"{item.name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_at_least(config: Any, minimum: int, *names: str) -> None:
+    """Raise ``UsageError`` for the first of the fields ``names`` that is set and below ``minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"{name} must be >= {minimum}, got {value}")

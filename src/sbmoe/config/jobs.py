@@ -1,11 +1,13 @@
-"""The configs of the inference jobs: encoding, indexing, evaluation, search, serving and reports."""
+"""The configs of the inference jobs: encoding, indexing, evaluation, search, serving and reports, and
+the options every job takes (:class:`JobOptions`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from sbmoe.config.base import check_choices
+from sbmoe.config.base import ConfigBase, check_at_least, check_choices
 from sbmoe.config.checks import (
     MAX_DOCUMENTS_TOP_K,
     MAX_ENCODE_BATCH_SIZE,
@@ -20,12 +22,38 @@ from sbmoe.config.fields import (
     inference_precision_setting,
     setting,
 )
-from sbmoe.core.choices import BACKENDS, EMBEDDING_DTYPES, EXPERT_POOLINGS, INDEX_TYPES, PAPER_METRICS
+from sbmoe.core.choices import (
+    BACKENDS,
+    EMBEDDING_DTYPES,
+    EXPERT_POOLINGS,
+    INDEX_TYPES,
+    PAPER_METRICS,
+    describe_auto_inference,
+)
 from sbmoe.core.errors import UsageError
 
 
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job runs, not what it computes: the options that travel together through every job.
+
+    Attributes:
+        show_progress: Progress bars.
+        command: The command line recorded in the output's provenance (``None``: ``sys.argv``).
+        cache: An :class:`sbmoe.inference.cache.EmbeddingCache` of pooled embeddings to reuse (typed
+            loosely: config sits below inference).
+        overwrite: Replace an earlier output of the same kind made with other settings (anything
+            else at the output is refused anyway; see :func:`sbmoe.core.artifacts.writing_output`).
+    """
+
+    show_progress: bool = True
+    command: Sequence[str] | None = None
+    cache: Any = None
+    overwrite: bool = False
+
+
 @dataclass
-class EncodeConfig:
+class EncodeConfig(ConfigBase):
     """How texts are encoded at inference (evaluate, index, search): batch, numerics, device."""
 
     encode_batch_size: int = encode_batch_size_setting()
@@ -34,8 +62,7 @@ class EncodeConfig:
         "auto",
         choices=BACKENDS,
         help="what runs the transformer: torch, onnx (ONNX Runtime, CPU; exported once per model and "
-        "cached), or auto: bf16 torch on CPUs with AMX/AVX512-BF16 and on GPUs, int8 onnx on other "
-        "x86 CPUs when onnxruntime is installed, else fp32 torch",
+        f"cached), or {describe_auto_inference()}",
     )
     device: str = setting(
         "auto", help="auto (this process's GPU when there is one, else the CPU), cpu, cuda, cuda:N"
@@ -44,8 +71,7 @@ class EncodeConfig:
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
         check_choices(self)
-        if self.encode_batch_size < 1:
-            raise UsageError(f"encode_batch_size must be >= 1, got {self.encode_batch_size}")
+        check_at_least(self, 1, "encode_batch_size")
         check_at_most(
             "encode_batch_size",
             self.encode_batch_size,
@@ -55,7 +81,7 @@ class EncodeConfig:
 
 
 @dataclass
-class IndexConfig:
+class IndexConfig(ConfigBase):
     """What kind of FAISS index to build (``sbmoe index``) or merge shards into (``sbmoe merge-index``)."""
 
     index_type: str | None = setting(
@@ -80,14 +106,11 @@ class IndexConfig:
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
         check_choices(self)
-        for name in ("nlist", "nprobe"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"{name} must be >= 1, got {value}")
+        check_at_least(self, 1, "nlist", "nprobe")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(ConfigBase):
     """What an evaluation searches and scores."""
 
     split: str = setting("test", help="qrels split whose queries are searched")
@@ -120,7 +143,7 @@ class EvaluateConfig:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(ConfigBase):
     """How many documents a search returns per query."""
 
     top_k: int = documents_top_k_setting(10)
@@ -132,7 +155,7 @@ class SearchConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(ConfigBase):
     """Where ``sbmoe serve`` listens and how much one request may ask for."""
 
     host: str = setting(
@@ -160,13 +183,11 @@ class ServeConfig:
             raise UsageError(f"port must be in [0, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("api_key is empty: give a key, or none to serve without one")
-        for name in ("max_top_k", "max_texts", "max_batch_texts", "max_request_bytes"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "max_top_k", "max_texts", "max_batch_texts", "max_request_bytes")
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(ConfigBase):
     """How ``sbmoe report`` compares the systems of an experiment."""
 
     baseline: str = setting("fine-tuned", help="variant every system is tested against")

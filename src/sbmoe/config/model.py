@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from sbmoe.config.base import check_choices
+from sbmoe.config.base import ConfigBase, check_choices
 from sbmoe.config.checks import MAX_NUM_EXPERTS, check_at_most
 from sbmoe.config.fields import setting
 from sbmoe.core.choices import (
@@ -24,7 +24,7 @@ from sbmoe.core.errors import UsageError
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigBase):
     """How to build an SB-MoE retriever from a backbone encoder (saved as ``sbmoe.json``)."""
 
     backbone: str = setting(

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from sbmoe.config.base import check_choices
+from sbmoe.config.base import ConfigBase, check_choices
 from sbmoe.config.checks import (
     MAX_DOCUMENTS_TOP_K,
     MAX_ENCODE_BATCH_SIZE,
@@ -21,7 +21,7 @@ from sbmoe.core.errors import UsageError
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """How to fine-tune: optimisation, loss, model selection and precision."""
 
     epochs: int = setting(1, help="passes over the training pairs")

@@ -35,6 +35,10 @@ SHARDED_INDEX = "sharded index"
 TRAINING_RUN = "training run"
 MODEL = "model"
 EVALUATION = "evaluation"
+EXPERIMENT = "experiment"
+# A plain file (a search's TREC run): a file may replace a file, never a directory.
+FILE = "file"
+REPORT = "report"
 
 # What each kind is, for messages.
 _DESCRIPTIONS = {
@@ -45,17 +49,22 @@ _DESCRIPTIONS = {
     TRAINING_RUN: "holds an sbmoe training run (a trained model and its training/ folder)",
     MODEL: "holds a model",
     EVALUATION: "holds an sbmoe evaluation",
+    EXPERIMENT: "holds an sbmoe experiment",
+    REPORT: "holds an sbmoe report",
 }
 # A temporary of io.atomic_open / io.atomic_directory / Retriever.save: tempfile's 8 random characters.
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 _SHARD = re.compile(r"^shard-\d+-of-\d+$")
+# What sbmoe.study.report.write_report writes (its plots are PNG files named after the tables), and
+# the experiment's record that a published report keeps beside it (docs/results/).
+_REPORT_FILES_FIXED = {"tables.md", "tables.tex", "results.json", "experiment.json"}
 _IN_PROGRESS = re.compile(rf"{_TEMPORARY.pattern}|^\..+\.(lock|old|chunks)$")
 
 
 def artifact_kind(path: str | os.PathLike) -> str | None:
     """What ``path`` holds: ``None`` (nothing: missing or an empty directory), one of the sbmoe kinds
-    (:data:`INDEX`, :data:`SHARDED_INDEX`, :data:`TRAINING_RUN`, :data:`MODEL`, :data:`EVALUATION`),
-    ``"file"`` or ``"foreign"`` (a directory sbmoe did not write)."""
+    (:data:`INDEX`, :data:`SHARDED_INDEX`, :data:`TRAINING_RUN`, :data:`MODEL`, :data:`EVALUATION`,
+    :data:`EXPERIMENT`, :data:`REPORT`), ``"file"`` or ``"foreign"`` (a directory sbmoe did not write)."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return None
@@ -75,6 +84,10 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
         {"config.json"} <= names and names & {"model.safetensors", "pytorch_model.bin"}
     ):
         return MODEL
+    if _is_report(path):
+        return REPORT
+    if "experiment.json" in names:
+        return EXPERIMENT
     if all(entry.is_dir() and _SHARD.match(entry.name) for entry in entries):
         return SHARDED_INDEX
     if _is_evaluation(path) or all(entry.is_dir() and _is_evaluation(entry) for entry in entries):
@@ -82,42 +95,73 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
     return "foreign"
 
 
+def _is_report(path: Path) -> bool:
+    """A folder :func:`sbmoe.study.report.write_report` wrote (tables.md, ...; reports nested in it count)."""
+    entries = [entry for entry in path.iterdir() if not _IN_PROGRESS.match(entry.name)]
+    return (path / "tables.md").is_file() and all(
+        entry.name in _REPORT_FILES_FIXED or entry.suffix == ".png" or (entry.is_dir() and _is_report(entry))
+        for entry in entries
+    )
+
+
 def _is_evaluation(path: Path) -> bool:
     """A folder :func:`sbmoe.evaluation.evaluate.evaluate_model` wrote (metrics.json beside config.json)."""
     return (path / "metrics.json").is_file() and (path / "config.json").is_file()
 
 
+def index_settings(fingerprint: str | None, collection: str | None, index_config: Any) -> dict[str, Any]:
+    """What makes two indexes the same: the model's fingerprint, the collection and the index config."""
+    return {"fingerprint": fingerprint, "collection": collection, "index_config": _plain(index_config)}
+
+
+def training_settings(model_config: Any, train_config: Any, data: str | None) -> dict[str, Any]:
+    """What makes two training runs the same: the model and training configs and the data's name."""
+    return {"model_config": _plain(model_config), "train_config": _plain(train_config), "data": data}
+
+
+def evaluation_settings(
+    model_fingerprint: str | None, evaluate_config: Any, data: str | None
+) -> dict[str, Any]:
+    """What makes two evaluations the same: the model's fingerprint, the evaluate config and the data."""
+    return {
+        "model_fingerprint": model_fingerprint,
+        "evaluate_config": _plain(evaluate_config),
+        "data": data,
+    }
+
+
+def _plain(config: Any) -> Any:
+    """A config (anything with ``to_dict``, see :class:`sbmoe.config.base.ConfigBase`) as its dict."""
+    return config.to_dict() if hasattr(config, "to_dict") else config
+
+
 def recorded_settings(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     """The settings an existing artifact of ``kind`` at ``path`` was made with (empty: not recorded).
 
-    The keys are those the jobs pass to :func:`check_output`: an index's model ``fingerprint``,
-    ``collection`` and ``index_config``; a training run's ``model_config``, ``train_config`` and
-    ``data``; an evaluation's ``model_fingerprint``, ``evaluate_config`` and ``data``.
+    Built by the same functions the jobs build the new artifact's settings with
+    (:func:`index_settings`, :func:`training_settings`, :func:`evaluation_settings`), so the two
+    compare key by key by construction.
     """
     path = Path(path)
     if kind == INDEX:
         meta = _read_settings_file(path / "meta.json")
         extra = meta.get("metadata") or {}
-        return meta and {
-            "fingerprint": meta.get("fingerprint"),
-            "collection": extra.get("collection"),
-            "index_config": extra.get("index_config"),
-        }
+        return meta and index_settings(
+            meta.get("fingerprint"), extra.get("collection"), extra.get("index_config")
+        )
     if kind == TRAINING_RUN:
         saved = _read_settings_file(path / "training" / "config.json")
-        return saved and {
-            "model_config": saved.get("model_config"),
-            "train_config": saved.get("train_config"),
-            "data": (saved.get("data") or {}).get("name"),
-        }
+        return saved and training_settings(
+            saved.get("model_config"), saved.get("train_config"), (saved.get("data") or {}).get("name")
+        )
     if kind == EVALUATION:
         files = [path / "config.json", *sorted(path.glob("*/config.json"))]
         saved = _read_settings_file(next(file for file in files if file.is_file()))
-        return saved and {
-            "model_fingerprint": saved.get("model_fingerprint"),
-            "evaluate_config": saved.get("evaluate_config"),
-            "data": (saved.get("data") or {}).get("name"),
-        }
+        return saved and evaluation_settings(
+            saved.get("model_fingerprint"),
+            saved.get("evaluate_config"),
+            (saved.get("data") or {}).get("name"),
+        )
     return {}
 
 
@@ -147,7 +191,7 @@ def setting_differences(before: Mapping[str, Any], after: Mapping[str, Any], pre
 
 def check_output(
     path: str | os.PathLike,
-    kind: str,
+    kind: str | tuple[str, ...],
     settings: Mapping[str, Any] | None = None,
     *,
     overwrite: bool = False,
@@ -157,7 +201,7 @@ def check_output(
 
     Args:
         path: The output.
-        kind: What the job writes there.
+        kind: What the job writes there (a tuple: any of those kinds, the first for new outputs).
         settings: What the new artifact is made with (keys as :func:`recorded_settings`'); ``None``
             checks the kind only.
         overwrite: Allow replacing an artifact of ``kind`` made with other settings.
@@ -171,41 +215,52 @@ def check_output(
             settings and ``overwrite`` is off.
     """
     path = Path(path)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if FILE in kinds and path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; this job writes a file there: name a file")
     found = artifact_kind(path)
     if found is None:
         return False
-    if found != kind:
+    if found not in kinds:
         raise UsageError(
-            f"{flag} {path} {_DESCRIPTIONS[found]}; sbmoe writes a {kind} only where there is nothing or "
-            f"an earlier {kind}, so nothing was changed: choose another {flag}"
+            f"{flag} {path} {_DESCRIPTIONS[found]}; sbmoe writes {_a(kinds[0])} only where there is "
+            f"nothing or an earlier {kinds[0]}, so nothing was changed: choose another {flag}"
         )
+    kind = found
     recorded = recorded_settings(path, kind) if settings else {}
     if not recorded:  # nothing to compare with: a write that died before recording its settings
         return False
     changes = setting_differences(recorded, settings)
     if changes and not overwrite:
         raise UsageError(
-            f"{flag} {path} holds a {kind} made with other settings ({'; '.join(changes)}); "
+            f"{flag} {path} holds {_a(kind)} made with other settings ({'; '.join(changes)}); "
             f"pass --overwrite to replace it, or choose another {flag}"
         )
     return bool(changes)
 
 
-def lock_path(path: str | os.PathLike) -> Path:
-    """The lock file of the output ``path`` (beside it, so it survives the output's replacement)."""
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def lock_path(path: str | os.PathLike, role: str = "") -> Path:
+    """The lock file of the output ``path`` (beside it, so it survives the output's replacement).
+
+    ``role`` names one of several writers that share the output (``worker-0-of-2``): each holds its own.
+    """
     path = Path(path).absolute()
-    return path.with_name(f".{path.name}.lock")
+    return path.with_name(f".{path.name}.{role}.lock" if role else f".{path.name}.lock")
 
 
 @contextlib.contextmanager
-def output_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold the lock of the output ``path`` for the block.
+def output_lock(path: str | os.PathLike, role: str = "") -> Iterator[None]:
+    """Hold the lock of the output ``path`` (``role``'s, see :func:`lock_path`) for the block.
 
     Raises:
         UsageError: another live process holds the lock, or the place of ``path`` is not writable.
     """
     path = Path(path)
-    lock = lock_path(path)
+    lock = lock_path(path, role)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = _acquire(lock, path)
@@ -303,17 +358,38 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 @contextlib.contextmanager
 def writing_output(
     path: str | os.PathLike,
-    kind: str,
+    kind: str | tuple[str, ...],
     settings: Mapping[str, Any] | None = None,
     *,
     overwrite: bool = False,
+    within: str | None = None,
+    role: str = "",
 ) -> Iterator[bool]:
-    """Lock ``path`` for the whole write, :func:`check_output` it, then clean its stale temporaries.
+    """The one gate every job that writes opens its output through: lock, check, clean, once.
+
+    Locks ``path`` for the whole write, :func:`check_output` s it (the kind, and with ``settings``
+    whether an earlier artifact was made otherwise, refused unless ``overwrite``), then removes the
+    temporaries an interrupted earlier write left.
+
+    Args:
+        path: The output.
+        kind: What the job writes (see :func:`check_output`).
+        settings: What it is made with (:func:`index_settings`, :func:`training_settings`,
+            :func:`evaluation_settings`); ``None`` checks the kind only.
+        overwrite: Allow replacing a ``kind`` made with other settings.
+        within: The kind the folder holding ``path`` must be (a shard: :data:`SHARDED_INDEX`).
+        role: For outputs several processes write at once, this writer's lock (:func:`lock_path`).
 
     Yields:
         Whether an existing ``kind`` made with other settings is being replaced (``overwrite``).
+
+    Raises:
+        UsageError: another process writes ``path``, or what is there may not be replaced.
     """
-    with output_lock(path):
+    with output_lock(path, role):
+        if within is not None:
+            check_output(Path(path).parent, within)
         replacing = check_output(path, kind, settings, overwrite=overwrite)
-        remove_stale_temporaries(path)
+        if not role:  # a shared output's temporaries may be another writer's, in progress
+            remove_stale_temporaries(path)
         yield replacing

@@ -31,3 +31,20 @@ INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 BACKENDS = ("auto", "torch", "onnx")
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 EMBEDDING_DTYPES = ("float32", "float16")
+# The untrained controls of the study (sbmoe.study.controls), a grid variant's `control:`.
+CONTROLS = ("document-prior", "zero-shot+prior", "procrustes")
+
+# What --backend auto with --precision auto picks, by whether this machine computes bf16 fast (GPUs
+# with bf16; CPUs with AMX or AVX512-BF16). sbmoe.core.runtime.resolve_inference follows this table
+# and the --backend help is written from it, so the two cannot disagree. int8 (onnx) is never
+# picked: it quantises with one scale per batch, so an embedding would depend on its batch.
+AUTO_INFERENCE: dict[bool, tuple[str, str, str]] = {
+    True: ("torch", "bf16", "on GPUs and CPUs that compute bf16 fast (AMX, AVX512-BF16)"),
+    False: ("torch", "fp32", "elsewhere"),
+}
+
+
+def describe_auto_inference() -> str:
+    """What ``auto`` picks, in words, from :data:`AUTO_INFERENCE` (for help texts)."""
+    picks = "; ".join(f"{backend} {precision} {when}" for backend, precision, when in AUTO_INFERENCE.values())
+    return f"auto: {picks} (int8 onnx only when asked for: its embeddings depend on the batch)"

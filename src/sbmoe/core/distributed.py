@@ -258,25 +258,31 @@ def shard_bounds(count: int, shard: int, num_shards: int) -> tuple[int, int]:
     Shard sizes differ by at most one, the first shards taking the extra items; concatenating the
     shards in order gives the items in their original order.
     """
-    if num_shards < 1 or not 0 <= shard < num_shards:
-        raise UsageError(f"shard must be in [0, {num_shards}), got {shard} of {num_shards}")
+    check_shard(shard, num_shards)
     base, extra = divmod(count, num_shards)
     start = shard * base + min(shard, extra)
     return start, start + base + (1 if shard < extra else 0)
 
 
-def split_sizes(count: int, num_shards: int) -> list[int]:
-    """Sizes of the :func:`shard_bounds` shards."""
-    return [stop - start for start, stop in (shard_bounds(count, i, num_shards) for i in range(num_shards))]
+def parse_shard(text: str, flag: str = "--shard") -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)``: the ``I``-th (from 0) of ``N`` parts, ``0 <= I < N``.
 
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/N"`` -> ``(i, N)``, with ``0 <= i < N``."""
+    Raises:
+        UsageError: naming ``flag`` and saying what ``I/N`` means.
+    """
     try:
-        shard_text, total_text = text.split("/")
-        shard, total = int(shard_text), int(total_text)
-    except ValueError:
-        raise UsageError(f"a shard is written i/N (e.g. 0/4), got {text!r}") from None
-    if total < 1 or not 0 <= shard < total:
-        raise UsageError(f"shard {text!r}: need 0 <= i < N")
-    return shard, total
+        index_text, count_text = text.strip().split("/")
+        index, count = int(index_text), int(count_text)
+    except (ValueError, AttributeError):
+        raise UsageError(f"{flag} {text!r} is not I/N; {_SHARD_MEANING}") from None
+    return check_shard(index, count, flag)
+
+
+_SHARD_MEANING = "I/N means part I of N, counted from 0, so 0 <= I < N (e.g. 0/4 ... 3/4)"
+
+
+def check_shard(index: int, count: int, flag: str = "shard") -> tuple[int, int]:
+    """``(index, count)`` when ``0 <= index < count``, else a UsageError naming ``flag``."""
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"{flag} {index}/{count} is invalid; {_SHARD_MEANING}")
+    return index, count

@@ -1,4 +1,4 @@
-"""Atomic file output: every file the toolkit writes appears whole or not at all."""
+"""Atomic file output (every file the toolkit writes appears whole or not at all), and where caches live."""
 
 from __future__ import annotations
 
@@ -84,3 +84,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_root(*parts: str) -> Path:
+    """Where sbmoe keeps what it can rebuild (collections, embeddings, ONNX exports), then ``parts``:
+    ``$SBMOE_CACHE_DIR``, else ``~/.cache/sbmoe``."""
+    root = os.environ.get("SBMOE_CACHE_DIR") or Path.home() / ".cache" / "sbmoe"
+    return Path(root).expanduser().joinpath(*parts)

@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 
-from sbmoe.core.choices import BACKENDS, INFERENCE_PRECISIONS, PRECISIONS
+from sbmoe.core.choices import AUTO_INFERENCE, BACKENDS, INFERENCE_PRECISIONS, PRECISIONS
 from sbmoe.core.errors import UsageError
 
 # CPU flags that decide which numerics are fast here (bf16 and int8 matrix units, vector width).
@@ -161,11 +161,11 @@ def _plan(backend: str, precision: str, device: torch.device) -> InferencePlan:
         raise UsageError("int8 runs on --backend onnx (or auto)")
     if backend == "torch" or precision != "auto":
         return InferencePlan("torch", resolve_precision(precision, device), f"asked for, on {where}")
-    bf16 = resolve_precision("auto", device)
-    if bf16 == "bf16":
-        return InferencePlan("torch", "bf16", f"fast bf16 on {where}")
-    return InferencePlan(
-        "torch",
-        "fp32",
-        f"no fast bf16 on {where} (--precision int8 is faster on x86, but batch-dependent)",
+    fast_bf16 = resolve_precision("auto", device) == "bf16"
+    chosen_backend, chosen_precision, _ = AUTO_INFERENCE[fast_bf16]
+    reason = (
+        f"fast bf16 on {where}"
+        if fast_bf16
+        else f"no fast bf16 on {where} (--precision int8 is faster on x86, but batch-dependent)"
     )
+    return InferencePlan(chosen_backend, chosen_precision, reason)

@@ -6,47 +6,21 @@ A BEIR folder holds ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv`
 
 from __future__ import annotations
 
-import codecs
-import hashlib
 import http.client
-import json
 import os
 import random
-import shutil
-import urllib.request
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sbmoe.core.errors import DataError, DataWarning, UsageError
-from sbmoe.core.io import atomic_directory, atomic_open
+from sbmoe.core.io import cache_root
+from sbmoe.data.download import BEIR_MD5, BEIR_URL, download_collection
 from sbmoe.data.irds import export_irds, is_irds_name
-
-BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
-
-# MD5 of each archive as published in the dataset table of the BEIR README (beir-cellar/beir).
-# fever and webis-touche2020 list the checksums of the re-released archives, which are what the
-# server hands out now; the first README versions listed those of the superseded ones.
-BEIR_MD5: dict[str, str] = {
-    "msmarco": "444067daf65d982533ea17ebd59501e4",
-    "trec-covid": "ce62140cb23feb9becf6270d0d1fe6d1",
-    "nfcorpus": "a89dba18a62ef92f7d323ec890a0d38d",
-    "nq": "d4d3d2e48787a744b6f6e691ff534307",
-    "hotpotqa": "f412724f78b0d91183a0e86805e16114",
-    "fiqa": "17918ed23cd04fb15047f73e6c3bd9d9",
-    "arguana": "8ad3e3c2a5867cdced806d6503f29b99",
-    "webis-touche2020": "46f650ba5a527fc69e0a6521c5a23563",
-    "cqadupstack": "4e41456d7df8ee7760a7f866133bda78",
-    "quora": "18fb154900ba42a600f84b839c173167",
-    "dbpedia-entity": "c2a39eb420a3164af735795df012ac2c",
-    "scidocs": "38121350fc3a4d2f48850f6aff52e4a9",
-    "fever": "5a818580227bfb4b35bb6fa46d9b6c03",
-    "climate-fever": "8b66f0a9126c521bae2bde127b4dc99d",
-    "scifact": "5f7d1de60b170fc8027bb7898e2efca1",
-}
+from sbmoe.data.readers import NumericIds, iter_json_objects, iter_lines, string_field
 
 _SPLIT_ORDER = {"train": 0, "dev": 1, "test": 2}
 _T = TypeVar("_T")
@@ -99,10 +73,6 @@ class BeirCollection:
             )
         return self.qrels[split]
 
-    def split_queries(self, split: str) -> dict[str, str]:
-        """Query id -> text for the queries judged in ``split``, in qrels order."""
-        return {qid: self.queries[qid] for qid in self.split_qrels(split)}
-
 
 def load_collection(path: str | os.PathLike, splits: Sequence[str] | None = None) -> BeirCollection:
     """Read and validate a BEIR folder.
@@ -111,7 +81,8 @@ def load_collection(path: str | os.PathLike, splits: Sequence[str] | None = None
         path: Folder holding ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``.
         splits: Splits to load; all ``qrels/*.tsv`` files when None.
 
-    Records need ``_id`` (a string; JSON integers are converted) and ``text``; a document's
+    Records need ``_id`` (a string; JSON integers are converted, with one warning per file) and
+    ``text``; a document's
     ``title`` may be absent or null. Blank lines, CRLF line ends and a UTF-8 BOM are tolerated, as
     is a qrels file without its ``query-id  corpus-id  score`` header.
 
@@ -169,92 +140,32 @@ def read_queries(path: str | os.PathLike) -> dict[str, str]:
     return queries
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, text) for each non-blank line, without BOM or line ending."""
-    # Binary reading with per-line decoding keeps line numbers exact even for bad UTF-8.
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path} line {lineno}: not valid UTF-8 ({exc.reason})") from None
-            if line.strip():
-                yield lineno, line
+def _load_jsonl(path: Path, what: str, build: Callable[[dict[str, Any], str], _T]) -> dict[str, _T]:
+    """Map each record's ``_id`` to ``build(record, where)``, rejecting bad or repeated ids.
 
-
-def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (1-based line number, object) for each non-blank line of a JSON Lines file.
-
-    Raises:
-        DataError: A line is not valid UTF-8, not JSON, or not a JSON object (path and line named).
+    An ``_id`` written as a JSON integer is read as its decimal string, with one warning for the file.
     """
-    for lineno, line in iter_lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path} line {lineno}: expected a JSON object, got {json_type(record)}")
-        yield lineno, record
-
-
-def _load_jsonl(path: Path, what: str, build: Callable[[dict[str, Any], Path, int], _T]) -> dict[str, _T]:
-    """Map each record's ``_id`` to ``build(record, path, line)``, rejecting bad or repeated ids."""
     items: dict[str, _T] = {}
+    ids = NumericIds()
     for lineno, record in iter_json_objects(path):
-        key = _record_id(record, path, lineno)
+        where = f"{path} line {lineno}"
+        key = ids.field(record, "_id", where)
         if key in items:
-            raise DataError(f'{path} line {lineno}: duplicate "_id" {key!r}')
-        items[key] = build(record, path, lineno)
+            raise DataError(f'{where}: duplicate "_id" {key!r}')
+        items[key] = build(record, where)
     if not items:
         raise DataError(f"{path}: no {what}")
+    ids.warn(path)
     return items
 
 
-_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string"}
+def _build_document(record: dict[str, Any], where: str) -> Document:
+    title = string_field(record, "title", where) or ""
+    return Document(title, string_field(record, "text", where, required=True))
 
 
-def json_type(value: Any) -> str:
-    """The JSON name of ``value``'s type (string, number, array, ...), for error messages."""
-    return _JSON_TYPES.get(type(value), "array" if isinstance(value, list) else "object")
-
-
-def _record_id(record: dict[str, Any], path: Path, lineno: int) -> str:
-    if "_id" not in record:
-        raise DataError(f'{path} line {lineno}: missing field "_id"')
-    value = record["_id"]
-    # Some BEIR copies write numeric ids as JSON numbers; they name the same thing as the string.
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise DataError(f'{path} line {lineno}: field "_id" must be a string, got {json_type(value)}')
-    if not value.strip():
-        raise DataError(f'{path} line {lineno}: field "_id" is empty')
-    return value
-
-
-def _build_document(record: dict[str, Any], path: Path, lineno: int) -> Document:
-    title = _record_str(record, "title", path, lineno, required=False)
-    return Document(title, _record_str(record, "text", path, lineno))
-
-
-def _build_query(record: dict[str, Any], path: Path, lineno: int) -> str:
-    return _record_str(record, "text", path, lineno)
-
-
-def _record_str(record: dict[str, Any], field: str, path: Path, lineno: int, required: bool = True) -> str:
-    value = record.get(field)
-    if value is None:
-        if required:
-            if field in record:
-                raise DataError(f'{path} line {lineno}: field "{field}" must be a string, got null')
-            raise DataError(f'{path} line {lineno}: missing field "{field}"')
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f'{path} line {lineno}: field "{field}" must be a string, got {json_type(value)}')
-    return value
+def _build_query(record: dict[str, Any], where: str) -> str:
+    return string_field(record, "text", where, required=True)
 
 
 def _load_qrels(
@@ -348,10 +259,7 @@ def resolve_data(
             checksum mismatch, bad archive); the message lists the places searched.
     """
     checksums = BEIR_MD5 if checksums is None else checksums
-    if cache_dir is None:
-        root = os.environ.get("SBMOE_CACHE_DIR")
-        cache_dir = Path(root) / "data" if root else "~/.cache/sbmoe/data"
-    cache = Path(cache_dir).expanduser()
+    cache = cache_root("data") if cache_dir is None else Path(cache_dir).expanduser()
     if is_irds_name(name_or_path):
         return export_irds(name_or_path, cache / "irds")
     candidate = Path(name_or_path).expanduser()
@@ -377,63 +285,13 @@ def resolve_data(
         raise DataError(f"collection {name_or_path!r} not found (searched: {where}) and download is off")
     url = url_template.format(name=name_or_path)
     try:
-        return _download(name_or_path, url, checksums[name_or_path], cache, timeout)
+        return download_collection(name_or_path, url, checksums[name_or_path], cache, timeout)
     # URLError, HTTPError and timeouts are OSErrors; a connection cut mid-body is an HTTPException.
     except (OSError, http.client.HTTPException, zipfile.BadZipFile, DataError) as exc:
         raise DataError(
             f"collection {name_or_path!r} not found locally (searched: {where}) "
             f"and could not be downloaded from {url}: {exc}"
         ) from exc
-
-
-def _download(name: str, url: str, md5: str, cache: Path, timeout: float) -> Path:
-    """Fetch, verify and extract one archive; ``cache/name`` appears only once complete."""
-    from tqdm.auto import tqdm  # only needed on this rare path
-
-    archive = cache / f".{name}.zip"
-    digest = hashlib.md5(usedforsecurity=False)
-    try:
-        # atomic_open keeps the partial file under a temporary name; raising inside the block
-        # (checksum mismatch, network error) deletes it, so a bad archive is never left behind.
-        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_open(archive, "wb") as out:
-            size = response.headers.get("Content-Length")
-            with tqdm(
-                total=int(size) if size else None, unit="B", unit_scale=True, desc=f"{name}.zip", leave=False
-            ) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-            if digest.hexdigest() != md5:
-                raise DataError(f"MD5 mismatch: expected {md5}, got {digest.hexdigest()}")
-        target = cache / name
-        with atomic_directory(target) as staging, zipfile.ZipFile(archive) as zipped:
-            _extract(zipped, staging, name)
-        return target
-    finally:
-        archive.unlink(missing_ok=True)
-
-
-def _extract(zipped: zipfile.ZipFile, dest: Path, name: str) -> None:
-    """Extract into ``dest``, dropping the archive's single top-level folder (``scifact/...``)."""
-    members = [m for m in zipped.infolist() if not m.is_dir()]
-    parts = []
-    for member in members:
-        path = PurePosixPath(member.filename.replace("\\", "/"))
-        # Refuse members that would land outside dest ("zip slip").
-        if path.is_absolute() or ".." in path.parts or not path.parts:
-            raise DataError(f"unsafe path in archive: {member.filename!r}")
-        parts.append(path.parts)
-    tops = {p[0] for p in parts}
-    strip = len(tops) == 1 and all(len(p) > 1 for p in parts)
-    for member, member_parts in zip(members, parts, strict=True):
-        out = dest.joinpath(*(member_parts[1:] if strip else member_parts))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with zipped.open(member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    # cqadupstack nests one collection per forum, so a corpus one level down counts too.
-    if not (dest / "corpus.jsonl").is_file() and not any(dest.glob("*/corpus.jsonl")):
-        raise DataError(f"archive for {name!r} holds no corpus.jsonl")
 
 
 def positive_pairs(qrels: Mapping[str, Mapping[str, int]], min_score: int = 1) -> list[tuple[str, str]]:

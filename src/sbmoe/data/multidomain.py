@@ -31,12 +31,9 @@ Only the retrieval fields are converted; the personalisation metadata is left be
 
 from __future__ import annotations
 
-import codecs
-import gzip
 import json
 import os
 import warnings
-import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +41,7 @@ from typing import IO, Any
 
 from sbmoe.core.errors import DataError, DataWarning
 from sbmoe.core.io import atomic_directory, atomic_open
+from sbmoe.data.readers import NumericIds, iter_json_objects, json_type, string_field
 
 ZENODO_RECORD = "https://zenodo.org/record/6606557"
 
@@ -171,84 +169,29 @@ def _find_file(folder: Path, relative: str) -> Path:
     raise DataError(f"{folder}: missing {relative} (or {relative}.gz)")
 
 
-def _iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (1-based line number, JSON object) for each non-blank line of a (gzipped) JSONL file."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            for lineno, raw in enumerate(handle, start=1):
-                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                    raw = raw[len(codecs.BOM_UTF8) :]
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"{path} line {lineno}: not valid UTF-8 ({exc.reason})") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path} line {lineno}: expected a JSON object, got {json_type(record)}")
-                yield lineno, record
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: not a readable gzip file ({exc})") from None
+def _identified_records(path: Path, ids: NumericIds) -> Iterator[tuple[int, str, str, dict[str, Any]]]:
+    """(line, where, id, record) for each record of a release file (``where``: path and line)."""
+    for lineno, record in iter_json_objects(path):
+        where = f"{path} line {lineno}"
+        yield lineno, where, _single_line(ids.field(record, "id", where), where, "id"), record
 
 
-_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string"}
-
-
-def json_type(value: Any) -> str:
-    return _JSON_TYPES.get(type(value), "array" if isinstance(value, list) else "object")
-
-
-def _as_id(value: Any, where: str, field_name: str) -> str:
-    """An id as a string: JSON strings as they are, JSON integers converted; anything else fails."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise DataError(f'{where}: field "{field_name}" must be a string, got {json_type(value)}')
-    if not value.strip():
-        raise DataError(f'{where}: field "{field_name}" is empty')
+def _single_line(value: str, where: str, field_name: str) -> str:
     if any(char in value for char in "\t\r\n"):
         # Qrels are tab-separated lines, so such an id could not be written back faithfully.
         raise DataError(f'{where}: field "{field_name}" contains a tab or line break: {value!r}')
     return value
 
 
-def _record_id(record: dict[str, Any], where: str) -> str:
-    if "id" not in record:
-        raise DataError(f'{where}: missing field "id"')
-    return _as_id(record["id"], where, "id")
-
-
-def _record_text(record: dict[str, Any], field_name: str, where: str, required: bool = True) -> str:
-    value = record.get(field_name)
-    if value is None:
-        if not required:
-            return ""
-        if field_name in record:
-            raise DataError(f'{where}: field "{field_name}" must be a string, got null')
-        raise DataError(f'{where}: missing field "{field_name}"')
-    if not isinstance(value, str):
-        raise DataError(f'{where}: field "{field_name}" must be a string, got {json_type(value)}')
-    return value
-
-
 def _convert_documents(path: Path, out: IO[str]) -> set[str]:
     """Write each document of ``collection.jsonl`` as a BEIR corpus line; return the ids."""
     first_line: dict[str, int] = {}
-    for lineno, record in _iter_records(path):
-        where = f"{path} line {lineno}"
-        doc_id = _record_id(record, where)
+    for lineno, where, doc_id, record in _identified_records(path, NumericIds()):
         if doc_id in first_line:
             raise DataError(f'{where}: duplicate "id" {doc_id!r} (first on line {first_line[doc_id]})')
         first_line[doc_id] = lineno
-        title = _record_text(record, "title", where, required=False)
-        text = _record_text(record, "text", where)
+        title = string_field(record, "title", where) or ""
+        text = string_field(record, "text", where, required=True)
         out.write(json.dumps({"_id": doc_id, "title": title, "text": text}, ensure_ascii=False) + "\n")
     if not first_line:
         raise DataError(f"{path}: no documents")
@@ -263,13 +206,12 @@ def _convert_queries(
     ``seen`` maps each query id already written to where it was read, across all splits.
     """
     count, skipped, emptied, example = 0, 0, 0, ""
-    for lineno, record in _iter_records(path):
-        where = f"{path} line {lineno}"
-        query_id = _record_id(record, where)
+    ids = NumericIds()
+    for lineno, where, query_id, record in _identified_records(path, ids):
         if query_id in seen:
             raise DataError(f'{where}: duplicate "id" {query_id!r} (first in {seen[query_id]})')
         seen[query_id] = where
-        text = _record_text(record, "text", where)
+        text = string_field(record, "text", where, required=True)
         if "rel_doc_ids" not in record:
             raise DataError(f'{where}: missing field "rel_doc_ids"')
         relevant = record["rel_doc_ids"]
@@ -277,7 +219,8 @@ def _convert_queries(
             raise DataError(f'{where}: field "rel_doc_ids" must be an array, got {json_type(relevant)}')
         known: dict[str, None] = {}  # ordered set: a repeated id is one judgement
         for index, value in enumerate(relevant):
-            doc_id = _as_id(value, where, f"rel_doc_ids[{index}]")
+            label = f"rel_doc_ids[{index}]"
+            doc_id = _single_line(ids.read(value, where, label), where, label)
             if doc_id in doc_ids:
                 known[doc_id] = None
             else:

@@ -35,7 +35,8 @@ from typing import Any
 
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.errors import DataError, DataWarning, MissingInputError, UsageError, first_line
-from sbmoe.data.beir import BeirCollection, Document, iter_json_objects, iter_lines, json_type
+from sbmoe.data.beir import BeirCollection, Document
+from sbmoe.data.readers import NumericIds, iter_json_objects, iter_lines, json_type, string_field
 
 _NEGATIVE_COLUMN = re.compile(r"negative_(\d+)")
 _QUERY_FIELDS = ("query", "anchor")
@@ -163,12 +164,13 @@ class _Builder:
         self.corpus: dict[str, Document] = {}
         self.positives: dict[str, dict[str, int]] = {}
         self.negatives: dict[str, dict[str, None]] = {}  # ordered sets
+        self.ids = NumericIds()
 
     def add(self, where: str, record: dict[str, Any]) -> None:
         if self.tevatron is None:
             self.tevatron = "positive_passages" in record
         if self.tevatron:
-            query_id = _id_field(record, "query_id", where)
+            query_id = self.ids.field(record, "query_id", where, required=False)
             query = _text_field(record, "query", where)
             positives = self._passages(record, "positive_passages", where, required=True)
             negatives = self._passages(record, "negative_passages", where, required=False)
@@ -201,7 +203,7 @@ class _Builder:
         if value is None and not required:
             return []
         if value is None and name not in record:
-            raise _absent(record, name, where)
+            raise DataError(f'{where}: missing field "{name}"')
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
             raise DataError(f'{where}: field "{name}" must be a list of objects, got {json_type(value)}')
         if required and not value:
@@ -209,13 +211,12 @@ class _Builder:
         doc_ids = []
         for position, item in enumerate(value):
             label = f"{name}[{position}]"
-            title = _string(item, "title", where, label) or ""
-            text = _string(item, "text", where, label)
-            if text is None:
-                raise DataError(f'{where}: missing field "{label}.text"')
+            title = string_field(item, "title", where, within=label) or ""
+            text = string_field(item, "text", where, within=label, required=True)
             if not Document(title, text).full_text:
                 raise DataError(f'{where}: field "{label}" has an empty title and text')
-            doc_ids.append(self._passage(title, text, _id_field(item, "docid", where, label), where))
+            doc_id = self.ids.field(item, "docid", where, within=label, required=False)
+            doc_ids.append(self._passage(title, text, doc_id, where))
         return doc_ids
 
     def _passage(self, title: str, text: str, doc_id: str | None = None, where: str = "") -> str:
@@ -259,41 +260,10 @@ class _Builder:
         )
 
 
-def _absent(record: dict[str, Any], name: str, where: str) -> DataError:
-    """The error for a required field that is missing or null."""
-    return DataError(
-        f'{where}: missing field "{name}"' if name not in record else f'{where}: field "{name}" is null'
-    )
-
-
-def _string(record: dict[str, Any], name: str, where: str, within: str = "") -> str | None:
-    """``record[name]`` when a string, ``None`` when absent or null; an error for anything else."""
-    value = record.get(name)
-    if value is not None and not isinstance(value, str):
-        label = f"{within}.{name}" if within else name
-        raise DataError(f'{where}: field "{label}" must be a string, got {json_type(value)}')
-    return value
-
-
 def _text_field(record: dict[str, Any], name: str, where: str) -> str:
-    value = _string(record, name, where)
-    if value is None:
-        raise _absent(record, name, where)
+    value = string_field(record, name, where, required=True)
     if not value.strip():
         raise DataError(f'{where}: field "{name}" is empty')
-    return value
-
-
-def _id_field(record: dict[str, Any], name: str, where: str, within: str = "") -> str | None:
-    """An optional id: a string, or an integer taken as its decimal string."""
-    value = record.get(name)
-    label = f"{within}.{name}" if within else name
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if value is not None and not isinstance(value, str):
-        raise DataError(f'{where}: field "{label}" must be a string, got {json_type(value)}')
-    if value is not None and not value.strip():
-        raise DataError(f'{where}: field "{label}" is empty')
     return value
 
 
@@ -302,7 +272,7 @@ def _texts(record: dict[str, Any], name: str, where: str, required: bool) -> lis
     value = record.get(name)
     if value is None:
         if required:
-            raise _absent(record, name, where)
+            string_field(record, name, where, required=True)  # raises: missing or null
         return []
     items = [(name, value)] if isinstance(value, str) else None
     if isinstance(value, list):

@@ -7,7 +7,6 @@ collection has a training split.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 import warnings
@@ -16,16 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions, SearchConfig
 from sbmoe.config.provenance import provenance
-from sbmoe.core.artifacts import EVALUATION, writing_output
+from sbmoe.core.artifacts import EVALUATION, evaluation_settings, writing_output
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import write_json
 from sbmoe.core.runs import Run
 from sbmoe.data.beir import BeirCollection
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics, write_trec_run
 from sbmoe.evaluation.query_groups import group_scores, split_query_groups
-from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import encoding_used
 from sbmoe.retrieval.search import search, search_documents
@@ -50,11 +48,7 @@ def evaluate_model(
     output_dir: str | Path,
     config: EvaluateConfig | None = None,
     encode: EncodeConfig | None = None,
-    *,
-    show_progress: bool = True,
-    command: Sequence[str] | None = None,
-    cache: EmbeddingCache | None = None,
-    overwrite: bool = False,
+    options: JobOptions | None = None,
 ) -> list[EvaluationOutput]:
     """Search the split's queries over the whole corpus and score the run.
 
@@ -68,9 +62,11 @@ def evaluate_model(
     over the freshly encoded corpus, under the model's own rule only.
 
     Args:
-        overwrite: Replace an earlier evaluation in ``output_dir`` made with other settings (see
-            :func:`~sbmoe.core.artifacts.check_output`; anything but an evaluation there is refused anyway).
+        options: Progress bars, the command recorded, the embedding cache, and ``overwrite``: replace
+            an earlier evaluation in ``output_dir`` made with other settings (anything but an
+            evaluation there is refused anyway; see :func:`~sbmoe.core.artifacts.writing_output`).
     """
+    options = options or JobOptions()
     config = config or EvaluateConfig()
     encode = encode or EncodeConfig()
     if config.expert_poolings and retriever.head is None:
@@ -82,17 +78,11 @@ def evaluate_model(
         )
     output_dir = Path(output_dir)
     fingerprint = retriever.fingerprint()
-    settings = {
-        "model_fingerprint": fingerprint,
-        "evaluate_config": dataclasses.asdict(config),
-        "data": collection.name,
-    }
-    with writing_output(output_dir, EVALUATION, settings, overwrite=overwrite) as replacing:
+    settings = evaluation_settings(fingerprint, config, collection.name)
+    with writing_output(output_dir, EVALUATION, settings, overwrite=options.overwrite) as replacing:
         if replacing:
             shutil.rmtree(output_dir)  # an earlier evaluation, with other settings: --overwrite
-        return _evaluate(
-            retriever, collection, output_dir, config, encode, fingerprint, show_progress, command, cache
-        )
+        return _evaluate(retriever, collection, output_dir, config, encode, fingerprint, options)
 
 
 def _evaluate(
@@ -102,9 +92,7 @@ def _evaluate(
     config: EvaluateConfig,
     encode: EncodeConfig,
     fingerprint: str,
-    show_progress: bool,
-    command: Sequence[str] | None,
-    cache: EmbeddingCache | None,
+    options: JobOptions,
 ) -> list[EvaluationOutput]:
     qrels = collection.split_qrels(config.split)
     # Seen / partly-seen / unseen queries, on collections with a training split (evaluation.query_groups).
@@ -113,7 +101,7 @@ def _evaluate(
     retriever.warn_truncated(list(queries.values()), "query", f"{collection.name} {config.split} queries")
     started = time.perf_counter()
     if config.corpus_index:
-        runs = _search_index(retriever, collection.name, queries, config, encode, show_progress, cache)
+        runs = _search_index(retriever, collection.name, queries, config, encode, options)
     else:
         documents = {d: doc.full_text for d, doc in collection.corpus.items()}
         retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
@@ -124,8 +112,8 @@ def _evaluate(
             SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
             encode,
             expert_poolings=config.expert_poolings if retriever.head is not None else (),
-            show_progress=show_progress,
-            cache=cache,
+            show_progress=options.show_progress,
+            cache=options.cache,
         )
     seconds = time.perf_counter() - started
 
@@ -133,14 +121,14 @@ def _evaluate(
     for rule, run in runs.items():
         target = output_dir / rule if len(runs) > 1 else output_dir
         record = {
-            "encode_config": dataclasses.asdict(encode),
+            "encode_config": encode.to_dict(),
             "encoding": encoding_used(retriever, encode),
-            "model_config": dataclasses.asdict(retriever.config),
+            "model_config": retriever.config.to_dict(),
             "model_fingerprint": fingerprint,
             "expert_pooling": rule,
             "data": {"name": collection.name, "root": str(collection.root)},
             "encode_and_search_seconds": round(seconds, 2),
-            **provenance(command),
+            **provenance(options.command),
         }
         result = save_evaluation(qrels, run, target, config, rule, record, groups)
         group_summary = group_scores(result.per_query, groups) if groups is not None else None
@@ -154,8 +142,7 @@ def _search_index(
     queries: Mapping[str, str],
     config: EvaluateConfig,
     encode: EncodeConfig,
-    show_progress: bool,
-    cache: EmbeddingCache | None,
+    options: JobOptions,
 ) -> dict[str, Run]:
     """The run of ``queries`` over ``config.corpus_index`` (FAISS directory or store URI), model's rule."""
     rule = retriever.head.expert_pooling if retriever.head is not None else "model"
@@ -165,14 +152,22 @@ def _search_index(
             f"--index holds the corpus encoded under the model's own rule ({rule}); --expert-pooling "
             f"{' '.join(others)} needs it encoded under each: leave out --index"
         )
-    index = load_index(config.corpus_index, expected_fingerprint=retriever.fingerprint())
+    index = load_index(config.corpus_index, expected_fingerprint=retriever.index_fingerprints())
     built_from = index.metadata.get("collection")
     if built_from is not None and built_from != collection_name:
         raise UsageError(
             f"the index {config.corpus_index} was built from {built_from!r}, not {collection_name!r}"
         )
     search_config = SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self)
-    run = search(retriever, index, queries, search_config, encode, show_progress=show_progress, cache=cache)
+    run = search(
+        retriever,
+        index,
+        queries,
+        search_config,
+        encode,
+        show_progress=options.show_progress,
+        cache=options.cache,
+    )
     return {rule: run}
 
 
@@ -194,5 +189,5 @@ def save_evaluation(
     result = evaluate_run(qrels, run, metrics=tuple(config.metrics))
     save_metrics(result, target, extra={"split": config.split, "expert_pooling": rule}, query_groups=groups)
     write_trec_run(run, target / "run.trec", tag=f"sbmoe-{rule}")
-    write_json(target / "config.json", {"evaluate_config": dataclasses.asdict(config), **record})
+    write_json(target / "config.json", {"evaluate_config": config.to_dict(), **record})
     return result

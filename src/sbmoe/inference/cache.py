@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sbmoe.core.io import atomic_open
+from sbmoe.core.io import atomic_open, cache_root
 
 # Part of every key; bumped whenever encoding's numerics change, so older entries are not reused
 # (2: bf16 encoding runs on bf16 weights instead of autocast).
@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 
 def default_cache_dir() -> Path:
     """``$SBMOE_CACHE_DIR/embeddings``, else ``~/.cache/sbmoe/embeddings``."""
-    root = os.environ.get("SBMOE_CACHE_DIR") or Path.home() / ".cache" / "sbmoe"
-    return Path(root) / "embeddings"
+    return cache_root("embeddings")
 
 
 def texts_digest(texts: Sequence[str]) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from sbmoe.core.errors import UsageError
+from sbmoe.core.io import cache_root
 from sbmoe.core.runtime import onnxruntime_available
 
 if TYPE_CHECKING:
@@ -43,8 +44,7 @@ MODEL_FILE = "model.onnx"
 
 def default_model_dir() -> Path:
     """Where exported models are kept: ``$SBMOE_CACHE_DIR/onnx`` (default ``~/.cache/sbmoe/onnx``)."""
-    root = os.environ.get("SBMOE_CACHE_DIR") or Path.home() / ".cache" / "sbmoe"
-    return Path(root) / "onnx"
+    return cache_root("onnx")
 
 
 class OnnxEncoder:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from sbmoe.inference.encoding import apply_head_stages
+
 if TYPE_CHECKING:
     from sbmoe.model.retriever import Retriever
 
@@ -56,19 +58,20 @@ def route(
     head = retriever.head
     if head is None:
         raise ValueError("routing needs a model with an MoE head")
-    was_training = head.training
-    head.eval()
     chosen, probabilities = [], []
+
+    def record(_module: torch.nn.Module, _inputs: Any, out: dict[str, torch.Tensor]) -> None:
+        chosen.append(out["expert_index"].cpu())
+        probabilities.append(torch.softmax(out["router_logits"].float(), dim=-1).cpu())
+
+    # The head runs where it always runs at inference (apply_head_stages: eval mode, float32, the
+    # model's mode restored after); the hook only reads where it sent each text.
+    handle = head.register_forward_hook(record)
     try:
-        with torch.inference_mode():
-            for start in range(0, len(pooled), batch_size):
-                x = torch.from_numpy(np.array(pooled[start : start + batch_size], dtype=np.float32))
-                # Routing is the gate's; a query-side head routes queries only.
-                out = head({"sentence_embedding": x.to(retriever.device)}, task="query")
-                chosen.append(out["expert_index"].cpu())
-                probabilities.append(torch.softmax(out["router_logits"].float(), dim=-1).cpu())
+        # Routing is the gate's: a query-side head routes queries only.
+        apply_head_stages(retriever, pooled, "query", batch_size=batch_size)
     finally:
-        head.train(was_training)
+        handle.remove()
     if not chosen:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, head.num_experts)
     return torch.cat(chosen), torch.cat(probabilities)

@@ -20,7 +20,7 @@ from sbmoe.config.model import ModelConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.io import read_json
-from sbmoe.data.beir import BEIR_MD5
+from sbmoe.data.download import BEIR_MD5
 
 CARD_FILE = "README.md"
 # How the usage lines name a model that is not on the hub.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from sbmoe.core.artifacts import MODEL, TRAINING_RUN, writing_output
 from sbmoe.core.errors import HubError, MissingInputError, UsageError, first_line
 from sbmoe.core.io import atomic_open, read_json
 from sbmoe.model.card import CARD_FILE, read_evaluation
@@ -59,11 +60,17 @@ def model_card(
 
 
 def write_model_card(directory: str | Path, evaluations: Sequence[str | Path] = ()) -> Path:
-    """(Re)write ``directory/README.md`` atomically, with the test metrics of ``evaluations``."""
-    card = model_card(directory, evaluations)
-    path = Path(directory) / CARD_FILE
-    with atomic_open(path) as handle:
-        handle.write(card)
+    """(Re)write ``directory/README.md`` atomically, with the test metrics of ``evaluations``.
+
+    Refused while another sbmoe process writes ``directory`` (e.g. training into it).
+    """
+    if not Path(directory).is_dir():
+        raise MissingInputError(f"model directory {directory} does not exist")
+    with writing_output(directory, (MODEL, TRAINING_RUN)):
+        card = model_card(directory, evaluations)
+        path = Path(directory) / CARD_FILE
+        with atomic_open(path) as handle:
+            handle.write(card)
     return path
 
 

@@ -32,7 +32,7 @@ from sbmoe import __version__
 from sbmoe.config.base import from_dict
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.provenance import provenance
-from sbmoe.core.errors import ModelLoadError, UsageError
+from sbmoe.core.errors import ModelLoadError, UsageError, first_line
 from sbmoe.core.io import write_json
 from sbmoe.core.runtime import resolve_device
 from sbmoe.model.adapters import LinearAdapter
@@ -102,12 +102,12 @@ def _load_sentence_transformer(name: str, source: str, device: torch.device) -> 
     try:
         return SentenceTransformer(source, device=str(device), trust_remote_code=trust)
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: truncated or empty weights
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         if is_local:
-            raise ModelLoadError(f"could not load a model from directory {source}: {first_line}") from error
+            raise ModelLoadError(f"could not load a model from directory {source}: {reason}") from error
         raise ModelLoadError(
             f"could not load {name!r}: it is not a local directory, and the Hugging Face hub could not "
-            f"provide it ({first_line}). Check the name and your internet connection, or pass a local "
+            f"provide it ({reason}). Check the name and your internet connection, or pass a local "
             f"directory holding a transformers or sentence-transformers model."
         ) from error
 
@@ -147,7 +147,7 @@ def backbone_token_limit(transformer: torch.nn.Module) -> int | None:
 
 
 def _fingerprint_settings(config: ModelConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    settings = dataclasses.asdict(config)
+    settings = config.to_dict()
     settings.pop("backbone")  # where it came from does not change what it computes
     # The head's kind shows in the weights' names; leaving it out keeps earlier fingerprints valid,
     # and so does leaving out the side where it is the only one earlier versions had.
@@ -169,6 +169,9 @@ def _without_head(config: ModelConfig) -> ModelConfig:
     )
 
 
+# Its size (~290 lines) is earned: building (from a config or a saved folder), its parts, token
+# limits, identity (fingerprints) and saving are one object's duties, each in its own section below;
+# the work itself (encoding, training, cards) lives in other modules.
 class Retriever:
     """A bi-encoder with an optional SB-MoE head, shared by queries and documents.
 
@@ -337,11 +340,6 @@ class Retriever:
         """Where the model computes (its inputs are moved there)."""
         return self.model.device
 
-    def to(self, device: str | torch.device | None = "auto") -> Retriever:
-        """Move the model to ``device`` (``auto``: the GPU when there is one); returns ``self``."""
-        self.model.to(resolve_device(device))
-        return self
-
     def encoder_stages(self) -> list[torch.nn.Module]:
         """The stages up to and including pooling (what the head reads)."""
         stages = list(self.model.children())
@@ -470,7 +468,7 @@ class Retriever:
             self.model.save(str(tmp))
             saved = {
                 "sbmoe_version": __version__,
-                "model_config": dataclasses.asdict(self.config),
+                "model_config": self.config.to_dict(),
                 "fingerprint": self.fingerprint(),
                 "versions": provenance()["versions"],
                 **(extra or {}),

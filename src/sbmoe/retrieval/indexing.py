@@ -4,15 +4,14 @@ index shards.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sbmoe.config.jobs import EncodeConfig, IndexConfig
+from sbmoe.config.jobs import EncodeConfig, IndexConfig, JobOptions
 from sbmoe.config.provenance import provenance
-from sbmoe.core.artifacts import INDEX, SHARDED_INDEX, check_output, writing_output
+from sbmoe.core.artifacts import INDEX, SHARDED_INDEX, index_settings, writing_output
 from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runtime import resolve_inference
@@ -70,11 +69,8 @@ def index_corpus(
     config: IndexConfig | None = None,
     encode: EncodeConfig | None = None,
     *,
+    options: JobOptions | None = None,
     shard: tuple[int, int] | None = None,
-    show_progress: bool = True,
-    command: Sequence[str] | None = None,
-    cache: EmbeddingCache | None = None,
-    overwrite: bool = False,
 ) -> DenseIndex:
     """Encode the collection's corpus and save the FAISS index (with the model's fingerprint).
 
@@ -82,17 +78,19 @@ def index_corpus(
     :func:`~sbmoe.config.provenance.provenance`.
 
     Args:
+        options: Progress bars, the command recorded, the embedding cache, and ``overwrite``:
+            replace an earlier index in ``output_dir`` made from another model, collection or index
+            config (anything but an index there is refused anyway; see
+            :func:`~sbmoe.core.artifacts.writing_output`).
         shard: ``(i, N)``: encode only the ``i``-th of ``N`` consecutive slices of the corpus and
             save it as that shard of the sharded index ``output_dir`` (see
             :class:`~sbmoe.retrieval.shards.ShardedIndex`); shards can be built by different processes or
             machines. ``None`` indexes the whole corpus into ``output_dir``.
-        overwrite: Replace an earlier index in ``output_dir`` made from another model, collection
-            or index config (anything but an index there is refused anyway; see
-            :func:`~sbmoe.core.artifacts.check_output`).
 
     Returns:
         The index built (the shard's, when sharded).
     """
+    options = options or JobOptions()
     config = config or IndexConfig()
     encode = encode or EncodeConfig()
     doc_ids = list(collection.corpus)
@@ -100,28 +98,23 @@ def index_corpus(
     if stop == start:
         raise UsageError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
     documents = {d: collection.corpus[d].full_text for d in doc_ids[start:stop]}
-    if shard:
-        check_output(output_dir, SHARDED_INDEX)
     target = shard_directory(output_dir, *shard) if shard else Path(output_dir)
-    settings = {
-        "fingerprint": retriever.fingerprint(),
-        "collection": collection.name,
-        "index_config": dataclasses.asdict(config),
-    }
+    settings = index_settings(retriever.fingerprint(), collection.name, config)
     # Without a cache of the caller's, encoded chunks wait beside the output until the index is saved:
     # a killed run, run again, encodes only what is missing.
     chunks = target.parent / f".{target.name}.chunks"
-    with writing_output(target, INDEX, settings, overwrite=overwrite):
+    within = SHARDED_INDEX if shard else None
+    with writing_output(target, INDEX, settings, overwrite=options.overwrite, within=within):
         retriever.warn_truncated(list(documents.values()), "document", f"{collection.name} corpus")
         index = build_index(
             retriever,
             documents,
             config,
             encode,
-            show_progress=show_progress,
-            cache=cache or EmbeddingCache(chunks),
+            show_progress=options.show_progress,
+            cache=options.cache or EmbeddingCache(chunks),
         )
-        index.metadata.update(index_metadata(retriever, collection.name, config, encode, command))
+        index.metadata.update(index_metadata(retriever, collection.name, config, encode, options.command))
         if shard:
             index.save_shard(output_dir, shard[0], shard[1], start, len(collection.corpus))
         else:
@@ -134,9 +127,7 @@ def merge_index(
     index_dir: str | Path,
     output_dir: str | Path,
     config: IndexConfig | None = None,
-    *,
-    command: Sequence[str] | None = None,
-    overwrite: bool = False,
+    options: JobOptions | None = None,
 ) -> DenseIndex:
     """Merge the shards in ``index_dir`` into one index saved in ``output_dir``.
 
@@ -144,14 +135,24 @@ def merge_index(
     the same index). ``config``'s index type and dtype may differ from the shards' (e.g. exact
     shards, IVF merged; float32 shards, float16 merged) and default to theirs. The metadata keeps
     the shards' and adds the merge's :func:`~sbmoe.config.provenance.provenance` under ``merge``.
+
+    Args:
+        options: The command recorded, and ``overwrite``: replace an earlier index in ``output_dir``
+            made from another model, collection or shards' index config (anything but an index there
+            is refused anyway; see :func:`~sbmoe.core.artifacts.writing_output`).
     """
+    options = options or JobOptions()
     config = config or IndexConfig()
     sharded = ShardedIndex.load(index_dir)
-    merged = sharded.merge(
-        config.index_type, nlist=config.nlist, nprobe=config.nprobe, dtype=config.embedding_dtype
-    )
-    merged.metadata["merge"] = {"index_config": dataclasses.asdict(config), **provenance(command)}
-    merged.save(output_dir)
+    # The merged index is what the shards are: their model, collection and index config.
+    shards_config = sharded.metadata.get("index_config")
+    settings = index_settings(sharded.fingerprint, sharded.metadata.get("collection"), shards_config)
+    with writing_output(output_dir, INDEX, settings, overwrite=options.overwrite):
+        merged = sharded.merge(
+            config.index_type, nlist=config.nlist, nprobe=config.nprobe, dtype=config.embedding_dtype
+        )
+        merged.metadata["merge"] = {"index_config": config.to_dict(), **provenance(options.command)}
+        merged.save(output_dir)
     return merged
 
 
@@ -167,9 +168,9 @@ def index_metadata(
         "collection": collection,
         # What the documents are: a query-side model of the same backbone searches them too.
         "document_fingerprint": retriever.document_fingerprint(),
-        "model_config": dataclasses.asdict(retriever.config),
-        "index_config": dataclasses.asdict(config),
-        "encode_config": dataclasses.asdict(encode),
+        "model_config": retriever.config.to_dict(),
+        "index_config": config.to_dict(),
+        "encode_config": encode.to_dict(),
         "encoding": encoding_used(retriever, encode),
         **provenance(command),
     }

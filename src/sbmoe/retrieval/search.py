@@ -72,29 +72,24 @@ def search_documents(
     config = config or SearchConfig()
     if expert_poolings and retriever.head is None:
         raise UsageError("expert_poolings need a model with an MoE head")
-    pooled_documents = encode_texts(
-        retriever,
-        list(documents.values()),
-        "document",
-        encode,
-        pooled_only=True,
-        show_progress=show_progress,
-        cache=cache,
-    )
-    pooled_queries = encode_texts(
-        retriever, list(queries.values()), "query", encode, pooled_only=True, cache=cache
-    )
+    # The backbone's part once, for every rule (and from the cache when it holds these texts).
+    pooled = {
+        kind: encode_texts(
+            retriever, list(texts.values()), kind, encode, pooled_only=True, show_progress=bar, cache=cache
+        )
+        for kind, texts, bar in (("document", documents, show_progress), ("query", queries, False))
+    }
     runs = {}
     for rule in expert_poolings or [None]:
         with expert_pooling(retriever, rule):
             name = retriever.head.expert_pooling if retriever.head is not None else "model"
             index = DenseIndex(
-                apply_head_stages(retriever, pooled_documents, "document"),
+                apply_head_stages(retriever, pooled["document"], "document"),
                 list(documents),
                 retriever.fingerprint(),
             )
             runs[name] = index.search(
-                apply_head_stages(retriever, pooled_queries, "query"),
+                apply_head_stages(retriever, pooled["query"], "query"),
                 config.top_k,
                 query_ids=list(queries),
                 exclude_self=config.exclude_self,

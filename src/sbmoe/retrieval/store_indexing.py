@@ -8,16 +8,14 @@ disjoint slices of the same collection.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from sbmoe.config.jobs import EncodeConfig, IndexConfig
+from sbmoe.config.jobs import EncodeConfig, IndexConfig, JobOptions
 from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.errors import UsageError
 from sbmoe.data.beir import BeirCollection
-from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import apply_head_stages, encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
@@ -57,11 +55,8 @@ def index_into_store(
     config: IndexConfig | None = None,
     encode: EncodeConfig | None = None,
     *,
+    options: JobOptions | None = None,
     shard: tuple[int, int] | None = None,
-    show_progress: bool = True,
-    command: Sequence[str] | None = None,
-    cache: EmbeddingCache | None = None,
-    overwrite: bool = False,
     chunk_size: int | None = None,
 ) -> StoreIndexSummary:
     """Encode the collection's corpus (or slice ``shard`` of it) into the store at ``uri``.
@@ -74,14 +69,16 @@ def index_into_store(
         config: Index type (``flat``: exact, the default; ``hnsw``; ``ivf`` with ``nlist``/``nprobe``);
             ``embedding_dtype`` float16 is not offered for stores.
         shard: ``(i, N)``: only the ``i``-th of ``N`` consecutive slices of the corpus.
-        overwrite: Replace a collection written with other settings (another model, corpus or
-            index type); one with the same settings is resumed either way.
+        options: Progress bars, the command recorded, the embedding cache, and ``overwrite``:
+            replace a collection written with other settings (another model, corpus or index
+            type); one with the same settings is resumed either way.
         chunk_size: Documents checked, encoded and written at a time (default ``INDEX_CHUNK_SIZE``).
 
     Raises:
         IndexMismatchError: the collection holds another model's vectors (without ``overwrite``).
         UsageError: unusable settings, or a document id longer than the store accepts.
     """
+    options = options or JobOptions()
     config = config or IndexConfig()
     encode = encode or EncodeConfig()
     parsed = parse_store_uri(uri)
@@ -102,18 +99,18 @@ def index_into_store(
         len(doc_ids),
         config.index_type or "flat",
         head.num_experts if head is not None else 0,
-        index_metadata(retriever, collection.name, config, encode, command),
+        index_metadata(retriever, collection.name, config, encode, options.command),
         nlist=config.nlist,
         nprobe=config.nprobe,
     )
     texts = [collection.corpus[d].full_text for d in doc_ids[start:stop]]
     retriever.warn_truncated(texts, "document", f"{collection.name} corpus")
-    store = MilvusStore.create_or_resume(parsed, meta, overwrite=overwrite)
+    store = MilvusStore.create_or_resume(parsed, meta, overwrite=options.overwrite)
     written = skipped = 0
     chunk_size = chunk_size or INDEX_CHUNK_SIZE
     try:
         chunks = range(start, stop, chunk_size)
-        for chunk in tqdm(chunks, desc="index --store", unit="chunk", disable=not show_progress):
+        for chunk in tqdm(chunks, desc="index --store", unit="chunk", disable=not options.show_progress):
             ids = doc_ids[chunk : min(chunk + chunk_size, stop)]
             present = store.existing_ids(ids)
             todo = [position for position, doc_id in enumerate(ids) if doc_id not in present]
@@ -121,7 +118,9 @@ def index_into_store(
             if not todo:
                 continue
             chunk_texts = [texts[chunk - start + position] for position in todo]
-            pooled = encode_texts(retriever, chunk_texts, "document", encode, pooled_only=True, cache=cache)
+            pooled = encode_texts(
+                retriever, chunk_texts, "document", encode, pooled_only=True, cache=options.cache
+            )
             experts = gates = None
             if head is not None:
                 chosen, probabilities = route(retriever, pooled)

@@ -22,7 +22,6 @@ by doc id alone and ``zero-shot+prior`` keeps ``beta = 0`` (the zero-shot run).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,8 @@ import numpy as np
 
 from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
 from sbmoe.config.train import TrainConfig
-from sbmoe.core.artifacts import EVALUATION, writing_output
+from sbmoe.core.artifacts import EVALUATION, evaluation_settings, writing_output
+from sbmoe.core.choices import CONTROLS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runs import Run
 from sbmoe.data.beir import BeirCollection, positive_pairs, train_dev_split
@@ -48,7 +48,6 @@ from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.search import search_documents
 from sbmoe.train.procrustes import procrustes_model
 
-CONTROLS = ("document-prior", "zero-shot+prior", "procrustes")
 # Cosine scores of one query's top documents lie within a few hundredths of each other, and
 # log(1 + count) is 0.69 for a document relevant to one training query: from no effect to a dominant one.
 BETA_GRID = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
@@ -196,11 +195,7 @@ def evaluate_control(
             queries, query_ids, beta, config.top_k, config.exclude_self
         )
         details.update({"beta": beta, "dev_ndcg@10": dev_scores, "dev_queries": dev_queries})
-    settings = {
-        "model_fingerprint": fingerprint,
-        "evaluate_config": dataclasses.asdict(config),
-        "data": collection.name,
-    }
+    settings = evaluation_settings(fingerprint, config, collection.name)
     record = {
         "control": control,
         "details": details,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.config.provenance import provenance
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.errors import SbmoeError
@@ -26,14 +27,8 @@ from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics
 from sbmoe.evaluation.tables import Cell, Report, Row
 from sbmoe.model.retriever import resolve_backbone
-from sbmoe.study.experiments import (
-    ExperimentGrid,
-    cell_configs,
-    check_grid,
-    expand,
-    run_experiment,
-    save_grid,
-)
+from sbmoe.study.experiments import run_experiment
+from sbmoe.study.grid import ExperimentGrid, cell_configs, check_grid, expand, save_grid
 from sbmoe.study.report import build_report
 
 REFERENCE = "zero-shot (sentence-transformers encode)"
@@ -83,7 +78,7 @@ def demo_grid(
         grid.collections = [data]
     grid.model.update(model)
     grid.train.update(train)
-    return check_grid(dataclasses.asdict(grid), "demo settings")
+    return check_grid(grid.to_dict(), "demo settings")
 
 
 def run_demo(
@@ -117,8 +112,8 @@ def run_demo(
     started = time.perf_counter()
     output = Path(output)
     grid = demo_grid(model_overrides, train_overrides, data)
+    summary = run_experiment(grid, output, JobOptions(show_progress=show_progress, command=command))
     save_grid(grid, output / "grid.yaml")
-    summary = run_experiment(grid, output, show_progress, command)
     if summary.failed:
         cell_id, error = next(iter(summary.failed.items()))
         raise SbmoeError(
@@ -138,7 +133,7 @@ def run_demo(
     table.label = "tab:demo"
     for extra in seen:
         extra.label = "tab:demo-seen"
-    data_out: dict[str, Any] = {"grid": dataclasses.asdict(grid), "experiment": report.data}
+    data_out: dict[str, Any] = {"grid": grid.to_dict(), "experiment": report.data}
     if reference:
         collection = load_collection(resolve_data(grid.collections[0]))
         metrics, seconds = _reference(model.backbone, collection, split, model.max_doc_length, output)

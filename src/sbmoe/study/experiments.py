@@ -1,325 +1,43 @@
-"""Experiment grids: backbones x collections x variants x experts x seeds, run cell by cell.
+"""Running an experiment grid (:mod:`sbmoe.study.grid`) cell by cell, resumably.
 
-A grid file (YAML) names the axes; every combination is a *cell* that trains (or not), evaluates on
-its collection and then zero-shot on every other collection of the grid (transfer), records expert
-usage, and writes everything in its own folder ``DIR/cells/<cell id>/``. Running the same grid again
-skips finished cells and resumes an interrupted one (training resumes from its checkpoint); a
-finished cell that lacks an evaluation the grid now asks for (a collection added) is evaluated on it
-without retraining; a finished cell whose settings the grid has since changed is refused rather
-than reused. A failing cell is recorded in its ``error.json`` and the others go on.
-
-Grid file keys (all but ``backbones``/``collections``/``variants`` optional)::
-
-    name: scifact-cpu
-    preset: default                  # or paper
-    backbones: [all-MiniLM-L6-v2]    # names, directories, or registered short names (tinybert, ...)
-    collections: [scifact, nfcorpus] # train on each; evaluate on it, then on the others (transfer)
-    transfer: {msmarco: [scifact]}   # also evaluate models trained on msmarco on scifact;
-                                     #   `transfer: false`: each cell on its own collection only
-    variants:                        # name -> model settings; `train:` holds training overrides,
-      fine-tuned: {num_experts: 0}   #   `train: false` evaluates the backbone untrained
-      sb-moe: {gating: learned}
-      linear: {head: linear}         # the linear residual adapter (no experts: not on the experts axis)
-      prior: {control: document-prior}  # untrained controls (sbmoe.study.controls): document-prior,
-                                     #   zero-shot+prior
-    experts: [3, 6, 9, 12]           # for every variant whose num_experts is not 0
-    seeds: [1, 2, 3]                 # untrained cells (train: false, controls) run the first only
-    model: {max_doc_length: 256}     # for every cell
-    train: {epochs: 1}
-    train_per_collection:            # training settings for cells trained on one collection
-      nfcorpus: {max_steps: 300}     #   (over `train`, under a variant's own `train:`)
-    evaluate: {split: test, expert_poolings: [top1, all]}
-    evaluate_per_collection:         # `evaluate` settings that differ for one evaluated collection
-      arguana: {exclude_self: true}  #   (BEIR drops a query's own document from ArguAna's ranking)
+Every cell trains (or not), evaluates on its collection and then zero-shot on every other collection
+of the grid (transfer), records expert usage, and writes everything in its own folder
+``DIR/cells/<cell id>/``. Running the same grid again skips finished cells and resumes an
+interrupted one (training resumes from its checkpoint); a finished cell that lacks an evaluation the
+grid now asks for (a collection added) is evaluated on it without retraining; a finished cell whose
+settings the grid has since changed is refused rather than reused. A failing cell is recorded in its
+``error.json`` and the others go on. ``N`` workers (``worker=(i, N)``) share one output directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm.auto import tqdm
 
 from sbmoe.config.base import from_dict
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig
-from sbmoe.config.model import ModelConfig
-from sbmoe.config.presets import build_configs
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions
 from sbmoe.config.provenance import provenance
-from sbmoe.config.train import TrainConfig
-from sbmoe.core.artifacts import output_lock
+from sbmoe.core.artifacts import EXPERIMENT, writing_output
+from sbmoe.core.distributed import check_shard
 from sbmoe.core.errors import UsageError
-from sbmoe.core.io import atomic_open, read_json, write_json
+from sbmoe.core.io import read_json, write_json
 from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.inference.routing import routing_statistics
 from sbmoe.model.retriever import Retriever
-from sbmoe.study.controls import CONTROLS, evaluate_control
+from sbmoe.study.controls import evaluate_control
+from sbmoe.study.grid import ExperimentGrid, GridCell, cell_configs, eval_dir, expand
 from sbmoe.train.trainer import train
 from sbmoe.train.training_data import encode_config
-
-# The study's backbones: hub name, pooling, and the temperature of the published recipe.
-# Under the paper preset a cell also takes the published temperature and number of epochs.
-REGISTERED_BACKBONES: dict[str, dict[str, Any]] = {
-    "tinybert": {
-        "name": "huawei-noah/TinyBERT_General_4L_312D",
-        "pooling": "mean",
-        "temperature": 1.0,
-        "epochs": 30,
-    },
-    "bert-small": {
-        "name": "google/bert_uncased_L-4_H-512_A-8",
-        "pooling": "mean",
-        "temperature": 1.0,
-        "epochs": 20,
-    },
-    "bert-base": {"name": "bert-base-uncased", "pooling": "mean", "temperature": 1.0, "epochs": 20},
-    "contriever": {"name": "facebook/contriever", "pooling": "mean", "temperature": 0.05, "epochs": 20},
-    "minilm": {"name": "all-MiniLM-L6-v2", "pooling": "mean", "temperature": 0.05, "epochs": 20},
-}
-
-GRID_KEYS = {
-    "name",
-    "preset",
-    "backbones",
-    "collections",
-    "transfer",
-    "variants",
-    "experts",
-    "seeds",
-    "model",
-    "train",
-    "evaluate",
-    "train_per_collection",
-    "evaluate_per_collection",
-}
-
-
-@dataclass
-class ExperimentGrid:
-    """The axes of an experiment and the settings shared by its cells."""
-
-    name: str
-    backbones: list[str]
-    collections: list[str]
-    variants: dict[str, dict[str, Any]]
-    experts: list[int] = field(default_factory=lambda: [6])
-    seeds: list[int] = field(default_factory=lambda: [42])
-    preset: str = "default"
-    # True: every cell is also evaluated on the grid's other collections; a mapping adds, per
-    # training collection, more collections to that; False: each cell on its own collection only.
-    transfer: dict[str, list[str]] | bool = True
-    model: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-    evaluate: dict[str, Any] = field(default_factory=dict)
-    train_per_collection: dict[str, dict[str, Any]] = field(default_factory=dict)
-    evaluate_per_collection: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def evaluation_collections(self, collection: str) -> list[str]:
-        """Where a cell trained on ``collection`` is evaluated: there first, then transfer targets."""
-        if self.transfer is False:
-            return [collection]
-        extra = self.transfer.get(collection, []) if isinstance(self.transfer, dict) else []
-        return list(dict.fromkeys([collection, *self.collections, *extra]))
-
-    def evaluate_settings(self, collection: str) -> dict[str, Any]:
-        """The ``evaluate`` settings for ``collection``: the grid's, with its own overrides on top."""
-        return {**self.evaluate, **self.evaluate_per_collection.get(collection, {})}
-
-
-@dataclass
-class Cell:
-    """One run of the grid: train a variant of a backbone on a collection with a seed."""
-
-    backbone: str
-    collection: str
-    variant: str
-    experts: int
-    seed: int
-    trains: bool
-    model: dict[str, Any]
-    train: dict[str, Any]
-    evaluate_on: list[str]
-    control: str | None = None
-
-    @property
-    def cell_id(self) -> str:
-        parts = [slug(self.backbone), slug(self.collection), slug(self.variant)]
-        if self.experts:
-            parts.append(f"n{self.experts}")
-        parts.append(f"s{self.seed}")
-        return "__".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "cell_id": self.cell_id}
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of ``text`` (runs of other characters become one '-')."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")
-
-
-def eval_dir(cell_folder: Path, collection: str) -> Path:
-    """Where a cell's evaluation on ``collection`` (a name or a folder) is written."""
-    return cell_folder / "eval" / slug(collection)
-
-
-def load_grid(path: str | Path) -> ExperimentGrid:
-    """Read and check a grid file; errors name the file and the key."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"{path}: cannot read the experiment file ({error})") from error
-    return check_grid(data, path)
-
-
-def save_grid(grid: ExperimentGrid, path: str | Path) -> Path:
-    """Write ``grid`` as a grid file that :func:`load_grid` reads back."""
-    path = Path(path)
-    with atomic_open(path) as handle:
-        yaml.safe_dump(dataclasses.asdict(grid), handle, sort_keys=False)
-    return path
-
-
-def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
-    """Build a grid from its keys (as a grid file holds them); errors name ``path`` and the key."""
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a mapping of grid keys at the top level")
-    unknown = sorted(set(data) - GRID_KEYS)
-    if unknown:
-        raise UsageError(f"{path}: unknown keys {unknown}; allowed: {sorted(GRID_KEYS)}")
-    for key in ("backbones", "collections", "variants"):
-        if not data.get(key):
-            raise UsageError(f"{path}: `{key}` is missing or empty")
-    for key in ("backbones", "collections", "experts", "seeds"):
-        if key in data and not isinstance(data[key], list):
-            raise UsageError(f"{path}: `{key}` must be a list")
-    for key in ("experts", "seeds"):
-        bad = [v for v in data.get(key, []) if not isinstance(v, int) or isinstance(v, bool)]
-        if bad:
-            raise UsageError(f"{path}: `{key}` must be whole numbers, got {bad}")
-    if not isinstance(data["variants"], dict):
-        raise UsageError(f"{path}: `variants` must map variant names to settings")
-    data.setdefault("name", Path(path).stem)
-    transfer = data.get("transfer", True)
-    if not isinstance(transfer, (bool, dict)) or (
-        isinstance(transfer, dict) and not all(isinstance(v, list) for v in transfer.values())
-    ):
-        raise UsageError(f"{path}: `transfer` must be true, false or a mapping of collection -> list")
-    grid = ExperimentGrid(**data)
-    for name, settings in grid.variants.items():
-        settings = settings or {}
-        grid.variants[name] = settings
-        model_keys = set(settings) - {"train", "control"}
-        bad = sorted(model_keys - {f.name for f in dataclasses.fields(ModelConfig)})
-        if bad:
-            raise UsageError(f"{path}: variant {name!r} has unknown model settings {bad}")
-        control = settings.get("control")
-        if control is not None and control not in CONTROLS:
-            raise UsageError(f"{path}: variant {name!r}: unknown control {control!r}; choose from {CONTROLS}")
-        if control is not None and settings.get("train", False) is not False:
-            raise UsageError(f"{path}: variant {name!r}: a control is never trained; drop its `train`")
-    for key, cls in (("model", ModelConfig), ("train", TrainConfig), ("evaluate", EvaluateConfig)):
-        bad = sorted(set(getattr(grid, key)) - {f.name for f in dataclasses.fields(cls)})
-        if bad:
-            raise UsageError(f"{path}: `{key}` has unknown settings {bad}")
-    evaluated = {name for c in grid.collections for name in grid.evaluation_collections(c)}
-    _check_per_collection(grid, "train_per_collection", TrainConfig, set(grid.collections), path)
-    _check_per_collection(grid, "evaluate_per_collection", EvaluateConfig, evaluated, path)
-    for name in sorted(evaluated):  # a bad metric would otherwise surface after each cell's training
-        try:
-            from_dict(EvaluateConfig, grid.evaluate_settings(name), source=str(path)).validate()
-        except UsageError as error:
-            raise UsageError(f"{path}: `evaluate` for {name}: {error}") from None
-    return grid
-
-
-def _check_per_collection(
-    grid: ExperimentGrid, key: str, cls: type, names: set[str], path: str | Path
-) -> None:
-    """Each entry of ``grid.<key>`` names one of ``names`` and holds settings of ``cls``."""
-    entries = getattr(grid, key)
-    if not isinstance(entries, dict):
-        raise UsageError(f"{path}: `{key}` must map collection names to settings")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for name, settings in entries.items():
-        if name not in names:
-            raise UsageError(f"{path}: `{key}` names {name!r}, which is none of {sorted(names)}")
-        if not isinstance(settings, dict):
-            raise UsageError(f"{path}: `{key}.{name}` must be a mapping of settings")
-        bad = sorted(set(settings) - fields)
-        if bad:
-            raise UsageError(f"{path}: `{key}.{name}` has unknown settings {bad}")
-
-
-def expand(grid: ExperimentGrid) -> list[Cell]:
-    """Every cell of the grid, in a stable order (backbone, collection, variant, experts, seed)."""
-    cells = []
-    for backbone in grid.backbones:
-        for collection in grid.collections:
-            for variant, settings in grid.variants.items():
-                control = settings.get("control")
-                trains = control is None and settings.get("train", {}) is not False
-                train_overrides = settings.get("train") or {}
-                model_overrides = {k: v for k, v in settings.items() if k not in ("train", "control")}
-                fixed = model_overrides.get("num_experts", grid.model.get("num_experts"))
-                if control is not None or model_overrides.get("head", grid.model.get("head")) == "linear":
-                    fixed = 0  # controls and the linear adapter have no experts
-                # A variant that fixes its number of experts (0 = no head, 1 = one-expert control)
-                # is not expanded over the experts axis.
-                for experts in grid.experts if fixed is None else [fixed]:
-                    for seed in grid.seeds if trains else grid.seeds[:1]:
-                        cells.append(
-                            Cell(
-                                backbone=backbone,
-                                collection=collection,
-                                variant=variant,
-                                experts=experts,
-                                seed=seed,
-                                trains=trains,
-                                model={**model_overrides, "num_experts": experts},
-                                train=dict(train_overrides),
-                                # A document prior is its evaluated collection's own: it has
-                                # nothing to carry to another collection.
-                                evaluate_on=(
-                                    [collection]
-                                    if control is not None
-                                    else grid.evaluation_collections(collection)
-                                ),
-                                control=control,
-                            )
-                        )
-    return cells
-
-
-def cell_configs(grid: ExperimentGrid, cell: Cell) -> tuple[ModelConfig, TrainConfig]:
-    """Resolve a cell's model and training configs: preset, backbone registry, grid, the training
-    collection's ``train_per_collection`` entry, variant, cell."""
-    registered = REGISTERED_BACKBONES.get(cell.backbone, {})
-    backbone = registered.get("name", cell.backbone)
-    model = {"backbone": backbone}
-    train_settings: dict[str, Any] = {"seed": cell.seed}
-    if registered and grid.preset == "paper":
-        model["pooling"] = registered["pooling"]
-        train_settings["temperature"] = registered["temperature"]
-        train_settings["epochs"] = registered["epochs"]
-    model.update(grid.model)
-    model.update(cell.model)
-    model.setdefault("num_experts", cell.experts)
-    train_settings.update(grid.train)
-    train_settings.update(grid.train_per_collection.get(cell.collection, {}))
-    train_settings.update(cell.train)
-    return build_configs(grid.preset, model, train_settings)
 
 
 @dataclass
@@ -335,47 +53,50 @@ class ExperimentSummary:
 def run_experiment(
     grid: ExperimentGrid,
     output_dir: str | Path,
-    show_progress: bool = True,
-    command: Sequence[str] | None = None,
-    shard: tuple[int, int] = (0, 1),
+    options: JobOptions | None = None,
+    *,
+    worker: tuple[int, int] = (0, 1),
 ) -> ExperimentSummary:
     """Run every unfinished cell of ``grid`` under ``output_dir``; failures are recorded, not raised.
 
     Args:
-        shard: ``(i, n)`` runs only cells ``i, i + n, i + 2n, ...`` of the grid, so that ``n``
+        options: Progress bars and the command recorded (the experiment keeps its own embedding
+            cache in ``output_dir/cache``; a finished cell run otherwise is refused, never replaced).
+        worker: ``(i, n)`` runs only cells ``i, i + n, i + 2n, ...`` of the grid, so that ``n``
             processes (one per GPU, or several on one) share one output directory.
 
     Raises:
-        UsageError: A finished cell under ``output_dir`` was run with other settings than the grid
-            gives it now (then nothing runs), ``shard`` is not a valid ``(i, n)``, or another
-            process is running the same shard into ``output_dir``.
+        UsageError: ``output_dir`` holds something else than an experiment, this worker runs there
+            already, a finished cell under it was run with other settings than the grid gives it now
+            (then nothing runs), or ``worker`` is not a valid ``(i, n)``.
     """
+    options = options or JobOptions()
     output_dir = Path(output_dir)
     started = time.perf_counter()
-    index, count = shard
-    if not 0 <= index < count:
-        raise UsageError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
+    index, count = check_shard(*worker, flag="worker")
     cells = expand(grid)[index::count]
-    # A second process running the same cells into this output would race the first on every cell.
-    with output_lock(output_dir / f"shard-{index}-of-{count}"):
-        return _run_cells(grid, cells, output_dir, show_progress, command, started)
+    with writing_output(output_dir, EXPERIMENT, role=f"worker-{index}-of-{count}"):
+        check_finished_cells(grid, cells, output_dir)
+        write_json(
+            output_dir / "experiment.json",
+            {"grid": grid.to_dict(), "provenance": provenance(options.command)},
+        )
+        summary = ExperimentSummary()
+        _run_cells(grid, cells, output_dir, summary, options.show_progress)
+    summary.seconds = round(time.perf_counter() - started, 1)
+    return summary
 
 
 def _run_cells(
     grid: ExperimentGrid,
-    cells: list[Cell],
+    cells: list[GridCell],
     output_dir: Path,
+    summary: ExperimentSummary,
     show_progress: bool,
-    command: Sequence[str] | None,
-    started: float,
-) -> ExperimentSummary:
-    check_finished_cells(grid, cells, output_dir)
-    write_json(
-        output_dir / "experiment.json", {"grid": dataclasses.asdict(grid), "provenance": provenance(command)}
-    )
+) -> None:
+    """Run the unfinished ``cells``, recording each in ``summary``."""
     cache = EmbeddingCache(output_dir / "cache")
     collections = _CollectionLoader()
-    summary = ExperimentSummary()
     bar = tqdm(cells, desc=f"experiment {grid.name}", unit="cell", disable=not show_progress)
     for cell in bar:
         folder = output_dir / "cells" / cell.cell_id
@@ -399,11 +120,9 @@ def _run_cells(
             summary.failed[cell.cell_id] = f"{type(error).__name__}: {error}"
             continue
         summary.finished.append(cell.cell_id)
-    summary.seconds = round(time.perf_counter() - started, 1)
-    return summary
 
 
-def _missing_evaluations(cell: Cell, folder: Path) -> list[str] | None:
+def _missing_evaluations(cell: GridCell, folder: Path) -> list[str] | None:
     """The collections a finished cell has yet to be evaluated on (``None``: it is not finished)."""
     if not (folder / "done.json").exists():
         return None
@@ -411,7 +130,7 @@ def _missing_evaluations(cell: Cell, folder: Path) -> list[str] | None:
     return [name for name in cell.evaluate_on if name not in evaluated]
 
 
-def check_finished_cells(grid: ExperimentGrid, cells: list[Cell], output_dir: Path) -> None:
+def check_finished_cells(grid: ExperimentGrid, cells: list[GridCell], output_dir: Path) -> None:
     """Refuse to reuse a finished cell whose saved settings differ from what ``grid`` gives it now.
 
     Compared: the model and training configs, the control, the grid's ``evaluate`` settings, and the
@@ -452,7 +171,7 @@ def check_finished_cells(grid: ExperimentGrid, cells: list[Cell], output_dir: Pa
 
 def run_cell(
     grid: ExperimentGrid,
-    cell: Cell,
+    cell: GridCell,
     folder: Path,
     collections: _CollectionLoader,
     cache: EmbeddingCache,
@@ -469,8 +188,8 @@ def run_cell(
         folder / "cell.json",
         {
             "cell": cell.to_dict(),
-            "model_config": dataclasses.asdict(model_config),
-            "train_config": dataclasses.asdict(train_config),
+            "model_config": model_config.to_dict(),
+            "train_config": train_config.to_dict(),
             "evaluate": grid.evaluate,
             "evaluate_per_collection": {
                 name: grid.evaluate_per_collection[name]
@@ -512,9 +231,8 @@ def run_cell(
             continue
         if retriever.head is None:
             evaluate.expert_poolings = []
-        outputs = evaluate_model(
-            retriever, target, eval_dir(folder, name), evaluate, encode, show_progress=False, cache=cache
-        )
+        options = JobOptions(show_progress=False, cache=cache)
+        outputs = evaluate_model(retriever, target, eval_dir(folder, name), evaluate, encode, options)
         evaluations[name] = {out.name: out.result.metrics for out in outputs}
         eval_seconds[name] = round(outputs[0].seconds, 2)  # one encoding pass serves every rule
         if retriever.head is not None:
@@ -559,9 +277,3 @@ class _CollectionLoader:
         if name not in self._loaded:
             self._loaded[name] = load_collection(resolve_data(name))
         return self._loaded[name]
-
-
-def iter_finished_cells(output_dir: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """(cell folder, done.json) of every finished cell under ``output_dir``."""
-    for done in sorted(Path(output_dir).glob("cells/*/done.json")):
-        yield done.parent, read_json(done)

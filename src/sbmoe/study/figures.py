@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sbmoe.core.choices import EXPERT_POOLINGS
 from sbmoe.core.errors import ModelLoadError
 from sbmoe.evaluation.tables import metric_label
-from sbmoe.study.experiments import slug
+from sbmoe.study.grid import slug
 from sbmoe.study.results import SystemResult
 
 # The t-SNE query is chosen among this many test queries (the first by id), by how many experts
@@ -211,19 +212,20 @@ def write_tsne(system: SystemResult, path: Path, top: int = 50) -> Path:
     from sbmoe.study.plots import plot_tsne
 
     retriever = Retriever.load(str(Path(system.cell_dirs[0]) / "model"))
-    if system.rule in ("top1", "topk", "all"):
-        retriever.head.expert_pooling = system.rule
+    rule = system.rule if system.rule in EXPERT_POOLINGS else None
     collection = load_collection(resolve_data(system.eval_collection), splits=[])
     run = read_trec_run(Path(system.eval_dirs[0]) / "run.trec")
     ranked = {q: sorted(run[q], key=lambda d: (-run[q][d], d)) for q in sorted(run)[:TSNE_CANDIDATES]}
     shortlist = sorted({d for docs in ranked.values() for d in docs[:SPREAD_DEPTH]})
-    _, routed = _head_outputs(retriever, [collection.corpus[d].full_text for d in shortlist], "document")
+    _, routed = _head_outputs(
+        retriever, [collection.corpus[d].full_text for d in shortlist], "document", rule
+    )
     query_id, note = choose_tsne_query(ranked, dict(zip(shortlist, routed.tolist(), strict=True)))
 
     doc_ids = ranked[query_id][:top]
-    query_points, query_expert = _head_outputs(retriever, [collection.queries[query_id]], "query")
+    query_points, query_expert = _head_outputs(retriever, [collection.queries[query_id]], "query", rule)
     doc_points, doc_experts = _head_outputs(
-        retriever, [collection.corpus[d].full_text for d in doc_ids], "document"
+        retriever, [collection.corpus[d].full_text for d in doc_ids], "document", rule
     )
     title = (
         f"{system.eval_collection}, query {query_id}: top {len(doc_ids)} documents "
@@ -233,17 +235,17 @@ def write_tsne(system: SystemResult, path: Path, top: int = 50) -> Path:
     return plot_tsne(points, np.concatenate([query_expert, doc_experts]), title, path)
 
 
-def _head_outputs(retriever, texts: list[str], kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised head outputs and top-1 experts of ``texts`` (``query`` or ``document``)."""
-    import torch
+def _head_outputs(retriever, texts: list[str], kind: str, rule: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised head outputs under ``rule`` and top-1 experts of ``texts`` (``query`` or ``document``).
 
-    from sbmoe.inference.encoding import encode_texts
+    Through the inference path (:func:`~sbmoe.inference.encoding.apply_head_stages`), which leaves the
+    model's mode and its head's expert pooling as they were.
+    """
+    from sbmoe.inference.encoding import apply_head_stages, encode_texts
+    from sbmoe.inference.routing import route
 
     pooled = encode_texts(retriever, texts, kind, pooled_only=True)
-    retriever.head.eval()
-    with torch.inference_mode():
-        # The head sits on the model's device (a GPU when there is one); the picture is drawn on the CPU.
-        x = torch.from_numpy(np.asarray(pooled, dtype=np.float32)).to(retriever.device)
-        out = retriever.head({"sentence_embedding": x})
-    points = torch.nn.functional.normalize(out["sentence_embedding"].float(), dim=-1).cpu().numpy()
-    return points, out["expert_index"].cpu().numpy()
+    points = apply_head_stages(retriever, pooled, rule)
+    points = points / np.maximum(np.linalg.norm(points, axis=-1, keepdims=True), 1e-12)
+    experts, _ = route(retriever, pooled)
+    return points, experts.numpy()

@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.core.artifacts import REPORT, writing_output
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import read_json
 from sbmoe.evaluation.query_groups import GROUPS, restrict
 from sbmoe.evaluation.statistics import Comparison, ComparisonReport, compare_to_baseline
 from sbmoe.evaluation.tables import Cell, Column, Report, Row, Table, metric_label
-from sbmoe.study.experiments import slug
+from sbmoe.study.grid import slug
 from sbmoe.study.results import KINDS, RULES, SystemResult, collect_results, system_kind
 
 __all__ = [
@@ -394,12 +395,17 @@ def _transfer_comparisons(
 
 def write_report(report: ExperimentReport, directory: str | Path, plots: bool = True) -> list[Path]:
     """Write tables.md, tables.tex, results.json and (unless ``plots`` is off) the PNG plots
-    (:func:`sbmoe.study.figures.write_figures`)."""
-    directory = Path(directory)
-    rendered = report.to_report()
-    written = [rendered.save(directory / name) for name in ("tables.md", "tables.tex", "results.json")]
-    if plots:
-        from sbmoe.study.figures import write_figures
+    (:func:`sbmoe.study.figures.write_figures`) into ``directory``: nothing there, or an earlier report.
 
-        written += write_figures(report.groups(), report.primary_metric, report.baseline, directory)
+    Raises:
+        UsageError: ``directory`` holds something else, or another process writes it.
+    """
+    directory = Path(directory)
+    with writing_output(directory, REPORT):
+        rendered = report.to_report()
+        written = [rendered.save(directory / name) for name in ("tables.md", "tables.tex", "results.json")]
+        if plots:
+            from sbmoe.study.figures import write_figures
+
+            written += write_figures(report.groups(), report.primary_metric, report.baseline, directory)
     return written

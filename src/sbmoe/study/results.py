@@ -19,7 +19,7 @@ from sbmoe.core.io import read_json
 from sbmoe.evaluation.metrics import read_query_groups
 from sbmoe.evaluation.query_groups import restrict
 from sbmoe.evaluation.statistics import mean_std
-from sbmoe.study.experiments import eval_dir, iter_finished_cells
+from sbmoe.study.grid import eval_dir, iter_finished_cells
 
 # Rows run from the untrained model to the method: what a reader compares each system with comes
 # above it. A control isolates what the mixture adds: an MoE-shaped model without the mixture (one

@@ -1,0 +1,142 @@
+"""Reading records from the files users give: lines, JSON Lines, and the fields of a record.
+
+One set of readers for every format sbmoe reads (BEIR folders, the Multi-Domain release, training
+files), so that an error always reads the same: the file, the line (or row) and the field, in one
+line. Blank lines, CRLF line ends, a UTF-8 byte-order mark and gzip (``.gz``) are tolerated.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import json
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sbmoe.core.errors import DataError, DataWarning
+
+_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string"}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of ``value``'s type (string, number, array, ...), for error messages."""
+    return _JSON_TYPES.get(type(value), "array" if isinstance(value, list) else "object")
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, text) for each non-blank line, without BOM or line ending.
+
+    Raises:
+        DataError: A line is not valid UTF-8, or a ``.gz`` file is not readable gzip.
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        # Binary reading with per-line decoding keeps line numbers exact even for bad UTF-8.
+        with opener(path, "rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path} line {lineno}: not valid UTF-8 ({exc.reason})") from None
+                if line.strip():
+                    yield lineno, line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: not a readable gzip file ({exc})") from None
+
+
+def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (1-based line number, object) for each non-blank line of a JSON Lines file.
+
+    Raises:
+        DataError: A line is not valid UTF-8, not JSON, or not a JSON object (path and line named).
+    """
+    for lineno, line in iter_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {json_type(record)}")
+        yield lineno, record
+
+
+def _label(name: str, within: str) -> str:
+    return f"{within}.{name}" if within else name
+
+
+def string_field(
+    record: dict[str, Any], name: str, where: str, *, within: str = "", required: bool = False
+) -> str | None:
+    """``record[name]``: a string; ``None`` when absent or null, unless ``required``.
+
+    Args:
+        where: The place for messages (``FILE line N``).
+        within: The enclosing field, for messages (``positive_passages[0]``).
+
+    Raises:
+        DataError: Not a string, or ``required`` and absent or null.
+    """
+    value = record.get(name)
+    label = _label(name, within)
+    if value is None and required:
+        if name in record:
+            raise DataError(f'{where}: field "{label}" must be a string, got null')
+        raise DataError(f'{where}: missing field "{label}"')
+    if value is not None and not isinstance(value, str):
+        raise DataError(f'{where}: field "{label}" must be a string, got {json_type(value)}')
+    return value
+
+
+class NumericIds:
+    """Reads ids: strings, or JSON integers read as their decimal strings and counted.
+
+    Some BEIR copies (and the Multi-Domain release) write numeric ids as JSON numbers; they name the
+    same thing as the string. A float, boolean or anything else is an error. BEIR folders warn once
+    per file with the count (:meth:`warn`), since the README promises strings there.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.example = ""
+
+    def read(self, value: Any, where: str, label: str) -> str:
+        """``value`` as an id: a non-empty string, or an integer converted (and counted).
+
+        Raises:
+            DataError: Anything else, or an empty string.
+        """
+        if isinstance(value, int) and not isinstance(value, bool):
+            self.count += 1
+            self.example = self.example or f'field "{label}" {value} on {where}'
+            value = str(value)
+        if not isinstance(value, str):
+            raise DataError(f'{where}: field "{label}" must be a string, got {json_type(value)}')
+        if not value.strip():
+            raise DataError(f'{where}: field "{label}" is empty')
+        return value
+
+    def field(
+        self, record: dict[str, Any], name: str, where: str, *, within: str = "", required: bool = True
+    ) -> str | None:
+        """The id in ``record[name]`` (:meth:`read`); ``None`` if absent or null and not ``required``."""
+        value = record.get(name)
+        if value is None and not required:
+            return None
+        if name not in record:
+            raise DataError(f'{where}: missing field "{_label(name, within)}"')
+        return self.read(value, where, _label(name, within))
+
+    def warn(self, path: Path) -> None:
+        """One :class:`DataWarning` for ``path`` when any id was converted."""
+        if self.count:
+            example = self.example.replace(f" on {path} line ", " on line ")
+            warnings.warn(
+                f"{path}: {self.count} ids are JSON numbers, read as their decimal strings (e.g. {example})",
+                DataWarning,
+                stacklevel=3,
+            )
