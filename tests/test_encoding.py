@@ -85,7 +85,7 @@ def test_head_applied_to_pooled_embeddings_equals_full_encode(retriever):
     finally:
         retriever.head.expert_pooling = "top1"
     np.testing.assert_allclose(
-        apply_head_stages(retriever, pooled, "document", "all"), full_all, rtol=1e-5, atol=1e-6
+        apply_head_stages(retriever, pooled, "document", rule="all"), full_all, rtol=1e-5, atol=1e-6
     )
     assert retriever.head.expert_pooling == "top1"  # restored
 
@@ -146,6 +146,6 @@ def test_the_single_text_encoder_is_the_librarys_and_repeats_its_bytes(retriever
     for n, text in enumerate(texts):
         first, embedding = encoder(text, "query")
         np.testing.assert_allclose(first[0], pooled[n], atol=1e-5 if precision == "fp32" else 2e-2)
-        np.testing.assert_array_equal(embedding, apply_head_stages(retriever, first))
+        np.testing.assert_array_equal(embedding, apply_head_stages(retriever, first, "query"))
         again = encoder(text, "query")
         assert (again[0].tobytes(), again[1].tobytes()) == (first.tobytes(), embedding.tobytes())

@@ -426,7 +426,7 @@ def test_figure_head_outputs_leave_the_model_as_they_found_it(tiny_bert_dir):
     # The same numbers as the inference path under the rule asked for, and the head's own routing.
     retriever.model.eval()
     pooled = encode_texts(retriever, texts, "query", pooled_only=True)
-    expected = apply_head_stages(retriever, pooled, "all")
+    expected = apply_head_stages(retriever, pooled, "query", rule="all")
     expected = expected / np.linalg.norm(expected, axis=-1, keepdims=True)
     np.testing.assert_allclose(points, expected, atol=1e-6)
     assert experts.tolist() == route(retriever, pooled)[0].tolist()

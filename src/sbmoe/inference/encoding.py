@@ -313,7 +313,7 @@ def expert_pooling(retriever: Retriever, rule: str | None) -> Iterator[None]:
 
 
 def apply_head_stages(
-    retriever: Retriever, pooled: np.ndarray, kind: str, rule: str | None = None, batch_size: int = 4096
+    retriever: Retriever, pooled: np.ndarray, kind: str, *, rule: str | None = None, batch_size: int = 4096
 ) -> np.ndarray:
     """Apply the stages after pooling (MoE head, normalisation) to pooled embeddings, in float32.
 

@@ -126,7 +126,10 @@ def index_into_store(
                 chosen, probabilities = route(retriever, pooled)
                 experts, gates = chosen.numpy(), probabilities.numpy()
             store.upsert(
-                [ids[position] for position in todo], apply_head_stages(retriever, pooled), experts, gates
+                [ids[position] for position in todo],
+                apply_head_stages(retriever, pooled, "document"),
+                experts,
+                gates,
             )
             written += len(todo)
         stored = len(store)

@@ -245,7 +245,7 @@ def _head_outputs(retriever, texts: list[str], kind: str, rule: str | None) -> t
     from sbmoe.inference.routing import route
 
     pooled = encode_texts(retriever, texts, kind, pooled_only=True)
-    points = apply_head_stages(retriever, pooled, rule)
+    points = apply_head_stages(retriever, pooled, kind, rule=rule)
     points = points / np.maximum(np.linalg.norm(points, axis=-1, keepdims=True), 1e-12)
     experts, _ = route(retriever, pooled)
     return points, experts.numpy()
