@@ -7,7 +7,7 @@ from typing import Any
 
 from sbmoe.cli import common
 from sbmoe.cli.flags import add_config_flags
-from sbmoe.cli.store import STORE_HELP, command_index_store
+from sbmoe.cli.store import STORE_HELP, check_store, index_store
 from sbmoe.config.jobs import EncodeConfig, IndexConfig
 from sbmoe.core.errors import UsageError
 
@@ -48,10 +48,10 @@ def run_index(args: argparse.Namespace) -> int:
     from sbmoe.retrieval.index_files import shard_directory
     from sbmoe.retrieval.indexing import index_corpus
 
-    if args.store:
-        return command_index_store(args)
     config = common.config_from(args, IndexConfig)
     encode = common.config_from(args, EncodeConfig)
+    if args.store:
+        check_store(args.store)  # before the model and corpus load
     shard = parse_shard(args.shard) if args.shard else None
     collection = load_collection(resolve_data(args.data), splits=[])
     with distributed_session(encode.device) as context:
@@ -61,6 +61,10 @@ def run_index(args: argparse.Namespace) -> int:
             shard = (context.rank, context.world_size)
         retriever = common.load_retriever(args, context.device)
         options = common.job_options(args, show_progress=context.is_main)
+        if args.store:
+            index_store(retriever, collection, args.store, config, encode, options, shard)
+            context.barrier()
+            return 0
         index = index_corpus(retriever, collection, args.output, config, encode, options=options, shard=shard)
         if shard is None:
             print(f"indexed {len(index.doc_ids)} documents into {args.output}")
