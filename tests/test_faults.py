@@ -182,14 +182,15 @@ def test_a_second_writer_of_any_output_is_refused_in_one_line(
     evaluate = ["evaluate", "--model", str(tiny_bert_dir), "--data", str(scifact_slice), "--output"]
     search = ["search", "--model", str(tiny_bert_dir), "--index", str(tmp_path / "ix"), "--query", "cells"]
     writers = {
-        tmp_path / "ix": index_args(tiny_bert_dir, scifact_slice, tmp_path / "ix"),
-        tmp_path / "eval": [*evaluate, str(tmp_path / "eval")],
-        tmp_path / "run.trec": [*search, "--output", str(tmp_path / "run.trec")],
-        tmp_path / "exp" / "shard-0-of-1": ["experiment", str(grid), "--output", str(tmp_path / "exp")],
+        (tmp_path / "ix", ""): index_args(tiny_bert_dir, scifact_slice, tmp_path / "ix"),
+        (tmp_path / "eval", ""): [*evaluate, str(tmp_path / "eval")],
+        (tmp_path / "run.trec", ""): [*search, "--output", str(tmp_path / "run.trec")],
+        # An experiment's workers share its output: each holds its own lock.
+        (tmp_path / "exp", "worker-0-of-1"): ["experiment", str(grid), "--output", str(tmp_path / "exp")],
     }
-    for output, argv in writers.items():
+    for (output, role), argv in writers.items():
         before = tree_hash(output) if output.exists() else None
-        holder = hold_lock(output, "sleep")
+        holder = hold_lock(output, "sleep", role)
         try:
             line = refused(capsys, argv, str(output), "another sbmoe process", f'"pid": {holder.pid}')
         finally:

@@ -176,7 +176,7 @@ def test_max_steps_wins_over_epochs(tiny_bert_dir, scifact_slice, tmp_path, caps
 HOLD_LOCK = """
 import os, sys, time
 from sbmoe.core.artifacts import output_lock
-with output_lock(sys.argv[1]):
+with output_lock(sys.argv[1], sys.argv[3]):
     print("locked", flush=True)
     if sys.argv[2] == "die":
         os.kill(os.getpid(), 9)
@@ -184,9 +184,10 @@ with output_lock(sys.argv[1]):
 """
 
 
-def hold_lock(path: Path, how: str) -> subprocess.Popen:
+def hold_lock(path: Path, how: str, role: str = "") -> subprocess.Popen:
+    """A process holding the lock of the output ``path`` (``role``'s, for outputs of several writers)."""
     process = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(path), how], stdout=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-c", HOLD_LOCK, str(path), how, role], stdout=subprocess.PIPE, text=True, cwd=REPO
     )
     assert process.stdout.readline().strip() == "locked"
     return process
