@@ -38,6 +38,19 @@ def test_hit_returns_the_same_embeddings_without_encoding(retriever, tmp_path, m
     np.testing.assert_array_equal(first, second)
 
 
+def test_a_chunked_encoding_uses_the_whole_lists_entry(retriever, tmp_path, monkeypatch):
+    """Head-only training caches a corpus whole; indexing it in chunks afterwards encodes nothing."""
+    import sbmoe.inference.encoding
+
+    cache = EmbeddingCache(tmp_path)
+    whole = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
+    monkeypatch.setattr(
+        sbmoe.inference.encoding, "_run_batches", lambda *a, **k: pytest.fail("encoded again")
+    )
+    chunked = encode_texts(retriever, TEXTS, "document", FP32, cache=cache, chunk_size=2)
+    np.testing.assert_array_equal(whole, chunked)
+
+
 def test_models_sharing_a_backbone_share_entries(tiny_bert_dir, tmp_path):
     torch.manual_seed(0)
     with_head = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=3))

@@ -116,7 +116,13 @@ def encode_texts(
         dim = retriever.model.get_sentence_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)
     plan = resolve_inference(config.backend, config.precision, retriever.device)
+    whole = None
     if cache is not None and chunk_size and len(texts) > chunk_size:
+        # The same texts encoded whole before (e.g. for head-only training) serve a chunked call too.
+        whole = cache.get(cache.key(retriever, texts, kind, plan.key), len(texts))
+    if whole is not None:
+        pooled = whole
+    elif cache is not None and chunk_size and len(texts) > chunk_size:
         # Each chunk is its own cache entry: an interrupted encoding resumes at the unfinished chunk.
         starts = range(0, len(texts), chunk_size)
         pooled = np.concatenate(
