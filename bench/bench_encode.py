@@ -24,7 +24,8 @@ from sbmoe.config.jobs import EncodeConfig
 from sbmoe.core.runtime import cpu_has_fast_bf16, onnxruntime_available, resolve_inference
 from sbmoe.evaluation.metrics import evaluate_run
 from sbmoe.inference.encoding import encode_texts
-from sbmoe.model.retriever import Retriever, resolve_backbone
+from sbmoe.model.backbones import resolve_backbone
+from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
 
 MODEL = "all-MiniLM-L6-v2"

@@ -14,7 +14,8 @@ from sbmoe.config.presets import build_configs
 from sbmoe.data.beir import load_collection
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.inference.encoding import encode_texts
-from sbmoe.model.retriever import Retriever, resolve_backbone
+from sbmoe.model.backbones import resolve_backbone
+from sbmoe.model.retriever import Retriever
 from sbmoe.study.demo import sentence_transformers_reference
 from sbmoe.train.trainer import train
 

@@ -17,8 +17,9 @@ from sbmoe.config.model import ModelConfig
 from sbmoe.data.beir import load_collection
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.backbones import hub_model_id
 from sbmoe.model.card import LOCAL_PLACEHOLDER
-from sbmoe.model.retriever import Retriever, hub_model_id
+from sbmoe.model.retriever import Retriever
 
 TEXTS = ["Vitamin D deficiency is linked to depression.", "Aspirin lowers the risk of stroke in adults."]
 

@@ -12,8 +12,9 @@ from sbmoe.config.jobs import EncodeConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.errors import ModelLoadError
 from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.backbones import resolve_backbone
 from sbmoe.model.moe_head import MoEHead
-from sbmoe.model.retriever import Retriever, resolve_backbone
+from sbmoe.model.retriever import Retriever
 
 TEXTS = [
     "Vitamin D deficiency is linked to depression.",

@@ -12,8 +12,9 @@ from pathlib import Path
 from sbmoe.core.artifacts import MODEL, TRAINING_RUN, writing_output
 from sbmoe.core.errors import HubError, MissingInputError, UsageError, first_line
 from sbmoe.core.io import atomic_open, read_json
+from sbmoe.model.backbones import SBMOE_CONFIG_FILE
 from sbmoe.model.card import CARD_FILE, read_evaluation
-from sbmoe.model.retriever import SBMOE_CONFIG_FILE, Retriever
+from sbmoe.model.retriever import Retriever
 
 # Kept beside a trained model but not part of it.
 NOT_UPLOADED = frozenset({"training", CARD_FILE})

