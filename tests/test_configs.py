@@ -6,30 +6,14 @@ import dataclasses
 import json
 
 import pytest
+from conftest import CONFIG_CLASSES
 
 from sbmoe.config.base import ConfigBase
-from sbmoe.config.jobs import (
-    EncodeConfig,
-    EvaluateConfig,
-    IndexConfig,
-    ReportConfig,
-    SearchConfig,
-    ServeConfig,
-)
+from sbmoe.config.jobs import EvaluateConfig
 from sbmoe.config.model import ModelConfig
-from sbmoe.config.train import TrainConfig
 from sbmoe.core.errors import MissingInputError, UsageError
 
-CONFIGS = (
-    ModelConfig,
-    TrainConfig,
-    EncodeConfig,
-    IndexConfig,
-    EvaluateConfig,
-    SearchConfig,
-    ServeConfig,
-    ReportConfig,
-)
+CONFIGS = CONFIG_CLASSES
 
 
 @pytest.mark.parametrize("config_class", CONFIGS)
