@@ -30,7 +30,7 @@ format: setup
 
 # Benchmarks print ratios against the reference measured in the same run (bench/RESULTS.md).
 bench: setup
-	for script in encode search head_cost head_only grad_cache sweep ann serve; do $(VENV_BIN)/python bench/bench_$$script.py || exit 1; done
+	for script in encode search head_cost head_only grad_cache sweep ann serve query_side; do $(VENV_BIN)/python bench/bench_$$script.py || exit 1; done
 
 gpu-check: setup
 	$(VENV_BIN)/python bench/gpu_check.py
