@@ -347,7 +347,9 @@ class Retriever:
         try:
             # What sentence-transformers' model.similarity computes, for users of the plain pipeline.
             self.model.similarity_fn_name = "dot" if self.config.similarity == "dot" else "cosine"
-            self.model.save(str(tmp))
+            # sbmoe writes the card (below): sentence-transformers' own would encode sample texts for a
+            # usage snippet, which a query-side head refuses without a task, only to be replaced.
+            self.model.save(str(tmp), create_model_card=False)
             saved = {
                 "sbmoe_version": __version__,
                 "model_config": self.config.to_dict(),
