@@ -52,3 +52,32 @@ def test_the_fixtures_name_the_old_import_paths():
     """What this test guards: the paths written by 0.1.0, not whatever today's code would write."""
     types = {name: json.loads((FIXTURES / name / "modules.json").read_text())[2]["type"] for name in HEADS}
     assert types == {"moe": "sbmoe.moe_head.MoEHead", "linear": "sbmoe.adapters.LinearAdapter"}
+
+
+def test_a_model_folder_that_brings_its_own_code_is_refused_before_anything_runs(tmp_path):
+    """Loading an sbmoe model lets sentence-transformers import its head; no other code may come along."""
+    import shutil
+
+    from sbmoe.core.errors import ModelLoadError
+
+    marker = tmp_path / "ran"
+    evil = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('code ran')\n"
+
+    with_auto_map = tmp_path / "auto-map"
+    shutil.copytree(FIXTURES / "moe", with_auto_map)
+    (with_auto_map / "evil.py").write_text(evil, encoding="utf-8")
+    config = json.loads((with_auto_map / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "evil.EvilModel"}
+    (with_auto_map / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"config\.json: auto_map names Python code"):
+        Retriever.load(str(with_auto_map), device="cpu")
+
+    foreign_stage = tmp_path / "foreign-stage"
+    shutil.copytree(FIXTURES / "moe", foreign_stage)
+    modules = json.loads((foreign_stage / "modules.json").read_text())
+    modules[2]["type"] = "evil.EvilStage"
+    (foreign_stage / "modules.json").write_text(json.dumps(modules))
+    (foreign_stage / "evil.py").write_text(evil, encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=r"modules\.json: stage type 'evil\.EvilStage'"):
+        Retriever.load(str(foreign_stage), device="cpu")
+    assert not marker.exists()
