@@ -51,6 +51,19 @@ def test_a_chunked_encoding_uses_the_whole_lists_entry(retriever, tmp_path, monk
     np.testing.assert_array_equal(whole, chunked)
 
 
+def test_every_job_stores_a_corpus_in_the_same_chunks(retriever, tmp_path, monkeypatch):
+    """An index built with the cache leaves chunks that head-only training (no chunk size) then reads."""
+    import sbmoe.inference.encoding
+
+    monkeypatch.setattr(sbmoe.inference.encoding, "CACHE_CHUNK_SIZE", 2)
+    cache = EmbeddingCache(tmp_path)
+    indexed = encode_texts(retriever, TEXTS, "document", FP32, cache=cache, chunk_size=2)
+    monkeypatch.setattr(
+        sbmoe.inference.encoding, "_run_batches", lambda *a, **k: pytest.fail("encoded again")
+    )
+    np.testing.assert_array_equal(indexed, encode_texts(retriever, TEXTS, "document", FP32, cache=cache))
+
+
 def test_models_sharing_a_backbone_share_entries(tiny_bert_dir, tmp_path):
     torch.manual_seed(0)
     with_head = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=3))

@@ -61,6 +61,10 @@ def length_sorted_batches(
         yield positions, {key: value.to(retriever.device) for key, value in batch.items()}
 
 
+# Texts encoded (and cached) at a time when a cache is given: the same chunks for every job.
+CACHE_CHUNK_SIZE = 4096
+
+
 def run_stages(stages: Sequence[torch.nn.Module], features: dict, kind: str | None = None) -> dict:
     """Pass a feature dict through pipeline stages; ``kind`` (query/document) goes to stages that ask.
 
@@ -104,8 +108,9 @@ def encode_texts(
         pooled_only: Stop after pooling (the input of the MoE head); see :func:`apply_head_stages`.
         show_progress: Show a progress bar.
         cache: Reuse (or store) the pooled embeddings; only the head then runs on a hit.
-        chunk_size: With ``cache``, encode and store ``chunk_size`` texts at a time, so an
-            interrupted call resumes where it stopped.
+        chunk_size: With ``cache``, encode and store ``chunk_size`` texts at a time (default
+            :data:`CACHE_CHUNK_SIZE`), so an interrupted call resumes where it stopped and every job
+            (training, evaluation, indexing) finds what another stored.
         runner: The backbone as :func:`encoder_runner` set it up for ``config``, kept by a caller
             that encodes many small batches (a server), so the backend is not set up per call.
     """
@@ -116,6 +121,8 @@ def encode_texts(
         dim = retriever.model.get_sentence_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)
     plan = resolve_inference(config.backend, config.precision, retriever.device)
+    if cache is not None and chunk_size is None:
+        chunk_size = CACHE_CHUNK_SIZE  # every job stores (and finds) a corpus in the same chunks
     whole = None
     if cache is not None and chunk_size and len(texts) > chunk_size:
         # The same texts encoded whole before (e.g. for head-only training) serve a chunked call too.

@@ -17,14 +17,14 @@ from sbmoe.core.errors import UsageError
 from sbmoe.core.runtime import resolve_inference
 from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.cache import EmbeddingCache
-from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.encoding import CACHE_CHUNK_SIZE, encode_texts
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.index_files import shard_directory
 from sbmoe.retrieval.shards import ShardedIndex
 
 # Documents encoded (and kept) at a time while indexing, so that an interrupted index resumes.
-INDEX_CHUNK_SIZE = 4096
+INDEX_CHUNK_SIZE = CACHE_CHUNK_SIZE
 
 
 def build_index(
