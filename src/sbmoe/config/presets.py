@@ -83,11 +83,14 @@ def build_configs(
     return model_config, train_config
 
 
+# Why a query-side head never trains the backbone (the start of both refusals that say so).
+QUERY_SIDE_TRAINS_ALONE = (
+    "a query-side head trains alone: the backbone stays frozen because it encodes the documents of the index"
+)
+
+
 def _query_side_training(train_values: dict[str, Any]) -> dict[str, Any]:
     """A query-side head trains alone, on cached backbone embeddings unless the backbone is frozen."""
     if train_values.get("head_only") is False and not train_values.get("freeze_backbone"):
-        raise UsageError(
-            "a query-side head trains alone: the backbone stays frozen because it encodes the "
-            "documents of the index; drop --no-head-only"
-        )
+        raise UsageError(f"{QUERY_SIDE_TRAINS_ALONE}; drop --no-head-only")
     return {"head_only": not train_values.get("freeze_backbone"), **train_values}

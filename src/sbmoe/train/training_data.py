@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.presets import QUERY_SIDE_TRAINS_ALONE
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.distributed import DistributedContext, shard_bounds
 from sbmoe.core.errors import DataWarning, UsageError
@@ -111,10 +112,7 @@ def require_head(retriever: Retriever, config: TrainConfig) -> bool:
             "or --head linear"
         )
     if not frozen and getattr(retriever.head_module, "side", "both") == "query":
-        raise UsageError(
-            "a query-side head trains alone: the backbone stays frozen because it encodes the "
-            "documents of the index (use --head-only or --freeze-backbone)"
-        )
+        raise UsageError(f"{QUERY_SIDE_TRAINS_ALONE} (use --head-only or --freeze-backbone)")
     return frozen
 
 
