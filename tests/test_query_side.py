@@ -161,6 +161,80 @@ def test_the_backbone_index_serves_an_adapted_model_with_no_document_encoded(
         np.testing.assert_allclose(list(cli_run[query_id].values()), list(hits.values()), atol=1e-5)
 
 
+def test_a_query_side_head_trains_on_the_backbone_index_without_encoding_a_document(
+    tiny_bert_dir, adapted, backbone_index, scifact_slice, tmp_path, monkeypatch
+):
+    """--document-index: the documents' embeddings come out of the index; training otherwise as usual."""
+    _, index_dir = backbone_index
+    encoded: dict[str, int] = {"query": 0, "document": 0}
+    original = encoding._run_batches
+
+    def counting(retriever, texts, kind, *args, **kwargs):
+        encoded[kind] += len(texts)
+        return original(retriever, texts, kind, *args, **kwargs)
+
+    monkeypatch.setattr(encoding, "_run_batches", counting)
+    monkeypatch.setenv("SBMOE_CACHE_DIR", str(tmp_path / "empty-cache"))  # nothing encoded before
+    output = tmp_path / "from-index"
+    command = ["-q", "train", "--model", str(tiny_bert_dir), "--data", str(scifact_slice)]
+    command += ["--num-experts", "3", "--head-side", "query", "--document-index", str(index_dir)]
+    command += ["--max-steps", "6", "--batch-size", "8", "--eval-steps", "3", "--dev-max-docs", "30"]
+    command += ["--checkpoint-selection", "last", "--precision", "fp32"]
+    assert main([*command, "--output", str(output)]) == 0
+    assert encoded["document"] == 0 and encoded["query"] > 0  # dev evaluation included
+
+    # The same head as one trained on the encoded corpus (the index holds those very embeddings).
+    from_index, from_encoding = (
+        Retriever.load(str(output), device="cpu"),
+        Retriever.load(str(adapted), device="cpu"),
+    )
+    for (name, mine), (_, theirs) in zip(
+        from_index.head_module.state_dict().items(),
+        from_encoding.head_module.state_dict().items(),
+        strict=True,
+    ):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_documents_read_back_from_any_index_type_equal_the_encoded_ones(
+    tiny_bert_dir, backbone_index, scifact_slice, tmp_path, index_type
+):
+    from sbmoe.retrieval.stored_vectors import stored_document_vectors
+
+    backbone_dir, index_dir = backbone_index
+    flat = DenseIndex.load(index_dir)
+    rebuilt = DenseIndex(flat.vectors(), flat.doc_ids, flat.fingerprint, index_type, flat.metadata)
+    rebuilt.save(tmp_path / index_type)
+    wanted = list(reversed(flat.doc_ids))[:50]
+    backbone = Retriever.load(str(backbone_dir), device="cpu")
+    read = stored_document_vectors(tmp_path / index_type, wanted, backbone.index_fingerprints())
+    np.testing.assert_array_equal(read, flat.vectors()[[flat.doc_ids.index(d) for d in wanted]])
+
+
+def test_training_on_an_index_is_refused_when_it_cannot_hold_the_documents(
+    tiny_bert_dir, backbone_index, scifact_slice, tmp_path, capsys
+):
+    from sbmoe.retrieval.stored_vectors import stored_document_vectors
+
+    backbone_dir, index_dir = backbone_index
+    command = ["-q", "train", "--model", str(tiny_bert_dir), "--data", str(scifact_slice)]
+    command += ["--max-steps", "1", "--batch-size", "8", "--document-index", str(index_dir)]
+    # A symmetric head's documents change; another document encoder's are not in the index.
+    assert main([*command, "--num-experts", "3", "--head-only", "--output", str(tmp_path / "a")]) == 2
+    assert "a query-side head (--head-side query) with --head-only" in capsys.readouterr().err
+    query = [*command, "--num-experts", "3", "--head-side", "query", "--max-doc-length", "16"]
+    assert main([*query, "--output", str(tmp_path / "b")]) == 2
+    assert "different model" in capsys.readouterr().err
+    backbone = Retriever.load(str(backbone_dir), device="cpu")
+    with pytest.raises(UsageError, match=r"lacks 1 of the 2 documents wanted \(first: 'not-in-corpus'\)"):
+        stored_document_vectors(
+            index_dir, ["not-in-corpus", DenseIndex.load(index_dir).doc_ids[0]], backbone.index_fingerprints()
+        )
+    with pytest.raises(UsageError, match="FAISS index only"):
+        stored_document_vectors("milvus:" + str(tmp_path / "store.db"), ["x"], backbone.index_fingerprints())
+
+
 def test_serve_answers_from_the_backbone_index(adapted, backbone_index, scifact_slice):
     pytest.importorskip("fastapi")
     from sbmoe.serve.http import BackgroundServer, create_app

@@ -97,6 +97,12 @@ class TrainConfig(ConfigBase):
     head_only: bool = setting(
         False, help="train the MoE head only, on pooled embeddings computed once and cached"
     )
+    document_index: str | None = setting(
+        None,
+        help="query-side heads with --head-only: read the documents' embeddings from this index of the "
+        "backbone (any FAISS type, sharded too) instead of encoding the corpus",
+        metavar="DIR",
+    )
     length_grouped: bool = setting(False, help="batch pairs of similar document length (less padding)")
     grad_cache_chunk_size: int = setting(
         0,

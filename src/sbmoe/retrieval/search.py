@@ -8,6 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from sbmoe.config.jobs import EncodeConfig, SearchConfig
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runs import Run
@@ -79,19 +81,40 @@ def search_documents(
         )
         for kind, texts, bar in (("document", documents, show_progress), ("query", queries, False))
     }
+    return search_pooled(
+        retriever,
+        (list(queries), pooled["query"]),
+        (list(documents), pooled["document"]),
+        config,
+        expert_poolings=expert_poolings,
+    )
+
+
+def search_pooled(
+    retriever: Retriever,
+    queries: tuple[Sequence[str], np.ndarray],
+    documents: tuple[Sequence[str], np.ndarray],
+    config: SearchConfig | None = None,
+    *,
+    expert_poolings: Sequence[str] = (),
+) -> dict[str, Run]:
+    """Exact search of pooled backbone embeddings (``(ids, array)`` each): only the head runs.
+
+    Returns runs as :func:`search_documents` does.
+    """
+    config = config or SearchConfig()
+    (query_ids, query_pooled), (doc_ids, doc_pooled) = queries, documents
     runs = {}
     for rule in expert_poolings or [None]:
         with expert_pooling(retriever, rule):
             name = retriever.head.expert_pooling if retriever.head is not None else "model"
             index = DenseIndex(
-                apply_head_stages(retriever, pooled["document"], "document"),
-                list(documents),
-                retriever.fingerprint(),
+                apply_head_stages(retriever, doc_pooled, "document"), list(doc_ids), retriever.fingerprint()
             )
             runs[name] = index.search(
-                apply_head_stages(retriever, pooled["query"], "query"),
+                apply_head_stages(retriever, query_pooled, "query"),
                 config.top_k,
-                query_ids=list(queries),
+                query_ids=list(query_ids),
                 exclude_self=config.exclude_self,
             )
     return runs

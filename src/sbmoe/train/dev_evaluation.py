@@ -9,6 +9,7 @@ from sbmoe.core.distributed import DistributedContext, shard_bounds
 from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
+from sbmoe.train.head_only import PooledTexts
 
 
 class DevEvaluator:
@@ -24,6 +25,7 @@ class DevEvaluator:
         max_docs: Size of the seeded corpus sample (``None``: the whole corpus).
         seed: Seeds the sample.
         cache: Pooled-embedding cache.
+        pooled: Under head-only training, every text's pooled embedding: then only the head runs.
     """
 
     def __init__(
@@ -34,9 +36,11 @@ class DevEvaluator:
         max_docs: int | None = None,
         seed: int = 0,
         cache: EmbeddingCache | None = None,
+        pooled: PooledTexts | None = None,
     ):
         self.encode = encode
         self.cache = cache
+        self.pooled = pooled
         self.qrels = {q: rels for q, rels in dev_qrels.items() if q in collection.queries}
         self.query_ids = sorted(self.qrels)
         self.queries = {q: collection.queries[q] for q in self.query_ids}
@@ -63,12 +67,20 @@ class DevEvaluator:
         """
         from sbmoe.core.runs import merge_runs
         from sbmoe.evaluation.metrics import evaluate_run
-        from sbmoe.retrieval.search import search_documents
+        from sbmoe.retrieval.search import search_documents, search_pooled
 
         context = context or DistributedContext(device=retriever.device)
         start, stop = shard_bounds(len(self.doc_ids), context.rank, context.world_size)
         run = {q: {} for q in self.query_ids}
-        if stop > start:
+        if stop > start and self.pooled is not None:
+            doc_ids = self.doc_ids[start:stop]
+            (run,) = search_pooled(
+                retriever,
+                (self.query_ids, self.pooled.array("query", self.query_ids)),
+                (doc_ids, self.pooled.array("document", doc_ids)),
+                SearchConfig(top_k=10),
+            ).values()
+        elif stop > start:
             documents = {d: self.documents[d] for d in self.doc_ids[start:stop]}
             (run,) = search_documents(
                 retriever,

@@ -132,7 +132,13 @@ class Trainer:
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
         frozen_backbone = require_head(retriever, config)
         self.dev_evaluator = DevEvaluator(
-            data.collection, data.dev_qrels, encode_config(config), config.dev_max_docs, config.seed, cache
+            data.collection,
+            data.dev_qrels,
+            encode_config(config),
+            config.dev_max_docs,
+            config.seed,
+            cache,
+            data.pooled,
         )
         self.optimizer = build_optimizer(retriever, config, frozen_backbone)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)

@@ -17,6 +17,7 @@ from sbmoe.data.beir import BeirCollection, positive_pairs, train_dev_split
 from sbmoe.data.training_files import TrainingFileCollection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.stored_vectors import stored_document_vectors
 from sbmoe.train.batching import TrainingBatch, pick_negatives
 from sbmoe.train.head_only import PooledTexts
 from sbmoe.train.negatives import (
@@ -111,8 +112,14 @@ def require_head(retriever: Retriever, config: TrainConfig) -> bool:
             "freeze_backbone/head_only train the head only: the model needs --num-experts > 0 "
             "or --head linear"
         )
-    if not frozen and getattr(retriever.head_module, "side", "both") == "query":
+    query_side = getattr(retriever.head_module, "side", "both") == "query"
+    if not frozen and query_side:
         raise UsageError(f"{QUERY_SIDE_TRAINS_ALONE} (use --head-only or --freeze-backbone)")
+    if config.document_index and not (config.head_only and query_side):
+        raise UsageError(
+            "document_index: documents are read from an index only when they are the backbone's own "
+            "and training runs on pooled embeddings: a query-side head (--head-side query) with --head-only"
+        )
     return frozen
 
 
@@ -126,6 +133,9 @@ def prepare_training_data(
     show_progress: bool = False,
 ) -> TrainingData:
     """Split the judgements, list the pairs, mine (or read) hard negatives, pool texts for head-only.
+
+    With ``config.document_index`` (a query-side head trained head-only), the documents' embeddings
+    are read from that index of the backbone instead of encoded.
 
     Hard negatives are a training file's listed ones, or else mined once, by rank 0 (with the
     starting model when ``negatives_source`` is ``dense``); either way they are kept in
@@ -149,6 +159,13 @@ def prepare_training_data(
     pairs = positive_pairs(train_qrels)
     if len(pairs) < 2:
         raise UsageError(f"{collection.name}: fewer than 2 training pairs in split {config.train_split!r}")
+    stored_documents = (  # read (and checked) before any encoding or mining
+        stored_document_vectors(
+            config.document_index, list(collection.corpus), retriever.index_fingerprints()
+        )
+        if config.document_index
+        else None
+    )
     if context.is_main:
         split = f"{collection.name} {config.train_split}"
         retriever.warn_truncated([collection.queries[q] for q in train_qrels], "query", f"{split} queries")
@@ -172,11 +189,9 @@ def prepare_training_data(
         negatives = context.run_on_main(
             lambda: _mine_negatives(retriever, collection, train_qrels, config, training_dir, show_progress)
         )
-    pooled = (
-        PooledTexts(retriever, collection, cache, encode_config(config), show_progress)
-        if config.head_only
-        else None
-    )
+    pooled = None
+    if config.head_only:
+        pooled = PooledTexts(retriever, collection, cache, encode_config(config), show_progress, stored_documents)
     return TrainingData(
         collection, train_qrels, dev_qrels, pairs, negatives, config.hard_negatives, config.seed, pooled
     )
