@@ -1,7 +1,10 @@
 """GPU readiness check: train all-MiniLM-L6-v2 + an SB-MoE head for a few steps, encode 100k passages.
 
-Prints the device, the precision ``auto`` picks, training steps/s and pairs/s, encoding passages/s,
-search queries/s and peak GPU memory, and ends with ``OK`` (exit code 0) when every check holds:
+Prints the device, the precision ``auto`` picks, training steps/s and pairs/s, encoding passages/s
+against sentence-transformers' ``encode`` of the same passages on the same device (same batch size,
+same token limit, its fp16 where sbmoe's auto picks bf16, else the same precision), GPU utilisation
+while training and while encoding (``nvidia-smi``, sampled every 0.1 s), search queries/s and peak
+GPU memory, and ends with ``OK`` (exit code 0) when every check holds:
 the model and its inputs sit on the GPU, the loss is finite, training moves the weights, the
 embeddings are finite unit vectors, and a passage finds itself first. Under 5 minutes on one GPU.
 
@@ -15,11 +18,14 @@ SciFact's (``$SBMOE_DATA_DIR/scifact``) repeated up to the count, else generated
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +38,7 @@ from sbmoe.config.presets import build_configs
 from sbmoe.core.runtime import resolve_device, resolve_precision, seed_everything
 from sbmoe.data.beir import load_collection, resolve_data
 from sbmoe.inference.encoding import encode_texts
+from sbmoe.model.backbones import resolve_backbone
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.train.trainer import build_trainer
@@ -74,6 +81,61 @@ def write_collection(directory: Path, pairs: list[tuple[str, str]]) -> Path:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class GpuUtilisation:
+    """Mean GPU utilisation (%) over a ``with`` block, from ``nvidia-smi`` sampled every 0.1 s."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.index = device.index or 0
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        command = ["nvidia-smi", "-i", str(self.index), "--query-gpu=utilization.gpu"]
+        command += ["--format=csv,noheader,nounits", "-lms", "100"]
+        try:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        except OSError:
+            return
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip().isdigit():
+                self.samples.append(int(line))
+            if self._stop.is_set():
+                break
+        process.terminate()
+
+    def __enter__(self) -> GpuUtilisation:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def describe(self) -> str:
+        if not self.samples:
+            return "GPU utilisation: not measured (nvidia-smi gave no samples)"
+        mean = sum(self.samples) / len(self.samples)
+        return f"GPU utilisation: mean {mean:.0f}%, max {max(self.samples)}% over {len(self.samples)} samples"
+
+
+def reference_encode(retriever: Retriever, passages: list[str], batch_size: int, precision: str) -> float:
+    """Passages/s of sentence-transformers' own ``encode`` of the backbone, as a user would run it."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_backbone(retriever.config.backbone), device=str(retriever.device))
+    model.max_seq_length = retriever.max_length("document")
+    if precision == "bf16":
+        model = model.half()  # sentence-transformers' documented way to run a GPU in 16 bits
+    model.encode(passages[:batch_size], batch_size=batch_size)  # warm-up
+    synchronize(retriever.device)
+    started = time.perf_counter()
+    model.encode(passages, batch_size=batch_size, convert_to_numpy=True)
+    synchronize(retriever.device)
+    return len(passages) / (time.perf_counter() - started)
 
 
 def check(condition: bool, what: str) -> None:
@@ -133,8 +195,9 @@ def main() -> None:
         trainer.training_step(batches[0])  # warm-up: kernels, allocator
         synchronize(device)
         started = time.perf_counter()
-        losses = [trainer.training_step(batch)["loss"] for batch in batches[1 : sizes["steps"] + 1]]
-        synchronize(device)
+        with GpuUtilisation(device) as training_use:
+            losses = [trainer.training_step(batch)["loss"] for batch in batches[1 : sizes["steps"] + 1]]
+            synchronize(device)
         seconds = time.perf_counter() - started
         steps = len(losses)
         print(
@@ -147,17 +210,26 @@ def main() -> None:
         check(moved, "training moves the head's weights")
         if on_gpu:
             peak = torch.cuda.max_memory_allocated(device) / 2**30
-            print(f"peak GPU memory while training: {peak:.2f} GiB")
+            print(f"peak GPU memory while training: {peak:.2f} GiB; {training_use.describe()}")
 
+    encode = EncodeConfig(encode_batch_size=sizes["encode_batch_size"])
+    encode_texts(retriever, passages[: sizes["encode_batch_size"]], "document", encode)  # warm-up
     synchronize(device)
     started = time.perf_counter()
-    encode = EncodeConfig(encode_batch_size=sizes["encode_batch_size"])
-    embeddings = encode_texts(retriever, passages, "document", encode)
-    synchronize(device)
+    with GpuUtilisation(device) if on_gpu else contextlib.nullcontext() as encoding_use:
+        embeddings = encode_texts(retriever, passages, "document", encode)
+        synchronize(device)
     seconds = time.perf_counter() - started
+    rate = len(passages) / seconds
     print(
-        f"encoding: {len(passages)} passages in {seconds:.1f} s = {len(passages) / seconds:.0f} passages/s "
+        f"encoding: {len(passages)} passages in {seconds:.1f} s = {rate:.0f} passages/s "
         f"(batch {sizes['encode_batch_size']}, {precision}, max {retriever.max_length('document')} tokens)"
+        + (f"; {encoding_use.describe()}" if on_gpu else "")
+    )
+    reference = reference_encode(retriever, passages, sizes["encode_batch_size"], precision)
+    print(
+        f"sentence-transformers encode of the same passages: {reference:.0f} passages/s; "
+        f"sbmoe / sentence-transformers = {rate / reference:.2f}x"
     )
     check(bool(np.isfinite(embeddings).all()), "the embeddings are finite")
     norms = np.linalg.norm(embeddings, axis=1)

@@ -54,11 +54,17 @@ def length_sorted_batches(
     )
     lengths = np.fromiter((len(ids) for ids in encodings["input_ids"]), dtype=np.int64, count=len(texts))
     order = np.argsort(-lengths, kind="stable")
+    pinned = retriever.device.type == "cuda"
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
         features = [{key: encodings[key][i] for key in encodings} for i in positions]
         batch = retriever.tokenizer.pad(features, padding=True, return_tensors="pt")
-        yield positions, {key: value.to(retriever.device) for key, value in batch.items()}
+        if pinned:  # page-locked, so the copy below runs while the GPU still works on earlier batches
+            batch = {key: value.pin_memory() for key, value in batch.items()}
+        yield (
+            positions,
+            {key: tensor.to(retriever.device, non_blocking=pinned) for key, tensor in batch.items()},
+        )
 
 
 # Texts encoded (and cached) at a time when a cache is given: the same chunks for every job.
@@ -177,22 +183,43 @@ def _run_batches(
     show_progress: bool,
     runner: Callable[[dict], dict] | None = None,
 ) -> np.ndarray:
-    """The pooled embeddings of ``texts`` (the backbone's output), float32, in input order."""
+    """The pooled embeddings of ``texts`` (the backbone's output), float32, in input order.
+
+    On a GPU nothing waits for a batch's result: embeddings stay on the device and come back
+    :data:`_ROWS_PER_COPY` rows at a time, so the next batch is padded and queued while the GPU
+    computes (a copy to the host after every batch would stall the GPU while Python pads).
+    """
     output: np.ndarray | None = None
+    pending: list[tuple[np.ndarray, torch.Tensor]] = []
+
+    def copy_back() -> None:
+        nonlocal output
+        embeddings = torch.cat([rows for _, rows in pending]).float().cpu().numpy()
+        if output is None:
+            output = np.empty((len(texts), embeddings.shape[1]), dtype=np.float32)
+        output[np.concatenate([positions for positions, _ in pending])] = embeddings
+        bar.update(len(embeddings))
+        pending.clear()
+
+    on_gpu = retriever.device.type == "cuda"
     bar = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=not show_progress)
     try:
         with torch.inference_mode(), eval_mode(retriever.model), autocast(plan.precision, retriever.device):
             run = runner or _encoder_runner(retriever, plan)
             for positions, batch in length_sorted_batches(retriever, texts, kind, batch_size):
-                embeddings = run(batch)["sentence_embedding"].float().cpu().numpy()
-                if output is None:
-                    output = np.empty((len(texts), embeddings.shape[1]), dtype=np.float32)
-                output[positions] = embeddings
-                bar.update(len(positions))
+                pending.append((positions, run(batch)["sentence_embedding"]))
+                if not on_gpu or sum(len(positions) for positions, _ in pending) >= _ROWS_PER_COPY:
+                    copy_back()
+            if pending:
+                copy_back()
     finally:
         bar.close()
     assert output is not None
     return output
+
+
+# Embeddings a GPU keeps before they are copied to the host together (16k x 1024 float32: 64 MiB).
+_ROWS_PER_COPY = 16384
 
 
 def encoder_runner(retriever: Retriever, config: EncodeConfig | None = None) -> Callable[[dict], dict]:
