@@ -3,8 +3,9 @@
 Loads ``--size`` unit vectors (drawn around random centres, as in ``bench_ann.py``) into FAISS
 (``DenseIndex``, as ``sbmoe index`` builds it) and into Milvus Lite (``MilvusStore``, as ``sbmoe index
 --store`` writes it: upserts of 4,096 documents by id), each as an exact (flat) and an HNSW index
-(M 32, efSearch 128), and prints one table: build time, memory, disk, recall@10 against exact
-search, queries/s with all queries in batches of 1,024 and one query at a time.
+(M 32, efSearch 128) or, with ``--index-types``, an IVF index (the same nlist and nprobe on both
+sides, sbmoe's defaults for the corpus size), and prints one table: build time, memory, disk,
+recall@10 against exact search, queries/s with all queries in batches of 1,024 and one query at a time.
 
 Each index is built and searched in a fresh process of its own (which draws the same vectors from
 the same seed), so "memory" is that process's resident memory growth while it builds and loads the
@@ -12,6 +13,7 @@ index (Milvus Lite runs inside it: a gRPC
 server on loopback, the engine in Python over FAISS).
 
     .venv/bin/python bench/bench_store.py [--size 1000000] [--dim 384] [--queries 1000] [--single 50]
+        [--index-types flat hnsw ivf]
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--single", type=int, default=50, help="queries timed one at a time")
     parser.add_argument("--centers", type=int, default=10_000, help="clusters of the vectors")
-    parser.add_argument("--index-types", nargs="+", default=["flat", "hnsw"], choices=("flat", "hnsw"))
+    parser.add_argument("--index-types", nargs="+", default=["flat", "hnsw"], choices=("flat", "hnsw", "ivf"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"machine: {machine()}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
