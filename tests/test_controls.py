@@ -17,6 +17,7 @@ from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions, SearchCo
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.presets import build_configs
 from sbmoe.config.train import TrainConfig
+from sbmoe.core.choices import PRIOR_CONTROLS
 from sbmoe.core.errors import ModelLoadError
 from sbmoe.core.io import read_json
 from sbmoe.data.beir import load_collection, train_dev_split
@@ -256,6 +257,7 @@ def test_grid_evaluates_transfer_by_default_controls_included(
             "document-prior": {"control": "document-prior"},
             "zero-shot+prior": {"control": "zero-shot+prior"},
             "linear": {"head": "linear", "train": {"head_only": True}},
+            "procrustes": {"control": "procrustes"},
         },
         "model": {"max_doc_length": 32},
         "train": {"max_steps": 2, "batch_size": 8, "precision": "fp32", "checkpoint_selection": "last"},
@@ -266,9 +268,9 @@ def test_grid_evaluates_transfer_by_default_controls_included(
     grid = check_grid(values)
     cells = expand(grid)
     # The linear adapter and the controls have no experts: not expanded over the experts axis.
-    assert len(cells) == 2 * 4 and {c.experts for c in cells} == {0}
+    assert len(cells) == 2 * 5 and {c.experts for c in cells} == {0}
     first = run_experiment(grid, output, QUIET)
-    assert len(first.finished) == 8 and not first.failed
+    assert len(first.finished) == 10 and not first.failed
     trained = read_json(output / "cells" / cells[3].cell_id / "done.json")["training"]
     assert cells[3].variant == "linear" and trained["steps"] == 2
 
@@ -276,12 +278,13 @@ def test_grid_evaluates_transfer_by_default_controls_included(
     # NFCorpus has its own evaluate settings.
     grid = check_grid({**values, "transfer": True})
     second = run_experiment(grid, output, QUIET)
-    assert len(second.finished) == 4 and not second.failed  # the models; controls stay in-domain
+    assert len(second.finished) == 6 and not second.failed  # the models and procrustes; priors stay
     for cell in expand(grid):
         done = read_json(output / "cells" / cell.cell_id / "done.json")
         other = "scifact" if cell.collection == "nfcorpus" else "nfcorpus"
-        # A prior belongs to its collection: controls are not carried to the other one.
-        expected = [cell.collection] if cell.control else [cell.collection, other]
+        # A prior belongs to its collection: it is not carried to the other one. A Procrustes map
+        # is: fitted on its training collection's pairs, it is evaluated elsewhere as a model.
+        expected = [cell.collection] if cell.control in PRIOR_CONTROLS else [cell.collection, other]
         assert list(done["evaluations"]) == cell.evaluate_on == expected
         assert done["cell"]["control"] == cell.control
         folder = output / "cells" / cell.cell_id / "eval"
@@ -291,6 +294,11 @@ def test_grid_evaluates_transfer_by_default_controls_included(
         if cell.control == "zero-shot+prior":
             assert done["controls"][cell.collection]["beta"] in BETA_GRID  # chosen on its own dev
             assert done["controls"][cell.collection]["prior_split"] == "train"
+        if cell.control == "procrustes":
+            fitted = Retriever.load(str(folder / cell.collection / "model"), device="cpu")
+            transferred = read_json(folder / other / "config.json")
+            assert transferred["model_fingerprint"] == fitted.fingerprint()
+            assert transferred["model_config"]["head_side"] == "query"
         if cell.variant == "linear":
             saved = read_json(output / "cells" / cell.cell_id / "cell.json")
             assert saved["model_config"]["head"] == "linear"
@@ -298,7 +306,7 @@ def test_grid_evaluates_transfer_by_default_controls_included(
     assert read_json(output / "cells" / cells[3].cell_id / "done.json")["training"] == trained
     assert run_experiment(grid, output, QUIET).skipped  # all finished now
     systems = collect_results(output)
-    assert len(systems) == 2 * 2 * 2 + 2 * 2  # (trained on, evaluated on) x 2 models, controls in-domain
+    assert len(systems) == 2 * 2 * 3 + 2 * 2  # (trained on, evaluated on) x 3 models, priors in-domain
 
     # A collection evaluated under other settings is not reused.
     grid = check_grid({**values, "transfer": True, "evaluate_per_collection": {}})

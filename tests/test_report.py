@@ -431,3 +431,23 @@ def test_figure_head_outputs_leave_the_model_as_they_found_it(tiny_bert_dir):
     np.testing.assert_allclose(points, expected, atol=1e-6)
     assert experts.tolist() == route(retriever, pooled)[0].tolist()
     assert len(points) == len(experts) == 3
+
+
+def test_timing_says_which_systems_re_encode_the_corpus(tmp_path):
+    """A head on the document side (or a fine-tuned backbone) means re-indexing; a query-side head,
+    a control or the untrained model does not."""
+    write_cell(tmp_path, "zero-shot", 0, 1, {"model": BASE}, trains=False)
+    write_cell(tmp_path, "fine-tuned", 0, 1, {"model": BASE})
+    write_cell(tmp_path, "query-moe", 2, 1, {"model": TOP1}, model={"head_side": "query"})
+    write_cell(tmp_path, "both-moe", 2, 1, {"model": TOP1}, model={"head_side": "both"})
+    write_cell(tmp_path, "procrustes", 0, 1, {"model": ALL}, trains=False, control="procrustes")
+    table = build_report(tmp_path, baseline="zero-shot").to_report(timing=True).tables[0]
+    reindexes = {row.label: row.cells["reindexes"].value for row in table.rows}
+    assert reindexes == {
+        "zero-shot": "no",
+        "fine-tuned": "yes",
+        "query-moe N=2": "no",
+        "both-moe N=2": "yes",
+        "procrustes": "no",
+    }
+    assert "re-encodes corpus" not in build_report(tmp_path).to_report().tables[0].to_markdown()

@@ -87,8 +87,8 @@ def run_report(args: argparse.Namespace) -> int:
         seed=config.randomization_seed,
     )
     target = Path(args.output or Path(args.directory) / "report")
-    written = write_report(report, target, plots=config.plots)
-    print(report.to_report().to_markdown())
+    written = write_report(report, target, plots=config.plots, timing=config.timing)
+    print(report.to_report(timing=config.timing).to_markdown())
     print("written: " + ", ".join(str(path) for path in written))
     return 0
 

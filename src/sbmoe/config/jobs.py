@@ -200,6 +200,11 @@ class ReportConfig(ConfigBase):
     alpha: float = setting(0.05, help="significance level (Bonferroni-corrected within each table)")
     randomization_seed: int = setting(42, help="seed of the randomization test")
     plots: bool = setting(True, help="draw the PNG plots (needs matplotlib)")
+    timing: bool = setting(
+        False,
+        help="add what each system costs: mean training and evaluation seconds, and whether deploying "
+        "it re-encodes the corpus (a head on the document side, or a fine-tuned backbone)",
+    )
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""

@@ -33,6 +33,9 @@ INDEX_TYPES = ("flat", "hnsw", "ivf")
 EMBEDDING_DTYPES = ("float32", "float16")
 # The untrained controls of the study (sbmoe.study.controls), a grid variant's `control:`.
 CONTROLS = ("document-prior", "zero-shot+prior", "procrustes")
+# Controls made of the evaluated collection's own judgements: nothing to carry to another collection
+# (procrustes, a query map fitted on the training pairs, transfers like a trained model).
+PRIOR_CONTROLS = ("document-prior", "zero-shot+prior")
 
 # What --backend auto with --precision auto picks, by whether this machine computes bf16 fast (GPUs
 # with bf16; CPUs with AMX or AVX512-BF16). sbmoe.core.runtime.resolve_inference follows this table

@@ -221,7 +221,11 @@ def run_cell(
             continue
         target = collections.get(name)
         evaluate = EvaluateConfig(**grid.evaluate_settings(name))
-        if cell.control is not None:
+        if cell.control == "procrustes" and name != cell.collection:
+            # Fitted on the training collection's pairs (saved by its evaluation, which comes
+            # first); elsewhere the map is evaluated as any trained model is.
+            retriever = Retriever.load(str(eval_dir(folder, cell.collection) / "model"))
+        elif cell.control is not None:
             output = evaluate_control(
                 cell.control, target, eval_dir(folder, name), evaluate, train_config, retriever, encode, cache
             )

@@ -45,7 +45,7 @@ from sbmoe.config.jobs import EvaluateConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.presets import build_configs
 from sbmoe.config.train import TrainConfig
-from sbmoe.core.choices import CONTROLS
+from sbmoe.core.choices import CONTROLS, PRIOR_CONTROLS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import atomic_open, read_json
 
@@ -275,11 +275,9 @@ def expand(grid: ExperimentGrid) -> list[GridCell]:
                                 trains=trains,
                                 model={**model_overrides, "num_experts": experts},
                                 train=dict(train_overrides),
-                                # A document prior is its evaluated collection's own: it has
-                                # nothing to carry to another collection.
                                 evaluate_on=(
                                     [collection]
-                                    if control is not None
+                                    if control in PRIOR_CONTROLS
                                     else grid.evaluation_collections(collection)
                                 ),
                                 control=control,

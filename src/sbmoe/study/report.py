@@ -97,7 +97,8 @@ class ExperimentReport:
         collection. ``to_dict`` gives :meth:`to_dict`.
 
         Args:
-            timing: Add columns with the mean training and evaluation seconds.
+            timing: Add columns with the mean training and evaluation seconds, and whether
+                deploying the system re-encodes the corpus (:attr:`SystemResult.reindexes`).
         """
         tables = []
         for group, members in self.groups().items():
@@ -131,6 +132,7 @@ class ExperimentReport:
             columns.append(Column("p", "p", style="p"))
         if timing:
             columns += [Column("train_seconds", "train s", 0), Column("eval_seconds", "eval s", 0)]
+            columns.append(Column("reindexes", "re-encodes corpus"))
         best = {m: max(s.mean(m) for s in members) for m in self.metrics}
         table = Table(columns, caption=_caption(group), label=_table_label(group))
         if len(seed_counts) == 1:
@@ -156,6 +158,7 @@ class ExperimentReport:
                 cells["eval_seconds"] = Cell(
                     float(np.mean(system.eval_seconds)) if system.eval_seconds else None
                 )
+                cells["reindexes"] = Cell("yes" if system.reindexes else "no")
             table.rows.append(Row(system.label, cells))
         return table
 
@@ -393,16 +396,19 @@ def _transfer_comparisons(
     return comparisons
 
 
-def write_report(report: ExperimentReport, directory: str | Path, plots: bool = True) -> list[Path]:
+def write_report(
+    report: ExperimentReport, directory: str | Path, plots: bool = True, timing: bool = False
+) -> list[Path]:
     """Write tables.md, tables.tex, results.json and (unless ``plots`` is off) the PNG plots
     (:func:`sbmoe.study.figures.write_figures`) into ``directory``: nothing there, or an earlier report.
+    ``timing``: see :meth:`ExperimentReport.to_report`.
 
     Raises:
         UsageError: ``directory`` holds something else, or another process writes it.
     """
     directory = Path(directory)
     with writing_output(directory, REPORT):
-        rendered = report.to_report()
+        rendered = report.to_report(timing)
         written = [rendered.save(directory / name) for name in ("tables.md", "tables.tex", "results.json")]
         if plots:
             from sbmoe.study.figures import write_figures

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sbmoe.core.choices import PAPER_METRICS
+from sbmoe.core.choices import PAPER_METRICS, PRIOR_CONTROLS
 from sbmoe.core.io import read_json
 from sbmoe.evaluation.metrics import read_query_groups
 from sbmoe.evaluation.query_groups import restrict
@@ -49,6 +49,9 @@ class SystemResult:
     eval_seconds: list[float] = field(default_factory=list)
     # Seen / partly-seen / unseen query ids of the evaluation (None: no training split to tell).
     query_groups: dict[str, list[str]] | None = None
+    # Whether deploying it means encoding the corpus again: its documents are not the untrained
+    # backbone's (a head on the document side, or a fine-tuned backbone).
+    reindexes: bool = False
 
     @property
     def group(self) -> tuple[str, str, str]:
@@ -115,6 +118,18 @@ def system_kind(cell: dict[str, Any], model_config: dict[str, Any] | None = None
     return "sb-moe" if experts else "baseline"
 
 
+def changes_documents(cell: dict[str, Any], model_config: dict[str, Any] | None = None) -> bool:
+    """Whether a cell's document embeddings differ from the untrained backbone's (see :func:`system_kind`).
+
+    Untrained cells and controls keep the backbone's documents (a Procrustes map is query-side); a
+    trained model changes them unless its head sits on the query side only.
+    """
+    if cell.get("control") or cell.get("trains") is False:
+        return False
+    config = model_config or cell.get("model") or {}
+    return config.get("head_side", "both") != "query"
+
+
 def collect_results(
     output_dir: str | Path,
     metrics: tuple[str, ...] = PAPER_METRICS,
@@ -136,7 +151,7 @@ def collect_results(
         kind = system_kind(cell, saved.get("model_config"))
         training = done.get("training") or {}
         for eval_name, rules in done["evaluations"].items():
-            if cell.get("control") and eval_name != cell["collection"]:
+            if cell.get("control") in PRIOR_CONTROLS and eval_name != cell["collection"]:
                 continue  # a prior is its evaluated collection's own, not carried over (older runs)
             for rule in rules:
                 directory = eval_dir(folder, eval_name) / (rule if len(rules) > 1 else "")
@@ -148,7 +163,8 @@ def collect_results(
                     cell["experts"],
                     rule,
                 )
-                system = systems.setdefault(key, SystemResult(*key, kind=kind))
+                reindexes = changes_documents(cell, saved.get("model_config"))
+                system = systems.setdefault(key, SystemResult(*key, kind=kind, reindexes=reindexes))
                 if system.query_groups is None:
                     system.query_groups = read_query_groups(directory)
                 scores = read_json(directory / "metrics.json")

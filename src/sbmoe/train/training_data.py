@@ -191,7 +191,8 @@ def prepare_training_data(
         )
     pooled = None
     if config.head_only:
-        pooled = PooledTexts(retriever, collection, cache, encode_config(config), show_progress, stored_documents)
+        encode = encode_config(config)
+        pooled = PooledTexts(retriever, collection, cache, encode, show_progress, stored_documents)
     return TrainingData(
         collection, train_qrels, dev_qrels, pairs, negatives, config.hard_negatives, config.seed, pooled
     )
