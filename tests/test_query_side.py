@@ -94,7 +94,7 @@ def test_an_untrained_query_side_model_ranks_exactly_as_zero_shot(tiny_bert_dir,
 def test_documents_skip_the_head_and_queries_pass_it(tiny_bert_dir):
     model = query_side(tiny_bert_dir, "moe")
     with torch.no_grad():
-        model.head.residual_gain.fill_(1.0)
+        model.head.expert_w2.normal_(0, 0.1)
     zero_shot = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0), device="cpu")
     texts = ["vitamin D and depression", "statins in older adults"]
     np.testing.assert_array_equal(
@@ -379,3 +379,18 @@ def test_query_side_cells_run_in_a_grid_and_the_study_grid_expands(
 
     study = expand(load_grid(REPO / "experiments" / "query-side.yaml"))
     assert len(study) == 2 * (8 * 3 + 2)  # per collection: 8 trained variants x 3 seeds, 2 untrained
+
+
+def test_a_query_side_head_saved_with_the_old_residual_gain_is_refused_in_one_line(tiny_bert_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sbmoe.core.errors import ModelLoadError
+
+    query_side(tiny_bert_dir, "moe").save(tmp_path / "model")
+    (weights,) = [
+        path for path in (tmp_path / "model").rglob("*.safetensors") if "expert_w1" in load_file(path)
+    ]
+    state = load_file(weights)
+    save_file({**state, "residual_gain": torch.zeros(1)}, weights)
+    with pytest.raises(ModelLoadError, match="train it again"):
+        Retriever.load(str(tmp_path / "model"), device="cpu")

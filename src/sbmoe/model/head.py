@@ -6,7 +6,7 @@ queries only (``side="query"``): documents then keep the frozen backbone's embed
 built with the zero-shot backbone stays valid for every query-side model trained on it.
 
 A query-side head adds its change to the raw pooled embedding, and each kind starts as the
-identity (zero-initialised last layer or residual gain), so an untrained query-side model embeds
+identity (a zero-initialised last layer), so an untrained query-side model embeds
 every text bit for bit as the zero-shot backbone does. Which side a text is on comes from
 sentence-transformers' ``task`` (``encode_query`` / ``encode_document``); sbmoe passes it on every
 call (:func:`sbmoe.inference.encoding.run_stages`).

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sbmoe.core.choices import EXPERT_POOLINGS, GATING_VARIANTS
+from sbmoe.core.errors import ModelLoadError
 from sbmoe.model.head import NORMALIZE_EPS, Head
 
 
@@ -50,8 +51,9 @@ class MoEHead(Head):
         expert_dropout: While training, hide each expert from each text with this probability
             (at least one stays), so no text relies on a single expert.
         side: ``both`` (the paper: queries and documents) or ``query`` (documents keep the
-            backbone's embedding; the mixture is scaled by a zero-initialised gain, so the untrained
-            head is the identity). See :mod:`sbmoe.model.head`.
+            backbone's embedding; each expert's last layer starts at zero and expert outputs are
+            mixed as they are, not scaled to unit length, so the untrained head is the identity and
+            its change grows as fast as a linear adapter's). See :mod:`sbmoe.model.head`.
     """
 
     config_keys: ClassVar[list[str]] = [
@@ -103,12 +105,23 @@ class MoEHead(Head):
         self.noise = nn.Linear(d, num_experts)
         self._init_experts()
         if side == "query":
-            # A zero-initialised gain (as in ReZero): the untrained query-side head is the identity.
-            # Zeroing the experts instead would not do: learned gating adds normalised expert outputs.
-            self.residual_gain = nn.Parameter(torch.zeros(1))
+            # Zero last layers: the untrained query-side head is the identity, and the first step
+            # already moves every expert's output (a zero-initialised scalar gain instead held the
+            # change to about lr x steps of the embedding's length: nothing learned in 130 steps).
+            nn.init.zeros_(self.expert_w2)
+            nn.init.zeros_(self.expert_b2)
         if gating == "random":
             for parameter in (*self.gate.parameters(), *self.noise.parameters()):
                 parameter.requires_grad_(False)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        if prefix + "residual_gain" in state_dict:
+            raise ModelLoadError(
+                "this query-side MoE head was saved by an sbmoe version that scaled it by a residual "
+                "gain (before 2026-12-03), which no longer loads: train it again (--head-side query, "
+                "head-only: minutes on a CPU; the index stays valid)"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def expert_pooling(self) -> str:
@@ -174,11 +187,13 @@ class MoEHead(Head):
             else:
                 weights = self.gate_weights(logits)
             mixed = torch.einsum("bn,bnd->bd", weights, expert_outputs)
-            change = F.normalize(mixed, p=2, dim=-1, eps=NORMALIZE_EPS)
+            change = mixed if self.side == "query" else F.normalize(mixed, p=2, dim=-1, eps=NORMALIZE_EPS)
         else:
-            unit_outputs = F.normalize(expert_outputs, p=2, dim=-1, eps=NORMALIZE_EPS)
-            change = torch.einsum("bn,bnd->bd", self.gate_weights(logits), unit_outputs)
+            # A query-side head's experts start at zero, where scaling to unit length has no gradient.
+            if self.side != "query":
+                expert_outputs = F.normalize(expert_outputs, p=2, dim=-1, eps=NORMALIZE_EPS)
+            change = torch.einsum("bn,bnd->bd", self.gate_weights(logits), expert_outputs)
         features["router_logits"] = clean_logits
         features["router_noisy_logits"] = logits
         features["expert_index"] = logits.argmax(dim=-1)
-        return change * self.residual_gain if self.side == "query" else change
+        return change
