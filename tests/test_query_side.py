@@ -376,6 +376,14 @@ def test_query_side_cells_run_in_a_grid_and_the_study_grid_expands(
         if cell.control is None:
             assert cell_configs(grid, cell)[1].head_only  # query-side heads train alone
             assert done["training"]["steps"] == 2
+        if cell.variant == "query-sb-moe":  # documents skip the head: only queries are routed
+            routing = read_json(
+                tmp_path / "out" / "cells" / cell.cell_id / "eval" / "scifact" / "routing.json"
+            )
+            assert set(routing) == {"queries"}
+            from sbmoe.study.plots import plot_expert_usage
+
+            assert plot_expert_usage({"query side": routing}, tmp_path / "usage.png").stat().st_size > 0
 
     study = expand(load_grid(REPO / "experiments" / "query-side.yaml"))
     assert len(study) == 2 * (8 * 3 + 2)  # per collection: 8 trained variants x 3 seeds, 2 untrained

@@ -321,3 +321,18 @@ def test_without_the_extra_index_store_names_it_in_one_line(scifact_slice, model
         "`pip install 'sbmoe[store]'`"
     ]
     assert not (tmp_path / "x.db").exists()
+
+
+def test_a_query_side_model_routes_no_document_and_searches_the_backbones_store(
+    tiny_bert_dir, scifact_slice, tmp_path
+):
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=str(tiny_bert_dir), num_experts=3, head_side="query")
+    Retriever.from_config(config, device="cpu").save(tmp_path / "query-side")
+    command = ["-q", "index", "--data", str(scifact_slice), *ENCODE_FLAGS]
+    own, backbone = f"milvus:{tmp_path / 'own.db'}", f"milvus:{tmp_path / 'backbone.db'}"
+    assert main([*command, "--model", str(tmp_path / "query-side"), "--store", own]) == 0
+    assert open_store(own).meta["experts"] == 0  # documents skip the head: no expert fields
+    assert main([*command, "--model", str(tiny_bert_dir), "--store", backbone]) == 0
+    search = ["-q", "search", "--index", backbone, "--query", "vitamin d", *ENCODE_FLAGS]
+    assert main([*search, "--model", str(tmp_path / "query-side")]) == 0

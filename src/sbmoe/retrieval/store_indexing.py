@@ -92,7 +92,8 @@ def index_into_store(
     start, stop = shard_bounds(len(doc_ids), *shard) if shard else (0, len(doc_ids))
     if stop == start:
         raise UsageError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
-    head = retriever.head
+    # Documents are routed (expert fields) only through a head on their side.
+    head = retriever.head if retriever.head is not None and retriever.head.side == "both" else None
     meta = store_meta(
         retriever.fingerprint(),
         retriever.model.get_sentence_embedding_dimension(),

@@ -258,17 +258,21 @@ def run_cell(
 def _routing(
     retriever: Retriever, collection: BeirCollection, evaluate: EvaluateConfig, encode: EncodeConfig, cache
 ) -> dict:
-    """Expert usage of the split's queries and of the corpus (pooled embeddings come from the cache)."""
+    """Expert usage of the split's queries and of the corpus (pooled embeddings come from the cache).
+
+    A query-side head routes no document: its routing has queries only.
+    """
     query_ids = sorted(q for q in collection.split_qrels(evaluate.split) if q in collection.queries)
     queries = [collection.queries[q] for q in query_ids]
-    documents = [doc.full_text for doc in collection.corpus.values()]
     pooled = {"pooled_only": True, "cache": cache}
-    return {
-        "queries": routing_statistics(retriever, encode_texts(retriever, queries, "query", encode, **pooled)),
-        "documents": routing_statistics(
-            retriever, encode_texts(retriever, documents, "document", encode, **pooled)
-        ),
+    routing = {
+        "queries": routing_statistics(retriever, encode_texts(retriever, queries, "query", encode, **pooled))
     }
+    if retriever.head.side == "both":
+        documents = [doc.full_text for doc in collection.corpus.values()]
+        embeddings = encode_texts(retriever, documents, "document", encode, **pooled)
+        routing["documents"] = routing_statistics(retriever, embeddings)
+    return routing
 
 
 class _CollectionLoader:

@@ -191,32 +191,34 @@ def plot_expert_usage(systems: Mapping[str, Mapping[str, Any]], path: str | Path
     """Share of queries and documents whose top-1 expert each expert is, one panel per system.
 
     Args:
-        systems: Panel title -> routing statistics (``queries`` and ``documents``, each with
-            ``usage``: the top-1 shares, as :func:`sbmoe.inference.routing.routing_statistics` returns them).
+        systems: Panel title -> routing statistics (``queries`` and, unless the head is on the query
+            side only, ``documents``; each with ``usage``: the top-1 shares, as
+            :func:`sbmoe.inference.routing.routing_statistics` returns them).
         path: The PNG to write.
     """
     plt = _pyplot()
     figure, axes = plt.subplots(len(systems), 1, figsize=(7, 1.5 * len(systems) + 0.6), squeeze=False)
     for axis, (title, routing) in zip(axes[:, 0], systems.items(), strict=True):
-        shares = {}
-        for row, kind in enumerate(("queries", "documents")):
+        kinds = [kind for kind in ("queries", "documents") if kind in routing]
+        shares = []
+        for row, kind in enumerate(kinds):
             usage = np.asarray(routing[kind]["usage"])
             left = np.concatenate([[0.0], np.cumsum(usage)[:-1]])
             colours = plt.cm.tab10(np.arange(len(usage)) % 10)
             axis.barh([row] * len(usage), usage, left=left, color=colours, edgecolor="white", height=0.7)
-            shares[kind] = float(usage.max())
-        axis.set_yticks([0, 1], ["queries", "documents"], fontsize=7)
+            shares.append(f"{usage.max():.1%} of {kind}")
+        axis.set_yticks(range(len(kinds)), kinds, fontsize=7)
+        axis.set_ylim(-0.5, 1.5)
         axis.set_xlim(0, 1)
         # The bars are hard top-1 shares, so the title states those (not the soft gate's entropy).
+        unrouted = "" if "documents" in routing else " (documents skip a query-side head)"
         axis.set_title(
-            f"{title}: top-1 share of the busiest expert {shares['queries']:.1%} of queries, "
-            f"{shares['documents']:.1%} of documents",
-            fontsize=8,
+            f"{title}: top-1 share of the busiest expert {', '.join(shares)}{unrouted}", fontsize=8
         )
     axes[-1, 0].set_xlabel("share of texts per expert (top-1)")
     from matplotlib.patches import Patch
 
-    experts = max(len(routing["documents"]["usage"]) for routing in systems.values())
+    experts = max(len(routing["queries"]["usage"]) for routing in systems.values())
     axes[0, 0].legend(
         handles=[Patch(color=plt.cm.tab10(i % 10), label=f"expert {i}") for i in range(experts)],
         fontsize=7,
