@@ -169,3 +169,21 @@ def test_model_card_command_refuses_what_is_not_a_saved_model(tmp_path, capsys, 
     assert main(["model-card", str(folder)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and str(folder) in error
+
+
+def test_query_side_card_says_so_and_its_usage_lines_encode_each_side(tiny_bert_dir, tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=str(tiny_bert_dir), num_experts=3, head_side="query")
+    adapted = Retriever.from_config(config)
+    with torch.no_grad():
+        adapted.head.expert_w2.normal_(std=0.1)
+    adapted.save(tmp_path / "model")
+    _, body = read_card(tmp_path / "model")
+    assert "on queries only (documents keep the backbone's embeddings)" in body
+    assert "starts as the identity" in body and "nothing is re-encoded" in body
+    namespace = run_usage_lines(body, tmp_path / "model")  # model.encode() would be refused
+    fp32 = EncodeConfig(precision="fp32")
+    query = encode_texts(adapted, ["What lowers the risk of stroke?"], "query", fp32)
+    document = encode_texts(adapted, ["Aspirin lowers the risk of stroke in adults."], "document", fp32)
+    np.testing.assert_allclose(namespace["queries"], query, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(namespace["documents"], document, rtol=1e-5, atol=1e-5)

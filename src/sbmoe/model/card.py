@@ -31,12 +31,15 @@ DEV_ROWS = 20
 
 def describe_head(config: ModelConfig) -> str:
     """The MoE head in a few words, e.g. ``6 experts, learned gating, top1 expert pooling``."""
+    side = (
+        "; on queries only (documents keep the backbone's embeddings)" if config.head_side == "query" else ""
+    )
     if config.head == "linear":
-        return "a linear residual adapter, y = x + W x + b (no experts, no gate)"
+        return f"a linear residual adapter, y = x + W x + b (no experts, no gate){side}"
     if config.num_experts == 0:
         return "no head (the plain fine-tuned bi-encoder)"
     pooling = f"top-{config.experts_top_k}" if config.expert_pooling == "topk" else config.expert_pooling
-    return f"{config.num_experts} experts, {config.gating} gating, {pooling} expert pooling"
+    return f"{config.num_experts} experts, {config.gating} gating, {pooling} expert pooling{side}"
 
 
 def _has_head(config: ModelConfig) -> bool:
@@ -196,7 +199,9 @@ def _training_section(
                 + _dev_scores(training)
             )
         untrained = ""
-        if config.num_experts:
+        if config.head_side == "query":
+            untrained = " Its query-side head starts as the identity: the backbone's own embeddings."
+        elif config.num_experts:
             untrained = " Its MoE head is at its random initialisation."
         elif config.head == "linear":
             untrained = " Its linear adapter starts at zero: the backbone's own embeddings."
@@ -299,11 +304,19 @@ def _usage_section(config: ModelConfig, model_id: str | None, version: str | Non
         )
     if config.lowercase:
         notes.append("The model was trained on lower-cased texts: lower-case queries and documents too.")
+    encode_query, encode_document = "encode", "encode"
+    if config.head_side == "query":
+        encode_query, encode_document = "encode_query", "encode_document"
+        notes.append(
+            "The head is on the query side only: `encode_query` runs it, `encode_document` gives the "
+            "backbone's own embeddings (`encode` without a side is refused). An index that the "
+            "backbone built (`sbmoe index`) serves this model as it is: nothing is re-encoded."
+        )
     python = (
         "from sentence_transformers import SentenceTransformer\n\n"
         f"{load}\n"
-        'queries = model.encode(["What lowers the risk of stroke?"])\n'
-        'documents = model.encode(["Aspirin lowers the risk of stroke in adults."])\n'
+        f'queries = model.{encode_query}(["What lowers the risk of stroke?"])\n'
+        f'documents = model.{encode_document}(["Aspirin lowers the risk of stroke in adults."])\n'
         "print(model.similarity(queries, documents))"
     )
     sbmoe = (
