@@ -55,6 +55,7 @@ def test_table_has_every_system_and_metric(demo):
         assert name in table
     assert all(isinstance(row.cells["train_seconds"].value, float) for row in rows[2:])
     assert all(row.cells["train_seconds"].value == "—" for row in rows[:2])
+    assert [row.cells["reindexes"].value for row in rows] == ["no", "no", "yes", "yes", "yes"]
     assert r"\label{tab:demo}" in report.to_latex()
     # SciFact's test queries split by whether their answers were training positives (16 in the slice).
     seen = report.tables[1]
