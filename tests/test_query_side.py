@@ -35,6 +35,19 @@ ENCODE_FLAGS = ["--precision", "fp32", "--backend", "torch", "--device", "cpu"]
 HEADS = {"moe": {"num_experts": 3}, "linear": {"head": "linear"}}
 
 
+def count_encoded_texts(monkeypatch) -> dict[str, int]:
+    """Texts the backbone encodes from now on, by kind (counted where every encoding passes)."""
+    encoded = {"query": 0, "document": 0}
+    original = encoding._run_batches
+
+    def counting(retriever, texts, kind, *args, **kwargs):
+        encoded[kind] += len(texts)
+        return original(retriever, texts, kind, *args, **kwargs)
+
+    monkeypatch.setattr(encoding, "_run_batches", counting)
+    return encoded
+
+
 def query_side(tiny_bert_dir, head: str, **overrides) -> Retriever:
     torch.manual_seed(0)
     config = ModelConfig(backbone=str(tiny_bert_dir), head_side="query", **HEADS[head], **overrides)
@@ -138,14 +151,7 @@ def test_the_backbone_index_serves_an_adapted_model_with_no_document_encoded(
         encode_texts(model, list(queries.values()), "query", FP32), 10, query_ids=list(queries)
     )
 
-    encoded: dict[str, int] = {"query": 0, "document": 0}
-    original = encoding._run_batches
-
-    def counting(retriever, texts, kind, *args, **kwargs):
-        encoded[kind] += len(texts)
-        return original(retriever, texts, kind, *args, **kwargs)
-
-    monkeypatch.setattr(encoding, "_run_batches", counting)
+    encoded = count_encoded_texts(monkeypatch)
     run = search(model, index_dir, queries, SearchConfig(top_k=10), FP32)
     assert encoded == {"query": len(queries), "document": 0}
     assert run == exact
@@ -166,14 +172,7 @@ def test_a_query_side_head_trains_on_the_backbone_index_without_encoding_a_docum
 ):
     """--document-index: the documents' embeddings come out of the index; training otherwise as usual."""
     _, index_dir = backbone_index
-    encoded: dict[str, int] = {"query": 0, "document": 0}
-    original = encoding._run_batches
-
-    def counting(retriever, texts, kind, *args, **kwargs):
-        encoded[kind] += len(texts)
-        return original(retriever, texts, kind, *args, **kwargs)
-
-    monkeypatch.setattr(encoding, "_run_batches", counting)
+    encoded = count_encoded_texts(monkeypatch)
     monkeypatch.setenv("SBMOE_CACHE_DIR", str(tmp_path / "empty-cache"))  # nothing encoded before
     output = tmp_path / "from-index"
     command = ["-q", "train", "--model", str(tiny_bert_dir), "--data", str(scifact_slice)]

@@ -280,6 +280,13 @@ class Retriever:
         extra = {"inference_expert_pooling": head.expert_pooling} if head is not None else {}
         return hash_weights(self.model, fingerprint_settings(self.config, extra))
 
+    @property
+    def head_changes_documents(self) -> bool:
+        """Whether documents pass through the head (a head on both sides): then its indexes are its
+        own and documents are routed; without a head, or with a query-side one, they are the backbone's."""
+        module = self.head_module
+        return module is not None and module.side == "both"
+
     def document_fingerprint(self) -> str:
         """A SHA-256 identifying this model's document embeddings: what an index it builds holds.
 
@@ -288,8 +295,7 @@ class Retriever:
         only (weights, pooling, document length, normalisation, lower-casing), so every query-side
         model trained on one backbone shares it with the backbone and its indexes.
         """
-        module = self.head_module
-        if module is not None and module.side == "both":
+        if self.head_changes_documents:
             return self.fingerprint()
         settings = {
             "pooling": self.config.pooling,
@@ -307,10 +313,9 @@ class Retriever:
         only indexes of its own; one whose documents are the backbone's also accepts an index the
         bare backbone built with the same settings before document fingerprints were recorded.
         """
-        module = self.head_module
-        if module is not None and module.side == "both":
+        if self.head_changes_documents:
             return (self.fingerprint(),)
-        headless = [stage for stage in self.model.children() if stage is not module]
+        headless = [stage for stage in self.model.children() if stage is not self.head_module]
         settings = fingerprint_settings(without_head(self.config), {})
         backbone = hash_weights(torch.nn.Sequential(*headless), settings)
         return tuple(dict.fromkeys((self.document_fingerprint(), self.fingerprint(), backbone)))

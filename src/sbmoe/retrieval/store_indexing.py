@@ -92,8 +92,7 @@ def index_into_store(
     start, stop = shard_bounds(len(doc_ids), *shard) if shard else (0, len(doc_ids))
     if stop == start:
         raise UsageError(f"shard {shard[0]}/{shard[1]} of {len(doc_ids)} documents is empty: use fewer")
-    # Documents are routed (expert fields) only through a head on their side.
-    head = retriever.head if retriever.head is not None and retriever.head.side == "both" else None
+    head = retriever.head if retriever.head_changes_documents else None  # routed documents only
     meta = store_meta(
         retriever.fingerprint(),
         retriever.model.get_sentence_embedding_dimension(),

@@ -268,7 +268,7 @@ def _routing(
     routing = {
         "queries": routing_statistics(retriever, encode_texts(retriever, queries, "query", encode, **pooled))
     }
-    if retriever.head.side == "both":
+    if retriever.head_changes_documents:
         documents = [doc.full_text for doc in collection.corpus.values()]
         embeddings = encode_texts(retriever, documents, "document", encode, **pooled)
         routing["documents"] = routing_statistics(retriever, embeddings)

@@ -149,6 +149,7 @@ def collect_results(
         cell = done["cell"]
         saved = read_json(folder / "cell.json") if (folder / "cell.json").exists() else {}
         kind = system_kind(cell, saved.get("model_config"))
+        reindexes = changes_documents(cell, saved.get("model_config"))
         training = done.get("training") or {}
         for eval_name, rules in done["evaluations"].items():
             if cell.get("control") in PRIOR_CONTROLS and eval_name != cell["collection"]:
@@ -163,7 +164,6 @@ def collect_results(
                     cell["experts"],
                     rule,
                 )
-                reindexes = changes_documents(cell, saved.get("model_config"))
                 system = systems.setdefault(key, SystemResult(*key, kind=kind, reindexes=reindexes))
                 if system.query_groups is None:
                     system.query_groups = read_query_groups(directory)
