@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -224,6 +225,47 @@ def test_health_and_info(server, model_dir, scifact_slice):
     assert (encoding["backend"], encoding["precision"], info["device"]) == ("torch", "fp32", "cpu")
     assert info["limits"] == {"max_top_k": 50, "max_texts": 8, "max_request_bytes": 1 << 20}
     assert info["in_progress"] == 1  # this request
+
+
+def _server_side(client: socket.socket) -> socket.socket:
+    """The server's end of ``client``'s connection, found among this process's descriptors."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            candidate = socket.socket(fileno=os.dup(int(name)))
+        except OSError:  # not a socket
+            continue
+        try:
+            if candidate.type == socket.SOCK_STREAM and candidate.getpeername() == client.getsockname():
+                return candidate
+        except OSError:  # a listening or unconnected socket
+            pass
+        candidate.close()
+    raise AssertionError(f"no socket of this process is connected to {client.getsockname()}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds the server's socket through /proc")
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_every_accepted_connection_has_nagle_off(server, model_dir, index_dir, family):
+    """A response written in two parts must not wait for the client's delayed ACK (40 ms)."""
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    running, _ = server
+    if family == socket.AF_INET6:  # a socket of another family, made by other code than the fixture's
+        try:
+            running = BackgroundServer(create_app(load_service(model_dir, index_dir, encode=FP32)), "::1")
+        except UsageError as error:
+            pytest.skip(f"no IPv6 loopback: {error}")
+    with running if family == socket.AF_INET6 else contextlib.nullcontext(running):
+        address = urllib.parse.urlparse(running.url)
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        connection.request("GET", "/health")
+        assert connection.getresponse().read() == b'{"status":"ok"}'
+        served = _server_side(connection.sock)
+        try:
+            assert served.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            served.close()
+            connection.close()
 
 
 def test_without_the_collection_or_a_head_the_extras_are_refused(server, tiny_bert_dir, index_dir):
