@@ -176,7 +176,7 @@ def stage_ways(service: SearchService, texts: list[str]) -> dict[str, Search]:
     runner = encoder_runner(retriever, encode)
     precision = encoder.plan.precision
     batches = {text: tokenize(retriever, [text], "query") for text in texts}
-    encoded = {text: encoder(text, "query") for text in texts}  # (pooled, embedding)
+    encoded = {text: encoder(text, "query") for text in texts}
     heads = retriever.head_stages()
 
     def floor(group: Sequence[str]) -> list:
@@ -190,7 +190,7 @@ def stage_ways(service: SearchService, texts: list[str]) -> dict[str, Search]:
 
     def head(group: Sequence[str]) -> list:
         with torch.inference_mode():
-            run_stages(heads, {"sentence_embedding": torch.from_numpy(encoded[group[0]][0])})
+            run_stages(heads, {"sentence_embedding": torch.from_numpy(encoded[group[0]].pooled)})
         return []
 
     def timed_only(stage: Callable[[str], object]) -> Search:
@@ -205,7 +205,7 @@ def stage_ways(service: SearchService, texts: list[str]) -> dict[str, Search]:
         "tokenise": timed_only(lambda text: tokenize(retriever, [text], "query")),
         "backbone (tokens to pooled)": backbone,
         "head (float32)": head,
-        INDEX: timed_only(lambda text: service.index.search(encoded[text][1], TOP_K, query_ids=["q"])),
+        INDEX: timed_only(lambda text: service.index.search(encoded[text].embedding, TOP_K, query_ids=["q"])),
         ENCODE: timed_only(lambda text: encoder(text, "query")),
     }
 

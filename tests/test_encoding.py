@@ -10,6 +10,7 @@ from sbmoe.config.jobs import EncodeConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.runtime import resolve_precision
 from sbmoe.inference.encoding import TextEncoder, apply_head_stages, encode_texts, encoder_runner
+from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 
 TEXTS = [
@@ -144,8 +145,13 @@ def test_the_single_text_encoder_is_the_librarys_and_repeats_its_bytes(retriever
     texts = ["aspirin and the heart", "zinc deficiency " * 20]
     pooled = encode_texts(retriever, texts, "query", config, pooled_only=True)
     for n, text in enumerate(texts):
-        first, embedding = encoder(text, "query")
-        np.testing.assert_allclose(first[0], pooled[n], atol=1e-5 if precision == "fp32" else 2e-2)
-        np.testing.assert_array_equal(embedding, apply_head_stages(retriever, first, "query"))
+        first = encoder(text, "query")
+        np.testing.assert_allclose(first.pooled[0], pooled[n], atol=1e-5 if precision == "fp32" else 2e-2)
+        np.testing.assert_array_equal(first.embedding, apply_head_stages(retriever, first.pooled, "query"))
+        experts, gates = route(retriever, first.pooled)
+        assert (first.expert, first.gate) == (int(experts[0]), gates[0].tolist())
         again = encoder(text, "query")
-        assert (again[0].tobytes(), again[1].tobytes()) == (first.tobytes(), embedding.tobytes())
+        assert (again.pooled.tobytes(), again.embedding.tobytes()) == (
+            first.pooled.tobytes(),
+            first.embedding.tobytes(),
+        )

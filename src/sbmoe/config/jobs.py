@@ -169,6 +169,12 @@ class ServeConfig(ConfigBase):
     max_batch_texts: int = setting(
         512, help="most texts answered in one round when waiting requests are micro-batched", metavar="N"
     )
+    workers: int = setting(
+        0,
+        help="requests answered at once, each on its own share of the cores (0: one per CPU core, "
+        "at most 4; one on a GPU); an answer is the same whichever worker gives it",
+        metavar="N",
+    )
     api_key: str | None = setting(
         None,
         help="a key every request but GET /health must give (Authorization: Bearer KEY or X-API-Key: KEY); "
@@ -184,6 +190,7 @@ class ServeConfig(ConfigBase):
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("api_key is empty: give a key, or none to serve without one")
         check_at_least(self, 1, "max_top_k", "max_texts", "max_batch_texts", "max_request_bytes")
+        check_at_least(self, 0, "workers")
 
 
 @dataclass

@@ -7,11 +7,11 @@ disk, then the MoE head and normalisation in float32 (:func:`apply_head_stages`)
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
-import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -234,6 +234,17 @@ def encoder_runner(retriever: Retriever, config: EncodeConfig | None = None) -> 
         return _encoder_runner(retriever, plan)
 
 
+class EncodedText(NamedTuple):
+    """One text through the model: the backbone's pooled embedding (the head's input) and the final
+    embedding, float32 ``(1, d)``; for a query through an MoE head, its top-1 expert and the gate's
+    probabilities (else ``None``)."""
+
+    pooled: np.ndarray
+    embedding: np.ndarray
+    expert: int | None = None
+    gate: list[float] | None = None
+
+
 class TextEncoder:
     """Encodes one text per forward pass, at its own length, set up once: what a server calls per text.
 
@@ -243,7 +254,8 @@ class TextEncoder:
     per-batch activation scales, change a text's embedding with the batch it is padded into). The
     backend (an ONNX Runtime session or bf16 weight copies, see :func:`encoder_runner`), the stages
     and the token limits are set up at construction; a call runs the tokenizer, the backbone and
-    the head (in float32, as :func:`apply_head_stages`), nothing else.
+    the head (in float32, as :func:`apply_head_stages`), nothing else. Threads may call at once:
+    their forward passes run side by side (each on the threads its caller set).
 
     Args:
         retriever: The model; valid while its weights do not change.
@@ -256,25 +268,34 @@ class TextEncoder:
         self.plan = resolve_inference(config.backend, config.precision, retriever.device)
         self._backbone = encoder_runner(retriever, config)
         self._head = retriever.head_stages()
+        # A fast tokenizer sets its truncation and padding at each call: one thread at a time.
+        self._tokenizing = threading.Lock()
 
-    def __call__(self, text: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """The pooled embedding (the head's input) and the final embedding of ``text``, float32 ``(1, d)``."""
+    def __call__(self, text: str, kind: str) -> EncodedText:
+        """``text`` encoded alone; its routing read from this very pass (see :class:`EncodedText`)."""
         retriever = self.retriever
         with torch.inference_mode(), eval_mode(retriever.model):
-            batch = tokenize(retriever, [text], kind)
+            with self._tokenizing:
+                batch = tokenize(retriever, [text], kind)
             with autocast(self.plan.precision, retriever.device):
                 pooled = self._backbone(batch)["sentence_embedding"].float()
-            embedding = run_stages(self._head, {"sentence_embedding": pooled.to(retriever.device)}, kind)
-            return pooled.cpu().numpy(), embedding["sentence_embedding"].float().cpu().numpy()
+            features = run_stages(self._head, {"sentence_embedding": pooled.to(retriever.device)}, kind)
+        embedding = features["sentence_embedding"].float().cpu().numpy()
+        if "router_logits" not in features:
+            return EncodedText(pooled.cpu().numpy(), embedding)
+        gate = torch.softmax(features["router_logits"].float(), dim=-1)[0]
+        return EncodedText(pooled.cpu().numpy(), embedding, int(features["expert_index"][0]), gate.tolist())
 
 
 def _encoder_runner(retriever: Retriever, plan: InferencePlan) -> Callable[[dict], dict]:
     """The stages up to pooling as one function, run by the plan's backend at its precision.
 
-    Under bf16 the torch stages run on bf16 copies of their weights: autocast alone converts every
-    weight matrix to bf16 again at every call; converting once per encoding spares that (and keeps
-    layer norms and activations in bf16 too). The model's own weights stay float32, so training is
-    unaffected. The onnx backend runs the exported transformer (see :mod:`sbmoe.inference.onnx_backend`).
+    Under bf16 the torch stages run as copies with bf16 weights, in eval mode: autocast alone
+    converts every weight matrix to bf16 again at every call; converting once per encoding spares
+    that (and keeps layer norms and activations in bf16 too). Copies, not bf16 weights swapped into
+    the model at each call, so that threads can encode at once and the model's own float32
+    weights (training) are never touched. The onnx backend runs the exported transformer (see
+    :mod:`sbmoe.inference.onnx_backend`).
     """
     if plan.backend == "onnx":
         from sbmoe.inference.onnx_backend import OnnxEncoder
@@ -283,21 +304,7 @@ def _encoder_runner(retriever: Retriever, plan: InferencePlan) -> Callable[[dict
     stages = retriever.encoder_stages()
     if plan.precision != "bf16":
         return functools.partial(run_stages, stages)
-    weights = [_bf16_state(stage) for stage in stages]
-
-    def run(features: dict) -> dict:
-        for stage, state in zip(stages, weights, strict=True):
-            features = torch.func.functional_call(stage, state, (features,))
-        return features
-
-    return run
-
-
-def _bf16_state(stage: torch.nn.Module) -> dict[str, torch.Tensor]:
-    tensors = itertools.chain(stage.named_parameters(), stage.named_buffers())
-    return {
-        name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor for name, tensor in tensors
-    }
+    return functools.partial(run_stages, [copy.deepcopy(stage).to(torch.bfloat16).eval() for stage in stages])
 
 
 @contextlib.contextmanager

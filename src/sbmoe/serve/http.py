@@ -208,7 +208,14 @@ def serve(
     listening = _listen(config.host, config.port)
     try:
         service = load_service(
-            model, index, search, encode, data=data, max_batch_texts=config.max_batch_texts, verify=verify
+            model,
+            index,
+            search,
+            encode,
+            data=data,
+            max_batch_texts=config.max_batch_texts,
+            verify=verify,
+            workers=config.workers or None,
         )
         app = create_app(service, config)
         if api_key(config) is None and not ipaddress.ip_address(listening.getsockname()[0]).is_loopback:

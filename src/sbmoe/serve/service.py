@@ -1,17 +1,19 @@
 """A search service: a model and its index loaded once, answering searches and encodings from threads.
 
-Concurrency: micro-batching. One worker thread owns the model; callers on any thread submit jobs
-and get a :class:`~concurrent.futures.Future`. Whenever the worker is free it takes every job
-waiting (up to ``max_batch_texts`` texts) and answers them in one round; one lone request is
-answered at once, without waiting for company.
+Concurrency: worker threads, each on its own share of the cores, micro-batching. Callers on any
+thread submit jobs and get a :class:`~concurrent.futures.Future`. Whenever a worker is free it takes
+every job waiting (up to ``max_batch_texts`` texts) and answers them in one round; one lone request
+is answered at once, without waiting for company. On a CPU there is one worker per core (at most
+:data:`MAX_WORKERS`), each running its forward passes on ``cores // workers`` threads: one short
+query keeps two threads busy poorly, so two workers on two cores answer about twice the queries
+of one (bench/bench_serve.py), while one worker per GPU keeps its kernels in one stream.
 
-The same answer for the same question: within a round, every text is encoded in a forward pass of
-its own, at its own length (:class:`~sbmoe.inference.encoding.TextEncoder`), and every query
-searches the index alone, so a response is the same bytes whether its request came alone or among
-others, under every precision and backend (bf16 matrix kernels on AMX CPUs and int8's per-batch
-activation scales change a text's embedding with the batch it is padded into). A text asked
-twice in one round is encoded once. Concurrency still pays: HTTP parsing and JSON overlap the
-encoding, and a round's requests share one wake-up of the worker.
+The same answer for the same question: every text is encoded in a forward pass of its own, at its
+own length (:class:`~sbmoe.inference.encoding.TextEncoder`), on the same number of threads
+whichever worker runs it, and every query searches the index alone, so a response is the same
+bytes whether its request came alone or among others, under every precision and backend (bf16
+matrix kernels on AMX CPUs and int8's per-batch activation scales change a text's embedding with
+the batch it is padded into). A text asked twice in one round is encoded once.
 
 The steps are those of :func:`sbmoe.retrieval.search.search` (backbone up to pooling, then the head
 in float32, then the index), so a query ranks as ``sbmoe search`` ranks it.
@@ -29,13 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from sbmoe import __version__
 from sbmoe.config.jobs import EncodeConfig, SearchConfig
 from sbmoe.core.errors import SbmoeError, UsageError
 from sbmoe.data.beir import Document
-from sbmoe.inference.encoding import TextEncoder
-from sbmoe.inference.routing import route
+from sbmoe.inference.encoding import EncodedText, TextEncoder
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.indexing import encoding_used
@@ -44,6 +46,8 @@ from sbmoe.retrieval.shards import ShardedIndex, load_index
 logger = logging.getLogger(__name__)
 
 KINDS = ("query", "document")
+# Beyond a few workers, a CPU's cores serve one query's matrices better than more queries at once.
+MAX_WORKERS = 4
 NO_DOCUMENTS = "documents: the service was started without the collection the index was built from (--data)"
 
 
@@ -90,8 +94,10 @@ class SearchService:
         documents: Doc id -> document, to look up titles and texts (:meth:`document`); it must
             hold every document of the index.
         collection: The name of ``documents``' collection (for :meth:`info`).
-        max_batch_texts: Most texts answered in one round of the worker.
+        max_batch_texts: Most texts answered in one round of a worker.
         verify: Check a saved index in full against its checksum.
+        workers: Worker threads answering at once (default: one per CPU core, at most
+            :data:`MAX_WORKERS`; one on a GPU); each encodes on ``cores // workers`` threads.
     """
 
     def __init__(
@@ -105,6 +111,7 @@ class SearchService:
         collection: str | None = None,
         max_batch_texts: int = 512,
         verify: bool = False,
+        workers: int | None = None,
     ) -> None:
         self.retriever = retriever
         self.search_config = search or SearchConfig()
@@ -129,20 +136,25 @@ class SearchService:
         self.documents = documents
         self.collection = collection
         self.stats = {"requests": 0, "batches": 0, "texts": 0}
+        self.workers, self.threads_per_worker = _worker_threads(workers, retriever.device)
         # Set up once: an ONNX Runtime session or bf16 weight copies, not one per request.
         self._encoder = TextEncoder(retriever, self.encode_config)
         self._encoder("warm up", "query")
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
-        self._worker = threading.Thread(target=self._work, name="sbmoe-search-worker", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"sbmoe-search-worker-{n}", daemon=True)
+            for n in range(self.workers)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     # ------------------------------------------------------------------------------- public API
     @property
     def alive(self) -> bool:
-        """Whether the worker thread is running (jobs are being answered)."""
-        return self._worker.is_alive()
+        """Whether the worker threads are running (jobs are being answered)."""
+        return all(worker.is_alive() for worker in self._workers)
 
     @property
     def dim(self) -> int:
@@ -214,8 +226,9 @@ class SearchService:
             "device": str(self.retriever.device),
             "default_top_k": self.search_config.top_k,
             "concurrency": (
-                f"micro-batching: one worker answers up to {self.max_batch_texts} waiting texts per round, "
-                "each encoded alone (an answer does not depend on the other requests)"
+                f"{self.workers} workers of {self.threads_per_worker} threads, each answering up to "
+                f"{self.max_batch_texts} waiting texts per round, each text encoded alone (an answer "
+                "does not depend on the other requests)"
             ),
             "stats": dict(self.stats),
         }
@@ -226,8 +239,10 @@ class SearchService:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(None)
-        self._worker.join()
+            for _ in self._workers:
+                self._queue.put(None)
+        for worker in self._workers:
+            worker.join()
 
     def __enter__(self) -> SearchService:
         return self
@@ -248,6 +263,9 @@ class SearchService:
         return job.future
 
     def _work(self) -> None:
+        # This thread's forward passes, whichever worker runs them, use the same number of threads.
+        torch.set_num_threads(self.threads_per_worker)
+        self._encoder("warm up", "query")
         while True:
             job = self._queue.get()
             if job is None:
@@ -269,33 +287,39 @@ class SearchService:
 
     def _run(self, jobs: list[_Job]) -> None:
         """Answer one round of jobs; an error fails its job only, not the others or the worker."""
-        encoded: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        encoded: dict[tuple[str, str], EncodedText] = {}
         for job in jobs:
             try:
                 answer = self._answer(job, encoded)
             except Exception as error:  # handed to the caller, whose thread reports it
                 job.future.set_exception(error)
                 continue
-            self.stats["requests"] += 1
-            self.stats["texts"] += len(job.texts)
+            with self._lock:
+                self.stats["requests"] += 1
+                self.stats["texts"] += len(job.texts)
             job.future.set_result(answer)
-        self.stats["batches"] += 1
+        with self._lock:
+            self.stats["batches"] += 1
 
-    def _answer(self, job: _Job, encoded: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) -> Any:
-        """``job``'s answer, every text encoded alone (or found in ``encoded``, this round's encodings)."""
+    def _answer(self, job: _Job, encoded: dict[tuple[str, str], EncodedText]) -> Any:
+        """``job``'s answer, every text encoded alone (or found in ``encoded``, this round's encodings).
+
+        A query's routing is the one its own encoding took (not the head run again: a hook on the
+        shared head would also hear the other workers' texts).
+        """
         vectors = []
         for text in job.texts:
             if (text, job.kind) not in encoded:
                 encoded[text, job.kind] = self._encoder(text, job.kind)
             vectors.append(encoded[text, job.kind])
         if job.top_k is None:
-            return np.concatenate([embedding for _, embedding in vectors])
+            return np.concatenate([vector.embedding for vector in vectors])
         results = []
-        for pooled, embedding in vectors:
-            result = SearchResult(list(self.index.search(embedding, job.top_k, query_ids=["q"])["q"].items()))
+        for vector in vectors:
+            hits = self.index.search(vector.embedding, job.top_k, query_ids=["q"])["q"]
+            result = SearchResult(list(hits.items()))
             if job.routing:
-                experts, gates = route(self.retriever, pooled)
-                result.expert, result.gate = int(experts[0]), gates[0].tolist()
+                result.expert, result.gate = vector.expert, vector.gate
             results.append(result)
         return results
 
@@ -309,6 +333,7 @@ def load_service(
     data: str | os.PathLike | None = None,
     max_batch_texts: int = 512,
     verify: bool = False,
+    workers: int | None = None,
 ) -> SearchService:
     """Load the model (a :class:`Retriever`, or what :meth:`Retriever.load` takes), its index and
     optionally its collection (``data``: a BEIR folder or collection name), into a running service.
@@ -327,7 +352,18 @@ def load_service(
         collection=collection.name if collection is not None else None,
         max_batch_texts=max_batch_texts,
         verify=verify,
+        workers=workers,
     )
     where = service.index_path or "an index in memory"
     logger.info("serving %s: %d documents, %s", where, len(service.index), service.info()["concurrency"])
     return service
+
+
+def _worker_threads(workers: int | None, device: torch.device) -> tuple[int, int]:
+    """How many workers answer at once, and on how many threads each encodes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers is None:
+        workers = 1 if device.type != "cpu" else min(cores, MAX_WORKERS)
+    if workers < 1:
+        raise UsageError(f"workers must be >= 1, got {workers}")
+    return workers, max(1, cores // workers)
