@@ -122,6 +122,13 @@ def test_every_flag_and_verb_in_the_text_exists():
                 assert verb in known, f"{path.relative_to(REPO)}: `sbmoe {verb}` in `{code}`"
 
 
+def test_the_command_line_page_lists_every_verb():
+    table = (DOCS / "guide" / "command-line.md").read_text(encoding="utf-8")
+    listed = re.findall(r"^\| `sbmoe ([a-z-]+)` \| (.*?) \|", table, flags=re.MULTILINE)
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert listed == [(action.dest, action.help) for action in subparsers._choices_actions]
+
+
 def test_json_lines_in_the_examples_parse():
     for path in guides():
         for block in blocks(path.read_text(encoding="utf-8"), "bash"):
