@@ -5,7 +5,7 @@ VENV_BIN := .venv/bin
 export SBMOE_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint format bench gpu-check
+.PHONY: setup demo test test-fast lint format docs bench gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,11 @@ lint: setup
 format: setup
 	$(VENV_BIN)/ruff format src tests bench
 	$(VENV_BIN)/ruff check --fix src tests bench
+
+# The documentation site (docs/, mkdocs.yml) -> site/; --strict fails on a broken link or a page
+# outside the navigation. NO_MKDOCS_2_WARNING silences mkdocs-material's notice about MkDocs 2.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV_BIN)/mkdocs build --strict
 
 # Benchmarks print ratios against the reference measured in the same run (bench/RESULTS.md).
 bench: setup

@@ -1,6 +1,11 @@
-"""The README's Python examples run as written (as tests/test_model_card.py does for model cards).
+"""The Python examples of the README and of the documentation site run as written.
 
-No substitution: the README names all-MiniLM-L6-v2, which loads here from its offline copy, and
+As tests/test_model_card.py does for model cards. The README keeps the quickstart; the other
+examples moved to ``docs/`` (the model, training files, the Python API), so the blocks are collected
+from the README and every page, each compiled under the name of the file it lives in, and a block
+that two files share (the quickstart, also on ``docs/python-api.md``) runs once.
+
+No substitution: the examples name all-MiniLM-L6-v2, which loads here from its offline copy, and
 SciFact, which ``resolve_data`` finds in ``$SBMOE_DATA_DIR``. That makes this an integration test
 (the real MiniLM encodes all of SciFact once; head-only training, so minutes on 2 cores). The Python
 API example runs first, since the others load the model it trains (``runs/moe``).
@@ -14,31 +19,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+DOCS = REPO / "docs"
 
 
 def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
+def documented_python_blocks() -> list[tuple[str, str]]:
+    """(file relative to the repository, block) for every Python block, each distinct block once."""
+    files = [README, *sorted(DOCS.rglob("*.md"))]
+    blocks: dict[str, str] = {}
+    for path in files:
+        for block in python_blocks(path.read_text(encoding="utf-8")):
+            blocks.setdefault(block, str(path.relative_to(REPO)))
+    return [(where, block) for block, where in blocks.items()]
+
+
 def test_the_readme_has_python_examples_that_import():
-    blocks = python_blocks(README.read_text(encoding="utf-8"))
-    assert blocks, "the README lost its Python examples"
-    for block in blocks:  # at least every import resolves, in every run of the suite
+    assert python_blocks(README.read_text(encoding="utf-8")), "the README lost its Python quickstart"
+    blocks = documented_python_blocks()
+    where = {name for name, _ in blocks}
+    # The examples that moved to the site: the model, a Hugging Face training file, the Python API.
+    assert {"docs/model.md", "docs/guide/training-files.md", "README.md"} <= where, where
+    for name, block in blocks:  # at least every import resolves, in every run of the suite
         imports = "\n".join(line for line in block.splitlines() if line.startswith(("from ", "import ")))
-        exec(compile(imports, "README.md", "exec"), {})
+        exec(compile(imports, name, "exec"), {})
 
 
 @pytest.mark.integration
 def test_the_readme_python_examples_run_as_written(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SBMOE_DATA_DIR", str(data_dir))
     monkeypatch.chdir(tmp_path)  # the examples write under runs/
-    blocks = python_blocks(README.read_text(encoding="utf-8"))
-    blocks.sort(key=lambda block: "from sbmoe.train.trainer import train" not in block)  # stable
+    blocks = documented_python_blocks()
+    blocks.sort(key=lambda item: "from sbmoe.train.trainer import train" not in item[1])  # stable
     namespaces = []
-    for block in blocks:
+    for name, block in blocks:
         namespaces.append({})
-        exec(compile(block, "README.md", "exec"), namespaces[-1])
+        exec(compile(block, name, "exec"), namespaces[-1])
     printed = capsys.readouterr().out
     scores = re.search(r"\{'top1': ([0-9.]+), 'all': ([0-9.]+)\}", printed)
     assert scores and all(0.5 < float(value) < 1 for value in scores.groups()), printed
