@@ -20,37 +20,38 @@ Prints the CPU (model name and flags) first, and how often the served top 10 equ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import http.client
 import json
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
+import requests
 import torch
 from common import machine, scifact
 
-from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig, ServeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
 from sbmoe.core.runtime import autocast
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import TextEncoder, encoder_runner, run_stages, tokenize
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import index_corpus
 from sbmoe.retrieval.search import search
-from sbmoe.serve.http import BackgroundServer, create_app
 from sbmoe.serve.service import SearchService
 
 MODEL = "all-MiniLM-L6-v2"
 FLOOR = "sentence-transformers `encode` (floor)"
 SERVICE = "service in-process"
 HTTP = "HTTP `POST /search`"
+HEALTH = "HTTP `GET /health` (the HTTP floor)"
 INDEX = "`DenseIndex.search` of one vector"
 ENCODE = "sbmoe encode of one text (the service's)"
 DOC_TOKENS = 128
@@ -60,28 +61,47 @@ Search = Callable[[Sequence[str]], list[list[str]]]
 
 
 class Client:
-    """One keep-alive HTTP connection (as a real client keeps it)."""
+    """One keep-alive HTTP connection through ``requests``, as a real client keeps it."""
 
     def __init__(self, url: str) -> None:
-        parsed = urlparse(url)
-        self.connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+        self.url = url
+        self.session = requests.Session()
 
     def __call__(self, queries: Sequence[str]) -> list[list[str]]:
-        body = json.dumps({"queries": list(queries), "top_k": TOP_K})
-        try:
-            answer = self._post(body)
-        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
-            # uvicorn closes a connection idle for 5 s (other ways ran meanwhile): reconnect, as clients do.
-            self.connection.close()
-            answer = self._post(body)
-        payload = json.loads(answer.read())
-        if answer.status != 200:
-            raise RuntimeError(f"/search answered {answer.status}: {payload}")
+        payload = json.loads(self.post(queries))
         return [[hit["id"] for hit in result["hits"]] for result in payload["results"]]
 
-    def _post(self, body: str) -> http.client.HTTPResponse:
-        self.connection.request("POST", "/search", body, {"Content-Type": "application/json"})
-        return self.connection.getresponse()
+    def post(self, queries: Sequence[str]) -> bytes:
+        """The body of ``POST /search`` for ``queries``, as sent."""
+        answer = self.session.post(f"{self.url}/search", json={"queries": list(queries), "top_k": TOP_K})
+        if answer.status_code != 200:
+            raise RuntimeError(f"/search answered {answer.status_code}: {answer.text}")
+        return answer.content
+
+    def health(self, _: Sequence[str]) -> list:
+        """``GET /health``: the HTTP floor (no work behind it)."""
+        answer = self.session.get(f"{self.url}/health")
+        if answer.status_code != 200:
+            raise RuntimeError(f"/health answered {answer.status_code}: {answer.text}")
+        return []
+
+
+@contextlib.contextmanager
+def served(model_dir: Path, index_dir: Path, encode: EncodeConfig) -> Iterator[str]:
+    """``sbmoe serve`` in a process of its own (as deployed: clients never share its interpreter);
+    its URL inside the block."""
+    command = [sys.executable, "-m", "sbmoe.cli", "-q", "serve", "--model", str(model_dir)]
+    command += ["--index", str(index_dir), "--port", "0", "--max-texts", "256"]
+    command += ["--backend", encode.backend, "--precision", encode.precision]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"sbmoe serve did not start: {line!r}")
+        yield line.split()[-1]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
 
 
 def library(service: SearchService) -> Search:
@@ -115,16 +135,17 @@ def interleaved(ways: dict[str, Search], groups: Sequence[list[str]]) -> dict[st
     return measured
 
 
-def concurrent(url: str, texts: list[str], clients: int) -> tuple[list[float], list[list[str]], float]:
-    """One query per request from ``clients`` threads at once, each on its own connection."""
+def concurrent(url: str, texts: list[str], clients: int) -> tuple[list[float], list[bytes], float]:
+    """One query per request from ``clients`` threads at once, each on its own connection: the
+    latencies, the bodies in ``texts``' order, and the seconds in all."""
     local = threading.local()
 
-    def one(text: str) -> tuple[float, list[str]]:
+    def one(text: str) -> tuple[float, bytes]:
         if not hasattr(local, "client"):
             local.client = Client(url)
         begun = time.perf_counter()
-        (ranking,) = local.client([text])
-        return time.perf_counter() - begun, ranking
+        body = local.client.post([text])
+        return time.perf_counter() - begun, body
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -212,14 +233,18 @@ def stage_ways(service: SearchService, texts: list[str]) -> dict[str, Search]:
 
 def single_queries(service: SearchService, url: str, texts: list[str]) -> tuple[list[str], list[str], dict]:
     """Table rows and notes of one query at a time, every way interleaved; the measurements."""
-    served = {"library `search()`": library(service), SERVICE: in_process(service), HTTP: Client(url)}
-    measured = interleaved({**stage_ways(service, texts), **served}, [[text] for text in texts])
+    client = Client(url)
+    ways = {"library `search()`": library(service), SERVICE: in_process(service), HTTP: client}
+    measured = interleaved(
+        {**stage_ways(service, texts), **ways, HEALTH: client.health}, [[t] for t in texts]
+    )
     p50 = {name: float(np.percentile(latencies, 50)) for name, (latencies, _) in measured.items()}
     rows = [latency_row(name, latencies, p50[FLOOR]) for name, (latencies, _) in measured.items()]
     reference = measured["library `search()`"][1]
     notes = [
         f"served p50 over HTTP / floor p50 = {p50[HTTP] / p50[FLOOR]:.2f}x "
-        f"({p50[HTTP] * 1000:.1f} ms / {p50[FLOOR] * 1000:.1f} ms)",
+        f"({p50[HTTP] * 1000:.1f} ms / {p50[FLOOR] * 1000:.1f} ms); `GET /health` p50 "
+        f"{p50[HEALTH] * 1000:.2f} ms",
         f"in the service outside encoding and search (queue, hand-off to the worker, the result): "
         f"{median_gap(measured, SERVICE, ENCODE, INDEX):.2f} ms; HTTP, validation and JSON: "
         f"{median_gap(measured, HTTP, SERVICE):.2f} ms (medians of the per-query differences)",
@@ -285,25 +310,29 @@ def main() -> None:
             f"{DOC_TOKENS}-token documents, flat index), top {TOP_K}, loopback HTTP; encoding: "
             f"{info['encoding']['backend']} {info['encoding']['precision']}"
         )
-        with BackgroundServer(create_app(service, ServeConfig(max_texts=max(args.batch, 256)))) as server:
-            rows, notes, measured = single_queries(service, server.url, texts)
+        with served(model_dir, index_dir, encode) as url:
+            rows, notes, measured = single_queries(service, url, texts)
             single_table += rows
             print("\n".join(single_table), flush=True)
-            batch_rows, _ = batched(service, server.url, texts, args.batch)
+            batch_rows, _ = batched(service, url, texts, args.batch)
             table += batch_rows
             single_rate = len(texts) / sum(measured[HTTP][0])
             library_rate = len(texts) / sum(measured["library `search()`"][0])
             table.append(
                 row(f"single: {HTTP}", measured[HTTP][0], len(texts), sum(measured[HTTP][0]), library_rate)
             )
-            rounds_before = service.stats["batches"]
-            latencies, rankings, total = concurrent(server.url, texts, args.clients)
+            alone = [Client(url).post([text]) for text in texts]
+            latencies, bodies, total = concurrent(url, texts, args.clients)
+            workers = requests.get(f"{url}/info").json()["concurrency"]
         name = f"{args.clients} clients at once, single queries: {HTTP}"
         table.append(row(name, latencies, len(texts), total, library_rate))
+        rankings = [[hit["id"] for hit in json.loads(body)["results"][0]["hits"]] for body in bodies]
+        library_rankings = measured["library `search()`"][1]
         notes.append(
-            f"{args.clients} clients: {len(texts) / total:.1f} queries/s, one client {single_rate:.1f} "
-            f"({len(texts)} requests in {service.stats['batches'] - rounds_before} rounds of the worker); "
-            f"same top {TOP_K} as the library {same_top(rankings, measured['library `search()`'][1])}"
+            f"{args.clients} clients: {len(texts) / total:.1f} queries/s = "
+            f"{len(texts) / total / single_rate:.2f}x one client's {single_rate:.1f} ({workers}); "
+            f"answers byte-identical to the same query sent alone: {sum(map(bytes.__eq__, bodies, alone))}"
+            f"/{len(texts)}; same top {TOP_K} as the library {same_top(rankings, library_rankings)}"
         )
         if args.cold_starts:
             cold = cold_starts(model_dir, index_dir, texts[: args.cold_starts], encode)
