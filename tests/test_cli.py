@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -287,3 +289,15 @@ def test_backend_help_says_what_auto_picks(capsys):
     for backend, precision, _ in AUTO_INFERENCE.values():
         assert f"{backend} {precision}" in help_text
     assert "int8 onnx only when asked for" in help_text
+
+
+def test_the_screen_shows_warnings_as_one_line_and_no_library_chatter(trained, scifact_slice, tmp_path):
+    """A command as a user runs it: faiss' loader lines and Python's warning format stay off the screen."""
+    command = [sys.executable, "-m", "sbmoe.cli", "index", "--model", str(trained), "--data"]
+    command += [str(scifact_slice), "--output", str(tmp_path / "index"), "--precision", "fp32"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    screen = finished.stdout + finished.stderr
+    truncated = [line for line in screen.splitlines() if "longer than the model's limit" in line]
+    assert len(truncated) == 1 and truncated[0].startswith("warning: scifact-slice corpus: ")
+    for chatter in ("UserWarning", "warn_truncated", "Loading faiss", "Could not load library"):
+        assert chatter not in screen

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from sbmoe import __version__
@@ -54,6 +55,26 @@ def _join_fraction_values(argv: list[str]) -> list[str]:
     return joined
 
 
+def _set_up_the_screen(quiet: bool) -> None:
+    """What a command prints besides its own output: sbmoe's log lines and no library chatter.
+
+    Warnings become one log line each while the command runs (:func:`_log_warning`).
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    import transformers
+
+    # Our own bars show the work; per-file "Loading weights" bars from transformers are noise here.
+    transformers.utils.logging.disable_progress_bar()
+    # faiss logs each CPU-specific library it tries to load; matplotlib, its font cache.
+    for chatty in ("sentence_transformers", "faiss.loader", "matplotlib"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def _log_warning(message: Warning | str, category: type[Warning], *_where: object, **_: object) -> None:
+    """A warning as one line (what happened and what to do), not with the source line that raised it."""
+    logging.getLogger("sbmoe").warning("warning: %s", message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sbmoe`` command.
 
@@ -63,14 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_join_fraction_values(argv))
     args.command_line = ["sbmoe", *argv]
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    import transformers
-
-    # Our own bars show the work; per-file "Loading weights" bars from transformers are noise here.
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
+    _set_up_the_screen(quiet=args.quiet)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _log_warning
+            return args.run(args)
     except SbmoeError as error:
         print(f"sbmoe {args.command}: error: {error}", file=sys.stderr)
         return 2
