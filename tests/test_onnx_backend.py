@@ -13,9 +13,9 @@ import sbmoe.core.runtime as runtime
 from sbmoe.config.jobs import EncodeConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.errors import UsageError
-from sbmoe.core.runtime import resolve_inference
+from sbmoe.core.runtime import resolve_inference, resolve_one_text_inference
 from sbmoe.inference.cache import EmbeddingCache
-from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.encoding import TextEncoder, encode_texts
 from sbmoe.inference.onnx_backend import export_transformer
 from sbmoe.model.retriever import Retriever
 
@@ -86,6 +86,24 @@ def test_auto_picks_per_machine(monkeypatch, flags, onnxruntime, expected):
     plan = resolve_inference("auto", "auto", "cpu")
     assert (plan.backend, plan.precision) == expected
     assert plan.reason  # says why
+
+
+@pytest.mark.parametrize(
+    ("flags", "asked", "expected"),
+    [
+        ({"avx512f", "avx512_bf16", "amx_bf16"}, ("auto", "auto"), ("torch", "fp32")),  # Xeon with AMX
+        ({"avx512f", "avx512_bf16", "amx_bf16"}, ("torch", "bf16"), ("torch", "bf16")),  # asked for: kept
+        ({"avx512f", "avx512_bf16"}, ("auto", "auto"), ("torch", "bf16")),  # EPYC with AVX512-BF16
+        ({"avx2", "fma"}, ("auto", "auto"), ("torch", "fp32")),
+    ],
+)
+def test_one_text_at_a_time_takes_fp32_on_amx_unless_asked(retriever, monkeypatch, flags, asked, expected):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    plan = resolve_one_text_inference(*asked, "cpu")
+    assert (plan.backend, plan.precision) == expected
+    # The server's encoder (and its /info) take this plan.
+    config = EncodeConfig(backend=asked[0], precision=asked[1], device="cpu")
+    assert TextEncoder(retriever, config).plan == plan
 
 
 def test_explicit_choices_are_kept_and_impossible_ones_refused():

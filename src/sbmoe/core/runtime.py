@@ -141,7 +141,30 @@ def resolve_inference(backend: str, precision: str, device: torch.device | str) 
         raise UsageError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if precision not in INFERENCE_PRECISIONS:
         raise UsageError(f"precision must be one of {list(INFERENCE_PRECISIONS)}, got {precision!r}")
-    plan = _plan(backend, precision, device)
+    return _announce(_plan(backend, precision, device))
+
+
+def resolve_one_text_inference(backend: str, precision: str, device: torch.device | str) -> InferencePlan:
+    """As :func:`resolve_inference`, for one short text per forward pass (a served query).
+
+    ``auto`` differs on CPUs with AMX: float32 there. One short query (about 10 tokens) fills AMX's
+    16-row tiles poorly: on a 2-core Xeon with AMX the bf16 pass took about twice
+    sentence-transformers' float32 encode of the same query, which sbmoe's float32 pass matches.
+    Where bf16 runs on AVX512-BF16 alone it stays the faster (a 2-core EPYC: 9.0 ms against 12.0 ms
+    for float32, ``bench/bench_serve.py``).
+    """
+    plan = resolve_inference(backend, precision, device)
+    device = torch.device(device)
+    if (backend, precision, plan.precision, device.type) == ("auto", "auto", "bf16", "cpu") and (
+        "amx_bf16" in cpu_flags()
+    ):
+        reason = f"one text per pass on {device.type} ({cpu_description()}): AMX tiles fill poorly"
+        return _announce(InferencePlan("torch", "fp32", reason))
+    return plan
+
+
+def _announce(plan: InferencePlan) -> InferencePlan:
+    """Log the numerics chosen, with the reason, once per process."""
     if plan not in _announced:
         _announced.add(plan)
         logging.getLogger("sbmoe").info("encoding with %s %s: %s", plan.backend, plan.precision, plan.reason)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sbmoe.config.jobs import EncodeConfig
 from sbmoe.core.errors import UsageError
-from sbmoe.core.runtime import InferencePlan, autocast, resolve_inference
+from sbmoe.core.runtime import InferencePlan, autocast, resolve_inference, resolve_one_text_inference
 
 if TYPE_CHECKING:
     from sbmoe.inference.cache import EmbeddingCache
@@ -257,6 +257,9 @@ class TextEncoder:
     the head (in float32, as :func:`apply_head_stages`), nothing else. Threads may call at once:
     their forward passes run side by side (each on the threads its caller set).
 
+    ``auto`` numerics are those for one text at a time
+    (:func:`~sbmoe.core.runtime.resolve_one_text_inference`).
+
     Args:
         retriever: The model; valid while its weights do not change.
         config: Backend and precision (the batch size does not apply).
@@ -265,8 +268,9 @@ class TextEncoder:
     def __init__(self, retriever: Retriever, config: EncodeConfig | None = None) -> None:
         config = config or EncodeConfig()
         self.retriever = retriever
-        self.plan = resolve_inference(config.backend, config.precision, retriever.device)
-        self._backbone = encoder_runner(retriever, config)
+        self.plan = resolve_one_text_inference(config.backend, config.precision, retriever.device)
+        with torch.inference_mode():
+            self._backbone = _encoder_runner(retriever, self.plan)
         self._head = retriever.head_stages()
         # A fast tokenizer sets its truncation and padding at each call: one thread at a time.
         self._tokenizing = threading.Lock()

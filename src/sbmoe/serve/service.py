@@ -40,7 +40,6 @@ from sbmoe.data.beir import Document
 from sbmoe.inference.encoding import EncodedText, TextEncoder
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.indexing import encoding_used
 from sbmoe.retrieval.shards import ShardedIndex, load_index
 
 logger = logging.getLogger(__name__)
@@ -203,6 +202,7 @@ class SearchService:
         """What is served: model, index, encoding, device, versions, and the requests so far."""
         head = self.retriever.head
         index = self.index
+        plan = self._encoder.plan
         return {
             "sbmoe_version": __version__,
             "model": {
@@ -222,7 +222,7 @@ class SearchService:
                 "collection": index.metadata.get("collection"),
             },
             "documents": self.collection if self.documents is not None else None,
-            "encoding": encoding_used(self.retriever, self.encode_config),
+            "encoding": {"backend": plan.backend, "precision": plan.precision, "reason": plan.reason},
             "device": str(self.retriever.device),
             "default_top_k": self.search_config.top_k,
             "concurrency": (
