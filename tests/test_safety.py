@@ -149,6 +149,53 @@ def test_an_index_over_an_index_needs_overwrite_when_its_settings_differ(
     assert read_json(output / "meta.json")["dtype"] == "float16"
 
 
+def add_user_files(folder: Path) -> None:
+    """What a user may keep beside an output: a note and a folder of their own."""
+    (folder / "NOTES.md").write_text("my notes", encoding="utf-8")
+    (folder / "mydata").mkdir()
+    (folder / "mydata" / "keep.txt").write_text("keep me", encoding="utf-8")
+
+
+def assert_user_files(folder: Path) -> None:
+    assert (folder / "NOTES.md").read_text(encoding="utf-8") == "my notes"
+    assert (folder / "mydata" / "keep.txt").read_text(encoding="utf-8") == "keep me"
+
+
+# Whether the output was rebuilt with the ``other`` settings of the test below.
+REBUILT = {
+    "index": lambda out: read_json(out / "meta.json")["dtype"] == "float16",
+    "evaluate": lambda out: read_json(out / "config.json")["evaluate_config"]["top_k"] == 50,
+    "train": lambda out: read_json(out / "training" / "done.json")["steps"] == 2,
+}
+
+
+@pytest.mark.parametrize(
+    ("verb", "inside", "other"),
+    [
+        ("index", "", ["--embedding-dtype", "float16"]),
+        ("index", "shard-00000-of-00002", ["--embedding-dtype", "float16"]),
+        ("evaluate", "", ["--top-k", "50"]),
+        ("train", "", ["--max-steps", "2"]),
+    ],
+)
+def test_a_rebuild_replaces_only_its_own_files_and_keeps_the_users(
+    tiny_bert_dir, scifact_slice, tmp_path, verb, inside, other
+):
+    """Again with the same settings, then with others and --overwrite: the user's files stay."""
+    output = tmp_path / "out"
+    argv = verb_args(verb, tiny_bert_dir, scifact_slice, output)
+    argv += {"train": [*TRAIN_FLAGS, "--max-steps", "1"], "index": ["--shard", "0/2"] if inside else []}.get(
+        verb, []
+    )
+    assert main(["-q", *argv]) == 0
+    add_user_files(output / inside)
+    assert main(["-q", *argv]) == 0
+    assert_user_files(output / inside)
+    assert main(["-q", *argv, *other, "--overwrite"]) == 0
+    assert_user_files(output / inside)
+    assert REBUILT[verb](output / inside)  # with the other settings
+
+
 # ------------------------------------------------------------------------------------ training runs
 def test_a_finished_run_asked_for_other_settings_refuses_then_retrains_with_overwrite(
     tiny_bert_dir, scifact_slice, tmp_path, capsys

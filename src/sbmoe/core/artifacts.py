@@ -59,6 +59,13 @@ _SHARD = re.compile(r"^shard-\d+-of-\d+$")
 # the experiment's record that a published report keeps beside it (docs/results/).
 _REPORT_FILES_FIXED = {"tables.md", "tables.tex", "results.json", "experiment.json"}
 _IN_PROGRESS = re.compile(rf"{_TEMPORARY.pattern}|^\..+\.(lock|old|chunks)$")
+# The files an artifact of each kind writes into its folder (folders of its parts: see _PARTS).
+_OWN_FILES = {
+    INDEX: {"index.faiss", "doc_ids.json", "meta.json"},
+    EVALUATION: {"metrics.json", "per_query.json", "query_groups.json", "run.trec", "config.json"},
+}
+# Sub-folders an artifact is made of, and their kind: a sharded index's shards, an evaluation's rules.
+_PARTS = {SHARDED_INDEX: INDEX, EVALUATION: EVALUATION}
 
 
 def artifact_kind(path: str | os.PathLike) -> str | None:
@@ -107,6 +114,26 @@ def _is_report(path: Path) -> bool:
 def _is_evaluation(path: Path) -> bool:
     """A folder :func:`sbmoe.evaluation.evaluate.evaluate_model` wrote (metrics.json beside config.json)."""
     return (path / "metrics.json").is_file() and (path / "config.json").is_file()
+
+
+def owns(kind: str, entry: Path) -> bool:
+    """Whether ``entry``, in the folder of a ``kind`` artifact, is the artifact's own (else a user's)."""
+    if kind in _PARTS and entry.is_dir() and not entry.is_symlink():
+        return bool(_SHARD.match(entry.name)) if kind == SHARDED_INDEX else _is_evaluation(entry)
+    return entry.name in _OWN_FILES.get(kind, ()) and not entry.is_dir()
+
+
+def remove_own_entries(path: str | os.PathLike, kind: str) -> None:
+    """Remove what the ``kind`` artifact at ``path`` owns (:func:`owns`); whatever else is there stays."""
+    for entry in Path(path).iterdir():
+        if not owns(kind, entry):
+            continue
+        if entry.is_dir():
+            remove_own_entries(entry, _PARTS[kind])
+            with contextlib.suppress(OSError):  # it still holds a user's files
+                entry.rmdir()
+        else:
+            entry.unlink()
 
 
 def index_settings(fingerprint: str | None, collection: str | None, index_config: Any) -> dict[str, Any]:
