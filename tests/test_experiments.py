@@ -105,6 +105,32 @@ def test_bad_grid_files_name_the_problem(tmp_path, values, message):
     assert "bad.yaml" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("axes", "named"),
+    [
+        (
+            {"variants": {"zs a": {"gating": "learned"}, "zs_a": {"gating": "paper"}}},
+            "variant 'zs a' and 'zs_a'",
+        ),
+        ({"variants": {"ZS": {}, "zs": {"gating": "paper"}}}, "variant 'ZS' and 'zs'"),
+        ({"backbones": ["bb one", "bb/one"]}, "backbone 'bb one' and 'bb/one'"),
+        ({"collections": ["c 1", "c_1"]}, "'c 1' and 'c_1' would share the evaluation folder 'c-1'"),
+        ({"seeds": [1, 1]}, "a repeated entry would share the cell folder"),
+    ],
+)
+def test_cells_that_would_share_a_folder_refuse_the_grid_before_any_work(tmp_path, capsys, axes, named):
+    """Before, the second of two such cells was found "already finished" and never ran."""
+    from sbmoe.cli.main import main
+
+    values = {"backbones": ["bb"], "collections": ["c"], "variants": {"v": {}}, **axes}
+    grid = write_grid(tmp_path / "grid.yaml", **values)
+    output = tmp_path / "out"
+    assert main(["-q", "experiment", str(grid), "--output", str(output)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(grid) in lines[0] and named in lines[0], lines
+    assert not output.exists()
+
+
 def test_grid_runs_skips_finished_cells_and_records_failures(
     tiny_bert_dir, scifact_slice, tmp_path, monkeypatch
 ):

@@ -222,6 +222,11 @@ def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
     evaluated = {name for c in grid.collections for name in grid.evaluation_collections(c)}
     _check_per_collection(grid, "train_per_collection", TrainConfig, set(grid.collections), path)
     _check_per_collection(grid, "evaluate_per_collection", EvaluateConfig, evaluated, path)
+    try:
+        _check_distinct(sorted(evaluated), "evaluation", slug)
+        expand(grid)  # refuses cells that would share a folder
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
     for name in sorted(evaluated):  # a bad metric would otherwise surface after each cell's training
         try:
             from_dict(EvaluateConfig, grid.evaluate_settings(name), source=str(path)).validate()
@@ -283,7 +288,37 @@ def expand(grid: ExperimentGrid) -> list[GridCell]:
                                 control=control,
                             )
                         )
+    _check_distinct(cells, "cell", lambda cell: cell.cell_id, _CELL_AXES)
     return cells
+
+
+_CELL_AXES = ("backbone", "collection", "variant", "experts", "seed")
+
+
+def _check_distinct(items: list[Any], what: str, folder: Any, axes: tuple[str, ...] = ()) -> None:
+    """Refuse two ``items`` whose ``folder`` names match (case aside: some file systems ignore it).
+
+    A folder name keeps only letters, digits, '.' and '-' (:func:`slug`), so ``zs a`` and ``zs_a``
+    would share one folder: the second would be found "already finished" and never run.
+    """
+    seen: dict[str, Any] = {}
+    for item in items:
+        first = seen.setdefault(folder(item).casefold(), item)
+        if first is item:
+            continue
+        if axes:
+            differ = [
+                f"{axis} {getattr(first, axis)!r} and {getattr(item, axis)!r}"
+                for axis in axes
+                if getattr(first, axis) != getattr(item, axis)
+            ]
+            named = "; ".join(differ) or "a repeated entry"
+        else:
+            named = f"{first!r} and {item!r}"
+        raise UsageError(
+            f"{named} would share the {what} folder {folder(item)!r} (folder names keep only letters, "
+            "digits, '.' and '-', and some file systems ignore case): rename one, or drop the repeat"
+        )
 
 
 def cell_configs(grid: ExperimentGrid, cell: GridCell) -> tuple[ModelConfig, TrainConfig]:
