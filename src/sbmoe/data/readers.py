@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import re
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -62,7 +63,31 @@ def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {json_type(record)}")
+        field = _lone_surrogate_at(record) if "\\u" in line else None  # only an escape can make one
+        if field is not None:
+            raise DataError(
+                f'{path} line {lineno}: field "{field}" holds a lone UTF-16 surrogate (a \\ud800-\\udfff '
+                "escape without its pair), which is not text"
+            )
         yield lineno, record
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate_at(value: Any, label: str = "") -> str | None:
+    """The field of a parsed JSON ``value`` whose name or string holds a lone surrogate, or ``None``."""
+    if isinstance(value, str):
+        return label if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = f"{label}[{key}]" if isinstance(key, int) else _label(key, label)
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return name
+        found = _lone_surrogate_at(item, name)
+        if found is not None:
+            return found
+    return None
 
 
 def _label(name: str, within: str) -> str:
