@@ -155,7 +155,7 @@ LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
             GRID_HEAD + "variants: {v: {}}\ntransfer: {c: [[x]]}",
             "`transfer` must be true, false or a mapping",
         ),
-        (GRID_HEAD + "variants: {v: {}}\nseeds: []", "`seeds` must be a non-empty list"),
+        (GRID_HEAD + "variants: {v: {}}\nseeds: []", "`seeds` must be whole numbers (a non-empty list)"),
         (GRID_HEAD + "variants: {v: {}}\nvariants: {w: {}}", "key 'variants' is given twice at line 4"),
         ("", "expected a mapping of grid keys"),
         (LAUGHS + GRID_HEAD + "variants: {v: {model: *i}}", "aliases expand to more than 100,000 values"),

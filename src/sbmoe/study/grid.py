@@ -264,8 +264,8 @@ _SHAPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "preset": (lambda value: isinstance(value, str), "a preset name"),
     "backbones": (_is_names, "a list of names"),
     "collections": (_is_names, "a list of names"),
-    "experts": (_is_wholes, "a non-empty list of whole numbers"),
-    "seeds": (_is_wholes, "a non-empty list of whole numbers"),
+    "experts": (_is_wholes, "whole numbers (a non-empty list)"),
+    "seeds": (_is_wholes, "whole numbers (a non-empty list)"),
     "variants": (
         _mapping_of(lambda item: item is None or _is_settings(item)),
         "a mapping of name -> settings",
