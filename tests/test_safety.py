@@ -98,6 +98,22 @@ def test_train_and_evaluate_refuse_an_unrelated_directory(tiny_bert_dir, scifact
     assert tree_hash(unrelated) == before
 
 
+@pytest.mark.parametrize("verb", ["index", "evaluate", "train"])
+def test_an_output_at_the_root_or_under_a_file_is_refused_in_one_line(
+    tiny_bert_dir, scifact_slice, tmp_path, capsys, verb
+):
+    """Before, the root ended in a ValueError traceback and a path under a file in 'File exists'."""
+    extra = [*TRAIN_FLAGS, "--max-steps", "1"] if verb == "train" else []
+    refused(
+        capsys, verb_args(verb, tiny_bert_dir, scifact_slice, Path("/"), *extra), "root of the file system"
+    )
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious", encoding="utf-8")
+    under = notes / "run" / "deeper"
+    refused(capsys, verb_args(verb, tiny_bert_dir, scifact_slice, under, *extra), f"lies under {notes},")
+    assert notes.read_text(encoding="utf-8") == "precious"
+
+
 def test_search_refuses_a_directory_as_its_output(tiny_bert_dir, scifact_slice, tmp_path, unrelated, capsys):
     assert main(["-q", *index_args(tiny_bert_dir, scifact_slice, tmp_path / "ix")]) == 0
     before = tree_hash(unrelated)
