@@ -270,15 +270,15 @@ def _a(kind: str) -> str:
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
-def check_place(path: Path, flag: str = "--output") -> None:
+def _check_place(path: Path) -> None:
     """Refuse an output that cannot be a folder's entry: the root, or a path under a file."""
     absolute = Path(os.path.abspath(path))
     if not absolute.name:
-        raise UsageError(f"{flag} {path} is the root of the file system: name a new folder to write to")
+        raise UsageError(f"--output {path} is the root of the file system: name a new folder to write to")
     for parent in absolute.parents:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
-                raise UsageError(f"{flag} {path} lies under {parent}, which is not a folder")
+                raise UsageError(f"--output {path} lies under {parent}, which is not a folder")
             return
 
 
@@ -299,7 +299,7 @@ def output_lock(path: str | os.PathLike, role: str = "") -> Iterator[None]:
         UsageError: another live process holds the lock, or the place of ``path`` is not writable.
     """
     path = Path(path)
-    check_place(path)
+    _check_place(path)
     lock = lock_path(path, role)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)

@@ -340,7 +340,9 @@ def expand(grid: ExperimentGrid) -> list[GridCell]:
 _CELL_AXES = ("backbone", "collection", "variant", "experts", "seed")
 
 
-def _check_distinct(items: list[Any], what: str, folder: Any, axes: tuple[str, ...] = ()) -> None:
+def _check_distinct(
+    items: list[Any], what: str, folder: Callable[[Any], str], axes: tuple[str, ...] = ()
+) -> None:
     """Refuse two ``items`` whose ``folder`` names match (case aside: some file systems ignore it).
 
     A folder name keeps only letters, digits, '.' and '-' (:func:`slug`), so ``zs a`` and ``zs_a``
