@@ -212,6 +212,38 @@ def test_a_rebuild_replaces_only_its_own_files_and_keeps_the_users(
     assert REBUILT[verb](output / inside)  # with the other settings
 
 
+def test_an_experiment_run_again_keeps_the_users_files_and_a_report_refuses_a_folder_with_them(
+    tiny_bert_dir, scifact_slice, tmp_path, monkeypatch, capsys
+):
+    """experiment resumes beside the user's files; report writes only where its own files are."""
+    monkeypatch.setenv("SBMOE_DATA_DIR", str(scifact_slice.parent))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        json.dumps(
+            {
+                "backbones": [str(tiny_bert_dir)],
+                "collections": [scifact_slice.name],
+                "variants": {"fine-tuned": {"num_experts": 0}, "sb-moe": {}},
+                "experts": [2],
+                "seeds": [1],
+                "transfer": False,
+                "model": {"max_doc_length": 32},
+                "train": {"max_steps": 1, "batch_size": 8, "precision": "fp32"},
+            }
+        ),
+        encoding="utf-8",
+    )
+    output = tmp_path / "out"
+    assert main(["-q", "experiment", str(grid), "--output", str(output)]) == 0
+    add_user_files(output)
+    assert main(["-q", "experiment", str(grid), "--output", str(output)]) == 0
+    assert_user_files(output)
+    assert main(["-q", "report", str(output), "--no-plots"]) == 0
+    add_user_files(output / "report")
+    refused(capsys, ["report", str(output), "--no-plots"], str(output / "report"), "did not write")
+    assert_user_files(output / "report")
+
+
 # ------------------------------------------------------------------------------------ training runs
 def test_a_finished_run_asked_for_other_settings_refuses_then_retrains_with_overwrite(
     tiny_bert_dir, scifact_slice, tmp_path, capsys
