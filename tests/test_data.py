@@ -165,6 +165,8 @@ BAD_RECORDS = [
     ('{"_id": "d99", "text": 3}', 'field "text" must be a string, got number', "text"),
     ('{"_id": "d99", "title": ["t"], "text": "x"}', 'field "title" must be a string, got array', "title"),
     ('{"_id": "d2", "text": "again"}', 'duplicate "_id"', "_id"),
+    ('{"_id": "d99", "text": "a \\ud800 b"}', "lone UTF-16 surrogate", "text"),
+    ('{"_id": "d99", "text": "x", "meta": {"tags": ["\\udc00"]}}', "lone UTF-16 surrogate", "meta.tags[0]"),
 ]
 
 
@@ -196,6 +198,33 @@ def test_bad_queries_line(tmp_path: Path, line: str, expected: str) -> None:
     with pytest.raises(DataError, match=expected) as info:
         load_collection(root)
     assert str(root / "queries.jsonl") in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["corpus.jsonl", "qrels/test.tsv"])
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda path: path.mkdir(), "is a directory, not a file"),
+        (lambda path: path.symlink_to(path.name), "is a symbolic link that loops"),
+        (lambda path: path.symlink_to("nothing"), "is a symbolic link to nothing"),
+    ],
+    ids=["directory", "link-loop", "broken-link"],
+)
+def test_a_data_file_that_is_no_file_is_named_with_the_reason(tmp_path: Path, name, make, reason) -> None:
+    """Before, a folder or a link loop in the corpus's place was 'missing', in the qrels' a traceback."""
+    root = write_beir(tmp_path / "c")
+    (root / name).unlink()
+    make(root / name)
+    with pytest.raises(DataError) as info:
+        load_collection(root)
+    assert str(info.value).startswith(f"{root / name}: {reason}")
+
+
+def test_a_surrogate_pair_is_text(tmp_path: Path) -> None:
+    """Only a lone surrogate is refused: an escaped pair is one character (here an emoji)."""
+    root = write_beir(tmp_path / "c")
+    (root / "corpus.jsonl").write_text(jsonl(DOCS) + '{"_id": "x", "text": "\\ud83d\\ude00"}\n')
+    assert load_collection(root).corpus["x"].text == "\U0001f600"
 
 
 def test_invalid_utf8_reports_line(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
 
@@ -92,7 +94,7 @@ def test_expansion_ids_are_unique_and_overrides_layer(tmp_path):
         ({"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "colour": 1}, "unknown keys"),
         (
             {"backbones": ["b"], "collections": ["c"], "variants": {"v": {"experts": 3}}},
-            "unknown model settings",
+            "variant 'v' has unknown settings",
         ),
         ({"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "train": {"lr": 1}}, "`train`"),
         ({"backbones": "b", "collections": ["c"], "variants": {"v": {}}}, "must be a list"),
@@ -103,6 +105,76 @@ def test_bad_grid_files_name_the_problem(tmp_path, values, message):
     with pytest.raises(ValueError, match=message) as info:
         load_grid(path)
     assert "bad.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("axes", "named"),
+    [
+        (
+            {"variants": {"zs a": {"gating": "learned"}, "zs_a": {"gating": "paper"}}},
+            "variant 'zs a' and 'zs_a'",
+        ),
+        ({"variants": {"ZS": {}, "zs": {"gating": "paper"}}}, "variant 'ZS' and 'zs'"),
+        ({"backbones": ["bb one", "bb/one"]}, "backbone 'bb one' and 'bb/one'"),
+        ({"collections": ["c 1", "c_1"]}, "'c 1' and 'c_1' would share the evaluation folder 'c-1'"),
+        ({"seeds": [1, 1]}, "a repeated entry would share the cell folder"),
+    ],
+)
+def test_cells_that_would_share_a_folder_refuse_the_grid_before_any_work(tmp_path, capsys, axes, named):
+    """Before, the second of two such cells was found "already finished" and never ran."""
+    from sbmoe.cli.main import main
+
+    values = {"backbones": ["bb"], "collections": ["c"], "variants": {"v": {}}, **axes}
+    grid = write_grid(tmp_path / "grid.yaml", **values)
+    output = tmp_path / "out"
+    assert main(["-q", "experiment", str(grid), "--output", str(output)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(grid) in lines[0] and named in lines[0], lines
+    assert not output.exists()
+
+
+GRID_HEAD = "backbones: [bb]\ncollections: [c]\n"
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]\n"
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (GRID_HEAD + "variants: {v: 5}", "`variants` must be a mapping of name -> settings, got {'v': 5}"),
+        (GRID_HEAD + "variants: {v: {}}\nmodel: 5", "`model` must be a mapping of settings, got 5"),
+        ("backbones: [123]\ncollections: [c]\nvariants: {v: {}}", "`backbones` must be a list of names"),
+        ("backbones: [[a]]\ncollections: [c]\nvariants: {v: {}}", "`backbones` must be a list of names"),
+        ("backbones: [a]\ncollections: [[c]]\nvariants: {v: {}}", "`collections` must be a list of names"),
+        (GRID_HEAD + "variants: {v: {}}\ntrain: 'epochs=2'", "`train` must be a mapping of settings"),
+        (GRID_HEAD + "variants: {v: {train: 5}}", "variant 'v': `train` must be false or a mapping"),
+        (GRID_HEAD + "variants: {v: {num_experts: [2]}}", "variant 'v': num_experts must be int, got [2]"),
+        (
+            GRID_HEAD + "variants: {v: {}}\ntransfer: {c: [[x]]}",
+            "`transfer` must be true, false or a mapping",
+        ),
+        (GRID_HEAD + "variants: {v: {}}\nseeds: []", "`seeds` must be whole numbers (a non-empty list)"),
+        (GRID_HEAD + "variants: {v: {}}\nvariants: {w: {}}", "key 'variants' is given twice at line 4"),
+        ("", "expected a mapping of grid keys"),
+        (LAUGHS + GRID_HEAD + "variants: {v: {model: *i}}", "aliases expand to more than 100,000 values"),
+        (GRID_HEAD + "variants: &v {v: *v}", "an alias refers to the value that holds it"),
+    ],
+)
+def test_a_malformed_grid_file_is_refused_in_one_line_naming_the_field(tmp_path, capsys, text, named):
+    """Wrong types ended in a TypeError traceback; a second key was silently dropped; aliases could
+    stand for billions of values."""
+    from sbmoe.cli.main import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(text + "\n", encoding="utf-8")
+    started = time.perf_counter()
+    assert main(["-q", "experiment", str(grid), "--output", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - started < 10
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{grid}: " in lines[0] and named in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 def test_grid_runs_skips_finished_cells_and_records_failures(

@@ -98,6 +98,22 @@ def test_train_and_evaluate_refuse_an_unrelated_directory(tiny_bert_dir, scifact
     assert tree_hash(unrelated) == before
 
 
+@pytest.mark.parametrize("verb", ["index", "evaluate", "train"])
+def test_an_output_at_the_root_or_under_a_file_is_refused_in_one_line(
+    tiny_bert_dir, scifact_slice, tmp_path, capsys, verb
+):
+    """Before, the root ended in a ValueError traceback and a path under a file in 'File exists'."""
+    extra = [*TRAIN_FLAGS, "--max-steps", "1"] if verb == "train" else []
+    refused(
+        capsys, verb_args(verb, tiny_bert_dir, scifact_slice, Path("/"), *extra), "root of the file system"
+    )
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious", encoding="utf-8")
+    under = notes / "run" / "deeper"
+    refused(capsys, verb_args(verb, tiny_bert_dir, scifact_slice, under, *extra), f"lies under {notes},")
+    assert notes.read_text(encoding="utf-8") == "precious"
+
+
 def test_search_refuses_a_directory_as_its_output(tiny_bert_dir, scifact_slice, tmp_path, unrelated, capsys):
     assert main(["-q", *index_args(tiny_bert_dir, scifact_slice, tmp_path / "ix")]) == 0
     before = tree_hash(unrelated)
@@ -147,6 +163,85 @@ def test_an_index_over_an_index_needs_overwrite_when_its_settings_differ(
         == 0
     )
     assert read_json(output / "meta.json")["dtype"] == "float16"
+
+
+def add_user_files(folder: Path) -> None:
+    """What a user may keep beside an output: a note and a folder of their own."""
+    (folder / "NOTES.md").write_text("my notes", encoding="utf-8")
+    (folder / "mydata").mkdir()
+    (folder / "mydata" / "keep.txt").write_text("keep me", encoding="utf-8")
+
+
+def assert_user_files(folder: Path) -> None:
+    assert (folder / "NOTES.md").read_text(encoding="utf-8") == "my notes"
+    assert (folder / "mydata" / "keep.txt").read_text(encoding="utf-8") == "keep me"
+
+
+# Whether the output was rebuilt with the ``other`` settings of the test below.
+REBUILT = {
+    "index": lambda out: read_json(out / "meta.json")["dtype"] == "float16",
+    "evaluate": lambda out: read_json(out / "config.json")["evaluate_config"]["top_k"] == 50,
+    "train": lambda out: read_json(out / "training" / "done.json")["steps"] == 2,
+}
+
+
+@pytest.mark.parametrize(
+    ("verb", "inside", "other"),
+    [
+        ("index", "", ["--embedding-dtype", "float16"]),
+        ("index", "shard-00000-of-00002", ["--embedding-dtype", "float16"]),
+        ("evaluate", "", ["--top-k", "50"]),
+        ("train", "", ["--max-steps", "2"]),
+    ],
+)
+def test_a_rebuild_replaces_only_its_own_files_and_keeps_the_users(
+    tiny_bert_dir, scifact_slice, tmp_path, verb, inside, other
+):
+    """Again with the same settings, then with others and --overwrite: the user's files stay."""
+    output = tmp_path / "out"
+    argv = verb_args(verb, tiny_bert_dir, scifact_slice, output)
+    argv += {"train": [*TRAIN_FLAGS, "--max-steps", "1"], "index": ["--shard", "0/2"] if inside else []}.get(
+        verb, []
+    )
+    assert main(["-q", *argv]) == 0
+    add_user_files(output / inside)
+    assert main(["-q", *argv]) == 0
+    assert_user_files(output / inside)
+    assert main(["-q", *argv, *other, "--overwrite"]) == 0
+    assert_user_files(output / inside)
+    assert REBUILT[verb](output / inside)  # with the other settings
+
+
+def test_an_experiment_run_again_keeps_the_users_files_and_a_report_refuses_a_folder_with_them(
+    tiny_bert_dir, scifact_slice, tmp_path, monkeypatch, capsys
+):
+    """experiment resumes beside the user's files; report writes only where its own files are."""
+    monkeypatch.setenv("SBMOE_DATA_DIR", str(scifact_slice.parent))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        json.dumps(
+            {
+                "backbones": [str(tiny_bert_dir)],
+                "collections": [scifact_slice.name],
+                "variants": {"fine-tuned": {"num_experts": 0}, "sb-moe": {}},
+                "experts": [2],
+                "seeds": [1],
+                "transfer": False,
+                "model": {"max_doc_length": 32},
+                "train": {"max_steps": 1, "batch_size": 8, "precision": "fp32"},
+            }
+        ),
+        encoding="utf-8",
+    )
+    output = tmp_path / "out"
+    assert main(["-q", "experiment", str(grid), "--output", str(output)]) == 0
+    add_user_files(output)
+    assert main(["-q", "experiment", str(grid), "--output", str(output)]) == 0
+    assert_user_files(output)
+    assert main(["-q", "report", str(output), "--no-plots"]) == 0
+    add_user_files(output / "report")
+    refused(capsys, ["report", str(output), "--no-plots"], str(output / "report"), "did not write")
+    assert_user_files(output / "report")
 
 
 # ------------------------------------------------------------------------------------ training runs

@@ -191,6 +191,9 @@ def test_embeddings_are_the_librarys(server, kind):
         ("search", {"query": float("nan")}, "query: Input should be a valid string"),
         ("search", {"query": "q", "documents": float("-inf")}, "documents: Input should be a valid boolean"),
         ("embed", {"texts": ["q", float("nan")]}, "texts.1: Input should be a valid string"),
+        # A lone surrogate (JSON "\\ud800") is no text: refused by name, not a 500 from the tokenizer.
+        ("search", {"query": "a \ud800 b"}, "query: Value error, the text holds a lone UTF-16 surrogate"),
+        ("embed", {"texts": ["q", "\udc00"]}, "texts.1: Value error, the text holds a lone UTF-16 surrogate"),
     ],
 )
 def test_bad_requests_get_422_with_the_reason(server, path, payload, message):

@@ -59,6 +59,13 @@ _SHARD = re.compile(r"^shard-\d+-of-\d+$")
 # the experiment's record that a published report keeps beside it (docs/results/).
 _REPORT_FILES_FIXED = {"tables.md", "tables.tex", "results.json", "experiment.json"}
 _IN_PROGRESS = re.compile(rf"{_TEMPORARY.pattern}|^\..+\.(lock|old|chunks)$")
+# The files an artifact of each kind writes into its folder (folders of its parts: see _PARTS).
+_OWN_FILES = {
+    INDEX: {"index.faiss", "doc_ids.json", "meta.json"},
+    EVALUATION: {"metrics.json", "per_query.json", "query_groups.json", "run.trec", "config.json"},
+}
+# Sub-folders an artifact is made of, and their kind: a sharded index's shards, an evaluation's rules.
+_PARTS = {SHARDED_INDEX: INDEX, EVALUATION: EVALUATION}
 
 
 def artifact_kind(path: str | os.PathLike) -> str | None:
@@ -107,6 +114,26 @@ def _is_report(path: Path) -> bool:
 def _is_evaluation(path: Path) -> bool:
     """A folder :func:`sbmoe.evaluation.evaluate.evaluate_model` wrote (metrics.json beside config.json)."""
     return (path / "metrics.json").is_file() and (path / "config.json").is_file()
+
+
+def owns(kind: str, entry: Path) -> bool:
+    """Whether ``entry``, in the folder of a ``kind`` artifact, is the artifact's own (else a user's)."""
+    if kind in _PARTS and entry.is_dir() and not entry.is_symlink():
+        return bool(_SHARD.match(entry.name)) if kind == SHARDED_INDEX else _is_evaluation(entry)
+    return entry.name in _OWN_FILES.get(kind, ()) and not entry.is_dir()
+
+
+def remove_own_entries(path: str | os.PathLike, kind: str) -> None:
+    """Remove what the ``kind`` artifact at ``path`` owns (:func:`owns`); whatever else is there stays."""
+    for entry in Path(path).iterdir():
+        if not owns(kind, entry):
+            continue
+        if entry.is_dir():
+            remove_own_entries(entry, _PARTS[kind])
+            with contextlib.suppress(OSError):  # it still holds a user's files
+                entry.rmdir()
+        else:
+            entry.unlink()
 
 
 def index_settings(fingerprint: str | None, collection: str | None, index_config: Any) -> dict[str, Any]:
@@ -243,6 +270,18 @@ def _a(kind: str) -> str:
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
+def _check_place(path: Path) -> None:
+    """Refuse an output that cannot be a folder's entry: the root, or a path under a file."""
+    absolute = Path(os.path.abspath(path))
+    if not absolute.name:
+        raise UsageError(f"--output {path} is the root of the file system: name a new folder to write to")
+    for parent in absolute.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise UsageError(f"--output {path} lies under {parent}, which is not a folder")
+            return
+
+
 def lock_path(path: str | os.PathLike, role: str = "") -> Path:
     """The lock file of the output ``path`` (beside it, so it survives the output's replacement).
 
@@ -260,6 +299,7 @@ def output_lock(path: str | os.PathLike, role: str = "") -> Iterator[None]:
         UsageError: another live process holds the lock, or the place of ``path`` is not writable.
     """
     path = Path(path)
+    _check_place(path)
     lock = lock_path(path, role)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)

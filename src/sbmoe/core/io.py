@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,11 +60,17 @@ def recover_directory(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that replaces ``path`` once the block succeeds.
 
     A previous ``path`` is kept until the new one is complete, so an interrupted write never leaves
     a half-written directory under the final name.
+
+    Args:
+        path: The directory to write.
+        keep: Which entries of a previous ``path`` are not the writer's (a user's notes beside an
+            index): they are carried into the new directory, unless it writes that name itself.
+            They are hard-linked in before the swap, so a kill at any moment loses none of them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +80,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        if keep is not None and path.is_dir():
+            _carry_entries(path, tmp, keep)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -84,6 +92,28 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _carry_entries(source: Path, target: Path, keep: Callable[[Path], bool]) -> None:
+    """Hard-link (or, where links are refused, copy) ``source``'s ``keep`` entries into ``target``."""
+    for entry in source.iterdir():
+        destination = target / entry.name
+        if not keep(entry) or os.path.lexists(destination):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, destination, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, destination)
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), target)
+        return
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links, or a file across devices
+        shutil.copy2(source, target)
 
 
 def cache_root(*parts: str) -> Path:

@@ -99,7 +99,7 @@ def load_collection(path: str | os.PathLike, splits: Sequence[str] | None = None
         raise DataError(f"{root}: not a directory")
     corpus_path, queries_path = root / "corpus.jsonl", root / "queries.jsonl"
     for required in (corpus_path, queries_path):
-        if not required.is_file():
+        if not required.exists() and not required.is_symlink():  # a folder or a bad link: named on reading
             raise DataError(f"{root}: missing {required.name}")
 
     corpus = _load_jsonl(corpus_path, "documents", _build_document)

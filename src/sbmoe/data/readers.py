@@ -8,15 +8,17 @@ line. Blank lines, CRLF line ends, a UTF-8 byte-order mark and gzip (``.gz``) ar
 from __future__ import annotations
 
 import codecs
+import errno
 import gzip
 import json
+import re
 import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sbmoe.core.errors import DataError, DataWarning
+from sbmoe.core.errors import DataError, DataWarning, first_line
 
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string"}
 
@@ -26,12 +28,31 @@ def json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), "array" if isinstance(value, list) else "object")
 
 
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (a folder, a looping or broken link...), or ``None``."""
+    try:
+        if path.is_dir():
+            return "is a directory, not a file"
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symbolic link that loops (it leads back to itself)"
+        if path.is_symlink():
+            return "is a symbolic link to nothing"
+        return "does not exist" if isinstance(error, FileNotFoundError) else first_line(error)
+    return None if path.is_file() else "is not a regular file"
+
+
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, text) for each non-blank line, without BOM or line ending.
 
     Raises:
-        DataError: A line is not valid UTF-8, or a ``.gz`` file is not readable gzip.
+        DataError: ``path`` is no readable file (:func:`file_problem`), a line is not valid UTF-8,
+            or a ``.gz`` file is not readable gzip.
     """
+    problem = file_problem(path)
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         # Binary reading with per-line decoding keeps line numbers exact even for bad UTF-8.
@@ -62,7 +83,31 @@ def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {json_type(record)}")
+        field = _lone_surrogate_at(record) if "\\u" in line else None  # only an escape can make one
+        if field is not None:
+            raise DataError(
+                f'{path} line {lineno}: field "{field}" holds a lone UTF-16 surrogate (a \\ud800-\\udfff '
+                "escape without its pair), which is not text"
+            )
         yield lineno, record
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate_at(value: Any, label: str = "") -> str | None:
+    """The field of a parsed JSON ``value`` whose name or string holds a lone surrogate, or ``None``."""
+    if isinstance(value, str):
+        return label if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = f"{label}[{key}]" if isinstance(key, int) else _label(key, label)
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return name
+        found = _lone_surrogate_at(item, name)
+        if found is not None:
+            return found
+    return None
 
 
 def _label(name: str, within: str) -> str:

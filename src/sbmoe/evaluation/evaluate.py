@@ -7,7 +7,6 @@ collection has a training split.
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 
 from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions, SearchConfig
 from sbmoe.config.provenance import provenance
-from sbmoe.core.artifacts import EVALUATION, evaluation_settings, writing_output
+from sbmoe.core.artifacts import EVALUATION, evaluation_settings, remove_own_entries, writing_output
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import write_json
 from sbmoe.core.runs import Run
@@ -81,7 +80,7 @@ def evaluate_model(
     settings = evaluation_settings(fingerprint, config, collection.name)
     with writing_output(output_dir, EVALUATION, settings, overwrite=options.overwrite) as replacing:
         if replacing:
-            shutil.rmtree(output_dir)  # an earlier evaluation, with other settings: --overwrite
+            remove_own_entries(output_dir, EVALUATION)  # an earlier one, other settings: --overwrite
         return _evaluate(retriever, collection, output_dir, config, encode, fingerprint, options)
 
 

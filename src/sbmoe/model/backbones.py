@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.core.errors import ModelLoadError, first_line
+from sbmoe.model.folder_check import STAGE_CLASSES, check_model_folder
 
 SBMOE_CONFIG_FILE = "sbmoe.json"
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -64,57 +65,21 @@ def hub_sbmoe_snapshot(name: str) -> str | None:
         return None
 
 
-# Where a saved sbmoe model's pipeline stages may come from (modules.json "type").
-TRUSTED_MODULE_PACKAGES = ("sentence_transformers.", "sbmoe.")
-
-
-def check_no_custom_code(folder: Path) -> None:
-    """Refuse a saved model folder that would run code of its own when loaded.
-
-    Loading an sbmoe model lets sentence-transformers import its head class, which also lets a
-    folder name Python files of its own (``auto_map`` in a config) or stages from any package
-    (``modules.json``). A folder sbmoe wrote has neither; one received from elsewhere that has
-    either is refused before anything is imported.
-
-    Raises:
-        ModelLoadError: naming the file and entry.
-    """
-    import json
-
-    modules_file = folder / "modules.json"
-    try:
-        modules = json.loads(modules_file.read_text(encoding="utf-8")) if modules_file.exists() else []
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{modules_file} is not readable JSON: {first_line(error)}") from error
-    for entry in modules if isinstance(modules, list) else [None]:
-        kind = entry.get("type") if isinstance(entry, dict) else None
-        if not isinstance(kind, str) or not kind.startswith(TRUSTED_MODULE_PACKAGES):
-            raise ModelLoadError(
-                f"{modules_file}: stage type {kind!r} is not a sentence-transformers or sbmoe module; "
-                "sbmoe loads no code a model folder brings with it"
-            )
-    for config_file in sorted(folder.rglob("*config*.json")):
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # not ours to judge: the loader reports unreadable files
-        if isinstance(config, dict) and "auto_map" in config:
-            raise ModelLoadError(
-                f"{config_file}: auto_map names Python code shipped with the model; sbmoe loads no code a "
-                "model folder brings with it"
-            )
-
-
 def load_sentence_transformer(name: str, source: str, device: torch.device) -> SentenceTransformer:
-    """Load ``source`` (resolved from ``name``) onto ``device``, with one clear error if that fails."""
+    """Load ``source`` (resolved from ``name``) onto ``device``, with one clear error if that fails.
+
+    Remote code is never trusted: a local folder is checked first (:func:`check_model_folder`), and
+    its stages load as the installed classes :data:`STAGE_CLASSES` names.
+    """
     is_local = Path(source).is_dir()
-    # Only our own saved models need ST to import a module class from outside its package; that
-    # switch would also let the folder's own Python files run, so the folder is checked first.
-    trust = is_local and (Path(source) / SBMOE_CONFIG_FILE).exists()
-    if trust:
-        check_no_custom_code(Path(source))
+    if is_local:
+        check_model_folder(Path(source))
     try:
-        return SentenceTransformer(source, device=str(device), trust_remote_code=trust)
+        # sentence-transformers' (private, pinned) hook for classes resolved by the caller: sbmoe's
+        # head then loads without trust_remote_code, which would let the folder's own files run.
+        return SentenceTransformer._load_with_module_classes(
+            source, STAGE_CLASSES, device=str(device), trust_remote_code=False
+        )
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: truncated or empty weights
         reason = first_line(error)
         if is_local:

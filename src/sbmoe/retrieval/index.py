@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from sbmoe import __version__
+from sbmoe.core.artifacts import INDEX, owns
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.io import atomic_directory, write_json
 from sbmoe.core.runs import Run
@@ -325,7 +326,8 @@ class DenseIndex:
         """Write the index to ``directory`` atomically.
 
         The files are written to a temporary directory that replaces ``directory`` only once all of
-        them are complete, so an interrupted save leaves any earlier index there intact.
+        them are complete, so an interrupted save leaves any earlier index there intact; entries
+        there that are not an index's own (a user's notes) are kept.
 
         Returns:
             The directory written.
@@ -344,7 +346,8 @@ class DenseIndex:
             "faiss_version": faiss.__version__,
             "metadata": self.metadata,
         }
-        with atomic_directory(directory) as tmp:
+        # A user's files in an earlier index's folder stay; only the index's own are replaced.
+        with atomic_directory(directory, keep=lambda entry: not owns(INDEX, entry)) as tmp:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             write_json(tmp / DOC_IDS_FILE, list(self._doc_ids))
             meta["checksum"] = {name: file_checksum(tmp / name) for name in (INDEX_FILE, DOC_IDS_FILE)}

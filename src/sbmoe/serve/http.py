@@ -58,6 +58,14 @@ def _not_blank(text: str) -> str:
     return text
 
 
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no tokenizer takes it
+        raise ValueError("the text holds a lone UTF-16 surrogate: it is not text") from None
+    return text
+
+
 def api_key(config: ServeConfig) -> str | None:
     """The key requests must give: ``config.api_key``, else ``$SBMOE_API_KEY``, else none."""
     key = config.api_key if config.api_key is not None else os.environ.get(API_KEY_VARIABLE)
@@ -84,7 +92,7 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
     from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
     config, _ = _checked(config, service.search_config)
-    Text = Annotated[str, AfterValidator(_not_blank)]
+    Text = Annotated[str, AfterValidator(_not_blank), AfterValidator(_encodable)]
     TopK = Annotated[int, Field(ge=1, le=config.max_top_k, strict=True)]  # not true, 2.5 or "3"
     Texts = Annotated[list[Text], Field(min_length=1, max_length=config.max_texts)]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from sbmoe.config.jobs import JobOptions
 from sbmoe.config.provenance import provenance
@@ -26,7 +27,7 @@ from sbmoe.core.runtime import resolve_device, resolve_inference, resolve_precis
 from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics
 from sbmoe.evaluation.tables import Cell, Report, Row
-from sbmoe.model.backbones import resolve_backbone
+from sbmoe.model.backbones import load_sentence_transformer, resolve_backbone
 from sbmoe.study.experiments import run_experiment
 from sbmoe.study.grid import ExperimentGrid, cell_configs, check_grid, expand, save_grid
 from sbmoe.study.report import build_report
@@ -185,9 +186,8 @@ def sentence_transformers_reference(
     top_k: int = 100,
 ) -> tuple[EvaluationResult, float]:
     """Score the model with sentence-transformers' own ``encode`` (defaults: float32) + exact search."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(resolve_backbone(model_name), device="cpu")
+    # sbmoe's loader: a local folder gets the same checks (no code of its own) as every other load.
+    model = load_sentence_transformer(model_name, resolve_backbone(model_name), torch.device("cpu"))
     model.max_seq_length = max_length
     qrels = collection.split_qrels(split)
     query_ids = sorted(q for q in qrels if q in collection.queries)

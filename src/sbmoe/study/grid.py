@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from sbmoe.config.train import TrainConfig
 from sbmoe.core.choices import CONTROLS, PRIOR_CONTROLS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import atomic_open, read_json
+from sbmoe.core.yaml_reader import read_yaml
 
 # The study's backbones: hub name, pooling, and the temperature of the published recipe.
 # Under the paper preset a cell also takes the published temperature and number of epochs.
@@ -161,12 +162,7 @@ def eval_dir(cell_folder: Path, collection: str) -> Path:
 
 def load_grid(path: str | Path) -> ExperimentGrid:
     """Read and check a grid file; errors name the file and the key."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"{path}: cannot read the experiment file ({error})") from error
-    return check_grid(data, path)
+    return check_grid(read_yaml(path), path)
 
 
 def save_grid(grid: ExperimentGrid, path: str | Path) -> Path:
@@ -179,49 +175,34 @@ def save_grid(grid: ExperimentGrid, path: str | Path) -> Path:
 
 def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
     """Build a grid from its keys (as a grid file holds them); errors name ``path`` and the key."""
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or not data:
         raise UsageError(f"{path}: expected a mapping of grid keys at the top level")
-    unknown = sorted(set(data) - GRID_KEYS)
+    unknown = sorted(map(str, set(data) - GRID_KEYS))
     if unknown:
         raise UsageError(f"{path}: unknown keys {unknown}; allowed: {sorted(GRID_KEYS)}")
     for key in ("backbones", "collections", "variants"):
         if not data.get(key):
             raise UsageError(f"{path}: `{key}` is missing or empty")
-    for key in ("backbones", "collections", "experts", "seeds"):
-        if key in data and not isinstance(data[key], list):
-            raise UsageError(f"{path}: `{key}` must be a list")
-    for key in ("experts", "seeds"):
-        bad = [v for v in data.get(key, []) if not isinstance(v, int) or isinstance(v, bool)]
-        if bad:
-            raise UsageError(f"{path}: `{key}` must be whole numbers, got {bad}")
-    if not isinstance(data["variants"], dict):
-        raise UsageError(f"{path}: `variants` must map variant names to settings")
+    for key, value in data.items():
+        check, shape = _SHAPES[key]
+        if not check(value):
+            raise UsageError(f"{path}: `{key}` must be {shape}, got {_shown(value)}")
     data.setdefault("name", Path(path).stem)
-    transfer = data.get("transfer", True)
-    if not isinstance(transfer, (bool, dict)) or (
-        isinstance(transfer, dict) and not all(isinstance(v, list) for v in transfer.values())
-    ):
-        raise UsageError(f"{path}: `transfer` must be true, false or a mapping of collection -> list")
     grid = ExperimentGrid(**data)
     for name, settings in grid.variants.items():
         settings = settings or {}
         grid.variants[name] = settings
-        model_keys = set(settings) - {"train", "control"}
-        bad = sorted(model_keys - {f.name for f in dataclasses.fields(ModelConfig)})
-        if bad:
-            raise UsageError(f"{path}: variant {name!r} has unknown model settings {bad}")
-        control = settings.get("control")
-        if control is not None and control not in CONTROLS:
-            raise UsageError(f"{path}: variant {name!r}: unknown control {control!r}; choose from {CONTROLS}")
-        if control is not None and settings.get("train", False) is not False:
-            raise UsageError(f"{path}: variant {name!r}: a control is never trained; drop its `train`")
+        _check_variant(name, settings, path)
     for key, cls in (("model", ModelConfig), ("train", TrainConfig), ("evaluate", EvaluateConfig)):
-        bad = sorted(set(getattr(grid, key)) - {f.name for f in dataclasses.fields(cls)})
-        if bad:
-            raise UsageError(f"{path}: `{key}` has unknown settings {bad}")
+        _check_settings(getattr(grid, key), cls, f"`{key}`", path)
     evaluated = {name for c in grid.collections for name in grid.evaluation_collections(c)}
     _check_per_collection(grid, "train_per_collection", TrainConfig, set(grid.collections), path)
     _check_per_collection(grid, "evaluate_per_collection", EvaluateConfig, evaluated, path)
+    try:
+        _check_distinct(sorted(evaluated), "evaluation", slug)
+        expand(grid)  # refuses cells that would share a folder
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
     for name in sorted(evaluated):  # a bad metric would otherwise surface after each cell's training
         try:
             from_dict(EvaluateConfig, grid.evaluate_settings(name), source=str(path)).validate()
@@ -230,22 +211,91 @@ def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
     return grid
 
 
+def _check_variant(name: str, settings: dict[str, Any], path: str | Path) -> None:
+    """A variant's model settings, its ``train`` (settings or false) and its ``control``."""
+    model = {key: value for key, value in settings.items() if key not in ("train", "control")}
+    _check_settings(model, ModelConfig, f"variant {name!r}", path)
+    train = settings.get("train")
+    if train is not None and train is not False:
+        if not _is_settings(train):
+            raise UsageError(
+                f"{path}: variant {name!r}: `train` must be false or a mapping of settings, "
+                f"got {_shown(train)}"
+            )
+        _check_settings(train, TrainConfig, f"variant {name!r} `train`", path)
+    control = settings.get("control")
+    if control is not None and control not in CONTROLS:
+        raise UsageError(f"{path}: variant {name!r}: unknown control {control!r}; choose from {CONTROLS}")
+    if control is not None and settings.get("train", False) is not False:
+        raise UsageError(f"{path}: variant {name!r}: a control is never trained; drop its `train`")
+
+
+def _check_settings(settings: dict[str, Any], cls: type, where: str, path: str | Path) -> None:
+    """``settings`` are fields of ``cls`` holding values of their types (as the configs will check)."""
+    bad = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+    if bad:
+        raise UsageError(f"{path}: {where} has unknown settings {bad}")
+    from_dict(cls, settings, source=f"{path}: {where}")
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) and item.strip() for item in value)
+
+
+def _is_wholes(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+    )
+
+
+def _is_settings(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+
+
+def _mapping_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: _is_settings(value) and all(check(item) for item in value.values())
+
+
+# What each grid key holds, and how a message says it.
+_SHAPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda value: isinstance(value, str) and bool(value.strip()), "a name"),
+    "preset": (lambda value: isinstance(value, str), "a preset name"),
+    "backbones": (_is_names, "a list of names"),
+    "collections": (_is_names, "a list of names"),
+    "experts": (_is_wholes, "whole numbers (a non-empty list)"),
+    "seeds": (_is_wholes, "whole numbers (a non-empty list)"),
+    "variants": (
+        _mapping_of(lambda item: item is None or _is_settings(item)),
+        "a mapping of name -> settings",
+    ),
+    "transfer": (
+        lambda value: isinstance(value, bool) or _mapping_of(_is_names)(value),
+        "true, false or a mapping of collection -> list of names",
+    ),
+    "model": (_is_settings, "a mapping of settings"),
+    "train": (_is_settings, "a mapping of settings"),
+    "evaluate": (_is_settings, "a mapping of settings"),
+    "train_per_collection": (_mapping_of(_is_settings), "a mapping of collection -> settings"),
+    "evaluate_per_collection": (_mapping_of(_is_settings), "a mapping of collection -> settings"),
+}
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_per_collection(
     grid: ExperimentGrid, key: str, cls: type, names: set[str], path: str | Path
 ) -> None:
     """Each entry of ``grid.<key>`` names one of ``names`` and holds settings of ``cls``."""
-    entries = getattr(grid, key)
-    if not isinstance(entries, dict):
-        raise UsageError(f"{path}: `{key}` must map collection names to settings")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for name, settings in entries.items():
+    for name, settings in getattr(grid, key).items():
         if name not in names:
             raise UsageError(f"{path}: `{key}` names {name!r}, which is none of {sorted(names)}")
-        if not isinstance(settings, dict):
-            raise UsageError(f"{path}: `{key}.{name}` must be a mapping of settings")
-        bad = sorted(set(settings) - fields)
-        if bad:
-            raise UsageError(f"{path}: `{key}.{name}` has unknown settings {bad}")
+        _check_settings(settings, cls, f"`{key}.{name}`", path)
 
 
 def expand(grid: ExperimentGrid) -> list[GridCell]:
@@ -283,7 +333,39 @@ def expand(grid: ExperimentGrid) -> list[GridCell]:
                                 control=control,
                             )
                         )
+    _check_distinct(cells, "cell", lambda cell: cell.cell_id, _CELL_AXES)
     return cells
+
+
+_CELL_AXES = ("backbone", "collection", "variant", "experts", "seed")
+
+
+def _check_distinct(
+    items: list[Any], what: str, folder: Callable[[Any], str], axes: tuple[str, ...] = ()
+) -> None:
+    """Refuse two ``items`` whose ``folder`` names match (case aside: some file systems ignore it).
+
+    A folder name keeps only letters, digits, '.' and '-' (:func:`slug`), so ``zs a`` and ``zs_a``
+    would share one folder: the second would be found "already finished" and never run.
+    """
+    seen: dict[str, Any] = {}
+    for item in items:
+        first = seen.setdefault(folder(item).casefold(), item)
+        if first is item:
+            continue
+        if axes:
+            differ = [
+                f"{axis} {getattr(first, axis)!r} and {getattr(item, axis)!r}"
+                for axis in axes
+                if getattr(first, axis) != getattr(item, axis)
+            ]
+            named = "; ".join(differ) or "a repeated entry"
+        else:
+            named = f"{first!r} and {item!r}"
+        raise UsageError(
+            f"{named} would share the {what} folder {folder(item)!r} (folder names keep only letters, "
+            "digits, '.' and '-', and some file systems ignore case): rename one, or drop the repeat"
+        )
 
 
 def cell_configs(grid: ExperimentGrid, cell: GridCell) -> tuple[ModelConfig, TrainConfig]:

@@ -1,0 +1,102 @@
+"""What a model folder may make sbmoe import: stage classes of the installed packages, nothing else.
+
+sbmoe never loads a model with ``trust_remote_code``. The stages a folder's ``modules.json`` lists
+are resolved here, by exact class path, to classes of the installed sbmoe and sentence-transformers
+(:data:`STAGE_CLASSES`); a folder that names anything else that would import code (another stage
+type, a Dense activation outside torch, ``auto_map`` in a config: Python files of its own) is
+refused, naming the file, before anything is imported. Every file reachable from the folder counts,
+through symbolic links too (each real folder once, so a link loop ends).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sentence_transformers.base.modules import Dense, Normalize, Transformer
+from sentence_transformers.sentence_transformer.modules import LayerNorm, Pooling
+
+from sbmoe.core.errors import ModelLoadError, first_line
+from sbmoe.model.adapters import LinearAdapter
+from sbmoe.model.moe_head import MoEHead
+
+_ST_STAGES = (Transformer, Pooling, Dense, LayerNorm, Normalize)
+# modules.json "type" -> the class it loads. Besides today's paths (what sentence-transformers writes:
+# the class's module and name), the paths sentence-transformers < 6 and sbmoe 0.1.0 wrote.
+STAGE_CLASSES: dict[str, type] = {
+    **{f"{cls.__module__}.{cls.__name__}": cls for cls in (*_ST_STAGES, MoEHead, LinearAdapter)},
+    **{f"sentence_transformers.models.{cls.__name__}": cls for cls in _ST_STAGES},
+    "sbmoe.moe_head.MoEHead": MoEHead,
+    "sbmoe.adapters.LinearAdapter": LinearAdapter,
+}
+_NO_CODE = "sbmoe loads no code a model folder brings with it"
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse a local model folder that names code to import beyond :data:`STAGE_CLASSES`.
+
+    Raises:
+        ModelLoadError: naming the file and the entry (a stage type, ``activation_function``,
+            ``auto_map``).
+    """
+    for stage in _stages(folder):
+        kind = stage.get("type")
+        if kind not in STAGE_CLASSES:
+            names = sorted({cls.__name__ for cls in STAGE_CLASSES.values()})
+            raise ModelLoadError(
+                f"{folder / 'modules.json'}: stage type {kind!r} is not one sbmoe loads "
+                f"({', '.join(names)}); {_NO_CODE}"
+            )
+        if STAGE_CLASSES[kind] is Dense:
+            _check_activation(folder / str(stage.get("path", "")) / "config.json")
+    for file in _reachable_files(folder):
+        if "config" in file.name and file.suffix == ".json":
+            config = _read_json(file, strict=False)
+            if isinstance(config, dict) and "auto_map" in config:
+                raise ModelLoadError(f"{file}: auto_map names Python code shipped with the model; {_NO_CODE}")
+
+
+def _stages(folder: Path) -> list[dict[str, Any]]:
+    """The entries of ``folder``'s ``modules.json`` (none for a plain transformers folder)."""
+    modules_file = folder / "modules.json"
+    if not modules_file.exists():
+        return []
+    modules = _read_json(modules_file, strict=True)
+    if not isinstance(modules, list) or not all(isinstance(entry, dict) for entry in modules):
+        raise ModelLoadError(f"{modules_file}: expected a list of stages ({{'type': ..., 'path': ...}})")
+    return modules
+
+
+def _check_activation(config_file: Path) -> None:
+    """A Dense stage's activation is imported by name: only torch's may be named."""
+    config = _read_json(config_file, strict=True) if config_file.exists() else {}
+    activation = config.get("activation_function", "torch.") if isinstance(config, dict) else None
+    if not isinstance(activation, str) or not activation.startswith("torch."):
+        raise ModelLoadError(
+            f"{config_file}: activation_function {activation!r} is not a torch class; {_NO_CODE}"
+        )
+
+
+def _read_json(path: Path, *, strict: bool) -> Any:
+    """``path``'s JSON; unreadable: refused when ``strict``, else ``None`` (the loader reports it)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        if strict:
+            raise ModelLoadError(f"{path} is not readable JSON: {first_line(error)}") from error
+        return None
+
+
+def _reachable_files(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder``, symbolic links followed, each real folder walked once."""
+    walked: set[str] = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            folders.clear()
+            continue
+        walked.add(real)
+        yield from (Path(root) / name for name in files)

@@ -1,0 +1,134 @@
+"""No code a model folder brings with it ever runs: every route is refused, naming the file, first.
+
+Each folder carries a payload that writes a marker file when imported; each test asserts the
+command exits 2 with one line naming the file and the marker was never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sbmoe.cli.main import main
+from sbmoe.model.retriever import Retriever
+
+SAVED_MODEL = Path(__file__).parent / "fixtures" / "saved-0.1" / "moe"
+TRANSFORMER_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "sentence_bert_config.json",
+)
+
+
+def payload(marker: Path) -> str:
+    return f"import pathlib\npathlib.Path({str(marker)!r}).write_text('code ran')\n"
+
+
+def update_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **changes}), encoding="utf-8")
+
+
+def refused_with_no_code_run(
+    capsys, model: Path, data: Path, output: Path, verb: str, *expected: str
+) -> None:
+    """``sbmoe VERB --model model`` exits 2 with one line naming ``expected``; no marker was written."""
+    capsys.readouterr()
+    argv = [verb, "--model", str(model), "--data", str(data), "--output", str(output)]
+    assert main(["-q", *argv, *(["--max-steps", "1"] if verb == "train" else [])]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith(f"sbmoe {verb}: error:"), lines
+    for text in expected:
+        assert text in lines[-1], (text, lines[-1])
+    assert not output.exists()
+
+
+def add_auto_map(folder: Path, config_file: str, marker: Path) -> None:
+    """``auto_map`` in ``config_file`` naming a configuration and a model class in the folder's files."""
+    (folder / "configuration_evil.py").write_text(payload(marker), encoding="utf-8")
+    (folder / "modeling_evil.py").write_text(payload(marker), encoding="utf-8")
+    update_json(
+        folder / config_file,
+        auto_map={"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"},
+    )
+
+
+@pytest.mark.parametrize("verb", ["index", "train"])
+def test_an_extra_stage_named_under_sbmoe_with_a_file_of_that_name_never_runs(
+    scifact_slice, tmp_path, capsys, verb
+):
+    """``sbmoe.Evil`` passed a prefix check, and sentence-transformers took it from the folder's sbmoe.py."""
+    model, marker = tmp_path / "model", tmp_path / "ran"
+    shutil.copytree(SAVED_MODEL, model)
+    (model / "sbmoe.py").write_text(payload(marker) + "class Evil:\n    pass\n", encoding="utf-8")
+    modules = json.loads((model / "modules.json").read_text(encoding="utf-8"))
+    modules.append({"idx": 4, "name": "4", "path": "4_Evil", "type": "sbmoe.Evil"})
+    (model / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    (model / "4_Evil").mkdir()
+    refused_with_no_code_run(
+        capsys, model, scifact_slice, tmp_path / "out", verb, "modules.json", "'sbmoe.Evil'"
+    )
+    assert not marker.exists()
+
+
+def test_a_transformer_stage_folder_linked_elsewhere_is_checked_through_the_link(
+    scifact_slice, tmp_path, capsys
+):
+    """The stage's config.json (with auto_map) lies behind a symbolic link to another folder."""
+    model, elsewhere, marker = tmp_path / "model", tmp_path / "elsewhere", tmp_path / "ran"
+    shutil.copytree(SAVED_MODEL, model)
+    elsewhere.mkdir()
+    for name in TRANSFORMER_FILES:
+        shutil.move(model / name, elsewhere / name)
+    add_auto_map(elsewhere, "config.json", marker)
+    for code in elsewhere.glob("*.py"):  # transformers takes the code from the model's root
+        shutil.copy(code, model)
+    (model / "0_Transformer").symlink_to(elsewhere, target_is_directory=True)
+    modules = json.loads((model / "modules.json").read_text(encoding="utf-8"))
+    modules[0]["path"] = "0_Transformer"
+    (model / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    refused_with_no_code_run(
+        capsys, model, scifact_slice, tmp_path / "out", "index", "0_Transformer/config.json", "auto_map"
+    )
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("config_file", ["config.json", "tokenizer_config.json"])
+def test_a_transformers_folder_with_auto_map_is_refused_naming_file_and_key(
+    tiny_bert_dir, scifact_slice, tmp_path, capsys, config_file
+):
+    """Before, it loaded silently with the built-in BERT classes, while the README said it is refused."""
+    model, marker = tmp_path / "model", tmp_path / "ran"
+    shutil.copytree(tiny_bert_dir, model)
+    add_auto_map(model, config_file, marker)
+    refused_with_no_code_run(
+        capsys, model, scifact_slice, tmp_path / "out", "index", f"{model / config_file}: auto_map"
+    )
+    assert not marker.exists()
+
+
+def test_a_dense_activation_outside_torch_is_refused(tmp_path):
+    """sentence-transformers imports a Dense stage's activation by its dotted name."""
+    from sbmoe.core.errors import ModelLoadError
+
+    model = tmp_path / "model"
+    shutil.copytree(SAVED_MODEL, model)
+    modules = json.loads((model / "modules.json").read_text(encoding="utf-8"))
+    modules[2]["type"] = "sentence_transformers.models.Dense"
+    (model / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    update_json(model / "2_MoEHead" / "config.json", activation_function="os.system")
+    with pytest.raises(ModelLoadError, match=r"2_MoEHead/config\.json: activation_function 'os\.system'"):
+        Retriever.load(str(model), device="cpu")
+
+
+def test_a_folder_with_a_link_loop_loads(tmp_path):
+    """Links are followed, each real folder once: a loop ends instead of walking forever."""
+    model = tmp_path / "model"
+    shutil.copytree(SAVED_MODEL, model)
+    os.symlink(model, model / "1_Pooling" / "back", target_is_directory=True)
+    assert Retriever.load(str(model), device="cpu").head is not None
