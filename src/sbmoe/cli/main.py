@@ -8,10 +8,11 @@ be written where.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from sbmoe import __version__
 from sbmoe.cli import data, evaluate, hub, index, search, study, train
@@ -58,7 +59,7 @@ def _join_fraction_values(argv: list[str]) -> list[str]:
 def _set_up_the_screen(quiet: bool) -> None:
     """What a command prints besides its own output: sbmoe's log lines and no library chatter.
 
-    Warnings become one log line each while the command runs (:func:`_log_warning`).
+    Warnings print as one line each while the command runs (:func:`_warnings_in_one_line`).
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     import transformers
@@ -70,9 +71,17 @@ def _set_up_the_screen(quiet: bool) -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
-def _log_warning(message: Warning | str, category: type[Warning], *_where: object, **_: object) -> None:
-    """A warning as one line (what happened and what to do), not with the source line that raised it."""
-    logging.getLogger("sbmoe").warning("warning: %s", message)
+@contextlib.contextmanager
+def _warnings_in_one_line() -> Iterator[None]:
+    """Inside the block, a warning prints as one line (what happened and what to do), not with
+    the file, line and source that raised it. Only the text changes: warnings are still warnings
+    (filters and ``pytest.warns`` see them)."""
+    default = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,8 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_line = ["sbmoe", *argv]
     _set_up_the_screen(quiet=args.quiet)
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _log_warning
+        with _warnings_in_one_line():
             return args.run(args)
     except SbmoeError as error:
         print(f"sbmoe {args.command}: error: {error}", file=sys.stderr)
