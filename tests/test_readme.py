@@ -5,10 +5,12 @@ examples moved to ``docs/`` (the model, training files, the Python API), so the 
 from the README and every page, each compiled under the name of the file it lives in, and a block
 that two files share (the quickstart, also on ``docs/python-api.md``) runs once.
 
-No substitution: the examples name all-MiniLM-L6-v2, which loads here from its offline copy, and
-SciFact, which ``resolve_data`` finds in ``$SBMOE_DATA_DIR``. That makes this an integration test
-(the real MiniLM encodes all of SciFact once; head-only training, so minutes on 2 cores). The Python
-API example runs first, since the others load the model it trains (``runs/moe``).
+No substitution in the code: the examples name all-MiniLM-L6-v2, which loads here from its offline
+copy, and SciFact, which ``resolve_data`` finds in ``$SBMOE_DATA_DIR``. There the test puts a real
+slice of SciFact under that name (every test query, 200 training queries, their positives and 500
+other documents: a fifth of the corpus), so the real MiniLM encodes it in seconds rather than
+minutes on 2 cores; the examples run unchanged. The Python API example runs first, since the others
+load the model it trains (``runs/moe``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_beir_slice
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -51,7 +54,9 @@ def test_the_readme_has_python_examples_that_import():
 
 @pytest.mark.integration
 def test_the_readme_python_examples_run_as_written(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("SBMOE_DATA_DIR", str(data_dir))
+    sliced = tmp_path / "data"
+    write_beir_slice(data_dir / "scifact", sliced / "scifact", n_train=200, n_test=300, n_other_docs=500)
+    monkeypatch.setenv("SBMOE_DATA_DIR", str(sliced))
     monkeypatch.chdir(tmp_path)  # the examples write under runs/
     blocks = documented_python_blocks()
     blocks.sort(key=lambda item: "from sbmoe.train.trainer import train" not in item[1])  # stable
