@@ -52,29 +52,115 @@ def plot_metric_vs_experts(
 ) -> Path:
     """A metric against the number of experts, one panel per group, error bars over seeds.
 
+    Read at a glance: a line's colour is its variant and its dash the inference rule (``top1``
+    solid, ``all`` dashed), so the legend below the panels has one entry per variant and one per
+    rule, never one per line. Systems without experts are horizontal lines named at their right
+    end with their value: ``baseline`` black and solid, the others grey and dashed. The y-axis fits
+    the lines and the references near them; a reference far outside (e.g. zero-shot far below every
+    trained system) is written at the axis edge with its value instead of stretching the axis.
+
     Args:
-        panels: Panel title -> line label -> points ``(experts, mean, std)``.
-        references: Panel title -> label -> value of a system without experts (drawn as a
-            horizontal line; ``baseline`` in black, the others in grey).
+        panels: Panel title -> line label (``"<variant> <rule>"``) -> points ``(experts, mean, std)``.
+        references: Panel title -> label -> value of a system without experts.
         metric: The y-axis label.
         path: The PNG to write.
         baseline: Label of the reference line to draw in black.
     """
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    dashes = {"top1": "-", "all": "--", "topk": ":"}
+    split = {label: _variant_and_rule(label) for lines in panels.values() for label in lines}
+    variants = list(dict.fromkeys(variant for variant, _ in split.values()))
+    rules = list(dict.fromkeys(rule for _, rule in split.values()))
+    colours = {variant: plt.cm.tab10(index % 10) for index, variant in enumerate(variants)}
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False)
     for axis, (title, lines) in zip(axes[0], panels.items(), strict=True):
-        for label, value in references.get(title, {}).items():
-            colour = "black" if label == baseline else "grey"
-            axis.axhline(value, linestyle="--", linewidth=1, label=label, color=colour)
+        values = [m + sign * s for points in lines.values() for _, m, s in points for sign in (-1, 1)]
+        low, high = min(values), max(values)
+        span = max(high - low, 0.02)
+        near = {k: v for k, v in references.get(title, {}).items() if low - span <= v <= high + span}
+        far = {k: v for k, v in references.get(title, {}).items() if k not in near}
+        low, high = min([low, *near.values()]), max([high, *near.values()])
+        margin = 0.08 * max(high - low, 0.01)
+        low, high = low - margin, high + margin
         for label, points in lines.items():
+            variant, rule = split[label]
             experts, means, stds = zip(*sorted(points), strict=True)
-            axis.errorbar(experts, means, yerr=stds, marker="o", capsize=3, label=label)
+            # A control at one count (e.g. a random gate at N = 6) sits beside the lines' point there.
+            shift = 0.3 if len(points) == 1 and experts[0] > 1 else 0.0
+            axis.errorbar(
+                [x + shift for x in experts],
+                means,
+                yerr=stds,
+                marker="o",
+                markersize=4,
+                capsize=3,
+                color=colours[variant],
+                linestyle=dashes.get(rule, "-."),
+            )
+        for label, value in near.items():
+            is_baseline = label == baseline
+            axis.axhline(
+                value,
+                color="black" if is_baseline else "0.45",
+                linestyle="-" if is_baseline else (0, (4, 3)),
+                linewidth=1.4 if is_baseline else 0.9,
+                zorder=0,
+            )
+        for y, (label, value) in zip(
+            _spread(sorted(near.values()), 0.05 * (high - low)),
+            sorted(near.items(), key=lambda item: item[1]),
+            strict=True,
+        ):
+            axis.annotate(
+                f"{label} {value:.3f}",
+                (1.0, y),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+                color="black" if label == baseline else "0.3",
+            )
+        for index, (label, value) in enumerate(sorted(far.items(), key=lambda item: item[1])):
+            below = value < low
+            axis.annotate(
+                f"{label} {value:.3f} ({'below' if below else 'above'} the axis)",
+                (0.02, 0.03 + 0.06 * index if below else 0.97 - 0.06 * index),
+                xycoords="axes fraction",
+                va="bottom" if below else "top",
+                fontsize=7,
+                color="0.3",
+            )
+        axis.set_ylim(low, high)
         axis.set_title(title, fontsize=9)
         axis.set_xticks(sorted({p[0] for points in lines.values() for p in points}))
         axis.set_xlabel("experts")
         axis.set_ylabel(metric)
-        axis.legend(fontsize=7)
+        axis.grid(axis="y", linewidth=0.3, alpha=0.6)
+    handles = [Line2D([], [], color=colours[v], marker="o", linestyle="-", label=v) for v in variants]
+    if len(rules) > 1:
+        handles += [
+            Line2D([], [], color="0.3", linestyle=dashes.get(r, "-."), label=f"rule: {r}") for r in rules
+        ]
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.09, 1, 1))
     return _save(figure, Path(path))
+
+
+def _variant_and_rule(label: str) -> tuple[str, str]:
+    """``"sb-moe top1"`` -> ``("sb-moe", "top1")``; a label without a rule keeps it empty."""
+    variant, _, rule = label.rpartition(" ")
+    return (variant, rule) if variant else (label, "")
+
+
+def _spread(values: Sequence[float], gap: float) -> list[float]:
+    """Label positions for sorted ``values``: each at least ``gap`` above the one below it."""
+    placed: list[float] = []
+    for value in values:
+        placed.append(max(value, placed[-1] + gap) if placed else value)
+    return placed
 
 
 def plot_intervals(
