@@ -149,6 +149,35 @@ def test_a_damaged_checkpoint_on_resume_is_named_in_one_line(
     refused(capsys, argv[1:], str(target))
 
 
+def test_training_that_diverges_ends_in_one_line_and_claims_no_finished_model(
+    tiny_bert_dir, scifact_slice, tmp_path, capsys
+):
+    """Before, a FloatingPointError traceback. Run again the same way, it diverges again, never 'finished'."""
+    from test_safety import train_args, train_steps
+
+    output = tmp_path / "run"
+    argv = train_args(
+        tiny_bert_dir,
+        scifact_slice,
+        output,
+        "--max-steps",
+        "6",
+        "--checkpoint-steps",
+        "1",
+        "--lr-backbone",
+        "1e9",
+    )
+    for _ in range(2):
+        line = refused(
+            capsys, argv, "the training loss became non-finite", "--lr-backbone 1e+09", "--overwrite"
+        )
+        assert f"at step {train_steps(output)[-1]}:" in line
+        assert not (output / "sbmoe.json").exists() and not (output / "training" / "done.json").exists()
+    refused(
+        capsys, evaluate_args(output, scifact_slice, tmp_path / "eval"), "could not load a model", str(output)
+    )
+
+
 # ------------------------------------------------------------------------------------ checks before work
 def evaluate_args(model, data, output, *extra: str) -> list[str]:
     return ["evaluate", "--model", str(model), "--data", str(data), "--output", str(output), *extra]
