@@ -59,6 +59,16 @@ def check_model_folder(folder: Path) -> None:
                 raise ModelLoadError(f"{file}: auto_map names Python code shipped with the model; {_NO_CODE}")
 
 
+def transformer_folder(folder: Path) -> Path:
+    """Where the transformer of model ``folder`` lives: its Transformer stage's path, or ``folder``."""
+    paths = (
+        stage.get("path", "")
+        for stage in _stages(folder)
+        if STAGE_CLASSES.get(stage.get("type")) is Transformer
+    )
+    return folder / str(next(paths, ""))
+
+
 def _stages(folder: Path) -> list[dict[str, Any]]:
     """The entries of ``folder``'s ``modules.json`` (none for a plain transformers folder)."""
     modules_file = folder / "modules.json"
