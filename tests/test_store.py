@@ -336,3 +336,15 @@ def test_a_query_side_model_routes_no_document_and_searches_the_backbones_store(
     assert main([*command, "--model", str(tiny_bert_dir), "--store", backbone]) == 0
     search = ["-q", "search", "--index", backbone, "--query", "vitamin d", *ENCODE_FLAGS]
     assert main([*search, "--model", str(tmp_path / "query-side")]) == 0
+
+
+def test_index_store_into_a_file_prints_no_traceback(model_dir, scifact_slice, tmp_path):
+    """Milvus Lite's in-process gRPC server logged a NotImplementedError traceback (AllocTimestamp,
+    asked for while pymilvus waits for the index) on every successful `index --store`."""
+    command = [sys.executable, "-m", "sbmoe.cli", "-q", "index", "--model", str(model_dir)]
+    command += ["--data", str(scifact_slice), "--store", f"milvus:{tmp_path / 'x.db'}", *ENCODE_FLAGS]
+    environment = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    documents = len(load_collection(scifact_slice).corpus)
+    assert result.returncode == 0 and f"holds {documents} of {documents}" in result.stdout, result.stderr
+    assert "Traceback" not in result.stderr and "NotImplementedError" not in result.stderr, result.stderr

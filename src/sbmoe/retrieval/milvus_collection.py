@@ -16,6 +16,7 @@ or cluster; see :mod:`sbmoe.retrieval.store` for the URIs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -61,11 +62,24 @@ def require_engine(uri: StoreURI) -> None:
             raise UsageError(missing_extra_message("milvus-lite")) from None
 
 
+class _NoUnimplementedMethodTraceback(logging.Filter):
+    """Drops the traceback Milvus Lite's in-process gRPC server logs for a method it does not
+    implement: ``AllocTimestamp``, which pymilvus asks for while waiting for an index to be built
+    (every ``index --store``) and then does without. Nothing is wrong, so it never reaches the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0] is NotImplementedError)
+
+
+_NO_UNIMPLEMENTED_METHOD_TRACEBACK = _NoUnimplementedMethodTraceback()
+
+
 def connect(uri: StoreURI, create: bool) -> Any:
     """A ``MilvusClient`` for ``uri``; a Milvus Lite file is created only when ``create``."""
     require_engine(uri)
     pymilvus = pymilvus_module()
     if uri.is_embedded:
+        logging.getLogger("grpc._server").addFilter(_NO_UNIMPLEMENTED_METHOD_TRACEBACK)  # kept once
         if not create and not os.path.exists(uri.path):
             raise MissingInputError(
                 f"no Milvus Lite database at {uri.path}; build it with `sbmoe index ... --store {uri.text}`"
