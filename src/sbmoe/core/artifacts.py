@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sbmoe.core.errors import UsageError
+from sbmoe.core.io import naming_a_full_disk
 
 logger = logging.getLogger(__name__)
 
@@ -432,4 +433,5 @@ def writing_output(
         replacing = check_output(path, kind, settings, overwrite=overwrite)
         if not role:  # a shared output's temporaries may be another writer's, in progress
             remove_stale_temporaries(path)
-        yield replacing
+        with naming_a_full_disk(path):
+            yield replacing

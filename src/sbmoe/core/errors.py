@@ -36,6 +36,10 @@ class TrainingDivergedError(SbmoeError, FloatingPointError):
     """The training loss became non-finite: the settings (usually a learning rate) make it diverge."""
 
 
+class DiskFullError(SbmoeError, OSError):
+    """A write ran out of space (or quota) on its file system; nothing half-written is kept as done."""
+
+
 class DataWarning(UserWarning):
     """Something in a collection was skipped, or adjusted, without making it unusable."""
 
