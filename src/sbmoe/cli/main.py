@@ -71,7 +71,11 @@ def _set_up_the_screen(quiet: bool) -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     # pymilvus and Milvus Lite log each failed call, traceback and all, and then raise it: the error
     # raised is what sbmoe reports (in one line, when the user can fix it).
-    for logs_then_raises in ("pymilvus.decorators", "milvus_lite.adapter.grpc.servicer"):
+    for logs_then_raises in (
+        "pymilvus.decorators",
+        "milvus_lite.adapter.grpc.servicer",
+        "milvus_lite.server_manager",
+    ):
         logging.getLogger(logs_then_raises).addFilter(_below_error)
 
 
