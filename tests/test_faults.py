@@ -307,11 +307,14 @@ def sbmoe_process(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
 
 
-@pytest.mark.parametrize("job", ["index", "train", "store"])
+@pytest.mark.parametrize(
+    ("job", "room"), [("index", 12 * 1024), ("index", 0), ("train", 12 * 1024), ("store", 12 * 1024)]
+)
 def test_a_full_disk_ends_in_one_line_and_the_same_command_then_finishes_as_if_it_had_not(
-    tiny_bert_dir, scifact_slice, tmp_path, small_disk, job
+    tiny_bert_dir, scifact_slice, tmp_path, small_disk, job, room
 ):
-    """Before, OSError, SafetensorError or MilvusException tracebacks (nothing half-written was trusted)."""
+    """Before, OSError, SafetensorError or MilvusException tracebacks (nothing half-written was
+    trusted); with no room even for the lock, another wording. ``room``: bytes left free."""
     name = "corpus.db" if job == "store" else "out"
     store = ["index", "--model", str(tiny_bert_dir), "--data", str(scifact_slice), "--store"]
     commands = {
@@ -322,7 +325,7 @@ def test_a_full_disk_ends_in_one_line_and_the_same_command_then_finishes_as_if_i
         "store": lambda place: [*store, f"milvus:{place / name}"],
     }
     command = commands[job]
-    filler = fill(small_disk, leave=12 * 1024)
+    filler = fill(small_disk, leave=room)
     failed = sbmoe_process(command(small_disk))
     flag = "--store" if job == "store" else "--output"
     verb = "train" if job == "train" else "index"
