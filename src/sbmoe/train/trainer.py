@@ -225,7 +225,7 @@ class Trainer:
         if not math.isfinite(terms["loss"]):
             raise TrainingDivergedError(
                 f"the training loss became non-finite ({terms['loss']}) at step {self.step}: training "
-                f"diverged, and {self.output_dir} holds no finished model. Lower the learning rate "
+                "diverged, and no model of this run was saved. Lower the learning rate "
                 f"(--lr-backbone {self.config.lr_backbone:g}, --lr-head {self.config.lr_head:g}) and "
                 "train again with --overwrite"
             )
