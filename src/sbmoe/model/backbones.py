@@ -104,23 +104,21 @@ def load_sentence_transformer(name: str, source: str, device: torch.device) -> S
         ) from error
 
 
-class _NoSizeMismatchTable(logging.Filter):
-    """Drops the table of mismatched weight sizes that transformers logs before it raises on them:
+def _not_the_size_mismatch_table(record: logging.LogRecord) -> bool:
+    """False for the table of mismatched weight sizes transformers logs before it raises on them:
     :func:`load_sentence_transformer` says it in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "size mismatch" not in record.getMessage()
+    return "size mismatch" not in record.getMessage()
 
 
 @contextlib.contextmanager
 def _no_size_mismatch_table() -> Iterator[None]:
     """While loading, transformers' table of mismatched sizes is not logged (see above)."""
-    logger, table_filter = logging.getLogger("transformers.modeling_utils"), _NoSizeMismatchTable()
-    logger.addFilter(table_filter)
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_the_size_mismatch_table)
     try:
         yield
     finally:
-        logger.removeFilter(table_filter)
+        logger.removeFilter(_not_the_size_mismatch_table)
 
 
 def is_sentence_transformers_model(source: str) -> bool:

@@ -62,16 +62,11 @@ def require_engine(uri: StoreURI) -> None:
             raise UsageError(missing_extra_message("milvus-lite")) from None
 
 
-class _NoUnimplementedMethodTraceback(logging.Filter):
-    """Drops the traceback Milvus Lite's in-process gRPC server logs for a method it does not
+def _not_an_unimplemented_method(record: logging.LogRecord) -> bool:
+    """False for the traceback Milvus Lite's in-process gRPC server logs for a method it does not
     implement: ``AllocTimestamp``, which pymilvus asks for while waiting for an index to be built
     (every ``index --store``) and then does without. Nothing is wrong, so it never reaches the user."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and record.exc_info[0] is NotImplementedError)
-
-
-_NO_UNIMPLEMENTED_METHOD_TRACEBACK = _NoUnimplementedMethodTraceback()
+    return not (record.exc_info and record.exc_info[0] is NotImplementedError)
 
 
 def connect(uri: StoreURI, create: bool) -> Any:
@@ -79,7 +74,7 @@ def connect(uri: StoreURI, create: bool) -> Any:
     require_engine(uri)
     pymilvus = pymilvus_module()
     if uri.is_embedded:
-        logging.getLogger("grpc._server").addFilter(_NO_UNIMPLEMENTED_METHOD_TRACEBACK)  # kept once
+        logging.getLogger("grpc._server").addFilter(_not_an_unimplemented_method)  # kept once
         return _open_lite(pymilvus, uri, create)
     token = os.environ.get("MILVUS_TOKEN", "")
     try:
