@@ -12,6 +12,7 @@ import warnings
 import pytest
 from test_safety import refused, tree_hash
 
+from sbmoe.cli.main import main
 from sbmoe.config.checks import RANX_METRICS, is_metric_name
 from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions, ReportConfig
 from sbmoe.config.model import ModelConfig
@@ -70,6 +71,38 @@ def test_truncated_or_empty_weights_end_in_one_line(saved_model, tmp_path, capsy
         refused(capsys, query, "could not load a model from directory", str(model))
 
 
+@pytest.mark.parametrize(
+    ("source", "config", "key", "expected"),
+    [
+        ("plain", "config.json", "hidden_size", "sets sizes (hidden_size, vocab_size...) that do not fit"),
+        ("sbmoe", "config.json", "hidden_size", "sets sizes (hidden_size, vocab_size...) that do not fit"),
+        (
+            "sbmoe",
+            "2_MoEHead/config.json",
+            "num_experts",
+            "does not fit the weights beside it (size mismatch",
+        ),
+    ],
+)
+def test_a_config_whose_sizes_do_not_fit_the_weights_is_named_in_one_line(
+    saved_model, tiny_bert_dir, tmp_path, capsys, source, config, key, expected
+):
+    """Before, a RuntimeError traceback (after transformers' table of every mismatched weight)."""
+    model = tmp_path / "model"
+    shutil.copytree({"plain": tiny_bert_dir, "sbmoe": saved_model}[source], model)
+    edited = model / config
+    edited.write_text(
+        json.dumps({**json.loads(edited.read_text(encoding="utf-8")), key: 48}), encoding="utf-8"
+    )
+    before = tree_hash(model)
+    capsys.readouterr()
+    query = ["search", "--model", str(model), "--index", str(tmp_path / "none"), "--query", "cells"]
+    assert main(["-q", *query]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(edited) in err and expected in err, err
+    assert tree_hash(model) == before
+
+
 def test_negative_qrels_count_as_not_relevant_with_one_warning(scifact_slice, tmp_path):
     original = load_collection(scifact_slice)
     collection = tmp_path / "negative"
@@ -125,7 +158,6 @@ def test_a_damaged_checkpoint_on_resume_is_named_in_one_line(
 ):
     from test_safety import train_args
 
-    from sbmoe.cli.main import main
     from sbmoe.train.trainer import Trainer
 
     output = tmp_path / "run"
@@ -147,6 +179,35 @@ def test_a_damaged_checkpoint_on_resume_is_named_in_one_line(
     target = output / "training" / "checkpoint" / damaged
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 3])
     refused(capsys, argv[1:], str(target))
+
+
+def test_training_that_diverges_ends_in_one_line_and_claims_no_finished_model(
+    tiny_bert_dir, scifact_slice, tmp_path, capsys
+):
+    """Before, a FloatingPointError traceback. Run again the same way, it diverges again, never 'finished'."""
+    from test_safety import train_args, train_steps
+
+    output = tmp_path / "run"
+    argv = train_args(
+        tiny_bert_dir,
+        scifact_slice,
+        output,
+        "--max-steps",
+        "6",
+        "--checkpoint-steps",
+        "1",
+        "--lr-backbone",
+        "1e9",
+    )
+    for _ in range(2):
+        line = refused(
+            capsys, argv, "the training loss became non-finite", "--lr-backbone 1e+09", "--overwrite"
+        )
+        assert f"at step {train_steps(output)[-1]}:" in line
+        assert not (output / "sbmoe.json").exists() and not (output / "training" / "done.json").exists()
+    refused(
+        capsys, evaluate_args(output, scifact_slice, tmp_path / "eval"), "could not load a model", str(output)
+    )
 
 
 # ------------------------------------------------------------------------------------ checks before work

@@ -200,3 +200,22 @@ def test_the_site_builds_with_strict_checks(tmp_path):
     )
     assert build.returncode == 0, build.stdout + build.stderr
     assert (tmp_path / "site" / "bench-results.html").is_file()  # bench/RESULTS.md, as a page
+
+
+def test_the_presets_table_gives_a_plain_bert_the_token_limit_it_gets(tiny_bert_dir, tmp_path):
+    """docs/model.md said plain transformers backbones get 256 tokens; they get their own 512 positions."""
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    from sbmoe.config.model import ModelConfig
+    from sbmoe.model.retriever import Retriever
+
+    table = (DOCS / "model.md").read_text(encoding="utf-8")
+    documented = re.search(r"plain transformers: [^|]*?\(BERT: (\d+)", table)
+    assert documented, "docs/model.md's presets table lost a plain BERT's token limit"
+    bert = tmp_path / "bert"
+    config = AutoConfig.from_pretrained(tiny_bert_dir)
+    config.max_position_embeddings = 512  # BERT's; its tokenizer says 512 too
+    BertModel(config).save_pretrained(bert)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(bert)
+    resolved = Retriever.from_config(ModelConfig(backbone=str(bert)), device="cpu").config
+    assert resolved.max_query_length == resolved.max_doc_length == int(documented.group(1))

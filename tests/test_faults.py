@@ -8,12 +8,15 @@ line naming the cause, no traceback, and whatever was there unchanged byte for b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,9 @@ from sbmoe.cli.main import main
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.artifacts import lock_path
 from sbmoe.core.io import read_json
+from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval.store import open_store
 
 # Runs `sbmoe ARGS` with 16-document index chunks; with PAUSE > 0 it stops before the PAUSE+1-th
 # chunk or training step, says "paused" and waits to be killed.
@@ -261,3 +266,80 @@ def test_train_and_evaluate_onto_a_model_folder_are_refused_and_change_nothing(
     refused(capsys, [*evaluate, "--output", str(folder)], str(folder), "model", "nothing was changed")
     assert tree_hash(folder) == before
     assert not lock_path(folder).exists()
+
+
+# ------------------------------------------------------------------------------------ a full disk
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 64 MiB tmpfs of its own, mounted for the test (as root) and unmounted after it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here to mount a small tmpfs")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (root only): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` with one file, then give back ``leave`` bytes; returns the file."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as handle, contextlib.suppress(OSError):  # ENOSPC: full
+        while True:
+            handle.write(b"\0" * (1 << 20))
+    os.truncate(filler, filler.stat().st_size - leave)
+    return filler
+
+
+def sbmoe_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """``sbmoe -q ARGV`` in its own process (stderr as a user sees it, libraries' own handlers too)."""
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    command = [sys.executable, "-m", "sbmoe.cli", "-q", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("job", "room"), [("index", 12 * 1024), ("index", 0), ("train", 12 * 1024), ("store", 12 * 1024)]
+)
+def test_a_full_disk_ends_in_one_line_and_the_same_command_then_finishes_as_if_it_had_not(
+    tiny_bert_dir, scifact_slice, tmp_path, small_disk, job, room
+):
+    """Before, OSError, SafetensorError or MilvusException tracebacks (nothing half-written was
+    trusted); with no room even for the lock, another wording. ``room``: bytes left free."""
+    name = "corpus.db" if job == "store" else "out"
+    store = ["index", "--model", str(tiny_bert_dir), "--data", str(scifact_slice), "--store"]
+    commands = {
+        "index": lambda place: index_args(tiny_bert_dir, scifact_slice, place / name),
+        "train": lambda place: train_args(
+            tiny_bert_dir, scifact_slice, place / name, "--max-steps", "2", "--checkpoint-steps", "1"
+        ),
+        "store": lambda place: [*store, f"milvus:{place / name}"],
+    }
+    command = commands[job]
+    filler = fill(small_disk, leave=room)
+    failed = sbmoe_process(command(small_disk))
+    flag = "--store" if job == "store" else "--output"
+    verb = "train" if job == "train" else "index"
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"sbmoe {verb}: error: no space left on {small_disk} writing {small_disk / name}: free space or "
+        f"choose another {flag}"
+    )
+    filler.unlink()
+    for place in (small_disk, tmp_path):  # then the same command, and one that never met a full disk
+        assert main(["-q", *command(place)]) == 0
+    if job == "store":
+        with open_store(f"milvus:{small_disk / name}") as store:
+            assert sorted(store.iter_doc_ids()) == sorted(load_collection(scifact_slice).corpus)
+    else:
+        weights = "index.faiss" if job == "index" else "model.safetensors"
+        assert (small_disk / name / weights).read_bytes() == (tmp_path / name / weights).read_bytes()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -132,3 +133,37 @@ def test_a_folder_with_a_link_loop_loads(tmp_path):
     shutil.copytree(SAVED_MODEL, model)
     os.symlink(model, model / "1_Pooling" / "back", target_is_directory=True)
     assert Retriever.load(str(model), device="cpu").head is not None
+
+
+class Payload:
+    """Unpickled, it runs ``code`` (what a hostile ``pytorch_model.bin`` can hold)."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+@pytest.mark.parametrize("stage", ["", "2_MoEHead"])
+def test_pickled_weights_without_safetensors_are_refused_unread(scifact_slice, tmp_path, capsys, stage):
+    """Before, transformers and sentence-transformers unpickled them (a torch.load traceback here)."""
+    model, marker = tmp_path / "model", tmp_path / "ran"
+    shutil.copytree(SAVED_MODEL, model)
+    pickled = model / stage / "pytorch_model.bin"
+    pickled.write_bytes(pickle.dumps(Payload(payload(marker))))
+    (model / stage / "model.safetensors").unlink()
+    refused_with_no_code_run(
+        capsys, model, scifact_slice, tmp_path / "out", "index", f"{pickled}: weights pickled", "safetensors"
+    )
+    assert not marker.exists()
+
+
+def test_pickled_weights_beside_safetensors_are_never_read(tmp_path):
+    """Loaders take the safetensors file; the pickle beside it (as on the hub) stays unread."""
+    model, marker = tmp_path / "model", tmp_path / "ran"
+    shutil.copytree(SAVED_MODEL, model)
+    for stage in ("", "2_MoEHead"):
+        (model / stage / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(payload(marker))))
+    assert Retriever.load(str(model), device="cpu").head is not None
+    assert not marker.exists()

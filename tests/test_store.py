@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +337,84 @@ def test_a_query_side_model_routes_no_document_and_searches_the_backbones_store(
     assert main([*command, "--model", str(tiny_bert_dir), "--store", backbone]) == 0
     search = ["-q", "search", "--index", backbone, "--query", "vitamin d", *ENCODE_FLAGS]
     assert main([*search, "--model", str(tmp_path / "query-side")]) == 0
+
+
+def sbmoe_process(*argv: str) -> subprocess.CompletedProcess:
+    """``sbmoe -q ARGV`` in its own process: stderr as a user sees it, libraries' own handlers too."""
+    environment = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "sbmoe.cli", "-q", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+
+
+def index_store(model_dir: Path, scifact_slice: Path, path: Path) -> subprocess.CompletedProcess:
+    return sbmoe_process(
+        "index",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(scifact_slice),
+        "--store",
+        f"milvus:{path}",
+        *ENCODE_FLAGS,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a refused command ends with (exit 2, no traceback)."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("sbmoe index: error: "), result.stderr
+    return line
+
+
+def test_index_store_into_a_file_prints_no_traceback(model_dir, scifact_slice, tmp_path):
+    """Milvus Lite's in-process gRPC server logged a NotImplementedError traceback (AllocTimestamp,
+    asked for while pymilvus waits for the index) on every successful `index --store`."""
+    result = index_store(model_dir, scifact_slice, tmp_path / "x.db")
+    documents = len(load_collection(scifact_slice).corpus)
+    assert result.returncode == 0 and f"holds {documents} of {documents}" in result.stdout, result.stderr
+    assert "Traceback" not in result.stderr and "NotImplementedError" not in result.stderr, result.stderr
+
+
+@pytest.fixture
+def read_only_folder(tmp_path) -> Iterator[tuple[Path, str]]:
+    """A folder nothing can be written in, and the cause sbmoe must name: a read-only tmpfs mounted
+    on it as root (root writes through permissions), else its own permissions."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder, f"you have no permission to write in {folder}"
+        finally:
+            folder.chmod(0o755)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs as root: {mounted.stderr.strip()}")
+    try:
+        yield folder, f"{folder} is on a read-only file system"
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_store_in_a_read_only_folder_is_refused_naming_that_cause(
+    model_dir, scifact_slice, read_only_folder
+):
+    """Before, blamed on "another sbmoe process" holding the database."""
+    folder, cause = read_only_folder
+    line = error_line(index_store(model_dir, scifact_slice, folder / "corpus.db"))
+    assert cause in line and "another sbmoe" not in line, line
+
+
+def test_a_store_path_that_is_the_users_file_is_refused_and_left_unchanged(
+    model_dir, scifact_slice, tmp_path
+):
+    """Before, blamed on "another sbmoe process" holding the database."""
+    mine = tmp_path / "notes.db"
+    mine.write_text("precious", encoding="utf-8")
+    line = error_line(index_store(model_dir, scifact_slice, mine))
+    assert f"{mine} is a file, not a Milvus Lite database" in line and "nothing was changed" in line, line
+    assert mine.read_text(encoding="utf-8") == "precious"

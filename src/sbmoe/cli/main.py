@@ -69,6 +69,18 @@ def _set_up_the_screen(quiet: bool) -> None:
     # faiss logs each CPU-specific library it tries to load; matplotlib, its font cache.
     for chatty in ("sentence_transformers", "faiss.loader", "matplotlib"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    # pymilvus and Milvus Lite log each failed call, traceback and all, and then raise it: the error
+    # raised is what sbmoe reports (in one line, when the user can fix it).
+    for logs_then_raises in (
+        "pymilvus.decorators",
+        "milvus_lite.adapter.grpc.servicer",
+        "milvus_lite.server_manager",
+    ):
+        logging.getLogger(logs_then_raises).addFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sbmoe.core.errors import UsageError
+from sbmoe.core.errors import DiskFullError, UsageError
+from sbmoe.core.io import naming_a_full_disk
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +303,11 @@ def output_lock(path: str | os.PathLike, role: str = "") -> Iterator[None]:
     _check_place(path)
     lock = lock_path(path, role)
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        handle = _acquire(lock, path)
+        with naming_a_full_disk(path):
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            handle = _acquire(lock, path)
+    except DiskFullError:
+        raise
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror or error} ({lock.parent})") from error
     try:
@@ -432,4 +436,5 @@ def writing_output(
         replacing = check_output(path, kind, settings, overwrite=overwrite)
         if not role:  # a shared output's temporaries may be another writer's, in progress
             remove_stale_temporaries(path)
-        yield replacing
+        with naming_a_full_disk(path):
+            yield replacing

@@ -32,6 +32,14 @@ class HubError(SbmoeError, RuntimeError):
     """The Hugging Face Hub could not be reached, or refused a request (token, repository)."""
 
 
+class TrainingDivergedError(SbmoeError, FloatingPointError):
+    """The training loss became non-finite: the settings (usually a learning rate) make it diverge."""
+
+
+class DiskFullError(SbmoeError, OSError):
+    """A write ran out of space (or quota) on its file system; nothing half-written is kept as done."""
+
+
 class DataWarning(UserWarning):
     """Something in a collection was skipped, or adjusted, without making it unusable."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from sbmoe.core.errors import DiskFullError
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _umask() -> int:
@@ -36,6 +41,44 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(path: str | os.PathLike, flag: str = "--output") -> Iterator[None]:
+    """Turn a write to ``path`` (given by ``flag``) that ran out of space into one clear error.
+
+    Raises:
+        DiskFullError: naming the file system and the path, for any error caused by ``ENOSPC`` or
+            ``EDQUOT``, also as a library wraps it (safetensors, Milvus).
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        raise DiskFullError(
+            f"no space left on {mount_point(path)} writing {path}: free space or choose another {flag}"
+        ) from error
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error in its chain, says the disk is full (or the quota spent)."""
+    texts = tuple(os.strerror(code) for code in _FULL)  # what wrappers keep of it: "No space left on device"
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno in _FULL) or any(t in str(error) for t in texts):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the file system that holds ``path`` (or would, once it is created)."""
+    place = Path(os.path.abspath(path))
+    while place != place.parent and not os.path.ismount(place):  # ismount: False where nothing is yet
+        place = place.parent
+    return place
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

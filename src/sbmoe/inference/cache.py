@@ -88,5 +88,9 @@ class EmbeddingCache:
 
     def put(self, key: str, array: np.ndarray) -> None:
         """Store ``array`` under ``key`` atomically."""
+        array = np.ascontiguousarray(array, dtype=np.float32)
         with atomic_open(self.path(key), "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
+            # np.save's own C write reports a full disk as "N requested and M written", without
+            # errno; Python's write raises OSError(ENOSPC), which the job names in one line.
+            np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(array))
+            handle.write(memoryview(array).cast("B"))

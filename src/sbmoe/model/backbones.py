@@ -3,7 +3,10 @@ and how many tokens it can take."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -11,7 +14,8 @@ from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.core.errors import ModelLoadError, first_line
-from sbmoe.model.folder_check import STAGE_CLASSES, check_model_folder
+from sbmoe.model.folder_check import STAGE_CLASSES, check_model_folder, transformer_folder
+from sbmoe.model.head import size_mismatch
 
 SBMOE_CONFIG_FILE = "sbmoe.json"
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -75,11 +79,20 @@ def load_sentence_transformer(name: str, source: str, device: torch.device) -> S
     if is_local:
         check_model_folder(Path(source))
     try:
-        # sentence-transformers' (private, pinned) hook for classes resolved by the caller: sbmoe's
-        # head then loads without trust_remote_code, which would let the folder's own files run.
-        return SentenceTransformer._load_with_module_classes(
-            source, STAGE_CLASSES, device=str(device), trust_remote_code=False
-        )
+        with _no_size_mismatch_table():
+            # sentence-transformers' (private, pinned) hook for classes resolved by the caller: sbmoe's
+            # head then loads without trust_remote_code, which would let the folder's own files run.
+            return SentenceTransformer._load_with_module_classes(
+                source, STAGE_CLASSES, device=str(device), trust_remote_code=False
+            )
+    except RuntimeError as error:
+        if isinstance(error, ModelLoadError) or not is_local or size_mismatch(error) is None:
+            raise
+        raise ModelLoadError(
+            f"could not load a model from directory {source}: "
+            f"{transformer_folder(Path(source)) / 'config.json'} sets sizes (hidden_size, vocab_size...) "
+            "that do not fit the weights beside it; restore the config.json saved with these weights"
+        ) from error
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: truncated or empty weights
         reason = first_line(error)
         if is_local:
@@ -89,6 +102,23 @@ def load_sentence_transformer(name: str, source: str, device: torch.device) -> S
             f"provide it ({reason}). Check the name and your internet connection, or pass a local "
             f"directory holding a transformers or sentence-transformers model."
         ) from error
+
+
+def _not_the_size_mismatch_table(record: logging.LogRecord) -> bool:
+    """False for the table of mismatched weight sizes transformers logs before it raises on them:
+    :func:`load_sentence_transformer` says it in one line."""
+    return "size mismatch" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_size_mismatch_table() -> Iterator[None]:
+    """While loading, transformers' table of mismatched sizes is not logged (see above)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_the_size_mismatch_table)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_the_size_mismatch_table)
 
 
 def is_sentence_transformers_model(source: str) -> bool:

@@ -3,8 +3,9 @@
 sbmoe never loads a model with ``trust_remote_code``. The stages a folder's ``modules.json`` lists
 are resolved here, by exact class path, to classes of the installed sbmoe and sentence-transformers
 (:data:`STAGE_CLASSES`); a folder that names anything else that would import code (another stage
-type, a Dense activation outside torch, ``auto_map`` in a config: Python files of its own) is
-refused, naming the file, before anything is imported. Every file reachable from the folder counts,
+type, a Dense activation outside torch, ``auto_map`` in a config: Python files of its own), or whose
+weights would be unpickled (``pytorch_model.bin`` with no safetensors beside it), is refused, naming
+the file, before anything is imported or read. Every file reachable from the folder counts,
 through symbolic links too (each real folder once, so a link loop ends).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ STAGE_CLASSES: dict[str, type] = {
     "sbmoe.adapters.LinearAdapter": LinearAdapter,
 }
 _NO_CODE = "sbmoe loads no code a model folder brings with it"
+_PICKLED_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
+_SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 def check_model_folder(folder: Path) -> None:
@@ -40,7 +44,7 @@ def check_model_folder(folder: Path) -> None:
 
     Raises:
         ModelLoadError: naming the file and the entry (a stage type, ``activation_function``,
-            ``auto_map``).
+            ``auto_map``, pickled weights).
     """
     for stage in _stages(folder):
         kind = stage.get("type")
@@ -53,10 +57,34 @@ def check_model_folder(folder: Path) -> None:
         if STAGE_CLASSES[kind] is Dense:
             _check_activation(folder / str(stage.get("path", "")) / "config.json")
     for file in _reachable_files(folder):
-        if "config" in file.name and file.suffix == ".json":
-            config = _read_json(file, strict=False)
-            if isinstance(config, dict) and "auto_map" in config:
-                raise ModelLoadError(f"{file}: auto_map names Python code shipped with the model; {_NO_CODE}")
+        _check_file(file)
+
+
+def _check_file(file: Path) -> None:
+    """Refuse ``file`` if it makes a loader import code (``auto_map``) or unpickle weights."""
+    if "config" in file.name and file.suffix == ".json":
+        config = _read_json(file, strict=False)
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ModelLoadError(f"{file}: auto_map names Python code shipped with the model; {_NO_CODE}")
+    # transformers and sentence-transformers read a pickle only where no safetensors file is beside it.
+    if _PICKLED_WEIGHTS.fullmatch(file.name) and not any(
+        (file.parent / name).exists() for name in _SAFETENSORS_WEIGHTS
+    ):
+        raise ModelLoadError(
+            f"{file}: weights pickled by PyTorch, with no model.safetensors beside them; sbmoe loads "
+            "weights only from safetensors, as unpickling can run code. Use the model's safetensors "
+            "release, or convert these weights to safetensors if you trust their origin"
+        )
+
+
+def transformer_folder(folder: Path) -> Path:
+    """Where the transformer of model ``folder`` lives: its Transformer stage's path, or ``folder``."""
+    paths = (
+        stage.get("path", "")
+        for stage in _stages(folder)
+        if STAGE_CLASSES.get(stage.get("type")) is Transformer
+    )
+    return folder / str(next(paths, ""))
 
 
 def _stages(folder: Path) -> list[dict[str, Any]]:

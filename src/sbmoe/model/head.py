@@ -14,6 +14,7 @@ call (:func:`sbmoe.inference.encoding.run_stages`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from sentence_transformers.base.modules import Module
 from torch import Tensor
 
 from sbmoe.core.choices import HEAD_SIDES
+from sbmoe.core.errors import ModelLoadError
 
 NORMALIZE_EPS = 1e-6
 
@@ -44,8 +46,27 @@ class SavedModule(Module):
         }
         config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
         module = cls(**{key: value for key, value in config.items() if key in cls.config_keys})
-        cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=module, **hub_kwargs)
+        try:
+            cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=module, **hub_kwargs)
+        except RuntimeError as error:
+            mismatch = size_mismatch(error)
+            if mismatch is None:
+                raise
+            config_file = Path(model_name_or_path) / subfolder / "config.json"
+            raise ModelLoadError(
+                f"{config_file} does not fit the weights beside it ({mismatch}); restore the config.json "
+                "saved with these weights"
+            ) from error
         return module
+
+
+def size_mismatch(error: BaseException) -> str | None:
+    """The line of a torch or transformers weight-loading ``error`` saying that a weight's size is not
+    the one its config sets, or ``None`` when the error is another one."""
+    lines = (line.strip().rstrip(".") for line in str(error).splitlines())
+    return next(
+        (line for line in lines if "size mismatch" in line or "ignore_mismatched_sizes" in line), None
+    )
 
 
 class Head(SavedModule):

@@ -16,11 +16,12 @@ or cluster; see :mod:`sbmoe.retrieval.store` for the URIs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from sbmoe.core.errors import MissingInputError, UsageError
+from sbmoe.core.errors import MissingInputError, UsageError, first_line
 from sbmoe.retrieval.faiss_indexes import default_nlist, default_nprobe
 from sbmoe.retrieval.store_uri import StoreURI, missing_extra_message
 
@@ -61,29 +62,60 @@ def require_engine(uri: StoreURI) -> None:
             raise UsageError(missing_extra_message("milvus-lite")) from None
 
 
+def _not_an_unimplemented_method(record: logging.LogRecord) -> bool:
+    """False for the traceback Milvus Lite's in-process gRPC server logs for a method it does not
+    implement: ``AllocTimestamp``, which pymilvus asks for while waiting for an index to be built
+    (every ``index --store``) and then does without. Nothing is wrong, so it never reaches the user."""
+    return not (record.exc_info and record.exc_info[0] is NotImplementedError)
+
+
 def connect(uri: StoreURI, create: bool) -> Any:
     """A ``MilvusClient`` for ``uri``; a Milvus Lite file is created only when ``create``."""
     require_engine(uri)
     pymilvus = pymilvus_module()
     if uri.is_embedded:
-        if not create and not os.path.exists(uri.path):
-            raise MissingInputError(
-                f"no Milvus Lite database at {uri.path}; build it with `sbmoe index ... --store {uri.text}`"
-            )
-        os.makedirs(os.path.dirname(uri.path), exist_ok=True)
-        try:
-            return pymilvus.MilvusClient(uri.path)
-        except pymilvus.exceptions.MilvusException as error:
-            raise UsageError(
-                f"could not open the Milvus Lite database {uri.path} ({error.message}); Milvus Lite lets one "
-                f"process at a time open a file: is another sbmoe using it? (Shards run one after another "
-                f"on a file; to write them at once, use a Milvus server.)"
-            ) from None
+        logging.getLogger("grpc._server").addFilter(_not_an_unimplemented_method)  # kept once
+        return _open_lite(pymilvus, uri, create)
     token = os.environ.get("MILVUS_TOKEN", "")
     try:
         return pymilvus.MilvusClient(uri=uri.address, token=token, db_name=uri.database or "")
     except pymilvus.exceptions.MilvusException as error:
         raise UsageError(f"could not reach the Milvus server at {uri.address}: {error.message}") from None
+
+
+def _open_lite(pymilvus: Any, uri: StoreURI, create: bool) -> Any:
+    """A ``MilvusClient`` on the Milvus Lite database ``uri.path`` (a folder); one line if it cannot be."""
+    if os.path.exists(uri.path) and not os.path.isdir(uri.path):
+        raise UsageError(
+            f"{uri.path} is a file, not a Milvus Lite database (Milvus Lite keeps one in a folder); "
+            "nothing was changed: choose another path"
+        )
+    if not create and not os.path.exists(uri.path):
+        raise MissingInputError(
+            f"no Milvus Lite database at {uri.path}; build it with `sbmoe index ... --store {uri.text}`"
+        )
+    try:
+        os.makedirs(os.path.dirname(uri.path), exist_ok=True)
+        return pymilvus.MilvusClient(uri.path)
+    except (OSError, pymilvus.exceptions.MilvusException) as error:
+        reason = _unwritable(uri.path) or (
+            f"{getattr(error, 'message', None) or first_line(error)}; Milvus Lite lets one process at a "
+            "time open a database: is another sbmoe using it? (Shards run one after another on a file; to "
+            "write them at once, use a Milvus server.)"
+        )
+        raise UsageError(f"could not open the Milvus Lite database {uri.path}: {reason}") from None
+
+
+def _unwritable(path: str) -> str | None:
+    """Why nothing can be written at ``path`` (Milvus Lite writes there even to read), if so."""
+    place = os.path.abspath(path)
+    while not os.path.exists(place):
+        place = os.path.dirname(place)
+    if os.access(place, os.W_OK):
+        return None
+    if os.statvfs(place).f_flag & os.ST_RDONLY:
+        return f"{place} is on a read-only file system; choose a --store path you can write to"
+    return f"you have no permission to write in {place}; choose a --store path you can write to"
 
 
 def release(uri: StoreURI) -> None:

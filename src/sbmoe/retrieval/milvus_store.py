@@ -43,21 +43,19 @@ _LOOKUP_BATCH = 1024
 
 @contextlib.contextmanager
 def _quiet_timestamp_fallback() -> Iterator[None]:
-    """Silence the traceback and warning of a query iterator's first call on Milvus Lite.
+    """Silence pymilvus's warning on a query iterator's first call on Milvus Lite.
 
-    pymilvus asks the server for a timestamp, which Milvus Lite does not implement: its in-process
-    gRPC server logs the refusal with a traceback and pymilvus warns that it uses its own clock,
-    which is what Milvus Lite wants. Nothing is wrong, so neither should reach the user.
+    pymilvus asks the server for a timestamp, which Milvus Lite does not implement (the server's
+    traceback for it is dropped on connecting, :func:`~sbmoe.retrieval.milvus_collection.connect`),
+    and warns that it uses its own clock, which is what Milvus Lite wants. Nothing is wrong.
     """
-    loggers = [logging.getLogger(name) for name in ("grpc._server", "pymilvus")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
+    logger = logging.getLogger("pymilvus")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        logger.setLevel(level)
 
 
 def _quoted(value: str) -> str:

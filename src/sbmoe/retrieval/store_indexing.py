@@ -8,6 +8,7 @@ disjoint slices of the same collection.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from sbmoe.config.jobs import EncodeConfig, IndexConfig, JobOptions
 from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.errors import UsageError
+from sbmoe.core.io import naming_a_full_disk
 from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.encoding import apply_head_stages, encode_texts
 from sbmoe.inference.routing import route
@@ -105,34 +107,37 @@ def index_into_store(
     )
     texts = [collection.corpus[d].full_text for d in doc_ids[start:stop]]
     retriever.warn_truncated(texts, "document", f"{collection.name} corpus")
-    store = MilvusStore.create_or_resume(parsed, meta, overwrite=options.overwrite)
-    written = skipped = 0
-    chunk_size = chunk_size or INDEX_CHUNK_SIZE
-    try:
-        chunks = range(start, stop, chunk_size)
-        for chunk in tqdm(chunks, desc="index --store", unit="chunk", disable=not options.show_progress):
-            ids = doc_ids[chunk : min(chunk + chunk_size, stop)]
-            present = store.existing_ids(ids)
-            todo = [position for position, doc_id in enumerate(ids) if doc_id not in present]
-            skipped += len(ids) - len(todo)
-            if not todo:
-                continue
-            chunk_texts = [texts[chunk - start + position] for position in todo]
-            pooled = encode_texts(
-                retriever, chunk_texts, "document", encode, pooled_only=True, cache=options.cache
-            )
-            experts = gates = None
-            if head is not None:
-                chosen, probabilities = route(retriever, pooled)
-                experts, gates = chosen.numpy(), probabilities.numpy()
-            store.upsert(
-                [ids[position] for position in todo],
-                apply_head_stages(retriever, pooled, "document"),
-                experts,
-                gates,
-            )
-            written += len(todo)
-        stored = len(store)
-    finally:
-        store.close()
+    # A Milvus Lite file is the user's --store path; a server's disk is the server's to report.
+    full_disk = naming_a_full_disk(parsed.path, "--store") if parsed.is_embedded else contextlib.nullcontext()
+    with full_disk:
+        store = MilvusStore.create_or_resume(parsed, meta, overwrite=options.overwrite)
+        written = skipped = 0
+        chunk_size = chunk_size or INDEX_CHUNK_SIZE
+        try:
+            chunks = range(start, stop, chunk_size)
+            for chunk in tqdm(chunks, desc="index --store", unit="chunk", disable=not options.show_progress):
+                ids = doc_ids[chunk : min(chunk + chunk_size, stop)]
+                present = store.existing_ids(ids)
+                todo = [position for position, doc_id in enumerate(ids) if doc_id not in present]
+                skipped += len(ids) - len(todo)
+                if not todo:
+                    continue
+                chunk_texts = [texts[chunk - start + position] for position in todo]
+                pooled = encode_texts(
+                    retriever, chunk_texts, "document", encode, pooled_only=True, cache=options.cache
+                )
+                experts = gates = None
+                if head is not None:
+                    chosen, probabilities = route(retriever, pooled)
+                    experts, gates = chosen.numpy(), probabilities.numpy()
+                store.upsert(
+                    [ids[position] for position in todo],
+                    apply_head_stages(retriever, pooled, "document"),
+                    experts,
+                    gates,
+                )
+                written += len(todo)
+            stored = len(store)
+        finally:
+            store.close()
     return StoreIndexSummary(uri, start, stop, written, skipped, stored, len(doc_ids))

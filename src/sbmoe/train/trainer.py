@@ -44,7 +44,7 @@ from sbmoe.config.provenance import provenance
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.artifacts import TRAINING_RUN, check_output, writing_output
 from sbmoe.core.distributed import DistributedContext, broadcast_module, data_parallel, init_distributed
-from sbmoe.core.errors import UsageError
+from sbmoe.core.errors import TrainingDivergedError, UsageError
 from sbmoe.core.io import read_json, write_json
 from sbmoe.core.runtime import autocast, resolve_precision, seed_everything
 from sbmoe.data.beir import BeirCollection
@@ -223,7 +223,12 @@ class Trainer:
             {"step": self.step, "epoch": epoch, "event": "train", "lr": self.scheduler.get_last_lr(), **terms}
         )
         if not math.isfinite(terms["loss"]):
-            raise FloatingPointError(f"loss became {terms['loss']} at step {self.step}")
+            raise TrainingDivergedError(
+                f"the training loss became non-finite ({terms['loss']}) at step {self.step}: training "
+                "diverged, and no model of this run was saved. Lower the learning rate "
+                f"(--lr-backbone {self.config.lr_backbone:g}, --lr-head {self.config.lr_head:g}) and "
+                "train again with --overwrite"
+            )
 
     def training_step(self, positions: Sequence[int]) -> dict[str, float]:
         """One optimiser step on the global batch of pairs at ``positions``; returns the logged loss terms.
