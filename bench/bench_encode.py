@@ -157,7 +157,7 @@ def auto_stages(retriever: Retriever, documents: list[str], batch_size: int) -> 
     batches = list(length_sorted_batches(retriever, documents, "document", batch_size))
     seconds["tokenise"] = time.perf_counter() - started
     started = time.perf_counter()
-    pooled = np.zeros((len(documents), retriever.model.get_sentence_embedding_dimension()), dtype=np.float32)
+    pooled = np.zeros((len(documents), retriever.model.get_embedding_dimension()), dtype=np.float32)
     with torch.inference_mode(), autocast(plan.precision, retriever.device):
         for positions, batch in batches:
             pooled[positions] = runner(batch)["sentence_embedding"].float().numpy()

@@ -124,7 +124,7 @@ def encode_texts(
     if kind not in ("query", "document"):
         raise UsageError(f"kind must be 'query' or 'document', got {kind!r}")
     if not texts:
-        dim = retriever.model.get_sentence_embedding_dimension()
+        dim = retriever.model.get_embedding_dimension()
         return np.zeros((0, dim), dtype=np.float32)
     plan = resolve_inference(config.backend, config.precision, retriever.device)
     if cache is not None and chunk_size is None:

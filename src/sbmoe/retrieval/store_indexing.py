@@ -97,7 +97,7 @@ def index_into_store(
     head = retriever.head if retriever.head_changes_documents else None  # routed documents only
     meta = store_meta(
         retriever.fingerprint(),
-        retriever.model.get_sentence_embedding_dimension(),
+        retriever.model.get_embedding_dimension(),
         len(doc_ids),
         config.index_type or "flat",
         head.num_experts if head is not None else 0,
