@@ -155,3 +155,20 @@ def test_the_single_text_encoder_is_the_librarys_and_repeats_its_bytes(retriever
             first.pooled.tobytes(),
             first.embedding.tobytes(),
         )
+
+
+def test_bf16_weight_copies_follow_every_change_of_the_weights(tiny_bert_dir):
+    """The bf16 copies are kept between calls, and remade when training or a load changes a weight."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=str(tiny_bert_dir), num_experts=3, max_doc_length=32)
+    retriever, twin = Retriever.from_config(config), Retriever.from_config(config)
+    twin.model.load_state_dict(retriever.model.state_dict())
+    first = encode_texts(retriever, TEXTS, "document", BF16)
+    np.testing.assert_array_equal(encode_texts(retriever, TEXTS, "document", BF16), first)
+    with torch.no_grad():  # in place, as an optimiser's step
+        for parameter in retriever.model.parameters():
+            parameter.mul_(0.5)
+    stepped = encode_texts(retriever, TEXTS, "document", BF16)
+    twin.model.load_state_dict(retriever.model.state_dict())  # a load: copied in place
+    np.testing.assert_array_equal(encode_texts(twin, TEXTS, "document", BF16), stepped)
+    assert not np.array_equal(stepped, first)
