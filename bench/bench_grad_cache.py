@@ -24,7 +24,7 @@ from common import machine, scifact
 from sbmoe.config.presets import build_configs
 from sbmoe.core.runtime import seed_everything
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.trainer import build_trainer
+from sbmoe.training.trainer import build_trainer
 
 STEPS = 2
 

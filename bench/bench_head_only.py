@@ -22,7 +22,7 @@ from sbmoe.config.presets import build_configs
 from sbmoe.core.runtime import seed_everything
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.trainer import Trainer, build_trainer
+from sbmoe.training.trainer import Trainer, build_trainer
 
 
 def make_trainer(collection, output, cache, **train_overrides) -> Trainer:

@@ -33,7 +33,7 @@ from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import build_index
 from sbmoe.retrieval.search import search
-from sbmoe.train.trainer import train
+from sbmoe.training.trainer import train
 
 ENCODE = EncodeConfig(encode_batch_size=128)
 

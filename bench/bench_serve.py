@@ -45,7 +45,7 @@ from sbmoe.inference.encoding import TextEncoder, encoder_runner, run_stages, to
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import index_corpus
 from sbmoe.retrieval.search import search
-from sbmoe.serve.service import SearchService
+from sbmoe.serving.service import SearchService
 
 MODEL = "all-MiniLM-L6-v2"
 FLOOR = "sentence-transformers `encode` (floor)"

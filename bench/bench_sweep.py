@@ -20,7 +20,7 @@ from sbmoe.config.presets import build_configs
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.trainer import train
+from sbmoe.training.trainer import train
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.backbones import resolve_backbone
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
-from sbmoe.train.trainer import build_trainer
+from sbmoe.training.trainer import build_trainer
 
 GPU_SIZES = {"passages": 100_000, "steps": 20, "batch_size": 64, "encode_batch_size": 512}
 CPU_SIZES = {"passages": 1_000, "steps": 3, "batch_size": 8, "encode_batch_size": 64}

@@ -167,7 +167,7 @@ def tensorboard_run(data_dir, tiny_bert_dir, tmp_path_factory):
 
     from sbmoe.config.presets import build_configs
     from sbmoe.data.beir import load_collection
-    from sbmoe.train.trainer import train
+    from sbmoe.training.trainer import train
 
     root = tmp_path_factory.mktemp("tensorboard-run")
     collection = load_collection(write_beir_slice(data_dir / "scifact", root / "scifact", 48, 16, 40))
@@ -191,7 +191,7 @@ def tensorboard_run(data_dir, tiny_bert_dir, tmp_path_factory):
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(record.getMessage())
 
-    handler, trainer_logger = Collect(level=logging.INFO), logging.getLogger("sbmoe.train.trainer")
+    handler, trainer_logger = Collect(level=logging.INFO), logging.getLogger("sbmoe.training.trainer")
     trainer_logger.addHandler(handler)
     level = trainer_logger.level
     trainer_logger.setLevel(logging.INFO)

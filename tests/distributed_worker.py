@@ -22,7 +22,7 @@ from sbmoe.core.distributed import init_distributed, shutdown
 from sbmoe.core.runtime import seed_everything
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.trainer import build_trainer, train
+from sbmoe.training.trainer import build_trainer, train
 
 # Shared with test_distributed.py: the per-process batch is half the single process's.
 TRAIN_ARGS = [

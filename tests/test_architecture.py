@@ -21,9 +21,9 @@ LAYERS = (
     "inference",
     "retrieval",
     "evaluation",
-    "train",
+    "training",
     "study",
-    "serve",
+    "serving",
     "cli",
 )
 LEGACY_ALIASES = {"moe_head": "model", "adapters": "model"}
@@ -111,13 +111,13 @@ def test_every_subpackage_has_a_layer_and_a_docstring():
 
 def test_no_package_imports_one_above_it():
     graph = import_graph()
-    assert "sbmoe.cli.main" in graph and "sbmoe.train.trainer" in graph  # the scan sees the package
+    assert "sbmoe.cli.main" in graph and "sbmoe.training.trainer" in graph  # the scan sees the package
     assert upward_imports(graph) == []
 
 
 def test_upward_imports_are_found():
-    graph = {"sbmoe.core.io": {"sbmoe.train.trainer"}, "sbmoe.cli.main": {"sbmoe.core.io"}}
-    assert upward_imports(graph) == ["sbmoe.core.io imports sbmoe.train.trainer (train is above core)"]
+    graph = {"sbmoe.core.io": {"sbmoe.training.trainer"}, "sbmoe.cli.main": {"sbmoe.core.io"}}
+    assert upward_imports(graph) == ["sbmoe.core.io imports sbmoe.training.trainer (train is above core)"]
 
 
 def test_no_import_circle_between_modules_or_packages():

@@ -158,7 +158,7 @@ def test_a_damaged_checkpoint_on_resume_is_named_in_one_line(
 ):
     from test_safety import train_args
 
-    from sbmoe.train.trainer import Trainer
+    from sbmoe.training.trainer import Trainer
 
     output = tmp_path / "run"
     argv = [

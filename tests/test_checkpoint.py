@@ -20,7 +20,7 @@ from test_safety import REPO, refused, train_args, train_steps
 from sbmoe.cli.main import main
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import read_json, write_json
-from sbmoe.train.checkpoint import Checkpoint, RandomState, read_checkpoint, write_checkpoint
+from sbmoe.training.checkpoint import Checkpoint, RandomState, read_checkpoint, write_checkpoint
 
 RUN = ["--max-steps", "4", "--checkpoint-steps", "1", "--checkpoint-selection", "last"]
 
@@ -141,7 +141,7 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     import sbmoe.core.io as io
-    import sbmoe.train.checkpoint as checkpoint
+    import sbmoe.training.checkpoint as checkpoint
     from sbmoe.cli.main import main
 
     point, writes = sys.argv[1], []
@@ -166,7 +166,7 @@ KILLER = textwrap.dedent(
     original_write, checkpoint.write_checkpoint = checkpoint.write_checkpoint, write_checkpoint
     original_json, checkpoint.write_json = checkpoint.write_json, write_json
     real_replace, io.os.replace = io.os.replace, replace
-    import sbmoe.train.trainer as trainer
+    import sbmoe.training.trainer as trainer
     trainer.write_checkpoint = write_checkpoint
     sys.exit(main(sys.argv[2:]))
     """

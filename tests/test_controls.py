@@ -33,7 +33,7 @@ from sbmoe.study.controls import BETA_GRID, PriorScorer, document_counts, docume
 from sbmoe.study.experiments import run_experiment
 from sbmoe.study.grid import cell_configs, check_grid, expand, load_grid
 from sbmoe.study.results import collect_results
-from sbmoe.train.trainer import build_trainer
+from sbmoe.training.trainer import build_trainer
 
 TEXTS = ["Vitamin D deficiency is linked to depression.", "a b c", "Aspirin lowers the risk of stroke."]
 FP32 = EncodeConfig(precision="fp32")

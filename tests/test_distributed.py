@@ -31,7 +31,7 @@ from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import build_index
 from sbmoe.retrieval.search import search
-from sbmoe.train.trainer import build_trainer, train
+from sbmoe.training.trainer import build_trainer, train
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -40,7 +40,7 @@ import sys, time
 import sbmoe.inference.encoding as encoding
 import sbmoe.inference.encoding as encoding
 import sbmoe.retrieval.indexing as indexing
-from sbmoe.train.trainer import Trainer
+from sbmoe.training.trainer import Trainer
 
 indexing.INDEX_CHUNK_SIZE = 16
 what, pause = sys.argv[1], int(sys.argv[2])

@@ -9,8 +9,8 @@ from sbmoe.config.presets import build_configs
 from sbmoe.core.runtime import seed_everything
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.gradient_cache import GradientCache
-from sbmoe.train.trainer import build_trainer
+from sbmoe.training.gradient_cache import GradientCache
+from sbmoe.training.trainer import build_trainer
 
 
 def gradients_after_two_steps(

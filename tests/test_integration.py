@@ -17,7 +17,7 @@ from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.backbones import resolve_backbone
 from sbmoe.model.retriever import Retriever
 from sbmoe.study.demo import sentence_transformers_reference
-from sbmoe.train.trainer import train
+from sbmoe.training.trainer import train
 
 pytestmark = pytest.mark.integration
 

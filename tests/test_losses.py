@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sbmoe.train.losses import in_batch_contrastive_loss, load_balancing_loss, router_z_loss
+from sbmoe.training.losses import in_batch_contrastive_loss, load_balancing_loss, router_z_loss
 
 
 def test_contrastive_loss_matches_hand_computation():

@@ -8,7 +8,7 @@ from sbmoe.config.jobs import EncodeConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.negatives import load_negatives, mine_bm25_negatives, mine_dense_negatives, save_negatives
+from sbmoe.training.negatives import load_negatives, mine_bm25_negatives, mine_dense_negatives, save_negatives
 
 
 def assert_no_positives(negatives, qrels, per_query):

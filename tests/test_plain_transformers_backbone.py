@@ -30,7 +30,7 @@ from sbmoe.data.beir import load_collection
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.moe_head import MoEHead
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.trainer import train
+from sbmoe.training.trainer import train
 
 pytestmark = pytest.mark.integration
 

@@ -27,8 +27,8 @@ from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.index_files import IndexMismatchError
 from sbmoe.retrieval.search import search, search_documents
-from sbmoe.train.procrustes import orthogonal_map, procrustes_model
-from sbmoe.train.trainer import train
+from sbmoe.training.procrustes import orthogonal_map, procrustes_model
+from sbmoe.training.trainer import train
 
 FP32 = EncodeConfig(device="cpu", precision="fp32", backend="torch")
 ENCODE_FLAGS = ["--precision", "fp32", "--backend", "torch", "--device", "cpu"]
@@ -236,8 +236,8 @@ def test_training_on_an_index_is_refused_when_it_cannot_hold_the_documents(
 
 def test_serve_answers_from_the_backbone_index(adapted, backbone_index, scifact_slice):
     pytest.importorskip("fastapi")
-    from sbmoe.serve.http import BackgroundServer, create_app
-    from sbmoe.serve.service import load_service
+    from sbmoe.serving.http import BackgroundServer, create_app
+    from sbmoe.serving.service import load_service
 
     _, index_dir = backbone_index
     model = Retriever.load(str(adapted), device="cpu")

@@ -59,7 +59,7 @@ def test_the_readme_python_examples_run_as_written(data_dir, tmp_path, monkeypat
     monkeypatch.setenv("SBMOE_DATA_DIR", str(sliced))
     monkeypatch.chdir(tmp_path)  # the examples write under runs/
     blocks = documented_python_blocks()
-    blocks.sort(key=lambda item: "from sbmoe.train.trainer import train" not in item[1])  # stable
+    blocks.sort(key=lambda item: "from sbmoe.training.trainer import train" not in item[1])  # stable
     namespaces = []
     for name, block in blocks:
         namespaces.append({})

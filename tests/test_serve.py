@@ -34,8 +34,8 @@ from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import build_index
 from sbmoe.retrieval.search import search
-from sbmoe.serve.http import BackgroundServer, create_app
-from sbmoe.serve.service import SearchService, ServiceClosedError, load_service
+from sbmoe.serving.http import BackgroundServer, create_app
+from sbmoe.serving.service import SearchService, ServiceClosedError, load_service
 
 pytest.importorskip("fastapi")
 FP32 = EncodeConfig(precision="fp32", backend="torch", device="cpu")

@@ -212,8 +212,8 @@ def test_serve_over_the_store_ranks_as_faiss(model_dir, faiss_dir, store_uri, sc
     pytest.importorskip("fastapi")
     from test_serve import request
 
-    from sbmoe.serve.http import BackgroundServer, create_app
-    from sbmoe.serve.service import load_service
+    from sbmoe.serving.http import BackgroundServer, create_app
+    from sbmoe.serving.service import load_service
 
     texts = list(load_collection(scifact_slice).queries.values())[:6]
     answers = {}

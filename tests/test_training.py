@@ -14,10 +14,10 @@ from sbmoe.core.runtime import seed_everything
 from sbmoe.data.beir import load_collection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.batching import false_negative_mask, length_grouped_batches, pick_negatives, shuffled_batches
-from sbmoe.train.negatives import load_negatives
-from sbmoe.train.optimization import learning_rate_lambda
-from sbmoe.train.trainer import build_trainer, train
+from sbmoe.training.batching import false_negative_mask, length_grouped_batches, pick_negatives, shuffled_batches
+from sbmoe.training.negatives import load_negatives
+from sbmoe.training.optimization import learning_rate_lambda
+from sbmoe.training.trainer import build_trainer, train
 
 
 def configs(tiny_bert_dir, preset="default", model=None, **train_overrides):

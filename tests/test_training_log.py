@@ -9,7 +9,7 @@ import pytest
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.data.beir import load_collection, positive_pairs, train_dev_split
-from sbmoe.train.run import run_settings
+from sbmoe.training.run import run_settings
 
 
 def log_records(output) -> list[dict]:

@@ -78,7 +78,7 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from sbmoe.serve.http import serve
+    from sbmoe.serving.http import serve
 
     serve(
         args.model,

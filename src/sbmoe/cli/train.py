@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from sbmoe.config.presets import build_configs
     from sbmoe.core.distributed import distributed_session
     from sbmoe.data.beir import load_collection, resolve_data
-    from sbmoe.train.trainer import train
+    from sbmoe.training.trainer import train
 
     model_config, train_config = build_configs(
         args.preset,

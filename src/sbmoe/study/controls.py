@@ -46,7 +46,7 @@ from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.search import search_documents
-from sbmoe.train.procrustes import procrustes_model
+from sbmoe.training.procrustes import procrustes_model
 
 # Cosine scores of one query's top documents lie within a few hundredths of each other, and
 # log(1 + count) is 0.69 for a document relevant to one training query: from no effect to a dominant one.

@@ -36,8 +36,8 @@ from sbmoe.inference.routing import routing_statistics
 from sbmoe.model.retriever import Retriever
 from sbmoe.study.controls import evaluate_control
 from sbmoe.study.grid import ExperimentGrid, GridCell, cell_configs, eval_dir, expand
-from sbmoe.train.trainer import train
-from sbmoe.train.training_data import encode_config
+from sbmoe.training.trainer import train
+from sbmoe.training.training_data import encode_config
 
 
 @dataclass

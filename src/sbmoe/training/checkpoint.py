@@ -97,7 +97,7 @@ class Checkpoint:
         epoch: The epoch to go on with.
         batch_index: The next batch of that epoch.
         log_bytes: Length of ``log.jsonl`` at this step (what a killed run logged later is cut).
-        selection: Model selection's state (:meth:`~sbmoe.train.selection.ModelSelection.state`).
+        selection: Model selection's state (:meth:`~sbmoe.training.selection.ModelSelection.state`).
         model: The model's state dict.
         optimizer: The optimiser's state dict.
         scheduler: The learning-rate scheduler's state dict (plain data).

@@ -21,7 +21,7 @@ from sbmoe.core.errors import UsageError
 from sbmoe.core.runtime import resolve_inference
 from sbmoe.model.card import describe_head
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.training_data import TrainingData
+from sbmoe.training.training_data import TrainingData
 
 logger = logging.getLogger(__name__)
 

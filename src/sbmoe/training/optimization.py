@@ -10,9 +10,9 @@ import torch
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.distributed import DistributedContext
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.gradient_cache import GradientCache
-from sbmoe.train.losses import InBatchContrastiveLoss, RetrievalLoss, RouterLoss
-from sbmoe.train.training_data import TrainingData
+from sbmoe.training.gradient_cache import GradientCache
+from sbmoe.training.losses import InBatchContrastiveLoss, RetrievalLoss, RouterLoss
+from sbmoe.training.training_data import TrainingData
 
 
 def learning_rate_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from sbmoe.inference.encoding import run_stages, tokenize
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.training_data import TrainingData
+from sbmoe.training.training_data import TrainingData
 
 # What training reads from the pipeline's features; the rest (token embeddings, noisy logits) is dropped.
 OUTPUT_KEYS = ("sentence_embedding", "router_logits", "expert_index")

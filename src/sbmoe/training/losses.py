@@ -3,7 +3,7 @@
 :class:`InBatchContrastiveLoss` owns its temperature, false-negative masking, the symmetric
 direction and the cross-process gather; :class:`RouterLoss` the MoE router's auxiliary losses and
 their gather; :class:`RetrievalLoss` runs the model on a batch and combines the two. The trainer
-calls one loss object per step (:class:`~sbmoe.train.gradient_cache.GradientCache` wraps it for gradient
+calls one loss object per step (:class:`~sbmoe.training.gradient_cache.GradientCache` wraps it for gradient
 caching) and back-propagates what it returns.
 
 The contrastive loss divides scores by a temperature; ``scale = 1 / temperature`` is the same knob
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sbmoe.core.distributed import DistributedContext, all_gather_tensor, all_gather_with_grad
-from sbmoe.train.batching import TrainingBatch, false_negative_mask
+from sbmoe.training.batching import TrainingBatch, false_negative_mask
 
 if TYPE_CHECKING:
     from sbmoe.config.train import TrainConfig
@@ -233,7 +233,7 @@ class RetrievalLoss(nn.Module):
 
     Args:
         model: ``model({"query": ids, "document": ids})`` -> features by kind
-            (see :class:`~sbmoe.train.trainable.TrainableEncoder`), possibly wrapped in DDP.
+            (see :class:`~sbmoe.training.trainable.TrainableEncoder`), possibly wrapped in DDP.
         contrastive: The in-batch loss.
         router: The router's auxiliary losses (``None``: none).
         context: The data-parallel job (``None``: one process).

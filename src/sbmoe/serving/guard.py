@@ -1,6 +1,6 @@
 """What stands between the network and the search app: an API key, a size limit, and a graceful stop.
 
-:class:`Guard` is ASGI middleware in front of the FastAPI app of :mod:`sbmoe.serve.http`. It
+:class:`Guard` is ASGI middleware in front of the FastAPI app of :mod:`sbmoe.serving.http`. It
 refuses, before the app sees them, requests without the API key (401) and request bodies above the
 size limit (413), and while the server stops it answers 503 to new requests; :class:`Gate` counts
 the requests in progress so that the server closes its socket only once they are answered.

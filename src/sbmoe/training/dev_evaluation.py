@@ -9,7 +9,7 @@ from sbmoe.core.distributed import DistributedContext, shard_bounds
 from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.head_only import PooledTexts
+from sbmoe.training.head_only import PooledTexts
 
 
 class DevEvaluator:

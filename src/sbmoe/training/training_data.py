@@ -18,9 +18,9 @@ from sbmoe.data.training_files import TrainingFileCollection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.stored_vectors import stored_document_vectors
-from sbmoe.train.batching import TrainingBatch, pick_negatives
-from sbmoe.train.head_only import PooledTexts
-from sbmoe.train.negatives import (
+from sbmoe.training.batching import TrainingBatch, pick_negatives
+from sbmoe.training.head_only import PooledTexts
+from sbmoe.training.negatives import (
     Negatives,
     load_negatives,
     mine_bm25_negatives,

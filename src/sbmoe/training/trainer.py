@@ -7,10 +7,10 @@ Layout of an output directory::
         config.json         model and training configs, data, command, versions
         log.jsonl           one line per step / evaluation
         checkpoint/         latest state for resuming (model, optimiser, scheduler, RNG, position),
-                            in safetensors and JSON: nothing pickled (see sbmoe.train.checkpoint)
+                            in safetensors and JSON: nothing pickled (see sbmoe.training.checkpoint)
         best/               best model so far on dev nDCG@10 (or the last, by configuration)
         done.json           written when training finished; summary of the run
-        tensorboard/        event files, under report_to="tensorboard" (see sbmoe.train.run_log)
+        tensorboard/        event files, under report_to="tensorboard" (see sbmoe.training.run_log)
 
 Everything under ``training/`` is written atomically, so an interrupted run resumes from its last
 checkpoint.
@@ -52,8 +52,8 @@ from sbmoe.data.training_files import TrainingFileCollection, training_collectio
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.routing import RoutingTracker
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.batching import BatchOrder, length_grouped_batches, shuffled_batches
-from sbmoe.train.checkpoint import (
+from sbmoe.training.batching import BatchOrder, length_grouped_batches, shuffled_batches
+from sbmoe.training.checkpoint import (
     Checkpoint,
     RandomState,
     read_checkpoint,
@@ -61,14 +61,14 @@ from sbmoe.train.checkpoint import (
     refusing_misfits,
     write_checkpoint,
 )
-from sbmoe.train.dev_evaluation import DevEvaluator
-from sbmoe.train.losses import RouterLoss
-from sbmoe.train.optimization import build_loss, build_optimizer, build_scheduler
-from sbmoe.train.run import TrainResult, refuse_another_world_size, run_settings
-from sbmoe.train.run_log import RunLog, collapse_warnings, startup_line, startup_record
-from sbmoe.train.selection import ModelSelection
-from sbmoe.train.trainable import TrainableEncoder
-from sbmoe.train.training_data import TrainingData, encode_config, prepare_training_data, require_head
+from sbmoe.training.dev_evaluation import DevEvaluator
+from sbmoe.training.losses import RouterLoss
+from sbmoe.training.optimization import build_loss, build_optimizer, build_scheduler
+from sbmoe.training.run import TrainResult, refuse_another_world_size, run_settings
+from sbmoe.training.run_log import RunLog, collapse_warnings, startup_line, startup_record
+from sbmoe.training.selection import ModelSelection
+from sbmoe.training.trainable import TrainableEncoder
+from sbmoe.training.training_data import TrainingData, encode_config, prepare_training_data, require_head
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +76,16 @@ logger = logging.getLogger(__name__)
 # Its size (~280 lines, a fifth of them docstrings) is earned: the loop's cadence (_loop) reads in one
 # screen and every piece it drives is its own module (optimization, checkpoint, run_log, selection).
 class Trainer:
-    """Fine-tunes a :class:`Retriever` on prepared :class:`~sbmoe.train.training_data.TrainingData`.
+    """Fine-tunes a :class:`Retriever` on prepared :class:`~sbmoe.training.training_data.TrainingData`.
 
     :func:`build_trainer` prepares the data and builds one; :func:`train` does everything. Its parts:
-    :mod:`~sbmoe.train.optimization` (optimiser, schedule, loss), :mod:`~sbmoe.train.checkpoint`,
-    :mod:`~sbmoe.train.run_log` and :mod:`~sbmoe.train.selection`.
+    :mod:`~sbmoe.training.optimization` (optimiser, schedule, loss), :mod:`~sbmoe.training.checkpoint`,
+    :mod:`~sbmoe.training.run_log` and :mod:`~sbmoe.training.selection`.
 
     Args:
         retriever: The model to train (its weights change in place).
         data: Pairs, dev judgements, hard negatives, pooled texts (see
-            :func:`~sbmoe.train.training_data.prepare_training_data`).
+            :func:`~sbmoe.training.training_data.prepare_training_data`).
         config: Training settings.
         output_dir: Where the model and ``training/`` go.
         show_progress: Show progress bars (rank 0 only).
@@ -381,7 +381,7 @@ def build_trainer(
 ) -> Trainer:
     """Prepare the training data of ``collection`` (mining negatives, pooling texts) and a trainer on it.
 
-    Arguments as :class:`Trainer`'s; see :func:`~sbmoe.train.training_data.prepare_training_data`.
+    Arguments as :class:`Trainer`'s; see :func:`~sbmoe.training.training_data.prepare_training_data`.
     """
     context = context or DistributedContext(device=retriever.device)
 

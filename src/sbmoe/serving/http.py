@@ -1,11 +1,11 @@
-"""``sbmoe serve``: the search service (:mod:`sbmoe.serve.service`) over HTTP, with FastAPI and uvicorn.
+"""``sbmoe serve``: the search service (:mod:`sbmoe.serving.service`) over HTTP, with FastAPI and uvicorn.
 
 Endpoints: ``POST /search`` (one query or a batch; ids, scores, and on request titles, texts and
 the queries' expert routing), ``POST /embed`` (embeddings of queries or documents), ``GET /health``
 and ``GET /info``. Requests are validated (pydantic) and refused with a 4xx status and a one-line
 message naming the field; an optional API key, a body size limit and the graceful stop are the
-:mod:`sbmoe.serve.guard`'s. Concurrent requests are micro-batched by the service (see
-:mod:`sbmoe.serve.service`). FastAPI and uvicorn are the ``serve`` extra (``pip install
+:mod:`sbmoe.serving.guard`'s. Concurrent requests are micro-batched by the service (see
+:mod:`sbmoe.serving.service`). FastAPI and uvicorn are the ``serve`` extra (``pip install
 'sbmoe[serve]'``), imported only when an app is built.
 
 This module does not postpone annotations: FastAPI reads the request models of the endpoints,
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
 from sbmoe.core.errors import SbmoeError, UsageError
-from sbmoe.serve.guard import Gate, Guard
-from sbmoe.serve.service import KINDS, NO_DOCUMENTS, SearchService, ServiceClosedError, load_service
+from sbmoe.serving.guard import Gate, Guard
+from sbmoe.serving.service import KINDS, NO_DOCUMENTS, SearchService, ServiceClosedError, load_service
 
 if TYPE_CHECKING:
     import uvicorn
@@ -77,11 +77,11 @@ def api_key(config: ServeConfig) -> str | None:
 def create_app(service: SearchService, config: ServeConfig | None = None) -> "FastAPI":
     """The FastAPI app answering with ``service``; the service is closed when the app shuts down.
 
-    The app's :class:`~sbmoe.serve.guard.Gate` is ``app.state.gate``: the servers of this module
+    The app's :class:`~sbmoe.serving.guard.Gate` is ``app.state.gate``: the servers of this module
     stop through it (new requests get 503 until those in progress are answered).
 
     Args:
-        service: The loaded model and index (see :func:`~sbmoe.serve.service.load_service`).
+        service: The loaded model and index (see :func:`~sbmoe.serving.service.load_service`).
         config: The request limits (``max_top_k``, ``max_texts``, ``max_request_bytes``) and the
             API key (:func:`api_key`); host and port are the server's.
     """

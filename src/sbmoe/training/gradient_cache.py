@@ -26,12 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from sbmoe.core.distributed import no_sync
-from sbmoe.train.batching import TrainingBatch
-from sbmoe.train.losses import Features, LossOutput
+from sbmoe.training.batching import TrainingBatch
+from sbmoe.training.losses import Features, LossOutput
 
 
 class EmbeddingLoss(Protocol):
-    """What :class:`GradientCache` wraps (e.g. :class:`~sbmoe.train.losses.RetrievalLoss`)."""
+    """What :class:`GradientCache` wraps (e.g. :class:`~sbmoe.training.losses.RetrievalLoss`)."""
 
     model: nn.Module
 

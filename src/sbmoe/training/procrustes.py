@@ -23,7 +23,7 @@ from sbmoe.data.beir import BeirCollection, positive_pairs, train_dev_split
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.adapters import LinearAdapter
 from sbmoe.model.retriever import Retriever
-from sbmoe.train.head_only import PooledTexts
+from sbmoe.training.head_only import PooledTexts
 
 
 def orthogonal_map(queries: np.ndarray, documents: np.ndarray) -> np.ndarray:
