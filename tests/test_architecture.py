@@ -117,7 +117,7 @@ def test_no_package_imports_one_above_it():
 
 def test_upward_imports_are_found():
     graph = {"sbmoe.core.io": {"sbmoe.training.trainer"}, "sbmoe.cli.main": {"sbmoe.core.io"}}
-    assert upward_imports(graph) == ["sbmoe.core.io imports sbmoe.training.trainer (train is above core)"]
+    assert upward_imports(graph) == ["sbmoe.core.io imports sbmoe.training.trainer (training is above core)"]
 
 
 def test_no_import_circle_between_modules_or_packages():

@@ -14,7 +14,12 @@ from sbmoe.core.runtime import seed_everything
 from sbmoe.data.beir import load_collection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
-from sbmoe.training.batching import false_negative_mask, length_grouped_batches, pick_negatives, shuffled_batches
+from sbmoe.training.batching import (
+    false_negative_mask,
+    length_grouped_batches,
+    pick_negatives,
+    shuffled_batches,
+)
 from sbmoe.training.negatives import load_negatives
 from sbmoe.training.optimization import learning_rate_lambda
 from sbmoe.training.trainer import build_trainer, train
