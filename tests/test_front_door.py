@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +36,15 @@ def test_importing_sbmoe_and_building_the_cli_import_no_heavy_library():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_what_static_tools_see_is_what_the_front_door_serves():
+    tree = ast.parse(Path(sbmoe.__file__).read_text(encoding="utf-8"))
+    guarded = next(node for node in tree.body if isinstance(node, ast.If))  # if TYPE_CHECKING:
+    seen = {
+        alias.asname: (node.module, alias.name)
+        for node in guarded.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert seen == sbmoe._EXPORTS

@@ -49,26 +49,25 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imports on demand
-    from sbmoe.config.jobs import (
-        EncodeConfig,
-        EvaluateConfig,
-        IndexConfig,
-        JobOptions,
-        SearchConfig,
-        ServeConfig,
-    )
-    from sbmoe.config.model import ModelConfig
-    from sbmoe.config.presets import build_configs
-    from sbmoe.config.train import TrainConfig
-    from sbmoe.data.beir import load_collection, resolve_data
-    from sbmoe.evaluation.evaluate import evaluate_model as evaluate
-    from sbmoe.inference.cache import EmbeddingCache
-    from sbmoe.model.retriever import Retriever
-    from sbmoe.retrieval.indexing import index_corpus as index
-    from sbmoe.retrieval.search import search
-    from sbmoe.serving.http import serve
-    from sbmoe.serving.service import SearchService
-    from sbmoe.training.trainer import train
+    from sbmoe.config.jobs import EncodeConfig as EncodeConfig
+    from sbmoe.config.jobs import EvaluateConfig as EvaluateConfig
+    from sbmoe.config.jobs import IndexConfig as IndexConfig
+    from sbmoe.config.jobs import JobOptions as JobOptions
+    from sbmoe.config.jobs import SearchConfig as SearchConfig
+    from sbmoe.config.jobs import ServeConfig as ServeConfig
+    from sbmoe.config.model import ModelConfig as ModelConfig
+    from sbmoe.config.presets import build_configs as build_configs
+    from sbmoe.config.train import TrainConfig as TrainConfig
+    from sbmoe.data.beir import load_collection as load_collection
+    from sbmoe.data.beir import resolve_data as resolve_data
+    from sbmoe.evaluation.evaluate import evaluate_model as evaluate  # noqa: F401 (in __all__ through _EXPORTS)
+    from sbmoe.inference.cache import EmbeddingCache as EmbeddingCache
+    from sbmoe.model.retriever import Retriever as Retriever
+    from sbmoe.retrieval.indexing import index_corpus as index  # noqa: F401 (in __all__ through _EXPORTS)
+    from sbmoe.retrieval.search import search as search
+    from sbmoe.serving.http import serve as serve
+    from sbmoe.serving.service import SearchService as SearchService
+    from sbmoe.training.trainer import train as train
 
 
 def __getattr__(name: str) -> Any:
