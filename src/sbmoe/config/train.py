@@ -26,6 +26,12 @@ class TrainConfig(ConfigBase):
 
     epochs: int = setting(1, help="passes over the training pairs")
     max_steps: int | None = setting(None, help="stop after this many optimiser steps", metavar="N")
+    max_train_pairs: int | None = setting(
+        None,
+        help="train on a sample of N of the training pairs, drawn with --seed (the data axis of a study; "
+        "default: all); every judgement still masks false negatives",
+        metavar="N",
+    )
     batch_size: int = setting(
         32, help="query-document pairs per step (per process); the batch's other documents are negatives"
     )
@@ -128,6 +134,8 @@ class TrainConfig(ConfigBase):
         if self.epochs < 1:  # even with max_steps, which wins: provenance must not record the impossible
             raise UsageError(f"epochs must be >= 1, got {self.epochs}")
         check_seed("seed", self.seed)
+        if self.max_train_pairs is not None and self.max_train_pairs < 2:  # in-batch negatives need two
+            raise UsageError(f"max_train_pairs must be >= 2, got {self.max_train_pairs}")
         for name in ("max_steps", "eval_steps", "checkpoint_steps", "dev_max_docs", "negatives_depth"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,6 +160,8 @@ def prepare_training_data(
     pairs = positive_pairs(train_qrels)
     if len(pairs) < 2:
         raise UsageError(f"{collection.name}: fewer than 2 training pairs in split {config.train_split!r}")
+    if config.max_train_pairs is not None and config.max_train_pairs < len(pairs):
+        pairs = sorted(random.Random(config.seed).sample(pairs, config.max_train_pairs))
     stored_documents = (  # read (and checked) before any encoding or mining
         stored_document_vectors(
             config.document_index, list(collection.corpus), retriever.index_fingerprints()
