@@ -20,9 +20,9 @@ from sbmoe.config.model import ModelConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.io import read_json
+from sbmoe.core.layouts import EVALUATION_FILES
 from sbmoe.data.download import BEIR_MD5
 
-CARD_FILE = "README.md"
 # How the usage lines name a model that is not on the hub.
 LOCAL_PLACEHOLDER = "path/to/model"
 # How many dev evaluations the card lists (the last ones; the best is named above the table).
@@ -55,19 +55,21 @@ def read_evaluation(directory: str | Path, fingerprint: str) -> list[dict[str, A
         UsageError: the evaluation scored another model (or other token limits) than ``fingerprint``.
     """
     directory = Path(directory)
-    folders = [directory] if (directory / "metrics.json").is_file() else sorted(directory.glob("*/"))
-    folders = [f for f in folders if (f / "metrics.json").is_file() and (f / "config.json").is_file()]
+    candidates = (
+        [directory] if (directory / EVALUATION_FILES.metrics).is_file() else sorted(directory.glob("*/"))
+    )
+    folders = [folder for folder in candidates if EVALUATION_FILES.is_one(folder)]
     if not folders:
         raise MissingInputError(f"{directory} holds no sbmoe evaluation (metrics.json beside config.json)")
     entries = []
     for folder in folders:
-        config = read_json(folder / "config.json")
+        config = read_json(folder / EVALUATION_FILES.config)
         if config.get("model_fingerprint") != fingerprint:
             raise UsageError(
-                f"{folder / 'config.json'}: this evaluation scored another model (or other token limits) "
-                "than the one the card describes"
+                f"{folder / EVALUATION_FILES.config}: this evaluation scored another model (or other "
+                "token limits) than the one the card describes"
             )
-        metrics = read_json(folder / "metrics.json")
+        metrics = read_json(folder / EVALUATION_FILES.metrics)
         entries.append(
             {
                 "data": (config.get("data") or {}).get("name"),

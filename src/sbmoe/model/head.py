@@ -52,7 +52,7 @@ class SavedModule(Module):
             mismatch = size_mismatch(error)
             if mismatch is None:
                 raise
-            config_file = Path(model_name_or_path) / subfolder / "config.json"
+            config_file = Path(model_name_or_path) / subfolder / cls.config_file_name
             raise ModelLoadError(
                 f"{config_file} does not fit the weights beside it ({mismatch}); restore the config.json "
                 "saved with these weights"

@@ -31,10 +31,10 @@ from sbmoe.config.model import ModelConfig
 from sbmoe.config.provenance import provenance
 from sbmoe.core.errors import ModelLoadError, UsageError
 from sbmoe.core.io import write_json
+from sbmoe.core.layouts import MODEL_FILES
 from sbmoe.core.runtime import resolve_device
 from sbmoe.model.adapters import LinearAdapter
 from sbmoe.model.backbones import (
-    SBMOE_CONFIG_FILE,
     backbone_token_limit,
     hub_model_id,
     hub_sbmoe_snapshot,
@@ -42,7 +42,7 @@ from sbmoe.model.backbones import (
     load_sentence_transformer,
     resolve_backbone,
 )
-from sbmoe.model.card import CARD_FILE, render_model_card
+from sbmoe.model.card import render_model_card
 from sbmoe.model.fingerprints import fingerprint_settings, hash_weights, without_head
 from sbmoe.model.moe_head import MoEHead
 
@@ -103,7 +103,7 @@ class Retriever:
         config.validate()
         device = resolve_device(device)
         source = resolve_backbone(config.backbone)
-        if (Path(source) / SBMOE_CONFIG_FILE).exists():
+        if (Path(source) / MODEL_FILES.sbmoe_config).exists():
             return cls.load(source, device=device)
         # Built on the CPU: the head's initialisation then draws from the CPU generator on every device.
         base = load_sentence_transformer(config.backbone, source, torch.device("cpu"))
@@ -175,7 +175,7 @@ class Retriever:
         """
         device = resolve_device(device)
         source = hub_sbmoe_snapshot(name_or_path) or resolve_backbone(name_or_path)
-        config_path = Path(source) / SBMOE_CONFIG_FILE
+        config_path = Path(source) / MODEL_FILES.sbmoe_config
         if not config_path.exists():
             return cls.from_config(ModelConfig(backbone=name_or_path, num_experts=0), device=device)
         try:
@@ -362,11 +362,11 @@ class Retriever:
                 "versions": provenance()["versions"],
                 **(extra or {}),
             }
-            write_json(tmp / SBMOE_CONFIG_FILE, saved)
-            (tmp / CARD_FILE).write_text(self.model_card(saved), encoding="utf-8")  # not ST's template
+            write_json(tmp / MODEL_FILES.sbmoe_config, saved)
+            (tmp / MODEL_FILES.card).write_text(self.model_card(saved), encoding="utf-8")  # not ST's template
             # sbmoe.json goes last: a folder without it is not taken for a complete sbmoe model.
-            (directory / SBMOE_CONFIG_FILE).unlink(missing_ok=True)
-            entries = sorted(tmp.iterdir(), key=lambda p: p.name == SBMOE_CONFIG_FILE)
+            (directory / MODEL_FILES.sbmoe_config).unlink(missing_ok=True)
+            entries = sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_FILES.sbmoe_config)
             for entry in entries:
                 target = directory / entry.name
                 if target.is_dir() and not target.is_symlink():

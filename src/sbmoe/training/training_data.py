@@ -13,6 +13,7 @@ from sbmoe.config.presets import QUERY_SIDE_TRAINS_ALONE
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.distributed import DistributedContext, shard_bounds
 from sbmoe.core.errors import DataWarning, UsageError
+from sbmoe.core.layouts import TRAINING_FILES
 from sbmoe.data.beir import BeirCollection, positive_pairs, train_dev_split
 from sbmoe.data.training_files import TrainingFileCollection
 from sbmoe.inference.cache import EmbeddingCache
@@ -206,7 +207,7 @@ def _mine_negatives(
     training_dir: Path,
     show_progress: bool,
 ) -> Negatives:
-    saved = training_dir / "negatives.json"
+    saved = training_dir / TRAINING_FILES.negatives
     if saved.exists():
         return load_negatives(saved)
     source = config.negatives_source
