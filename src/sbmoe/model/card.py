@@ -83,6 +83,7 @@ def read_evaluation(directory: str | Path, fingerprint: str) -> list[dict[str, A
 
 
 def render_model_card(
+    config: ModelConfig,
     saved: Mapping[str, Any],
     *,
     dimension: int | None = None,
@@ -93,16 +94,14 @@ def render_model_card(
     """The README.md of a saved model.
 
     Args:
-        saved: The contents of its ``sbmoe.json``.
+        config: Its model config.
+        saved: The contents of its ``sbmoe.json`` (the training it records, versions...).
         dimension: The embedding dimension.
         base_model: The backbone's Hugging Face hub id (``None``: a local backbone, left out of the
             metadata).
         model_id: How the usage lines name the model (a hub repo id or a path).
         evaluations: Test metrics, as :func:`read_evaluation` returns them.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unknown keys of a newer version: Retriever.load warns already
-        config = from_dict(ModelConfig, saved["model_config"], source="sbmoe.json model_config")
     training = saved.get("training") or {}
     train_config = saved.get("train_config") or {}
     setup = saved.get("training_setup") or {}

@@ -113,7 +113,7 @@ def require_head(retriever: Retriever, config: TrainConfig) -> bool:
             "freeze_backbone/head_only train the head only: the model needs --num-experts > 0 "
             "or --head linear"
         )
-    query_side = getattr(retriever.head_module, "side", "both") == "query"
+    query_side = getattr(retriever.head_module, "head_side", "both") == "query"
     if not frozen and query_side:
         raise UsageError(f"{QUERY_SIDE_TRAINS_ALONE} (use --head-only or --freeze-backbone)")
     if config.document_index and not (config.head_only and query_side):
