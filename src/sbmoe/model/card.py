@@ -1,6 +1,6 @@
 """Model cards: the README.md of a saved model, in the Hugging Face model-card format.
 
-A card is rendered from what ``sbmoe.json`` records (the model config; after training also the
+A card is rendered from the model's config and what ``sbmoe.json`` records (after training the
 training settings, data and dev scores) plus, optionally, test metrics of ``sbmoe evaluate`` runs
 on the same model. It replaces the unfilled template sentence-transformers writes.
 """
