@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from sbmoe.config.base import ConfigBase, check_choices
 from sbmoe.config.checks import MAX_NUM_EXPERTS, check_at_most
@@ -132,6 +132,7 @@ class ModelConfig(ConfigBase):
         return self.head == "moe" and self.num_experts > 0
 
 
+HeadConfigT = TypeVar("HeadConfigT", bound="HeadConfig")
 # What a head reads, rather than how it is set: HeadConfig's fields that are not ModelConfig's.
 _HEAD_INPUT = ("embedding_dimension", "normalize_input")
 
@@ -157,7 +158,9 @@ class HeadConfig(ConfigBase):
     head_side: Literal["both", "query"] = ModelConfig.head_side
 
     @classmethod
-    def from_model(cls, config: ModelConfig, embedding_dimension: int, normalize_input: bool) -> HeadConfig:
+    def from_model(
+        cls: type[HeadConfigT], config: ModelConfig, embedding_dimension: int, normalize_input: bool
+    ) -> HeadConfigT:
         """The head ``config`` describes, on embeddings of ``embedding_dimension``."""
         names = cls.model_fields()
         return cls(embedding_dimension, normalize_input, **{name: getattr(config, name) for name in names})
