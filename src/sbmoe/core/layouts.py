@@ -15,9 +15,10 @@ architecture test refuses a declared file name spelled anywhere else), and
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+# The kinds of artifact the output gate (sbmoe.core.artifacts) tells apart.
 INDEX = "index"
 SHARDED_INDEX = "sharded index"
 TRAINING_RUN = "training run"
@@ -90,7 +91,7 @@ class IndexFiles:
 class ShardedIndexFiles:
     """A sharded index: a folder of indexes named ``shard-00000-of-00004`` ..."""
 
-    shard: re.Pattern[str] = field(default=re.compile(r"^shard-(\d+)-of-(\d+)$"))
+    shard: re.Pattern[str] = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
     def shard_name(self, shard: int, num_shards: int) -> str:
         """The folder name of shard ``shard`` of ``num_shards``."""
