@@ -3,14 +3,18 @@
 The order, lowest first, is :data:`LAYERS`; a module may import its own package and any package
 listed before it, at module level or inside functions alike. ``sbmoe.moe_head`` and
 ``sbmoe.adapters`` are aliases that keep models saved by 0.1.0 loading (``tests/test_saved_models.py``).
+The file names of every kind of artifact are spelled once, in :mod:`sbmoe.core.layouts`: every other
+module takes them from there.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import sbmoe
+from sbmoe.core import layouts
 
 PACKAGE = Path(sbmoe.__file__).parent
 LAYERS = (
@@ -152,3 +156,51 @@ def test_the_core_and_config_import_no_heavy_package():
             for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
         }
         assert not top & {"torch", "numpy", "transformers", "faiss"}, path
+
+
+def declared_file_names() -> dict[str, str]:
+    """Each file name :mod:`sbmoe.core.layouts` declares, and the kind declaring it (folders and
+    suffixes, such as ``training`` or ``.png``, are ordinary words and not checked)."""
+    names: dict[str, str] = {}
+    for files in layouts.LAYOUTS:
+        for field in dataclasses.fields(files):
+            value = getattr(files, field.name)
+            if isinstance(value, str) and "." in value.strip("."):
+                names.setdefault(value, type(files).__name__)
+    return names
+
+
+def spelled_file_names(source: str, names: dict[str, str]) -> list[str]:
+    """The string constants of ``source`` (f-strings' parts included) that spell one of ``names``,
+    alone or as a path's last part (``training/config.json``)."""
+    return [
+        f"line {node.lineno}: {node.value!r} (declared by {names[name]})"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        for name in names
+        if node.value == name or node.value.endswith(f"/{name}")
+    ]
+
+
+def test_every_artifact_file_name_is_spelled_only_where_it_is_declared():
+    names = declared_file_names()
+    assert {"sbmoe.json", "modules.json", "meta.json", "log.jsonl", "tables.md"} <= set(names)
+    declaring = PACKAGE / "core" / "layouts.py"
+    spelled = {
+        module_name(path): found
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != declaring and (found := spelled_file_names(path.read_text(encoding="utf-8"), names))
+    }
+    assert spelled == {}, "take these names from sbmoe.core.layouts"
+
+
+def test_spelled_file_names_are_found():
+    names = {"meta.json": "IndexFiles", "config.json": "ModelFiles"}
+    source = "\n".join(
+        ['a = "meta.json"', 'b = path / "training/config.json"', "c = f\"{d / 'config.json'}\"", 'e = "meta"']
+    )
+    assert spelled_file_names(source, names) == [
+        "line 1: 'meta.json' (declared by IndexFiles)",
+        "line 2: 'training/config.json' (declared by ModelFiles)",
+        "line 3: 'config.json' (declared by ModelFiles)",
+    ]

@@ -32,33 +32,38 @@ def saved_model(tiny_bert_dir, tmp_path_factory):
     return directory
 
 
-def damaged_copy(saved_model, tmp_path, **config_changes):
+def damaged_copy(saved_model, tmp_path, record="sbmoe.json", **config_changes):
+    """A copy of ``saved_model`` with ``config_changes`` in ``record``: ``sbmoe.json``'s model config,
+    or a stage's ``config.json`` (the head's settings are in the head's, ``2_MoEHead/config.json``)."""
     copy = tmp_path / "damaged"
     shutil.copytree(saved_model, copy)
     if config_changes:
-        path = copy / "sbmoe.json"
+        path = copy / record
         saved = json.loads(path.read_text(encoding="utf-8"))
-        saved["model_config"].update(config_changes)
+        (saved["model_config"] if record == "sbmoe.json" else saved).update(config_changes)
         path.write_text(json.dumps(saved), encoding="utf-8")
     return copy
 
 
+HEAD_RECORD = "2_MoEHead/config.json"
+
+
 @pytest.mark.parametrize(
-    ("changes", "expected"),
+    ("record", "changes", "expected"),
     [
-        ({"num_experts": "six"}, "num_experts must be int, got 'six'"),
-        ({"expert_pooling": "bogus"}, "expert_pooling must be one of"),
-        ({"pooling": "median"}, "pooling must be one of"),
-        ({"num_experts": 5}, "num_experts=5, gating='learned', but the saved weights hold 3 experts"),
+        (HEAD_RECORD, {"num_experts": "six"}, "num_experts must be int, got 'six'"),
+        (HEAD_RECORD, {"expert_pooling": "bogus"}, "expert_pooling must be one of"),
+        ("sbmoe.json", {"pooling": "median"}, "pooling must be one of"),
+        (HEAD_RECORD, {"num_experts": 5}, "does not fit the weights beside it"),
     ],
 )
 def test_a_model_config_that_does_not_fit_is_refused_on_load(
-    saved_model, tmp_path, capsys, changes, expected
+    saved_model, tmp_path, capsys, record, changes, expected
 ):
-    model = damaged_copy(saved_model, tmp_path, **changes)
+    model = damaged_copy(saved_model, tmp_path, record, **changes)
     before = tree_hash(model)
     query = ["search", "--model", str(model), "--index", str(tmp_path / "none"), "--query", "cells"]
-    refused(capsys, query, "sbmoe.json", expected)
+    refused(capsys, query, record, expected)
     assert tree_hash(model) == before
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sbmoe.config.model import ModelConfig, MoEHeadConfig
 from sbmoe.model.moe_head import MoEHead
 
 
 def make_head(**kwargs) -> MoEHead:
     torch.manual_seed(0)
-    return MoEHead(embedding_dimension=16, num_experts=4, **kwargs)
+    return MoEHead(MoEHeadConfig(embedding_dimension=16, num_experts=4, **kwargs))
 
 
 def expert(head: MoEHead, m: int, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +55,7 @@ def test_all_pooling_is_the_softmax_weighted_sum(gating):
 
 
 def test_topk_keeps_k_experts():
-    head = make_head(gating="learned", expert_pooling="topk", top_k=2).eval()
+    head = make_head(gating="learned", expert_pooling="topk", experts_top_k=2).eval()
     weights = head.gate_weights(head.gate(torch.randn(6, 16)))
     assert ((weights > 0).sum(dim=-1) == 2).all()
 
@@ -124,7 +127,7 @@ def test_save_and_load_round_trip(tmp_path):
     head = make_head(gating="learned", expert_pooling="all").eval()
     head.save(str(tmp_path))
     loaded = MoEHead.load(str(tmp_path)).eval()
-    assert loaded.get_config_dict() == head.get_config_dict()
+    assert loaded.config == head.config
     x = torch.randn(4, 16)
     torch.testing.assert_close(
         loaded({"sentence_embedding": x})["sentence_embedding"],
@@ -138,12 +141,12 @@ def test_save_and_load_round_trip(tmp_path):
         ({"num_experts": 0}, "at least one expert"),
         ({"gating": "magic"}, "gating"),
         ({"expert_pooling": "top3"}, "expert_pooling"),
-        ({"expert_pooling": "topk", "top_k": 9}, "top_k"),
+        ({"expert_pooling": "topk", "experts_top_k": 9}, "experts_top_k"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        MoEHead(embedding_dimension=8, **{"num_experts": 3, **kwargs})
+        MoEHead(MoEHeadConfig(embedding_dimension=8, **{"num_experts": 3, **kwargs}))
 
 
 def test_random_gate_is_fixed_and_noise_free():
@@ -164,3 +167,25 @@ def test_expert_dropout_hides_experts_only_while_training():
     head.eval()
     eval_weights = head.gate_weights(head({"sentence_embedding": x})["router_noisy_logits"])
     assert (eval_weights > 0).all()
+
+
+def test_the_saved_record_is_the_config_in_the_model_config_names(tmp_path):
+    """One record per head: its config.json holds MoEHeadConfig, whose settings are ModelConfig's."""
+    head = make_head(gating="paper", expert_pooling="topk", experts_top_k=3, head_side="query")
+    head.save(str(tmp_path))
+    record = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    assert MoEHeadConfig(**record) == head.config
+    model = ModelConfig(
+        num_experts=4, gating="paper", expert_pooling="topk", experts_top_k=3, head_side="query"
+    )
+    assert head.config == MoEHeadConfig.from_model(model, 16, normalize_input=False)
+    assert head.config.model_settings().items() <= model.to_dict().items()
+
+
+def test_a_record_saved_by_0_1_loads_under_todays_names(tmp_path):
+    """sbmoe 0.1 wrote ``top_k`` and no side: read as ``experts_top_k`` and ``head_side="both"``."""
+    make_head(expert_pooling="topk", experts_top_k=3).save(str(tmp_path))
+    old = {"embedding_dimension": 16, "num_experts": 4, "expert_pooling": "topk", "top_k": 3}
+    (tmp_path / "config.json").write_text(json.dumps(old), encoding="utf-8")
+    loaded = MoEHead.load(str(tmp_path))
+    assert loaded.experts_top_k == 3 and loaded.head_side == "both"

@@ -37,6 +37,7 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sbmoe.core.layouts import EVALUATION_FILES
     from sbmoe.data.beir import load_collection, resolve_data
     from sbmoe.evaluation.evaluate import evaluate_model
     from sbmoe.evaluation.query_groups import splits_to_load
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         scores = "  ".join(
             f"{metric_label(name)} {value:.4f}" for name, value in output.result.metrics.items()
         )
-        print(f"{output.name}: {scores}  ({output.output_dir / 'metrics.json'})")
+        print(f"{output.name}: {scores}  ({output.output_dir / EVALUATION_FILES.metrics})")
         for group, summary in (output.query_groups or {}).items():
             means = "  ".join(f"{metric_label(m)} {v:.4f}" for m, v in summary.items() if m != "num_queries")
             print(f"  {group} queries (n={summary['num_queries']}): {means or '-'}")

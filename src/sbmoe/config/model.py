@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from sbmoe.config.base import ConfigBase, check_choices
 from sbmoe.config.checks import MAX_NUM_EXPERTS, check_at_most
@@ -83,8 +84,9 @@ class ModelConfig(ConfigBase):
     )
     lowercase: bool = setting(False, help="lower-case every query and document before tokenisation")
 
-    # Keys that older versions wrote under another name.
-    RENAMED: ClassVar[dict[str, str]] = {"top_k": "experts_top_k"}
+    # Keys that older versions wrote under another name: in configs and sbmoe.json, and in the record
+    # of a head saved by sbmoe 0.1 (its config.json, see HeadConfig). The one place they are translated.
+    RENAMED: ClassVar[dict[str, str]] = {"top_k": "experts_top_k", "side": "head_side"}
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value.
@@ -128,3 +130,61 @@ class ModelConfig(ConfigBase):
     def has_moe_head(self) -> bool:
         """Whether this config builds an MoE head (the experts and gate that expert pooling applies to)."""
         return self.head == "moe" and self.num_experts > 0
+
+
+HeadConfigT = TypeVar("HeadConfigT", bound="HeadConfig")
+# What a head reads, rather than how it is set: HeadConfig's fields that are not ModelConfig's.
+_HEAD_INPUT = ("embedding_dimension", "normalize_input")
+
+
+@dataclass(frozen=True)
+class HeadConfig(ConfigBase):
+    """What a head on the pooled embedding is built from: its one saved record (its ``config.json``).
+
+    Besides its input, the head records its settings under the names, and with the defaults, of the
+    :class:`ModelConfig` fields they come from, so a saved model holds each setting once: the head's
+    in its own folder, the rest in ``sbmoe.json``. Records of sbmoe 0.1 load through
+    :attr:`ModelConfig.RENAMED` (:class:`~sbmoe.model.head.SavedModule` renames their keys).
+
+    Attributes:
+        embedding_dimension: Dimension d of the pooled embedding.
+        normalize_input: L2-normalise the pooled embedding before the head (set when the model
+            scores with cosine similarity, as the published code does).
+        head_side: ``both`` (queries and documents) or ``query`` (documents keep the backbone's embedding).
+    """
+
+    embedding_dimension: int
+    normalize_input: bool = False
+    head_side: Literal["both", "query"] = ModelConfig.head_side
+
+    @classmethod
+    def from_model(
+        cls: type[HeadConfigT], config: ModelConfig, embedding_dimension: int, normalize_input: bool
+    ) -> HeadConfigT:
+        """The head ``config`` describes, on embeddings of ``embedding_dimension``."""
+        names = cls.model_fields()
+        return cls(embedding_dimension, normalize_input, **{name: getattr(config, name) for name in names})
+
+    @classmethod
+    def model_fields(cls) -> tuple[str, ...]:
+        """The fields that are :class:`ModelConfig`'s (all but the head's input)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _HEAD_INPUT)
+
+    def model_settings(self) -> dict[str, Any]:
+        """The :class:`ModelConfig` fields this head records, with their values."""
+        return {name: getattr(self, name) for name in self.model_fields()}
+
+
+@dataclass(frozen=True)
+class MoEHeadConfig(HeadConfig):
+    """The settings of the MoE head (:class:`~sbmoe.model.moe_head.MoEHead`), in :class:`ModelConfig`'s names.
+
+    Their meaning is that of the :class:`ModelConfig` fields of the same name.
+    """
+
+    num_experts: int = ModelConfig.num_experts
+    expert_pooling: ExpertPooling = ModelConfig.expert_pooling
+    experts_top_k: int = ModelConfig.experts_top_k
+    gating: GatingVariant = ModelConfig.gating
+    noisy_gating: bool = ModelConfig.noisy_gating
+    expert_dropout: float = ModelConfig.expert_dropout

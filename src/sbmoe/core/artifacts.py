@@ -19,7 +19,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 from collections.abc import Iterator, Mapping
@@ -28,18 +27,29 @@ from typing import Any
 
 from sbmoe.core.errors import DiskFullError, UsageError
 from sbmoe.core.io import naming_a_full_disk
+from sbmoe.core.layouts import (
+    EVALUATION,
+    EVALUATION_FILES,
+    EXPERIMENT,
+    EXPERIMENT_FILES,
+    INDEX,
+    INDEX_FILES,
+    MODEL,
+    MODEL_FILES,
+    REPORT,
+    REPORT_FILES,
+    SHARDED_INDEX,
+    SHARDED_INDEX_FILES,
+    TEMPORARY,
+    TRAINING_FILES,
+    TRAINING_RUN,
+    entries,
+)
 
 logger = logging.getLogger(__name__)
 
-INDEX = "index"
-SHARDED_INDEX = "sharded index"
-TRAINING_RUN = "training run"
-MODEL = "model"
-EVALUATION = "evaluation"
-EXPERIMENT = "experiment"
 # A plain file (a search's TREC run): a file may replace a file, never a directory.
 FILE = "file"
-REPORT = "report"
 
 # What each kind is, for messages.
 _DESCRIPTIONS = {
@@ -53,18 +63,18 @@ _DESCRIPTIONS = {
     EXPERIMENT: "holds an sbmoe experiment",
     REPORT: "holds an sbmoe report",
 }
-# A temporary of io.atomic_open / io.atomic_directory / Retriever.save: tempfile's 8 random characters.
-_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
-_SHARD = re.compile(r"^shard-\d+-of-\d+$")
-# What sbmoe.study.report.write_report writes (its plots are PNG files named after the tables), and
-# the experiment's record that a published report keeps beside it (docs/results/).
-_REPORT_FILES_FIXED = {"tables.md", "tables.tex", "results.json", "experiment.json"}
-_IN_PROGRESS = re.compile(rf"{_TEMPORARY.pattern}|^\..+\.(lock|old|chunks)$")
+# Each kind's folder, in the order they are told apart: the first that recognises a folder names it.
+_RECOGNISED = (
+    (INDEX, INDEX_FILES),
+    (TRAINING_RUN, TRAINING_FILES),
+    (MODEL, MODEL_FILES),
+    (REPORT, REPORT_FILES),
+    (EXPERIMENT, EXPERIMENT_FILES),
+    (SHARDED_INDEX, SHARDED_INDEX_FILES),
+    (EVALUATION, EVALUATION_FILES),
+)
 # The files an artifact of each kind writes into its folder (folders of its parts: see _PARTS).
-_OWN_FILES = {
-    INDEX: {"index.faiss", "doc_ids.json", "meta.json"},
-    EVALUATION: {"metrics.json", "per_query.json", "query_groups.json", "run.trec", "config.json"},
-}
+_OWN_FILES = {INDEX: INDEX_FILES.own, EVALUATION: EVALUATION_FILES.own}
 # Sub-folders an artifact is made of, and their kind: a sharded index's shards, an evaluation's rules.
 _PARTS = {SHARDED_INDEX: INDEX, EVALUATION: EVALUATION}
 
@@ -78,49 +88,17 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
         return None
     if not path.is_dir():
         return "file"
-    # Locks, temporaries, kept-aside copies and encoded chunks of writes in progress (e.g. other
-    # shards') do not count.
-    entries = [entry for entry in path.iterdir() if not _IN_PROGRESS.match(entry.name)]
-    if not entries:
+    if not entries(path):
         return None
-    names = {entry.name for entry in entries}
-    if {"meta.json", "doc_ids.json"} <= names:
-        return INDEX
-    if (path / "training").is_dir():
-        return TRAINING_RUN
-    if names & {"sbmoe.json", "modules.json", "config_sentence_transformers.json"} or (
-        {"config.json"} <= names and names & {"model.safetensors", "pytorch_model.bin"}
-    ):
-        return MODEL
-    if _is_report(path):
-        return REPORT
-    if "experiment.json" in names:
-        return EXPERIMENT
-    if all(entry.is_dir() and _SHARD.match(entry.name) for entry in entries):
-        return SHARDED_INDEX
-    if _is_evaluation(path) or all(entry.is_dir() and _is_evaluation(entry) for entry in entries):
-        return EVALUATION
-    return "foreign"
-
-
-def _is_report(path: Path) -> bool:
-    """A folder :func:`sbmoe.study.report.write_report` wrote (tables.md, ...; reports nested in it count)."""
-    entries = [entry for entry in path.iterdir() if not _IN_PROGRESS.match(entry.name)]
-    return (path / "tables.md").is_file() and all(
-        entry.name in _REPORT_FILES_FIXED or entry.suffix == ".png" or (entry.is_dir() and _is_report(entry))
-        for entry in entries
-    )
-
-
-def _is_evaluation(path: Path) -> bool:
-    """A folder :func:`sbmoe.evaluation.evaluate.evaluate_model` wrote (metrics.json beside config.json)."""
-    return (path / "metrics.json").is_file() and (path / "config.json").is_file()
+    return next((kind for kind, files in _RECOGNISED if files.recognises(path)), "foreign")
 
 
 def owns(kind: str, entry: Path) -> bool:
     """Whether ``entry``, in the folder of a ``kind`` artifact, is the artifact's own (else a user's)."""
     if kind in _PARTS and entry.is_dir() and not entry.is_symlink():
-        return bool(_SHARD.match(entry.name)) if kind == SHARDED_INDEX else _is_evaluation(entry)
+        if kind == SHARDED_INDEX:
+            return bool(SHARDED_INDEX_FILES.shard.match(entry.name))
+        return EVALUATION_FILES.is_one(entry)
     return entry.name in _OWN_FILES.get(kind, ()) and not entry.is_dir()
 
 
@@ -172,18 +150,18 @@ def recorded_settings(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     """
     path = Path(path)
     if kind == INDEX:
-        meta = _read_settings_file(path / "meta.json")
+        meta = _read_settings_file(path / INDEX_FILES.meta)
         extra = meta.get("metadata") or {}
         return meta and index_settings(
             meta.get("fingerprint"), extra.get("collection"), extra.get("index_config")
         )
     if kind == TRAINING_RUN:
-        saved = _read_settings_file(path / "training" / "config.json")
+        saved = _read_settings_file(path / TRAINING_FILES.folder / TRAINING_FILES.config)
         return saved and training_settings(
             saved.get("model_config"), saved.get("train_config"), (saved.get("data") or {}).get("name")
         )
     if kind == EVALUATION:
-        files = [path / "config.json", *sorted(path.glob("*/config.json"))]
+        files = [path / EVALUATION_FILES.config, *sorted(path.glob(f"*/{EVALUATION_FILES.config}"))]
         saved = _read_settings_file(next(file for file in files if file.is_file()))
         return saved and evaluation_settings(
             saved.get("model_fingerprint"),
@@ -376,7 +354,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     stale = [
         entry
         for entry in path.parent.iterdir()
-        if entry.name.startswith(prefix) and _TEMPORARY.match(entry.name)
+        if entry.name.startswith(prefix) and TEMPORARY.match(entry.name)
     ]
     old = path.with_name(f".{path.name}.old")
     if old.exists() and path.exists():
@@ -386,7 +364,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         for folder in folders:
             for entry in folder.iterdir():
                 original = entry.with_name(entry.name[1:-4]) if entry.name.endswith(".old") else None
-                if _TEMPORARY.match(entry.name) or (
+                if TEMPORARY.match(entry.name) or (
                     original is not None and entry.name.startswith(".") and original.exists()
                 ):
                     stale.append(entry)

@@ -19,6 +19,7 @@ from sbmoe.config.provenance import provenance
 from sbmoe.core.artifacts import EVALUATION, evaluation_settings, remove_own_entries, writing_output
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import write_json
+from sbmoe.core.layouts import EVALUATION_FILES
 from sbmoe.core.runs import Run
 from sbmoe.data.beir import BeirCollection
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics, write_trec_run
@@ -187,6 +188,6 @@ def save_evaluation(
     """
     result = evaluate_run(qrels, run, metrics=tuple(config.metrics))
     save_metrics(result, target, extra={"split": config.split, "expert_pooling": rule}, query_groups=groups)
-    write_trec_run(run, target / "run.trec", tag=f"sbmoe-{rule}")
-    write_json(target / "config.json", {"evaluate_config": config.to_dict(), **record})
+    write_trec_run(run, target / EVALUATION_FILES.run, tag=f"sbmoe-{rule}")
+    write_json(target / EVALUATION_FILES.config, {"evaluate_config": config.to_dict(), **record})
     return result

@@ -42,14 +42,12 @@ from sbmoe.config.checks import check_metric_names
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import atomic_open, read_json, write_json
+from sbmoe.core.layouts import EVALUATION_FILES
 from sbmoe.core.runs import Run
 from sbmoe.evaluation.query_groups import group_scores
 
 Qrels = Mapping[str, Mapping[str, int]]
 
-METRICS_FILE = "metrics.json"
-PER_QUERY_FILE = "per_query.json"
-QUERY_GROUPS_FILE = "query_groups.json"
 QUERY_GROUPS_KEY = "query_groups"
 
 
@@ -230,11 +228,11 @@ def save_metrics(
     summary.update(extra or {})
 
     output_dir = Path(output_dir)
-    metrics_path = output_dir / METRICS_FILE
-    per_query_path = output_dir / PER_QUERY_FILE
+    metrics_path = output_dir / EVALUATION_FILES.metrics
+    per_query_path = output_dir / EVALUATION_FILES.per_query
     write_json(metrics_path, summary)
     write_json(per_query_path, result.per_query)
-    groups_path = output_dir / QUERY_GROUPS_FILE
+    groups_path = output_dir / EVALUATION_FILES.query_groups
     if query_groups is not None:
         write_json(groups_path, {name: list(ids) for name, ids in query_groups.items()})
     else:
@@ -244,7 +242,7 @@ def save_metrics(
 
 def read_query_groups(directory: str | os.PathLike) -> dict[str, list[str]] | None:
     """The query groups :func:`save_metrics` wrote into ``directory``; None if it wrote none."""
-    path = Path(directory) / QUERY_GROUPS_FILE
+    path = Path(directory) / EVALUATION_FILES.query_groups
     return read_json(path) if path.is_file() else None
 
 

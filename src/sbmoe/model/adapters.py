@@ -9,10 +9,11 @@ reads the L2-normalised embedding when the model scores with cosine similarity (
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import Tensor, nn
 
+from sbmoe.config.model import HeadConfig
 from sbmoe.model.head import Head
 
 
@@ -23,18 +24,14 @@ class LinearAdapter(Head):
     features behind.
 
     Args:
-        embedding_dimension: Dimension d of the pooled embedding.
-        normalize_input: L2-normalise the pooled embedding first (set for cosine-similarity models,
-            as for the MoE head).
-        side: ``both`` (queries and documents) or ``query`` (documents keep the backbone's embedding).
+        config: Its dimension d, whether it normalises its input first (set for cosine-similarity
+            models, as for the MoE head) and its side (``both``, or ``query``: documents keep the
+            backbone's embedding).
     """
 
-    config_keys: ClassVar[list[str]] = ["embedding_dimension", "normalize_input", "side"]
-
-    def __init__(self, embedding_dimension: int, normalize_input: bool = False, side: str = "both") -> None:
-        super().__init__(normalize_input, side)
-        self.embedding_dimension = embedding_dimension
-        self.linear = nn.Linear(embedding_dimension, embedding_dimension)
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__(config)
+        self.linear = nn.Linear(config.embedding_dimension, config.embedding_dimension)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 

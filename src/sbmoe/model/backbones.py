@@ -14,10 +14,10 @@ from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.core.errors import ModelLoadError, first_line
+from sbmoe.core.layouts import MODEL_FILES
 from sbmoe.model.folder_check import STAGE_CLASSES, check_model_folder, transformer_folder
 from sbmoe.model.head import size_mismatch
 
-SBMOE_CONFIG_FILE = "sbmoe.json"
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
@@ -63,7 +63,7 @@ def hub_sbmoe_snapshot(name: str) -> str | None:
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        hf_hub_download(name, SBMOE_CONFIG_FILE)
+        hf_hub_download(name, MODEL_FILES.sbmoe_config)
         return snapshot_download(name)
     except (OSError, HfHubHTTPError):  # not an sbmoe model, no such repository, or offline
         return None
@@ -90,8 +90,9 @@ def load_sentence_transformer(name: str, source: str, device: torch.device) -> S
             raise
         raise ModelLoadError(
             f"could not load a model from directory {source}: "
-            f"{transformer_folder(Path(source)) / 'config.json'} sets sizes (hidden_size, vocab_size...) "
-            "that do not fit the weights beside it; restore the config.json saved with these weights"
+            f"{transformer_folder(Path(source)) / MODEL_FILES.config} sets sizes (hidden_size, "
+            "vocab_size...) that do not fit the weights beside it; restore the config.json saved with "
+            "these weights"
         ) from error
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: truncated or empty weights
         reason = first_line(error)
@@ -124,10 +125,10 @@ def _no_size_mismatch_table() -> Iterator[None]:
 def is_sentence_transformers_model(source: str) -> bool:
     """Whether ``source`` carries a sentence-transformers configuration (modules.json)."""
     if Path(source).is_dir():
-        return (Path(source) / "modules.json").exists()
+        return (Path(source) / MODEL_FILES.modules).exists()
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(source, "modules.json")
+    cached = try_to_load_from_cache(source, MODEL_FILES.modules)
     return isinstance(cached, str)
 
 

@@ -1,6 +1,6 @@
 """Model cards: the README.md of a saved model, in the Hugging Face model-card format.
 
-A card is rendered from what ``sbmoe.json`` records (the model config; after training also the
+A card is rendered from the model's config and what ``sbmoe.json`` records (after training the
 training settings, data and dev scores) plus, optionally, test metrics of ``sbmoe evaluate`` runs
 on the same model. It replaces the unfilled template sentence-transformers writes.
 """
@@ -20,9 +20,9 @@ from sbmoe.config.model import ModelConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.io import read_json
+from sbmoe.core.layouts import EVALUATION_FILES
 from sbmoe.data.download import BEIR_MD5
 
-CARD_FILE = "README.md"
 # How the usage lines name a model that is not on the hub.
 LOCAL_PLACEHOLDER = "path/to/model"
 # How many dev evaluations the card lists (the last ones; the best is named above the table).
@@ -55,19 +55,21 @@ def read_evaluation(directory: str | Path, fingerprint: str) -> list[dict[str, A
         UsageError: the evaluation scored another model (or other token limits) than ``fingerprint``.
     """
     directory = Path(directory)
-    folders = [directory] if (directory / "metrics.json").is_file() else sorted(directory.glob("*/"))
-    folders = [f for f in folders if (f / "metrics.json").is_file() and (f / "config.json").is_file()]
+    candidates = (
+        [directory] if (directory / EVALUATION_FILES.metrics).is_file() else sorted(directory.glob("*/"))
+    )
+    folders = [folder for folder in candidates if EVALUATION_FILES.is_one(folder)]
     if not folders:
         raise MissingInputError(f"{directory} holds no sbmoe evaluation (metrics.json beside config.json)")
     entries = []
     for folder in folders:
-        config = read_json(folder / "config.json")
+        config = read_json(folder / EVALUATION_FILES.config)
         if config.get("model_fingerprint") != fingerprint:
             raise UsageError(
-                f"{folder / 'config.json'}: this evaluation scored another model (or other token limits) "
-                "than the one the card describes"
+                f"{folder / EVALUATION_FILES.config}: this evaluation scored another model (or other "
+                "token limits) than the one the card describes"
             )
-        metrics = read_json(folder / "metrics.json")
+        metrics = read_json(folder / EVALUATION_FILES.metrics)
         entries.append(
             {
                 "data": (config.get("data") or {}).get("name"),
@@ -81,6 +83,7 @@ def read_evaluation(directory: str | Path, fingerprint: str) -> list[dict[str, A
 
 
 def render_model_card(
+    config: ModelConfig,
     saved: Mapping[str, Any],
     *,
     dimension: int | None = None,
@@ -91,16 +94,14 @@ def render_model_card(
     """The README.md of a saved model.
 
     Args:
-        saved: The contents of its ``sbmoe.json``.
+        config: Its model config.
+        saved: The contents of its ``sbmoe.json`` (the training it records, versions...).
         dimension: The embedding dimension.
         base_model: The backbone's Hugging Face hub id (``None``: a local backbone, left out of the
             metadata).
         model_id: How the usage lines name the model (a hub repo id or a path).
         evaluations: Test metrics, as :func:`read_evaluation` returns them.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unknown keys of a newer version: Retriever.load warns already
-        config = from_dict(ModelConfig, saved["model_config"], source="sbmoe.json model_config")
     training = saved.get("training") or {}
     train_config = saved.get("train_config") or {}
     setup = saved.get("training_setup") or {}

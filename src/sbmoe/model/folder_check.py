@@ -22,6 +22,7 @@ from sentence_transformers.base.modules import Dense, Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import LayerNorm, Pooling
 
 from sbmoe.core.errors import ModelLoadError, first_line
+from sbmoe.core.layouts import MODEL_FILES
 from sbmoe.model.adapters import LinearAdapter
 from sbmoe.model.moe_head import MoEHead
 
@@ -36,7 +37,7 @@ STAGE_CLASSES: dict[str, type] = {
 }
 _NO_CODE = "sbmoe loads no code a model folder brings with it"
 _PICKLED_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
-_SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_SAFETENSORS_WEIGHTS = (MODEL_FILES.weights, MODEL_FILES.weights_index)
 
 
 def check_model_folder(folder: Path) -> None:
@@ -51,11 +52,11 @@ def check_model_folder(folder: Path) -> None:
         if kind not in STAGE_CLASSES:
             names = sorted({cls.__name__ for cls in STAGE_CLASSES.values()})
             raise ModelLoadError(
-                f"{folder / 'modules.json'}: stage type {kind!r} is not one sbmoe loads "
+                f"{folder / MODEL_FILES.modules}: stage type {kind!r} is not one sbmoe loads "
                 f"({', '.join(names)}); {_NO_CODE}"
             )
         if STAGE_CLASSES[kind] is Dense:
-            _check_activation(folder / str(stage.get("path", "")) / "config.json")
+            _check_activation(folder / str(stage.get("path", "")) / MODEL_FILES.config)
     for file in _reachable_files(folder):
         _check_file(file)
 
@@ -89,7 +90,7 @@ def transformer_folder(folder: Path) -> Path:
 
 def _stages(folder: Path) -> list[dict[str, Any]]:
     """The entries of ``folder``'s ``modules.json`` (none for a plain transformers folder)."""
-    modules_file = folder / "modules.json"
+    modules_file = folder / MODEL_FILES.modules
     if not modules_file.exists():
         return []
     modules = _read_json(modules_file, strict=True)

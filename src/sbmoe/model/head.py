@@ -1,8 +1,8 @@
 """What every head on the pooled embedding shares: saving itself, its input, its residual and its side.
 
 A head sits between pooling and normalisation and adds a learned change to the pooled embedding
-(``y = x + delta(x)``). It applies to both kinds of text (``side="both"``, the paper's design) or to
-queries only (``side="query"``): documents then keep the frozen backbone's embeddings, so an index
+(``y = x + delta(x)``). It applies to both kinds of text (``head_side="both"``, the paper's design) or
+to queries only (``head_side="query"``): documents then keep the frozen backbone's embeddings, so an index
 built with the zero-shot backbone stays valid for every query-side model trained on it.
 
 A query-side head adds its change to the raw pooled embedding, and each kind starts as the
@@ -14,6 +14,7 @@ call (:func:`sbmoe.inference.encoding.run_stages`).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from sentence_transformers.base.modules import Module
 from torch import Tensor
 
+from sbmoe.config.base import from_dict
+from sbmoe.config.model import HeadConfig, ModelConfig
 from sbmoe.core.choices import HEAD_SIDES
 from sbmoe.core.errors import ModelLoadError
 
@@ -28,10 +31,27 @@ NORMALIZE_EPS = 1e-6
 
 
 class SavedModule(Module):
-    """A sentence-transformers module that saves its ``config_keys`` and its weights, and loads them.
+    """A sentence-transformers module built from one config dataclass, which it saves with its weights.
 
-    Saved models then reload with plain ``SentenceTransformer(dir, trust_remote_code=True)``.
+    Its record (``config.json`` in its folder) holds the fields of :attr:`config_class`, read from the
+    module's attributes of the same names; loading builds ``cls(config_class(**record))``, with the
+    keys of records saved by sbmoe 0.1 renamed to today's. Saved models then reload with plain
+    ``SentenceTransformer(dir)``.
     """
+
+    config_class: ClassVar[type[HeadConfig]] = HeadConfig
+    # sentence-transformers' load_config renames these keys of older records (top_k, side).
+    config_key_renames: ClassVar[dict[str, str]] = ModelConfig.RENAMED
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # What sentence-transformers' get_config_dict saves: exactly the config's fields.
+        cls.config_keys = [field.name for field in dataclasses.fields(cls.config_class)]
+
+    @property
+    def config(self) -> HeadConfig:
+        """The module's settings as they are now (what :meth:`save` records)."""
+        return self.config_class(**self.get_config_dict())
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         self.save_config(output_path)
@@ -44,15 +64,18 @@ class SavedModule(Module):
             for key in ("token", "cache_folder", "revision", "local_files_only")
             if key in kwargs
         }
-        config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        module = cls(**{key: value for key, value in config.items() if key in cls.config_keys})
+        record = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        config_file = Path(model_name_or_path) / subfolder / cls.config_file_name
+        try:
+            module = cls(from_dict(cls.config_class, record, source=str(config_file)))
+        except ValueError as error:  # a UsageError too: a value of the wrong type
+            raise ModelLoadError(f"{config_file}: unusable head settings ({error})") from error
         try:
             cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=module, **hub_kwargs)
         except RuntimeError as error:
             mismatch = size_mismatch(error)
             if mismatch is None:
                 raise
-            config_file = Path(model_name_or_path) / subfolder / "config.json"
             raise ModelLoadError(
                 f"{config_file} does not fit the weights beside it ({mismatch}); restore the config.json "
                 "saved with these weights"
@@ -75,25 +98,25 @@ class Head(SavedModule):
     Subclasses implement :meth:`delta`. Reads ``features["sentence_embedding"]`` and replaces it.
 
     Args:
-        normalize_input: L2-normalise the pooled embedding before ``delta`` reads it (set when the
-            model scores with cosine similarity, as the published code does). A both-sided head
-            also adds ``delta`` to the normalised embedding; a query-side head adds it to the raw
-            one, so that at ``delta = 0`` a query embeds exactly as without the head.
-        side: ``both`` or ``query``.
+        config: Its settings. With ``normalize_input`` the pooled embedding is L2-normalised before
+            ``delta`` reads it; a both-sided head also adds ``delta`` to the normalised embedding, a
+            query-side head adds it to the raw one, so that at ``delta = 0`` a query embeds exactly
+            as without the head.
     """
 
     forward_kwargs: ClassVar[set[str]] = {"task"}
 
-    def __init__(self, normalize_input: bool = False, side: str = "both") -> None:
+    def __init__(self, config: HeadConfig) -> None:
         super().__init__()
-        if side not in HEAD_SIDES:
-            raise ValueError(f"side must be one of {HEAD_SIDES}, got {side!r}")
-        self.normalize_input = normalize_input
-        self.side = side
+        if config.head_side not in HEAD_SIDES:
+            raise ValueError(f"head_side must be one of {HEAD_SIDES}, got {config.head_side!r}")
+        self.embedding_dimension = config.embedding_dimension
+        self.normalize_input = config.normalize_input
+        self.head_side = config.head_side
 
     def applies_to(self, task: str | None) -> bool:
         """Whether the head changes texts of ``task`` (``query`` or ``document``)."""
-        if self.side == "both":
+        if self.head_side == "both":
             return True
         if task not in ("query", "document"):
             raise ValueError(
@@ -111,5 +134,5 @@ class Head(SavedModule):
             return features
         raw = features["sentence_embedding"]
         x = F.normalize(raw, p=2, dim=-1, eps=NORMALIZE_EPS) if self.normalize_input else raw
-        features["sentence_embedding"] = (raw if self.side == "query" else x) + self.delta(x, features)
+        features["sentence_embedding"] = (raw if self.head_side == "query" else x) + self.delta(x, features)
         return features

@@ -12,12 +12,12 @@ from pathlib import Path
 from sbmoe.core.artifacts import MODEL, TRAINING_RUN, writing_output
 from sbmoe.core.errors import HubError, MissingInputError, UsageError, first_line
 from sbmoe.core.io import atomic_open, read_json
-from sbmoe.model.backbones import SBMOE_CONFIG_FILE
-from sbmoe.model.card import CARD_FILE, read_evaluation
+from sbmoe.core.layouts import MODEL_FILES, TRAINING_FILES
+from sbmoe.model.card import read_evaluation
 from sbmoe.model.retriever import Retriever
 
 # Kept beside a trained model but not part of it.
-NOT_UPLOADED = frozenset({"training", CARD_FILE})
+NOT_UPLOADED = frozenset({TRAINING_FILES.folder, MODEL_FILES.card})
 
 
 def load_saved_model(directory: str | Path) -> Retriever:
@@ -31,7 +31,9 @@ def load_saved_model(directory: str | Path) -> Retriever:
     directory = Path(directory)
     if not directory.is_dir():
         raise MissingInputError(f"model directory {directory} does not exist")
-    missing = [name for name in (SBMOE_CONFIG_FILE, "modules.json") if not (directory / name).is_file()]
+    missing = [
+        name for name in (MODEL_FILES.sbmoe_config, MODEL_FILES.modules) if not (directory / name).is_file()
+    ]
     if missing:
         raise UsageError(
             f"{directory} is not a saved sbmoe model (no {' or '.join(missing)}): give the folder "
@@ -56,7 +58,7 @@ def model_card(
     retriever = load_saved_model(directory)
     fingerprint = retriever.fingerprint()
     entries = [entry for path in evaluations for entry in read_evaluation(path, fingerprint)]
-    saved = read_json(Path(directory) / SBMOE_CONFIG_FILE)
+    saved = read_json(Path(directory) / MODEL_FILES.sbmoe_config)
     return retriever.model_card(saved, model_id, entries)
 
 
@@ -69,7 +71,7 @@ def write_model_card(directory: str | Path, evaluations: Sequence[str | Path] = 
         raise MissingInputError(f"model directory {directory} does not exist")
     with writing_output(directory, (MODEL, TRAINING_RUN)):
         card = model_card(directory, evaluations)
-        path = Path(directory) / CARD_FILE
+        path = Path(directory) / MODEL_FILES.card
         with atomic_open(path) as handle:
             handle.write(card)
     return path
@@ -130,7 +132,7 @@ def push_model(
     directory = Path(directory)
     files = model_files(directory)
     operations = [CommitOperationAdd(path.relative_to(directory).as_posix(), str(path)) for path in files]
-    operations.append(CommitOperationAdd(CARD_FILE, card.encode("utf-8")))
+    operations.append(CommitOperationAdd(MODEL_FILES.card, card.encode("utf-8")))
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

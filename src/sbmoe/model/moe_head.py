@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sbmoe.config.model import MoEHeadConfig
 from sbmoe.core.choices import EXPERT_POOLINGS, GATING_VARIANTS
 from sbmoe.core.errors import ModelLoadError
 from sbmoe.model.head import NORMALIZE_EPS, Head
@@ -39,63 +40,34 @@ class MoEHead(Head):
     statistics.
 
     Args:
-        embedding_dimension: Dimension d of the pooled embedding.
-        num_experts: Number of experts N (>= 1).
-        expert_pooling: ``top1``, ``topk`` or ``all``. Under ``paper`` gating this is the inference
-            rule only; training always uses noisy top-1, as the published code does.
-        top_k: Experts combined under ``topk``.
-        gating: ``paper``, ``learned`` or ``random``.
-        noisy_gating: Add softplus-scaled Gaussian noise to the gate logits while training.
-        normalize_input: L2-normalise the pooled embedding before the head (set when the model
-            scores with cosine similarity, as the published code does).
-        expert_dropout: While training, hide each expert from each text with this probability
-            (at least one stays), so no text relies on a single expert.
-        side: ``both`` (the paper: queries and documents) or ``query`` (documents keep the
-            backbone's embedding; each expert's last layer starts at zero and expert outputs are
-            mixed as they are, not scaled to unit length, so the untrained head is the identity and
-            its change grows as fast as a linear adapter's). See :mod:`sbmoe.model.head`.
+        config: Its settings, named and meant as the :class:`~sbmoe.config.model.ModelConfig` fields
+            they come from. Under ``paper`` gating ``expert_pooling`` is the inference rule only;
+            training always uses noisy top-1, as the published code does. ``expert_dropout`` hides
+            each expert from each text with that probability while training (at least one stays).
+            A ``query``-side head (see :mod:`sbmoe.model.head`) starts each expert's last layer at
+            zero and mixes expert outputs as they are, not scaled to unit length, so the untrained
+            head is the identity and its change grows as fast as a linear adapter's.
     """
 
-    config_keys: ClassVar[list[str]] = [
-        "embedding_dimension",
-        "num_experts",
-        "expert_pooling",
-        "top_k",
-        "gating",
-        "noisy_gating",
-        "normalize_input",
-        "expert_dropout",
-        "side",
-    ]
+    config_class: ClassVar[type[MoEHeadConfig]] = MoEHeadConfig
 
-    def __init__(
-        self,
-        embedding_dimension: int,
-        num_experts: int = 6,
-        expert_pooling: str = "top1",
-        top_k: int = 2,
-        gating: str = "learned",
-        noisy_gating: bool = True,
-        normalize_input: bool = False,
-        expert_dropout: float = 0.0,
-        side: str = "both",
-    ) -> None:
-        super().__init__(normalize_input, side)
+    def __init__(self, config: MoEHeadConfig) -> None:
+        super().__init__(config)
+        num_experts = config.num_experts
         if num_experts < 1:
             raise ValueError(f"MoEHead needs at least one expert, got num_experts={num_experts}")
-        if gating not in GATING_VARIANTS:
-            raise ValueError(f"gating must be one of {GATING_VARIANTS}, got {gating!r}")
-        self.embedding_dimension = embedding_dimension
+        if config.gating not in GATING_VARIANTS:
+            raise ValueError(f"gating must be one of {GATING_VARIANTS}, got {config.gating!r}")
         self.num_experts = num_experts
-        self.top_k = top_k
-        self.gating = gating
-        self.noisy_gating = noisy_gating
-        if not 0.0 <= expert_dropout < 1.0:
-            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
-        self.expert_dropout = expert_dropout
-        self.expert_pooling = expert_pooling  # validated by the setter
+        self.experts_top_k = config.experts_top_k
+        self.gating = config.gating
+        self.noisy_gating = config.noisy_gating
+        if not 0.0 <= config.expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {config.expert_dropout}")
+        self.expert_dropout = config.expert_dropout
+        self.expert_pooling = config.expert_pooling  # validated by the setter
 
-        d, hidden = embedding_dimension, max(embedding_dimension // 2, 1)
+        d, hidden = config.embedding_dimension, max(config.embedding_dimension // 2, 1)
         # Experts are stored stacked (N, in, out) so all of them run as two batched matmuls.
         self.expert_w1 = nn.Parameter(torch.empty(num_experts, d, hidden))
         self.expert_b1 = nn.Parameter(torch.empty(num_experts, hidden))
@@ -104,13 +76,13 @@ class MoEHead(Head):
         self.gate = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
         self.noise = nn.Linear(d, num_experts)
         self._init_experts()
-        if side == "query":
+        if self.head_side == "query":
             # Zero last layers: the untrained query-side head is the identity, and the first step
             # already moves every expert's output (a zero-initialised scalar gain instead held the
             # change to about lr x steps of the embedding's length: nothing learned in 130 steps).
             nn.init.zeros_(self.expert_w2)
             nn.init.zeros_(self.expert_b2)
-        if gating == "random":
+        if self.gating == "random":
             for parameter in (*self.gate.parameters(), *self.noise.parameters()):
                 parameter.requires_grad_(False)
 
@@ -132,8 +104,8 @@ class MoEHead(Head):
     def expert_pooling(self, value: str) -> None:
         if value not in EXPERT_POOLINGS:
             raise ValueError(f"expert_pooling must be one of {EXPERT_POOLINGS}, got {value!r}")
-        if value == "topk" and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, {self.num_experts}], got {self.top_k}")
+        if value == "topk" and not 1 <= self.experts_top_k <= self.num_experts:
+            raise ValueError(f"experts_top_k must be in [1, {self.num_experts}], got {self.experts_top_k}")
         self._expert_pooling = value
 
     def _init_experts(self) -> None:
@@ -153,7 +125,7 @@ class MoEHead(Head):
         """Number of experts combined under the current rule and mode."""
         if self.gating == "paper" and self.training:
             return 1
-        return {"top1": 1, "topk": self.top_k, "all": self.num_experts}[self.expert_pooling]
+        return {"top1": 1, "topk": self.experts_top_k, "all": self.num_experts}[self.expert_pooling]
 
     def gate_weights(self, logits: Tensor) -> Tensor:
         """Gate weights g (B, N): softmax of ``logits`` kept on the selected experts, zero elsewhere."""
@@ -187,10 +159,12 @@ class MoEHead(Head):
             else:
                 weights = self.gate_weights(logits)
             mixed = torch.einsum("bn,bnd->bd", weights, expert_outputs)
-            change = mixed if self.side == "query" else F.normalize(mixed, p=2, dim=-1, eps=NORMALIZE_EPS)
+            change = (
+                mixed if self.head_side == "query" else F.normalize(mixed, p=2, dim=-1, eps=NORMALIZE_EPS)
+            )
         else:
             # A query-side head's experts start at zero, where scaling to unit length has no gradient.
-            if self.side != "query":
+            if self.head_side != "query":
                 expert_outputs = F.normalize(expert_outputs, p=2, dim=-1, eps=NORMALIZE_EPS)
             change = torch.einsum("bn,bnd->bd", self.gate_weights(logits), expert_outputs)
         features["router_logits"] = clean_logits

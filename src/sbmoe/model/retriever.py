@@ -27,14 +27,14 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 
 from sbmoe import __version__
 from sbmoe.config.base import from_dict
-from sbmoe.config.model import ModelConfig
+from sbmoe.config.model import HeadConfig, ModelConfig, MoEHeadConfig
 from sbmoe.config.provenance import provenance
 from sbmoe.core.errors import ModelLoadError, UsageError
 from sbmoe.core.io import write_json
+from sbmoe.core.layouts import MODEL_FILES
 from sbmoe.core.runtime import resolve_device
 from sbmoe.model.adapters import LinearAdapter
 from sbmoe.model.backbones import (
-    SBMOE_CONFIG_FILE,
     backbone_token_limit,
     hub_model_id,
     hub_sbmoe_snapshot,
@@ -42,7 +42,7 @@ from sbmoe.model.backbones import (
     load_sentence_transformer,
     resolve_backbone,
 )
-from sbmoe.model.card import CARD_FILE, render_model_card
+from sbmoe.model.card import render_model_card
 from sbmoe.model.fingerprints import fingerprint_settings, hash_weights, without_head
 from sbmoe.model.moe_head import MoEHead
 
@@ -103,7 +103,7 @@ class Retriever:
         config.validate()
         device = resolve_device(device)
         source = resolve_backbone(config.backbone)
-        if (Path(source) / SBMOE_CONFIG_FILE).exists():
+        if (Path(source) / MODEL_FILES.sbmoe_config).exists():
             return cls.load(source, device=device)
         # Built on the CPU: the head's initialisation then draws from the CPU generator on every device.
         base = load_sentence_transformer(config.backbone, source, torch.device("cpu"))
@@ -139,24 +139,11 @@ class Retriever:
             expert_pooling=config.expert_pooling if config.has_moe_head() else "top1",
         )
         stages: list[torch.nn.Module] = [transformer, pooling]
+        head_input = (pooling.get_embedding_dimension(), similarity == "cosine")
         if config.head == "linear":
-            stages.append(
-                LinearAdapter(pooling.get_embedding_dimension(), similarity == "cosine", config.head_side)
-            )
+            stages.append(LinearAdapter(HeadConfig.from_model(config, *head_input)))
         elif config.num_experts > 0:
-            stages.append(
-                MoEHead(
-                    pooling.get_embedding_dimension(),
-                    num_experts=config.num_experts,
-                    expert_pooling=config.expert_pooling,
-                    top_k=config.experts_top_k,
-                    gating=config.gating,
-                    noisy_gating=config.noisy_gating,
-                    expert_dropout=config.expert_dropout,
-                    normalize_input=similarity == "cosine",
-                    side=config.head_side,
-                )
-            )
+            stages.append(MoEHead(MoEHeadConfig.from_model(config, *head_input)))
         if similarity == "cosine":
             stages.append(Normalize())
         model = SentenceTransformer(modules=stages, device=str(device))
@@ -167,6 +154,9 @@ class Retriever:
     def load(cls, name_or_path: str, device: str | torch.device | None = "auto") -> Retriever:
         """Load a saved sbmoe model, or wrap any encoder (hub name, directory) without a head.
 
+        The model's config is ``sbmoe.json``'s, with the head's settings taken from the head's own
+        record (folders of sbmoe 0.1 hold them in both: the head's, which built its weights, wins).
+
         Args:
             name_or_path: A saved model directory, a sentence-transformers or transformers model
                 directory or hub name, or ``all-MiniLM-L6-v2``.
@@ -175,32 +165,23 @@ class Retriever:
         """
         device = resolve_device(device)
         source = hub_sbmoe_snapshot(name_or_path) or resolve_backbone(name_or_path)
-        config_path = Path(source) / SBMOE_CONFIG_FILE
+        config_path = Path(source) / MODEL_FILES.sbmoe_config
         if not config_path.exists():
             return cls.from_config(ModelConfig(backbone=name_or_path, num_experts=0), device=device)
         try:
-            saved = json.loads(config_path.read_text(encoding="utf-8"))
-            config = from_dict(ModelConfig, saved["model_config"], source=str(config_path))
-            config.validate()  # the same rules as the command line
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UsageError) as error:
+            saved = json.loads(config_path.read_text(encoding="utf-8"))["model_config"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ModelLoadError(f"{config_path}: unusable sbmoe model config ({error})") from error
-        retriever = cls(load_sentence_transformer(name_or_path, source, device), config)
-        head = retriever.head
-        experts = head.num_experts if head is not None else 0
-        linear = isinstance(retriever.head_module, LinearAdapter)
-        if (
-            experts != config.num_experts
-            or (head is not None and head.gating != config.gating)
-            or linear != (config.head == "linear")
-        ):
-            found = "a linear adapter" if linear else "no MoE head"
-            if head is not None:
-                found = f"{experts} experts, gating {head.gating!r}"
-            raise ModelLoadError(
-                f"{config_path} says head={config.head!r}, num_experts={config.num_experts}, "
-                f"gating={config.gating!r}, but the saved weights hold {found}"
-            )
-        return retriever
+        model = load_sentence_transformer(name_or_path, source, device)
+        head = _head_module(model)
+        try:
+            # Without a head stage the model has no experts, whatever sbmoe.json says.
+            settings = {**saved, **(head.config.model_settings() if head is not None else {"num_experts": 0})}
+            config = from_dict(ModelConfig, settings, source=str(config_path))
+            config.validate()  # the same rules as the command line
+        except (TypeError, AttributeError, UsageError) as error:
+            raise ModelLoadError(f"{config_path}: unusable sbmoe model config ({error})") from error
+        return cls(model, config)
 
     # ----------------------------------------------------------------------------------- parts
     @property
@@ -211,7 +192,7 @@ class Retriever:
     @property
     def head_module(self) -> MoEHead | LinearAdapter | None:
         """The trainable module after pooling (MoE head or linear adapter), or ``None``."""
-        return next((m for m in self.model.children() if isinstance(m, (MoEHead, LinearAdapter))), None)
+        return _head_module(self.model)
 
     @property
     def tokenizer(self) -> Any:
@@ -285,7 +266,7 @@ class Retriever:
         """Whether documents pass through the head (a head on both sides): then its indexes are its
         own and documents are routed; without a head, or with a query-side one, they are the backbone's."""
         module = self.head_module
-        return module is not None and module.side == "both"
+        return module is not None and module.head_side == "both"
 
     def document_fingerprint(self) -> str:
         """A SHA-256 identifying this model's document embeddings: what an index it builds holds.
@@ -355,18 +336,21 @@ class Retriever:
             # sbmoe writes the card (below): sentence-transformers' own would encode sample texts for a
             # usage snippet, which a query-side head refuses without a task, only to be replaced.
             self.model.save(str(tmp), create_model_card=False)
+            # The head's settings are in its own record (Retriever.load joins the two).
+            head_settings = self.head_module.config.model_settings() if self.head_module is not None else {}
+            model_config = {k: v for k, v in self.config.to_dict().items() if k not in head_settings}
             saved = {
                 "sbmoe_version": __version__,
-                "model_config": self.config.to_dict(),
+                "model_config": model_config,
                 "fingerprint": self.fingerprint(),
                 "versions": provenance()["versions"],
                 **(extra or {}),
             }
-            write_json(tmp / SBMOE_CONFIG_FILE, saved)
-            (tmp / CARD_FILE).write_text(self.model_card(saved), encoding="utf-8")  # not ST's template
+            write_json(tmp / MODEL_FILES.sbmoe_config, saved)
+            (tmp / MODEL_FILES.card).write_text(self.model_card(saved), encoding="utf-8")  # not ST's template
             # sbmoe.json goes last: a folder without it is not taken for a complete sbmoe model.
-            (directory / SBMOE_CONFIG_FILE).unlink(missing_ok=True)
-            entries = sorted(tmp.iterdir(), key=lambda p: p.name == SBMOE_CONFIG_FILE)
+            (directory / MODEL_FILES.sbmoe_config).unlink(missing_ok=True)
+            entries = sorted(tmp.iterdir(), key=lambda p: p.name == MODEL_FILES.sbmoe_config)
             for entry in entries:
                 target = directory / entry.name
                 if target.is_dir() and not target.is_symlink():
@@ -383,6 +367,7 @@ class Retriever:
     ) -> str:
         """The README.md of this model with ``saved`` as its sbmoe.json (see :mod:`sbmoe.model.card`)."""
         return render_model_card(
+            self.config,
             saved,
             dimension=self.model.get_embedding_dimension(),
             base_model=hub_model_id(self.config.backbone),
@@ -405,3 +390,8 @@ class Retriever:
             "gating": self.config.gating if head is not None else None,
             "expert_pooling": head.expert_pooling if head is not None else None,
         }
+
+
+def _head_module(model: SentenceTransformer) -> MoEHead | LinearAdapter | None:
+    """The trainable stage after pooling of ``model`` (MoE head or linear adapter), or ``None``."""
+    return next((m for m in model.children() if isinstance(m, (MoEHead, LinearAdapter))), None)

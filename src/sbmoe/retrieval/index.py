@@ -29,6 +29,7 @@ from sbmoe import __version__
 from sbmoe.core.artifacts import INDEX, owns
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.io import atomic_directory, write_json
+from sbmoe.core.layouts import INDEX_FILES
 from sbmoe.core.runs import Run
 from sbmoe.retrieval.exact_search import as_matrix, exact_top_k
 from sbmoe.retrieval.faiss_indexes import (
@@ -41,10 +42,7 @@ from sbmoe.retrieval.faiss_indexes import (
 )
 from sbmoe.retrieval.faiss_indexes import default_nlist as default_nlist
 from sbmoe.retrieval.index_files import (
-    DOC_IDS_FILE,
     FORMAT_VERSION,
-    INDEX_FILE,
-    META_FILE,
     check_fingerprint,
     check_ids,
     file_checksum,
@@ -348,10 +346,12 @@ class DenseIndex:
         }
         # A user's files in an earlier index's folder stay; only the index's own are replaced.
         with atomic_directory(directory, keep=lambda entry: not owns(INDEX, entry)) as tmp:
-            faiss.write_index(self._index, str(tmp / INDEX_FILE))
-            write_json(tmp / DOC_IDS_FILE, list(self._doc_ids))
-            meta["checksum"] = {name: file_checksum(tmp / name) for name in (INDEX_FILE, DOC_IDS_FILE)}
-            write_json(tmp / META_FILE, meta)
+            faiss.write_index(self._index, str(tmp / INDEX_FILES.index))
+            write_json(tmp / INDEX_FILES.doc_ids, list(self._doc_ids))
+            meta["checksum"] = {
+                name: file_checksum(tmp / name) for name in (INDEX_FILES.index, INDEX_FILES.doc_ids)
+            }
+            write_json(tmp / INDEX_FILES.meta, meta)
         return directory
 
     @classmethod
@@ -391,7 +391,7 @@ class DenseIndex:
                 f"ShardedIndex.load), or merge it into one with `sbmoe merge-index --index {directory} ...`"
             )
 
-        meta_path = directory / META_FILE
+        meta_path = directory / INDEX_FILES.meta
         meta = read_meta(directory)
         dtype = meta["dtype"]
         # Checked before reading the (possibly large) index file.
@@ -399,12 +399,12 @@ class DenseIndex:
         verify_checksum(directory, meta, full=verify)
         doc_ids = read_doc_ids(directory)
 
-        index = read_faiss_index(directory / INDEX_FILE, meta_path, meta["index_type"], dtype, mmap)
+        index = read_faiss_index(directory / INDEX_FILES.index, meta_path, meta["index_type"], dtype, mmap)
         if not (index.ntotal == len(doc_ids) == meta["count"]) or index.d != meta["dim"]:
             raise UsageError(
-                f"index directory {directory} is inconsistent: {INDEX_FILE} has {index.ntotal} vectors "
-                f"of dimension {index.d}, {DOC_IDS_FILE} has {len(doc_ids)} ids, {META_FILE} says "
-                f"{meta['count']} of dimension {meta['dim']}"
+                f"index directory {directory} is inconsistent: {INDEX_FILES.index} has {index.ntotal} "
+                f"vectors of dimension {index.d}, {INDEX_FILES.doc_ids} has {len(doc_ids)} ids, "
+                f"{INDEX_FILES.meta} says {meta['count']} of dimension {meta['dim']}"
             )
 
         return cls._from_faiss(
@@ -433,7 +433,7 @@ class DenseIndex:
             The shard's directory.
         """
         root = Path(root)
-        if (root / META_FILE).exists():
+        if (root / INDEX_FILES.meta).exists():
             raise UsageError(
                 f"{root} holds a single (unsharded) index; write the shards to another directory "
                 f"or delete it first"

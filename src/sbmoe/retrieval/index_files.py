@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,12 +18,9 @@ from typing import Any
 
 from sbmoe.core.choices import EMBEDDING_DTYPES, INDEX_TYPES
 from sbmoe.core.errors import MissingInputError, SbmoeError, UsageError
+from sbmoe.core.layouts import INDEX_FILES, SHARDED_INDEX_FILES
 
-INDEX_FILE = "index.faiss"
-DOC_IDS_FILE = "doc_ids.json"
-META_FILE = "meta.json"
 FORMAT_VERSION = 1
-SHARD_PATTERN = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
 # The cheap check on load hashes this many blocks of this many bytes, spread over the file.
 _SAMPLE_BLOCKS = 64
@@ -73,15 +69,17 @@ def check_fingerprint(
 
 def shard_directory(root: str | os.PathLike, shard: int, num_shards: int) -> Path:
     """Where shard ``shard`` of ``num_shards`` lives inside the sharded index ``root``."""
-    return Path(root) / f"shard-{shard:05d}-of-{num_shards:05d}"
+    return Path(root) / SHARDED_INDEX_FILES.shard_name(shard, num_shards)
 
 
 def is_sharded_index(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds shard directories (and no single index of its own)."""
     directory = Path(directory)
-    if not directory.is_dir() or (directory / META_FILE).exists():
+    if not directory.is_dir() or (directory / INDEX_FILES.meta).exists():
         return False
-    return any(SHARD_PATTERN.match(entry.name) and entry.is_dir() for entry in directory.iterdir())
+    return any(
+        SHARDED_INDEX_FILES.shard.match(entry.name) and entry.is_dir() for entry in directory.iterdir()
+    )
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -91,7 +89,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError: there is no ``meta.json``.
         ValueError: it is corrupt: not JSON, not an object, a required entry missing or unknown.
     """
-    meta_path = Path(directory) / META_FILE
+    meta_path = Path(directory) / INDEX_FILES.meta
     meta = read_json_file(meta_path)
     if not isinstance(meta, dict):
         raise UsageError(f"{meta_path} is corrupt: expected a JSON object")
@@ -113,7 +111,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
 
 def read_doc_ids(directory: str | os.PathLike) -> tuple[str, ...]:
     """The checked document ids of an index directory, in row order."""
-    ids_path = Path(directory) / DOC_IDS_FILE
+    ids_path = Path(directory) / INDEX_FILES.doc_ids
     raw_ids = read_json_file(ids_path)
     if not isinstance(raw_ids, list):
         raise UsageError(f"{ids_path} is corrupt: expected a JSON list of document ids")
@@ -171,11 +169,11 @@ def verify_checksum(directory: str | os.PathLike, meta: Mapping[str, Any], full:
             continue  # the loader names missing files itself
         size = path.stat().st_size
         if size != expected["size"]:
-            problem = f"has {size} bytes, {META_FILE} says {expected['size']}"
+            problem = f"has {size} bytes, {INDEX_FILES.meta} says {expected['size']}"
         elif full and file_checksum(path)["sha256"] != expected["sha256"]:
-            problem = "does not match the SHA-256 in " + META_FILE
+            problem = "does not match the SHA-256 in " + INDEX_FILES.meta
         elif not full and sample_digest(path, size) != expected["sample_sha256"]:
-            problem = "does not match the sample checksum in " + META_FILE
+            problem = "does not match the sample checksum in " + INDEX_FILES.meta
         else:
             continue
         raise UsageError(

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from sbmoe.core.errors import MissingInputError, UsageError
+from sbmoe.core.layouts import SHARDED_INDEX_FILES
 from sbmoe.core.runs import Run, merge_runs
 from sbmoe.retrieval.index import DenseIndex, read_meta
 from sbmoe.retrieval.index_files import (
-    SHARD_PATTERN,
     check_fingerprint,
     check_ids,
     is_sharded_index,
@@ -193,7 +193,7 @@ class ShardedIndex:
         found: dict[int, tuple[int, Path]] = {}
         counts = set()
         for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
-            match = SHARD_PATTERN.match(entry.name)
+            match = SHARDED_INDEX_FILES.shard.match(entry.name)
             if match and entry.is_dir():
                 number, count = int(match.group(1)), int(match.group(2))
                 found[number] = (count, entry)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from sbmoe.core.errors import UsageError
+from sbmoe.core.layouts import STORE_FILES
 
 SCHEMES = ("milvus",)
 DEFAULT_COLLECTION = "sbmoe"
@@ -85,7 +86,7 @@ def parse_store_uri(text: str) -> StoreURI:
         database = parts.path.strip("/") or None
         return StoreURI(text, "milvus", None, address, database, collection, **counts)
     path = parts.path
-    if not path.endswith(".db"):
+    if not path.endswith(STORE_FILES.suffix):
         raise UsageError(
             f"store URI {text!r}: a Milvus Lite database is a path ending in .db (e.g. milvus:runs/corpus.db)"
         )

@@ -23,6 +23,7 @@ from sbmoe.config.provenance import provenance
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.errors import SbmoeError
 from sbmoe.core.io import read_json
+from sbmoe.core.layouts import EVALUATION_FILES
 from sbmoe.core.runtime import resolve_device, resolve_inference, resolve_precision
 from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics
@@ -216,7 +217,7 @@ def _reference(
         "split": split,
         "max_length": max_length,
     }
-    metrics_file = directory / "metrics.json"
+    metrics_file = directory / EVALUATION_FILES.metrics
     if metrics_file.exists():
         saved = read_json(metrics_file)
         if saved.get("settings") == settings:

@@ -28,6 +28,7 @@ from sbmoe.core.artifacts import EXPERIMENT, writing_output
 from sbmoe.core.distributed import check_shard
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import read_json, write_json
+from sbmoe.core.layouts import EXPERIMENT_FILES
 from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.inference.cache import EmbeddingCache
@@ -78,7 +79,7 @@ def run_experiment(
     with writing_output(output_dir, EXPERIMENT, role=f"worker-{index}-of-{count}"):
         check_finished_cells(grid, cells, output_dir)
         write_json(
-            output_dir / "experiment.json",
+            output_dir / EXPERIMENT_FILES.record,
             {"grid": grid.to_dict(), "provenance": provenance(options.command)},
         )
         summary = ExperimentSummary()
@@ -95,11 +96,11 @@ def _run_cells(
     show_progress: bool,
 ) -> None:
     """Run the unfinished ``cells``, recording each in ``summary``."""
-    cache = EmbeddingCache(output_dir / "cache")
+    cache = EmbeddingCache(output_dir / EXPERIMENT_FILES.cache)
     collections = _CollectionLoader()
     bar = tqdm(cells, desc=f"experiment {grid.name}", unit="cell", disable=not show_progress)
     for cell in bar:
-        folder = output_dir / "cells" / cell.cell_id
+        folder = output_dir / EXPERIMENT_FILES.cells / cell.cell_id
         if _missing_evaluations(cell, folder) == []:
             summary.skipped.append(cell.cell_id)
             continue
@@ -110,7 +111,7 @@ def _run_cells(
             raise
         except Exception as error:  # a failing cell is recorded and the grid goes on
             write_json(
-                folder / "error.json",
+                folder / EXPERIMENT_FILES.error,
                 {
                     "cell": cell.to_dict(),
                     "error": f"{type(error).__name__}: {error}",
@@ -124,9 +125,9 @@ def _run_cells(
 
 def _missing_evaluations(cell: GridCell, folder: Path) -> list[str] | None:
     """The collections a finished cell has yet to be evaluated on (``None``: it is not finished)."""
-    if not (folder / "done.json").exists():
+    if not (folder / EXPERIMENT_FILES.done).exists():
         return None
-    evaluated = read_json(folder / "done.json")["evaluations"]
+    evaluated = read_json(folder / EXPERIMENT_FILES.done)["evaluations"]
     return [name for name in cell.evaluate_on if name not in evaluated]
 
 
@@ -138,10 +139,10 @@ def check_finished_cells(grid: ExperimentGrid, cells: list[GridCell], output_dir
     collection the grid added since (e.g. by transfer) is no difference: it is evaluated next run.
     """
     for cell in cells:
-        folder = output_dir / "cells" / cell.cell_id
-        if not (folder / "done.json").exists() or not (folder / "cell.json").exists():
+        folder = output_dir / EXPERIMENT_FILES.cells / cell.cell_id
+        if not (folder / EXPERIMENT_FILES.done).exists() or not (folder / EXPERIMENT_FILES.cell).exists():
             continue
-        saved = read_json(folder / "cell.json")
+        saved = read_json(folder / EXPERIMENT_FILES.cell)
         changed = []
         if saved["cell"].get("control") != cell.control:
             changed.append(f"control {saved['cell'].get('control')!r} -> {cell.control!r}")
@@ -158,7 +159,7 @@ def check_finished_cells(grid: ExperimentGrid, cells: list[GridCell], output_dir
         if saved.get("evaluate", grid.evaluate) != grid.evaluate:
             changed.append(f"evaluate {saved['evaluate']!r} -> {grid.evaluate!r}")
         overrides = saved.get("evaluate_per_collection", {})
-        for name in read_json(folder / "done.json")["evaluations"]:
+        for name in read_json(folder / EXPERIMENT_FILES.done)["evaluations"]:
             before, now = overrides.get(name, {}), grid.evaluate_per_collection.get(name, {})
             if name in cell.evaluate_on and before != now:
                 changed.append(f"evaluate_per_collection.{name} {before!r} -> {now!r}")
@@ -185,7 +186,7 @@ def run_cell(
     """
     model_config, train_config = cell_configs(grid, cell)
     write_json(
-        folder / "cell.json",
+        folder / EXPERIMENT_FILES.cell,
         {
             "cell": cell.to_dict(),
             "model_config": model_config.to_dict(),
@@ -198,15 +199,22 @@ def run_cell(
             },
         },
     )
-    (folder / "error.json").unlink(missing_ok=True)
-    previous = read_json(folder / "done.json") if (folder / "done.json").exists() else {}
+    (folder / EXPERIMENT_FILES.error).unlink(missing_ok=True)
+    previous = read_json(folder / EXPERIMENT_FILES.done) if (folder / EXPERIMENT_FILES.done).exists() else {}
     started = time.perf_counter()
     if cell.trains and previous:
-        retriever, training = Retriever.load(str(folder / "model")), previous["training"]
+        retriever, training = Retriever.load(str(folder / EXPERIMENT_FILES.model)), previous["training"]
     elif cell.trains:
         collection = collections.get(cell.collection)
-        result = train(model_config, train_config, collection, folder / "model", show_progress, cache=cache)
-        retriever = Retriever.load(str(folder / "model"))
+        result = train(
+            model_config,
+            train_config,
+            collection,
+            folder / EXPERIMENT_FILES.model,
+            show_progress,
+            cache=cache,
+        )
+        retriever = Retriever.load(str(folder / EXPERIMENT_FILES.model))
         training = result.to_dict()
     else:
         # document-prior reads no text; the zero-shot model is built only for what does.
@@ -224,7 +232,7 @@ def run_cell(
         if cell.control == "procrustes" and name != cell.collection:
             # Fitted on the training collection's pairs (saved by its evaluation, which comes
             # first); elsewhere the map is evaluated as any trained model is.
-            retriever = Retriever.load(str(eval_dir(folder, cell.collection) / "model"))
+            retriever = Retriever.load(str(eval_dir(folder, cell.collection) / EXPERIMENT_FILES.model))
         elif cell.control is not None:
             output = evaluate_control(
                 cell.control, target, eval_dir(folder, name), evaluate, train_config, retriever, encode, cache
@@ -241,7 +249,7 @@ def run_cell(
         eval_seconds[name] = round(outputs[0].seconds, 2)  # one encoding pass serves every rule
         if retriever.head is not None:
             routing = _routing(retriever, target, evaluate, encode, cache)
-            write_json(eval_dir(folder, name) / "routing.json", routing)
+            write_json(eval_dir(folder, name) / EXPERIMENT_FILES.routing, routing)
     summary = {
         "cell": cell.to_dict(),
         "training": training,
@@ -251,7 +259,7 @@ def run_cell(
     }
     if cell.control is not None:
         summary["controls"] = controls
-    write_json(folder / "done.json", summary)
+    write_json(folder / EXPERIMENT_FILES.done, summary)
     return summary
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from sbmoe.core.choices import EXPERT_POOLINGS
 from sbmoe.core.errors import ModelLoadError
+from sbmoe.core.layouts import EVALUATION_FILES, EXPERIMENT_FILES
 from sbmoe.evaluation.tables import metric_label
 from sbmoe.study.grid import slug
 from sbmoe.study.results import SystemResult
@@ -156,7 +157,7 @@ def tsne_systems(systems: Sequence[SystemResult]) -> list[SystemResult]:
         return system.kind == "sb-moe", in_domain, system.experts, system.rule == "top1"
 
     for system in systems:
-        trained = system.cell_dirs and (Path(system.cell_dirs[0]) / "model").exists()
+        trained = system.cell_dirs and (Path(system.cell_dirs[0]) / EXPERIMENT_FILES.model).exists()
         if system.experts < 2 or not trained or not _routes_documents(Path(system.cell_dirs[0])):
             continue
         current = chosen.get(system.eval_collection)
@@ -169,7 +170,7 @@ def _routes_documents(cell_dir: Path) -> bool:
     """Whether the cell's head routes documents too (a query-side head leaves them unrouted)."""
     from sbmoe.core.io import read_json
 
-    saved = read_json(cell_dir / "cell.json") if (cell_dir / "cell.json").exists() else {}
+    saved = read_json(cell_dir / EXPERIMENT_FILES.cell) if (cell_dir / EXPERIMENT_FILES.cell).exists() else {}
     return saved.get("model_config", {}).get("head_side", "both") == "both"
 
 
@@ -211,10 +212,10 @@ def write_tsne(system: SystemResult, path: Path, top: int = 50) -> Path:
     from sbmoe.model.retriever import Retriever
     from sbmoe.study.plots import plot_tsne
 
-    retriever = Retriever.load(str(Path(system.cell_dirs[0]) / "model"))
+    retriever = Retriever.load(str(Path(system.cell_dirs[0]) / EXPERIMENT_FILES.model))
     rule = system.rule if system.rule in EXPERT_POOLINGS else None
     collection = load_collection(resolve_data(system.eval_collection), splits=[])
-    run = read_trec_run(Path(system.eval_dirs[0]) / "run.trec")
+    run = read_trec_run(Path(system.eval_dirs[0]) / EVALUATION_FILES.run)
     ranked = {q: sorted(run[q], key=lambda d: (-run[q][d], d)) for q in sorted(run)[:TSNE_CANDIDATES]}
     shortlist = sorted({d for docs in ranked.values() for d in docs[:SPREAD_DEPTH]})
     _, routed = _head_outputs(

@@ -48,6 +48,7 @@ from sbmoe.config.train import TrainConfig
 from sbmoe.core.choices import CONTROLS, PRIOR_CONTROLS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import atomic_open, read_json
+from sbmoe.core.layouts import EXPERIMENT_FILES
 from sbmoe.core.yaml_reader import read_yaml
 
 # The study's backbones: hub name, pooling, and the temperature of the published recipe.
@@ -157,7 +158,7 @@ def slug(text: str) -> str:
 
 def eval_dir(cell_folder: Path, collection: str) -> Path:
     """Where a cell's evaluation on ``collection`` (a name or a folder) is written."""
-    return cell_folder / "eval" / slug(collection)
+    return cell_folder / EXPERIMENT_FILES.evaluations / slug(collection)
 
 
 def load_grid(path: str | Path) -> ExperimentGrid:
@@ -390,5 +391,5 @@ def cell_configs(grid: ExperimentGrid, cell: GridCell) -> tuple[ModelConfig, Tra
 
 def iter_finished_cells(output_dir: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """(cell folder, done.json) of every finished cell under ``output_dir``."""
-    for done in sorted(Path(output_dir).glob("cells/*/done.json")):
+    for done in sorted(Path(output_dir).glob(f"{EXPERIMENT_FILES.cells}/*/{EXPERIMENT_FILES.done}")):
         yield done.parent, read_json(done)

@@ -31,6 +31,7 @@ from sbmoe.core.artifacts import REPORT, writing_output
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import read_json
+from sbmoe.core.layouts import EXPERIMENT_FILES, REPORT_FILES
 from sbmoe.evaluation.query_groups import GROUPS, restrict
 from sbmoe.evaluation.statistics import Comparison, ComparisonReport, compare_to_baseline
 from sbmoe.evaluation.tables import Cell, Column, Report, Row, Table, metric_label
@@ -349,7 +350,7 @@ def build_report(
     systems = collect_results(output_dir, metrics, cell_ids)
     if not systems:
         raise UsageError(f"{output_dir}: no finished cells (cells/*/done.json) to report on")
-    experiment = Path(output_dir) / "experiment.json"
+    experiment = Path(output_dir) / EXPERIMENT_FILES.record
     order = list(read_json(experiment)["grid"]["variants"]) if experiment.exists() else []
     report = ExperimentReport(systems, {}, metrics, baseline, metric, order)
     tests = {"test": test, "alpha": alpha, "seed": seed, "metric": metric}
@@ -409,7 +410,7 @@ def write_report(
     directory = Path(directory)
     with writing_output(directory, REPORT):
         rendered = report.to_report(timing)
-        written = [rendered.save(directory / name) for name in ("tables.md", "tables.tex", "results.json")]
+        written = [rendered.save(directory / name) for name in REPORT_FILES.tables]
         if plots:
             from sbmoe.study.figures import write_figures
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from sbmoe.core.choices import PAPER_METRICS, PRIOR_CONTROLS
 from sbmoe.core.io import read_json
+from sbmoe.core.layouts import EVALUATION_FILES, EXPERIMENT_FILES
 from sbmoe.evaluation.metrics import read_query_groups
 from sbmoe.evaluation.query_groups import restrict
 from sbmoe.evaluation.statistics import mean_std
@@ -147,7 +148,7 @@ def collect_results(
         if cell_ids is not None and folder.name not in cell_ids:
             continue
         cell = done["cell"]
-        saved = read_json(folder / "cell.json") if (folder / "cell.json").exists() else {}
+        saved = read_json(folder / EXPERIMENT_FILES.cell) if (folder / EXPERIMENT_FILES.cell).exists() else {}
         kind = system_kind(cell, saved.get("model_config"))
         reindexes = changes_documents(cell, saved.get("model_config"))
         training = done.get("training") or {}
@@ -167,8 +168,8 @@ def collect_results(
                 system = systems.setdefault(key, SystemResult(*key, kind=kind, reindexes=reindexes))
                 if system.query_groups is None:
                     system.query_groups = read_query_groups(directory)
-                scores = read_json(directory / "metrics.json")
-                per_query = read_json(directory / "per_query.json")
+                scores = read_json(directory / EVALUATION_FILES.metrics)
+                per_query = read_json(directory / EVALUATION_FILES.per_query)
                 system.seeds.append(cell["seed"])
                 system.cell_dirs.append(str(folder))
                 system.eval_dirs.append(str(directory))
@@ -179,7 +180,7 @@ def collect_results(
                     system.train_seconds.append(training["seconds"])
                 if eval_name in done.get("eval_seconds", {}):
                     system.eval_seconds.append(done["eval_seconds"][eval_name])
-                routing_file = eval_dir(folder, eval_name) / "routing.json"
+                routing_file = eval_dir(folder, eval_name) / EXPERIMENT_FILES.routing
                 if routing_file.exists():
                     system.routing.append(read_json(routing_file))
     return list(systems.values())

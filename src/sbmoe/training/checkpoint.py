@@ -30,13 +30,9 @@ from safetensors.torch import load_file, save_file
 
 from sbmoe.core.errors import UsageError, first_line
 from sbmoe.core.io import atomic_directory, read_json, recover_directory, write_json
+from sbmoe.core.layouts import TRAINING_FILES
 
 FORMAT = 2
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
-STATE_FILE = "state.json"
-PICKLED_FILE = "optimizer.pt"  # format 1 (sbmoe 0.1.0): never opened
 # The fields of state.json and their types, checked on reading.
 _STATE_FIELDS: dict[str, type] = {
     "step": int,
@@ -121,11 +117,11 @@ def write_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> None:
     rng_tensors = {f"{rank}.torch": state.torch for rank, state in enumerate(checkpoint.rng)}
     rng_tensors |= {f"{rank}.cuda": s.cuda for rank, s in enumerate(checkpoint.rng) if s.cuda is not None}
     with atomic_directory(directory) as tmp:
-        save_file(_plain(checkpoint.model), str(tmp / MODEL_FILE))
-        save_file(_plain(optimizer_tensors), str(tmp / OPTIMIZER_FILE))
-        save_file(_plain(rng_tensors), str(tmp / RNG_FILE))
+        save_file(_plain(checkpoint.model), str(tmp / TRAINING_FILES.checkpoint_model))
+        save_file(_plain(optimizer_tensors), str(tmp / TRAINING_FILES.optimizer))
+        save_file(_plain(rng_tensors), str(tmp / TRAINING_FILES.rng))
         write_json(
-            tmp / STATE_FILE,
+            tmp / TRAINING_FILES.state,
             {
                 "format": FORMAT,
                 "step": checkpoint.step,
@@ -152,22 +148,22 @@ def read_checkpoint(directory: str | Path) -> Checkpoint | None:
     if not directory.exists():
         return None
     refuse_pickled(directory)
-    state = _read(directory / STATE_FILE, read_json)
+    state = _read(directory / TRAINING_FILES.state, read_json)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         raise UsageError(
-            f"{directory / STATE_FILE}: checkpoint format {found!r}, this sbmoe reads format {FORMAT}: "
-            f"delete {directory} to train this run again from its start"
+            f"{directory / TRAINING_FILES.state}: checkpoint format {found!r}, this sbmoe reads format "
+            f"{FORMAT}: delete {directory} to train this run again from its start"
         )
     for name, kind in _STATE_FIELDS.items():
         if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool):
             raise UsageError(
-                f"{directory / STATE_FILE}: field `{name}` must be {_KIND_NAMES[kind]}: the checkpoint is "
-                f"damaged; delete {directory} to train this run again from its start"
+                f"{directory / TRAINING_FILES.state}: field `{name}` must be {_KIND_NAMES[kind]}: the "
+                f"checkpoint is damaged; delete {directory} to train this run again from its start"
             )
-    model = _read(directory / MODEL_FILE, _load_tensors)
-    optimizer_tensors = _read(directory / OPTIMIZER_FILE, _load_tensors)
-    rng_tensors = _read(directory / RNG_FILE, _load_tensors)
+    model = _read(directory / TRAINING_FILES.checkpoint_model, _load_tensors)
+    optimizer_tensors = _read(directory / TRAINING_FILES.optimizer, _load_tensors)
+    rng_tensors = _read(directory / TRAINING_FILES.rng, _load_tensors)
     try:
         selection = {key: state["selection"][key] for key in ("best_score", "best_step", "dev_history")}
         optimizer = _join_optimizer(optimizer_tensors, state["optimizer"])
@@ -202,11 +198,11 @@ def refuse_pickled(directory: str | Path) -> None:
         UsageError: ``directory`` holds ``optimizer.pt``.
     """
     directory = Path(directory)
-    if (directory / PICKLED_FILE).exists():
+    if (directory / TRAINING_FILES.pickled_optimizer).exists():
         raise UsageError(
-            f"{directory} is a checkpoint of sbmoe 0.1.0, whose {PICKLED_FILE} is a pickle that could run "
-            f"code when loaded, so it is not read: delete {directory} to train this run again from its "
-            "start, or resume it with sbmoe 0.1.0 if you trust where it came from"
+            f"{directory} is a checkpoint of sbmoe 0.1.0, whose {TRAINING_FILES.pickled_optimizer} is a "
+            f"pickle that could run code when loaded, so it is not read: delete {directory} to train this "
+            "run again from its start, or resume it with sbmoe 0.1.0 if you trust where it came from"
         )
 
 

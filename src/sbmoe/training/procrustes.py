@@ -17,6 +17,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.model import HeadConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.errors import UsageError
 from sbmoe.data.beir import BeirCollection, positive_pairs, train_dev_split
@@ -72,7 +73,8 @@ def procrustes_model(
         queries, documents = _unit_rows(queries), _unit_rows(documents)
     rotation = orthogonal_map(queries, documents)
     # y = x + A x with A = W^T - I is x W for a row x; on the raw pooled embedding (W keeps norms).
-    adapter = LinearAdapter(len(rotation), normalize_input=False, side="query")
+    config = dataclasses.replace(backbone.config, head="linear", head_side="query", num_experts=0)
+    adapter = LinearAdapter(HeadConfig.from_model(config, len(rotation), normalize_input=False))
     with torch.no_grad():
         adapter.linear.weight.copy_(torch.from_numpy(rotation.T - np.eye(len(rotation), dtype=np.float32)))
     stages = [*backbone.encoder_stages(), adapter, *backbone.head_stages()]
@@ -80,7 +82,6 @@ def procrustes_model(
         modules=[copy.deepcopy(stage) for stage in stages], device=str(backbone.device)
     )
     model.max_seq_length = backbone.model.max_seq_length
-    config = dataclasses.replace(backbone.config, head="linear", head_side="query", num_experts=0)
     return Retriever(model, config)
 
 

@@ -11,6 +11,7 @@ from sbmoe.config.model import ModelConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import read_json
+from sbmoe.core.layouts import TRAINING_FILES
 from sbmoe.data.beir import BeirCollection
 
 
@@ -51,7 +52,7 @@ def run_settings(
 
 def refuse_another_world_size(output_dir: Path, world_size: int) -> None:
     """Refuse to resume a run of ``output_dir`` that ran on another number of processes."""
-    saved = read_json(output_dir / "training" / "config.json").get("world_size", 1)
+    saved = read_json(output_dir / TRAINING_FILES.folder / TRAINING_FILES.config).get("world_size", 1)
     if saved != world_size:
         raise UsageError(
             f"{output_dir} holds a checkpoint of a run on {saved} process(es), this one has {world_size}: "

@@ -18,6 +18,7 @@ from typing import Any
 
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.errors import UsageError
+from sbmoe.core.layouts import TRAINING_FILES
 from sbmoe.core.runtime import resolve_inference
 from sbmoe.model.card import describe_head
 from sbmoe.model.retriever import Retriever
@@ -188,7 +189,7 @@ class RunLog:
     """
 
     def __init__(self, training_dir: str | Path, writes: bool = True) -> None:
-        self.path = Path(training_dir) / "log.jsonl"
+        self.path = Path(training_dir) / TRAINING_FILES.log
         self.writes = writes
         self.reporter = TrainingReporter()
 

@@ -46,6 +46,7 @@ from sbmoe.core.artifacts import TRAINING_RUN, check_output, writing_output
 from sbmoe.core.distributed import DistributedContext, broadcast_module, data_parallel, init_distributed
 from sbmoe.core.errors import TrainingDivergedError, UsageError
 from sbmoe.core.io import read_json, write_json
+from sbmoe.core.layouts import TRAINING_FILES
 from sbmoe.core.runtime import autocast, resolve_precision, seed_everything
 from sbmoe.data.beir import BeirCollection
 from sbmoe.data.training_files import TrainingFileCollection, training_collection
@@ -119,7 +120,7 @@ class Trainer:
             )
         self.retriever, self.data, self.config, self.command = retriever, data, config, command
         self.output_dir = Path(output_dir)
-        self.training_dir = self.output_dir / "training"
+        self.training_dir = self.output_dir / TRAINING_FILES.folder
         self.is_main = self.context.is_main
         self.show_progress = show_progress and self.is_main
         self.precision = resolve_precision(config.precision, retriever.device)
@@ -149,7 +150,9 @@ class Trainer:
         self.model = data_parallel(encoder, self.context)
         self.loss = build_loss(self.model, retriever, data, config, router, self.context)
         self.step = 0
-        self.selection = ModelSelection(config.checkpoint_selection, self.training_dir / "best", self.is_main)
+        self.selection = ModelSelection(
+            config.checkpoint_selection, self.training_dir / TRAINING_FILES.best, self.is_main
+        )
         self.log = RunLog(self.training_dir, self.is_main)
         self.routing = RoutingTracker()
         self.setup: dict[str, Any] = {}  # the start-up record, kept for the model card
@@ -172,7 +175,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------- loop
     def train(self) -> TrainResult:
         """Run (or resume) training; returns the summary. The kept model ends up in ``output_dir``."""
-        done_file = self.training_dir / "done.json"
+        done_file = self.training_dir / TRAINING_FILES.done
         summary = self.context.run_on_main(lambda: read_json(done_file) if done_file.exists() else None)
         if summary is not None:
             logger.info("%s is already trained; nothing to do", self.output_dir)
@@ -287,7 +290,7 @@ class Trainer:
                 scheduler=self.scheduler.state_dict(),
                 rng=rng,
             )
-            write_checkpoint(self.training_dir / "checkpoint", checkpoint)
+            write_checkpoint(self.training_dir / TRAINING_FILES.checkpoint, checkpoint)
 
     def _resume(self) -> tuple[int, int] | None:
         """Go on from this run's checkpoint, if any: the epoch and batch to start at (else ``None``)."""
@@ -295,7 +298,7 @@ class Trainer:
         if checkpoint is None:
             return None
         broadcast_module(self.retriever.model, self.context)
-        with refusing_misfits(self.training_dir / "checkpoint"):
+        with refusing_misfits(self.training_dir / TRAINING_FILES.checkpoint):
             self.optimizer.load_state_dict(checkpoint.optimizer)
             self.scheduler.load_state_dict(
                 {key: checkpoint.scheduler[key] for key in self.scheduler.state_dict()}
@@ -309,11 +312,11 @@ class Trainer:
         """On rank 0: the output's checkpoint of this run, its weights restored and the log cut back to it."""
         settings = run_settings(self.retriever.config, self.config, self.data.collection)
         check_output(self.output_dir, TRAINING_RUN, settings)
-        checkpoint = read_checkpoint(self.training_dir / "checkpoint")
+        checkpoint = read_checkpoint(self.training_dir / TRAINING_FILES.checkpoint)
         if checkpoint is None:
             return None
         refuse_another_world_size(self.output_dir, self.context.world_size)
-        with refusing_misfits(self.training_dir / "checkpoint"):
+        with refusing_misfits(self.training_dir / TRAINING_FILES.checkpoint):
             self.retriever.model.load_state_dict(checkpoint.model)
         self.log.cut(checkpoint.log_bytes)  # the steps logged after the checkpoint are taken again
         return dataclasses.replace(checkpoint, model={})  # the weights reach the others by broadcast
@@ -338,7 +341,7 @@ class Trainer:
         logger.info(startup_line(self.setup))
         self.log.record(self.setup)
         config = {**self.run_config(), **provenance(self.command), "precision": self.precision}
-        write_json(self.training_dir / "config.json", config)
+        write_json(self.training_dir / TRAINING_FILES.config, config)
 
     def _finish(self, started: float, resumed_from: int | None) -> TrainResult:
         warning = self.selection.untrained_warning(self.step, self.retriever.head is not None)
@@ -361,7 +364,7 @@ class Trainer:
             card_facts = {"train_config": dataclasses.asdict(self.config), "training_setup": self.setup}
             kept.save(self.output_dir, extra={"training": result.to_dict(), **card_facts})
             self.retriever.model.load_state_dict(kept.model.state_dict())
-            write_json(self.training_dir / "done.json", result.to_dict())
+            write_json(self.training_dir / TRAINING_FILES.done, result.to_dict())
 
         self.context.run_on_main(save_kept_model)
         broadcast_module(self.retriever.model, self.context)  # every process ends with the kept model
@@ -389,12 +392,12 @@ def build_trainer(
     # and can its checkpoint (if any) be read safely?
     def check() -> None:
         check_output(output_dir, TRAINING_RUN, run_settings(retriever.config, config, collection))
-        refuse_pickled(Path(output_dir) / "training" / "checkpoint")
+        refuse_pickled(Path(output_dir) / TRAINING_FILES.folder / TRAINING_FILES.checkpoint)
 
     context.run_on_main(check)
     if config.head_only and cache is None:
         cache = EmbeddingCache()  # pooled embeddings are the whole point: keep them for dev evaluation
-    training_dir = Path(output_dir) / "training"
+    training_dir = Path(output_dir) / TRAINING_FILES.folder
     progress = show_progress and context.is_main
     data = prepare_training_data(retriever, collection, config, training_dir, cache, context, progress)
     return Trainer(retriever, data, config, output_dir, show_progress, batch_order, command, cache, context)
@@ -454,7 +457,7 @@ def train(
                 writing_output(output_dir, TRAINING_RUN, settings, overwrite=overwrite)
             )
         )
-        training_dir = Path(output_dir) / "training"
+        training_dir = Path(output_dir) / TRAINING_FILES.folder
         if replacing and context.is_main:
             logger.warning("%s: --overwrite: replacing a training run of other settings", output_dir)
             shutil.rmtree(training_dir)

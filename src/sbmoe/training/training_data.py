@@ -14,6 +14,7 @@ from sbmoe.config.presets import QUERY_SIDE_TRAINS_ALONE
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.distributed import DistributedContext, shard_bounds
 from sbmoe.core.errors import DataWarning, UsageError
+from sbmoe.core.layouts import TRAINING_FILES
 from sbmoe.data.beir import BeirCollection, positive_pairs, train_dev_split
 from sbmoe.data.training_files import TrainingFileCollection
 from sbmoe.inference.cache import EmbeddingCache
@@ -113,7 +114,7 @@ def require_head(retriever: Retriever, config: TrainConfig) -> bool:
             "freeze_backbone/head_only train the head only: the model needs --num-experts > 0 "
             "or --head linear"
         )
-    query_side = getattr(retriever.head_module, "side", "both") == "query"
+    query_side = getattr(retriever.head_module, "head_side", "both") == "query"
     if not frozen and query_side:
         raise UsageError(f"{QUERY_SIDE_TRAINS_ALONE} (use --head-only or --freeze-backbone)")
     if config.document_index and not (config.head_only and query_side):
@@ -209,7 +210,7 @@ def _mine_negatives(
     training_dir: Path,
     show_progress: bool,
 ) -> Negatives:
-    saved = training_dir / "negatives.json"
+    saved = training_dir / TRAINING_FILES.negatives
     if saved.exists():
         return load_negatives(saved)
     source = config.negatives_source
