@@ -40,7 +40,8 @@ def test_max_train_pairs_draws_a_seeded_sample_and_keeps_every_judgement(retriev
 
 def test_more_pairs_than_there_are_trains_on_all_of_them(retriever_and_collection, tmp_path):
     everything = pairs_of(retriever_and_collection, tmp_path, seed=1)
-    assert pairs_of(retriever_and_collection, tmp_path, seed=1, max_train_pairs=10**6).pairs == everything.pairs
+    more = pairs_of(retriever_and_collection, tmp_path, seed=1, max_train_pairs=10**6)
+    assert more.pairs == everything.pairs
 
 
 def test_a_sample_too_small_for_in_batch_negatives_is_refused():
