@@ -32,11 +32,11 @@ import numpy as np
 from bench_ann import memory_mib, recall_at_k, vectors
 from common import machine
 
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE
-from sbmoe.retrieval.milvus_collection import store_meta
-from sbmoe.retrieval.milvus_store import MilvusStore
-from sbmoe.retrieval.store_uri import parse_store_uri
+from sbmoe.retrieval.milvus.collection import store_meta
+from sbmoe.retrieval.milvus.store import MilvusStore
+from sbmoe.retrieval.milvus.uri import parse_store_uri
 
 K = 10
 

@@ -31,7 +31,7 @@ from sbmoe.core.artifacts import lock_path
 from sbmoe.core.io import read_json
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.store import open_store
+from sbmoe.retrieval.interface import open_store
 
 # Runs `sbmoe ARGS` with 16-document index chunks; with PAUSE > 0 it stops before the PAUSE+1-th
 # chunk or training step, says "paused" and waits to be killed.

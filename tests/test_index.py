@@ -1,4 +1,4 @@
-"""Tests for sbmoe.retrieval.index: exact and HNSW search, exclude_self, save/load, fingerprints,
+"""Tests for sbmoe.retrieval.faiss.index: exact and HNSW search, exclude_self, save/load, fingerprints,
 float16 storage, validation."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import IndexMismatchError
+from sbmoe.retrieval.faiss.files import IndexMismatchError
+from sbmoe.retrieval.faiss.index import DenseIndex
 
 FINGERPRINT = "a1b2c3d4e5f6a7b8c9d0" * 2
 
@@ -65,9 +65,9 @@ def test_exact_search_across_corpus_blocks(monkeypatch, tmp_path, dtype: str, ba
     # Force many corpus blocks so the block-merging path is exercised, ties included. Small integers
     # are exact in float16 too, so both dtypes must give the brute-force ranking exactly, in batches
     # and one query at a time (other code paths), in memory and memory-mapped (misaligned vectors).
-    import sbmoe.retrieval.exact_search
+    import sbmoe.retrieval.faiss.exact_search
 
-    monkeypatch.setattr(sbmoe.retrieval.exact_search, "_SCORE_BLOCK", 64)
+    monkeypatch.setattr(sbmoe.retrieval.faiss.exact_search, "_SCORE_BLOCK", 64)
     rng = np.random.default_rng(3)
     docs = rng.integers(-1, 2, size=(203, 6)).astype(np.float32)
     queries = rng.integers(-1, 2, size=(9, 6)).astype(np.float32)

@@ -16,10 +16,10 @@ from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.runs import merge_runs
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import IndexMismatchError, is_sharded_index, shard_directory
+from sbmoe.retrieval.faiss.files import IndexMismatchError, is_sharded_index, shard_directory
+from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.search import search
-from sbmoe.retrieval.shards import ShardedIndex, load_index
+from sbmoe.retrieval.sharded.index import ShardedIndex, load_index
 
 FINGERPRINT = "0123456789abcdef" * 4
 

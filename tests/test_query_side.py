@@ -24,8 +24,8 @@ from sbmoe.data.beir import load_collection
 from sbmoe.evaluation.metrics import read_trec_run
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import IndexMismatchError
+from sbmoe.retrieval.faiss.files import IndexMismatchError
+from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.search import search, search_documents
 from sbmoe.training.procrustes import orthogonal_map, procrustes_model
 from sbmoe.training.trainer import train

@@ -27,13 +27,13 @@ from sbmoe.evaluation.metrics import read_trec_run
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import IndexMismatchError
-from sbmoe.retrieval.milvus_collection import EXPERT_FIELD, GATE_FIELD, ID_FIELD
-from sbmoe.retrieval.milvus_store import MilvusStore
-from sbmoe.retrieval.shards import load_index
-from sbmoe.retrieval.store import VectorStore, open_store
-from sbmoe.retrieval.store_uri import is_store_uri, parse_store_uri
+from sbmoe.retrieval.faiss.files import IndexMismatchError
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.interface import VectorStore, open_store
+from sbmoe.retrieval.milvus.collection import EXPERT_FIELD, GATE_FIELD, ID_FIELD
+from sbmoe.retrieval.milvus.store import MilvusStore
+from sbmoe.retrieval.milvus.uri import is_store_uri, parse_store_uri
+from sbmoe.retrieval.sharded.index import load_index
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -253,9 +253,9 @@ def test_a_store_of_another_model_is_refused(tiny_bert_dir, store_uri, scifact_s
 
 KILLABLE_INDEX = """
 import sys
-import sbmoe.retrieval.store_indexing as job
+import sbmoe.retrieval.milvus.indexing as job
 from sbmoe.cli.main import main
-from sbmoe.retrieval.milvus_store import MilvusStore
+from sbmoe.retrieval.milvus.store import MilvusStore
 
 job.INDEX_CHUNK_SIZE = 10  # many small chunks, so the kill lands between two of them
 upsert = MilvusStore.upsert

@@ -45,7 +45,7 @@ def register(commands: Any) -> None:
 def run_index(args: argparse.Namespace) -> int:
     from sbmoe.core.distributed import distributed_session, parse_shard
     from sbmoe.data.beir import load_collection, resolve_data
-    from sbmoe.retrieval.index_files import shard_directory
+    from sbmoe.retrieval.faiss.files import shard_directory
     from sbmoe.retrieval.indexing import index_corpus
 
     config = common.config_from(args, IndexConfig)

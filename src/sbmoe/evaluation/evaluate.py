@@ -26,7 +26,7 @@ from sbmoe.evaluation.query_groups import group_scores, split_query_groups
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import encoding_used
 from sbmoe.retrieval.search import search, search_documents
-from sbmoe.retrieval.shards import load_index
+from sbmoe.retrieval.sharded.index import load_index
 
 
 @dataclass

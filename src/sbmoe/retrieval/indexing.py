@@ -19,9 +19,9 @@ from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import CACHE_CHUNK_SIZE, encode_texts
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import shard_directory
-from sbmoe.retrieval.shards import ShardedIndex
+from sbmoe.retrieval.faiss.files import shard_directory
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.sharded.index import ShardedIndex
 
 # Documents encoded (and kept) at a time while indexing, so that an interrupted index resumes.
 INDEX_CHUNK_SIZE = CACHE_CHUNK_SIZE
@@ -39,7 +39,7 @@ def build_index(
     """Encode ``documents`` (doc id -> text) into a FAISS inner-product index tagged with the model.
 
     ``config`` chooses the index type (none given: ``flat``, exact), IVF cells and the embeddings'
-    storage dtype (none given: ``float32``); see :class:`~sbmoe.retrieval.index.DenseIndex`.
+    storage dtype (none given: ``float32``); see :class:`~sbmoe.retrieval.faiss.index.DenseIndex`.
     """
     config = config or IndexConfig()
     embeddings = encode_texts(
@@ -84,8 +84,8 @@ def index_corpus(
             :func:`~sbmoe.core.artifacts.writing_output`).
         shard: ``(i, N)``: encode only the ``i``-th of ``N`` consecutive slices of the corpus and
             save it as that shard of the sharded index ``output_dir`` (see
-            :class:`~sbmoe.retrieval.shards.ShardedIndex`); shards can be built by different processes or
-            machines. ``None`` indexes the whole corpus into ``output_dir``.
+            :class:`~sbmoe.retrieval.sharded.index.ShardedIndex`); shards can be built by different
+            processes or machines. ``None`` indexes the whole corpus into ``output_dir``.
 
     Returns:
         The index built (the shard's, when sharded).

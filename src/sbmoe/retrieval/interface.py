@@ -1,12 +1,13 @@
 """Vector stores: document embeddings kept in a vector database instead of FAISS files, named by a URI.
 
-FAISS directories (:class:`~sbmoe.retrieval.index.DenseIndex`, :class:`~sbmoe.retrieval.shards.ShardedIndex`)
-stay the default and the embedded choice. A *store* is a collection in a vector database that can
-shard and replicate across machines; sbmoe searches it through the same call as a FAISS index
+FAISS directories (:class:`~sbmoe.retrieval.faiss.index.DenseIndex`,
+:class:`~sbmoe.retrieval.sharded.index.ShardedIndex`) stay the default and the embedded choice. A
+*store* is a collection in a vector database that can shard and replicate across machines; sbmoe
+searches it through the same call as a FAISS index
 (:class:`VectorStore`), so ``sbmoe search``, ``sbmoe evaluate --index`` and ``sbmoe serve`` take its
-URI wherever they take an index directory (:func:`~sbmoe.retrieval.shards.load_index`).
+URI wherever they take an index directory (:func:`~sbmoe.retrieval.sharded.index.load_index`).
 
-The engine is Milvus (:mod:`sbmoe.retrieval.milvus_store`), installed with the ``store`` extra
+The engine is Milvus (:mod:`sbmoe.retrieval.milvus.store`), installed with the ``store`` extra
 (``pip install 'sbmoe[store]'``). URIs::
 
     milvus:PATH.db[?collection=NAME]            Milvus Lite, embedded, a local file (relative path)
@@ -27,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from sbmoe.core.runs import Run
-from sbmoe.retrieval.store_uri import StoreURI, is_store_uri, parse_store_uri
+from sbmoe.retrieval.milvus.uri import StoreURI, is_store_uri, parse_store_uri
 
 if TYPE_CHECKING:
-    from sbmoe.retrieval.milvus_store import MilvusStore
+    from sbmoe.retrieval.milvus.store import MilvusStore
 
 __all__ = ["StoreURI", "VectorStore", "is_store_uri", "open_store", "parse_store_uri"]
 
@@ -64,7 +65,7 @@ class VectorStore(Protocol):
         exclude_self: bool = False,
         batch_size: int = 1024,
     ) -> Run:
-        """Top-``k`` documents of every query; see :meth:`sbmoe.retrieval.index.DenseIndex.search`."""
+        """Top-``k`` documents of every query; see :meth:`sbmoe.retrieval.faiss.index.DenseIndex.search`."""
         ...
 
 
@@ -74,13 +75,13 @@ def open_store(uri: str | StoreURI, expected_fingerprint: str | Sequence[str] | 
     Args:
         uri: The store's URI.
         expected_fingerprint: The fingerprint of the model that will encode the queries, or all those
-            it accepts (:func:`~sbmoe.retrieval.index_files.check_fingerprint`).
+            it accepts (:func:`~sbmoe.retrieval.faiss.files.check_fingerprint`).
 
     Raises:
         IndexMismatchError: built by another model.
         UsageError: not found, unfinished, or the ``store`` extra is not installed.
     """
-    from sbmoe.retrieval.milvus_store import MilvusStore
+    from sbmoe.retrieval.milvus.store import MilvusStore
 
     parsed = uri if isinstance(uri, StoreURI) else parse_store_uri(uri)
     return MilvusStore.open(parsed, expected_fingerprint)

@@ -16,8 +16,8 @@ from sbmoe.core.runs import Run
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import apply_head_stages, encode_texts, expert_pooling
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.shards import ShardedIndex, load_index
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.sharded.index import ShardedIndex, load_index
 
 
 def search(
@@ -34,8 +34,8 @@ def search(
     """Encode ``queries`` (query id -> text) and return their top documents from ``index``.
 
     ``index`` is an index in memory or the directory of a saved one, single or sharded (searched
-    shard by shard), or a store's URI (``milvus:...``, :mod:`sbmoe.retrieval.store`). A saved
-    index built by another model is refused (:class:`~sbmoe.retrieval.index.IndexMismatchError`);
+    shard by shard), or a store's URI (``milvus:...``, :mod:`sbmoe.retrieval.interface`). A saved
+    index built by another model is refused (:class:`~sbmoe.retrieval.faiss.files.IndexMismatchError`);
     for one in memory that is the caller's job. A saved index is checked against its checksum: its
     size and a sample, or in full with ``verify``.
     """

@@ -8,9 +8,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from sbmoe.core.errors import UsageError
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.shards import ShardedIndex, load_index
-from sbmoe.retrieval.store_uri import is_store_uri
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.milvus.uri import is_store_uri
+from sbmoe.retrieval.sharded.index import ShardedIndex, load_index
 
 # Rows converted to float32 at a time (float16 and ivf indexes hand out copies).
 _ROWS_PER_READ = 65536

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from sbmoe.model.retriever import Retriever
-    from sbmoe.retrieval.index import DenseIndex
-    from sbmoe.retrieval.shards import ShardedIndex
+    from sbmoe.retrieval.faiss.index import DenseIndex
+    from sbmoe.retrieval.sharded.index import ShardedIndex
 
 logger = logging.getLogger(__name__)
 

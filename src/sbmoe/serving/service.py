@@ -39,8 +39,8 @@ from sbmoe.core.errors import SbmoeError, UsageError
 from sbmoe.data.beir import Document
 from sbmoe.inference.encoding import EncodedText, TextEncoder
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.shards import ShardedIndex, load_index
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.sharded.index import ShardedIndex, load_index
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ class SearchService:
     Args:
         retriever: The model that built the index.
         index: The index in memory, or the directory of a saved one (single or sharded); a saved
-            index built by another model is refused (:class:`~sbmoe.retrieval.index.IndexMismatchError`).
+            index built by another model is refused
+            (:class:`~sbmoe.retrieval.faiss.files.IndexMismatchError`).
         search: The default ``top_k`` of :meth:`search`.
         encode: Backend, precision and batch size of the encodings.
         documents: Doc id -> document, to look up titles and texts (:meth:`document`); it must

@@ -44,7 +44,7 @@ from sbmoe.evaluation.query_groups import split_query_groups
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.search import search_documents
 from sbmoe.training.procrustes import procrustes_model
 

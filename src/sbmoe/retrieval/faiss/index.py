@@ -2,12 +2,12 @@
 
 An index directory holds ``index.faiss`` (the FAISS index, readable by any FAISS tool, loaded
 memory-mapped), ``doc_ids.json`` and ``meta.json`` (the model's fingerprint, settings, versions and
-a checksum of the other two files); :mod:`sbmoe.retrieval.index_files` reads and checks them, and
-defines the layout of sharded indexes, which :mod:`sbmoe.retrieval.shards` searches and merges.
+a checksum of the other two files); :mod:`sbmoe.retrieval.faiss.files` reads and checks them, and
+defines the layout of sharded indexes, which :mod:`sbmoe.retrieval.sharded.index` searches and merges.
 
-Index types: ``flat`` (exact, the default; searched by :mod:`sbmoe.retrieval.exact_search`),
+Index types: ``flat`` (exact, the default; searched by :mod:`sbmoe.retrieval.faiss.exact_search`),
 ``hnsw`` (graph) and ``ivf`` (inverted lists over k-means cells), the last two approximate and
-faster on large corpora (built by :mod:`sbmoe.retrieval.faiss_indexes`). Each stores the embeddings
+faster on large corpora (built by :mod:`sbmoe.retrieval.faiss.index_types`). Each stores the embeddings
 as ``float32`` (the default) or ``float16`` (FAISS's fp16 scalar quantizer: half the memory and
 disk, scores of unit vectors move by less than 5e-4). Scores are inner products of the vectors as
 given; normalising them (cosine similarity) is the encoder's job.
@@ -30,17 +30,8 @@ from sbmoe.core.artifacts import INDEX, owns
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.io import atomic_directory, write_json
 from sbmoe.core.runs import Run
-from sbmoe.retrieval.exact_search import as_matrix, exact_top_k
-from sbmoe.retrieval.faiss_indexes import (
-    ADD_CHUNK,
-    build_faiss_index,
-    check_positive,
-    default_nprobe,
-    flat_vectors,
-    read_faiss_index,
-)
-from sbmoe.retrieval.faiss_indexes import default_nlist as default_nlist
-from sbmoe.retrieval.index_files import (
+from sbmoe.retrieval.faiss.exact_search import as_matrix, exact_top_k
+from sbmoe.retrieval.faiss.files import (
     DOC_IDS_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
@@ -54,6 +45,15 @@ from sbmoe.retrieval.index_files import (
     shard_directory,
     verify_checksum,
 )
+from sbmoe.retrieval.faiss.index_types import (
+    ADD_CHUNK,
+    build_faiss_index,
+    check_positive,
+    default_nprobe,
+    flat_vectors,
+    read_faiss_index,
+)
+from sbmoe.retrieval.faiss.index_types import default_nlist as default_nlist
 
 # FAISS searches HNSW graphs with efSearch=16 by default, too narrow for top-100 retrieval.
 _HNSW_EF_SEARCH = 128
@@ -379,16 +379,17 @@ class DenseIndex:
             IndexMismatchError: the index was built by a different model.
             FileNotFoundError: the directory or one of its files is missing.
             ValueError: a file is corrupt or the files disagree with each other, or the directory
-                holds a sharded index (use :func:`sbmoe.retrieval.shards.load_index` or
-                :class:`sbmoe.retrieval.shards.ShardedIndex`).
+                holds a sharded index (use :func:`sbmoe.retrieval.sharded.index.load_index` or
+                :class:`sbmoe.retrieval.sharded.index.ShardedIndex`).
         """
         directory = Path(directory)
         if not directory.is_dir():
             raise MissingInputError(f"no index directory at {directory}; build one with `sbmoe index ...`")
         if is_sharded_index(directory):
             raise UsageError(
-                f"{directory} holds a sharded index: search it with sbmoe.retrieval.shards.load_index (or "
-                f"ShardedIndex.load), or merge it into one with `sbmoe merge-index --index {directory} ...`"
+                f"{directory} holds a sharded index: search it with sbmoe.retrieval.sharded.index.load_index "
+                f"(or ShardedIndex.load), or merge it into one with "
+                f"`sbmoe merge-index --index {directory} ...`"
             )
 
         meta_path = directory / META_FILE

@@ -10,7 +10,7 @@ One collection holds one corpus encoded by one model:
   the vectors, the dimension, the corpus size, the index settings and the caller's metadata.
 
 The same code talks to Milvus Lite (a local ``.db``, embedded in the process) and to a Milvus server
-or cluster; see :mod:`sbmoe.retrieval.store` for the URIs.
+or cluster; see :mod:`sbmoe.retrieval.interface` for the URIs.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from sbmoe.core.errors import MissingInputError, UsageError, first_line
-from sbmoe.retrieval.faiss_indexes import default_nlist, default_nprobe
-from sbmoe.retrieval.store_uri import StoreURI, missing_extra_message
+from sbmoe.retrieval.faiss.index_types import default_nlist, default_nprobe
+from sbmoe.retrieval.milvus.uri import StoreURI, missing_extra_message
 
 META_PROPERTY = "sbmoe.meta"
 FORMAT_VERSION = 1

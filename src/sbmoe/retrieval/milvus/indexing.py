@@ -22,9 +22,9 @@ from sbmoe.inference.encoding import apply_head_stages, encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE, index_metadata
-from sbmoe.retrieval.milvus_collection import MAX_ID_LENGTH, require_engine, store_meta
-from sbmoe.retrieval.milvus_store import MilvusStore
-from sbmoe.retrieval.store_uri import parse_store_uri
+from sbmoe.retrieval.milvus.collection import MAX_ID_LENGTH, require_engine, store_meta
+from sbmoe.retrieval.milvus.store import MilvusStore
+from sbmoe.retrieval.milvus.uri import parse_store_uri
 
 
 @dataclass
@@ -67,7 +67,7 @@ def index_into_store(
     model with an MoE head, each document's top expert and gate weights.
 
     Args:
-        uri: A store URI (:mod:`sbmoe.retrieval.store`).
+        uri: A store URI (:mod:`sbmoe.retrieval.interface`).
         config: Index type (``flat``: exact, the default; ``hnsw``; ``ivf`` with ``nlist``/``nprobe``);
             ``embedding_dtype`` float16 is not offered for stores.
         shard: ``(i, N)``: only the ``i``-th of ``N`` consecutive slices of the corpus.

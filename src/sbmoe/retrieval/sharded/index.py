@@ -1,12 +1,12 @@
 """Sharded indexes: a directory of index directories, searched shard by shard or merged into one.
 
-A *sharded* index is a directory of :class:`~sbmoe.retrieval.index.DenseIndex` directories,
-``shard-00000-of-00004/`` ... (:func:`~sbmoe.retrieval.index.shard_directory`), each holding one contiguous
-slice of the corpus and written independently (by ``sbmoe index --shard i/N`` or one ``torchrun``
-process each, through :meth:`~sbmoe.retrieval.index.DenseIndex.save_shard`). :class:`ShardedIndex` searches
-it shard by shard, one shard in memory at a time, and merges the per-shard top-k lists (top-k of
-top-ks), which gives the same ranking as one index over the whole corpus; :meth:`ShardedIndex.merge`
-builds that index.
+A *sharded* index is a directory of :class:`~sbmoe.retrieval.faiss.index.DenseIndex` directories,
+``shard-00000-of-00004/`` ... (:func:`~sbmoe.retrieval.faiss.files.shard_directory`), each holding
+one contiguous slice of the corpus and written independently (by ``sbmoe index --shard i/N`` or one
+``torchrun`` process each, through :meth:`~sbmoe.retrieval.faiss.index.DenseIndex.save_shard`).
+:class:`ShardedIndex` searches it shard by shard, one shard in memory at a time, and merges the
+per-shard top-k lists (top-k of top-ks), which gives the same ranking as one index over the whole
+corpus; :meth:`ShardedIndex.merge` builds that index.
 
 Shards may differ in index type or embedding dtype (``float32`` / ``float16``), e.g. when some were
 rebuilt with other settings: each is searched as it is, and :attr:`ShardedIndex.index_type` or
@@ -24,16 +24,16 @@ import numpy as np
 
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.runs import Run, merge_runs
-from sbmoe.retrieval.index import DenseIndex, read_meta
-from sbmoe.retrieval.index_files import (
+from sbmoe.retrieval.faiss.files import (
     SHARD_PATTERN,
     check_fingerprint,
     check_ids,
     is_sharded_index,
     read_doc_ids,
 )
-from sbmoe.retrieval.store import VectorStore, open_store
-from sbmoe.retrieval.store_uri import is_store_uri
+from sbmoe.retrieval.faiss.index import DenseIndex, read_meta
+from sbmoe.retrieval.interface import VectorStore, open_store
+from sbmoe.retrieval.milvus.uri import is_store_uri
 
 
 def load_index(
@@ -43,7 +43,7 @@ def load_index(
 ) -> DenseIndex | ShardedIndex | VectorStore:
     """Load a single index (:class:`DenseIndex`), a sharded one (:class:`ShardedIndex`) or a store.
 
-    ``directory`` may be a store URI (``milvus:...``, see :mod:`sbmoe.retrieval.store`).
+    ``directory`` may be a store URI (``milvus:...``, see :mod:`sbmoe.retrieval.interface`).
     ``verify`` checks every file of a FAISS index in full against its checksum (see
     :meth:`DenseIndex.load`); a store is always checked to hold its whole corpus.
     """
