@@ -16,10 +16,11 @@ from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.runs import merge_runs
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval import open_index
 from sbmoe.retrieval.faiss.files import IndexMismatchError, is_sharded_index, shard_directory
 from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.search import search
-from sbmoe.retrieval.sharded.index import ShardedIndex, load_index
+from sbmoe.retrieval.sharded.index import ShardedIndex
 
 FINGERPRINT = "0123456789abcdef" * 4
 
@@ -127,9 +128,9 @@ def test_inconsistent_shards_are_refused(tmp_path):
     DenseIndex(docs, ids, FINGERPRINT).save(tmp_path / "single")
     with pytest.raises(ValueError, match="single"):
         DenseIndex(docs[:10], ids[:10], FINGERPRINT).save_shard(tmp_path / "single", 0, 3, 0, 30)
-    assert isinstance(load_index(tmp_path / "single"), DenseIndex)
+    assert isinstance(open_index(tmp_path / "single"), DenseIndex)
     write_shards(docs, ids, tmp_path / "d", 3)
-    assert isinstance(load_index(tmp_path / "d"), ShardedIndex)
+    assert isinstance(open_index(tmp_path / "d"), ShardedIndex)
 
 
 def test_float16_shards_search_and_merge_like_one_float16_index(tmp_path):

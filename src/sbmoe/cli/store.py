@@ -1,4 +1,4 @@
-"""``sbmoe index --store URI``: encode a corpus into a vector store (see :mod:`sbmoe.retrieval.interface`)."""
+"""``sbmoe index --store URI``: encode a corpus into a vector store (see :mod:`sbmoe.retrieval.milvus`)."""
 
 from __future__ import annotations
 

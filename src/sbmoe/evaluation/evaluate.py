@@ -24,9 +24,9 @@ from sbmoe.data.beir import BeirCollection
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics, write_trec_run
 from sbmoe.evaluation.query_groups import group_scores, split_query_groups
 from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval import open_index
 from sbmoe.retrieval.indexing import encoding_used
 from sbmoe.retrieval.search import search, search_documents
-from sbmoe.retrieval.sharded.index import load_index
 
 
 @dataclass
@@ -151,7 +151,7 @@ def _search_index(
             f"--index holds the corpus encoded under the model's own rule ({rule}); --expert-pooling "
             f"{' '.join(others)} needs it encoded under each: leave out --index"
         )
-    index = load_index(config.corpus_index, expected_fingerprint=retriever.index_fingerprints())
+    index = open_index(config.corpus_index, expected_fingerprint=retriever.index_fingerprints())
     built_from = index.metadata.get("collection")
     if built_from is not None and built_from != collection_name:
         raise UsageError(

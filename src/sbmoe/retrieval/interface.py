@@ -1,49 +1,43 @@
-"""Vector stores: document embeddings kept in a vector database instead of FAISS files, named by a URI.
+"""What every consumer of an index takes (:class:`Index`) and the one place that opens one.
 
-FAISS directories (:class:`~sbmoe.retrieval.faiss.index.DenseIndex`,
-:class:`~sbmoe.retrieval.sharded.index.ShardedIndex`) stay the default and the embedded choice. A
-*store* is a collection in a vector database that can shard and replicate across machines; sbmoe
-searches it through the same call as a FAISS index
-(:class:`VectorStore`), so ``sbmoe search``, ``sbmoe evaluate --index`` and ``sbmoe serve`` take its
-URI wherever they take an index directory (:func:`~sbmoe.retrieval.sharded.index.load_index`).
-
-The engine is Milvus (:mod:`sbmoe.retrieval.milvus.store`), installed with the ``store`` extra
-(``pip install 'sbmoe[store]'``). URIs::
-
-    milvus:PATH.db[?collection=NAME]            Milvus Lite, embedded, a local file (relative path)
-    milvus:///ABSOLUTE/PATH.db[?collection=NAME] Milvus Lite at an absolute path
-    milvus://HOST:PORT[/DATABASE][?collection=NAME&tls=1&shards=N&replicas=R]
-                                                 a Milvus server or cluster (token: $MILVUS_TOKEN)
-
-``collection`` defaults to ``sbmoe``; ``shards`` (a new collection's, default Milvus's own) and
-``replicas`` (in-memory copies loaded for searching) apply to a server. The same code talks to both;
-only the URI changes.
+Three implementations satisfy :class:`Index`: a FAISS directory
+(:class:`~sbmoe.retrieval.faiss.index.DenseIndex`), a directory of FAISS shards
+(:class:`~sbmoe.retrieval.sharded.index.ShardedIndex`) and a Milvus collection named by a
+``milvus:`` URI (:class:`~sbmoe.retrieval.milvus.store.MilvusStore`, :mod:`sbmoe.retrieval.milvus`).
+Search, evaluation and serving take the object; only :func:`open_index` looks at the path or URI.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from sbmoe.core.runs import Run
-from sbmoe.retrieval.milvus.uri import StoreURI, is_store_uri, parse_store_uri
+from sbmoe.retrieval.milvus.uri import is_store_uri
 
-if TYPE_CHECKING:
-    from sbmoe.retrieval.milvus.store import MilvusStore
-
-__all__ = ["StoreURI", "VectorStore", "is_store_uri", "open_store", "parse_store_uri"]
+__all__ = ["Index", "open_index"]
 
 
 @runtime_checkable
-class VectorStore(Protocol):
-    """What search, evaluation and serving need of an index: FAISS directories and stores alike."""
+class Index(Protocol):
+    """Document embeddings searched by inner product: what search, evaluation and serving need of one.
+
+    Attributes:
+        fingerprint: The fingerprint of the model that made the document embeddings.
+        index_type: ``flat`` (exact), ``hnsw`` or ``ivf`` (``mixed``: shards of several types).
+        dtype: How the embeddings are stored, ``float32`` or ``float16`` (``mixed``: shards of both).
+        metadata: What the index records of how it was made (collection, configs, provenance).
+        location: The directory or URI it was opened from (``None``: built in memory).
+    """
 
     fingerprint: str
     index_type: str
     dtype: str
     metadata: dict[str, Any]
+    location: str | None
 
     @property
     def dim(self) -> int:
@@ -69,19 +63,40 @@ class VectorStore(Protocol):
         ...
 
 
-def open_store(uri: str | StoreURI, expected_fingerprint: str | Sequence[str] | None = None) -> MilvusStore:
-    """Open a finished store for searching, refusing one built by another model.
+def open_index(
+    location: str | os.PathLike,
+    expected_fingerprint: str | Sequence[str] | None = None,
+    *,
+    verify: bool = False,
+) -> Index:
+    """Open the index at ``location``: a FAISS directory, a sharded one, or a store URI (``milvus:...``).
 
     Args:
-        uri: The store's URI.
-        expected_fingerprint: The fingerprint of the model that will encode the queries, or all those
-            it accepts (:func:`~sbmoe.retrieval.faiss.files.check_fingerprint`).
+        location: An index directory from ``sbmoe index`` (sharded or not) or a store URI from
+            ``sbmoe index --store``.
+        expected_fingerprint: The fingerprint of the model that will encode the queries, or all
+            those it accepts (:meth:`~sbmoe.model.retriever.Retriever.index_fingerprints`); ``None``
+            skips the check.
+        verify: Check every file of a FAISS index in full against its checksum (otherwise its sizes
+            and a sample); a store is always checked to hold its whole corpus.
 
     Raises:
-        IndexMismatchError: built by another model.
-        UsageError: not found, unfinished, or the ``store`` extra is not installed.
+        IndexMismatchError: the index was built by another model.
+        UsageError: nothing usable at ``location`` (missing, corrupt, unfinished, or the ``store``
+            extra is not installed); one line naming it.
     """
-    from sbmoe.retrieval.milvus.store import MilvusStore
+    # Imported here: each implementation pulls in its engine (FAISS, pymilvus) only when opened.
+    if is_store_uri(location):
+        from sbmoe.retrieval.milvus.store import MilvusStore
+        from sbmoe.retrieval.milvus.uri import parse_store_uri
 
-    parsed = uri if isinstance(uri, StoreURI) else parse_store_uri(uri)
-    return MilvusStore.open(parsed, expected_fingerprint)
+        return MilvusStore.open(parse_store_uri(str(location)), expected_fingerprint)
+    from sbmoe.retrieval.faiss.files import is_sharded_index
+
+    if is_sharded_index(location):
+        from sbmoe.retrieval.sharded.index import ShardedIndex
+
+        return ShardedIndex.load(location, expected_fingerprint, verify)
+    from sbmoe.retrieval.faiss.index import DenseIndex
+
+    return DenseIndex.load(location, expected_fingerprint, verify=verify)

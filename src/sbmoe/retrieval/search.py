@@ -17,7 +17,8 @@ from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import apply_head_stages, encode_texts, expert_pooling
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.faiss.index import DenseIndex
-from sbmoe.retrieval.sharded.index import ShardedIndex, load_index
+from sbmoe.retrieval.interface import open_index
+from sbmoe.retrieval.sharded.index import ShardedIndex
 
 
 def search(
@@ -41,7 +42,7 @@ def search(
     """
     config = config or SearchConfig()
     if isinstance(index, (str, os.PathLike)):
-        index = load_index(index, expected_fingerprint=retriever.index_fingerprints(), verify=verify)
+        index = open_index(index, expected_fingerprint=retriever.index_fingerprints(), verify=verify)
     embeddings = encode_texts(
         retriever, list(queries.values()), "query", encode, show_progress=show_progress, cache=cache
     )

@@ -40,7 +40,8 @@ from sbmoe.data.beir import Document
 from sbmoe.inference.encoding import EncodedText, TextEncoder
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.faiss.index import DenseIndex
-from sbmoe.retrieval.sharded.index import ShardedIndex, load_index
+from sbmoe.retrieval.interface import open_index
+from sbmoe.retrieval.sharded.index import ShardedIndex
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class SearchService:
         self.fingerprint = retriever.fingerprint()  # a hash of every weight: computed once
         self.index_path = str(index) if isinstance(index, (str, os.PathLike)) else None
         if isinstance(index, (str, os.PathLike)):
-            index = load_index(index, expected_fingerprint=retriever.index_fingerprints(), verify=verify)
+            index = open_index(index, expected_fingerprint=retriever.index_fingerprints(), verify=verify)
         self.index = index
         if documents is not None:
             missing = [doc_id for doc_id in index.doc_ids if doc_id not in documents]

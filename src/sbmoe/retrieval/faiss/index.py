@@ -169,6 +169,7 @@ class DenseIndex:
         self.index_type = index_type
         self.dtype = dtype
         self.metadata = metadata
+        self.location: str | None = None  # set by load
         self._vectors: np.ndarray | None = None
         self._nprobe: int | None = None
         if index_type == "flat":
@@ -379,7 +380,7 @@ class DenseIndex:
             IndexMismatchError: the index was built by a different model.
             FileNotFoundError: the directory or one of its files is missing.
             ValueError: a file is corrupt or the files disagree with each other, or the directory
-                holds a sharded index (use :func:`sbmoe.retrieval.sharded.index.load_index` or
+                holds a sharded index (use :func:`sbmoe.retrieval.open_index` or
                 :class:`sbmoe.retrieval.sharded.index.ShardedIndex`).
         """
         directory = Path(directory)
@@ -387,9 +388,8 @@ class DenseIndex:
             raise MissingInputError(f"no index directory at {directory}; build one with `sbmoe index ...`")
         if is_sharded_index(directory):
             raise UsageError(
-                f"{directory} holds a sharded index: search it with sbmoe.retrieval.sharded.index.load_index "
-                f"(or ShardedIndex.load), or merge it into one with "
-                f"`sbmoe merge-index --index {directory} ...`"
+                f"{directory} holds a sharded index: search it with sbmoe.retrieval.open_index (or "
+                f"ShardedIndex.load), or merge it into one with `sbmoe merge-index --index {directory} ...`"
             )
 
         meta_path = directory / META_FILE
@@ -408,7 +408,7 @@ class DenseIndex:
                 f"{meta['count']} of dimension {meta['dim']}"
             )
 
-        return cls._from_faiss(
+        loaded = cls._from_faiss(
             index,
             doc_ids,
             meta["fingerprint"],
@@ -417,6 +417,8 @@ class DenseIndex:
             meta.get("metadata"),
             meta.get("nprobe"),
         )
+        loaded.location = str(directory)
+        return loaded
 
     def save_shard(
         self, root: str | os.PathLike, shard: int, num_shards: int, start: int, total: int

@@ -10,7 +10,7 @@ One collection holds one corpus encoded by one model:
   the vectors, the dimension, the corpus size, the index settings and the caller's metadata.
 
 The same code talks to Milvus Lite (a local ``.db``, embedded in the process) and to a Milvus server
-or cluster; see :mod:`sbmoe.retrieval.interface` for the URIs.
+or cluster; see :mod:`sbmoe.retrieval.milvus` for the URIs.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def index_into_store(
     model with an MoE head, each document's top expert and gate weights.
 
     Args:
-        uri: A store URI (:mod:`sbmoe.retrieval.interface`).
+        uri: A store URI (:mod:`sbmoe.retrieval.milvus`).
         config: Index type (``flat``: exact, the default; ``hnsw``; ``ivf`` with ``nlist``/``nprobe``);
             ``embedding_dtype`` float16 is not offered for stores.
         shard: ``(i, N)``: only the ``i``-th of ``N`` consecutive slices of the corpus.

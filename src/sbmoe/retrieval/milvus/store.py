@@ -71,6 +71,7 @@ class MilvusStore:
 
     Attributes:
         uri: Where the collection is.
+        location: Its URI as given (:attr:`sbmoe.retrieval.interface.Index.location`).
         fingerprint: The fingerprint of the model that made the vectors.
         index_type: ``flat`` (Milvus FLAT, exact), ``hnsw`` or ``ivf`` (IVF_FLAT).
         dtype: ``float32``.
@@ -79,6 +80,7 @@ class MilvusStore:
 
     def __init__(self, uri: StoreURI, client: Any, meta: Mapping[str, Any]) -> None:
         self.uri = uri
+        self.location: str | None = uri.text
         self._client = client
         self.meta = dict(meta)
         self.fingerprint: str = meta["fingerprint"]

@@ -28,30 +28,9 @@ from sbmoe.retrieval.faiss.files import (
     SHARD_PATTERN,
     check_fingerprint,
     check_ids,
-    is_sharded_index,
     read_doc_ids,
 )
 from sbmoe.retrieval.faiss.index import DenseIndex, read_meta
-from sbmoe.retrieval.interface import VectorStore, open_store
-from sbmoe.retrieval.milvus.uri import is_store_uri
-
-
-def load_index(
-    directory: str | os.PathLike,
-    expected_fingerprint: str | Sequence[str] | None = None,
-    verify: bool = False,
-) -> DenseIndex | ShardedIndex | VectorStore:
-    """Load a single index (:class:`DenseIndex`), a sharded one (:class:`ShardedIndex`) or a store.
-
-    ``directory`` may be a store URI (``milvus:...``, see :mod:`sbmoe.retrieval.interface`).
-    ``verify`` checks every file of a FAISS index in full against its checksum (see
-    :meth:`DenseIndex.load`); a store is always checked to hold its whole corpus.
-    """
-    if is_store_uri(directory):
-        return open_store(str(directory), expected_fingerprint)
-    if is_sharded_index(directory):
-        return ShardedIndex.load(directory, expected_fingerprint, verify)
-    return DenseIndex.load(directory, expected_fingerprint, verify=verify)
 
 
 class ShardedIndex:
@@ -63,6 +42,7 @@ class ShardedIndex:
 
     Attributes:
         directory: The sharded index directory.
+        location: The same, as a string (:attr:`sbmoe.retrieval.interface.Index.location`).
         shard_dirs: The shard directories, in corpus order.
         fingerprint: The model fingerprint every shard carries.
         index_type: The shards' index type (``mixed`` if they differ).
@@ -74,6 +54,7 @@ class ShardedIndex:
         self, directory: Path, shard_dirs: list[Path], metas: list[dict[str, Any]], verify: bool = False
     ) -> None:
         self.directory = directory
+        self.location: str | None = str(directory)
         self.verify = verify
         self.shard_dirs = shard_dirs
         self._metas = metas
