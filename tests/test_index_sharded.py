@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_same_top_k
+from conftest import assert_same_top_k, search_saved
 
 from sbmoe.cli.main import main
 from sbmoe.config.jobs import EncodeConfig, SearchConfig
@@ -19,7 +19,6 @@ from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval import open_index
 from sbmoe.retrieval.faiss.files import IndexMismatchError, is_sharded_index, shard_directory
 from sbmoe.retrieval.faiss.index import DenseIndex
-from sbmoe.retrieval.search import search
 from sbmoe.retrieval.sharded.index import ShardedIndex
 
 FINGERPRINT = "0123456789abcdef" * 4
@@ -50,16 +49,16 @@ def test_three_shards_search_like_one_index_shard_by_shard_and_merged(tiny_bert_
     retriever = Retriever.load(str(model_dir), device="cpu")
     queries = dict(load_collection(scifact_slice).queries)
     with pytest.raises(FileNotFoundError, match=r"lacks 1 of its 3 shards \(1/3\)"):
-        search(retriever, sharded, queries)
+        search_saved(retriever, sharded, queries)
     assert main(["-q", "index", *common, "--output", str(sharded), "--shard", "1/3"]) == 0
     assert is_sharded_index(sharded) and not is_sharded_index(tmp_path / "single")
     merged = tmp_path / "merged"
     assert main(["-q", "merge-index", "--index", str(sharded), "--output", str(merged)]) == 0
 
     top10, fp32 = SearchConfig(top_k=10), EncodeConfig(precision="fp32")
-    expected = search(retriever, tmp_path / "single", queries, top10, fp32)
-    assert_same_top_k(expected, search(retriever, sharded, queries, top10, fp32))
-    assert_same_top_k(expected, search(retriever, merged, queries, top10, fp32))
+    expected = search_saved(retriever, tmp_path / "single", queries, top10, fp32)
+    assert_same_top_k(expected, search_saved(retriever, sharded, queries, top10, fp32))
+    assert_same_top_k(expected, search_saved(retriever, merged, queries, top10, fp32))
     single_index = DenseIndex.load(tmp_path / "single")
     merged_index = DenseIndex.load(merged)
     assert merged_index.doc_ids == single_index.doc_ids
@@ -71,7 +70,7 @@ def test_three_shards_search_like_one_index_shard_by_shard_and_merged(tiny_bert_
         DenseIndex.load(sharded)
     other = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0), device="cpu")
     with pytest.raises(IndexMismatchError):
-        search(other, sharded, queries)
+        search_saved(other, sharded, queries)
     # The search command reads sharded indexes too.
     assert main(["-q", "search", "--model", str(model_dir), "--index", str(sharded), "--query", "cells"]) == 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_top_k
+from conftest import assert_same_top_k, load_service
 
 from sbmoe.cli.main import main
 from sbmoe.config.jobs import EncodeConfig, ServeConfig
@@ -212,7 +212,6 @@ def test_serve_over_the_store_ranks_as_faiss(model_dir, faiss_dir, store_uri, sc
     from test_serve import request
 
     from sbmoe.serving.http import BackgroundServer, create_app
-    from sbmoe.serving.service import load_service
 
     texts = list(load_collection(scifact_slice).queries.values())[:6]
     answers = {}

@@ -108,11 +108,13 @@ def _evaluate(
             retriever,
             queries,
             documents,
-            SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
+            SearchConfig(
+                top_k=config.top_k,
+                exclude_self=config.exclude_self,
+                expert_poolings=config.expert_poolings if retriever.head is not None else [],
+            ),
             encode,
-            expert_poolings=config.expert_poolings if retriever.head is not None else (),
-            show_progress=options.show_progress,
-            cache=options.cache,
+            options,
         )
     seconds = time.perf_counter() - started
 
@@ -158,16 +160,7 @@ def _search_index(
             f"the index {config.corpus_index} was built from {built_from!r}, not {collection_name!r}"
         )
     search_config = SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self)
-    run = search(
-        retriever,
-        index,
-        queries,
-        search_config,
-        encode,
-        show_progress=options.show_progress,
-        cache=options.cache,
-    )
-    return {rule: run}
+    return {rule: search(retriever, index, queries, search_config, encode, options)}
 
 
 def save_evaluation(

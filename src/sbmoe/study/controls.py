@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions, SearchConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.artifacts import EVALUATION, evaluation_settings, writing_output
 from sbmoe.core.choices import CONTROLS
@@ -175,7 +175,7 @@ def evaluate_control(
             {d: collection.corpus[d].full_text for d in doc_ids},
             SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
             encode,
-            cache=cache,
+            JobOptions(show_progress=False, cache=cache),
         )["model"]
         details.update({"pairs_split": split, "model": "model"})
     else:
