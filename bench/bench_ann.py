@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 from common import machine
 
+from sbmoe.config.jobs import IndexConfig
 from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.faiss.index_types import default_nlist, default_nprobe
 
@@ -111,9 +112,9 @@ def main() -> None:
     started = time.perf_counter()
     if args.index_type == "ivf":
         nlist = args.nlist or default_nlist(args.n)
-        index = DenseIndex(exact.vectors(), doc_ids, "bench", index_type="ivf", nlist=nlist)
+        index = DenseIndex(exact.vectors(), doc_ids, "bench", IndexConfig(index_type="ivf", nlist=nlist))
     else:
-        index = DenseIndex(exact.vectors(), doc_ids, "bench", index_type="hnsw")
+        index = DenseIndex(exact.vectors(), doc_ids, "bench", IndexConfig(index_type="hnsw"))
     build = time.perf_counter() - started
     after, peak = memory_mib()
     if args.index_type == "ivf":

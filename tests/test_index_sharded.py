@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_same_top_k, search_saved
 
 from sbmoe.cli.main import main
-from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, IndexConfig, SearchConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.runs import merge_runs
@@ -24,10 +24,10 @@ from sbmoe.retrieval.sharded.index import ShardedIndex
 FINGERPRINT = "0123456789abcdef" * 4
 
 
-def write_shards(docs: np.ndarray, doc_ids: list[str], root, num_shards: int, **options) -> None:
+def write_shards(docs: np.ndarray, doc_ids: list[str], root, num_shards: int, config=None) -> None:
     for shard in range(num_shards):
         start, stop = shard_bounds(len(doc_ids), shard, num_shards)
-        index = DenseIndex(docs[start:stop], doc_ids[start:stop], FINGERPRINT, **options)
+        index = DenseIndex(docs[start:stop], doc_ids[start:stop], FINGERPRINT, config)
         index.save_shard(root, shard, num_shards, start, len(doc_ids))
 
 
@@ -138,18 +138,18 @@ def test_float16_shards_search_and_merge_like_one_float16_index(tmp_path):
     docs = clustered(rng, 900, 32, centers)
     queries = clustered(rng, 50, 32, centers)
     ids = [f"d{i}" for i in range(900)]
-    write_shards(docs, ids, tmp_path / "half", 3, dtype="float16")
+    write_shards(docs, ids, tmp_path / "half", 3, IndexConfig(embedding_dtype="float16"))
     sharded = ShardedIndex.load(tmp_path / "half")
     assert (sharded.index_type, sharded.dtype) == ("flat", "float16")
-    single = DenseIndex(docs, ids, FINGERPRINT, dtype="float16")
+    single = DenseIndex(docs, ids, FINGERPRINT, IndexConfig(embedding_dtype="float16"))
     expected = single.search(queries, 10)
     assert_same_top_k(expected, sharded.search(queries, 10))
     merged = sharded.merge()
     assert (merged.dtype, merged.doc_ids) == ("float16", tuple(ids))
     np.testing.assert_array_equal(merged.vectors(), single.vectors())  # float16 -> float32 -> float16
     assert_same_top_k(expected, merged.search(queries, 10))
-    assert sharded.merge(dtype="float32").dtype == "float32"
-    hnsw = sharded.merge("hnsw")
+    assert sharded.merge(IndexConfig(embedding_dtype="float32")).dtype == "float32"
+    hnsw = sharded.merge(IndexConfig(index_type="hnsw"))
     assert (hnsw.index_type, hnsw.dtype) == ("hnsw", "float16")
 
     # Shards of different dtypes (some rebuilt) are searched as they are; merged, float32 by default.
@@ -183,7 +183,7 @@ def test_ivf_finds_the_exact_neighbours_of_clustered_vectors(tmp_path):
     queries = clustered(rng, 200, 32, centers)
     ids = [f"d{i}" for i in range(4000)]
     exact = DenseIndex(docs, ids, FINGERPRINT).search(queries, 10)
-    ivf = DenseIndex(docs, ids, FINGERPRINT, index_type="ivf")
+    ivf = DenseIndex(docs, ids, FINGERPRINT, IndexConfig(index_type="ivf"))
     assert (ivf.nlist, ivf.nprobe) == (102, 21)  # the defaults: about 2 sqrt(n) cells, 2 sqrt(nlist) searched
 
     def recall(run):
@@ -201,14 +201,14 @@ def test_ivf_finds_the_exact_neighbours_of_clustered_vectors(tmp_path):
     assert loaded.nprobe == 3 and loaded.search(queries, 10) == ivf.search(queries, 10)
     np.testing.assert_array_equal(loaded.vectors(10, 20), docs[10:20])
 
-    small = DenseIndex(docs, ids, FINGERPRINT, index_type="ivf", nlist=16, nprobe=16)
+    small = DenseIndex(docs, ids, FINGERPRINT, IndexConfig(index_type="ivf", nlist=16, nprobe=16))
     assert recall(small.search(queries, 10)) == 1.0
     with pytest.raises(ValueError, match="more IVF cells"):
-        DenseIndex(docs[:10], ids[:10], FINGERPRINT, index_type="ivf", nlist=11)
+        DenseIndex(docs[:10], ids[:10], FINGERPRINT, IndexConfig(index_type="ivf", nlist=11))
     with pytest.raises(ValueError, match="nprobe applies to ivf"):
-        DenseIndex(docs, ids, FINGERPRINT, nprobe=4)
+        DenseIndex(docs, ids, FINGERPRINT, IndexConfig(nprobe=4))
     with pytest.raises(ValueError, match="nlist applies to ivf"):
-        DenseIndex(docs, ids, FINGERPRINT, index_type="hnsw", nlist=4)
+        DenseIndex(docs, ids, FINGERPRINT, IndexConfig(index_type="hnsw", nlist=4))
 
 
 def test_shards_merge_into_approximate_indexes(tmp_path):
@@ -221,15 +221,15 @@ def test_shards_merge_into_approximate_indexes(tmp_path):
     sharded = ShardedIndex.load(tmp_path / "sharded")
     exact = sharded.search(queries, 10)
     for index_type in ("hnsw", "ivf"):
-        merged = sharded.merge(index_type)
+        merged = sharded.merge(IndexConfig(index_type=index_type))
         assert merged.index_type == index_type and merged.doc_ids == tuple(ids)
         run = merged.search(queries, 10)
         assert np.mean([len(set(run[q]) & set(exact[q])) / 10 for q in exact]) >= 0.9
-    write_shards(docs, ids, tmp_path / "ivf-shards", 3, index_type="ivf")
+    write_shards(docs, ids, tmp_path / "ivf-shards", 3, IndexConfig(index_type="ivf"))
     ivf_shards = ShardedIndex.load(tmp_path / "ivf-shards")
     assert ivf_shards.index_type == "ivf"
     # IVF shards keep the exact vectors; one big matrix product and three small ones round differently.
-    assert_same_top_k(exact, ivf_shards.merge("flat").search(queries, 10))
+    assert_same_top_k(exact, ivf_shards.merge(IndexConfig(index_type="flat")).search(queries, 10))
 
 
 def test_loaded_indexes_are_memory_mapped_read_only_views(tmp_path):
@@ -237,7 +237,7 @@ def test_loaded_indexes_are_memory_mapped_read_only_views(tmp_path):
     docs = rng.standard_normal((50, 8)).astype(np.float32)
     ids = [str(i) for i in range(50)]
     for index_type in ("flat", "hnsw"):
-        DenseIndex(docs, ids, FINGERPRINT, index_type=index_type).save(tmp_path / index_type)
+        DenseIndex(docs, ids, FINGERPRINT, IndexConfig(index_type=index_type)).save(tmp_path / index_type)
         loaded = DenseIndex.load(tmp_path / index_type)
         vectors = loaded.vectors()
         np.testing.assert_array_equal(vectors, docs)

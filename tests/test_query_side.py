@@ -17,7 +17,7 @@ from sentence_transformers import SentenceTransformer
 
 import sbmoe.inference.encoding as encoding
 from sbmoe.cli.main import main
-from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, IndexConfig, JobOptions, SearchConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.presets import build_configs
 from sbmoe.core.errors import UsageError
@@ -204,7 +204,9 @@ def test_documents_read_back_from_any_index_type_equal_the_encoded_ones(
 
     backbone_dir, index_dir = backbone_index
     flat = DenseIndex.load(index_dir)
-    rebuilt = DenseIndex(flat.vectors(), flat.doc_ids, flat.fingerprint, index_type, flat.metadata)
+    rebuilt = DenseIndex(
+        flat.vectors(), flat.doc_ids, flat.fingerprint, IndexConfig(index_type=index_type), flat.metadata
+    )
     rebuilt.save(tmp_path / index_type)
     wanted = list(reversed(flat.doc_ids))[:50]
     backbone = Retriever.load(str(backbone_dir), device="cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from sbmoe.cli import common
@@ -60,12 +61,12 @@ def run_index(args: argparse.Namespace) -> int:
                 raise UsageError("under torchrun each process indexes its own shard: leave out --shard")
             shard = (context.rank, context.world_size)
         retriever = common.load_retriever(args, context.device)
-        options = common.job_options(args, show_progress=context.is_main)
+        options = dataclasses.replace(common.job_options(args, show_progress=context.is_main), shard=shard)
         if args.store:
-            index_store(retriever, collection, args.store, config, encode, options, shard)
+            index_store(retriever, collection, args.store, config, encode, options)
             context.barrier()
             return 0
-        index = index_corpus(retriever, collection, args.output, config, encode, options=options, shard=shard)
+        index = index_corpus(retriever, collection, args.output, config, encode, options)
         if shard is None:
             print(f"indexed {len(index.doc_ids)} documents into {args.output}")
             return 0

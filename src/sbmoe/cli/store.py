@@ -29,12 +29,12 @@ def index_store(
     config: IndexConfig,
     encode: EncodeConfig,
     options: JobOptions,
-    shard: tuple[int, int] | None,
 ) -> None:
-    """``sbmoe index --store``: encode the corpus (or ``shard`` of it) into the store and report."""
+    """``sbmoe index --store``: encode the corpus (or ``options.shard`` of it) into the store and report."""
     from sbmoe.retrieval.milvus.indexing import index_into_store
 
-    summary = index_into_store(retriever, collection, uri, config, encode, options=options, shard=shard)
+    summary = index_into_store(retriever, collection, uri, config, encode, options)
+    shard = options.shard
     part = f"shard {shard[0]}/{shard[1]}, " if shard else ""
     print(
         f"indexed {part}documents {summary.start}:{summary.stop} into {summary.uri}: {summary.written} "

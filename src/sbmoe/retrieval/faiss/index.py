@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from sbmoe import __version__
+from sbmoe.config.jobs import IndexConfig
 from sbmoe.core.artifacts import INDEX, owns
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.io import atomic_directory, write_json
@@ -69,21 +70,29 @@ class DenseIndex:
         embeddings: ``(n_docs, dim)`` array; converted to float32.
         doc_ids: one unique id per row of ``embeddings``.
         fingerprint: identifies the model that produced the embeddings; :meth:`load` checks it.
-        index_type: ``"flat"`` (``faiss.IndexFlatIP``, exact), ``"hnsw"``
-            (``faiss.IndexHNSWFlat`` with M=32) or ``"ivf"`` (``faiss.IndexIVFFlat``: k-means
-            cells, ``nprobe`` of them searched); the last two are approximate and faster on large
-            corpora.
-        dtype: How the index stores the embeddings: ``"float32"`` or ``"float16"`` (half the
-            memory and disk; ``faiss.IndexScalarQuantizer``, ``faiss.IndexHNSWSQ`` or
-            ``faiss.IndexIVFScalarQuantizer`` with ``QT_fp16``). Queries and scores stay float32;
-            rounding unit-length embeddings to float16 moves their scores by less than
-            2^-11 (about 5e-4). Exact search converts the vectors to float32 a block at a time for
-            each batch of queries: as fast as float32 for batches of hundreds of queries, several
-            times slower one query at a time (300k x 384: 1.05 s vs 0.13 s on 2 cores).
+        config: The index to build (default: exact, float32):
+
+            * ``index_type``: ``"flat"`` (``faiss.IndexFlatIP``, exact; the default), ``"hnsw"``
+              (``faiss.IndexHNSWFlat`` with M=32) or ``"ivf"`` (``faiss.IndexIVFFlat``: k-means
+              cells, ``nprobe`` of them searched); the last two are approximate and faster on
+              large corpora.
+            * ``embedding_dtype``: how the index stores the embeddings: ``"float32"`` (the
+              default) or ``"float16"`` (half the memory and disk; ``faiss.IndexScalarQuantizer``,
+              ``faiss.IndexHNSWSQ`` or ``faiss.IndexIVFScalarQuantizer`` with ``QT_fp16``).
+              Queries and scores stay float32; rounding unit-length embeddings to float16 moves
+              their scores by less than 2^-11 (about 5e-4). Exact search converts the vectors to
+              float32 a block at a time for each batch of queries: as fast as float32 for batches
+              of hundreds of queries, several times slower one query at a time (300k x 384:
+              1.05 s vs 0.13 s on 2 cores).
+            * ``nlist``: IVF only: number of cells (default :func:`default_nlist`).
+            * ``nprobe``: IVF only: cells searched per query (default :func:`default_nprobe`);
+              saved with the index and changeable later through :attr:`nprobe`.
         metadata: JSON-serialisable extras stored in ``meta.json`` (dataset, encoder settings, ...).
-        nlist: IVF only: number of cells (default :func:`default_nlist`).
-        nprobe: IVF only: cells searched per query (default :func:`default_nprobe`); saved with the
-            index and changeable later through :attr:`nprobe`.
+
+    Attributes:
+        index_type: The index type built (``flat``, ``hnsw`` or ``ivf``).
+        dtype: How the embeddings are stored (``float32`` or ``float16``).
+        location: The directory it was loaded from (``None``: built in memory).
 
     Raises:
         ValueError: bad shapes, non-finite values, missing, duplicate or non-string ids, an empty
@@ -96,11 +105,8 @@ class DenseIndex:
         embeddings: np.ndarray,
         doc_ids: Sequence[str],
         fingerprint: str,
-        index_type: str = "flat",
+        config: IndexConfig | None = None,
         metadata: Mapping[str, Any] | None = None,
-        nlist: int | None = None,
-        nprobe: int | None = None,
-        dtype: str = "float32",
     ) -> None:
         vectors = as_matrix(embeddings, "embeddings")
         if vectors.shape[0] == 0:
@@ -110,10 +116,12 @@ class DenseIndex:
             raise UsageError(
                 f"got {len(ids)} doc_ids for {vectors.shape[0]} embedding rows; they must match one to one"
             )
+        config = config or IndexConfig()
+        index_type, dtype = _kind(config)
         index = build_faiss_index(
-            index_type, dtype, vectors.shape[1], len(ids), lambda: iter([vectors]), nlist
+            index_type, dtype, vectors.shape[1], len(ids), lambda: iter([vectors]), config.nlist
         )
-        self._attach(index, ids, fingerprint, index_type, dtype, metadata, nprobe)
+        self._attach(index, ids, fingerprint, index_type, dtype, metadata, config.nprobe)
 
     @classmethod
     def from_chunks(
@@ -122,11 +130,8 @@ class DenseIndex:
         doc_ids: Sequence[str],
         fingerprint: str,
         dim: int,
-        index_type: str = "flat",
+        config: IndexConfig | None = None,
         metadata: Mapping[str, Any] | None = None,
-        nlist: int | None = None,
-        nprobe: int | None = None,
-        dtype: str = "float32",
     ) -> DenseIndex:
         """An index over embeddings that arrive in row-order chunks, never all in memory at once.
 
@@ -139,8 +144,10 @@ class DenseIndex:
         The other arguments are those of :class:`DenseIndex`.
         """
         ids = check_ids(doc_ids, "doc_ids")
-        index = build_faiss_index(index_type, dtype, dim, len(ids), chunks, nlist)
-        return cls._from_faiss(index, ids, fingerprint, index_type, dtype, metadata, nprobe)
+        config = config or IndexConfig()
+        index_type, dtype = _kind(config)
+        index = build_faiss_index(index_type, dtype, dim, len(ids), chunks, config.nlist)
+        return cls._from_faiss(index, ids, fingerprint, index_type, dtype, metadata, config.nprobe)
 
     def _attach(
         self,
@@ -466,3 +473,8 @@ class DenseIndex:
         obj = cls.__new__(cls)
         obj._attach(index, doc_ids, fingerprint, index_type, dtype, metadata, nprobe)
         return obj
+
+
+def _kind(config: IndexConfig) -> tuple[str, str]:
+    """``config``'s index type and embedding dtype, their defaults (exact, float32) filled in."""
+    return config.index_type or "flat", config.embedding_dtype or "float32"

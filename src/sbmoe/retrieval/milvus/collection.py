@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from sbmoe.config.jobs import IndexConfig
 from sbmoe.core.errors import MissingInputError, UsageError, first_line
 from sbmoe.retrieval.faiss.index_types import default_nlist, default_nprobe
 from sbmoe.retrieval.milvus.uri import StoreURI, missing_extra_message
@@ -130,16 +131,16 @@ def store_meta(
     fingerprint: str,
     dim: int,
     count: int,
-    index_type: str,
+    config: IndexConfig,
     experts: int,
     metadata: Mapping[str, Any],
-    nlist: int | None = None,
-    nprobe: int | None = None,
 ) -> dict[str, Any]:
     """The settings a collection is created with and resumed by (its ``sbmoe.meta`` property).
 
-    ``nlist`` and ``nprobe`` apply to ``ivf`` and default as for a FAISS IVF index of ``count`` vectors.
+    ``config``'s index type defaults to ``flat``; its ``nlist`` and ``nprobe`` apply to ``ivf`` and
+    default as for a FAISS IVF index of ``count`` vectors.
     """
+    index_type, nlist, nprobe = config.index_type or "flat", config.nlist, config.nprobe
     if index_type != "ivf" and (nlist is not None or nprobe is not None):
         raise UsageError(f"nlist and nprobe apply to ivf, not {index_type!r}")
     if index_type == "ivf":

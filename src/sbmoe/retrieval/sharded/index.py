@@ -15,6 +15,7 @@ rebuilt with other settings: each is searched as it is, and :attr:`ShardedIndex.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.config.jobs import IndexConfig
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.runs import Run, merge_runs
 from sbmoe.retrieval.faiss.files import (
@@ -114,28 +116,23 @@ class ShardedIndex:
         assert merged is not None
         return merged
 
-    def merge(
-        self,
-        index_type: str | None = None,
-        nlist: int | None = None,
-        nprobe: int | None = None,
-        dtype: str | None = None,
-    ) -> DenseIndex:
+    def merge(self, config: IndexConfig | None = None) -> DenseIndex:
         """One index over all shards, in corpus order (what one process would have built).
 
         Vectors stream from the memory-mapped shards into the new index; only the new index is
         held in memory.
 
         Args:
-            index_type: Type of the merged index; defaults to the shards' type (``flat`` if they
-                differ).
-            nlist: IVF cells (``ivf`` only).
-            nprobe: IVF cells searched per query (``ivf`` only).
-            dtype: How the merged index stores the embeddings, ``float32`` or ``float16``; defaults
-                to the shards' dtype (``float32``, which holds float16 values exactly, if they differ).
+            config: The merged index (see :class:`DenseIndex`): its ``index_type`` defaults to the
+                shards' (``flat`` if they differ), its ``embedding_dtype`` to the shards'
+                (``float32``, which holds float16 values exactly, if they differ).
         """
-        index_type = index_type or (self.index_type if self.index_type != "mixed" else "flat")
-        dtype = dtype or (self.dtype if self.dtype != "mixed" else "float32")
+        config = config or IndexConfig()
+        config = dataclasses.replace(
+            config,
+            index_type=config.index_type or (self.index_type if self.index_type != "mixed" else "flat"),
+            embedding_dtype=config.embedding_dtype or (self.dtype if self.dtype != "mixed" else "float32"),
+        )
         shards = [self.shard(number) for number in range(self.num_shards)]
 
         def chunks() -> Iterator[np.ndarray]:
@@ -146,11 +143,8 @@ class ShardedIndex:
             self.doc_ids,
             self.fingerprint,
             self.dim,
-            index_type,
+            config,
             metadata={**self.metadata, "merged_from_shards": self.num_shards},
-            nlist=nlist,
-            nprobe=nprobe,
-            dtype=dtype,
         )
 
     @classmethod
