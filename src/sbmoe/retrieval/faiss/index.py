@@ -62,7 +62,7 @@ _HNSW_EF_SEARCH = 128
 
 # Its size (~400 lines, most of them docstrings and argument checks) is earned: an index is built,
 # saved, loaded (memory-mapped, checksummed) and searched as one object; FAISS builds, file checks and
-# the exact scan live in faiss_indexes, index_files and exact_search.
+# the exact scan live in index_types, files and exact_search.
 class DenseIndex:
     """Document embeddings in a FAISS inner-product index, searched in batches.
 
