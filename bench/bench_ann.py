@@ -7,7 +7,7 @@ one BLAS matrix product per corpus block, hard to beat) and one query at a time 
 where exact search reads the whole corpus per query). The vectors
 are unit vectors drawn around random centres (``clustered``, the structure real embeddings have)
 or straight from a Gaussian (``gaussian``: no structure, the hardest case for any ANN index).
-Everything goes through ``sbmoe.retrieval.index.DenseIndex``, as ``sbmoe index --index-type ivf`` does.
+Everything goes through ``sbmoe.retrieval.faiss.index.DenseIndex``, as ``sbmoe index --index-type ivf`` does.
 
     .venv/bin/python bench/bench_ann.py [--n 1000000] [--dim 384] [--queries 1000]
         [--index-type ivf|hnsw] [--distribution clustered|gaussian] [--nlist N]
@@ -22,8 +22,9 @@ import faiss
 import numpy as np
 from common import machine
 
-from sbmoe.retrieval.faiss_indexes import default_nlist, default_nprobe
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.config.jobs import IndexConfig
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.faiss.index_types import default_nlist, default_nprobe
 
 K = 10
 
@@ -111,9 +112,9 @@ def main() -> None:
     started = time.perf_counter()
     if args.index_type == "ivf":
         nlist = args.nlist or default_nlist(args.n)
-        index = DenseIndex(exact.vectors(), doc_ids, "bench", index_type="ivf", nlist=nlist)
+        index = DenseIndex(exact.vectors(), doc_ids, "bench", IndexConfig(index_type="ivf", nlist=nlist))
     else:
-        index = DenseIndex(exact.vectors(), doc_ids, "bench", index_type="hnsw")
+        index = DenseIndex(exact.vectors(), doc_ids, "bench", IndexConfig(index_type="hnsw"))
     build = time.perf_counter() - started
     after, peak = memory_mib()
     if args.index_type == "ivf":
@@ -142,13 +143,13 @@ def main() -> None:
             index.nprobe = nprobe
             row(nprobe, default)
     else:
-        import sbmoe.retrieval.index
+        import sbmoe.retrieval.faiss.index
 
-        default = sbmoe.retrieval.index._HNSW_EF_SEARCH
+        default = sbmoe.retrieval.faiss.index._HNSW_EF_SEARCH
         for ef in (32, 64, 128, 256):
-            sbmoe.retrieval.index._HNSW_EF_SEARCH = ef
+            sbmoe.retrieval.faiss.index._HNSW_EF_SEARCH = ef
             row(ef, default)
-        sbmoe.retrieval.index._HNSW_EF_SEARCH = default
+        sbmoe.retrieval.faiss.index._HNSW_EF_SEARCH = default
     print(f"{'exact':>9}  {exact_qps:>11,.0f}  {exact_single:>10,.1f}  {1:>9.3f}")
 
 

@@ -32,7 +32,7 @@ from sbmoe.evaluation.metrics import evaluate_run
 from sbmoe.inference.encoding import apply_head_stages, encode_texts, encoder_runner, length_sorted_batches
 from sbmoe.model.backbones import resolve_backbone
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.faiss.index import DenseIndex
 
 MODEL = "all-MiniLM-L6-v2"
 MAX_LENGTH = 256

@@ -24,13 +24,14 @@ from pathlib import Path
 from common import machine, scifact
 
 import sbmoe.inference.encoding as encoding
-from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
 from sbmoe.config.presets import build_configs
 from sbmoe.data.beir import BeirCollection
 from sbmoe.evaluation.metrics import evaluate_run
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval import open_index
 from sbmoe.retrieval.indexing import build_index
 from sbmoe.retrieval.search import search
 from sbmoe.training.trainer import train
@@ -64,12 +65,14 @@ def adapt(collection: BeirCollection, side: str, output: Path, cache: EmbeddingC
     trained = time.perf_counter() - started
     model = Retriever.load(str(output / "model"))
     if side == "query":
-        index = output / "backbone-index"  # built before the clock started
+        index = open_index(output / "backbone-index", model.index_fingerprints())  # built before the clock
     else:
         documents = {d: doc.full_text for d, doc in collection.corpus.items()}
         index = build_index(model, documents, encode=ENCODE)  # from the texts: re-indexing
     indexed = time.perf_counter() - started - trained
-    run = search(model, index, queries, SearchConfig(top_k=10), ENCODE, cache=cache)
+    run = search(
+        model, index, queries, SearchConfig(top_k=10), ENCODE, JobOptions(show_progress=False, cache=cache)
+    )
     ndcg = evaluate_run(collection.split_qrels("test"), run, metrics=("ndcg@10",)).metrics["ndcg@10"]
     return {"train": trained, "index": indexed, "total": time.perf_counter() - started, "ndcg@10": ndcg}
 

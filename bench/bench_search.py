@@ -17,7 +17,7 @@ from common import machine, median_seconds, scifact
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.faiss.index import DenseIndex
 
 TOP_K = 100
 

@@ -43,6 +43,7 @@ from sbmoe.core.runtime import autocast
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import TextEncoder, encoder_runner, run_stages, tokenize
 from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval import open_index
 from sbmoe.retrieval.indexing import index_corpus
 from sbmoe.retrieval.search import search
 from sbmoe.serving.service import SearchService
@@ -302,7 +303,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir, index_dir = prepare(Path(args.workdir or scratch))
         encode = EncodeConfig(backend=args.backend, precision=args.precision)
-        service = SearchService(Retriever.load(str(model_dir)), index_dir, SEARCH, encode)
+        retriever = Retriever.load(str(model_dir))
+        index = open_index(index_dir, retriever.index_fingerprints())
+        service = SearchService(retriever, index, SEARCH, encode)
         info = service.info()
         print(f"machine: {machine()}")
         print(

@@ -32,11 +32,12 @@ import numpy as np
 from bench_ann import memory_mib, recall_at_k, vectors
 from common import machine
 
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.config.jobs import IndexConfig
+from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE
-from sbmoe.retrieval.milvus_collection import store_meta
-from sbmoe.retrieval.milvus_store import MilvusStore
-from sbmoe.retrieval.store_uri import parse_store_uri
+from sbmoe.retrieval.milvus.collection import store_meta
+from sbmoe.retrieval.milvus.store import MilvusStore
+from sbmoe.retrieval.milvus.uri import parse_store_uri
 
 K = 10
 
@@ -55,7 +56,7 @@ def build_faiss(docs: np.ndarray, doc_ids: list[str], index_type: str, folder: P
     """(index, build seconds, memory growth MiB, disk MiB)."""
     before, _ = memory_mib()
     started = time.perf_counter()
-    index = DenseIndex(docs, doc_ids, "bench", index_type=index_type)
+    index = DenseIndex(docs, doc_ids, "bench", IndexConfig(index_type=index_type))
     seconds = time.perf_counter() - started
     grown = memory_mib()[0] - before
     index.save(folder / f"faiss-{index_type}")
@@ -67,7 +68,7 @@ def build_milvus(docs: np.ndarray, doc_ids: list[str], index_type: str, folder: 
     uri = parse_store_uri(f"milvus:{folder / f'milvus-{index_type}.db'}?collection=bench")
     before, _ = memory_mib()
     started = time.perf_counter()
-    meta = store_meta("bench", docs.shape[1], len(docs), index_type, 0, {})
+    meta = store_meta("bench", docs.shape[1], len(docs), IndexConfig(index_type=index_type), 0, {})
     store = MilvusStore.create_or_resume(uri, meta)
     for start in range(0, len(docs), INDEX_CHUNK_SIZE):
         store.upsert(doc_ids[start : start + INDEX_CHUNK_SIZE], docs[start : start + INDEX_CHUNK_SIZE])

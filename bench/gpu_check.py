@@ -40,7 +40,7 @@ from sbmoe.data.beir import load_collection, resolve_data
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.backbones import resolve_backbone
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.training.trainer import build_trainer
 
 GPU_SIZES = {"passages": 100_000, "steps": 20, "batch_size": 64, "encode_batch_size": 512}

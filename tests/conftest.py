@@ -58,6 +58,27 @@ def interrupt_at_step(trainer, step: int) -> None:
     trainer.training_step = failing_step
 
 
+def search_saved(retriever, location, queries, config=None, encode=None):
+    """As ``sbmoe search``: open the saved index for ``retriever`` (another model's is refused), search it."""
+    from sbmoe.retrieval import open_index
+    from sbmoe.retrieval.search import search
+
+    return search(retriever, open_index(location, retriever.index_fingerprints()), queries, config, encode)
+
+
+def load_service(model, location, encode=None, data=None, verify=False):
+    """``sbmoe serve``'s service: the model (or its directory), its saved index, optionally its collection."""
+    from sbmoe.data.beir import load_collection
+    from sbmoe.model.retriever import Retriever
+    from sbmoe.retrieval import open_index
+    from sbmoe.serving.service import SearchService
+
+    retriever = model if isinstance(model, Retriever) else Retriever.load(str(model))
+    index = open_index(location, retriever.index_fingerprints(), verify=verify)
+    collection = load_collection(data, splits=[]) if data is not None else None
+    return SearchService(retriever, index, encode=encode, collection=collection)
+
+
 def assert_same_top_k(expected: dict, actual: dict, tolerance: float = 1e-5) -> None:
     """Same queries, same documents in the same order; only near-ties (float rounding) may swap."""
     assert list(expected) == list(actual)

@@ -190,7 +190,7 @@ def test_index_then_search_and_refuse_another_models_index(
 
 
 def test_index_stores_float16_embeddings_on_request(trained, scifact_slice, tmp_path, capsys):
-    from sbmoe.retrieval.index import DenseIndex
+    from sbmoe.retrieval.faiss.index import DenseIndex
 
     common = ["-q", "index", "--model", str(trained), "--data", str(scifact_slice), "--output"]
     assert main([*common, str(tmp_path / "full")]) == 0

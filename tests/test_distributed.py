@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_top_k, interrupt_at_step
+from conftest import assert_same_top_k, interrupt_at_step, search_saved
 from distributed_worker import TRAIN_ARGS, VARIANTS, variant_configs
 
 from sbmoe.cli.main import main
@@ -145,7 +145,7 @@ def test_index_under_torchrun_writes_one_shard_per_process(torchrun_outputs, sci
     single = build_index(retriever, documents, encode=fp32)
     queries = dict(collection.queries)
     expected = search(retriever, single, queries, SearchConfig(top_k=10), fp32)
-    sharded = search(retriever, index_dir, queries, SearchConfig(top_k=10), fp32)
+    sharded = search_saved(retriever, index_dir, queries, SearchConfig(top_k=10), fp32)
     assert_same_top_k(expected, sharded)
 
 

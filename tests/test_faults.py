@@ -31,7 +31,7 @@ from sbmoe.core.artifacts import lock_path
 from sbmoe.core.io import read_json
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.store import open_store
+from sbmoe.retrieval import open_index
 
 # Runs `sbmoe ARGS` with 16-document index chunks; with PAUSE > 0 it stops before the PAUSE+1-th
 # chunk or training step, says "paused" and waits to be killed.
@@ -338,7 +338,7 @@ def test_a_full_disk_ends_in_one_line_and_the_same_command_then_finishes_as_if_i
     for place in (small_disk, tmp_path):  # then the same command, and one that never met a full disk
         assert main(["-q", *command(place)]) == 0
     if job == "store":
-        with open_store(f"milvus:{small_disk / name}") as store:
+        with open_index(f"milvus:{small_disk / name}") as store:
             assert sorted(store.iter_doc_ids()) == sorted(load_collection(scifact_slice).corpus)
     else:
         weights = "index.faiss" if job == "index" else "model.safetensors"

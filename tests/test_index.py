@@ -1,4 +1,4 @@
-"""Tests for sbmoe.retrieval.index: exact and HNSW search, exclude_self, save/load, fingerprints,
+"""Tests for sbmoe.retrieval.faiss.index: exact and HNSW search, exclude_self, save/load, fingerprints,
 float16 storage, validation."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import IndexMismatchError
+from sbmoe.config.jobs import IndexConfig
+from sbmoe.retrieval.faiss.files import IndexMismatchError
+from sbmoe.retrieval.faiss.index import DenseIndex
 
 FINGERPRINT = "a1b2c3d4e5f6a7b8c9d0" * 2
 
@@ -65,13 +66,13 @@ def test_exact_search_across_corpus_blocks(monkeypatch, tmp_path, dtype: str, ba
     # Force many corpus blocks so the block-merging path is exercised, ties included. Small integers
     # are exact in float16 too, so both dtypes must give the brute-force ranking exactly, in batches
     # and one query at a time (other code paths), in memory and memory-mapped (misaligned vectors).
-    import sbmoe.retrieval.exact_search
+    import sbmoe.retrieval.faiss.exact_search
 
-    monkeypatch.setattr(sbmoe.retrieval.exact_search, "_SCORE_BLOCK", 64)
+    monkeypatch.setattr(sbmoe.retrieval.faiss.exact_search, "_SCORE_BLOCK", 64)
     rng = np.random.default_rng(3)
     docs = rng.integers(-1, 2, size=(203, 6)).astype(np.float32)
     queries = rng.integers(-1, 2, size=(9, 6)).astype(np.float32)
-    index = DenseIndex(docs, [str(i) for i in range(203)], FINGERPRINT, dtype=dtype)
+    index = DenseIndex(docs, [str(i) for i in range(203)], FINGERPRINT, IndexConfig(embedding_dtype=dtype))
     for searched in (index, DenseIndex.load(index.save(tmp_path / "index"))):
         run = searched.search(queries, k=17, batch_size=batch_size)
         assert [[int(d) for d in hits] for hits in run.values()] == _brute_force(queries, docs, 17)
@@ -126,7 +127,7 @@ def test_hnsw_finds_most_exact_neighbours(corpus) -> None:
     docs, doc_ids = corpus
     queries = _normalized(np.random.default_rng(5), 30, 24)
     exact = DenseIndex(docs, doc_ids, FINGERPRINT).search(queries, k=10)
-    approx = DenseIndex(docs, doc_ids, FINGERPRINT, index_type="hnsw").search(queries, k=10)
+    approx = DenseIndex(docs, doc_ids, FINGERPRINT, IndexConfig(index_type="hnsw")).search(queries, k=10)
     overlap = np.mean([len(set(exact[q]) & set(approx[q])) / 10 for q in exact])
     assert overlap >= 0.9
     assert all(len(hits) == 10 for hits in approx.values())
@@ -135,7 +136,7 @@ def test_hnsw_finds_most_exact_neighbours(corpus) -> None:
 def test_padding_rows_from_faiss_are_dropped(corpus, monkeypatch) -> None:
     # HNSW returns row -1 (score -inf or -3.4e38) when its graph walk finds fewer than k documents.
     docs, doc_ids = corpus
-    index = DenseIndex(docs, doc_ids, FINGERPRINT, index_type="hnsw")
+    index = DenseIndex(docs, doc_ids, FINGERPRINT, IndexConfig(index_type="hnsw"))
     padded = (np.array([[0.9, 0.5, -np.inf], [0.8, 0.7, 0.6]]), np.array([[4, 7, -1], [1, 2, 3]]))
     monkeypatch.setattr(index, "_search_batch", lambda queries, k: padded)
     run = index.search(docs[:2], k=3, query_ids=["q", "doc2"], exclude_self=True)
@@ -153,7 +154,9 @@ def test_float64_and_int_inputs_are_converted(corpus) -> None:
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
 def test_save_load_round_trip(tmp_path, corpus, index_type: str) -> None:
     docs, doc_ids = corpus
-    index = DenseIndex(docs, doc_ids, FINGERPRINT, index_type=index_type, metadata={"dataset": "toy"})
+    index = DenseIndex(
+        docs, doc_ids, FINGERPRINT, IndexConfig(index_type=index_type), metadata={"dataset": "toy"}
+    )
     queries = _normalized(np.random.default_rng(6), 25, 24)
     before = index.search(queries, k=10)
 
@@ -274,11 +277,11 @@ def test_bad_build_input(embeddings, doc_ids, message: str) -> None:
 def test_bad_build_options(corpus) -> None:
     docs, doc_ids = corpus
     with pytest.raises(ValueError, match="unknown index_type"):
-        DenseIndex(docs, doc_ids, FINGERPRINT, index_type="annoy")
+        DenseIndex(docs, doc_ids, FINGERPRINT, IndexConfig(index_type="annoy"))
     with pytest.raises(ValueError, match="unknown dtype 'bfloat16'"):
-        DenseIndex(docs, doc_ids, FINGERPRINT, dtype="bfloat16")
+        DenseIndex(docs, doc_ids, FINGERPRINT, IndexConfig(embedding_dtype="bfloat16"))
     with pytest.raises(ValueError, match="beyond float16's range"):
-        DenseIndex(docs * 1e5, doc_ids, FINGERPRINT, dtype="float16")
+        DenseIndex(docs * 1e5, doc_ids, FINGERPRINT, IndexConfig(embedding_dtype="float16"))
     with pytest.raises(ValueError, match="fingerprint"):
         DenseIndex(docs, doc_ids, "")
     with pytest.raises(ValueError, match="JSON"):
@@ -320,7 +323,7 @@ def test_float16_flat_index_ranks_like_float32_in_half_the_space(tmp_path) -> No
     queries = _normalized(rng, 100, 128)
     doc_ids = [f"d{i}" for i in range(2000)]
     full = DenseIndex(docs, doc_ids, FINGERPRINT)
-    half = DenseIndex(docs, doc_ids, FINGERPRINT, dtype="float16")
+    half = DenseIndex(docs, doc_ids, FINGERPRINT, IndexConfig(embedding_dtype="float16"))
     assert (full.dtype, half.dtype) == ("float32", "float16")
     expected, run = full.search(queries, k=10), half.search(queries, k=10)
     exact = queries @ docs.T
@@ -343,7 +346,9 @@ def test_float16_flat_index_ranks_like_float32_in_half_the_space(tmp_path) -> No
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
 def test_float16_save_load_round_trip(tmp_path, corpus, index_type: str) -> None:
     docs, doc_ids = corpus
-    index = DenseIndex(docs, doc_ids, FINGERPRINT, index_type=index_type, dtype="float16")
+    index = DenseIndex(
+        docs, doc_ids, FINGERPRINT, IndexConfig(index_type=index_type, embedding_dtype="float16")
+    )
     queries = _normalized(np.random.default_rng(8), 25, 24)
     before = index.search(queries, k=10)
     index.save(tmp_path / "idx")
@@ -360,15 +365,15 @@ def test_float16_save_load_round_trip(tmp_path, corpus, index_type: str) -> None
 
 def test_float16_flat_index_is_memory_mapped(tmp_path, corpus) -> None:
     docs, doc_ids = corpus
-    DenseIndex(docs, doc_ids, FINGERPRINT, dtype="float16").save(tmp_path / "idx")
+    DenseIndex(docs, doc_ids, FINGERPRINT, IndexConfig(embedding_dtype="float16")).save(tmp_path / "idx")
     loaded = DenseIndex.load(tmp_path / "idx")
     # FAISS owns no copy of the codes: they are the mapped file, which exact search reads directly.
     assert not loaded._index.codes.is_owned
     assert loaded._vectors.dtype == np.float16
     assert DenseIndex.load(tmp_path / "idx", mmap=False)._index.codes.is_owned
-    assert loaded.search(docs[:5], 7) == DenseIndex(docs, doc_ids, FINGERPRINT, dtype="float16").search(
-        docs[:5], 7
-    )
+    assert loaded.search(docs[:5], 7) == DenseIndex(
+        docs, doc_ids, FINGERPRINT, IndexConfig(embedding_dtype="float16")
+    ).search(docs[:5], 7)
 
 
 def test_meta_without_dtype_loads_as_float32(tmp_path, corpus) -> None:
@@ -389,7 +394,9 @@ def test_dtype_in_meta_must_match_the_faiss_index(tmp_path, corpus, index_type: 
     docs, doc_ids = corpus
     for built, claimed in (("float16", "float32"), ("float32", "float16"), ("float32", "int8")):
         directory = tmp_path / f"{built}-as-{claimed}"
-        DenseIndex(docs, doc_ids, FINGERPRINT, index_type=index_type, dtype=built).save(directory)
+        DenseIndex(
+            docs, doc_ids, FINGERPRINT, IndexConfig(index_type=index_type, embedding_dtype=built)
+        ).save(directory)
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         meta["dtype"] = claimed
         (directory / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -403,7 +410,9 @@ def test_float16_approximate_indexes_find_the_exact_neighbours(corpus) -> None:
     queries = _normalized(np.random.default_rng(9), 30, 24)
     exact = DenseIndex(docs, doc_ids, FINGERPRINT).search(queries, k=10)
     for index_type in ("hnsw", "ivf"):
-        index = DenseIndex(docs, doc_ids, FINGERPRINT, index_type=index_type, dtype="float16")
+        index = DenseIndex(
+            docs, doc_ids, FINGERPRINT, IndexConfig(index_type=index_type, embedding_dtype="float16")
+        )
         approx = index.search(queries, k=10)
         assert np.mean([len(set(exact[q]) & set(approx[q])) / 10 for q in exact]) >= 0.9
         np.testing.assert_allclose(index.vectors(), docs, atol=1e-3)

@@ -7,27 +7,27 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_same_top_k
+from conftest import assert_same_top_k, search_saved
 
 from sbmoe.cli.main import main
-from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, IndexConfig, SearchConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.runs import merge_runs
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import IndexMismatchError, is_sharded_index, shard_directory
-from sbmoe.retrieval.search import search
-from sbmoe.retrieval.shards import ShardedIndex, load_index
+from sbmoe.retrieval import open_index
+from sbmoe.retrieval.faiss.files import IndexMismatchError, is_sharded_index, shard_directory
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.sharded.index import ShardedIndex
 
 FINGERPRINT = "0123456789abcdef" * 4
 
 
-def write_shards(docs: np.ndarray, doc_ids: list[str], root, num_shards: int, **options) -> None:
+def write_shards(docs: np.ndarray, doc_ids: list[str], root, num_shards: int, config=None) -> None:
     for shard in range(num_shards):
         start, stop = shard_bounds(len(doc_ids), shard, num_shards)
-        index = DenseIndex(docs[start:stop], doc_ids[start:stop], FINGERPRINT, **options)
+        index = DenseIndex(docs[start:stop], doc_ids[start:stop], FINGERPRINT, config)
         index.save_shard(root, shard, num_shards, start, len(doc_ids))
 
 
@@ -49,16 +49,16 @@ def test_three_shards_search_like_one_index_shard_by_shard_and_merged(tiny_bert_
     retriever = Retriever.load(str(model_dir), device="cpu")
     queries = dict(load_collection(scifact_slice).queries)
     with pytest.raises(FileNotFoundError, match=r"lacks 1 of its 3 shards \(1/3\)"):
-        search(retriever, sharded, queries)
+        search_saved(retriever, sharded, queries)
     assert main(["-q", "index", *common, "--output", str(sharded), "--shard", "1/3"]) == 0
     assert is_sharded_index(sharded) and not is_sharded_index(tmp_path / "single")
     merged = tmp_path / "merged"
     assert main(["-q", "merge-index", "--index", str(sharded), "--output", str(merged)]) == 0
 
     top10, fp32 = SearchConfig(top_k=10), EncodeConfig(precision="fp32")
-    expected = search(retriever, tmp_path / "single", queries, top10, fp32)
-    assert_same_top_k(expected, search(retriever, sharded, queries, top10, fp32))
-    assert_same_top_k(expected, search(retriever, merged, queries, top10, fp32))
+    expected = search_saved(retriever, tmp_path / "single", queries, top10, fp32)
+    assert_same_top_k(expected, search_saved(retriever, sharded, queries, top10, fp32))
+    assert_same_top_k(expected, search_saved(retriever, merged, queries, top10, fp32))
     single_index = DenseIndex.load(tmp_path / "single")
     merged_index = DenseIndex.load(merged)
     assert merged_index.doc_ids == single_index.doc_ids
@@ -70,7 +70,7 @@ def test_three_shards_search_like_one_index_shard_by_shard_and_merged(tiny_bert_
         DenseIndex.load(sharded)
     other = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0), device="cpu")
     with pytest.raises(IndexMismatchError):
-        search(other, sharded, queries)
+        search_saved(other, sharded, queries)
     # The search command reads sharded indexes too.
     assert main(["-q", "search", "--model", str(model_dir), "--index", str(sharded), "--query", "cells"]) == 0
 
@@ -127,9 +127,9 @@ def test_inconsistent_shards_are_refused(tmp_path):
     DenseIndex(docs, ids, FINGERPRINT).save(tmp_path / "single")
     with pytest.raises(ValueError, match="single"):
         DenseIndex(docs[:10], ids[:10], FINGERPRINT).save_shard(tmp_path / "single", 0, 3, 0, 30)
-    assert isinstance(load_index(tmp_path / "single"), DenseIndex)
+    assert isinstance(open_index(tmp_path / "single"), DenseIndex)
     write_shards(docs, ids, tmp_path / "d", 3)
-    assert isinstance(load_index(tmp_path / "d"), ShardedIndex)
+    assert isinstance(open_index(tmp_path / "d"), ShardedIndex)
 
 
 def test_float16_shards_search_and_merge_like_one_float16_index(tmp_path):
@@ -138,18 +138,18 @@ def test_float16_shards_search_and_merge_like_one_float16_index(tmp_path):
     docs = clustered(rng, 900, 32, centers)
     queries = clustered(rng, 50, 32, centers)
     ids = [f"d{i}" for i in range(900)]
-    write_shards(docs, ids, tmp_path / "half", 3, dtype="float16")
+    write_shards(docs, ids, tmp_path / "half", 3, IndexConfig(embedding_dtype="float16"))
     sharded = ShardedIndex.load(tmp_path / "half")
     assert (sharded.index_type, sharded.dtype) == ("flat", "float16")
-    single = DenseIndex(docs, ids, FINGERPRINT, dtype="float16")
+    single = DenseIndex(docs, ids, FINGERPRINT, IndexConfig(embedding_dtype="float16"))
     expected = single.search(queries, 10)
     assert_same_top_k(expected, sharded.search(queries, 10))
     merged = sharded.merge()
     assert (merged.dtype, merged.doc_ids) == ("float16", tuple(ids))
     np.testing.assert_array_equal(merged.vectors(), single.vectors())  # float16 -> float32 -> float16
     assert_same_top_k(expected, merged.search(queries, 10))
-    assert sharded.merge(dtype="float32").dtype == "float32"
-    hnsw = sharded.merge("hnsw")
+    assert sharded.merge(IndexConfig(embedding_dtype="float32")).dtype == "float32"
+    hnsw = sharded.merge(IndexConfig(index_type="hnsw"))
     assert (hnsw.index_type, hnsw.dtype) == ("hnsw", "float16")
 
     # Shards of different dtypes (some rebuilt) are searched as they are; merged, float32 by default.
@@ -183,7 +183,7 @@ def test_ivf_finds_the_exact_neighbours_of_clustered_vectors(tmp_path):
     queries = clustered(rng, 200, 32, centers)
     ids = [f"d{i}" for i in range(4000)]
     exact = DenseIndex(docs, ids, FINGERPRINT).search(queries, 10)
-    ivf = DenseIndex(docs, ids, FINGERPRINT, index_type="ivf")
+    ivf = DenseIndex(docs, ids, FINGERPRINT, IndexConfig(index_type="ivf"))
     assert (ivf.nlist, ivf.nprobe) == (102, 21)  # the defaults: about 2 sqrt(n) cells, 2 sqrt(nlist) searched
 
     def recall(run):
@@ -201,14 +201,14 @@ def test_ivf_finds_the_exact_neighbours_of_clustered_vectors(tmp_path):
     assert loaded.nprobe == 3 and loaded.search(queries, 10) == ivf.search(queries, 10)
     np.testing.assert_array_equal(loaded.vectors(10, 20), docs[10:20])
 
-    small = DenseIndex(docs, ids, FINGERPRINT, index_type="ivf", nlist=16, nprobe=16)
+    small = DenseIndex(docs, ids, FINGERPRINT, IndexConfig(index_type="ivf", nlist=16, nprobe=16))
     assert recall(small.search(queries, 10)) == 1.0
     with pytest.raises(ValueError, match="more IVF cells"):
-        DenseIndex(docs[:10], ids[:10], FINGERPRINT, index_type="ivf", nlist=11)
+        DenseIndex(docs[:10], ids[:10], FINGERPRINT, IndexConfig(index_type="ivf", nlist=11))
     with pytest.raises(ValueError, match="nprobe applies to ivf"):
-        DenseIndex(docs, ids, FINGERPRINT, nprobe=4)
+        DenseIndex(docs, ids, FINGERPRINT, IndexConfig(nprobe=4))
     with pytest.raises(ValueError, match="nlist applies to ivf"):
-        DenseIndex(docs, ids, FINGERPRINT, index_type="hnsw", nlist=4)
+        DenseIndex(docs, ids, FINGERPRINT, IndexConfig(index_type="hnsw", nlist=4))
 
 
 def test_shards_merge_into_approximate_indexes(tmp_path):
@@ -221,15 +221,15 @@ def test_shards_merge_into_approximate_indexes(tmp_path):
     sharded = ShardedIndex.load(tmp_path / "sharded")
     exact = sharded.search(queries, 10)
     for index_type in ("hnsw", "ivf"):
-        merged = sharded.merge(index_type)
+        merged = sharded.merge(IndexConfig(index_type=index_type))
         assert merged.index_type == index_type and merged.doc_ids == tuple(ids)
         run = merged.search(queries, 10)
         assert np.mean([len(set(run[q]) & set(exact[q])) / 10 for q in exact]) >= 0.9
-    write_shards(docs, ids, tmp_path / "ivf-shards", 3, index_type="ivf")
+    write_shards(docs, ids, tmp_path / "ivf-shards", 3, IndexConfig(index_type="ivf"))
     ivf_shards = ShardedIndex.load(tmp_path / "ivf-shards")
     assert ivf_shards.index_type == "ivf"
     # IVF shards keep the exact vectors; one big matrix product and three small ones round differently.
-    assert_same_top_k(exact, ivf_shards.merge("flat").search(queries, 10))
+    assert_same_top_k(exact, ivf_shards.merge(IndexConfig(index_type="flat")).search(queries, 10))
 
 
 def test_loaded_indexes_are_memory_mapped_read_only_views(tmp_path):
@@ -237,7 +237,7 @@ def test_loaded_indexes_are_memory_mapped_read_only_views(tmp_path):
     docs = rng.standard_normal((50, 8)).astype(np.float32)
     ids = [str(i) for i in range(50)]
     for index_type in ("flat", "hnsw"):
-        DenseIndex(docs, ids, FINGERPRINT, index_type=index_type).save(tmp_path / index_type)
+        DenseIndex(docs, ids, FINGERPRINT, IndexConfig(index_type=index_type)).save(tmp_path / index_type)
         loaded = DenseIndex.load(tmp_path / index_type)
         vectors = loaded.vectors()
         np.testing.assert_array_equal(vectors, docs)

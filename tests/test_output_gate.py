@@ -18,7 +18,7 @@ from sbmoe.core.errors import UsageError
 from sbmoe.core.io import read_json
 from sbmoe.model.hub import write_model_card
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.indexing import merge_index
 from sbmoe.study.experiments import run_experiment
 from sbmoe.study.grid import check_grid

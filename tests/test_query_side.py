@@ -12,11 +12,12 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from conftest import load_service, search_saved
 from sentence_transformers import SentenceTransformer
 
 import sbmoe.inference.encoding as encoding
 from sbmoe.cli.main import main
-from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, IndexConfig, JobOptions, SearchConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.presets import build_configs
 from sbmoe.core.errors import UsageError
@@ -24,9 +25,9 @@ from sbmoe.data.beir import load_collection
 from sbmoe.evaluation.metrics import read_trec_run
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import IndexMismatchError
-from sbmoe.retrieval.search import search, search_documents
+from sbmoe.retrieval.faiss.files import IndexMismatchError
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.search import search_documents
 from sbmoe.training.procrustes import orthogonal_map, procrustes_model
 from sbmoe.training.trainer import train
 
@@ -152,7 +153,7 @@ def test_the_backbone_index_serves_an_adapted_model_with_no_document_encoded(
     )
 
     encoded = count_encoded_texts(monkeypatch)
-    run = search(model, index_dir, queries, SearchConfig(top_k=10), FP32)
+    run = search_saved(model, index_dir, queries, SearchConfig(top_k=10), FP32)
     assert encoded == {"query": len(queries), "document": 0}
     assert run == exact
 
@@ -203,7 +204,9 @@ def test_documents_read_back_from_any_index_type_equal_the_encoded_ones(
 
     backbone_dir, index_dir = backbone_index
     flat = DenseIndex.load(index_dir)
-    rebuilt = DenseIndex(flat.vectors(), flat.doc_ids, flat.fingerprint, index_type, flat.metadata)
+    rebuilt = DenseIndex(
+        flat.vectors(), flat.doc_ids, flat.fingerprint, IndexConfig(index_type=index_type), flat.metadata
+    )
     rebuilt.save(tmp_path / index_type)
     wanted = list(reversed(flat.doc_ids))[:50]
     backbone = Retriever.load(str(backbone_dir), device="cpu")
@@ -237,12 +240,11 @@ def test_training_on_an_index_is_refused_when_it_cannot_hold_the_documents(
 def test_serve_answers_from_the_backbone_index(adapted, backbone_index, scifact_slice):
     pytest.importorskip("fastapi")
     from sbmoe.serving.http import BackgroundServer, create_app
-    from sbmoe.serving.service import load_service
 
     _, index_dir = backbone_index
     model = Retriever.load(str(adapted), device="cpu")
     queries = list(load_collection(scifact_slice).queries.values())[:4]
-    expected = search(
+    expected = search_saved(
         model, index_dir, {str(n): q for n, q in enumerate(queries)}, SearchConfig(top_k=10), FP32
     )
     with BackgroundServer(create_app(load_service(adapted, index_dir, encode=FP32))) as running:
@@ -263,10 +265,10 @@ def test_a_symmetric_model_or_another_document_encoder_is_still_refused(
     torch.manual_seed(0)
     symmetric = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=3), device="cpu")
     with pytest.raises(IndexMismatchError, match="different model"):
-        search(symmetric, index_dir, queries, encode=FP32)
+        search_saved(symmetric, index_dir, queries, encode=FP32)
     for other in ({"max_doc_length": 16}, {"pooling": "cls"}):
         with pytest.raises(IndexMismatchError):
-            search(query_side(tiny_bert_dir, "moe", **other), index_dir, queries, encode=FP32)
+            search_saved(query_side(tiny_bert_dir, "moe", **other), index_dir, queries, encode=FP32)
 
 
 def test_an_index_saved_before_document_fingerprints_still_serves_query_side_models(
@@ -281,7 +283,7 @@ def test_an_index_saved_before_document_fingerprints_still_serves_query_side_mod
     meta = json.loads((old / "meta.json").read_text())
     del meta["metadata"]["document_fingerprint"]
     (old / "meta.json").write_text(json.dumps(meta))
-    search(query_side(tiny_bert_dir, "linear"), old, {"q": "vitamin D"}, encode=FP32)
+    search_saved(query_side(tiny_bert_dir, "linear"), old, {"q": "vitamin D"}, encode=FP32)
 
 
 def test_a_query_side_head_never_trains_the_backbone(tiny_bert_dir):
@@ -337,7 +339,7 @@ def test_the_procrustes_control_rotates_queries_only_and_serves_from_the_backbon
     assert 0 <= output.result.metrics["ndcg@10"] <= 1 and (tmp_path / "eval" / "run.trec").exists()
     saved = Retriever.load(str(tmp_path / "eval" / "model"), device="cpu")
     assert saved.config.head_side == "query"
-    search(saved, index_dir, {"q": texts[0]}, encode=FP32)  # accepted: documents are the backbone's
+    search_saved(saved, index_dir, {"q": texts[0]}, encode=FP32)  # accepted: documents are the backbone's
 
 
 def test_query_side_cells_run_in_a_grid_and_the_study_grid_expands(

@@ -13,7 +13,7 @@ from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.config.model import ModelConfig
 from sbmoe.data.beir import load_collection
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.faiss.index import DenseIndex
 
 ENCODE = EncodeConfig(backend="torch", precision="fp32")
 

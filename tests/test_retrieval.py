@@ -7,7 +7,9 @@ import torch
 
 from sbmoe.config.jobs import EncodeConfig, SearchConfig
 from sbmoe.config.model import ModelConfig
+from sbmoe.core.errors import SbmoeError, UsageError
 from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval import Index, open_index
 from sbmoe.retrieval.indexing import build_index
 from sbmoe.retrieval.search import search, search_documents
 
@@ -29,7 +31,8 @@ def retriever(tiny_bert_dir):
 
 def test_each_rule_ranks_as_a_model_saved_with_that_rule(retriever):
     config = SearchConfig(top_k=3)
-    runs = search_documents(retriever, QUERIES, DOCUMENTS, config, FP32, expert_poolings=["top1", "all"])
+    rules = SearchConfig(top_k=3, expert_poolings=["top1", "all"])
+    runs = search_documents(retriever, QUERIES, DOCUMENTS, rules, FP32)
     assert list(runs) == ["top1", "all"]
     for rule, run in runs.items():
         retriever.head.expert_pooling = rule
@@ -46,17 +49,29 @@ def test_each_rule_ranks_as_a_model_saved_with_that_rule(retriever):
     assert list(search_documents(retriever, QUERIES, DOCUMENTS, config, FP32)) == ["top1"]
 
 
-def test_a_saved_index_is_searched_by_directory_and_knows_its_model(retriever, tiny_bert_dir, tmp_path):
+def test_a_saved_index_is_opened_by_directory_and_knows_its_model(retriever, tiny_bert_dir, tmp_path):
     index = build_index(retriever, DOCUMENTS, encode=FP32)
-    assert index.fingerprint == retriever.fingerprint()
+    assert index.fingerprint == retriever.fingerprint() and index.location is None
     index.save(tmp_path / "index")
-    assert search(retriever, tmp_path / "index", QUERIES, encode=FP32) == search(
-        retriever, index, QUERIES, encode=FP32
-    )
+    opened = open_index(tmp_path / "index", retriever.index_fingerprints())
+    assert isinstance(opened, Index) and opened.location == str(tmp_path / "index")
+    assert search(retriever, opened, QUERIES, encode=FP32) == search(retriever, index, QUERIES, encode=FP32)
+    with pytest.raises(UsageError, match="expert_poolings apply to search_documents"):
+        search(retriever, opened, QUERIES, SearchConfig(expert_poolings=["all"]))
+
+
+def test_open_index_names_what_is_not_an_index(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an index")
+    for location in (tmp_path / "missing", tmp_path / "notes.txt", tmp_path):
+        with pytest.raises(SbmoeError, match=str(location)) as caught:
+            open_index(location)
+        assert len(str(caught.value).splitlines()) == 1
+    with pytest.raises(UsageError, match="not-a-store"):
+        open_index("milvus:not-a-store")
 
 
 def test_expert_poolings_need_an_moe_head(tiny_bert_dir):
     plain = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0), device="cpu")
     with pytest.raises(ValueError, match="MoE head"):
-        search_documents(plain, QUERIES, DOCUMENTS, expert_poolings=["all"])
+        search_documents(plain, QUERIES, DOCUMENTS, SearchConfig(expert_poolings=["all"]))
     assert list(search_documents(plain, QUERIES, DOCUMENTS, encode=FP32)) == ["model"]

@@ -16,18 +16,19 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_top_k
+from conftest import assert_same_top_k, load_service
 
 from sbmoe import __version__
 from sbmoe.cli.main import main
 from sbmoe.config.jobs import EncodeConfig, ServeConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.errors import SbmoeError, UsageError
-from sbmoe.data.beir import load_collection
+from sbmoe.data.beir import BeirCollection, load_collection
 from sbmoe.evaluation.metrics import read_trec_run
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.inference.routing import route
@@ -35,7 +36,7 @@ from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import build_index
 from sbmoe.retrieval.search import search
 from sbmoe.serving.http import BackgroundServer, create_app
-from sbmoe.serving.service import SearchService, ServiceClosedError, load_service
+from sbmoe.serving.service import SearchService, ServiceClosedError
 
 pytest.importorskip("fastapi")
 FP32 = EncodeConfig(precision="fp32", backend="torch", device="cpu")
@@ -273,14 +274,15 @@ def test_every_accepted_connection_has_nagle_off(server, model_dir, index_dir, f
 
 def test_without_the_collection_or_a_head_the_extras_are_refused(server, tiny_bert_dir, index_dir):
     _, service = server
-    bare = SearchService(service.retriever, index_dir, encode=FP32)
+    bare = SearchService(service.retriever, service.index, encode=FP32)
     with BackgroundServer(create_app(bare)) as running:
         status, body = request(f"{running.url}/search", {"query": "q", "documents": True})
         assert status == 400 and "--data" in body["detail"]
         status, body = request(f"{running.url}/search", {"query": "q", "top_k": 2})
         assert status == 200 and len(body["results"][0]["hits"]) == 2
     with pytest.raises(UsageError, match="documents are not in the collection nfcorpus"):
-        SearchService(service.retriever, index_dir, documents={"MED-10": None}, collection="nfcorpus")
+        other = BeirCollection("nfcorpus", Path("nfcorpus"), {"MED-10": None}, {}, {})
+        SearchService(service.retriever, service.index, collection=other)
     plain = Retriever.from_config(ModelConfig(backbone=str(tiny_bert_dir), num_experts=0), device="cpu")
     index = build_index(plain, {"d1": "one text", "d2": "another"}, encode=FP32)
     with SearchService(plain, index, encode=FP32) as headless, pytest.raises(UsageError, match="no MoE head"):
@@ -293,7 +295,7 @@ def test_without_the_collection_or_a_head_the_extras_are_refused(server, tiny_be
 def test_waiting_requests_are_answered_together_each_as_alone(server, index_dir, scifact_slice, encode):
     _, service = server
     texts = list(load_collection(scifact_slice).queries.values())[:24]
-    with SearchService(service.retriever, index_dir, encode=encode) as serving:
+    with SearchService(service.retriever, service.index, encode=encode) as serving:
         alone = [serving.search([text]).result(timeout=60)[0] for text in texts]
         embedded_alone = [serving.embed([text]).result(timeout=60) for text in texts]
         before = dict(serving.stats)
@@ -308,7 +310,9 @@ def test_waiting_requests_are_answered_together_each_as_alone(server, index_dir,
         assert serving.stats["requests"] - before["requests"] == len(texts) + len(pairs) + 1
         assert serving.stats["batches"] - before["batches"] < len(texts) + len(pairs) + 1
     if encode is FP32:
-        expected = search(service.retriever, index_dir, {str(n): t for n, t in enumerate(texts)}, encode=FP32)
+        expected = search(
+            service.retriever, service.index, {str(n): t for n, t in enumerate(texts)}, encode=FP32
+        )
         assert_same_top_k(expected, {str(n): dict(result.hits) for n, result in enumerate(alone)})
 
 
@@ -360,7 +364,7 @@ def test_an_api_key_guards_every_endpoint_but_health(model_dir, index_dir, monke
 @pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
 def test_a_body_above_the_limit_gets_413(server, model_dir, index_dir, chunked):
     _, service = server
-    bare = SearchService(service.retriever, index_dir, encode=FP32)
+    bare = SearchService(service.retriever, service.index, encode=FP32)
     with BackgroundServer(create_app(bare, ServeConfig(max_request_bytes=2000))) as running:
         small = json.dumps({"query": "vitamin D " * 150, "top_k": 2}).encode()
         assert len(small) < 2000 and send(running.url, "/search", small, chunked=chunked)[0] == 200

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_top_k
+from conftest import assert_same_top_k, load_service
 
 from sbmoe.cli.main import main
 from sbmoe.config.jobs import EncodeConfig, ServeConfig
@@ -27,13 +27,12 @@ from sbmoe.evaluation.metrics import read_trec_run
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import IndexMismatchError
-from sbmoe.retrieval.milvus_collection import EXPERT_FIELD, GATE_FIELD, ID_FIELD
-from sbmoe.retrieval.milvus_store import MilvusStore
-from sbmoe.retrieval.shards import load_index
-from sbmoe.retrieval.store import VectorStore, open_store
-from sbmoe.retrieval.store_uri import is_store_uri, parse_store_uri
+from sbmoe.retrieval import Index, open_index
+from sbmoe.retrieval.faiss.files import IndexMismatchError
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.milvus.collection import EXPERT_FIELD, GATE_FIELD, ID_FIELD
+from sbmoe.retrieval.milvus.store import MilvusStore
+from sbmoe.retrieval.milvus.uri import is_store_uri, parse_store_uri
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -72,7 +71,7 @@ def store_uri(model_dir, scifact_slice, tmp_path_factory):
     assert main([*command, "--shard", "0/2", *ENCODE_FLAGS]) == 0
     # Half the corpus is in: searching is refused until the other shard is written.
     with pytest.raises(UsageError, match="indexing has not finished"):
-        open_store(uri)
+        open_index(uri)
     assert main([*command, "--shard", "1/2", *ENCODE_FLAGS]) == 0
     return uri
 
@@ -125,8 +124,8 @@ def test_store_uris_parse_or_fail_in_one_line(tmp_path):
 def test_cli_search_over_the_store_equals_faiss_exact(
     model_dir, faiss_dir, store_uri, scifact_slice, tmp_path
 ):
-    store = load_index(store_uri, expected_fingerprint=Retriever.load(str(model_dir)).fingerprint())
-    assert isinstance(store, MilvusStore) and isinstance(store, VectorStore)
+    store = open_index(store_uri, expected_fingerprint=Retriever.load(str(model_dir)).fingerprint())
+    assert isinstance(store, MilvusStore) and isinstance(store, Index)
     faiss_index = DenseIndex.load(faiss_dir)
     assert len(store) == len(faiss_index) == len(load_collection(scifact_slice).corpus)
     assert sorted(store.doc_ids) == sorted(faiss_index.doc_ids)
@@ -189,7 +188,7 @@ def test_store_carries_each_documents_routing(model_dir, store_uri, scifact_slic
         retriever, [corpus[d].full_text for d in doc_ids], "document", FP32, pooled_only=True
     )
     experts, gates = route(retriever, pooled)
-    store = open_store(store_uri)
+    store = open_index(store_uri)
     rows = store._client.query(
         store.uri.collection,
         filter=f"{ID_FIELD} in [{','.join(json.dumps(d) for d in doc_ids)}]",
@@ -213,7 +212,6 @@ def test_serve_over_the_store_ranks_as_faiss(model_dir, faiss_dir, store_uri, sc
     from test_serve import request
 
     from sbmoe.serving.http import BackgroundServer, create_app
-    from sbmoe.serving.service import load_service
 
     texts = list(load_collection(scifact_slice).queries.values())[:6]
     answers = {}
@@ -235,7 +233,7 @@ def test_serve_over_the_store_ranks_as_faiss(model_dir, faiss_dir, store_uri, sc
 def test_a_store_of_another_model_is_refused(tiny_bert_dir, store_uri, scifact_slice, tmp_path, capsys):
     other = make_model(tiny_bert_dir, tmp_path / "other", experts=3, seed=1)
     with pytest.raises(IndexMismatchError, match="different model"):
-        load_index(store_uri, expected_fingerprint=Retriever.load(str(other)).fingerprint())
+        open_index(store_uri, expected_fingerprint=Retriever.load(str(other)).fingerprint())
     search = ["-q", "search", "--model", str(other), "--index", store_uri, "--query", "vitamin d"]
     assert main([*search, *ENCODE_FLAGS]) == 2
     assert "was built by a different model" in capsys.readouterr().err
@@ -246,16 +244,16 @@ def test_a_store_of_another_model_is_refused(tiny_bert_dir, store_uri, scifact_s
     assert main([*command, "--model", str(other)]) == 2
     assert "different model" in capsys.readouterr().err
     assert main([*command, "--model", str(other), "--overwrite"]) == 0
-    assert open_store(uri, Retriever.load(str(other)).fingerprint()).meta["experts"] == 3
+    assert open_index(uri, Retriever.load(str(other)).fingerprint()).meta["experts"] == 3
     with pytest.raises(MissingInputError, match="no collection 'nope'"):
-        open_store(f"{uri}?collection=nope")
+        open_index(f"{uri}?collection=nope")
 
 
 KILLABLE_INDEX = """
 import sys
-import sbmoe.retrieval.store_indexing as job
+import sbmoe.retrieval.milvus.indexing as job
 from sbmoe.cli.main import main
-from sbmoe.retrieval.milvus_store import MilvusStore
+from sbmoe.retrieval.milvus.store import MilvusStore
 
 job.INDEX_CHUNK_SIZE = 10  # many small chunks, so the kill lands between two of them
 upsert = MilvusStore.upsert
@@ -300,7 +298,7 @@ def test_kill_9_during_index_store_then_the_same_command_stores_every_document_o
     written, already, stored, total = map(int, summary.groups())
     corpus = list(load_collection(scifact_slice).corpus)
     assert already >= 30 and written + already == stored == total == len(corpus)
-    with open_store(uri) as store:
+    with open_index(uri) as store:
         assert len(store) == len(corpus)
         stored = list(store.iter_doc_ids(page=7))
     assert sorted(stored) == sorted(corpus)  # each document exactly once
@@ -333,7 +331,7 @@ def test_a_query_side_model_routes_no_document_and_searches_the_backbones_store(
     command = ["-q", "index", "--data", str(scifact_slice), *ENCODE_FLAGS]
     own, backbone = f"milvus:{tmp_path / 'own.db'}", f"milvus:{tmp_path / 'backbone.db'}"
     assert main([*command, "--model", str(tmp_path / "query-side"), "--store", own]) == 0
-    assert open_store(own).meta["experts"] == 0  # documents skip the head: no expert fields
+    assert open_index(own).meta["experts"] == 0  # documents skip the head: no expert fields
     assert main([*command, "--model", str(tiny_bert_dir), "--store", backbone]) == 0
     search = ["-q", "search", "--index", backbone, "--query", "vitamin d", *ENCODE_FLAGS]
     assert main([*search, "--model", str(tmp_path / "query-side")]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from sbmoe.cli import common
@@ -45,7 +46,7 @@ def register(commands: Any) -> None:
 def run_index(args: argparse.Namespace) -> int:
     from sbmoe.core.distributed import distributed_session, parse_shard
     from sbmoe.data.beir import load_collection, resolve_data
-    from sbmoe.retrieval.index_files import shard_directory
+    from sbmoe.retrieval.faiss.files import shard_directory
     from sbmoe.retrieval.indexing import index_corpus
 
     config = common.config_from(args, IndexConfig)
@@ -60,12 +61,12 @@ def run_index(args: argparse.Namespace) -> int:
                 raise UsageError("under torchrun each process indexes its own shard: leave out --shard")
             shard = (context.rank, context.world_size)
         retriever = common.load_retriever(args, context.device)
-        options = common.job_options(args, show_progress=context.is_main)
+        options = dataclasses.replace(common.job_options(args, show_progress=context.is_main), shard=shard)
         if args.store:
-            index_store(retriever, collection, args.store, config, encode, options, shard)
+            index_store(retriever, collection, args.store, config, encode, options)
             context.barrier()
             return 0
-        index = index_corpus(retriever, collection, args.output, config, encode, options=options, shard=shard)
+        index = index_corpus(retriever, collection, args.output, config, encode, options)
         if shard is None:
             print(f"indexed {len(index.doc_ids)} documents into {args.output}")
             return 0

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sbmoe.cli.common import add_encode_flags, add_model_flag, add_verb, config_from, load_retriever
 from sbmoe.cli.flags import add_config_flags, given_values
 from sbmoe.cli.store import INDEX_URI_HELP
 from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
 from sbmoe.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from sbmoe.serving.service import SearchService
 
 
 def register(commands: Any) -> None:
@@ -27,7 +30,8 @@ def register(commands: Any) -> None:
         help="check the whole index against its checksum before searching (default: its size and a "
         "sample of it)",
     )
-    add_config_flags(search.add_argument_group("search"), SearchConfig)
+    # Exact search over texts runs several rules; an index holds one (`sbmoe evaluate` searches texts).
+    add_config_flags(search.add_argument_group("search"), SearchConfig, skip={"expert_poolings"})
     add_encode_flags(search)
     search.set_defaults(run=run_search)
 
@@ -54,6 +58,7 @@ def run_search(args: argparse.Namespace) -> int:
     from sbmoe.core.artifacts import FILE, writing_output
     from sbmoe.data.beir import read_queries
     from sbmoe.evaluation.metrics import write_trec_run
+    from sbmoe.retrieval import open_index
     from sbmoe.retrieval.search import describe_run, search
 
     config = config_from(args, SearchConfig)
@@ -66,7 +71,8 @@ def run_search(args: argparse.Namespace) -> int:
     # The run file's gate opens before the model loads: a directory there is refused at once.
     with writing_output(args.output, FILE) if args.output else contextlib.nullcontext():
         retriever = load_retriever(args, encode.device)
-        run = search(retriever, args.index, queries, config, encode, verify=args.verify)
+        index = open_index(args.index, retriever.index_fingerprints(), verify=args.verify)
+        run = search(retriever, index, queries, config, encode)
         if args.output:
             write_trec_run(run, args.output)
     if args.output:
@@ -80,14 +86,23 @@ def run_search(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from sbmoe.serving.http import serve
 
+    config = config_from(args, ServeConfig)
+    search = SearchConfig(**given_values(args, SearchConfig))
+    encode = config_from(args, EncodeConfig)
+
+    def load_service() -> SearchService:
+        from sbmoe.data.beir import load_collection, resolve_data
+        from sbmoe.retrieval import open_index
+        from sbmoe.serving.service import SearchService
+
+        retriever = load_retriever(args, encode.device)
+        index = open_index(args.index, retriever.index_fingerprints(), verify=args.verify)
+        collection = load_collection(resolve_data(args.data), splits=[]) if args.data else None
+        return SearchService(retriever, index, search, encode, collection=collection, config=config)
+
     serve(
-        args.model,
-        args.index,
-        config_from(args, ServeConfig),
-        SearchConfig(**given_values(args, SearchConfig)),
-        config_from(args, EncodeConfig),
-        data=args.data,
-        verify=args.verify,
+        load_service,
+        config,
         log_level="warning" if args.quiet else "info",
         announce=lambda url: print(f"listening on {url}", flush=True),
     )

@@ -1,4 +1,4 @@
-"""``sbmoe index --store URI``: encode a corpus into a vector store (see :mod:`sbmoe.retrieval.store`)."""
+"""``sbmoe index --store URI``: encode a corpus into a vector store (see :mod:`sbmoe.retrieval.milvus`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ STORE_HELP = (
 
 def check_store(uri: str) -> None:
     """Refuse a bad store URI, or a missing ``store`` extra, in one line (before anything loads)."""
-    from sbmoe.retrieval.milvus_collection import require_engine
-    from sbmoe.retrieval.store_uri import parse_store_uri
+    from sbmoe.retrieval.milvus.collection import require_engine
+    from sbmoe.retrieval.milvus.uri import parse_store_uri
 
     require_engine(parse_store_uri(uri))
 
@@ -29,12 +29,12 @@ def index_store(
     config: IndexConfig,
     encode: EncodeConfig,
     options: JobOptions,
-    shard: tuple[int, int] | None,
 ) -> None:
-    """``sbmoe index --store``: encode the corpus (or ``shard`` of it) into the store and report."""
-    from sbmoe.retrieval.store_indexing import index_into_store
+    """``sbmoe index --store``: encode the corpus (or ``options.shard`` of it) into the store and report."""
+    from sbmoe.retrieval.milvus.indexing import index_into_store
 
-    summary = index_into_store(retriever, collection, uri, config, encode, options=options, shard=shard)
+    summary = index_into_store(retriever, collection, uri, config, encode, options)
+    shard = options.shard
     part = f"shard {shard[0]}/{shard[1]}, " if shard else ""
     print(
         f"indexed {part}documents {summary.start}:{summary.stop} into {summary.uri}: {summary.written} "

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import field
 from typing import Any
 
-from sbmoe.core.choices import INFERENCE_PRECISIONS, PRECISIONS
+from sbmoe.core.choices import EXPERT_POOLINGS, INFERENCE_PRECISIONS, PRECISIONS
 
 
 def setting(
@@ -66,6 +66,17 @@ def encode_batch_size_setting() -> Any:
 
 def documents_top_k_setting(default: int) -> Any:
     return setting(default, help="documents retrieved per query", metavar="K")
+
+
+def expert_poolings_setting(verb: str) -> Any:
+    return setting(
+        default_factory=list,
+        flag="--expert-pooling",
+        choices=EXPERT_POOLINGS,
+        nargs="+",
+        help=f"inference rule(s) of an MoE model to {verb}; several share one encoding pass "
+        "(none given: the model's own)",
+    )
 
 
 def exclude_self_setting() -> Any:

@@ -19,13 +19,13 @@ from sbmoe.config.fields import (
     documents_top_k_setting,
     encode_batch_size_setting,
     exclude_self_setting,
+    expert_poolings_setting,
     inference_precision_setting,
     setting,
 )
 from sbmoe.core.choices import (
     BACKENDS,
     EMBEDDING_DTYPES,
-    EXPERT_POOLINGS,
     INDEX_TYPES,
     PAPER_METRICS,
     describe_auto_inference,
@@ -44,12 +44,15 @@ class JobOptions:
             loosely: config sits below inference).
         overwrite: Replace an earlier output of the same kind made with other settings (anything
             else at the output is refused anyway; see :func:`sbmoe.core.artifacts.writing_output`).
+        shard: Index jobs: this process's part of the corpus, ``(i, N)``, the ``i``-th of ``N``
+            consecutive slices (one per process or machine); ``None``: the whole corpus.
     """
 
     show_progress: bool = True
     command: Sequence[str] | None = None
     cache: Any = None
     overwrite: bool = False
+    shard: tuple[int, int] | None = None
 
 
 @dataclass
@@ -116,14 +119,7 @@ class EvaluateConfig(ConfigBase):
     split: str = setting("test", help="qrels split whose queries are searched")
     top_k: int = documents_top_k_setting(100)
     exclude_self: bool = exclude_self_setting()
-    expert_poolings: list[str] = setting(
-        default_factory=list,
-        flag="--expert-pooling",
-        choices=EXPERT_POOLINGS,
-        nargs="+",
-        help="inference rule(s) of an MoE model to evaluate; several share one encoding pass "
-        "(none given: the model's own)",
-    )
+    expert_poolings: list[str] = expert_poolings_setting("evaluate")
     metrics: list[str] = setting(
         default_factory=lambda: list(PAPER_METRICS), nargs="+", help="ranx metric names"
     )
@@ -144,13 +140,19 @@ class EvaluateConfig(ConfigBase):
 
 @dataclass
 class SearchConfig(ConfigBase):
-    """How many documents a search returns per query."""
+    """How many documents a search returns per query, and under which inference rules.
+
+    ``expert_poolings`` apply to exact search over texts (one run per rule from one encoding pass);
+    an index holds its documents under the rule it was built with.
+    """
 
     top_k: int = documents_top_k_setting(10)
     exclude_self: bool = exclude_self_setting()
+    expert_poolings: list[str] = expert_poolings_setting("search")
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first field that holds an unusable value."""
+        check_choices(self)
         _check_top_k(self.top_k)
 
 

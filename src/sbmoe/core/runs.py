@@ -1,7 +1,7 @@
 """Runs as plain dictionaries (ranx's convention), and merging the top-k lists of disjoint corpora.
 
 A run maps query id -> doc id -> score, each query's documents best first. It is what every search
-returns (:mod:`sbmoe.retrieval.index`, :mod:`sbmoe.retrieval.shards`, :mod:`sbmoe.retrieval.jobs`) and what
+returns (:mod:`sbmoe.retrieval`: FAISS, sharded and Milvus indexes alike, and the search jobs) and what
 :mod:`sbmoe.evaluation.metrics` scores; this module is the lowest layer that both build on.
 """
 

@@ -25,9 +25,9 @@ from sbmoe.data.beir import BeirCollection
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run, save_metrics, write_trec_run
 from sbmoe.evaluation.query_groups import group_scores, split_query_groups
 from sbmoe.model.retriever import Retriever
+from sbmoe.retrieval import open_index
 from sbmoe.retrieval.indexing import encoding_used
 from sbmoe.retrieval.search import search, search_documents
-from sbmoe.retrieval.shards import load_index
 
 
 @dataclass
@@ -109,11 +109,13 @@ def _evaluate(
             retriever,
             queries,
             documents,
-            SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
+            SearchConfig(
+                top_k=config.top_k,
+                exclude_self=config.exclude_self,
+                expert_poolings=config.expert_poolings if retriever.head is not None else [],
+            ),
             encode,
-            expert_poolings=config.expert_poolings if retriever.head is not None else (),
-            show_progress=options.show_progress,
-            cache=options.cache,
+            options,
         )
     seconds = time.perf_counter() - started
 
@@ -152,23 +154,14 @@ def _search_index(
             f"--index holds the corpus encoded under the model's own rule ({rule}); --expert-pooling "
             f"{' '.join(others)} needs it encoded under each: leave out --index"
         )
-    index = load_index(config.corpus_index, expected_fingerprint=retriever.index_fingerprints())
+    index = open_index(config.corpus_index, expected_fingerprint=retriever.index_fingerprints())
     built_from = index.metadata.get("collection")
     if built_from is not None and built_from != collection_name:
         raise UsageError(
             f"the index {config.corpus_index} was built from {built_from!r}, not {collection_name!r}"
         )
     search_config = SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self)
-    run = search(
-        retriever,
-        index,
-        queries,
-        search_config,
-        encode,
-        show_progress=options.show_progress,
-        cache=options.cache,
-    )
-    return {rule: run}
+    return {rule: search(retriever, index, queries, search_config, encode, options)}
 
 
 def save_evaluation(

@@ -19,9 +19,9 @@ from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import CACHE_CHUNK_SIZE, encode_texts
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.index_files import shard_directory
-from sbmoe.retrieval.shards import ShardedIndex
+from sbmoe.retrieval.faiss.files import shard_directory
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.sharded.index import ShardedIndex
 
 # Documents encoded (and kept) at a time while indexing, so that an interrupted index resumes.
 INDEX_CHUNK_SIZE = CACHE_CHUNK_SIZE
@@ -39,7 +39,7 @@ def build_index(
     """Encode ``documents`` (doc id -> text) into a FAISS inner-product index tagged with the model.
 
     ``config`` chooses the index type (none given: ``flat``, exact), IVF cells and the embeddings'
-    storage dtype (none given: ``float32``); see :class:`~sbmoe.retrieval.index.DenseIndex`.
+    storage dtype (none given: ``float32``); see :class:`~sbmoe.retrieval.faiss.index.DenseIndex`.
     """
     config = config or IndexConfig()
     embeddings = encode_texts(
@@ -51,15 +51,7 @@ def build_index(
         cache=cache,
         chunk_size=INDEX_CHUNK_SIZE,
     )
-    return DenseIndex(
-        embeddings,
-        list(documents),
-        retriever.fingerprint(),
-        index_type=config.index_type or "flat",
-        nlist=config.nlist,
-        nprobe=config.nprobe,
-        dtype=config.embedding_dtype or "float32",
-    )
+    return DenseIndex(embeddings, list(documents), retriever.fingerprint(), config)
 
 
 def index_corpus(
@@ -68,9 +60,7 @@ def index_corpus(
     output_dir: str | Path,
     config: IndexConfig | None = None,
     encode: EncodeConfig | None = None,
-    *,
     options: JobOptions | None = None,
-    shard: tuple[int, int] | None = None,
 ) -> DenseIndex:
     """Encode the collection's corpus and save the FAISS index (with the model's fingerprint).
 
@@ -78,14 +68,14 @@ def index_corpus(
     :func:`~sbmoe.config.provenance.provenance`.
 
     Args:
-        options: Progress bars, the command recorded, the embedding cache, and ``overwrite``:
-            replace an earlier index in ``output_dir`` made from another model, collection or index
-            config (anything but an index there is refused anyway; see
-            :func:`~sbmoe.core.artifacts.writing_output`).
-        shard: ``(i, N)``: encode only the ``i``-th of ``N`` consecutive slices of the corpus and
-            save it as that shard of the sharded index ``output_dir`` (see
-            :class:`~sbmoe.retrieval.shards.ShardedIndex`); shards can be built by different processes or
-            machines. ``None`` indexes the whole corpus into ``output_dir``.
+        options: Progress bars, the command recorded, the embedding cache, ``overwrite`` (replace
+            an earlier index in ``output_dir`` made from another model, collection or index config;
+            anything but an index there is refused anyway, see
+            :func:`~sbmoe.core.artifacts.writing_output`) and ``shard``: ``(i, N)`` encodes only the
+            ``i``-th of ``N`` consecutive slices of the corpus and saves it as that shard of the
+            sharded index ``output_dir`` (see :class:`~sbmoe.retrieval.sharded.index.ShardedIndex`);
+            shards can be built by different processes or machines. ``None`` indexes the whole
+            corpus into ``output_dir``.
 
     Returns:
         The index built (the shard's, when sharded).
@@ -93,6 +83,7 @@ def index_corpus(
     options = options or JobOptions()
     config = config or IndexConfig()
     encode = encode or EncodeConfig()
+    shard = options.shard
     doc_ids = list(collection.corpus)
     start, stop = shard_bounds(len(doc_ids), *shard) if shard else (0, len(doc_ids))
     if stop == start:
@@ -148,9 +139,7 @@ def merge_index(
     shards_config = sharded.metadata.get("index_config")
     settings = index_settings(sharded.fingerprint, sharded.metadata.get("collection"), shards_config)
     with writing_output(output_dir, INDEX, settings, overwrite=options.overwrite):
-        merged = sharded.merge(
-            config.index_type, nlist=config.nlist, nprobe=config.nprobe, dtype=config.embedding_dtype
-        )
+        merged = sharded.merge(config)
         merged.metadata["merge"] = {"index_config": config.to_dict(), **provenance(options.command)}
         merged.save(output_dir)
     return merged

@@ -1,49 +1,60 @@
-"""The search jobs: queries over an index (in memory or saved, single or sharded), or over texts without
-keeping an index, for one or several inference rules of an MoE model from one encoding pass.
+"""The search jobs: queries over an index (any :class:`~sbmoe.retrieval.interface.Index`), or over
+texts without keeping an index, for one or several inference rules of an MoE model from one encoding pass.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runs import Run
-from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import apply_head_stages, encode_texts, expert_pooling
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.shards import ShardedIndex, load_index
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.interface import Index
+
+# A library call shows no progress bars unless asked (the command line asks).
+QUIET = JobOptions(show_progress=False)
 
 
 def search(
     retriever: Retriever,
-    index: DenseIndex | ShardedIndex | str | os.PathLike,
+    index: Index,
     queries: Mapping[str, str],
     config: SearchConfig | None = None,
     encode: EncodeConfig | None = None,
-    *,
-    show_progress: bool = False,
-    cache: EmbeddingCache | None = None,
-    verify: bool = False,
+    options: JobOptions | None = None,
 ) -> Run:
     """Encode ``queries`` (query id -> text) and return their top documents from ``index``.
 
-    ``index`` is an index in memory or the directory of a saved one, single or sharded (searched
-    shard by shard), or a store's URI (``milvus:...``, :mod:`sbmoe.retrieval.store`). A saved
-    index built by another model is refused (:class:`~sbmoe.retrieval.index.IndexMismatchError`);
-    for one in memory that is the caller's job. A saved index is checked against its checksum: its
-    size and a sample, or in full with ``verify``.
+    Open a saved index with :func:`~sbmoe.retrieval.interface.open_index` and the model's
+    :meth:`~sbmoe.model.retriever.Retriever.index_fingerprints`, so that one built by another model
+    is refused; for an index built in memory that is the caller's job.
+
+    Args:
+        options: Progress bars and the embedding cache (default :data:`QUIET`: no bars, no cache).
+
+    Raises:
+        UsageError: ``config.expert_poolings`` (the index holds its documents under one rule).
     """
     config = config or SearchConfig()
-    if isinstance(index, (str, os.PathLike)):
-        index = load_index(index, expected_fingerprint=retriever.index_fingerprints(), verify=verify)
+    options = options or QUIET
+    if config.expert_poolings:
+        raise UsageError(
+            "an index holds its documents under the rule it was built with: expert_poolings apply to "
+            "search_documents (exact search over texts)"
+        )
     embeddings = encode_texts(
-        retriever, list(queries.values()), "query", encode, show_progress=show_progress, cache=cache
+        retriever,
+        list(queries.values()),
+        "query",
+        encode,
+        show_progress=options.show_progress,
+        cache=options.cache,
     )
     return index.search(embeddings, config.top_k, query_ids=list(queries), exclude_self=config.exclude_self)
 
@@ -54,15 +65,15 @@ def search_documents(
     documents: Mapping[str, str],
     config: SearchConfig | None = None,
     encode: EncodeConfig | None = None,
-    *,
-    expert_poolings: Sequence[str] = (),
-    show_progress: bool = False,
-    cache: EmbeddingCache | None = None,
+    options: JobOptions | None = None,
 ) -> dict[str, Run]:
     """Exact search of ``queries`` over ``documents`` (id -> text each) without keeping an index.
 
-    The backbone encodes every text once; each inference rule in ``expert_poolings`` (``top1``,
-    ``all``, ...) then only re-applies the small head to the pooled embeddings.
+    The backbone encodes every text once; each inference rule in ``config.expert_poolings``
+    (``top1``, ``all``, ...) then only re-applies the small head to the pooled embeddings.
+
+    Args:
+        options: Progress bars (the documents') and the embedding cache (default :data:`QUIET`).
 
     Returns:
         One run per rule, keyed by rule; without ``expert_poolings``, one run under the model's own
@@ -72,21 +83,24 @@ def search_documents(
         UsageError: ``expert_poolings`` for a model without an MoE head.
     """
     config = config or SearchConfig()
-    if expert_poolings and retriever.head is None:
+    options = options or QUIET
+    if config.expert_poolings and retriever.head is None:
         raise UsageError("expert_poolings need a model with an MoE head")
     # The backbone's part once, for every rule (and from the cache when it holds these texts).
     pooled = {
         kind: encode_texts(
-            retriever, list(texts.values()), kind, encode, pooled_only=True, show_progress=bar, cache=cache
+            retriever,
+            list(texts.values()),
+            kind,
+            encode,
+            pooled_only=True,
+            show_progress=bar,
+            cache=options.cache,
         )
-        for kind, texts, bar in (("document", documents, show_progress), ("query", queries, False))
+        for kind, texts, bar in (("document", documents, options.show_progress), ("query", queries, False))
     }
     return search_pooled(
-        retriever,
-        (list(queries), pooled["query"]),
-        (list(documents), pooled["document"]),
-        config,
-        expert_poolings=expert_poolings,
+        retriever, (list(queries), pooled["query"]), (list(documents), pooled["document"]), config
     )
 
 
@@ -95,17 +109,15 @@ def search_pooled(
     queries: tuple[Sequence[str], np.ndarray],
     documents: tuple[Sequence[str], np.ndarray],
     config: SearchConfig | None = None,
-    *,
-    expert_poolings: Sequence[str] = (),
 ) -> dict[str, Run]:
     """Exact search of pooled backbone embeddings (``(ids, array)`` each): only the head runs.
 
-    Returns runs as :func:`search_documents` does.
+    Returns runs as :func:`search_documents` does (one per rule of ``config.expert_poolings``).
     """
     config = config or SearchConfig()
     (query_ids, query_pooled), (doc_ids, doc_pooled) = queries, documents
     runs = {}
-    for rule in expert_poolings or [None]:
+    for rule in config.expert_poolings or [None]:
         with expert_pooling(retriever, rule):
             name = retriever.head.expert_pooling if retriever.head is not None else "model"
             index = DenseIndex(

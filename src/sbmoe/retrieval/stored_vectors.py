@@ -8,9 +8,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from sbmoe.core.errors import UsageError
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.shards import ShardedIndex, load_index
-from sbmoe.retrieval.store_uri import is_store_uri
+from sbmoe.retrieval.faiss.index import DenseIndex
+from sbmoe.retrieval.interface import open_index
+from sbmoe.retrieval.milvus.uri import is_store_uri
+from sbmoe.retrieval.sharded.index import ShardedIndex
 
 # Rows converted to float32 at a time (float16 and ivf indexes hand out copies).
 _ROWS_PER_READ = 65536
@@ -40,7 +41,7 @@ def stored_document_vectors(
             f"{directory}: document vectors are read back from a FAISS index only; "
             "build one with `sbmoe index` or leave the option out to encode the corpus"
         )
-    index = load_index(directory, expected_fingerprint)
+    index = open_index(directory, expected_fingerprint)
     parts = [index] if isinstance(index, DenseIndex) else _shards(index)  # one shard in memory at a time
     wanted = {doc_id: row for row, doc_id in enumerate(doc_ids)}
     vectors = np.zeros((len(doc_ids), index.dim), dtype=np.float32)

@@ -25,18 +25,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
+from sbmoe.config.jobs import SearchConfig, ServeConfig
 from sbmoe.core.errors import SbmoeError, UsageError
 from sbmoe.serving.guard import Gate, Guard
-from sbmoe.serving.service import KINDS, NO_DOCUMENTS, SearchService, ServiceClosedError, load_service
+from sbmoe.serving.service import KINDS, NO_DOCUMENTS, SearchService, ServiceClosedError
 
 if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
-
-    from sbmoe.model.retriever import Retriever
-    from sbmoe.retrieval.index import DenseIndex
-    from sbmoe.retrieval.shards import ShardedIndex
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +77,7 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
     stop through it (new requests get 503 until those in progress are answered).
 
     Args:
-        service: The loaded model and index (see :func:`~sbmoe.serving.service.load_service`).
+        service: The loaded model and index (a :class:`~sbmoe.serving.service.SearchService`).
         config: The request limits (``max_top_k``, ``max_texts``, ``max_request_bytes``) and the
             API key (:func:`api_key`); host and port are the server's.
     """
@@ -91,7 +87,7 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
     from fastapi.responses import JSONResponse
     from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-    config, _ = _checked(config, service.search_config)
+    config = _checked(config, service.search_config)
     Text = Annotated[str, AfterValidator(_not_blank), AfterValidator(_encodable)]
     TopK = Annotated[int, Field(ge=1, le=config.max_top_k, strict=True)]  # not true, 2.5 or "3"
     Texts = Annotated[list[Text], Field(min_length=1, max_length=config.max_texts)]
@@ -180,52 +176,35 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
 
 
 def serve(
-    model: "Retriever | str | os.PathLike",
-    index: "DenseIndex | ShardedIndex | str | os.PathLike",
+    load_service: Callable[[], SearchService],
     config: ServeConfig | None = None,
-    search: SearchConfig | None = None,
-    encode: EncodeConfig | None = None,
     *,
-    data: str | os.PathLike | None = None,
-    verify: bool = False,
     log_level: str = "info",
     announce: Callable[[str], None] | None = None,
 ) -> None:
-    """Load ``model`` and ``index`` once and answer HTTP requests until interrupted.
+    """Answer HTTP requests with the service ``load_service`` builds until interrupted.
 
     Ctrl-C or SIGTERM shuts down cleanly: the server keeps listening, answering 503 to new
-    requests, until those in progress are answered; then it closes (a second Ctrl-C: at once). The
-    port is taken before the model loads, so a busy port fails at once.
+    requests, until those in progress are answered; then it closes (a second Ctrl-C: at once).
 
     Args:
-        model: The model that built the index (a :class:`~sbmoe.model.retriever.Retriever` or what
-            :meth:`~sbmoe.model.retriever.Retriever.load` takes).
-        index: The index, or its directory; an index built by another model is refused.
-        config: Host, port and request limits.
-        search: The default ``top_k``.
-        encode: Backend, precision, batch size and device of the encodings.
-        data: The collection the index was built from (BEIR folder or name), to return titles
-            and texts; without it, hits are ids and scores.
-        verify: Check the index in full against its checksum before serving.
+        load_service: Builds the :class:`~sbmoe.serving.service.SearchService` (loads the model,
+            opens the index with :func:`~sbmoe.retrieval.interface.open_index`); called once the
+            port is taken, so that a busy port fails before anything loads.
+        config: Host, port, request limits and the service's concurrency.
+        log_level: uvicorn's log level (``warning`` drops the per-request lines).
         announce: Called with the URL once the service listens (the command line prints it, so
             ``--port 0`` is reachable under ``-q`` too); without it, the URL is logged.
-        log_level: uvicorn's log level (``warning`` drops the per-request lines).
     """
     _require_extra()
-    config, search = _checked(config, search)
+    config = config or ServeConfig()
+    config.validate()
     listening = _listen(config.host, config.port)
     try:
-        service = load_service(
-            model,
-            index,
-            search,
-            encode,
-            data=data,
-            max_batch_texts=config.max_batch_texts,
-            verify=verify,
-            workers=config.workers or None,
-        )
+        service = load_service()
         app = create_app(service, config)
+        where = service.index.location or "an index in memory"
+        logger.info("serving %s: %d documents, %s", where, len(service.index), service.info()["concurrency"])
         if api_key(config) is None and not ipaddress.ip_address(listening.getsockname()[0]).is_loopback:
             logger.warning(
                 "listening beyond loopback without an API key: anyone who reaches the port can search"
@@ -345,14 +324,13 @@ def _validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(reasons) or "invalid request"
 
 
-def _checked(config: ServeConfig | None, search: SearchConfig | None) -> tuple[ServeConfig, SearchConfig]:
+def _checked(config: ServeConfig | None, search: SearchConfig) -> ServeConfig:
+    """``config`` (or the default), validated, and not below ``search``'s default ``top_k``."""
     config = config or ServeConfig()
-    search = search or SearchConfig()
     config.validate()
-    search.validate()
     if search.top_k > config.max_top_k:
         raise UsageError(f"top_k {search.top_k} is above max_top_k {config.max_top_k}")
-    return config, search
+    return config
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -22,7 +22,6 @@ in float32, then the index), so a query ranks as ``sbmoe search`` ranks it.
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import os
 import queue
 import threading
@@ -34,15 +33,13 @@ import numpy as np
 import torch
 
 from sbmoe import __version__
-from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
 from sbmoe.core.errors import SbmoeError, UsageError
-from sbmoe.data.beir import Document
+from sbmoe.data.beir import BeirCollection, Document
 from sbmoe.inference.encoding import EncodedText, TextEncoder
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.shards import ShardedIndex, load_index
-
-logger = logging.getLogger(__name__)
+from sbmoe.retrieval.interface import Index
+from sbmoe.retrieval.sharded.index import ShardedIndex
 
 KINDS = ("query", "document")
 # Beyond a few workers, a CPU's cores serve one query's matrices better than more queries at once.
@@ -86,56 +83,50 @@ class SearchService:
 
     Args:
         retriever: The model that built the index.
-        index: The index in memory, or the directory of a saved one (single or sharded); a saved
-            index built by another model is refused (:class:`~sbmoe.retrieval.index.IndexMismatchError`).
+        index: The index; :func:`~sbmoe.retrieval.interface.open_index` opens a saved one and, given
+            the model's :meth:`~sbmoe.model.retriever.Retriever.index_fingerprints`, refuses one
+            built by another model.
         search: The default ``top_k`` of :meth:`search`.
         encode: Backend, precision and batch size of the encodings.
-        documents: Doc id -> document, to look up titles and texts (:meth:`document`); it must
-            hold every document of the index.
-        collection: The name of ``documents``' collection (for :meth:`info`).
-        max_batch_texts: Most texts answered in one round of a worker.
-        verify: Check a saved index in full against its checksum.
-        workers: Worker threads answering at once (default: one per CPU core, at most
-            :data:`MAX_WORKERS`; one on a GPU); each encodes on ``cores // workers`` threads.
+        collection: The collection the index was built from, to look up titles and texts
+            (:meth:`document`); it must hold every document of the index.
+        config: ``max_batch_texts`` (most texts answered in one round of a worker) and ``workers``
+            (worker threads answering at once; 0: one per CPU core, at most :data:`MAX_WORKERS`,
+            one on a GPU; each encodes on ``cores // workers`` threads); the rest is the server's.
     """
 
     def __init__(
         self,
         retriever: Retriever,
-        index: DenseIndex | ShardedIndex | str | os.PathLike,
+        index: Index,
         search: SearchConfig | None = None,
         encode: EncodeConfig | None = None,
         *,
-        documents: Mapping[str, Document] | None = None,
-        collection: str | None = None,
-        max_batch_texts: int = 512,
-        verify: bool = False,
-        workers: int | None = None,
+        collection: BeirCollection | None = None,
+        config: ServeConfig | None = None,
     ) -> None:
         self.retriever = retriever
         self.search_config = search or SearchConfig()
         self.search_config.validate()
         self.encode_config = encode or EncodeConfig()
         self.encode_config.validate()
-        if max_batch_texts < 1:
-            raise UsageError(f"max_batch_texts must be >= 1, got {max_batch_texts}")
-        self.max_batch_texts = max_batch_texts
+        config = config or ServeConfig()
+        config.validate()
+        self.max_batch_texts = config.max_batch_texts
         self.fingerprint = retriever.fingerprint()  # a hash of every weight: computed once
-        self.index_path = str(index) if isinstance(index, (str, os.PathLike)) else None
-        if isinstance(index, (str, os.PathLike)):
-            index = load_index(index, expected_fingerprint=retriever.index_fingerprints(), verify=verify)
         self.index = index
-        if documents is not None:
-            missing = [doc_id for doc_id in index.doc_ids if doc_id not in documents]
+        self.documents: Mapping[str, Document] | None = None
+        self.collection: str | None = None
+        if collection is not None:
+            missing = [doc_id for doc_id in index.doc_ids if doc_id not in collection.corpus]
             if missing:
                 raise UsageError(
                     f"{len(missing)} of the index's {len(index)} documents are not in the collection "
-                    f"{collection or 'given'} (e.g. {missing[0]!r}): give the one the index was built from"
+                    f"{collection.name} (e.g. {missing[0]!r}): give the one the index was built from"
                 )
-        self.documents = documents
-        self.collection = collection
+            self.documents, self.collection = collection.corpus, collection.name
         self.stats = {"requests": 0, "batches": 0, "texts": 0}
-        self.workers, self.threads_per_worker = _worker_threads(workers, retriever.device)
+        self.workers, self.threads_per_worker = _worker_threads(config.workers or None, retriever.device)
         # Set up once: an ONNX Runtime session or bf16 weight copies, not one per request.
         self._encoder = TextEncoder(retriever, self.encode_config)
         self._encoder("warm up", "query")
@@ -213,7 +204,7 @@ class SearchService:
                 "head_side": self.retriever.config.head_side,
             },
             "index": {
-                "path": self.index_path,
+                "path": index.location,
                 "size": len(index),
                 "type": index.index_type,
                 "dtype": index.dtype,
@@ -322,41 +313,6 @@ class SearchService:
                 result.expert, result.gate = vector.expert, vector.gate
             results.append(result)
         return results
-
-
-def load_service(
-    model: Retriever | str | os.PathLike,
-    index: DenseIndex | ShardedIndex | str | os.PathLike,
-    search: SearchConfig | None = None,
-    encode: EncodeConfig | None = None,
-    *,
-    data: str | os.PathLike | None = None,
-    max_batch_texts: int = 512,
-    verify: bool = False,
-    workers: int | None = None,
-) -> SearchService:
-    """Load the model (a :class:`Retriever`, or what :meth:`Retriever.load` takes), its index and
-    optionally its collection (``data``: a BEIR folder or collection name), into a running service.
-    """
-    from sbmoe.data.beir import load_collection, resolve_data
-
-    encode = encode or EncodeConfig()
-    retriever = model if isinstance(model, Retriever) else Retriever.load(str(model), device=encode.device)
-    collection = load_collection(resolve_data(str(data)), splits=[]) if data is not None else None
-    service = SearchService(
-        retriever,
-        index,
-        search,
-        encode,
-        documents=collection.corpus if collection is not None else None,
-        collection=collection.name if collection is not None else None,
-        max_batch_texts=max_batch_texts,
-        verify=verify,
-        workers=workers,
-    )
-    where = service.index_path or "an index in memory"
-    logger.info("serving %s: %d documents, %s", where, len(service.index), service.info()["concurrency"])
-    return service
 
 
 def _worker_threads(workers: int | None, device: torch.device) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions, SearchConfig
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.artifacts import EVALUATION, evaluation_settings, writing_output
 from sbmoe.core.choices import CONTROLS
@@ -44,7 +44,7 @@ from sbmoe.evaluation.query_groups import split_query_groups
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
-from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.search import search_documents
 from sbmoe.training.procrustes import procrustes_model
 
@@ -175,7 +175,7 @@ def evaluate_control(
             {d: collection.corpus[d].full_text for d in doc_ids},
             SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
             encode,
-            cache=cache,
+            JobOptions(show_progress=False, cache=cache),
         )["model"]
         details.update({"pairs_split": split, "model": "model"})
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
 from sbmoe.core.distributed import DistributedContext, shard_bounds
 from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.cache import EmbeddingCache
@@ -88,8 +88,7 @@ class DevEvaluator:
                 documents,
                 SearchConfig(top_k=10),
                 self.encode,
-                show_progress=show_progress,
-                cache=self.cache,
+                JobOptions(show_progress=show_progress, cache=self.cache),
             ).values()
         if context.is_distributed:
             run = merge_runs(context.all_gather_object(run), 10)

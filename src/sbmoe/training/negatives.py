@@ -96,14 +96,15 @@ def mine_dense_negatives(
     show_progress: bool = False,
 ) -> Negatives:
     """Negatives from a dense retriever's exact top-``depth`` (e.g. the zero-shot backbone)."""
-    from sbmoe.config.jobs import SearchConfig
+    from sbmoe.config.jobs import JobOptions, SearchConfig
     from sbmoe.retrieval.indexing import build_index
     from sbmoe.retrieval.search import search
 
     documents = {doc_id: doc.full_text for doc_id, doc in collection.corpus.items()}
     index = build_index(retriever, documents, encode=encode, show_progress=show_progress, cache=cache)
     queries = {q: collection.queries[q] for q in qrels if q in collection.queries}
-    run = search(retriever, index, queries, SearchConfig(top_k=depth), encode, cache=cache)
+    options = JobOptions(show_progress=False, cache=cache)
+    run = search(retriever, index, queries, SearchConfig(top_k=depth), encode, options)
     ranked = {q: sorted(docs, key=lambda d: -docs[d]) for q, docs in run.items()}
     return _filter(ranked, qrels, per_query, skip_top)
 

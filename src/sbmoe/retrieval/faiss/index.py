@@ -2,12 +2,12 @@
 
 An index directory holds ``index.faiss`` (the FAISS index, readable by any FAISS tool, loaded
 memory-mapped), ``doc_ids.json`` and ``meta.json`` (the model's fingerprint, settings, versions and
-a checksum of the other two files); :mod:`sbmoe.retrieval.index_files` reads and checks them, and
-defines the layout of sharded indexes, which :mod:`sbmoe.retrieval.shards` searches and merges.
+a checksum of the other two files); :mod:`sbmoe.retrieval.faiss.files` reads and checks them, and
+defines the layout of sharded indexes, which :mod:`sbmoe.retrieval.sharded.index` searches and merges.
 
-Index types: ``flat`` (exact, the default; searched by :mod:`sbmoe.retrieval.exact_search`),
+Index types: ``flat`` (exact, the default; searched by :mod:`sbmoe.retrieval.faiss.exact_search`),
 ``hnsw`` (graph) and ``ivf`` (inverted lists over k-means cells), the last two approximate and
-faster on large corpora (built by :mod:`sbmoe.retrieval.faiss_indexes`). Each stores the embeddings
+faster on large corpora (built by :mod:`sbmoe.retrieval.faiss.index_types`). Each stores the embeddings
 as ``float32`` (the default) or ``float16`` (FAISS's fp16 scalar quantizer: half the memory and
 disk, scores of unit vectors move by less than 5e-4). Scores are inner products of the vectors as
 given; normalising them (cosine similarity) is the encoder's job.
@@ -26,22 +26,14 @@ import faiss
 import numpy as np
 
 from sbmoe import __version__
+from sbmoe.config.jobs import IndexConfig
 from sbmoe.core.artifacts import INDEX, owns
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.io import atomic_directory, write_json
 from sbmoe.core.layouts import INDEX_FILES
 from sbmoe.core.runs import Run
-from sbmoe.retrieval.exact_search import as_matrix, exact_top_k
-from sbmoe.retrieval.faiss_indexes import (
-    ADD_CHUNK,
-    build_faiss_index,
-    check_positive,
-    default_nprobe,
-    flat_vectors,
-    read_faiss_index,
-)
-from sbmoe.retrieval.faiss_indexes import default_nlist as default_nlist
-from sbmoe.retrieval.index_files import (
+from sbmoe.retrieval.faiss.exact_search import as_matrix, exact_top_k
+from sbmoe.retrieval.faiss.files import (
     FORMAT_VERSION,
     check_fingerprint,
     check_ids,
@@ -52,6 +44,15 @@ from sbmoe.retrieval.index_files import (
     shard_directory,
     verify_checksum,
 )
+from sbmoe.retrieval.faiss.index_types import (
+    ADD_CHUNK,
+    build_faiss_index,
+    check_positive,
+    default_nprobe,
+    flat_vectors,
+    read_faiss_index,
+)
+from sbmoe.retrieval.faiss.index_types import default_nlist as default_nlist
 
 # FAISS searches HNSW graphs with efSearch=16 by default, too narrow for top-100 retrieval.
 _HNSW_EF_SEARCH = 128
@@ -59,7 +60,7 @@ _HNSW_EF_SEARCH = 128
 
 # Its size (~400 lines, most of them docstrings and argument checks) is earned: an index is built,
 # saved, loaded (memory-mapped, checksummed) and searched as one object; FAISS builds, file checks and
-# the exact scan live in faiss_indexes, index_files and exact_search.
+# the exact scan live in index_types, files and exact_search.
 class DenseIndex:
     """Document embeddings in a FAISS inner-product index, searched in batches.
 
@@ -67,21 +68,29 @@ class DenseIndex:
         embeddings: ``(n_docs, dim)`` array; converted to float32.
         doc_ids: one unique id per row of ``embeddings``.
         fingerprint: identifies the model that produced the embeddings; :meth:`load` checks it.
-        index_type: ``"flat"`` (``faiss.IndexFlatIP``, exact), ``"hnsw"``
-            (``faiss.IndexHNSWFlat`` with M=32) or ``"ivf"`` (``faiss.IndexIVFFlat``: k-means
-            cells, ``nprobe`` of them searched); the last two are approximate and faster on large
-            corpora.
-        dtype: How the index stores the embeddings: ``"float32"`` or ``"float16"`` (half the
-            memory and disk; ``faiss.IndexScalarQuantizer``, ``faiss.IndexHNSWSQ`` or
-            ``faiss.IndexIVFScalarQuantizer`` with ``QT_fp16``). Queries and scores stay float32;
-            rounding unit-length embeddings to float16 moves their scores by less than
-            2^-11 (about 5e-4). Exact search converts the vectors to float32 a block at a time for
-            each batch of queries: as fast as float32 for batches of hundreds of queries, several
-            times slower one query at a time (300k x 384: 1.05 s vs 0.13 s on 2 cores).
+        config: The index to build (default: exact, float32):
+
+            * ``index_type``: ``"flat"`` (``faiss.IndexFlatIP``, exact; the default), ``"hnsw"``
+              (``faiss.IndexHNSWFlat`` with M=32) or ``"ivf"`` (``faiss.IndexIVFFlat``: k-means
+              cells, ``nprobe`` of them searched); the last two are approximate and faster on
+              large corpora.
+            * ``embedding_dtype``: how the index stores the embeddings: ``"float32"`` (the
+              default) or ``"float16"`` (half the memory and disk; ``faiss.IndexScalarQuantizer``,
+              ``faiss.IndexHNSWSQ`` or ``faiss.IndexIVFScalarQuantizer`` with ``QT_fp16``).
+              Queries and scores stay float32; rounding unit-length embeddings to float16 moves
+              their scores by less than 2^-11 (about 5e-4). Exact search converts the vectors to
+              float32 a block at a time for each batch of queries: as fast as float32 for batches
+              of hundreds of queries, several times slower one query at a time (300k x 384:
+              1.05 s vs 0.13 s on 2 cores).
+            * ``nlist``: IVF only: number of cells (default :func:`default_nlist`).
+            * ``nprobe``: IVF only: cells searched per query (default :func:`default_nprobe`);
+              saved with the index and changeable later through :attr:`nprobe`.
         metadata: JSON-serialisable extras stored in ``meta.json`` (dataset, encoder settings, ...).
-        nlist: IVF only: number of cells (default :func:`default_nlist`).
-        nprobe: IVF only: cells searched per query (default :func:`default_nprobe`); saved with the
-            index and changeable later through :attr:`nprobe`.
+
+    Attributes:
+        index_type: The index type built (``flat``, ``hnsw`` or ``ivf``).
+        dtype: How the embeddings are stored (``float32`` or ``float16``).
+        location: The directory it was loaded from (``None``: built in memory).
 
     Raises:
         ValueError: bad shapes, non-finite values, missing, duplicate or non-string ids, an empty
@@ -94,11 +103,8 @@ class DenseIndex:
         embeddings: np.ndarray,
         doc_ids: Sequence[str],
         fingerprint: str,
-        index_type: str = "flat",
+        config: IndexConfig | None = None,
         metadata: Mapping[str, Any] | None = None,
-        nlist: int | None = None,
-        nprobe: int | None = None,
-        dtype: str = "float32",
     ) -> None:
         vectors = as_matrix(embeddings, "embeddings")
         if vectors.shape[0] == 0:
@@ -108,10 +114,12 @@ class DenseIndex:
             raise UsageError(
                 f"got {len(ids)} doc_ids for {vectors.shape[0]} embedding rows; they must match one to one"
             )
+        config = config or IndexConfig()
+        index_type, dtype = _kind(config)
         index = build_faiss_index(
-            index_type, dtype, vectors.shape[1], len(ids), lambda: iter([vectors]), nlist
+            index_type, dtype, vectors.shape[1], len(ids), lambda: iter([vectors]), config.nlist
         )
-        self._attach(index, ids, fingerprint, index_type, dtype, metadata, nprobe)
+        self._attach(index, ids, fingerprint, index_type, dtype, metadata, config.nprobe)
 
     @classmethod
     def from_chunks(
@@ -120,11 +128,8 @@ class DenseIndex:
         doc_ids: Sequence[str],
         fingerprint: str,
         dim: int,
-        index_type: str = "flat",
+        config: IndexConfig | None = None,
         metadata: Mapping[str, Any] | None = None,
-        nlist: int | None = None,
-        nprobe: int | None = None,
-        dtype: str = "float32",
     ) -> DenseIndex:
         """An index over embeddings that arrive in row-order chunks, never all in memory at once.
 
@@ -137,8 +142,10 @@ class DenseIndex:
         The other arguments are those of :class:`DenseIndex`.
         """
         ids = check_ids(doc_ids, "doc_ids")
-        index = build_faiss_index(index_type, dtype, dim, len(ids), chunks, nlist)
-        return cls._from_faiss(index, ids, fingerprint, index_type, dtype, metadata, nprobe)
+        config = config or IndexConfig()
+        index_type, dtype = _kind(config)
+        index = build_faiss_index(index_type, dtype, dim, len(ids), chunks, config.nlist)
+        return cls._from_faiss(index, ids, fingerprint, index_type, dtype, metadata, config.nprobe)
 
     def _attach(
         self,
@@ -167,6 +174,7 @@ class DenseIndex:
         self.index_type = index_type
         self.dtype = dtype
         self.metadata = metadata
+        self.location: str | None = None  # set by load
         self._vectors: np.ndarray | None = None
         self._nprobe: int | None = None
         if index_type == "flat":
@@ -379,15 +387,15 @@ class DenseIndex:
             IndexMismatchError: the index was built by a different model.
             FileNotFoundError: the directory or one of its files is missing.
             ValueError: a file is corrupt or the files disagree with each other, or the directory
-                holds a sharded index (use :func:`sbmoe.retrieval.shards.load_index` or
-                :class:`sbmoe.retrieval.shards.ShardedIndex`).
+                holds a sharded index (use :func:`sbmoe.retrieval.open_index` or
+                :class:`sbmoe.retrieval.sharded.index.ShardedIndex`).
         """
         directory = Path(directory)
         if not directory.is_dir():
             raise MissingInputError(f"no index directory at {directory}; build one with `sbmoe index ...`")
         if is_sharded_index(directory):
             raise UsageError(
-                f"{directory} holds a sharded index: search it with sbmoe.retrieval.shards.load_index (or "
+                f"{directory} holds a sharded index: search it with sbmoe.retrieval.open_index (or "
                 f"ShardedIndex.load), or merge it into one with `sbmoe merge-index --index {directory} ...`"
             )
 
@@ -407,7 +415,7 @@ class DenseIndex:
                 f"{INDEX_FILES.meta} says {meta['count']} of dimension {meta['dim']}"
             )
 
-        return cls._from_faiss(
+        loaded = cls._from_faiss(
             index,
             doc_ids,
             meta["fingerprint"],
@@ -416,6 +424,8 @@ class DenseIndex:
             meta.get("metadata"),
             meta.get("nprobe"),
         )
+        loaded.location = str(directory)
+        return loaded
 
     def save_shard(
         self, root: str | os.PathLike, shard: int, num_shards: int, start: int, total: int
@@ -463,3 +473,8 @@ class DenseIndex:
         obj = cls.__new__(cls)
         obj._attach(index, doc_ids, fingerprint, index_type, dtype, metadata, nprobe)
         return obj
+
+
+def _kind(config: IndexConfig) -> tuple[str, str]:
+    """``config``'s index type and embedding dtype, their defaults (exact, float32) filled in."""
+    return config.index_type or "flat", config.embedding_dtype or "float32"

@@ -1,6 +1,6 @@
 """A Milvus collection searched as an index and written by document id.
 
-The collection's layout is :mod:`sbmoe.retrieval.milvus_collection`'s. Writes are upserts keyed by
+The collection's layout is :mod:`sbmoe.retrieval.milvus.collection`'s. Writes are upserts keyed by
 ``doc_id``: a document written twice is stored once.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 from sbmoe import __version__
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.runs import Run
-from sbmoe.retrieval.index_files import IndexMismatchError, check_fingerprint, check_ids
-from sbmoe.retrieval.milvus_collection import (
+from sbmoe.retrieval.faiss.files import IndexMismatchError, check_fingerprint, check_ids
+from sbmoe.retrieval.milvus.collection import (
     EXPERT_FIELD,
     FORMAT_VERSION,
     GATE_FIELD,
@@ -33,7 +33,7 @@ from sbmoe.retrieval.milvus_collection import (
     read_meta,
     release,
 )
-from sbmoe.retrieval.store_uri import StoreURI
+from sbmoe.retrieval.milvus.uri import StoreURI
 
 # Milvus answers at most 16384 hits per query.
 MAX_TOP_K = 16384
@@ -46,7 +46,7 @@ def _quiet_timestamp_fallback() -> Iterator[None]:
     """Silence pymilvus's warning on a query iterator's first call on Milvus Lite.
 
     pymilvus asks the server for a timestamp, which Milvus Lite does not implement (the server's
-    traceback for it is dropped on connecting, :func:`~sbmoe.retrieval.milvus_collection.connect`),
+    traceback for it is dropped on connecting, :func:`~sbmoe.retrieval.milvus.collection.connect`),
     and warns that it uses its own clock, which is what Milvus Lite wants. Nothing is wrong.
     """
     logger = logging.getLogger("pymilvus")
@@ -64,13 +64,14 @@ def _quoted(value: str) -> str:
 
 
 class MilvusStore:
-    """A Milvus collection written by :func:`~sbmoe.retrieval.store_indexing.index_into_store`.
+    """A Milvus collection written by :func:`~sbmoe.retrieval.milvus.indexing.index_into_store`.
 
-    Searched like :class:`~sbmoe.retrieval.index.DenseIndex` (same :meth:`search`); use
+    Searched like :class:`~sbmoe.retrieval.faiss.index.DenseIndex` (same :meth:`search`); use
     :meth:`open` to search a finished store and :meth:`create_or_resume` to write one.
 
     Attributes:
         uri: Where the collection is.
+        location: Its URI as given (:attr:`sbmoe.retrieval.interface.Index.location`).
         fingerprint: The fingerprint of the model that made the vectors.
         index_type: ``flat`` (Milvus FLAT, exact), ``hnsw`` or ``ivf`` (IVF_FLAT).
         dtype: ``float32``.
@@ -79,6 +80,7 @@ class MilvusStore:
 
     def __init__(self, uri: StoreURI, client: Any, meta: Mapping[str, Any]) -> None:
         self.uri = uri
+        self.location: str | None = uri.text
         self._client = client
         self.meta = dict(meta)
         self.fingerprint: str = meta["fingerprint"]
@@ -120,7 +122,7 @@ class MilvusStore:
 
         Args:
             uri: Where to write.
-            meta: The collection's settings, from :func:`~sbmoe.retrieval.milvus_collection.store_meta`.
+            meta: The collection's settings, from :func:`~sbmoe.retrieval.milvus.collection.store_meta`.
             overwrite: Drop a collection there written with other settings (another model, corpus
                 or index type) instead of refusing it.
 
@@ -264,7 +266,7 @@ class MilvusStore:
     ) -> Run:
         """Return the top-``k`` documents of every query as a ranx-style run.
 
-        The same call as :meth:`sbmoe.retrieval.index.DenseIndex.search`; a ``flat`` store ranks
+        The same call as :meth:`sbmoe.retrieval.faiss.index.DenseIndex.search`; a ``flat`` store ranks
         exactly (scores equal up to float rounding), ``hnsw`` and ``ivf`` approximately.
 
         Raises:

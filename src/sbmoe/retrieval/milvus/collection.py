@@ -10,7 +10,7 @@ One collection holds one corpus encoded by one model:
   the vectors, the dimension, the corpus size, the index settings and the caller's metadata.
 
 The same code talks to Milvus Lite (a local ``.db``, embedded in the process) and to a Milvus server
-or cluster; see :mod:`sbmoe.retrieval.store` for the URIs.
+or cluster; see :mod:`sbmoe.retrieval.milvus` for the URIs.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from sbmoe.config.jobs import IndexConfig
 from sbmoe.core.errors import MissingInputError, UsageError, first_line
-from sbmoe.retrieval.faiss_indexes import default_nlist, default_nprobe
-from sbmoe.retrieval.store_uri import StoreURI, missing_extra_message
+from sbmoe.retrieval.faiss.index_types import default_nlist, default_nprobe
+from sbmoe.retrieval.milvus.uri import StoreURI, missing_extra_message
 
 META_PROPERTY = "sbmoe.meta"
 FORMAT_VERSION = 1
@@ -130,16 +131,16 @@ def store_meta(
     fingerprint: str,
     dim: int,
     count: int,
-    index_type: str,
+    config: IndexConfig,
     experts: int,
     metadata: Mapping[str, Any],
-    nlist: int | None = None,
-    nprobe: int | None = None,
 ) -> dict[str, Any]:
     """The settings a collection is created with and resumed by (its ``sbmoe.meta`` property).
 
-    ``nlist`` and ``nprobe`` apply to ``ivf`` and default as for a FAISS IVF index of ``count`` vectors.
+    ``config``'s index type defaults to ``flat``; its ``nlist`` and ``nprobe`` apply to ``ivf`` and
+    default as for a FAISS IVF index of ``count`` vectors.
     """
+    index_type, nlist, nprobe = config.index_type or "flat", config.nlist, config.nprobe
     if index_type != "ivf" and (nlist is not None or nprobe is not None):
         raise UsageError(f"nlist and nprobe apply to ivf, not {index_type!r}")
     if index_type == "ivf":

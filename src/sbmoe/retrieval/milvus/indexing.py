@@ -22,9 +22,9 @@ from sbmoe.inference.encoding import apply_head_stages, encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE, index_metadata
-from sbmoe.retrieval.milvus_collection import MAX_ID_LENGTH, require_engine, store_meta
-from sbmoe.retrieval.milvus_store import MilvusStore
-from sbmoe.retrieval.store_uri import parse_store_uri
+from sbmoe.retrieval.milvus.collection import MAX_ID_LENGTH, require_engine, store_meta
+from sbmoe.retrieval.milvus.store import MilvusStore
+from sbmoe.retrieval.milvus.uri import parse_store_uri
 
 
 @dataclass
@@ -56,25 +56,23 @@ def index_into_store(
     uri: str,
     config: IndexConfig | None = None,
     encode: EncodeConfig | None = None,
-    *,
     options: JobOptions | None = None,
-    shard: tuple[int, int] | None = None,
-    chunk_size: int | None = None,
 ) -> StoreIndexSummary:
-    """Encode the collection's corpus (or slice ``shard`` of it) into the store at ``uri``.
+    """Encode the collection's corpus (or the slice ``options.shard`` of it) into the store at ``uri``.
 
     The collection records the model's fingerprint, the corpus size, the index settings and, for a
     model with an MoE head, each document's top expert and gate weights.
 
     Args:
-        uri: A store URI (:mod:`sbmoe.retrieval.store`).
+        uri: A store URI (:mod:`sbmoe.retrieval.milvus`).
         config: Index type (``flat``: exact, the default; ``hnsw``; ``ivf`` with ``nlist``/``nprobe``);
             ``embedding_dtype`` float16 is not offered for stores.
-        shard: ``(i, N)``: only the ``i``-th of ``N`` consecutive slices of the corpus.
-        options: Progress bars, the command recorded, the embedding cache, and ``overwrite``:
+        options: Progress bars, the command recorded, the embedding cache, ``shard`` (``(i, N)``:
+            only the ``i``-th of ``N`` consecutive slices of the corpus), and ``overwrite``:
             replace a collection written with other settings (another model, corpus or index
             type); one with the same settings is resumed either way.
-        chunk_size: Documents checked, encoded and written at a time (default ``INDEX_CHUNK_SIZE``).
+
+    Documents are checked, encoded and written ``INDEX_CHUNK_SIZE`` at a time.
 
     Raises:
         IndexMismatchError: the collection holds another model's vectors (without ``overwrite``).
@@ -83,6 +81,7 @@ def index_into_store(
     options = options or JobOptions()
     config = config or IndexConfig()
     encode = encode or EncodeConfig()
+    shard = options.shard
     parsed = parse_store_uri(uri)
     require_engine(parsed)
     if config.embedding_dtype not in (None, "float32"):
@@ -99,11 +98,9 @@ def index_into_store(
         retriever.fingerprint(),
         retriever.model.get_embedding_dimension(),
         len(doc_ids),
-        config.index_type or "flat",
+        config,
         head.num_experts if head is not None else 0,
         index_metadata(retriever, collection.name, config, encode, options.command),
-        nlist=config.nlist,
-        nprobe=config.nprobe,
     )
     texts = [collection.corpus[d].full_text for d in doc_ids[start:stop]]
     retriever.warn_truncated(texts, "document", f"{collection.name} corpus")
@@ -112,7 +109,7 @@ def index_into_store(
     with full_disk:
         store = MilvusStore.create_or_resume(parsed, meta, overwrite=options.overwrite)
         written = skipped = 0
-        chunk_size = chunk_size or INDEX_CHUNK_SIZE
+        chunk_size = INDEX_CHUNK_SIZE
         try:
             chunks = range(start, stop, chunk_size)
             for chunk in tqdm(chunks, desc="index --store", unit="chunk", disable=not options.show_progress):

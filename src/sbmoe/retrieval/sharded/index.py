@@ -1,12 +1,12 @@
 """Sharded indexes: a directory of index directories, searched shard by shard or merged into one.
 
-A *sharded* index is a directory of :class:`~sbmoe.retrieval.index.DenseIndex` directories,
-``shard-00000-of-00004/`` ... (:func:`~sbmoe.retrieval.index.shard_directory`), each holding one contiguous
-slice of the corpus and written independently (by ``sbmoe index --shard i/N`` or one ``torchrun``
-process each, through :meth:`~sbmoe.retrieval.index.DenseIndex.save_shard`). :class:`ShardedIndex` searches
-it shard by shard, one shard in memory at a time, and merges the per-shard top-k lists (top-k of
-top-ks), which gives the same ranking as one index over the whole corpus; :meth:`ShardedIndex.merge`
-builds that index.
+A *sharded* index is a directory of :class:`~sbmoe.retrieval.faiss.index.DenseIndex` directories,
+``shard-00000-of-00004/`` ... (:func:`~sbmoe.retrieval.faiss.files.shard_directory`), each holding
+one contiguous slice of the corpus and written independently (by ``sbmoe index --shard i/N`` or one
+``torchrun`` process each, through :meth:`~sbmoe.retrieval.faiss.index.DenseIndex.save_shard`).
+:class:`ShardedIndex` searches it shard by shard, one shard in memory at a time, and merges the
+per-shard top-k lists (top-k of top-ks), which gives the same ranking as one index over the whole
+corpus; :meth:`ShardedIndex.merge` builds that index.
 
 Shards may differ in index type or embedding dtype (``float32`` / ``float16``), e.g. when some were
 rebuilt with other settings: each is searched as it is, and :attr:`ShardedIndex.index_type` or
@@ -15,6 +15,7 @@ rebuilt with other settings: each is searched as it is, and :attr:`ShardedIndex.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,36 +23,16 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.config.jobs import IndexConfig
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.core.layouts import SHARDED_INDEX_FILES
 from sbmoe.core.runs import Run, merge_runs
-from sbmoe.retrieval.index import DenseIndex, read_meta
-from sbmoe.retrieval.index_files import (
+from sbmoe.retrieval.faiss.files import (
     check_fingerprint,
     check_ids,
-    is_sharded_index,
     read_doc_ids,
 )
-from sbmoe.retrieval.store import VectorStore, open_store
-from sbmoe.retrieval.store_uri import is_store_uri
-
-
-def load_index(
-    directory: str | os.PathLike,
-    expected_fingerprint: str | Sequence[str] | None = None,
-    verify: bool = False,
-) -> DenseIndex | ShardedIndex | VectorStore:
-    """Load a single index (:class:`DenseIndex`), a sharded one (:class:`ShardedIndex`) or a store.
-
-    ``directory`` may be a store URI (``milvus:...``, see :mod:`sbmoe.retrieval.store`).
-    ``verify`` checks every file of a FAISS index in full against its checksum (see
-    :meth:`DenseIndex.load`); a store is always checked to hold its whole corpus.
-    """
-    if is_store_uri(directory):
-        return open_store(str(directory), expected_fingerprint)
-    if is_sharded_index(directory):
-        return ShardedIndex.load(directory, expected_fingerprint, verify)
-    return DenseIndex.load(directory, expected_fingerprint, verify=verify)
+from sbmoe.retrieval.faiss.index import DenseIndex, read_meta
 
 
 class ShardedIndex:
@@ -63,6 +44,7 @@ class ShardedIndex:
 
     Attributes:
         directory: The sharded index directory.
+        location: The same, as a string (:attr:`sbmoe.retrieval.interface.Index.location`).
         shard_dirs: The shard directories, in corpus order.
         fingerprint: The model fingerprint every shard carries.
         index_type: The shards' index type (``mixed`` if they differ).
@@ -74,6 +56,7 @@ class ShardedIndex:
         self, directory: Path, shard_dirs: list[Path], metas: list[dict[str, Any]], verify: bool = False
     ) -> None:
         self.directory = directory
+        self.location: str | None = str(directory)
         self.verify = verify
         self.shard_dirs = shard_dirs
         self._metas = metas
@@ -133,28 +116,23 @@ class ShardedIndex:
         assert merged is not None
         return merged
 
-    def merge(
-        self,
-        index_type: str | None = None,
-        nlist: int | None = None,
-        nprobe: int | None = None,
-        dtype: str | None = None,
-    ) -> DenseIndex:
+    def merge(self, config: IndexConfig | None = None) -> DenseIndex:
         """One index over all shards, in corpus order (what one process would have built).
 
         Vectors stream from the memory-mapped shards into the new index; only the new index is
         held in memory.
 
         Args:
-            index_type: Type of the merged index; defaults to the shards' type (``flat`` if they
-                differ).
-            nlist: IVF cells (``ivf`` only).
-            nprobe: IVF cells searched per query (``ivf`` only).
-            dtype: How the merged index stores the embeddings, ``float32`` or ``float16``; defaults
-                to the shards' dtype (``float32``, which holds float16 values exactly, if they differ).
+            config: The merged index (see :class:`DenseIndex`): its ``index_type`` defaults to the
+                shards' (``flat`` if they differ), its ``embedding_dtype`` to the shards'
+                (``float32``, which holds float16 values exactly, if they differ).
         """
-        index_type = index_type or (self.index_type if self.index_type != "mixed" else "flat")
-        dtype = dtype or (self.dtype if self.dtype != "mixed" else "float32")
+        config = config or IndexConfig()
+        config = dataclasses.replace(
+            config,
+            index_type=config.index_type or (self.index_type if self.index_type != "mixed" else "flat"),
+            embedding_dtype=config.embedding_dtype or (self.dtype if self.dtype != "mixed" else "float32"),
+        )
         shards = [self.shard(number) for number in range(self.num_shards)]
 
         def chunks() -> Iterator[np.ndarray]:
@@ -165,11 +143,8 @@ class ShardedIndex:
             self.doc_ids,
             self.fingerprint,
             self.dim,
-            index_type,
+            config,
             metadata={**self.metadata, "merged_from_shards": self.num_shards},
-            nlist=nlist,
-            nprobe=nprobe,
-            dtype=dtype,
         )
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Store URIs: which vector database, where, and which collection (see :mod:`sbmoe.retrieval.store`)."""
+"""Store URIs: which vector database, where, and which collection (see :mod:`sbmoe.retrieval.milvus`)."""
 
 from __future__ import annotations
 
