@@ -42,6 +42,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "evaluate": ("sbmoe.evaluation.evaluate", "evaluate_model"),
     "index": ("sbmoe.retrieval.indexing", "index_corpus"),
     "search": ("sbmoe.retrieval.search", "search"),
+    "open_index": ("sbmoe.retrieval.interface", "open_index"),
+    "Index": ("sbmoe.retrieval.interface", "Index"),
     "serve": ("sbmoe.serving.http", "serve"),
     "SearchService": ("sbmoe.serving.service", "SearchService"),
 }
@@ -64,6 +66,8 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time __getattr__ imp
     from sbmoe.inference.cache import EmbeddingCache as EmbeddingCache
     from sbmoe.model.retriever import Retriever as Retriever
     from sbmoe.retrieval.indexing import index_corpus as index  # noqa: F401 (in __all__ through _EXPORTS)
+    from sbmoe.retrieval.interface import Index as Index
+    from sbmoe.retrieval.interface import open_index as open_index
     from sbmoe.retrieval.search import search as search
     from sbmoe.serving.http import serve as serve
     from sbmoe.serving.service import SearchService as SearchService
