@@ -340,6 +340,19 @@ def test_a_query_gets_the_same_bytes_alone_and_among_concurrent_requests(
         assert status == 200 and json.loads(body)["results"] == rotated
 
 
+def test_health_answers_as_long_as_the_workers_can_and_head_gets_no_body(model_dir, index_dir):
+    service = load_service(model_dir, index_dir, encode=FP32)
+    with BackgroundServer(create_app(service)) as running:
+        connection = http.client.HTTPConnection(urllib.parse.urlsplit(running.url).netloc, timeout=60)
+        connection.request("HEAD", "/health")
+        answer = connection.getresponse()
+        assert (answer.status, answer.read()) == (200, b"")
+        connection.close()
+        service.close()  # what a worker that died would leave: nobody to answer a search
+        assert request(f"{running.url}/health") == (503, {"detail": "the search worker has stopped"})
+        assert request(f"{running.url}/search", {"query": "vitamin D"})[0] == 503
+
+
 def test_an_api_key_guards_every_endpoint_but_health(model_dir, index_dir, monkeypatch):
     monkeypatch.setenv("SBMOE_API_KEY", "from the environment")
     service = load_service(model_dir, index_dir, encode=FP32)

@@ -3,7 +3,8 @@
 :class:`Guard` is ASGI middleware in front of the FastAPI app of :mod:`sbmoe.serving.http`. It
 refuses, before the app sees them, requests without the API key (401) and request bodies above the
 size limit (413), and while the server stops it answers 503 to new requests; :class:`Gate` counts
-the requests in progress so that the server closes its socket only once they are answered.
+the requests in progress so that the server closes its socket only once they are answered. It also
+answers ``GET /health`` itself: a liveness probe is asked often and needs none of the app's work.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+HEALTH_PATH = "/health"
 # Answered without the key: a load balancer's liveness probe has none to give.
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({HEALTH_PATH})
+HEALTHY = json.dumps({"status": "ok"}, separators=(",", ":")).encode()  # as the app writes JSON
+WORKER_STOPPED = "the search worker has stopped"
 
 
 class Gate:
@@ -66,11 +70,21 @@ class Guard:
         api_key: The key every request but ``GET /health`` must give, as ``Authorization: Bearer
             KEY`` or ``X-API-Key: KEY`` (compared in constant time); ``None``: no key.
         max_body_bytes: Largest request body accepted, declared or sent (chunked bodies are counted).
+        alive: Whether the service behind the app can answer: ``GET /health`` says 200 or 503.
     """
 
-    def __init__(self, app: ASGIApp, *, gate: Gate, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        gate: Gate,
+        api_key: str | None,
+        max_body_bytes: int,
+        alive: Callable[[], bool],
+    ) -> None:
         self.app = app
         self.gate = gate
+        self.alive = alive
         self._key = api_key.encode() if api_key is not None else None
         self.max_body_bytes = max_body_bytes
 
@@ -80,6 +94,9 @@ class Guard:
             return
         if self.gate.stopping:
             await _refuse(send, 503, "the service is stopping: send the request again later or elsewhere")
+            return
+        if scope["path"] == HEALTH_PATH and scope["method"] in ("GET", "HEAD"):
+            await self._health(scope["method"] == "HEAD", send)
             return
         headers = dict(scope["headers"])
         if self._key is not None and scope["path"] not in OPEN_PATHS and not self._authorised(headers):
@@ -98,6 +115,14 @@ class Guard:
             await self.app(scope, _replay(body, receive), send)
         finally:
             self.gate.leave()
+
+    async def _health(self, head_only: bool, send: Send) -> None:
+        if not self.alive():
+            await _refuse(send, 503, WORKER_STOPPED)
+            return
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(HEALTHY)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head_only else HEALTHY})
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"x-api-key")

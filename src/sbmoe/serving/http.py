@@ -82,7 +82,7 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
             API key (:func:`api_key`); host and port are the server's.
     """
     _require_extra()
-    from fastapi import FastAPI, HTTPException
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -121,7 +121,13 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
     app = FastAPI(title="sbmoe", description="Dense retrieval with an SB-MoE head", lifespan=lifespan)
     app.state.gate = Gate()
     key = api_key(config)
-    app.add_middleware(Guard, gate=app.state.gate, api_key=key, max_body_bytes=config.max_request_bytes)
+    app.add_middleware(
+        Guard,
+        gate=app.state.gate,
+        api_key=key,
+        max_body_bytes=config.max_request_bytes,
+        alive=lambda: service.alive,
+    )
 
     @app.exception_handler(SbmoeError)
     async def refused(request: Any, error: SbmoeError) -> JSONResponse:
@@ -158,12 +164,6 @@ def create_app(service: SearchService, config: ServeConfig | None = None) -> "Fa
         return JSONResponse(
             {"kind": request.kind, "dim": int(embeddings.shape[1]), "embeddings": embeddings.tolist()}
         )
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if not service.alive:
-            raise HTTPException(503, "the search worker has stopped")
-        return JSONResponse({"status": "ok"})
 
     @app.get("/info")
     async def info() -> JSONResponse:
