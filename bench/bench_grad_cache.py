@@ -21,6 +21,7 @@ import time
 
 from common import machine, scifact
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.config.presets import build_configs
 from sbmoe.core.runtime import seed_everything
 from sbmoe.model.retriever import Retriever
@@ -50,7 +51,11 @@ def measure(batch_size: int, chunk_size: int) -> dict[str, float]:
     seed_everything(0)
     with tempfile.TemporaryDirectory() as output:
         trainer = build_trainer(
-            Retriever.from_config(model_config), scifact(), train_config, output, show_progress=False
+            Retriever.from_config(model_config),
+            scifact(),
+            train_config,
+            output,
+            JobOptions(show_progress=False),
         )
         batches = trainer.batches(0)[:STEPS]
         before = resident_mib()

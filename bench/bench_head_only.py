@@ -18,6 +18,7 @@ import time
 import torch
 from common import machine, median_seconds, scifact
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.config.presets import build_configs
 from sbmoe.core.runtime import seed_everything
 from sbmoe.inference.cache import EmbeddingCache
@@ -31,7 +32,11 @@ def make_trainer(collection, output, cache, **train_overrides) -> Trainer:
     )
     seed_everything(0)
     return build_trainer(
-        Retriever.from_config(model_config), collection, train_config, output, False, cache=cache
+        Retriever.from_config(model_config),
+        collection,
+        train_config,
+        output,
+        JobOptions(show_progress=False, cache=cache),
     )
 
 

@@ -61,7 +61,9 @@ def adapt(collection: BeirCollection, side: str, output: Path, cache: EmbeddingC
     )
     queries = {q: collection.queries[q] for q in sorted(collection.split_qrels("test"))}
     started = time.perf_counter()
-    train(model_config, train_config, collection, output / "model", show_progress=False, cache=cache)
+    train(
+        model_config, train_config, collection, output / "model", JobOptions(show_progress=False, cache=cache)
+    )
     trained = time.perf_counter() - started
     model = Retriever.load(str(output / "model"))
     if side == "query":

@@ -52,7 +52,13 @@ def main() -> None:
                     {"epochs": args.epochs, "head_only": True},
                 )
                 output = f"{scratch}/n{experts}-{rule}"
-                train(model_config, train_config, collection, output, show_progress=False, cache=cache)
+                train(
+                    model_config,
+                    train_config,
+                    collection,
+                    output,
+                    JobOptions(show_progress=False, cache=cache),
+                )
                 result = evaluate_model(
                     Retriever.load(output),
                     collection,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from common import machine
 
-from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.config.presets import build_configs
 from sbmoe.core.runtime import resolve_device, resolve_precision, seed_everything
 from sbmoe.data.beir import load_collection, resolve_data
@@ -185,7 +185,7 @@ def main() -> None:
         print(f"model loaded in {time.perf_counter() - started:.1f} s: {retriever.describe()}")
         check(all(p.device == device for p in retriever.model.parameters()), f"every weight is on {device}")
         trainer = build_trainer(
-            retriever, collection, train_config, Path(scratch) / "model", show_progress=False
+            retriever, collection, train_config, Path(scratch) / "model", JobOptions(show_progress=False)
         )
         check(trainer.precision == precision, f"training runs in {precision}")
         batches = trainer.batches(0)

@@ -186,6 +186,7 @@ def tensorboard_run(data_dir, tiny_bert_dir, tmp_path_factory):
     """
     import logging
 
+    from sbmoe.config.jobs import JobOptions
     from sbmoe.config.presets import build_configs
     from sbmoe.data.beir import load_collection
     from sbmoe.training.trainer import train
@@ -217,7 +218,9 @@ def tensorboard_run(data_dir, tiny_bert_dir, tmp_path_factory):
     level = trainer_logger.level
     trainer_logger.setLevel(logging.INFO)
     try:
-        result = train(model_config, train_config, collection, root / "model", show_progress=False)
+        result = train(
+            model_config, train_config, collection, root / "model", JobOptions(show_progress=False)
+        )
     finally:
         trainer_logger.removeHandler(handler)
         trainer_logger.setLevel(level)

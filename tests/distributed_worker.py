@@ -17,6 +17,7 @@ from pathlib import Path
 from conftest import interrupt_at_step
 
 from sbmoe.cli.main import main
+from sbmoe.config.jobs import JobOptions
 from sbmoe.config.presets import build_configs
 from sbmoe.core.distributed import init_distributed, shutdown
 from sbmoe.core.runtime import seed_everything
@@ -90,8 +91,8 @@ def interrupted_then_resumed(model: str, data: str, output: Path, context) -> No
         collection,
         train_config,
         output,
-        show_progress=False,
-        context=context,
+        JobOptions(show_progress=False),
+        context,
     )
     interrupt_at_step(trainer, 2)
     try:
@@ -100,7 +101,7 @@ def interrupted_then_resumed(model: str, data: str, output: Path, context) -> No
         pass
     else:
         raise AssertionError("the interruption did not happen")
-    result = train(model_config, train_config, collection, output, show_progress=False, context=context)
+    result = train(model_config, train_config, collection, output, JobOptions(show_progress=False), context)
     assert result.resumed_from_step == 2 and result.steps == 3, result
 
 
@@ -115,7 +116,14 @@ def run(work: Path, model: str, data: str) -> None:
         interrupted_then_resumed(model, data, work / "resumed", context)
         for variant in VARIANTS:
             model_config, train_config = variant_configs(model, variant, batch_size=4)
-            train(model_config, train_config, load_collection(data), work / variant, False, context=context)
+            train(
+                model_config,
+                train_config,
+                load_collection(data),
+                work / variant,
+                JobOptions(show_progress=False),
+                context,
+            )
         code = main(
             [
                 "-q",

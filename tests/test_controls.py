@@ -100,8 +100,7 @@ def train_head_only(retriever, collection_dir, train_config, tmp_path) -> None:
         load_collection(collection_dir),
         train_config,
         tmp_path / "run",
-        show_progress=False,
-        cache=EmbeddingCache(tmp_path / "cache"),
+        JobOptions(show_progress=False, cache=EmbeddingCache(tmp_path / "cache")),
     ).train()
 
 

@@ -15,7 +15,7 @@ from conftest import assert_same_top_k, interrupt_at_step, search_saved
 from distributed_worker import TRAIN_ARGS, VARIANTS, variant_configs
 
 from sbmoe.cli.main import main
-from sbmoe.config.jobs import EncodeConfig, SearchConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
 from sbmoe.config.presets import build_configs
 from sbmoe.core.distributed import (
     DistributedContext,
@@ -118,7 +118,14 @@ def test_two_processes_train_like_one_under_gradient_caching_and_head_only(
     torchrun_outputs, dropout_free_bert, scifact_slice, tmp_path, variant
 ):
     model_config, train_config = variant_configs(str(dropout_free_bert), variant, batch_size=8)
-    train(model_config, train_config, load_collection(scifact_slice), tmp_path, False, device="cpu")
+    train(
+        model_config,
+        train_config,
+        load_collection(scifact_slice),
+        tmp_path,
+        JobOptions(show_progress=False),
+        init_distributed("cpu"),
+    )
     one, two = train_log(tmp_path), train_log(torchrun_outputs / variant)
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
     for key in ("loss", "contrastive"):
@@ -157,7 +164,13 @@ def test_refuses_to_resume_on_another_number_of_processes(tiny_bert_dir, scifact
     )
     collection = load_collection(scifact_slice)
     seed_everything(0)
-    trainer = build_trainer(Retriever.from_config(model_config), collection, train_config, tmp_path, False)
+    trainer = build_trainer(
+        Retriever.from_config(model_config),
+        collection,
+        train_config,
+        tmp_path,
+        JobOptions(show_progress=False),
+    )
     interrupt_at_step(trainer, 1)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
@@ -165,7 +178,13 @@ def test_refuses_to_resume_on_another_number_of_processes(tiny_bert_dir, scifact
     assert saved["world_size"] == 1
     (tmp_path / "training" / "config.json").write_text(json.dumps({**saved, "world_size": 2}))
     with pytest.raises(ValueError, match="same number of processes"):
-        build_trainer(Retriever.from_config(model_config), collection, train_config, tmp_path, False).train()
+        build_trainer(
+            Retriever.from_config(model_config),
+            collection,
+            train_config,
+            tmp_path,
+            JobOptions(show_progress=False),
+        ).train()
 
 
 # ------------------------------------------------------------------------------ single-process parts

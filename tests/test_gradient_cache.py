@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.config.presets import build_configs
 from sbmoe.core.runtime import seed_everything
 from sbmoe.data.beir import load_collection
@@ -39,7 +40,7 @@ def gradients_after_two_steps(
         for module in retriever.model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    trainer = build_trainer(retriever, collection, train_config, output_dir, show_progress=False)
+    trainer = build_trainer(retriever, collection, train_config, output_dir, JobOptions(show_progress=False))
     gradients = {}
 
     def keep_gradients(*_) -> None:  # as the optimiser sees them (the step sets them to None after)

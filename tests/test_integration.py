@@ -78,7 +78,9 @@ def test_sb_moe_fine_tuning_runs_end_to_end(collection, tmp_path):
         {"backbone": "all-MiniLM-L6-v2", "num_experts": 3, "max_doc_length": 96},
         {"max_steps": 3, "batch_size": 8, "dev_max_docs": 60, "precision": "bf16"},
     )
-    result = train(model_config, train_config, collection, tmp_path / "model", show_progress=False)
+    result = train(
+        model_config, train_config, collection, tmp_path / "model", JobOptions(show_progress=False)
+    )
     assert result.steps == 3 and result.best_dev_ndcg10 > 0.3
     trained = Retriever.load(str(tmp_path / "model"))
     assert trained.head is not None and trained.config == dataclasses.replace(

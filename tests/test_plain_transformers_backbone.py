@@ -24,7 +24,7 @@ from conftest import REPO, write_beir_slice
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
-from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.config.presets import build_configs
 from sbmoe.data.beir import load_collection
 from sbmoe.inference.encoding import encode_texts
@@ -91,7 +91,7 @@ def test_a_plain_transformers_folder_fine_tunes_with_an_moe_head_and_reloads_eve
         },
     )
     output = tmp_path / "model"
-    result = train(model_config, train_config, collection, output, show_progress=False)
+    result = train(model_config, train_config, collection, output, JobOptions(show_progress=False))
     assert result.steps == 4
 
     # The saved folder is a sentence-transformers pipeline whose transformer is the fine-tuned

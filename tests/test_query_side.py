@@ -85,7 +85,7 @@ def adapted(tiny_bert_dir, scifact_slice, backbone_index, tmp_path_factory):
     )
     assert train_config.head_only  # a query-side head always trains alone
     output = tmp_path_factory.mktemp("query-side") / "adapted"
-    train(model_config, train_config, load_collection(scifact_slice), output, show_progress=False)
+    train(model_config, train_config, load_collection(scifact_slice), output, JobOptions(show_progress=False))
     return output
 
 

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import interrupt_at_step
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.config.presets import build_configs
 from sbmoe.core.io import read_json
 from sbmoe.core.runtime import seed_everything
-from sbmoe.data.beir import load_collection
+from sbmoe.data.beir import BeirCollection, Document, load_collection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
 from sbmoe.training.batching import (
     false_negative_mask,
     length_grouped_batches,
-    pick_negatives,
     shuffled_batches,
 )
 from sbmoe.training.negatives import load_negatives
 from sbmoe.training.optimization import learning_rate_lambda
 from sbmoe.training.trainer import build_trainer, train
+from sbmoe.training.training_data import TrainingData
+
+QUIET = JobOptions(show_progress=False)
 
 
 def configs(tiny_bert_dir, preset="default", model=None, **train_overrides):
@@ -45,8 +50,8 @@ def assert_same_weights(first: dict, second: dict) -> None:
 def test_training_is_reproducible_for_a_seed(tiny_bert_dir, scifact_slice, tmp_path):
     collection = load_collection(scifact_slice)
     model_config, train_config = configs(tiny_bert_dir, max_steps=3, checkpoint_selection="last")
-    train(model_config, train_config, collection, tmp_path / "a", show_progress=False)
-    train(model_config, train_config, collection, tmp_path / "b", show_progress=False)
+    train(model_config, train_config, collection, tmp_path / "a", QUIET)
+    train(model_config, train_config, collection, tmp_path / "b", QUIET)
     assert_same_weights(
         weights(Retriever.load(str(tmp_path / "a"))), weights(Retriever.load(str(tmp_path / "b")))
     )
@@ -60,7 +65,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_bert_dir, s
     model_config, train_config = configs(
         tiny_bert_dir, max_steps=5, checkpoint_steps=2, checkpoint_selection="last"
     )
-    train(model_config, train_config, collection, tmp_path / "whole", show_progress=False)
+    train(model_config, train_config, collection, tmp_path / "whole", QUIET)
 
     seed_everything(train_config.seed)
     interrupted = build_trainer(
@@ -68,7 +73,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_bert_dir, s
         collection,
         train_config,
         tmp_path / "resumed",
-        show_progress=False,
+        QUIET,
     )
     interrupt_at_step(interrupted, 3)  # after the checkpoint at step 2, before step 4
     with pytest.raises(KeyboardInterrupt):
@@ -76,7 +81,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_bert_dir, s
     assert read_json(tmp_path / "resumed" / "training" / "checkpoint" / "state.json")["step"] == 2
     assert not (tmp_path / "resumed" / "training" / "done.json").exists()
 
-    result = train(model_config, train_config, collection, tmp_path / "resumed", show_progress=False)
+    result = train(model_config, train_config, collection, tmp_path / "resumed", QUIET)
     assert result.resumed_from_step == 2 and result.steps == 5
     assert_same_weights(
         weights(Retriever.load(str(tmp_path / "whole"))), weights(Retriever.load(str(tmp_path / "resumed")))
@@ -86,7 +91,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_bert_dir, s
 def test_best_dev_checkpoint_is_the_saved_model(tiny_bert_dir, scifact_slice, tmp_path):
     collection = load_collection(scifact_slice)
     model_config, train_config = configs(tiny_bert_dir, epochs=2, eval_steps=2)
-    result = train(model_config, train_config, collection, tmp_path / "run", show_progress=False)
+    result = train(model_config, train_config, collection, tmp_path / "run", QUIET)
     scores = [record["dev_ndcg@10"] for record in result.dev_history]
     assert result.dev_history[0]["step"] == 0  # the starting model competes
     assert len(scores) >= 4
@@ -101,9 +106,9 @@ def test_best_dev_checkpoint_is_the_saved_model(tiny_bert_dir, scifact_slice, tm
 def test_finished_run_is_not_trained_again(tiny_bert_dir, scifact_slice, tmp_path):
     collection = load_collection(scifact_slice)
     model_config, train_config = configs(tiny_bert_dir, max_steps=2)
-    first = train(model_config, train_config, collection, tmp_path / "run", show_progress=False)
+    first = train(model_config, train_config, collection, tmp_path / "run", QUIET)
     log_size = (tmp_path / "run" / "training" / "log.jsonl").stat().st_size
-    second = train(model_config, train_config, collection, tmp_path / "run", show_progress=False)
+    second = train(model_config, train_config, collection, tmp_path / "run", QUIET)
     assert second.steps == first.steps and second.best_step == first.best_step
     assert (tmp_path / "run" / "training" / "log.jsonl").stat().st_size == log_size
 
@@ -112,14 +117,14 @@ def test_checkpoint_from_another_configuration_is_refused(tiny_bert_dir, scifact
     collection = load_collection(scifact_slice)
     model_config, train_config = configs(tiny_bert_dir, max_steps=4, checkpoint_steps=1)
     trainer = build_trainer(
-        Retriever.from_config(model_config), collection, train_config, tmp_path / "run", show_progress=False
+        Retriever.from_config(model_config), collection, train_config, tmp_path / "run", QUIET
     )
     interrupt_at_step(trainer, 2)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     _, other = configs(tiny_bert_dir, max_steps=4, checkpoint_steps=1, lr_head=0.5)
     with pytest.raises(ValueError, match=r"other settings \(train_config.lr_head 0.001 -> 0.5\)"):
-        train(model_config, other, collection, tmp_path / "run", show_progress=False)
+        train(model_config, other, collection, tmp_path / "run", QUIET)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +140,7 @@ def test_gate_learns_only_under_learned_gating(tiny_bert_dir, scifact_slice, tmp
     gate_before = [p.detach().clone() for p in retriever.head.gate.parameters()]
     noise_before = [p.detach().clone() for p in retriever.head.noise.parameters()]
     experts_before = retriever.head.expert_w1.detach().clone()
-    build_trainer(retriever, collection, train_config, tmp_path / gating, show_progress=False).train()
+    build_trainer(retriever, collection, train_config, tmp_path / gating, QUIET).train()
     gate_changed = any(
         not torch.equal(a, b) for a, b in zip(gate_before, retriever.head.gate.parameters(), strict=True)
     )
@@ -178,7 +183,7 @@ def test_head_only_on_cached_embeddings_equals_training_through_a_frozen_backbon
         backbone_before = {k: v.clone() for k, v in retriever.model[0].state_dict().items()}
         cache = EmbeddingCache(tmp_path / "cache")
         build_trainer(
-            retriever, collection, train_config, tmp_path / mode, show_progress=False, cache=cache
+            retriever, collection, train_config, tmp_path / mode, JobOptions(show_progress=False, cache=cache)
         ).train()
         assert_same_weights(backbone_before, retriever.model[0].state_dict())  # frozen
         trained[mode] = {k: v.clone() for k, v in retriever.head.state_dict().items()}
@@ -218,7 +223,7 @@ def test_routing_is_logged_per_epoch_and_collapse_warns(tiny_bert_dir, scifact_s
         tiny_bert_dir, max_steps=3, checkpoint_selection="last", collapse_threshold=0.0
     )
     with pytest.warns(RuntimeWarning, match="expert collapse"):
-        train(model_config, train_config, collection, tmp_path / "run", show_progress=False)
+        train(model_config, train_config, collection, tmp_path / "run", QUIET)
     log = [
         json.loads(line) for line in (tmp_path / "run" / "training" / "log.jsonl").read_text().splitlines()
     ]
@@ -241,7 +246,7 @@ def test_symmetric_loss_adds_the_document_to_query_direction(tiny_bert_dir, scif
             collection,
             train_config,
             tmp_path / str(symmetric),
-            show_progress=False,
+            QUIET,
         )
         losses[symmetric] = trainer.training_step(trainer.batches(0)[0])["contrastive"]
     assert losses[True] != pytest.approx(losses[False])
@@ -263,7 +268,7 @@ def test_training_with_mined_hard_negatives(tiny_bert_dir, scifact_slice, tmp_pa
     )
     seed_everything(0)
     trainer = build_trainer(
-        Retriever.from_config(model_config), collection, train_config, tmp_path / "run", show_progress=False
+        Retriever.from_config(model_config), collection, train_config, tmp_path / "run", QUIET
     )
     saved = load_negatives(tmp_path / "run" / "training" / "negatives.json")
     assert saved == trainer.data.negatives and saved
@@ -284,15 +289,17 @@ def test_training_with_mined_hard_negatives(tiny_bert_dir, scifact_slice, tmp_pa
 
 
 def test_pick_negatives_is_deterministic_rotates_and_tops_up():
-    negatives = {"q": ["a", "b", "c"]}
     pool = ["a", "b", "c", "d", "e", "pos"]
+    collection = BeirCollection("t", Path("t"), {d: Document(d, d) for d in pool}, {"q": "q", "r": "r"}, {})
     qrels = {"q": {"pos": 1}, "r": {"pos": 1}}
-    first = pick_negatives(negatives, "q", 2, seed=1, step=0, doc_pool=pool, qrels=qrels)
-    assert first == pick_negatives(negatives, "q", 2, seed=1, step=0, doc_pool=pool, qrels=qrels)
+    data = TrainingData(collection, qrels, {}, [("q", "pos")], {"q": ["a", "b", "c"]}, 2, seed=1)
+    first = data.pick_negatives("q", step=0)
+    assert first == data.pick_negatives("q", step=0)
     assert set(first) <= {"a", "b", "c"} and len(set(first)) == 2
-    steps = {tuple(pick_negatives(negatives, "q", 1, 1, step, pool, qrels)) for step in range(20)}
+    one = dataclasses.replace(data, negatives_per_query=1)
+    steps = {tuple(one.pick_negatives("q", step)) for step in range(20)}
     assert len(steps) > 1  # rotates over steps
-    topped = pick_negatives({}, "r", 3, 1, 0, pool, qrels)
+    topped = dataclasses.replace(data, negatives_per_query=3).pick_negatives("r", 0)
     assert len(topped) == 3 and "pos" not in topped
 
 
@@ -317,8 +324,7 @@ def test_load_balancing_lowers_the_spread_of_expert_usage(tiny_bert_dir, scifact
             collection,
             train_config,
             tmp_path / str(coef),
-            show_progress=False,
-            cache=EmbeddingCache(tmp_path / "cache"),
+            JobOptions(show_progress=False, cache=EmbeddingCache(tmp_path / "cache")),
         ).train()
         log = [
             json.loads(line)

@@ -66,22 +66,11 @@ def run(args: argparse.Namespace) -> int:
     )
     # No --data: train_config.train_file names a training file, which train() reads.
     collection = load_collection(resolve_data(args.data)) if args.data else None
-    options = job_options(args)
     # Under torchrun: joins the process group; rank 0 alone writes, logs and prints.
     with distributed_session(args.device or "auto") as context:
         if not context.is_main:
             logging.getLogger().setLevel(logging.WARNING)
-        result = train(
-            model_config,
-            train_config,
-            collection,
-            args.output,
-            show_progress=options.show_progress,
-            command=options.command,
-            cache=options.cache,
-            context=context,
-            overwrite=options.overwrite,
-        )
+        result = train(model_config, train_config, collection, args.output, job_options(args), context)
     if context.is_main:
         print(json.dumps(result.to_dict(), indent=2))
     return 0

@@ -206,14 +206,8 @@ def run_cell(
         retriever, training = Retriever.load(str(folder / EXPERIMENT_FILES.model)), previous["training"]
     elif cell.trains:
         collection = collections.get(cell.collection)
-        result = train(
-            model_config,
-            train_config,
-            collection,
-            folder / EXPERIMENT_FILES.model,
-            show_progress,
-            cache=cache,
-        )
+        options = JobOptions(show_progress=show_progress, cache=cache)
+        result = train(model_config, train_config, collection, folder / EXPERIMENT_FILES.model, options)
         retriever = Retriever.load(str(folder / EXPERIMENT_FILES.model))
         training = result.to_dict()
     else:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,31 +91,3 @@ def false_negative_mask(
     return torch.tensor(
         [[qrels.get(q, {}).get(d, 0) > 0 for d in doc_ids] for q in query_ids], dtype=torch.bool
     )
-
-
-def pick_negatives(
-    negatives: Mapping[str, Sequence[str]],
-    query_id: str,
-    count: int,
-    seed: int,
-    step: int,
-    doc_pool: Sequence[str],
-    qrels: Mapping[str, Mapping[str, int]],
-) -> list[str]:
-    """``count`` hard negatives of ``query_id`` for this step, rotating through its mined list.
-
-    The choice depends only on (seed, step, query), so a resumed or distributed run picks the same
-    ones. A query with too few mined negatives is topped up with random non-relevant documents.
-    """
-    mined = list(negatives.get(query_id, ()))
-    rng = random.Random(zlib.crc32(f"{seed}:{step}:{query_id}".encode()))
-    chosen = []
-    if mined:
-        start = rng.randrange(len(mined))
-        chosen = [mined[(start + i) % len(mined)] for i in range(min(count, len(mined)))]
-    relevant = qrels.get(query_id, {})
-    while len(chosen) < count:
-        doc = doc_pool[rng.randrange(len(doc_pool))]
-        if relevant.get(doc, 0) <= 0 and doc not in chosen:
-            chosen.append(doc)
-    return chosen

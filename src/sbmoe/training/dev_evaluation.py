@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 
-from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
+from sbmoe.config.jobs import JobOptions, SearchConfig
+from sbmoe.config.train import TrainConfig
 from sbmoe.core.distributed import DistributedContext, shard_bounds
-from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
-from sbmoe.training.head_only import PooledTexts
+from sbmoe.training.training_data import TrainingData, encode_config
 
 
 class DevEvaluator:
@@ -19,28 +19,18 @@ class DevEvaluator:
     the score is comparable between steps of one run (not with full-corpus test scores).
 
     Args:
-        collection: Queries and corpus.
-        dev_qrels: The dev judgements.
-        encode: Batch size and precision of the encoding.
-        max_docs: Size of the seeded corpus sample (``None``: the whole corpus).
-        seed: Seeds the sample.
+        data: The training run's inputs: queries and corpus, the dev judgements, and under head-only
+            training every text's pooled embedding (then only the head runs).
+        config: ``dev_max_docs`` (size of the seeded corpus sample; ``None``: the whole corpus),
+            ``seed`` (seeds the sample), and the batch size and precision of the encoding.
         cache: Pooled-embedding cache.
-        pooled: Under head-only training, every text's pooled embedding: then only the head runs.
     """
 
-    def __init__(
-        self,
-        collection: BeirCollection,
-        dev_qrels: dict[str, dict[str, int]],
-        encode: EncodeConfig,
-        max_docs: int | None = None,
-        seed: int = 0,
-        cache: EmbeddingCache | None = None,
-        pooled: PooledTexts | None = None,
-    ):
-        self.encode = encode
+    def __init__(self, data: TrainingData, config: TrainConfig, cache: EmbeddingCache | None = None) -> None:
+        collection, dev_qrels, max_docs = data.collection, data.dev_qrels, config.dev_max_docs
+        self.encode = encode_config(config)
         self.cache = cache
-        self.pooled = pooled
+        self.pooled = data.pooled
         self.qrels = {q: rels for q, rels in dev_qrels.items() if q in collection.queries}
         self.query_ids = sorted(self.qrels)
         self.queries = {q: collection.queries[q] for q in self.query_ids}
@@ -49,7 +39,7 @@ class DevEvaluator:
         if max_docs is not None and max_docs < len(doc_ids):
             positives = sorted({d for rels in self.qrels.values() for d in rels if d in collection.corpus})
             others = sorted(set(doc_ids) - set(positives))
-            rng = random.Random(seed)
+            rng = random.Random(config.seed)
             extra = max(0, max_docs - len(positives))
             chosen = set(positives) | set(rng.sample(others, min(extra, len(others))))
             doc_ids = [d for d in doc_ids if d in chosen]

@@ -1,4 +1,4 @@
-"""What a training run tells the people watching it: its log, a start-up summary, optionally TensorBoard.
+"""What a training run tells the people watching it: its log, a start-up line, optionally TensorBoard.
 
 The trainer writes every record through one :class:`RunLog`: a line of ``training/log.jsonl`` and,
 with ``report_to="tensorboard"`` it turns them into scalars under ``training/tensorboard/``
@@ -16,67 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sbmoe.config.train import TrainConfig
 from sbmoe.core.errors import UsageError
 from sbmoe.core.layouts import TRAINING_FILES
-from sbmoe.core.runtime import resolve_inference
-from sbmoe.model.card import describe_head
-from sbmoe.model.retriever import Retriever
-from sbmoe.training.training_data import TrainingData
 
 logger = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
 # Record keys that are positions or labels, not values to plot.
 _NOT_SCALARS = frozenset({"step", "epoch", "event", "lr", "seconds"})
-
-
-def startup_record(
-    retriever: Retriever,
-    data: TrainingData,
-    config: TrainConfig,
-    *,
-    steps_per_epoch: int,
-    total_steps: int,
-    world_size: int,
-    precision: str,
-    dev_queries: int,
-    output_dir: str | Path,
-    resumed_from: int | None,
-) -> dict[str, Any]:
-    """The ``start`` record of ``log.jsonl``: what is about to be trained, on what, where and how."""
-    if config.head_only:
-        trains = "head only (pooled embeddings cached)"
-    elif config.freeze_backbone:
-        trains = "head only (frozen backbone)"
-    else:
-        trains = "backbone and head" if retriever.head_module is not None else "backbone"
-    dev = resolve_inference("auto", config.precision, retriever.device)
-    if config.dev_split is not None and config.dev_split in data.collection.qrels:
-        dev_set = f"split {config.dev_split}"
-    else:
-        dev_set = f"{config.dev_fraction:.0%} of the {config.train_split} queries, held out"
-    return {
-        "step": resumed_from or 0,
-        "event": "start",
-        "data": data.collection.name,
-        "training_pairs": len(data.pairs),
-        "dev_queries": dev_queries,
-        "dev_set": dev_set,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "batch_size": config.batch_size * world_size,
-        "processes": world_size,
-        "hard_negatives": config.hard_negatives,
-        "device": str(retriever.device),
-        "precision": precision,
-        "backend": "torch",
-        "dev_backend": f"{dev.backend} {dev.precision}",
-        "head": describe_head(retriever.config),
-        "trains": trains,
-        "output_dir": str(output_dir),
-        "resumed_from_step": resumed_from,
-    }
 
 
 def startup_line(record: Mapping[str, Any]) -> str:

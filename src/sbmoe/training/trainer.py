@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.provenance import provenance
 from sbmoe.config.train import TrainConfig
@@ -47,11 +48,12 @@ from sbmoe.core.distributed import DistributedContext, broadcast_module, data_pa
 from sbmoe.core.errors import TrainingDivergedError, UsageError
 from sbmoe.core.io import read_json, write_json
 from sbmoe.core.layouts import TRAINING_FILES
-from sbmoe.core.runtime import autocast, resolve_precision, seed_everything
+from sbmoe.core.runtime import autocast, resolve_inference, resolve_precision, seed_everything
 from sbmoe.data.beir import BeirCollection
 from sbmoe.data.training_files import TrainingFileCollection, training_collection
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.routing import RoutingTracker
+from sbmoe.model.card import describe_head
 from sbmoe.model.retriever import Retriever
 from sbmoe.training.batching import BatchOrder, length_grouped_batches, shuffled_batches
 from sbmoe.training.checkpoint import (
@@ -66,15 +68,15 @@ from sbmoe.training.dev_evaluation import DevEvaluator
 from sbmoe.training.losses import RouterLoss
 from sbmoe.training.optimization import build_loss, build_optimizer, build_scheduler
 from sbmoe.training.run import TrainResult, refuse_another_world_size, run_settings
-from sbmoe.training.run_log import RunLog, collapse_warnings, startup_line, startup_record
+from sbmoe.training.run_log import RunLog, collapse_warnings, startup_line
 from sbmoe.training.selection import ModelSelection
 from sbmoe.training.trainable import TrainableEncoder
-from sbmoe.training.training_data import TrainingData, encode_config, prepare_training_data, require_head
+from sbmoe.training.training_data import TrainingData, prepare_training_data, require_head
 
 logger = logging.getLogger(__name__)
 
 
-# Its size (~280 lines, a fifth of them docstrings) is earned: the loop's cadence (_loop) reads in one
+# Its size (~320 lines, a fifth of them docstrings) is earned: the loop's cadence (_loop) reads in one
 # screen and every piece it drives is its own module (optimization, checkpoint, run_log, selection).
 class Trainer:
     """Fine-tunes a :class:`Retriever` on prepared :class:`~sbmoe.training.training_data.TrainingData`.
@@ -89,12 +91,9 @@ class Trainer:
             :func:`~sbmoe.training.training_data.prepare_training_data`).
         config: Training settings.
         output_dir: Where the model and ``training/`` go.
-        show_progress: Show progress bars (rank 0 only).
-        batch_order: Batch sampler of global batches (defaults to a seeded shuffle of batches of
-            ``batch_size * world_size`` pairs).
-        command: The command line to record beside the outputs (default: ``sys.argv``).
-        cache: Pooled-embedding cache for dev evaluation (pays off where the backbone is
-            unchanged: the starting model, or a final model that is evaluated again).
+        options: Progress bars (rank 0 only), the command line recorded beside the outputs, and the
+            pooled-embedding cache of dev evaluation (it pays off where the backbone is unchanged:
+            the starting model, or a final model that is evaluated again).
         context: The data-parallel job this process belongs to (from
             :func:`sbmoe.core.distributed.init_distributed`); ``None`` trains in this process alone.
             ``config.batch_size`` is per process: the global batch is ``batch_size * world_size``.
@@ -106,41 +105,33 @@ class Trainer:
         data: TrainingData,
         config: TrainConfig,
         output_dir: str | Path,
-        show_progress: bool = True,
-        batch_order: BatchOrder | None = None,
-        command: Sequence[str] | None = None,
-        cache: EmbeddingCache | None = None,
+        options: JobOptions | None = None,
         context: DistributedContext | None = None,
     ) -> None:
+        options = options or JobOptions()
         config.validate()
         self.context = context or DistributedContext(device=retriever.device)
         if self.context.device != retriever.device:
             raise UsageError(
                 f"the model is on {retriever.device} but this process computes on {self.context.device}"
             )
-        self.retriever, self.data, self.config, self.command = retriever, data, config, command
+        self.retriever, self.data, self.config, self.command = retriever, data, config, options.command
         self.output_dir = Path(output_dir)
         self.training_dir = self.output_dir / TRAINING_FILES.folder
         self.is_main = self.context.is_main
-        self.show_progress = show_progress and self.is_main
+        self.show_progress = options.show_progress and self.is_main
         self.precision = resolve_precision(config.precision, retriever.device)
         global_batch_size = config.batch_size * self.context.world_size
-        if batch_order is None and config.length_grouped:
-            batch_order = length_grouped_batches(config.seed, global_batch_size, data.document_lengths())
-        self.batch_order = batch_order or shuffled_batches(config.seed, global_batch_size)
+        self.batch_order: BatchOrder = (
+            length_grouped_batches(config.seed, global_batch_size, data.document_lengths())
+            if config.length_grouped
+            else shuffled_batches(config.seed, global_batch_size)
+        )
         self.steps_per_epoch = len(self.batches(0))
         # As in Hugging Face's Trainer, max_steps wins over epochs (more epochs run if it asks for them).
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
         frozen_backbone = require_head(retriever, config)
-        self.dev_evaluator = DevEvaluator(
-            data.collection,
-            data.dev_qrels,
-            encode_config(config),
-            config.dev_max_docs,
-            config.seed,
-            cache,
-            data.pooled,
-        )
+        self.dev_evaluator = DevEvaluator(data, config, options.cache)
         self.optimizer = build_optimizer(retriever, config, frozen_backbone)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         router = RouterLoss.for_head(retriever.head, config, self.context)
@@ -170,6 +161,47 @@ class Trainer:
             **run_settings(self.retriever.config, self.config, self.data.collection),
             "data": {"name": self.data.collection.name, "root": str(self.data.collection.root)},
             "world_size": self.context.world_size,
+        }
+
+    def startup_record(self, resumed_from: int | None) -> dict[str, Any]:
+        """The ``start`` record of ``log.jsonl``: what is about to be trained, on what, where and how.
+
+        Args:
+            resumed_from: The step a resumed run goes on from (``None``: a fresh run).
+        """
+        retriever, data, config = self.retriever, self.data, self.config
+        world_size = self.context.world_size
+        if config.head_only:
+            trains = "head only (pooled embeddings cached)"
+        elif config.freeze_backbone:
+            trains = "head only (frozen backbone)"
+        else:
+            trains = "backbone and head" if retriever.head_module is not None else "backbone"
+        dev = resolve_inference("auto", config.precision, retriever.device)
+        if config.dev_split is not None and config.dev_split in data.collection.qrels:
+            dev_set = f"split {config.dev_split}"
+        else:
+            dev_set = f"{config.dev_fraction:.0%} of the {config.train_split} queries, held out"
+        return {
+            "step": resumed_from or 0,
+            "event": "start",
+            "data": data.collection.name,
+            "training_pairs": len(data.pairs),
+            "dev_queries": len(self.dev_evaluator.query_ids),
+            "dev_set": dev_set,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "batch_size": config.batch_size * world_size,
+            "processes": world_size,
+            "hard_negatives": config.hard_negatives,
+            "device": str(retriever.device),
+            "precision": self.precision,
+            "backend": "torch",
+            "dev_backend": f"{dev.backend} {dev.precision}",
+            "head": describe_head(retriever.config),
+            "trains": trains,
+            "output_dir": str(self.output_dir),
+            "resumed_from_step": resumed_from,
         }
 
     # ------------------------------------------------------------------------------------- loop
@@ -326,18 +358,7 @@ class Trainer:
         if not self.is_main:
             return
         self.log.open(self.config.report_to, [g["name"] for g in self.optimizer.param_groups], resumed_from)
-        self.setup = startup_record(
-            self.retriever,
-            self.data,
-            self.config,
-            steps_per_epoch=self.steps_per_epoch,
-            total_steps=self.total_steps,
-            world_size=self.context.world_size,
-            precision=self.precision,
-            dev_queries=len(self.dev_evaluator.query_ids),
-            output_dir=self.output_dir,
-            resumed_from=resumed_from,
-        )
+        self.setup = self.startup_record(resumed_from)
         logger.info(startup_line(self.setup))
         self.log.record(self.setup)
         config = {**self.run_config(), **provenance(self.command), "precision": self.precision}
@@ -376,16 +397,14 @@ def build_trainer(
     collection: BeirCollection,
     config: TrainConfig,
     output_dir: str | Path,
-    show_progress: bool = True,
-    command: Sequence[str] | None = None,
-    cache: EmbeddingCache | None = None,
+    options: JobOptions | None = None,
     context: DistributedContext | None = None,
-    batch_order: BatchOrder | None = None,
 ) -> Trainer:
     """Prepare the training data of ``collection`` (mining negatives, pooling texts) and a trainer on it.
 
     Arguments as :class:`Trainer`'s; see :func:`~sbmoe.training.training_data.prepare_training_data`.
     """
+    options = options or JobOptions()
     context = context or DistributedContext(device=retriever.device)
 
     # Before the expensive part (mining negatives, pooling texts): is output_dir ours to train into,
@@ -395,12 +414,13 @@ def build_trainer(
         refuse_pickled(Path(output_dir) / TRAINING_FILES.folder / TRAINING_FILES.checkpoint)
 
     context.run_on_main(check)
-    if config.head_only and cache is None:
-        cache = EmbeddingCache()  # pooled embeddings are the whole point: keep them for dev evaluation
+    if config.head_only and options.cache is None:
+        # Pooled embeddings are the whole point: keep them for dev evaluation.
+        options = dataclasses.replace(options, cache=EmbeddingCache())
     training_dir = Path(output_dir) / TRAINING_FILES.folder
-    progress = show_progress and context.is_main
-    data = prepare_training_data(retriever, collection, config, training_dir, cache, context, progress)
-    return Trainer(retriever, data, config, output_dir, show_progress, batch_order, command, cache, context)
+    preparing = dataclasses.replace(options, show_progress=options.show_progress and context.is_main)
+    data = prepare_training_data(retriever, collection, config, training_dir, preparing, context)
+    return Trainer(retriever, data, config, output_dir, options, context)
 
 
 def train(
@@ -408,12 +428,8 @@ def train(
     train_config: TrainConfig,
     collection: BeirCollection | None,
     output_dir: str | Path,
-    show_progress: bool = True,
-    command: Sequence[str] | None = None,
-    cache: EmbeddingCache | None = None,
-    device: str | torch.device | None = "auto",
+    options: JobOptions | None = None,
     context: DistributedContext | None = None,
-    overwrite: bool = False,
 ) -> TrainResult:
     """Build a retriever from ``model_config`` and train it; the best model is saved in ``output_dir``.
 
@@ -423,11 +439,12 @@ def train(
 
     Args:
         collection: What to train on; ``None`` when ``train_config.train_file`` names a training file.
-        device: ``auto`` (this process's GPU, else the CPU) or an explicit device; ignored when
-            ``context`` is given.
-        context: The data-parallel job (see :func:`sbmoe.core.distributed.init_distributed`).
-        overwrite: Retrain into an ``output_dir`` that holds a training run of other settings (its
+        options: Progress bars, the command recorded, the pooled-embedding cache, and ``overwrite``:
+            retrain into an ``output_dir`` that holds a training run of other settings (its
             ``training/`` folder is removed; the old model stays until the new one replaces it).
+        context: The data-parallel job, which holds the device too (default:
+            :func:`sbmoe.core.distributed.init_distributed`: this process's GPU, else the CPU; pass
+            ``init_distributed("cpu")`` for another device).
 
     Raises:
         UsageError: ``output_dir`` holds something else than a training run, a training run of
@@ -435,7 +452,8 @@ def train(
             neither of ``collection`` and ``train_config.train_file`` are given.
         DataError: The training file is malformed.
     """
-    context = context or init_distributed(device)
+    options = options or JobOptions()
+    context = context or init_distributed()
     train_config.validate()
     collection = training_collection(train_config, collection)
     if (
@@ -454,7 +472,7 @@ def train(
         # Rank 0 holds the output's lock for the whole run; a refusal there is raised everywhere.
         replacing = context.run_on_main(
             lambda: held.enter_context(
-                writing_output(output_dir, TRAINING_RUN, settings, overwrite=overwrite)
+                writing_output(output_dir, TRAINING_RUN, settings, overwrite=options.overwrite)
             )
         )
         training_dir = Path(output_dir) / TRAINING_FILES.folder
@@ -462,7 +480,4 @@ def train(
             logger.warning("%s: --overwrite: replacing a training run of other settings", output_dir)
             shutil.rmtree(training_dir)
             training_dir.mkdir()
-        trainer = build_trainer(
-            retriever, collection, train_config, output_dir, show_progress, command, cache, context
-        )
-        return trainer.train()
+        return build_trainer(retriever, collection, train_config, output_dir, options, context).train()

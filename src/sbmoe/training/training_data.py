@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import random
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.config.presets import QUERY_SIDE_TRAINS_ALONE
 from sbmoe.config.train import TrainConfig
 from sbmoe.core.distributed import DistributedContext, shard_bounds
@@ -17,12 +18,12 @@ from sbmoe.core.errors import DataWarning, UsageError
 from sbmoe.core.layouts import TRAINING_FILES
 from sbmoe.data.beir import BeirCollection, positive_pairs, train_dev_split
 from sbmoe.data.training_files import TrainingFileCollection
-from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.stored_vectors import stored_document_vectors
-from sbmoe.training.batching import TrainingBatch, pick_negatives
+from sbmoe.training.batching import TrainingBatch
 from sbmoe.training.head_only import PooledTexts
 from sbmoe.training.negatives import (
+    Mining,
     Negatives,
     load_negatives,
     mine_bm25_negatives,
@@ -75,19 +76,28 @@ class TrainingData:
         """``negatives_per_query`` mined negatives per query for ``step`` (empty when off)."""
         if self.negatives is None:
             return []
-        return [
-            doc
-            for query_id in query_ids
-            for doc in pick_negatives(
-                self.negatives,
-                query_id,
-                self.negatives_per_query,
-                self.seed,
-                step,
-                self._doc_pool,
-                self.train_qrels,
-            )
-        ]
+        return [doc for query_id in query_ids for doc in self.pick_negatives(query_id, step)]
+
+    def pick_negatives(self, query_id: str, step: int) -> list[str]:
+        """``negatives_per_query`` hard negatives of ``query_id`` for ``step``, rotating through its list.
+
+        The choice depends only on (seed, step, query), so a resumed or distributed run picks the same
+        ones. A query with too few mined negatives is topped up with random documents that are not
+        relevant to it in ``train_qrels``.
+        """
+        mined = list((self.negatives or {}).get(query_id, ()))
+        count = self.negatives_per_query
+        rng = random.Random(zlib.crc32(f"{self.seed}:{step}:{query_id}".encode()))
+        chosen = []
+        if mined:
+            start = rng.randrange(len(mined))
+            chosen = [mined[(start + i) % len(mined)] for i in range(min(count, len(mined)))]
+        relevant = self.train_qrels.get(query_id, {})
+        while len(chosen) < count:
+            doc = self._doc_pool[rng.randrange(len(self._doc_pool))]
+            if relevant.get(doc, 0) <= 0 and doc not in chosen:
+                chosen.append(doc)
+        return chosen
 
     def batch(self, positions: Sequence[int], step: int, rank: int = 0, world_size: int = 1) -> TrainingBatch:
         """The pairs at ``positions``, cut into one contiguous slice per process, with hard negatives."""
@@ -130,9 +140,8 @@ def prepare_training_data(
     collection: BeirCollection,
     config: TrainConfig,
     training_dir: Path,
-    cache: EmbeddingCache | None = None,
+    options: JobOptions | None = None,
     context: DistributedContext | None = None,
-    show_progress: bool = False,
 ) -> TrainingData:
     """Split the judgements, list the pairs, mine (or read) hard negatives, pool texts for head-only.
 
@@ -148,10 +157,10 @@ def prepare_training_data(
         collection: The training collection.
         config: Training settings.
         training_dir: Where the run keeps its state (``negatives.json``).
-        cache: Pooled-embedding cache for head-only pooling.
+        options: Progress bars, and the pooled-embedding cache of head-only pooling (default: neither).
         context: The data-parallel job (``None``: one process).
-        show_progress: Show progress bars.
     """
+    options = options or JobOptions(show_progress=False)
     config.validate()
     require_head(retriever, config)
     context = context or DistributedContext(device=retriever.device)
@@ -191,12 +200,14 @@ def prepare_training_data(
     negatives = None
     if config.hard_negatives > 0:
         negatives = context.run_on_main(
-            lambda: _mine_negatives(retriever, collection, train_qrels, config, training_dir, show_progress)
+            lambda: _mine_negatives(
+                retriever, collection, train_qrels, config, training_dir, options.show_progress
+            )
         )
     pooled = None
     if config.head_only:
-        encode = encode_config(config)
-        pooled = PooledTexts(retriever, collection, cache, encode, show_progress, stored_documents)
+        encode, progress = encode_config(config), options.show_progress
+        pooled = PooledTexts(retriever, collection, options.cache, encode, progress, stored_documents)
     return TrainingData(
         collection, train_qrels, dev_qrels, pairs, negatives, config.hard_negatives, config.seed, pooled
     )
@@ -214,21 +225,20 @@ def _mine_negatives(
     if saved.exists():
         return load_negatives(saved)
     source = config.negatives_source
-    depth, per_query = config.negatives_depth, max(10, config.hard_negatives)
+    mining = Mining(per_query=max(10, config.hard_negatives), depth=config.negatives_depth)
     if isinstance(collection, TrainingFileCollection) and collection.negatives:
         # The file's own negatives replace mining (queries without any are topped up at random).
         mined = {query: collection.negatives[query] for query in train_qrels if query in collection.negatives}
     elif source == "bm25":
-        mined = mine_bm25_negatives(collection, train_qrels, per_query, depth)
+        mined = mine_bm25_negatives(collection, train_qrels, mining)
     elif source == "dense":
         mined = mine_dense_negatives(
             retriever,
             collection,
             train_qrels,
-            per_query,
-            depth,
-            encode=encode_config(config),
-            show_progress=show_progress,
+            mining,
+            encode_config(config),
+            JobOptions(show_progress=show_progress),
         )
     else:
         mined = load_negatives(source)
