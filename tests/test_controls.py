@@ -29,7 +29,14 @@ from sbmoe.model.adapters import LinearAdapter
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.search import search_documents
 from sbmoe.study import controls as priors
-from sbmoe.study.controls import BETA_GRID, PriorScorer, document_counts, document_prior_run, evaluate_control
+from sbmoe.study.controls import (
+    BETA_GRID,
+    PriorScorer,
+    ZeroShotModel,
+    document_counts,
+    document_prior_run,
+    evaluate_control,
+)
 from sbmoe.study.experiments import run_experiment
 from sbmoe.study.grid import cell_configs, check_grid, expand, load_grid
 from sbmoe.study.results import collect_results
@@ -206,9 +213,9 @@ def test_zero_shot_plus_prior_adds_the_weighted_prior_and_beta_zero_is_zero_shot
 
     # End to end: beta is chosen on the trainer's dev carve; with only beta = 0 on offer, the control
     # is the zero-shot model.
-    train_config = TrainConfig(seed=3)
+    train_config, zero_shot = TrainConfig(seed=3), ZeroShotModel(retriever, FP32)
     output = evaluate_control(
-        "zero-shot+prior", collection, tmp_path / "prior", EvaluateConfig(), train_config, retriever, FP32
+        "zero-shot+prior", collection, tmp_path / "prior", EvaluateConfig(), train_config, zero_shot
     )
     scores = output.details["dev_ndcg@10"]
     assert set(scores) == {str(b) for b in BETA_GRID} and output.details["beta"] in BETA_GRID
@@ -217,7 +224,7 @@ def test_zero_shot_plus_prior_adds_the_weighted_prior_and_beta_zero_is_zero_shot
     assert output.details["dev_queries"] == len(train_dev_split(collection, seed=3)[1])  # the trainer's
     monkeypatch.setattr(priors, "BETA_GRID", (0.0,))
     evaluate_control(
-        "zero-shot+prior", collection, tmp_path / "beta0", EvaluateConfig(), train_config, retriever, FP32
+        "zero-shot+prior", collection, tmp_path / "beta0", EvaluateConfig(), train_config, zero_shot
     )
     evaluate_model(
         retriever,

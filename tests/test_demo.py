@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.io import read_json
 from sbmoe.evaluation.tables import metric_label
@@ -17,7 +18,7 @@ def demo(tiny_bert_dir, scifact_slice, tmp_path_factory):
     model = {"backbone": str(tiny_bert_dir), "num_experts": 2, "max_doc_length": 32, "gating": None}
     train = {"batch_size": 8, "precision": "fp32"}
     settings = {"model_overrides": model, "train_overrides": train, "data": str(scifact_slice)}
-    report = run_demo(output, **settings, show_progress=False, command=["sbmoe", "demo"])
+    report = run_demo(output, **settings, options=JobOptions(show_progress=False, command=["sbmoe", "demo"]))
     return output, settings, report
 
 
@@ -83,7 +84,7 @@ def test_outputs_and_settings_are_saved(demo):
 
 def test_second_run_reuses_finished_stages(demo):
     out, settings, report = demo
-    again = run_demo(out, **settings, show_progress=False)
+    again = run_demo(out, **settings, options=JobOptions(show_progress=False))
     values = [
         {k: c.value for k, c in row.cells.items() if k in PAPER_METRICS} for row in again.tables[0].rows
     ]
@@ -98,4 +99,10 @@ def test_other_settings_in_the_same_output_are_refused(demo):
     out, settings, _ = demo
     changed = {**settings["model_overrides"], "max_doc_length": 16}
     with pytest.raises(ValueError, match="other settings"):
-        run_demo(out, changed, settings["train_overrides"], data=settings["data"], show_progress=False)
+        run_demo(
+            out,
+            changed,
+            settings["train_overrides"],
+            data=settings["data"],
+            options=JobOptions(show_progress=False),
+        )

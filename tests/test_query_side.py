@@ -331,10 +331,11 @@ def test_the_procrustes_control_rotates_queries_only_and_serves_from_the_backbon
 
     # As a grid control: scored like a model, saved as one, searched on the backbone's index.
     from sbmoe.config.jobs import EvaluateConfig
-    from sbmoe.study.controls import evaluate_control
+    from sbmoe.study.controls import ZeroShotModel, evaluate_control
 
+    zero_shot = ZeroShotModel(backbone, FP32)
     output = evaluate_control(
-        "procrustes", collection, tmp_path / "eval", EvaluateConfig(), train_config, backbone, FP32
+        "procrustes", collection, tmp_path / "eval", EvaluateConfig(), train_config, zero_shot
     )
     assert 0 <= output.result.metrics["ndcg@10"] <= 1 and (tmp_path / "eval" / "run.trec").exists()
     saved = Retriever.load(str(tmp_path / "eval" / "model"), device="cpu")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from sbmoe.config.jobs import JobOptions
+from sbmoe.config.jobs import JobOptions, ReportConfig
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.io import read_json, write_json
 from sbmoe.study.figures import choose_tsne_query
@@ -441,7 +441,7 @@ def test_timing_says_which_systems_re_encode_the_corpus(tmp_path):
     write_cell(tmp_path, "query-moe", 2, 1, {"model": TOP1}, model={"head_side": "query"})
     write_cell(tmp_path, "both-moe", 2, 1, {"model": TOP1}, model={"head_side": "both"})
     write_cell(tmp_path, "procrustes", 0, 1, {"model": ALL}, trains=False, control="procrustes")
-    table = build_report(tmp_path, baseline="zero-shot").to_report(timing=True).tables[0]
+    table = build_report(tmp_path, ReportConfig(baseline="zero-shot")).to_report(timing=True).tables[0]
     reindexes = {row.label: row.cells["reindexes"].value for row in table.rows}
     assert reindexes == {
         "zero-shot": "no",

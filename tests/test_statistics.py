@@ -13,6 +13,7 @@ import pytest
 from sbmoe.evaluation import statistics
 from sbmoe.evaluation.statistics import (
     ComparisonReport,
+    SignificanceTest,
     bonferroni,
     compare_to_baseline,
     mean_std,
@@ -183,7 +184,7 @@ def test_compare_to_baseline_t_test():
     assert moe.significant is False
     assert report["same"].p_value == 1.0 and report["same"].corrected_p_value == 1.0
     assert report.trials is None and report.seed is None
-    loose = compare_to_baseline(_systems(), "fine-tuned", alpha=0.25)
+    loose = compare_to_baseline(_systems(), "fine-tuned", SignificanceTest(alpha=0.25))
     assert loose["sb_moe"].significant is True  # 0.2055 < 0.25
     with pytest.raises(KeyError):
         report["fine-tuned"]
@@ -191,7 +192,7 @@ def test_compare_to_baseline_t_test():
 
 def test_compare_to_baseline_randomization():
     systems = {"base": RB, "better": RA}
-    report = compare_to_baseline(systems, "base", test="randomization", seed=5, trials=20_000)
+    report = compare_to_baseline(systems, "base", SignificanceTest("randomization", seed=5, trials=20_000))
     assert report["better"].p_value == pytest.approx(EXACT_P, abs=0.015)
     assert report["better"].corrected_p_value == report["better"].p_value  # one comparison
     assert report["better"].p_value == randomization_test(RA, RB, trials=20_000, seed=5)
@@ -209,19 +210,19 @@ def test_compare_to_baseline_warns_about_unpaired_queries():
 
 def test_compare_to_baseline_errors():
     with pytest.raises(ValueError, match="unknown test"):
-        compare_to_baseline(_systems(), "fine-tuned", test="wilcoxon")
+        compare_to_baseline(_systems(), "fine-tuned", SignificanceTest("wilcoxon"))
     with pytest.raises(ValueError, match="baseline 'nope'"):
         compare_to_baseline(_systems(), "nope")
     with pytest.raises(ValueError, match="no system to compare"):
         compare_to_baseline({"base": A}, "base")
     with pytest.raises(ValueError, match="alpha"):
-        compare_to_baseline(_systems(), "fine-tuned", alpha=1.5)
+        compare_to_baseline(_systems(), "fine-tuned", SignificanceTest(alpha=1.5))
     with pytest.raises(ValueError, match=r"system 'far'.*no query in common"):
         compare_to_baseline({"base": A, "far": {"x": 0.1}}, "base")
 
 
 def test_report_renders():
-    report = compare_to_baseline(_systems(), "fine-tuned", metric="ndcg@10", alpha=0.25)
+    report = compare_to_baseline(_systems(), "fine-tuned", SignificanceTest(alpha=0.25), metric="ndcg@10")
     data = report.to_dict()
     assert json.loads(json.dumps(data)) == data
     assert data["baseline"] == "fine-tuned" and data["test"] == "t-test"

@@ -78,14 +78,7 @@ def run_report(args: argparse.Namespace) -> int:
     from sbmoe.study.report import build_report, write_report
 
     config = config_from(args, ReportConfig)
-    report = build_report(
-        args.directory,
-        baseline=config.baseline,
-        metric=config.metric,
-        test=config.test,
-        alpha=config.alpha,
-        seed=config.randomization_seed,
-    )
+    report = build_report(args.directory, config)
     target = Path(args.output or Path(args.directory) / "report")
     written = write_report(report, target, plots=config.plots, timing=config.timing)
     print(report.to_report(timing=config.timing).to_markdown())
@@ -99,15 +92,13 @@ def run_demo(args: argparse.Namespace) -> int:
     model_overrides = given_values(args, ModelConfig)
     if args.model:
         model_overrides["backbone"] = args.model
-    options = job_options(args)
     report = run_demo(
         args.output,
         model_overrides,
         given_values(args, TrainConfig),
         data=args.data,
         reference=args.reference,
-        show_progress=options.show_progress,
-        command=options.command,
+        options=job_options(args),
     )
     print(report.to_markdown())
     print(f"(written to {Path(args.output) / 'demo.md'} and demo.json)")

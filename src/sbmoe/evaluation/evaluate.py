@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,7 +132,7 @@ def _evaluate(
             "encode_and_search_seconds": round(seconds, 2),
             **provenance(options.command),
         }
-        result = save_evaluation(qrels, run, target, config, rule, record, groups)
+        result = save_evaluation(collection, run, target, config, rule, record)
         group_summary = group_scores(result.per_query, groups) if groups is not None else None
         outputs.append(EvaluationOutput(rule, target, result, seconds, group_summary))
     return outputs
@@ -165,20 +165,23 @@ def _search_index(
 
 
 def save_evaluation(
-    qrels: Mapping[str, Mapping[str, int]],
+    collection: BeirCollection,
     run: Run,
     target: Path,
     config: EvaluateConfig,
     rule: str,
     record: Mapping[str, Any],
-    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> EvaluationResult:
-    """Score ``run`` and write ``metrics.json``, ``per_query.json``, ``run.trec`` and ``config.json``.
+    """Score ``run`` on ``collection``'s ``config.split`` and write ``metrics.json``, ``per_query.json``,
+    ``run.trec`` and ``config.json``.
 
     The files every evaluated system has (a model under one inference rule, or a control):
-    ``config.json`` holds ``config`` as ``evaluate_config`` and then ``record``; with ``groups``
-    (:func:`sbmoe.evaluation.query_groups.split_query_groups`), ``metrics.json`` scores each group too.
+    ``config.json`` holds ``config`` as ``evaluate_config`` and then ``record``; on a collection with
+    a training split, ``metrics.json`` scores each query group too
+    (:func:`sbmoe.evaluation.query_groups.split_query_groups`).
     """
+    qrels = collection.split_qrels(config.split)
+    groups = split_query_groups(collection.qrels, config.split)
     result = evaluate_run(qrels, run, metrics=tuple(config.metrics))
     save_metrics(result, target, extra={"split": config.split, "expert_pooling": rule}, query_groups=groups)
     write_trec_run(run, target / EVALUATION_FILES.run, tag=f"sbmoe-{rule}")

@@ -240,13 +240,27 @@ class ComparisonReport:
         return Report([table], [legend], self.to_dict())
 
 
+@dataclass(frozen=True)
+class SignificanceTest:
+    """Which paired test a comparison runs, and at what level.
+
+    Attributes:
+        test: ``"t-test"`` (:func:`paired_t_test`) or ``"randomization"`` (:func:`randomization_test`).
+        alpha: Significance level for the corrected p-values.
+        seed: Seed of every randomization test (each comparison uses the same seed).
+        trials: Sign assignments per randomization test.
+    """
+
+    test: TestName = "t-test"
+    alpha: float = 0.05
+    seed: int = 42
+    trials: int = 10_000
+
+
 def compare_to_baseline(
     per_query: Mapping[str, Mapping[str, float]],
     baseline: str,
-    test: TestName = "t-test",
-    alpha: float = 0.05,
-    seed: int = 42,
-    trials: int = 10_000,
+    significance: SignificanceTest | None = None,
     *,
     metric: str = "",
 ) -> ComparisonReport:
@@ -257,11 +271,8 @@ def compare_to_baseline(
             the system and the baseline have in common; a warning says when those differ from the
             baseline's queries.
         baseline: The system the others are compared with; a key of ``per_query``.
-        test: ``"t-test"`` (:func:`paired_t_test`) or ``"randomization"``
-            (:func:`randomization_test`).
-        alpha: Significance level for the corrected p-values.
-        seed: Seed of every randomization test (each comparison uses the same seed).
-        trials: Sign assignments per randomization test.
+        significance: The test, its level and (randomization) its seed and trials; default: a
+            paired t-test at 0.05.
         metric: Metric name, used only to label the report.
 
     Returns:
@@ -271,6 +282,8 @@ def compare_to_baseline(
         ValueError: Unknown test, ``alpha`` outside (0, 1), the baseline missing, no other system,
             or a system with no query in common with the baseline.
     """
+    significance = significance or SignificanceTest()
+    test, alpha, seed, trials = significance.test, significance.alpha, significance.seed, significance.trials
     if test not in TESTS:
         raise UsageError(f"unknown test {test!r}; choose one of {', '.join(TESTS)}")
     if not 0.0 < alpha < 1.0:

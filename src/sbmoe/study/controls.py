@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ from sbmoe.core.runs import Run
 from sbmoe.data.beir import BeirCollection, positive_pairs, train_dev_split
 from sbmoe.evaluation.evaluate import save_evaluation
 from sbmoe.evaluation.metrics import EvaluationResult, evaluate_run
-from sbmoe.evaluation.query_groups import split_query_groups
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
@@ -111,6 +110,22 @@ class PriorScorer:
         return self.index.search(np.hstack([queries, weights]), k, list(query_ids), exclude_self)
 
 
+@dataclass(frozen=True)
+class ZeroShotModel:
+    """The untrained model a control builds on, how it encodes, and the pooled-embedding cache.
+
+    Attributes:
+        retriever: The model (``zero-shot+prior`` adds to its scores; ``procrustes`` maps its
+            query embeddings).
+        encode: How ``retriever`` encodes.
+        cache: Pooled-embedding cache.
+    """
+
+    retriever: Retriever
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    cache: EmbeddingCache | None = None
+
+
 @dataclass
 class ControlOutput:
     """One evaluated control: its scores, the seconds it took and how it was set up (``details``)."""
@@ -126,9 +141,7 @@ def evaluate_control(
     output_dir: str | Path,
     config: EvaluateConfig,
     train_config: TrainConfig,
-    retriever: Retriever | None = None,
-    encode: EncodeConfig | None = None,
-    cache: EmbeddingCache | None = None,
+    zero_shot: ZeroShotModel | None = None,
 ) -> ControlOutput:
     """Run ``control`` on the split's queries and write the files a model's evaluation has.
 
@@ -143,17 +156,15 @@ def evaluate_control(
         config: Split, depth, metrics and ``exclude_self``, as for a model.
         train_config: ``train_split`` (the counts), and the dev carve (``dev_split``,
             ``dev_fraction``, ``seed``) that ``beta`` is chosen on.
-        retriever: The untrained model whose scores ``zero-shot+prior`` adds to (unused by
-            ``document-prior``).
-        encode: How ``retriever`` encodes.
-        cache: Pooled-embedding cache.
+        zero_shot: The untrained model ``zero-shot+prior`` and ``procrustes`` build on, with how it
+            encodes (unused by ``document-prior``).
 
     Raises:
         UsageError: An unknown control, or ``zero-shot+prior`` without a retriever.
     """
     if control not in CONTROLS:
         raise UsageError(f"unknown control {control!r}; choose one of {list(CONTROLS)}")
-    if control != "document-prior" and retriever is None:
+    if control != "document-prior" and zero_shot is None:
         raise UsageError(f"{control} needs the zero-shot model")
     started = time.perf_counter()
     qrels = collection.split_qrels(config.split)
@@ -167,6 +178,7 @@ def evaluate_control(
         fingerprint = "document-prior"
         run = document_prior_run(counts, doc_ids, query_ids, config.top_k, config.exclude_self)
     elif control == "procrustes":
+        retriever, encode, cache = zero_shot.retriever, zero_shot.encode, zero_shot.cache
         model = procrustes_model(retriever, collection, train_config, encode, cache)
         fingerprint = f"procrustes:{model.fingerprint()}"
         run = search_documents(
@@ -179,6 +191,7 @@ def evaluate_control(
         )["model"]
         details.update({"pairs_split": split, "model": "model"})
     else:
+        retriever, encode, cache = zero_shot.retriever, zero_shot.encode, zero_shot.cache
         fingerprint = f"zero-shot+prior:{retriever.fingerprint()}"
         documents = encode_texts(
             retriever, [collection.corpus[d].full_text for d in doc_ids], "document", encode, cache=cache
@@ -186,7 +199,7 @@ def evaluate_control(
         beta, dev_scores, dev_queries = 0.0, {}, 0
         if counts:
             beta, dev_scores, dev_queries = choose_beta(
-                retriever, collection, documents, train_config, config.exclude_self, encode, cache
+                zero_shot, collection, documents, train_config, config.exclude_self
             )
         queries = encode_texts(
             retriever, [collection.queries[q] for q in query_ids], "query", encode, cache=cache
@@ -204,21 +217,18 @@ def evaluate_control(
     }
     output_dir = Path(output_dir)
     with writing_output(output_dir, EVALUATION, settings):
-        groups = split_query_groups(collection.qrels, config.split)
-        result = save_evaluation(qrels, run, output_dir, config, "model", record, groups)
+        result = save_evaluation(collection, run, output_dir, config, "model", record)
         if control == "procrustes":
             model.save(output_dir / "model")  # query-side: it serves from the backbone's index
     return ControlOutput(result, round(time.perf_counter() - started, 2), details)
 
 
 def choose_beta(
-    retriever: Retriever,
+    zero_shot: ZeroShotModel,
     collection: BeirCollection,
     documents: np.ndarray,
     train_config: TrainConfig,
     exclude_self: bool = False,
-    encode: EncodeConfig | None = None,
-    cache: EmbeddingCache | None = None,
 ) -> tuple[float, dict[str, float], int]:
     """The weight of :data:`BETA_GRID` with the best dev nDCG@10, every candidate's score, and the
     number of dev queries.
@@ -227,7 +237,11 @@ def choose_beta(
     for ``train_config``; the counts come from the rest of the training split only.
 
     Args:
-        documents: The corpus embeddings of ``retriever``, in corpus order.
+        zero_shot: The model, how it encodes the dev queries, and its cache.
+        collection: The collection whose training split is carved.
+        documents: The corpus embeddings of ``zero_shot.retriever``, in corpus order.
+        train_config: The training split and its dev carve.
+        exclude_self: Drop a retrieved document whose id equals the query id.
     """
     train_qrels, dev_qrels = train_dev_split(
         collection,
@@ -238,7 +252,8 @@ def choose_beta(
     )
     dev_qrels = {q: judged for q, judged in dev_qrels.items() if q in collection.queries}
     dev_ids = sorted(dev_qrels)
-    queries = encode_texts(retriever, [collection.queries[q] for q in dev_ids], "query", encode, cache=cache)
+    texts = [collection.queries[q] for q in dev_ids]
+    queries = encode_texts(zero_shot.retriever, texts, "query", zero_shot.encode, cache=zero_shot.cache)
     scorer = PriorScorer(documents, list(collection.corpus), document_counts(train_qrels))
     scores = {}
     for beta in BETA_GRID:

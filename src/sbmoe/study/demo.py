@@ -11,14 +11,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sbmoe.config.jobs import JobOptions
+from sbmoe.config.jobs import JobOptions, ReportConfig
 from sbmoe.config.provenance import provenance
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.errors import SbmoeError
@@ -90,8 +89,7 @@ def run_demo(
     *,
     data: str | None = None,
     reference: bool = True,
-    show_progress: bool = True,
-    command: Sequence[str] | None = None,
+    options: JobOptions | None = None,
 ) -> Report:
     """Run (or resume) the demo grid under ``output`` and write its table.
 
@@ -104,8 +102,8 @@ def run_demo(
         train_overrides: TrainConfig fields replacing the demo's.
         data: Collection name or BEIR folder (default: SciFact).
         reference: Also score the backbone with sentence-transformers' own ``encode``.
-        show_progress: Progress bars.
-        command: The command line, recorded with the results.
+        options: Progress bars and the command line recorded with the results (see
+            :func:`~sbmoe.study.experiments.run_experiment`).
 
     Raises:
         UsageError: Unknown override, or ``output`` holds finished cells run with other settings.
@@ -114,7 +112,8 @@ def run_demo(
     started = time.perf_counter()
     output = Path(output)
     grid = demo_grid(model_overrides, train_overrides, data)
-    summary = run_experiment(grid, output, JobOptions(show_progress=show_progress, command=command))
+    options = options or JobOptions()
+    summary = run_experiment(grid, output, options)
     save_grid(grid, output / "grid.yaml")
     if summary.failed:
         cell_id, error = next(iter(summary.failed.items()))
@@ -123,7 +122,8 @@ def run_demo(
         )
 
     cells = expand(grid)
-    experiment = build_report(output, baseline="fine-tuned", cell_ids={c.cell_id for c in cells})
+    baseline = ReportConfig(baseline="fine-tuned")
+    experiment = build_report(output, baseline, cell_ids={c.cell_id for c in cells})
     report = experiment.to_report(timing=True)
     table = report.tables[0]
     # Its seen / unseen queries (on collections with a train split): gains on seen ones only are
@@ -170,7 +170,7 @@ def run_demo(
         budget=budget,
         summary=dataclasses.asdict(summary),
         wall_seconds=round(wall_seconds, 1),
-        provenance=provenance(command),
+        provenance=provenance(options.command),
     )
     demo = Report([table, *seen], [*report.notes, *notes], data_out)
     demo.save(output / "demo.md")

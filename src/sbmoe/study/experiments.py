@@ -35,7 +35,7 @@ from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.inference.routing import routing_statistics
 from sbmoe.model.retriever import Retriever
-from sbmoe.study.controls import evaluate_control
+from sbmoe.study.controls import ZeroShotModel, evaluate_control
 from sbmoe.study.grid import ExperimentGrid, GridCell, cell_configs, eval_dir, expand
 from sbmoe.training.trainer import train
 from sbmoe.training.training_data import encode_config
@@ -228,8 +228,9 @@ def run_cell(
             # first); elsewhere the map is evaluated as any trained model is.
             retriever = Retriever.load(str(eval_dir(folder, cell.collection) / EXPERIMENT_FILES.model))
         elif cell.control is not None:
+            zero_shot = ZeroShotModel(retriever, encode, cache) if retriever is not None else None
             output = evaluate_control(
-                cell.control, target, eval_dir(folder, name), evaluate, train_config, retriever, encode, cache
+                cell.control, target, eval_dir(folder, name), evaluate, train_config, zero_shot
             )
             evaluations[name] = {"model": output.result.metrics}
             eval_seconds[name] = output.seconds

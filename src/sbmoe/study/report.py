@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from sbmoe.config.jobs import ReportConfig
 from sbmoe.core.artifacts import REPORT, writing_output
 from sbmoe.core.choices import PAPER_METRICS
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import read_json
 from sbmoe.core.layouts import EXPERIMENT_FILES, REPORT_FILES
 from sbmoe.evaluation.query_groups import GROUPS, restrict
-from sbmoe.evaluation.statistics import Comparison, ComparisonReport, compare_to_baseline
+from sbmoe.evaluation.statistics import Comparison, ComparisonReport, SignificanceTest, compare_to_baseline
 from sbmoe.evaluation.tables import Cell, Column, Report, Row, Table, metric_label
 from sbmoe.study.grid import slug
 from sbmoe.study.results import KINDS, RULES, SystemResult, collect_results, system_kind
@@ -333,27 +334,30 @@ def _table_label(group: tuple[str, str, str]) -> str:
 
 def build_report(
     output_dir: str | Path,
-    baseline: str = "fine-tuned",
-    metric: str = "ndcg@10",
-    test: str = "t-test",
-    alpha: float = 0.05,
-    seed: int = 42,
+    config: ReportConfig | None = None,
     metrics: tuple[str, ...] = PAPER_METRICS,
     cell_ids: Collection[str] | None = None,
 ) -> ExperimentReport:
-    """Collect the finished cells of ``output_dir`` and test each system against ``baseline`` (on
-    all queries and on each query group) and against the zero-shot backbone (transfer).
+    """Collect the finished cells of ``output_dir`` and test each system against the baseline variant
+    (on all queries and on each query group) and against the zero-shot backbone (transfer).
 
     Args:
+        output_dir: The experiment's results directory.
+        config: The baseline variant, the metric tested and the test (its ``alpha`` and
+            ``randomization_seed``); its ``plots`` and ``timing`` are for :func:`write_report`.
+        metrics: The metrics collected.
         cell_ids: Only these cells (default: every finished cell).
     """
+    config = config or ReportConfig()
+    baseline, metric = config.baseline, config.metric
     systems = collect_results(output_dir, metrics, cell_ids)
     if not systems:
         raise UsageError(f"{output_dir}: no finished cells (cells/*/done.json) to report on")
     experiment = Path(output_dir) / EXPERIMENT_FILES.record
     order = list(read_json(experiment)["grid"]["variants"]) if experiment.exists() else []
     report = ExperimentReport(systems, {}, metrics, baseline, metric, order)
-    tests = {"test": test, "alpha": alpha, "seed": seed, "metric": metric}
+    significance = SignificanceTest(config.test, config.alpha, config.randomization_seed)
+    tests = {"significance": significance, "metric": metric}
     for group, members in report.groups().items():
         base = next((s for s in members if s.variant == baseline), None)
         others = [s for s in members if s is not base]
