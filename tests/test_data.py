@@ -21,6 +21,7 @@ from sbmoe.data.beir import (
     resolve_data,
     train_dev_split,
 )
+from sbmoe.data.download import DownloadSource
 
 REAL_DATA = Path(
     os.environ.get("SBMOE_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
@@ -342,19 +343,19 @@ def make_archive(tmp_path: Path, name: str = "tiny", top_folder: bool = True) ->
 @pytest.mark.parametrize("top_folder", [True, False])
 def test_download_verifies_and_extracts(isolated: Path, top_folder: bool) -> None:
     url, md5 = make_archive(isolated, top_folder=top_folder)
-    path = resolve_data("tiny", url_template=url, checksums={"tiny": md5})
+    path = resolve_data("tiny", source=DownloadSource(url, {"tiny": md5}))
     assert path == isolated / "cache" / "data" / "tiny"
     col = load_collection(path)
     assert len(col.corpus) == 10 and col.splits() == ["train", "test"]
     assert sorted(p.name for p in (isolated / "cache" / "data").iterdir()) == ["tiny"]  # no zip, no temp dirs
     (isolated / "server" / "tiny.zip").unlink()
-    assert resolve_data("tiny", url_template=url, checksums={"tiny": md5}) == path  # now a cache hit
+    assert resolve_data("tiny", source=DownloadSource(url, {"tiny": md5})) == path  # now a cache hit
 
 
 def test_download_checksum_mismatch_leaves_nothing(isolated: Path) -> None:
     url, _ = make_archive(isolated)
     with pytest.raises(DataError, match=r"MD5 mismatch: expected 0{32}, got [0-9a-f]{32}") as info:
-        resolve_data("tiny", url_template=url, checksums={"tiny": "0" * 32})
+        resolve_data("tiny", source=DownloadSource(url, {"tiny": "0" * 32}))
     assert "not found locally" in str(info.value) and str(isolated / "cache" / "data" / "tiny") in str(
         info.value
     )
@@ -364,7 +365,7 @@ def test_download_checksum_mismatch_leaves_nothing(isolated: Path) -> None:
 def test_download_failure_is_a_data_error(isolated: Path) -> None:
     url = (isolated / "offline").as_uri() + "/{name}.zip"
     with pytest.raises(DataError, match="could not be downloaded from file://") as info:
-        resolve_data("tiny", url_template=url, checksums={"tiny": "0" * 32})
+        resolve_data("tiny", source=DownloadSource(url, {"tiny": "0" * 32}))
     assert str(isolated / "cache" / "data" / "tiny") in str(info.value)
 
 
@@ -376,7 +377,7 @@ def test_download_rejects_unsafe_archive(isolated: Path) -> None:
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     url = (isolated / "server").as_uri() + "/{name}.zip"
     with pytest.raises(DataError, match="unsafe path"):
-        resolve_data("evil", url_template=url, checksums={"evil": md5})
+        resolve_data("evil", source=DownloadSource(url, {"evil": md5}))
     assert not (isolated / "escape.txt").exists() and not (isolated / "cache" / "data" / "evil").exists()
 
 

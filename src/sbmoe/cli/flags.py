@@ -60,8 +60,8 @@ def add_config_flags(
                 options["choices"] = choices
             if item.metadata.get("metavar"):
                 options["metavar"] = item.metadata["metavar"]
-            if is_list or item.metadata.get("nargs"):
-                options["nargs"] = item.metadata.get("nargs") or "+"
+            if is_list:
+                options["nargs"] = "+"
         parser.add_argument(flag_name(item), **options)
         added.append(item.name)
     return added

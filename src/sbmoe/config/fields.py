@@ -20,10 +20,11 @@ def setting(
     choices: Sequence[Any] | None = None,
     flag: str | None = None,
     default_factory: Any = dataclasses.MISSING,
-    nargs: str | None = None,
     metavar: str | None = None,
 ) -> Any:
     """A config field with the help text and choices its command-line flag is generated from.
+
+    A list field's flag takes one or more values (``nargs="+"``), from its type.
 
     Args:
         default: The field's default.
@@ -31,11 +32,14 @@ def setting(
         choices: Allowed values (also checked by ``validate``).
         flag: The flag when it is not ``--`` + the field name with dashes.
         default_factory: For mutable defaults.
-        nargs: ``+`` for a list flag.
         metavar: Placeholder shown in ``--help``.
     """
-    metadata = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag}
-    metadata.update(nargs=nargs, metavar=metavar)
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "flag": flag,
+        "metavar": metavar,
+    }
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -73,7 +77,6 @@ def expert_poolings_setting(verb: str) -> Any:
         default_factory=list,
         flag="--expert-pooling",
         choices=EXPERT_POOLINGS,
-        nargs="+",
         help=f"inference rule(s) of an MoE model to {verb}; several share one encoding pass "
         "(none given: the model's own)",
     )

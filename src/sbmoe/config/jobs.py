@@ -120,9 +120,7 @@ class EvaluateConfig(ConfigBase):
     top_k: int = documents_top_k_setting(100)
     exclude_self: bool = exclude_self_setting()
     expert_poolings: list[str] = expert_poolings_setting("evaluate")
-    metrics: list[str] = setting(
-        default_factory=lambda: list(PAPER_METRICS), nargs="+", help="ranx metric names"
-    )
+    metrics: list[str] = setting(default_factory=lambda: list(PAPER_METRICS), help="ranx metric names")
     corpus_index: str | None = setting(
         None,
         flag="--index",

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from sbmoe.core.errors import DataError, DataWarning, UsageError
 from sbmoe.core.io import cache_root
-from sbmoe.data.download import BEIR_MD5, BEIR_URL, download_collection
+from sbmoe.data.download import BEIR_SOURCE, DownloadSource, download_collection
 from sbmoe.data.irds import export_irds, is_irds_name
 from sbmoe.data.readers import NumericIds, iter_json_objects, iter_lines, string_field
 
@@ -232,9 +232,7 @@ def resolve_data(
     cache_dir: str | os.PathLike | None = None,
     download: bool = True,
     *,
-    url_template: str = BEIR_URL,
-    checksums: Mapping[str, str] | None = None,
-    timeout: float = 60.0,
+    source: DownloadSource = BEIR_SOURCE,
 ) -> Path:
     """Find a BEIR collection folder, downloading it into the cache when needed.
 
@@ -250,15 +248,14 @@ def resolve_data(
         data_dir: Folder of local collections.
         cache_dir: Folder for downloaded collections.
         download: Whether a missing known collection may be downloaded.
-        url_template: Archive URL with a ``{name}`` placeholder (any scheme urllib opens).
-        checksums: Name -> archive MD5 of the downloadable collections; :data:`BEIR_MD5` if None.
-        timeout: Seconds to wait on the network.
+        source: Where known collections are downloaded from, and their archives' MD5 (default: the
+            BEIR archives).
 
     Raises:
         DataError: Not found and not downloadable (unknown name, download off, network failure,
             checksum mismatch, bad archive); the message lists the places searched.
     """
-    checksums = BEIR_MD5 if checksums is None else checksums
+    checksums = source.checksums
     cache = cache_root("data") if cache_dir is None else Path(cache_dir).expanduser()
     if is_irds_name(name_or_path):
         return export_irds(name_or_path, cache / "irds")
@@ -283,9 +280,9 @@ def resolve_data(
         )
     if not download:
         raise DataError(f"collection {name_or_path!r} not found (searched: {where}) and download is off")
-    url = url_template.format(name=name_or_path)
+    url = source.url_template.format(name=name_or_path)
     try:
-        return download_collection(name_or_path, url, checksums[name_or_path], cache, timeout)
+        return download_collection(name_or_path, url, checksums[name_or_path], cache, source.timeout)
     # URLError, HTTPError and timeouts are OSErrors; a connection cut mid-body is an HTTPException.
     except (OSError, http.client.HTTPException, zipfile.BadZipFile, DataError) as exc:
         raise DataError(

@@ -6,6 +6,8 @@ import hashlib
 import shutil
 import urllib.request
 import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from sbmoe.core.errors import DataError
@@ -33,6 +35,25 @@ BEIR_MD5: dict[str, str] = {
     "climate-fever": "8b66f0a9126c521bae2bde127b4dc99d",
     "scifact": "5f7d1de60b170fc8027bb7898e2efca1",
 }
+
+
+@dataclass(frozen=True)
+class DownloadSource:
+    """Where known collections are downloaded from, and how their archives are checked.
+
+    Attributes:
+        url_template: Archive URL with a ``{name}`` placeholder (any scheme urllib opens).
+        checksums: Name -> archive MD5 of the downloadable collections.
+        timeout: Seconds to wait on the network.
+    """
+
+    url_template: str = BEIR_URL
+    checksums: Mapping[str, str] = field(default_factory=lambda: BEIR_MD5)
+    timeout: float = 60.0
+
+
+BEIR_SOURCE = DownloadSource()
+"""The BEIR archives at their published address."""
 
 
 def download_collection(name: str, url: str, md5: str, cache: Path, timeout: float) -> Path:
