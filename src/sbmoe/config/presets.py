@@ -68,7 +68,12 @@ def build_configs(
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Start from a preset, apply explicit overrides (``None`` values are skipped), and validate."""
+    """Start from a preset and apply explicit overrides (``None`` values are skipped).
+
+    The training config is validated here; the model config where the model is built
+    (:meth:`sbmoe.model.retriever.Retriever.from_config`), which every route to a model passes:
+    the command line, a grid, and a Python caller's own ``ModelConfig``.
+    """
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     chosen = PRESETS[preset]
@@ -78,7 +83,6 @@ def build_configs(
     if model_config.head_side == "query":
         train_values = _query_side_training(train_values)
     train_config = from_dict(TrainConfig, train_values, source=f"preset {preset}")
-    model_config.validate()
     train_config.validate()
     return model_config, train_config
 
