@@ -24,7 +24,7 @@ from common import machine, median_seconds, scifact
 from sbmoe.config.jobs import EncodeConfig
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.runtime import resolve_precision
-from sbmoe.inference.encoding import apply_head_stages, encode_texts
+from sbmoe.inference.encoding import apply_head_stages, encode_pooled, encode_texts
 from sbmoe.model.retriever import Retriever
 
 
@@ -74,8 +74,8 @@ def main() -> None:
             f"overhead {100 * (seconds / base - 1):+.1f}%"
         )
 
-    pooled = encode_texts(plain, texts, "document", encode, pooled_only=True)
-    backbone, _ = median_seconds(lambda: encode_texts(plain, texts, "document", encode, pooled_only=True), 1)
+    pooled = encode_pooled(plain, texts, "document", encode)
+    backbone, _ = median_seconds(lambda: encode_pooled(plain, texts, "document", encode), 1)
     normalize_only, _ = median_seconds(lambda: head_seconds(plain, pooled), args.repeats)
     print(f"\nin isolation (backbone up to pooling: {backbone:.2f} s):")
     print(f"  normalisation only: {1000 * normalize_only:.1f} ms")

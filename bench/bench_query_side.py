@@ -29,7 +29,7 @@ from sbmoe.config.presets import build_configs
 from sbmoe.data.beir import BeirCollection
 from sbmoe.evaluation.metrics import evaluate_run
 from sbmoe.inference.cache import EmbeddingCache
-from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.encoding import encode_pooled
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval import open_index
 from sbmoe.retrieval.indexing import build_index
@@ -101,7 +101,9 @@ def main() -> None:
         documents = {d: doc.full_text for d, doc in collection.corpus.items()}
         build_index(backbone, documents, encode=ENCODE, cache=cache).save(root / "query" / "backbone-index")
         queries = list(collection.queries.values())
-        encode_texts(backbone, queries, "query", ENCODE, pooled_only=True, cache=cache)
+        encode_pooled(
+            backbone, queries, "query", ENCODE, options=JobOptions(show_progress=False, cache=cache)
+        )
         seconds = time.perf_counter() - started
         print(f"deployed state (not timed below): backbone index and cached embeddings in {seconds:.0f} s")
         counts = count_backbone_texts()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from common import machine, median_seconds, scifact
 
+from sbmoe.config.jobs import JobOptions
 from sbmoe.inference.cache import EmbeddingCache
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
@@ -53,8 +54,18 @@ def main() -> None:
     cache = EmbeddingCache()
     doc_ids = list(collection.corpus)
     query_ids = sorted(collection.split_qrels("test"))
-    docs = encode_texts(retriever, [collection.corpus[d].full_text for d in doc_ids], "document", cache=cache)
-    queries = encode_texts(retriever, [collection.queries[q] for q in query_ids], "query", cache=cache)
+    docs = encode_texts(
+        retriever,
+        [collection.corpus[d].full_text for d in doc_ids],
+        "document",
+        options=JobOptions(show_progress=False, cache=cache),
+    )
+    queries = encode_texts(
+        retriever,
+        [collection.queries[q] for q in query_ids],
+        "query",
+        options=JobOptions(show_progress=False, cache=cache),
+    )
     print(f"machine: {machine()}")
     print(
         f"{len(query_ids)} queries x {len(doc_ids)} documents x {docs.shape[1]} dims, top {TOP_K}, "

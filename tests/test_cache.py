@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.config.model import ModelConfig
 from sbmoe.inference.cache import EmbeddingCache, texts_digest
 from sbmoe.inference.encoding import encode_texts
@@ -14,6 +14,11 @@ from sbmoe.model.retriever import Retriever
 
 TEXTS = ["first document about zinc", "second one, on iron deficiency", "third"]
 FP32 = EncodeConfig(precision="fp32")
+
+
+def cached(cache: EmbeddingCache) -> JobOptions:
+    """Encode through ``cache``, without progress bars."""
+    return JobOptions(show_progress=False, cache=cache)
 
 
 @pytest.fixture()
@@ -24,7 +29,7 @@ def retriever(tiny_bert_dir):
 
 def test_hit_returns_the_same_embeddings_without_encoding(retriever, tmp_path, monkeypatch):
     cache = EmbeddingCache(tmp_path)
-    first = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
+    first = encode_texts(retriever, TEXTS, "document", FP32, options=cached(cache))
     assert (cache.hits, cache.misses) == (0, 1)
     np.testing.assert_allclose(first, encode_texts(retriever, TEXTS, "document", FP32), atol=1e-6)
 
@@ -33,7 +38,7 @@ def test_hit_returns_the_same_embeddings_without_encoding(retriever, tmp_path, m
     monkeypatch.setattr(
         sbmoe.inference.encoding, "_run_batches", lambda *a, **k: pytest.fail("encoded again")
     )
-    second = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
+    second = encode_texts(retriever, TEXTS, "document", FP32, options=cached(cache))
     assert cache.hits == 1
     np.testing.assert_array_equal(first, second)
 
@@ -43,11 +48,11 @@ def test_a_chunked_encoding_uses_the_whole_lists_entry(retriever, tmp_path, monk
     import sbmoe.inference.encoding
 
     cache = EmbeddingCache(tmp_path)
-    whole = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
+    whole = encode_texts(retriever, TEXTS, "document", FP32, options=cached(cache))
     monkeypatch.setattr(
         sbmoe.inference.encoding, "_run_batches", lambda *a, **k: pytest.fail("encoded again")
     )
-    chunked = encode_texts(retriever, TEXTS, "document", FP32, cache=cache, chunk_size=2)
+    chunked = encode_texts(retriever, TEXTS, "document", FP32, options=cached(cache), chunk_size=2)
     np.testing.assert_array_equal(whole, chunked)
 
 
@@ -57,11 +62,13 @@ def test_every_job_stores_a_corpus_in_the_same_chunks(retriever, tmp_path, monke
 
     monkeypatch.setattr(sbmoe.inference.encoding, "CACHE_CHUNK_SIZE", 2)
     cache = EmbeddingCache(tmp_path)
-    indexed = encode_texts(retriever, TEXTS, "document", FP32, cache=cache, chunk_size=2)
+    indexed = encode_texts(retriever, TEXTS, "document", FP32, options=cached(cache), chunk_size=2)
     monkeypatch.setattr(
         sbmoe.inference.encoding, "_run_batches", lambda *a, **k: pytest.fail("encoded again")
     )
-    np.testing.assert_array_equal(indexed, encode_texts(retriever, TEXTS, "document", FP32, cache=cache))
+    np.testing.assert_array_equal(
+        indexed, encode_texts(retriever, TEXTS, "document", FP32, options=cached(cache))
+    )
 
 
 def test_models_sharing_a_backbone_share_entries(tiny_bert_dir, tmp_path):
@@ -92,13 +99,13 @@ def test_texts_digest_respects_boundaries():
 @pytest.mark.parametrize("damage", ["truncate", "wrong_rows"])
 def test_damaged_entry_is_rebuilt(retriever, tmp_path, damage):
     cache = EmbeddingCache(tmp_path)
-    expected = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
+    expected = encode_texts(retriever, TEXTS, "document", FP32, options=cached(cache))
     path = cache.path(cache.key(retriever, TEXTS, "document", "fp32"))
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:100])
     else:
         np.save(path, np.zeros((1, expected.shape[1]), dtype=np.float32))
-    rebuilt = encode_texts(retriever, TEXTS, "document", FP32, cache=cache)
+    rebuilt = encode_texts(retriever, TEXTS, "document", FP32, options=cached(cache))
     np.testing.assert_allclose(rebuilt, expected, atol=1e-6)
     assert np.load(path).shape == expected.shape
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
@@ -110,8 +117,8 @@ def test_cache_or_not_the_embeddings_are_the_same_under_bf16(retriever, tmp_path
     bf16 = EncodeConfig(precision="bf16")
     plain = encode_texts(retriever, TEXTS, "document", bf16)
     cache = EmbeddingCache(tmp_path)
-    stored = encode_texts(retriever, TEXTS, "document", bf16, cache=cache)
-    reused = encode_texts(retriever, TEXTS, "document", bf16, cache=cache)
+    stored = encode_texts(retriever, TEXTS, "document", bf16, options=cached(cache))
+    reused = encode_texts(retriever, TEXTS, "document", bf16, options=cached(cache))
     assert (cache.hits, cache.misses) == (1, 1)
     np.testing.assert_array_equal(plain, stored)
     np.testing.assert_array_equal(plain, reused)

@@ -8,8 +8,15 @@ import torch
 
 from sbmoe.config.jobs import EncodeConfig
 from sbmoe.config.model import ModelConfig
-from sbmoe.core.runtime import resolve_precision
-from sbmoe.inference.encoding import TextEncoder, apply_head_stages, encode_texts, encoder_runner
+from sbmoe.core.runtime import autocast, resolve_inference, resolve_precision
+from sbmoe.inference.encoding import (
+    TextEncoder,
+    apply_head_stages,
+    encode_pooled,
+    encode_texts,
+    encoder_runner,
+    tokenize,
+)
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 
@@ -78,7 +85,7 @@ def test_auto_precision_falls_back_to_fp32_without_fast_bf16(monkeypatch):
 
 def test_head_applied_to_pooled_embeddings_equals_full_encode(retriever):
     full = encode_texts(retriever, TEXTS, "document", FP32)
-    pooled = encode_texts(retriever, TEXTS, "document", FP32, pooled_only=True)
+    pooled = encode_pooled(retriever, TEXTS, "document", FP32)
     np.testing.assert_allclose(apply_head_stages(retriever, pooled, "document"), full, rtol=1e-5, atol=1e-6)
     retriever.head.expert_pooling = "all"
     try:
@@ -109,9 +116,11 @@ def test_encoding_runs_in_eval_mode_and_keeps_the_models_mode(retriever, trainin
 
 def test_a_runner_kept_across_calls_encodes_as_a_fresh_one(retriever):
     runner = encoder_runner(retriever, BF16)  # bf16 weight copies made once
-    kept = [encode_texts(retriever, [text], "query", BF16, runner=runner) for text in TEXTS]
-    fresh = [encode_texts(retriever, [text], "query", BF16) for text in TEXTS]
-    np.testing.assert_array_equal(np.concatenate(kept), np.concatenate(fresh))
+    plan = resolve_inference(BF16.backend, BF16.precision, retriever.device)
+    with torch.inference_mode(), autocast(plan.precision, retriever.device):
+        kept = [runner(tokenize(retriever, [text], "query"))["sentence_embedding"] for text in TEXTS]
+    fresh = [encode_pooled(retriever, [text], "query", BF16) for text in TEXTS]
+    np.testing.assert_array_equal(torch.cat(kept).float().numpy(), np.concatenate(fresh))
 
 
 def test_threads_encoding_with_one_training_mode_model_all_get_eval_mode(tiny_bert_dir):
@@ -143,7 +152,7 @@ def test_the_single_text_encoder_is_the_librarys_and_repeats_its_bytes(retriever
     config = EncodeConfig(backend="torch", precision=precision, device="cpu")
     encoder = TextEncoder(retriever, config)
     texts = ["aspirin and the heart", "zinc deficiency " * 20]
-    pooled = encode_texts(retriever, texts, "query", config, pooled_only=True)
+    pooled = encode_pooled(retriever, texts, "query", config)
     for n, text in enumerate(texts):
         first = encoder(text, "query")
         np.testing.assert_allclose(first.pooled[0], pooled[n], atol=1e-5 if precision == "fp32" else 2e-2)

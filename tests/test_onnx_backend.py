@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sbmoe.core.runtime as runtime
-from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.config.model import ModelConfig
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runtime import resolve_inference, resolve_one_text_inference
@@ -65,8 +65,20 @@ def test_export_is_made_once_per_weights_and_precision(retriever, tmp_path):
 
 def test_cache_entries_are_kept_apart_by_backend(retriever, tmp_path):
     cache = EmbeddingCache(tmp_path / "cache")
-    encode_texts(retriever, TEXTS, "document", EncodeConfig(backend="torch", precision="fp32"), cache=cache)
-    encode_texts(retriever, TEXTS, "document", EncodeConfig(backend="onnx", precision="fp32"), cache=cache)
+    encode_texts(
+        retriever,
+        TEXTS,
+        "document",
+        EncodeConfig(backend="torch", precision="fp32"),
+        options=JobOptions(show_progress=False, cache=cache),
+    )
+    encode_texts(
+        retriever,
+        TEXTS,
+        "document",
+        EncodeConfig(backend="onnx", precision="fp32"),
+        options=JobOptions(show_progress=False, cache=cache),
+    )
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
 
 

@@ -23,7 +23,7 @@ from sbmoe.config.presets import build_configs
 from sbmoe.core.errors import UsageError
 from sbmoe.data.beir import load_collection
 from sbmoe.evaluation.metrics import read_trec_run
-from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.encoding import encode_pooled, encode_texts
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.faiss.files import IndexMismatchError
 from sbmoe.retrieval.faiss.index import DenseIndex
@@ -324,7 +324,7 @@ def test_the_procrustes_control_rotates_queries_only_and_serves_from_the_backbon
     weight = model.head_module.linear.weight.detach().numpy()
     rotation = weight.T + np.eye(len(weight), dtype=np.float32)
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(len(rotation)), atol=1e-5)
-    pooled = encode_texts(backbone, texts, "query", FP32, pooled_only=True)
+    pooled = encode_pooled(backbone, texts, "query", FP32)
     rotated = pooled @ rotation
     expected = rotated / np.linalg.norm(rotated, axis=1, keepdims=True)
     np.testing.assert_allclose(encode_texts(model, texts, "query", FP32), expected, atol=1e-5)

@@ -410,7 +410,7 @@ def test_figure_head_outputs_leave_the_model_as_they_found_it(tiny_bert_dir):
     import torch
 
     from sbmoe.config.model import ModelConfig
-    from sbmoe.inference.encoding import apply_head_stages, encode_texts
+    from sbmoe.inference.encoding import apply_head_stages, encode_pooled
     from sbmoe.inference.routing import route
     from sbmoe.model.retriever import Retriever
     from sbmoe.study.figures import _head_outputs
@@ -425,7 +425,7 @@ def test_figure_head_outputs_leave_the_model_as_they_found_it(tiny_bert_dir):
     assert retriever.head.expert_pooling == "top1"
     # The same numbers as the inference path under the rule asked for, and the head's own routing.
     retriever.model.eval()
-    pooled = encode_texts(retriever, texts, "query", pooled_only=True)
+    pooled = encode_pooled(retriever, texts, "query")
     expected = apply_head_stages(retriever, pooled, "query", rule="all")
     expected = expected / np.linalg.norm(expected, axis=-1, keepdims=True)
     np.testing.assert_allclose(points, expected, atol=1e-6)

@@ -30,7 +30,7 @@ from sbmoe.config.model import ModelConfig
 from sbmoe.core.errors import SbmoeError, UsageError
 from sbmoe.data.beir import BeirCollection, load_collection
 from sbmoe.evaluation.metrics import read_trec_run
-from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.encoding import encode_pooled, encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import build_index
@@ -150,7 +150,7 @@ def test_documents_and_routing_on_request(server, scifact_slice):
     assert len(result["hits"]) == 3
     for hit in result["hits"]:
         assert (hit["title"], hit["text"]) == (corpus[hit["id"]].title, corpus[hit["id"]].text)
-    pooled = encode_texts(service.retriever, [text], "query", FP32, pooled_only=True)
+    pooled = encode_pooled(service.retriever, [text], "query", FP32)
     experts, gates = route(service.retriever, pooled)
     assert result["routing"]["expert"] == int(experts[0]) == int(np.argmax(result["routing"]["gate"]))
     np.testing.assert_allclose(result["routing"]["gate"], gates[0].numpy(), atol=1e-6)

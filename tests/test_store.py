@@ -24,7 +24,7 @@ from sbmoe.config.model import ModelConfig
 from sbmoe.core.errors import MissingInputError, UsageError
 from sbmoe.data.beir import load_collection
 from sbmoe.evaluation.metrics import read_trec_run
-from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.encoding import encode_pooled, encode_texts
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval import Index, open_index
@@ -184,9 +184,7 @@ def test_store_carries_each_documents_routing(model_dir, store_uri, scifact_slic
     retriever = Retriever.load(str(model_dir))
     corpus = load_collection(scifact_slice).corpus
     doc_ids = list(corpus)[:12]
-    pooled = encode_texts(
-        retriever, [corpus[d].full_text for d in doc_ids], "document", FP32, pooled_only=True
-    )
+    pooled = encode_pooled(retriever, [corpus[d].full_text for d in doc_ids], "document", FP32)
     experts, gates = route(retriever, pooled)
     store = open_index(store_uri)
     rows = store._client.query(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runtime import InferencePlan, autocast, resolve_inference, resolve_one_text_inference
 
@@ -93,36 +93,62 @@ def encode_texts(
     kind: str = "document",
     config: EncodeConfig | None = None,
     *,
-    pooled_only: bool = False,
-    show_progress: bool = False,
-    cache: EmbeddingCache | None = None,
+    options: JobOptions | None = None,
     chunk_size: int | None = None,
-    runner: Callable[[dict], dict] | None = None,
 ) -> np.ndarray:
     """Encode ``texts`` into a float32 array (len(texts), d), in the input order.
 
-    The backbone runs up to pooling on ``config.backend`` at ``config.precision`` (resolved by
-    :func:`~sbmoe.core.runtime.resolve_inference`; bf16: on bf16 copies of its weights);
-    the stages after pooling (MoE head, normalisation) then always run in float32 through
-    :func:`apply_head_stages`, so the embeddings are the same whether the pooled ones come from
-    the backbone or from ``cache``. Encoding runs where ``retriever`` is; ``config.device`` is
-    where callers load it.
+    The backbone runs up to pooling (:func:`encode_pooled`); the stages after pooling (MoE head,
+    normalisation) then always run in float32 through :func:`apply_head_stages`, so the embeddings
+    are the same whether the pooled ones come from the backbone or from the cache.
 
     Args:
         retriever: The model.
         texts: Queries or documents (documents as "title text").
         kind: ``query`` or ``document``: selects the token limit.
         config: Batch size, backend and precision (defaults: :class:`~sbmoe.config.jobs.EncodeConfig`).
-        pooled_only: Stop after pooling (the input of the MoE head); see :func:`apply_head_stages`.
-        show_progress: Show a progress bar.
-        cache: Reuse (or store) the pooled embeddings; only the head then runs on a hit.
-        chunk_size: With ``cache``, encode and store ``chunk_size`` texts at a time (default
+        options: A progress bar, and a cache of pooled embeddings to reuse (or store): only the
+            head then runs on a hit (default: neither).
+        chunk_size: With a cache, encode and store ``chunk_size`` texts at a time (default
             :data:`CACHE_CHUNK_SIZE`), so an interrupted call resumes where it stopped and every job
             (training, evaluation, indexing) finds what another stored.
-        runner: The backbone as :func:`encoder_runner` set it up for ``config``, kept by a caller
-            that encodes many small batches (a server), so the backend is not set up per call.
     """
+    pooled = _pooled_embeddings(retriever, texts, kind, config, options, chunk_size)
+    return apply_head_stages(retriever, pooled, kind) if len(pooled) else pooled
+
+
+def encode_pooled(
+    retriever: Retriever,
+    texts: Sequence[str],
+    kind: str = "document",
+    config: EncodeConfig | None = None,
+    *,
+    options: JobOptions | None = None,
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """The pooled embeddings of ``texts`` (the input of the MoE head), float32 (len(texts), d), in order.
+
+    The backbone runs on ``config.backend`` at ``config.precision`` (resolved by
+    :func:`~sbmoe.core.runtime.resolve_inference`; bf16: on bf16 copies of its weights). Encoding
+    runs where ``retriever`` is; ``config.device`` is where callers load it. Arguments as
+    :func:`encode_texts`'s.
+    """
+    pooled = _pooled_embeddings(retriever, texts, kind, config, options, chunk_size)
+    # A cache hit is a read-only memory map of the entry: hand out a copy.
+    return np.array(pooled, dtype=np.float32) if isinstance(pooled, np.memmap) else pooled
+
+
+def _pooled_embeddings(
+    retriever: Retriever,
+    texts: Sequence[str],
+    kind: str,
+    config: EncodeConfig | None,
+    options: JobOptions | None,
+    chunk_size: int | None,
+) -> np.ndarray:
+    """The pooled embeddings of ``texts``, a read-only memory map where they come whole from the cache."""
     config = config or EncodeConfig()
+    show_progress, cache = (options.show_progress, options.cache) if options is not None else (False, None)
     if kind not in ("query", "document"):
         raise UsageError(f"kind must be 'query' or 'document', got {kind!r}")
     if not texts:
@@ -136,24 +162,17 @@ def encode_texts(
         # The same texts encoded whole before (e.g. for head-only training) serve a chunked call too.
         whole = cache.get(cache.key(retriever, texts, kind, plan.key), len(texts))
     if whole is not None:
-        pooled = whole
-    elif cache is not None and chunk_size and len(texts) > chunk_size:
+        return whole
+    if cache is not None and chunk_size and len(texts) > chunk_size:
         # Each chunk is its own cache entry: an interrupted encoding resumes at the unfinished chunk.
         starts = range(0, len(texts), chunk_size)
-        pooled = np.concatenate(
+        return np.concatenate(
             [
-                _pooled(
-                    retriever, texts[i : i + chunk_size], kind, config, plan, show_progress, cache, runner
-                )
+                _pooled(retriever, texts[i : i + chunk_size], kind, config, plan, show_progress, cache)
                 for i in starts
             ]
         )
-    else:
-        pooled = _pooled(retriever, texts, kind, config, plan, show_progress, cache, runner)
-    if pooled_only:
-        # A cache hit is a read-only memory map of the entry: hand out a copy.
-        return np.array(pooled, dtype=np.float32) if isinstance(pooled, np.memmap) else pooled
-    return apply_head_stages(retriever, pooled, kind)
+    return _pooled(retriever, texts, kind, config, plan, show_progress, cache)
 
 
 def _pooled(
@@ -164,13 +183,12 @@ def _pooled(
     plan: InferencePlan,
     show_progress: bool,
     cache: EmbeddingCache | None,
-    runner: Callable[[dict], dict] | None = None,
 ) -> np.ndarray:
     """The pooled embeddings of ``texts``, from ``cache`` when it holds them (then stored there)."""
     key = cache.key(retriever, texts, kind, plan.key) if cache is not None else None
     pooled = cache.get(key, len(texts)) if cache is not None else None
     if pooled is None:
-        pooled = _run_batches(retriever, texts, kind, config.encode_batch_size, plan, show_progress, runner)
+        pooled = _run_batches(retriever, texts, kind, config.encode_batch_size, plan, show_progress)
         if cache is not None:
             cache.put(key, pooled)
     return pooled
@@ -183,7 +201,6 @@ def _run_batches(
     batch_size: int,
     plan: InferencePlan,
     show_progress: bool,
-    runner: Callable[[dict], dict] | None = None,
 ) -> np.ndarray:
     """The pooled embeddings of ``texts`` (the backbone's output), float32, in input order.
 
@@ -207,7 +224,7 @@ def _run_batches(
     bar = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=not show_progress)
     try:
         with torch.inference_mode(), eval_mode(retriever.model), autocast(plan.precision, retriever.device):
-            run = runner or _encoder_runner(retriever, plan)
+            run = _encoder_runner(retriever, plan)
             for positions, batch in length_sorted_batches(retriever, texts, kind, batch_size):
                 pending.append((positions, run(batch)["sentence_embedding"]))
                 if not on_gpu or sum(len(positions) for positions, _ in pending) >= _ROWS_PER_COPY:
@@ -227,8 +244,9 @@ _ROWS_PER_COPY = 16384
 def encoder_runner(retriever: Retriever, config: EncodeConfig | None = None) -> Callable[[dict], dict]:
     """The backbone up to pooling, set up once for ``config``'s backend and precision.
 
-    For :func:`encode_texts`'s ``runner``: an ONNX Runtime session or bf16 weight copies are then
-    made once instead of at every call. Valid while the model's weights do not change.
+    For a caller that runs the backbone on its own batches many times (a benchmark): an ONNX Runtime
+    session or bf16 weight copies are then made once instead of at every call (:class:`TextEncoder`
+    keeps one too). Valid while the model's weights do not change.
     """
     config = config or EncodeConfig()
     plan = resolve_inference(config.backend, config.precision, retriever.device)

@@ -18,7 +18,8 @@ def routing_statistics(retriever: Retriever, pooled: np.ndarray, batch_size: int
 
     Args:
         retriever: A model with an MoE head.
-        pooled: Pooled embeddings (the head's input), e.g. from ``encode_texts(..., pooled_only=True)``.
+        pooled: Pooled embeddings (the head's input), e.g. from
+            :func:`~sbmoe.inference.encoding.encode_pooled`.
 
     Returns:
         ``usage`` (N fractions summing to 1), ``entropy`` of the mean routing distribution

@@ -125,6 +125,10 @@ class ZeroShotModel:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     cache: EmbeddingCache | None = None
 
+    def options(self) -> JobOptions:
+        """How the control encodes with the model: through the cache, without progress bars."""
+        return JobOptions(show_progress=False, cache=self.cache)
+
 
 @dataclass
 class ControlOutput:
@@ -178,8 +182,8 @@ def evaluate_control(
         fingerprint = "document-prior"
         run = document_prior_run(counts, doc_ids, query_ids, config.top_k, config.exclude_self)
     elif control == "procrustes":
-        retriever, encode, cache = zero_shot.retriever, zero_shot.encode, zero_shot.cache
-        model = procrustes_model(retriever, collection, train_config, encode, cache)
+        retriever, encode = zero_shot.retriever, zero_shot.encode
+        model = procrustes_model(retriever, collection, train_config, encode, zero_shot.cache)
         fingerprint = f"procrustes:{model.fingerprint()}"
         run = search_documents(
             model,
@@ -187,14 +191,14 @@ def evaluate_control(
             {d: collection.corpus[d].full_text for d in doc_ids},
             SearchConfig(top_k=config.top_k, exclude_self=config.exclude_self),
             encode,
-            JobOptions(show_progress=False, cache=cache),
+            zero_shot.options(),
         )["model"]
         details.update({"pairs_split": split, "model": "model"})
     else:
-        retriever, encode, cache = zero_shot.retriever, zero_shot.encode, zero_shot.cache
+        retriever, encode, options = zero_shot.retriever, zero_shot.encode, zero_shot.options()
         fingerprint = f"zero-shot+prior:{retriever.fingerprint()}"
         documents = encode_texts(
-            retriever, [collection.corpus[d].full_text for d in doc_ids], "document", encode, cache=cache
+            retriever, [collection.corpus[d].full_text for d in doc_ids], "document", encode, options=options
         )
         beta, dev_scores, dev_queries = 0.0, {}, 0
         if counts:
@@ -202,7 +206,7 @@ def evaluate_control(
                 zero_shot, collection, documents, train_config, config.exclude_self
             )
         queries = encode_texts(
-            retriever, [collection.queries[q] for q in query_ids], "query", encode, cache=cache
+            retriever, [collection.queries[q] for q in query_ids], "query", encode, options=options
         )
         run = PriorScorer(documents, doc_ids, counts).run(
             queries, query_ids, beta, config.top_k, config.exclude_self
@@ -253,7 +257,7 @@ def choose_beta(
     dev_qrels = {q: judged for q, judged in dev_qrels.items() if q in collection.queries}
     dev_ids = sorted(dev_qrels)
     texts = [collection.queries[q] for q in dev_ids]
-    queries = encode_texts(zero_shot.retriever, texts, "query", zero_shot.encode, cache=zero_shot.cache)
+    queries = encode_texts(zero_shot.retriever, texts, "query", zero_shot.encode, options=zero_shot.options())
     scorer = PriorScorer(documents, list(collection.corpus), document_counts(train_qrels))
     scores = {}
     for beta in BETA_GRID:

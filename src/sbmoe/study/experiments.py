@@ -32,7 +32,7 @@ from sbmoe.core.layouts import EXPERIMENT_FILES
 from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.inference.cache import EmbeddingCache
-from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.encoding import encode_pooled
 from sbmoe.inference.routing import routing_statistics
 from sbmoe.model.retriever import Retriever
 from sbmoe.study.controls import ZeroShotModel, evaluate_control
@@ -267,13 +267,12 @@ def _routing(
     """
     query_ids = sorted(q for q in collection.split_qrels(evaluate.split) if q in collection.queries)
     queries = [collection.queries[q] for q in query_ids]
-    pooled = {"pooled_only": True, "cache": cache}
-    routing = {
-        "queries": routing_statistics(retriever, encode_texts(retriever, queries, "query", encode, **pooled))
-    }
+    options = JobOptions(show_progress=False, cache=cache)
+    pooled = encode_pooled(retriever, queries, "query", encode, options=options)
+    routing = {"queries": routing_statistics(retriever, pooled)}
     if retriever.head_changes_documents:
         documents = [doc.full_text for doc in collection.corpus.values()]
-        embeddings = encode_texts(retriever, documents, "document", encode, **pooled)
+        embeddings = encode_pooled(retriever, documents, "document", encode, options=options)
         routing["documents"] = routing_statistics(retriever, embeddings)
     return routing
 

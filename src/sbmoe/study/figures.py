@@ -242,10 +242,10 @@ def _head_outputs(retriever, texts: list[str], kind: str, rule: str | None) -> t
     Through the inference path (:func:`~sbmoe.inference.encoding.apply_head_stages`), which leaves the
     model's mode and its head's expert pooling as they were.
     """
-    from sbmoe.inference.encoding import apply_head_stages, encode_texts
+    from sbmoe.inference.encoding import apply_head_stages, encode_pooled
     from sbmoe.inference.routing import route
 
-    pooled = encode_texts(retriever, texts, kind, pooled_only=True)
+    pooled = encode_pooled(retriever, texts, kind)
     points = apply_head_stages(retriever, pooled, kind, rule=rule)
     points = points / np.maximum(np.linalg.norm(points, axis=-1, keepdims=True), 1e-12)
     experts, _ = route(retriever, pooled)

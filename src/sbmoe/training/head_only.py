@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sbmoe.config.jobs import EncodeConfig
+from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.data.beir import BeirCollection
 from sbmoe.inference.cache import EmbeddingCache
-from sbmoe.inference.encoding import encode_texts
+from sbmoe.inference.encoding import encode_pooled
 from sbmoe.model.retriever import Retriever
 
 
@@ -44,14 +44,12 @@ class PooledTexts:
         self.arrays = {
             kind: documents
             if kind == "document" and documents is not None
-            else encode_texts(
+            else encode_pooled(
                 retriever,
                 texts[kind],
                 kind,
                 encode,
-                pooled_only=True,
-                show_progress=show_progress,
-                cache=cache,
+                options=JobOptions(show_progress=show_progress, cache=cache),
             )
             for kind in ids
         }
