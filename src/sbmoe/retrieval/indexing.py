@@ -47,8 +47,7 @@ def build_index(
         list(documents.values()),
         "document",
         encode,
-        show_progress=show_progress,
-        cache=cache,
+        options=JobOptions(show_progress=show_progress, cache=cache),
         chunk_size=INDEX_CHUNK_SIZE,
     )
     return DenseIndex(embeddings, list(documents), retriever.fingerprint(), config)

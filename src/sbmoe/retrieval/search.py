@@ -12,7 +12,7 @@ import numpy as np
 from sbmoe.config.jobs import EncodeConfig, JobOptions, SearchConfig
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runs import Run
-from sbmoe.inference.encoding import apply_head_stages, encode_texts, expert_pooling
+from sbmoe.inference.encoding import apply_head_stages, encode_pooled, encode_texts, expert_pooling
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.interface import Index
@@ -48,14 +48,7 @@ def search(
             "an index holds its documents under the rule it was built with: expert_poolings apply to "
             "search_documents (exact search over texts)"
         )
-    embeddings = encode_texts(
-        retriever,
-        list(queries.values()),
-        "query",
-        encode,
-        show_progress=options.show_progress,
-        cache=options.cache,
-    )
+    embeddings = encode_texts(retriever, list(queries.values()), "query", encode, options=options)
     return index.search(embeddings, config.top_k, query_ids=list(queries), exclude_self=config.exclude_self)
 
 
@@ -88,14 +81,12 @@ def search_documents(
         raise UsageError("expert_poolings need a model with an MoE head")
     # The backbone's part once, for every rule (and from the cache when it holds these texts).
     pooled = {
-        kind: encode_texts(
+        kind: encode_pooled(
             retriever,
             list(texts.values()),
             kind,
             encode,
-            pooled_only=True,
-            show_progress=bar,
-            cache=options.cache,
+            options=JobOptions(show_progress=bar, cache=options.cache),
         )
         for kind, texts, bar in (("document", documents, options.show_progress), ("query", queries, False))
     }

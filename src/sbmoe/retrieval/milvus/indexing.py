@@ -18,7 +18,7 @@ from sbmoe.core.distributed import shard_bounds
 from sbmoe.core.errors import UsageError
 from sbmoe.core.io import naming_a_full_disk
 from sbmoe.data.beir import BeirCollection
-from sbmoe.inference.encoding import apply_head_stages, encode_texts
+from sbmoe.inference.encoding import apply_head_stages, encode_pooled
 from sbmoe.inference.routing import route
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE, index_metadata
@@ -120,8 +120,12 @@ def index_into_store(
                 if not todo:
                     continue
                 chunk_texts = [texts[chunk - start + position] for position in todo]
-                pooled = encode_texts(
-                    retriever, chunk_texts, "document", encode, pooled_only=True, cache=options.cache
+                pooled = encode_pooled(
+                    retriever,
+                    chunk_texts,
+                    "document",
+                    encode,
+                    options=JobOptions(show_progress=False, cache=options.cache),
                 )
                 experts = gates = None
                 if head is not None:
