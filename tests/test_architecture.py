@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import sbmoe
@@ -209,3 +210,59 @@ def test_spelled_file_names_are_found():
         "line 2: 'training/config.json' (declared by ModelFiles)",
         "line 3: 'config.json' (declared by ModelFiles)",
     ]
+
+
+MAX_PARAMETERS = 6
+
+
+def parameter_count(function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Parameters a caller can pass (``self``/``cls`` excluded; ``*args`` and ``**kwargs`` one each)."""
+    arguments = function.args
+    named = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
+    count = len([a for a in named if a.arg not in ("self", "cls")])
+    return count + (arguments.vararg is not None) + (arguments.kwarg is not None)
+
+
+def public_functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """Module-level functions and public classes' methods (constructors included) a user may call."""
+    functions = ast.FunctionDef | ast.AsyncFunctionDef
+    for node in tree.body:
+        if isinstance(node, functions) and not node.name.startswith("_"):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for member in node.body:
+                if isinstance(member, functions) and (
+                    member.name == "__init__" or not member.name.startswith("_")
+                ):
+                    yield f"{node.name}.{member.name}", member
+
+
+def too_many_parameters(source: str) -> list[str]:
+    return [
+        f"{name} takes {parameter_count(function)}"
+        for name, function in public_functions(ast.parse(source))
+        if parameter_count(function) > MAX_PARAMETERS
+    ]
+
+
+def test_no_public_function_takes_more_than_six_parameters():
+    """Jobs take objects (a config, ``JobOptions``), not long lists of loose settings."""
+    wrong = [
+        f"{module_name(path)}.{found}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for found in too_many_parameters(path.read_text(encoding="utf-8"))
+    ]
+    assert wrong == []
+
+
+def test_parameters_are_counted_as_a_caller_passes_them():
+    source = (
+        "def f(a, b, /, c, d, *args, e, **kwargs): ...\n"
+        "def _private(a, b, c, d, e, f, g): ...\n"
+        "class C:\n"
+        "    def __init__(self, a, b, c, d, e, f, g): ...\n"
+        "    def fine(self, a, b, c, d, e, f): ...\n"
+        "    @classmethod\n"
+        "    def build(cls, a, b, c, d, e, f, g=1): ...\n"
+    )
+    assert too_many_parameters(source) == ["f takes 7", "C.__init__ takes 7", "C.build takes 7"]
