@@ -29,6 +29,8 @@ class LinearAdapter(Head):
             backbone's embedding).
     """
 
+    kind = "linear"
+
     def __init__(self, config: HeadConfig) -> None:
         super().__init__(config)
         self.linear = nn.Linear(config.embedding_dimension, config.embedding_dimension)

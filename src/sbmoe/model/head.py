@@ -105,6 +105,7 @@ class Head(SavedModule):
     """
 
     forward_kwargs: ClassVar[set[str]] = {"task"}
+    kind: ClassVar[str]  # the ModelConfig.head value that builds this head
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()

@@ -49,6 +49,8 @@ class MoEHead(Head):
             head is the identity and its change grows as fast as a linear adapter's.
     """
 
+    kind = "moe"
+
     config_class: ClassVar[type[MoEHeadConfig]] = MoEHeadConfig
 
     def __init__(self, config: MoEHeadConfig) -> None:

@@ -154,8 +154,9 @@ class Retriever:
     def load(cls, name_or_path: str, device: str | torch.device | None = "auto") -> Retriever:
         """Load a saved sbmoe model, or wrap any encoder (hub name, directory) without a head.
 
-        The model's config is ``sbmoe.json``'s, with the head's settings taken from the head's own
-        record (folders of sbmoe 0.1 hold them in both: the head's, which built its weights, wins).
+        The model's config is ``sbmoe.json``'s, with the head's kind and settings taken from the head
+        stage and its own record (folders of sbmoe 0.1 hold them in both: the head's, which built its
+        weights, wins).
 
         Args:
             name_or_path: A saved model directory, a sentence-transformers or transformers model
@@ -175,8 +176,12 @@ class Retriever:
         model = load_sentence_transformer(name_or_path, source, device)
         head = _head_module(model)
         try:
-            # Without a head stage the model has no experts, whatever sbmoe.json says.
-            settings = {**saved, **(head.config.model_settings() if head is not None else {"num_experts": 0})}
+            # The stages are the truth: a head's kind and settings are its own record's, and without a
+            # head stage the model has no experts, whatever sbmoe.json says.
+            stage = {"num_experts": 0, "head": "moe"}
+            if head is not None:
+                stage = {**head.config.model_settings(), "head": head.kind}
+            settings = {**saved, **stage}
             config = from_dict(ModelConfig, settings, source=str(config_path))
             config.validate()  # the same rules as the command line
         except (TypeError, AttributeError, UsageError) as error:
