@@ -359,6 +359,16 @@ def index_store(model_dir: Path, scifact_slice: Path, path: Path) -> subprocess.
     )
 
 
+def index_store_here(model_dir: Path, scifact_slice: Path, path: Path, capfd) -> subprocess.CompletedProcess:
+    """The same command in this process (no second torch import); ``capfd`` takes the file
+    descriptors' output too, so what a library or Milvus Lite's server writes is in ``stderr``."""
+    argv = ["-q", "index", "--model", str(model_dir), "--data", str(scifact_slice)]
+    capfd.readouterr()
+    code = main([*argv, "--store", f"milvus:{path}", *ENCODE_FLAGS])
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The one line a refused command ends with (exit 2, no traceback)."""
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -401,20 +411,20 @@ def read_only_folder(tmp_path) -> Iterator[tuple[Path, str]]:
 
 
 def test_a_store_in_a_read_only_folder_is_refused_naming_that_cause(
-    model_dir, scifact_slice, read_only_folder
+    model_dir, scifact_slice, read_only_folder, capfd
 ):
     """Before, blamed on "another sbmoe process" holding the database."""
     folder, cause = read_only_folder
-    line = error_line(index_store(model_dir, scifact_slice, folder / "corpus.db"))
+    line = error_line(index_store_here(model_dir, scifact_slice, folder / "corpus.db", capfd))
     assert cause in line and "another sbmoe" not in line, line
 
 
 def test_a_store_path_that_is_the_users_file_is_refused_and_left_unchanged(
-    model_dir, scifact_slice, tmp_path
+    model_dir, scifact_slice, tmp_path, capfd
 ):
     """Before, blamed on "another sbmoe process" holding the database."""
     mine = tmp_path / "notes.db"
     mine.write_text("precious", encoding="utf-8")
-    line = error_line(index_store(model_dir, scifact_slice, mine))
+    line = error_line(index_store_here(model_dir, scifact_slice, mine, capfd))
     assert f"{mine} is a file, not a Milvus Lite database" in line and "nothing was changed" in line, line
     assert mine.read_text(encoding="utf-8") == "precious"
