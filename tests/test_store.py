@@ -306,16 +306,16 @@ def test_kill_9_during_index_store_then_the_same_command_stores_every_document_o
     assert sorted(stored) == sorted(corpus)  # each document exactly once
 
 
-def test_without_the_extra_index_store_names_it_in_one_line(scifact_slice, model_dir, tmp_path):
-    # An honest import failure: `import pymilvus` raises ImportError when sys.modules holds None.
-    hide = "import sys; sys.modules['pymilvus'] = None; from sbmoe.cli.main import main; "
-    hide += "sys.exit(main(sys.argv[1:]))"
-    command = [sys.executable, "-c", hide, "-q", "index", "--model", str(model_dir)]
-    command += ["--data", str(scifact_slice)]
-    environment = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(
-        [*command, "--store", f"milvus:{tmp_path / 'x.db'}"], capture_output=True, text=True, env=environment
-    )
+def test_without_the_extra_index_store_names_it_in_one_line(
+    scifact_slice, model_dir, tmp_path, monkeypatch, capfd
+):
+    # An honest import failure: `import pymilvus` raises ImportError when sys.modules holds None
+    # (in this process: monkeypatch puts the real module back afterwards).
+    monkeypatch.setitem(sys.modules, "pymilvus", None)
+    command = ["-q", "index", "--model", str(model_dir), "--data", str(scifact_slice)]
+    capfd.readouterr()
+    returncode = main([*command, "--store", f"milvus:{tmp_path / 'x.db'}"])
+    result = subprocess.CompletedProcess(command, returncode, *capfd.readouterr())
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "sbmoe index: error: vector stores need the pymilvus package: install the 'store' extra with "
