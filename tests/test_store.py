@@ -4,6 +4,7 @@ the CLI, `evaluate --index` and `serve`, against FAISS exact search on the same 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -359,13 +360,19 @@ def index_store(model_dir: Path, scifact_slice: Path, path: Path) -> subprocess.
     )
 
 
-def index_store_here(model_dir: Path, scifact_slice: Path, path: Path, capfd) -> subprocess.CompletedProcess:
+def index_store_here(
+    model_dir: Path, scifact_slice: Path, path: Path, capfd, caplog
+) -> subprocess.CompletedProcess:
     """The same command in this process (no second torch import); ``capfd`` takes the file
-    descriptors' output too, so what a library or Milvus Lite's server writes is in ``stderr``."""
+    descriptors' output too, so what a library or Milvus Lite's server writes is in ``stderr``.
+    A library's log record that would reach stderr through logging's last resort in a process of
+    its own reaches pytest's handler here instead: none may carry a traceback either."""
     argv = ["-q", "index", "--model", str(model_dir), "--data", str(scifact_slice)]
     capfd.readouterr()
+    caplog.clear()
     code = main([*argv, "--store", f"milvus:{path}", *ENCODE_FLAGS])
     out, err = capfd.readouterr()
+    assert not [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING], caplog.text
     return subprocess.CompletedProcess(argv, code, out, err)
 
 
@@ -411,20 +418,20 @@ def read_only_folder(tmp_path) -> Iterator[tuple[Path, str]]:
 
 
 def test_a_store_in_a_read_only_folder_is_refused_naming_that_cause(
-    model_dir, scifact_slice, read_only_folder, capfd
+    model_dir, scifact_slice, read_only_folder, capfd, caplog
 ):
     """Before, blamed on "another sbmoe process" holding the database."""
     folder, cause = read_only_folder
-    line = error_line(index_store_here(model_dir, scifact_slice, folder / "corpus.db", capfd))
+    line = error_line(index_store_here(model_dir, scifact_slice, folder / "corpus.db", capfd, caplog))
     assert cause in line and "another sbmoe" not in line, line
 
 
 def test_a_store_path_that_is_the_users_file_is_refused_and_left_unchanged(
-    model_dir, scifact_slice, tmp_path, capfd
+    model_dir, scifact_slice, tmp_path, capfd, caplog
 ):
     """Before, blamed on "another sbmoe process" holding the database."""
     mine = tmp_path / "notes.db"
     mine.write_text("precious", encoding="utf-8")
-    line = error_line(index_store_here(model_dir, scifact_slice, mine, capfd))
+    line = error_line(index_store_here(model_dir, scifact_slice, mine, capfd, caplog))
     assert f"{mine} is a file, not a Milvus Lite database" in line and "nothing was changed" in line, line
     assert mine.read_text(encoding="utf-8") == "precious"
