@@ -363,8 +363,9 @@ def index_store(model_dir: Path, scifact_slice: Path, path: Path) -> subprocess.
 def index_store_here(
     model_dir: Path, scifact_slice: Path, path: Path, capfd, caplog
 ) -> subprocess.CompletedProcess:
-    """The same command in this process (no second torch import); ``capfd`` takes the file
-    descriptors' output too, so what a library or Milvus Lite's server writes is in ``stderr``.
+    """The same command in this process (no second torch import), for refusals made before any
+    Milvus code runs; ``capfd`` takes the file descriptors' output too, so what a library writes is
+    in ``stderr``.
     A library's log record that would reach stderr through logging's last resort in a process of
     its own reaches pytest's handler here instead: none may carry a traceback either."""
     argv = ["-q", "index", "--model", str(model_dir), "--data", str(scifact_slice)]
@@ -418,11 +419,12 @@ def read_only_folder(tmp_path) -> Iterator[tuple[Path, str]]:
 
 
 def test_a_store_in_a_read_only_folder_is_refused_naming_that_cause(
-    model_dir, scifact_slice, read_only_folder, capfd, caplog
+    model_dir, scifact_slice, read_only_folder
 ):
-    """Before, blamed on "another sbmoe process" holding the database."""
+    """Before, blamed on "another sbmoe process" holding the database. In a process of its own:
+    Milvus Lite starts there and fails, and what it leaves on stderr up to the exit counts."""
     folder, cause = read_only_folder
-    line = error_line(index_store_here(model_dir, scifact_slice, folder / "corpus.db", capfd, caplog))
+    line = error_line(index_store(model_dir, scifact_slice, folder / "corpus.db"))
     assert cause in line and "another sbmoe" not in line, line
 
 
