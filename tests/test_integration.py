@@ -24,13 +24,19 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def collection(data_dir, tmp_path_factory):
-    """60 real SciFact test queries with their positives among 240 other real documents."""
-    root = write_beir_slice(data_dir / "scifact", tmp_path_factory.mktemp("it") / "scifact-it", 40, 60, 240)
+    """60 real SciFact test queries with their positives among 100 other real documents."""
+    root = write_beir_slice(data_dir / "scifact", tmp_path_factory.mktemp("it") / "scifact-it", 40, 60, 100)
     return load_collection(root)
 
 
-def test_zero_shot_matches_sentence_transformers(collection, tmp_path):
-    retriever = Retriever.load("all-MiniLM-L6-v2")
+@pytest.fixture(scope="module")
+def minilm():
+    """The pretrained model, loaded once: the tests below only encode with it (bf16 runs a copy)."""
+    return Retriever.load("all-MiniLM-L6-v2")
+
+
+def test_zero_shot_matches_sentence_transformers(collection, minilm, tmp_path):
+    retriever = minilm
     texts = [doc.full_text for doc in list(collection.corpus.values())[:24]]
     reference = SentenceTransformer(resolve_backbone("all-MiniLM-L6-v2"), device="cpu")
     np.testing.assert_allclose(
@@ -52,8 +58,8 @@ def test_zero_shot_matches_sentence_transformers(collection, tmp_path):
     assert abs(ours.result.metrics["ndcg@10"] - st_result.metrics["ndcg@10"]) < 0.01
 
 
-def test_bf16_embeddings_of_the_pretrained_model_agree_with_fp32(collection):
-    retriever = Retriever.load("all-MiniLM-L6-v2")
+def test_bf16_embeddings_of_the_pretrained_model_agree_with_fp32(collection, minilm):
+    retriever = minilm
     texts = [doc.full_text for doc in list(collection.corpus.values())[:32]]
     fp32 = encode_texts(retriever, texts, "document", EncodeConfig(precision="fp32"))
     bf16 = encode_texts(retriever, texts, "document", EncodeConfig(precision="bf16"))
@@ -61,8 +67,8 @@ def test_bf16_embeddings_of_the_pretrained_model_agree_with_fp32(collection):
     assert cosine.min() > 0.99
 
 
-def test_onnx_int8_embeddings_of_the_pretrained_model_agree_with_fp32(collection):
-    retriever = Retriever.load("all-MiniLM-L6-v2")
+def test_onnx_int8_embeddings_of_the_pretrained_model_agree_with_fp32(collection, minilm):
+    retriever = minilm
     texts = [doc.full_text for doc in list(collection.corpus.values())[:32]]
     fp32 = encode_texts(retriever, texts, "document", EncodeConfig(backend="torch", precision="fp32"))
     onnx_fp32 = encode_texts(retriever, texts, "document", EncodeConfig(backend="onnx", precision="fp32"))

@@ -7,8 +7,8 @@ that two files share (the quickstart, also on ``docs/python-api.md``) runs once.
 
 No substitution in the code: the examples name all-MiniLM-L6-v2, which loads here from its offline
 copy, and SciFact, which ``resolve_data`` finds in ``$SBMOE_DATA_DIR``. There the test puts a real
-slice of SciFact under that name (every test query, 200 training queries, their positives and 500
-other documents: a fifth of the corpus), so the real MiniLM encodes it in seconds rather than
+slice of SciFact under that name (60 test queries, 60 training queries, their positives and 150
+other documents: about 300 of the 5,183), so the real MiniLM encodes it in seconds rather than
 minutes on 2 cores; the examples run unchanged. The Python API example runs first, since the others
 load the model it trains (``runs/moe``).
 """
@@ -55,7 +55,7 @@ def test_the_readme_has_python_examples_that_import():
 @pytest.mark.integration
 def test_the_readme_python_examples_run_as_written(data_dir, tmp_path, monkeypatch, capsys):
     sliced = tmp_path / "data"
-    write_beir_slice(data_dir / "scifact", sliced / "scifact", n_train=200, n_test=300, n_other_docs=500)
+    write_beir_slice(data_dir / "scifact", sliced / "scifact", n_train=60, n_test=60, n_other_docs=150)
     monkeypatch.setenv("SBMOE_DATA_DIR", str(sliced))
     monkeypatch.chdir(tmp_path)  # the examples write under runs/
     blocks = documented_python_blocks()

@@ -4,6 +4,7 @@ the CLI, `evaluate --index` and `serve`, against FAISS exact search on the same 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -302,16 +303,16 @@ def test_kill_9_during_index_store_then_the_same_command_stores_every_document_o
     assert sorted(stored) == sorted(corpus)  # each document exactly once
 
 
-def test_without_the_extra_index_store_names_it_in_one_line(scifact_slice, model_dir, tmp_path):
-    # An honest import failure: `import pymilvus` raises ImportError when sys.modules holds None.
-    hide = "import sys; sys.modules['pymilvus'] = None; from sbmoe.cli.main import main; "
-    hide += "sys.exit(main(sys.argv[1:]))"
-    command = [sys.executable, "-c", hide, "-q", "index", "--model", str(model_dir)]
-    command += ["--data", str(scifact_slice)]
-    environment = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(
-        [*command, "--store", f"milvus:{tmp_path / 'x.db'}"], capture_output=True, text=True, env=environment
-    )
+def test_without_the_extra_index_store_names_it_in_one_line(
+    scifact_slice, model_dir, tmp_path, monkeypatch, capfd
+):
+    # An honest import failure: `import pymilvus` raises ImportError when sys.modules holds None
+    # (in this process: monkeypatch puts the real module back afterwards).
+    monkeypatch.setitem(sys.modules, "pymilvus", None)
+    command = ["-q", "index", "--model", str(model_dir), "--data", str(scifact_slice)]
+    capfd.readouterr()
+    returncode = main([*command, "--store", f"milvus:{tmp_path / 'x.db'}"])
+    result = subprocess.CompletedProcess(command, returncode, *capfd.readouterr())
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "sbmoe index: error: vector stores need the pymilvus package: install the 'store' extra with "
@@ -353,6 +354,23 @@ def index_store(model_dir: Path, scifact_slice: Path, path: Path) -> subprocess.
         f"milvus:{path}",
         *ENCODE_FLAGS,
     )
+
+
+def index_store_here(
+    model_dir: Path, scifact_slice: Path, path: Path, capfd, caplog
+) -> subprocess.CompletedProcess:
+    """The same command in this process (no second torch import), for refusals made before any
+    Milvus code runs; ``capfd`` takes the file descriptors' output too, so what a library writes is
+    in ``stderr``.
+    A library's log record that would reach stderr through logging's last resort in a process of
+    its own reaches pytest's handler here instead: none may carry a traceback either."""
+    argv = ["-q", "index", "--model", str(model_dir), "--data", str(scifact_slice)]
+    capfd.readouterr()
+    caplog.clear()
+    code = main([*argv, "--store", f"milvus:{path}", *ENCODE_FLAGS])
+    out, err = capfd.readouterr()
+    assert not [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING], caplog.text
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -399,18 +417,19 @@ def read_only_folder(tmp_path) -> Iterator[tuple[Path, str]]:
 def test_a_store_in_a_read_only_folder_is_refused_naming_that_cause(
     model_dir, scifact_slice, read_only_folder
 ):
-    """Before, blamed on "another sbmoe process" holding the database."""
+    """Before, blamed on "another sbmoe process" holding the database. In a process of its own:
+    Milvus Lite starts there and fails, and what it leaves on stderr up to the exit counts."""
     folder, cause = read_only_folder
     line = error_line(index_store(model_dir, scifact_slice, folder / "corpus.db"))
     assert cause in line and "another sbmoe" not in line, line
 
 
 def test_a_store_path_that_is_the_users_file_is_refused_and_left_unchanged(
-    model_dir, scifact_slice, tmp_path
+    model_dir, scifact_slice, tmp_path, capfd, caplog
 ):
     """Before, blamed on "another sbmoe process" holding the database."""
     mine = tmp_path / "notes.db"
     mine.write_text("precious", encoding="utf-8")
-    line = error_line(index_store(model_dir, scifact_slice, mine))
+    line = error_line(index_store_here(model_dir, scifact_slice, mine, capfd, caplog))
     assert f"{mine} is a file, not a Milvus Lite database" in line and "nothing was changed" in line, line
     assert mine.read_text(encoding="utf-8") == "precious"
