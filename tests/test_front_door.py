@@ -48,3 +48,8 @@ def test_what_static_tools_see_is_what_the_front_door_serves():
         for alias in node.names
     }
     assert seen == sbmoe._EXPORTS
+
+
+def test_every_front_door_name_is_on_the_python_api_page():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text(encoding="utf-8")
+    assert [name for name in sbmoe._EXPORTS if f"`{name}`" not in page] == []

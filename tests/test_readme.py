@@ -3,7 +3,7 @@
 As tests/test_model_card.py does for model cards. The README keeps the quickstart; the other
 examples moved to ``docs/`` (the model, training files, the Python API), so the blocks are collected
 from the README and every page, each compiled under the name of the file it lives in, and a block
-that two files share (the quickstart, also on ``docs/python-api.md``) runs once.
+that two files share runs once.
 
 No substitution in the code: the examples name all-MiniLM-L6-v2, which loads here from its offline
 copy, and SciFact, which ``resolve_data`` finds in ``$SBMOE_DATA_DIR``. There the test puts a real
@@ -59,7 +59,7 @@ def test_the_readme_python_examples_run_as_written(data_dir, tmp_path, monkeypat
     monkeypatch.setenv("SBMOE_DATA_DIR", str(sliced))
     monkeypatch.chdir(tmp_path)  # the examples write under runs/
     blocks = documented_python_blocks()
-    blocks.sort(key=lambda item: "from sbmoe.training.trainer import train" not in item[1])  # stable
+    blocks.sort(key=lambda item: "sbmoe.train(" not in item[1])  # the quickstart first (stable)
     namespaces = []
     for name, block in blocks:
         namespaces.append({})
