@@ -26,12 +26,17 @@ from sbmoe.retrieval.milvus_collection import (
     ID_FIELD,
     SETTINGS,
     VECTOR_FIELD,
+    BoundedClient,
+    StoreServerError,
     connect,
     create_collection,
+    finish_writing,
     load_collection,
     pymilvus_module,
     read_meta,
     release,
+    server_errors,
+    server_timestamp,
 )
 from sbmoe.retrieval.store_uri import StoreURI
 
@@ -77,7 +82,7 @@ class MilvusStore:
         metadata: The caller's metadata (collection, model and encode configs, provenance).
     """
 
-    def __init__(self, uri: StoreURI, client: Any, meta: Mapping[str, Any]) -> None:
+    def __init__(self, uri: StoreURI, client: BoundedClient, meta: Mapping[str, Any]) -> None:
         self.uri = uri
         self._client = client
         self.meta = dict(meta)
@@ -86,6 +91,9 @@ class MilvusStore:
         self.dtype = "float32"
         self.metadata: dict[str, Any] = dict(meta.get("metadata") or {})
         self._count: int | None = None
+        # How searches see writes: Strong (wait for the server's next time tick) while writing;
+        # a finished store opened for searching reads as of its opening (:meth:`open`).
+        self._consistency: dict[str, Any] = {"consistency_level": "Strong"}
 
     # ------------------------------------------------------------------------------ opening
     @classmethod
@@ -112,6 +120,8 @@ class MilvusStore:
                 f"--shard I/N, if sharded) to complete it"
             )
         load_collection(client, uri)
+        if not uri.is_embedded and (timestamp := server_timestamp(client)) is not None:
+            store._consistency = {"consistency_level": "Customized", "guarantee_timestamp": timestamp}
         return store
 
     @classmethod
@@ -136,7 +146,7 @@ class MilvusStore:
             "pymilvus_version": pymilvus_module().__version__,
         }
         client = connect(uri, create=True)
-        if client.has_collection(uri.collection):
+        if client.has_collection(uri.collection) or not _created(client, uri, meta):
             found = read_meta(client, uri)
             different = [key for key in SETTINGS if found.get(key) != meta.get(key)]
             if not different:
@@ -151,9 +161,14 @@ class MilvusStore:
                     f"to replace it, or use another ?collection=NAME"
                 )
             client.drop_collection(uri.collection)
-        create_collection(client, uri, meta)
+            create_collection(client, uri, meta)
         load_collection(client, uri)
         return cls(uri, client, meta)
+
+    def finish(self) -> None:
+        """End a write job: on a server, seal the written rows and wait until they are indexed
+        (:func:`~sbmoe.retrieval.milvus_collection.finish_writing`)."""
+        finish_writing(self._client, self.uri)
 
     def close(self) -> None:
         """Disconnect (and stop this process's embedded server of a Milvus Lite file)."""
@@ -203,7 +218,11 @@ class MilvusStore:
                 self.uri.collection, batch_size=page, output_fields=[ID_FIELD], filter=""
             )
         try:
-            while rows := iterator.next():
+            while True:
+                with server_errors(self.uri, "query_iterator"):
+                    rows = iterator.next()
+                if not rows:
+                    return
                 yield from (row[ID_FIELD] for row in rows)
         finally:
             iterator.close()
@@ -296,7 +315,7 @@ class MilvusStore:
                 anns_field=VECTOR_FIELD,
                 search_params=self._search_params(fetch),
                 output_fields=[ID_FIELD],
-                consistency_level="Strong",
+                **self._consistency,
             )
             for qid, ranked in zip(qids[start : start + batch_size], hits, strict=True):
                 pairs = [(hit[ID_FIELD], float(hit["distance"])) for hit in ranked]
@@ -312,6 +331,18 @@ class MilvusStore:
         elif self.index_type == "ivf":
             params = {"nprobe": int(self.meta["nprobe"])}
         return {"metric_type": "IP", "params": params}
+
+
+def _created(client: BoundedClient, uri: StoreURI, meta: Mapping[str, Any]) -> bool:
+    """Create the collection; ``False`` if another job (a shard of the same corpus, writing at the
+    same time) created it between our look and our request."""
+    try:
+        create_collection(client, uri, meta)
+    except StoreServerError:
+        if not client.has_collection(uri.collection):
+            raise
+        return False
+    return True
 
 
 def _query_matrix(query_embeddings: np.ndarray, dim: int) -> np.ndarray:
