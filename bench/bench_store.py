@@ -204,6 +204,9 @@ def main() -> None:
     parser.add_argument("--centers", type=int, default=10_000, help="clusters of the vectors")
     parser.add_argument("--index-types", nargs="+", default=["flat", "hnsw"], choices=("flat", "hnsw", "ivf"))
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument(
+        "--skip", nargs="*", default=[], metavar="ENGINE:TYPE", help='cases left out, e.g. "FAISS:hnsw"'
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"machine: {machine()}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
@@ -216,7 +219,9 @@ def main() -> None:
     )
     context = multiprocessing.get_context("spawn")
     rows, exact_run = [], None
-    cases = [("FAISS", "flat")] + [(e, t) for t in args.index_types for e in args.engines]
+    cases = [("FAISS", "flat")] + [
+        (e, t) for t in args.index_types for e in args.engines if f"{e}:{t}" not in args.skip
+    ]
     with contextlib.ExitStack() as stack:
         server = None
         if "Milvus server" in args.engines:
@@ -231,16 +236,21 @@ def main() -> None:
             seconds, grown, disk, run, batched, single = results.get()
             process.join()
             exact_run = exact_run or run
-            rows.append((*case, seconds, grown, disk, recall_at_k(run, exact_run), batched, single))
-            print(f"  done: {case[0]} {case[1]} ({seconds:.0f} s build)", flush=True)
+            rows.append(row((*case, seconds, grown, disk, recall_at_k(run, exact_run), batched, single)))
+            print(f"  done: {rows[-1]}", flush=True)
     print()
     print("| engine | index | build s | RSS growth MiB | disk MiB | recall@10 | batched q/s | single q/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for engine, index_type, seconds, grown, disk, recall, batched, single in rows:
-        print(
-            f"| {engine} | {index_type} | {seconds:,.1f} | {grown:,.0f} | {disk:,.0f} | {recall:.3f} | "
-            f"{batched:,.0f} | {single:,.1f} |"
-        )
+    print("\n".join(rows))
+
+
+def row(figures: tuple) -> str:
+    """One table row: engine, index, build s, memory MiB, disk MiB, recall@10, batched and single q/s."""
+    engine, index_type, seconds, grown, disk, recall, batched, single = figures
+    return (
+        f"| {engine} | {index_type} | {seconds:,.1f} | {grown:,.0f} | {disk:,.0f} | {recall:.3f} | "
+        f"{batched:,.0f} | {single:,.1f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -281,25 +281,32 @@ def load_collection(client: Any, uri: StoreURI) -> None:
     client.load_collection(uri.collection, **({"replica_number": uri.replicas} if uri.replicas else {}))
 
 
+def _connection(client: BoundedClient) -> Any:
+    """pymilvus's connection under the client: the calls MilvusClient has no public method for."""
+    return client.client._get_connection()
+
+
 def server_timestamp(client: BoundedClient) -> int | None:
     """The server's clock now, as a Milvus hybrid timestamp, or ``None`` where it cannot tell it.
 
     Searches that guarantee this timestamp see every write made before it, without Strong
     consistency's wait for the server's next time tick (about 200 ms) on every request.
     """
-    connection = client.client._get_connection()  # MilvusClient has no public call for it
     with server_errors(client.uri, "alloc_timestamp"):
-        return int(connection.alloc_timestamp(timeout=client.uri.timeout)) or None  # 0: not implemented
+        timestamp = _connection(client).alloc_timestamp(timeout=client.uri.timeout)
+    return int(timestamp) or None  # 0: a server that does not implement it
 
 
 def finish_writing(client: BoundedClient, uri: StoreURI, report: Callable[[str], None] = logger.info) -> None:
-    """Seal what a write job put into a server's collection and wait until it is indexed.
+    """Seal what a write job put into a server's collection and wait until searches use its index.
 
     Milvus indexes sealed segments only; rows still in growing segments are searched by brute force
-    (or a temporary index) until the server seals them on its own, minutes later. A flush seals
-    them, the index nodes build the collection's index on them, and the query nodes load it. Each
-    look at the progress is one bounded request, so a live server may take as long as the index
-    needs, and a dead one fails in one line. Milvus Lite builds its index on load: nothing to do.
+    or a temporary index (Milvus 2.3: IVF with nprobe 16, recall far below the collection's index)
+    until the server seals them on its own, minutes later. A flush seals them, the index nodes
+    build the collection's index on them, and the query nodes then swap the growing segments for
+    the indexed ones. Each look at the progress is one bounded request, so a live server may take
+    as long as the index needs, and one that stops answering fails in one line. Milvus Lite builds
+    its index on load: nothing to do.
     """
     if uri.is_embedded:
         return
@@ -314,7 +321,10 @@ def finish_writing(client: BoundedClient, uri: StoreURI, report: Callable[[str],
                 f"{uri.collection!r}: {state.get('index_state_fail_reason') or 'no reason given'}"
             )
         if indexed >= total and not int(state.get("pending_index_rows", 0)):
-            return
+            with server_errors(uri, "get_query_segment_info"):
+                segments = _connection(client).get_query_segment_info(uri.collection, timeout=uri.timeout)
+            if sum(segment.num_rows for segment in segments) >= total:  # loaded, indexed, searched
+                return
         if time.monotonic() - last_report >= _REPORT_SECONDS:
             last_report = time.monotonic()
             report(f"{uri.text}: {indexed:,} of {total:,} rows indexed ({last_report - started:.0f} s)")
