@@ -1,7 +1,7 @@
 """A Milvus collection searched as an index and written by document id.
 
-The collection's layout is :mod:`sbmoe.retrieval.milvus_collection`'s. Writes are upserts keyed by
-``doc_id``: a document written twice is stored once.
+The collection's layout is :mod:`sbmoe.retrieval.milvus_collection`'s. Writes are keyed by
+``doc_id`` (new ids inserted, stored ones upserted): a document written twice is stored once.
 """
 
 from __future__ import annotations
@@ -250,6 +250,12 @@ class MilvusStore:
     ) -> None:
         """Write documents, replacing any already stored under the same id.
 
+        On a server, ids the collection does not hold yet are inserted rather than upserted: an
+        upsert writes a delete record for its id whether or not the id is there, and Milvus 2.3
+        compacts a segment whose delete records pass a fifth of its rows, then indexes it again,
+        so upserting a new corpus builds its index twice. (Two jobs writing the same documents at
+        the same moment may therefore store one twice; shards write disjoint ones.)
+
         Args:
             doc_ids: One id per row.
             embeddings: ``(rows, dim)`` float32.
@@ -268,8 +274,12 @@ class MilvusStore:
             for row, expert, gate in zip(rows, experts.tolist(), gates.tolist(), strict=True):
                 row[EXPERT_FIELD] = int(expert)
                 row[GATE_FIELD] = gate
-        if rows:
-            self._client.upsert(self.uri.collection, rows)
+        present = set(doc_ids) if self.uri.is_embedded else self.existing_ids(doc_ids)
+        new = [row for row in rows if row[ID_FIELD] not in present]
+        if new:
+            self._client.insert(self.uri.collection, new)
+        if len(new) < len(rows):
+            self._client.upsert(self.uri.collection, [row for row in rows if row[ID_FIELD] in present])
         self._count = None
 
     # ------------------------------------------------------------------------------ search
