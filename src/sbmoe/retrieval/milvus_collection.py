@@ -48,6 +48,9 @@ CONNECT_TIMEOUT = 10.0
 # Seconds between two looks at an index being built, and between two progress lines about it.
 _POLL_SECONDS = 1.0
 _REPORT_SECONDS = 30.0
+# Milvus 2.3 builds no index on a segment of fewer rows (minSegmentNumRowsToEnableIndex): those
+# are searched by brute force, and a query node may serve the others before their index too.
+_MIN_INDEXED_ROWS = 1024
 logger = logging.getLogger(__name__)
 
 
@@ -323,7 +326,9 @@ def finish_writing(client: BoundedClient, uri: StoreURI, report: Callable[[str],
         if indexed >= total and not int(state.get("pending_index_rows", 0)):
             with server_errors(uri, "get_query_segment_info"):
                 segments = _connection(client).get_query_segment_info(uri.collection, timeout=uri.timeout)
-            if sum(segment.num_rows for segment in segments) >= total:  # loaded, indexed, searched
+            served = sum(segment.num_rows for segment in segments)
+            bare = [s for s in segments if not s.index_name and s.num_rows >= _MIN_INDEXED_ROWS]
+            if served >= total and not bare:  # every indexed segment is searched through its index
                 return
         if time.monotonic() - last_report >= _REPORT_SECONDS:
             last_report = time.monotonic()
