@@ -15,7 +15,7 @@ demo: setup
 
 test: setup
 	$(VENV_BIN)/ruff check src tests bench
-	$(VENV_BIN)/python -m pytest -q $(ARGS)
+	$(VENV_BIN)/python -m pytest -q -rs $(ARGS)
 
 test-fast: setup
 	$(VENV_BIN)/python -m pytest -q -m "not integration" $(ARGS)

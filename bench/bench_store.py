@@ -1,30 +1,39 @@
-"""A vector store (Milvus Lite, embedded) against FAISS on the same clustered vectors, side by side.
+"""Vector stores (Milvus Lite, a Milvus server) against FAISS on the same clustered vectors, side by side.
 
 Loads ``--size`` unit vectors (drawn around random centres, as in ``bench_ann.py``) into FAISS
-(``DenseIndex``, as ``sbmoe index`` builds it) and into Milvus Lite (``MilvusStore``, as ``sbmoe index
---store`` writes it: upserts of 4,096 documents by id), each as an exact (flat) and an HNSW index
-(M 32, efSearch 128) or, with ``--index-types``, an IVF index (the same nlist and nprobe on both
-sides, sbmoe's defaults for the corpus size), and prints one table: build time, memory, disk,
-recall@10 against exact search, queries/s with all queries in batches of 1,024 and one query at a time.
+(``DenseIndex``, as ``sbmoe index`` builds it), into Milvus Lite and into a Milvus server
+(``MilvusStore``, as ``sbmoe index --store`` writes it: upserts of 4,096 documents by id, then, on
+the server, a flush and the wait for its index), each as an exact (flat) and an HNSW index (M 32,
+efSearch 128) or, with ``--index-types``, an IVF index (the same nlist and nprobe on every side,
+sbmoe's defaults for the corpus size), and prints one table: build time, memory, disk, recall@10
+against exact search, queries/s with all queries in batches of 1,024 and one query at a time.
 
 Each index is built and searched in a fresh process of its own (which draws the same vectors from
-the same seed), so "memory" is that process's resident memory growth while it builds and loads the
-index (Milvus Lite runs inside it: a gRPC
-server on loopback, the engine in Python over FAISS).
+the same seed). "Memory" is that process's resident memory growth while it builds and loads the
+index (Milvus Lite runs inside it: a gRPC server on loopback, the engine in Python over FAISS);
+for the server, the growth of the server's process tree (the ``milvus`` package's standalone
+Milvus, started once with ``milvus-server`` as docs/vector-stores.md shows, its own data folder and
+port), and "disk" the growth of its data folder.
 
     .venv/bin/python bench/bench_store.py [--size 1000000] [--dim 384] [--queries 1000] [--single 50]
-        [--index-types flat hnsw ivf]
+        [--index-types flat hnsw ivf] [--engines FAISS "Milvus Lite" "Milvus server"]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
-from importlib.metadata import version
+from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import faiss
@@ -40,6 +49,7 @@ from sbmoe.retrieval.milvus.store import MilvusStore
 from sbmoe.retrieval.milvus.uri import parse_store_uri
 
 K = 10
+ENGINES = ("FAISS", "Milvus Lite", "Milvus server")
 
 
 def directory_mib(path: Path) -> float:
@@ -63,23 +73,86 @@ def build_faiss(docs: np.ndarray, doc_ids: list[str], index_type: str, folder: P
     return index, seconds, grown, directory_mib(folder / f"faiss-{index_type}")
 
 
-def build_milvus(docs: np.ndarray, doc_ids: list[str], index_type: str, folder: Path) -> tuple:
-    """(store, build seconds, memory growth MiB, disk MiB): upserts as `sbmoe index --store`, then load."""
-    uri = parse_store_uri(f"milvus:{folder / f'milvus-{index_type}.db'}?collection=bench")
-    before, _ = memory_mib()
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` and all its descendants, MiB (from /proc)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            parents[int(entry.name)] = int(stat[1])
+            rss[int(entry.name)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    tree, grew = {pid}, True
+    while grew:
+        children = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return sum(rss.get(member, 0.0) for member in tree)
+
+
+@contextlib.contextmanager
+def milvus_server(folder: Path) -> Iterator[tuple[int, int]]:
+    """A standalone Milvus server (``milvus-server``, the ``milvus`` package) on a free loopback
+    port with its data in ``folder``: yields (port, pid of its process tree); stopped on exit."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "milvus-server"), "--data", str(folder)]
+    log = (folder.parent / "milvus-server.log").open("w")
+    process = subprocess.Popen([*command, "--proxy-port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        from pymilvus import MilvusClient
+
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=5).close()
+                break
+            except Exception:  # not up yet: the server takes 10-40 s to start
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Milvus server did not start; see {log.name}") from None
+                time.sleep(1)
+        yield port, process.pid
+    finally:
+        process.send_signal(signal.SIGINT)  # milvus-server stops its server on SIGINT
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def build_milvus(
+    docs: np.ndarray, doc_ids: list[str], index_type: str, folder: Path, server: tuple | None = None
+) -> tuple:
+    """(store, build seconds, memory growth MiB, disk MiB): upserts as `sbmoe index --store`, then load.
+
+    ``server``: (port, pid, data folder) of a running server; ``None``: Milvus Lite in this process.
+    """
+    if server is None:
+        uri = parse_store_uri(f"milvus:{folder / f'milvus-{index_type}.db'}?collection=bench")
+        memory, disk = (lambda: memory_mib()[0]), (lambda: directory_mib(Path(uri.path)))
+    else:
+        port, pid, data = server
+        uri = parse_store_uri(f"milvus://127.0.0.1:{port}?collection=bench_{index_type}&timeout=600")
+        memory, disk = (lambda: tree_rss_mib(pid)), (lambda: directory_mib(data))
+    before, disk_before = memory(), disk() if server else 0.0
     started = time.perf_counter()
     meta = store_meta("bench", docs.shape[1], len(docs), IndexConfig(index_type=index_type), 0, {})
-    store = MilvusStore.create_or_resume(uri, meta)
+    store = MilvusStore.create_or_resume(uri, meta, overwrite=True)
     for start in range(0, len(docs), INDEX_CHUNK_SIZE):
         store.upsert(doc_ids[start : start + INDEX_CHUNK_SIZE], docs[start : start + INDEX_CHUNK_SIZE])
-    # As `sbmoe index --store` then `sbmoe search` do: close the writer, open the store for
-    # searching (Milvus Lite builds each sealed segment's index when it loads the collection).
+    # As `sbmoe index --store` then `sbmoe search` do: finish (a server seals the rows and builds
+    # its index), close the writer, open the store for searching (Milvus Lite builds each sealed
+    # segment's index when it loads the collection).
+    store.finish()
     store.close()
     store = MilvusStore.open(uri, "bench")
     store.search(docs[:1], K)
     seconds = time.perf_counter() - started
-    grown = memory_mib()[0] - before
-    return store, seconds, grown, directory_mib(Path(uri.path))
+    return store, seconds, memory() - before, disk() - disk_before
 
 
 def data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
@@ -90,23 +163,37 @@ def data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     return vectors(rng, args.size, args.dim, centers), vectors(rng, args.queries, args.dim, centers)
 
 
-def measure(case: tuple[str, str], args: argparse.Namespace, results) -> None:
+def measure(case: tuple[str, str], args: argparse.Namespace, server: tuple | None, results) -> None:
     """Build one (engine, index type) in a fresh folder, search it, and put the figures on ``results``."""
     engine, index_type = case
     docs, queries = data(args)
-    build = build_faiss if engine == "FAISS" else build_milvus
     doc_ids = [f"d{i}" for i in range(len(docs))]
     query_ids = [f"q{i}" for i in range(len(queries))]
     folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
     try:
-        index, seconds, grown, disk = build(docs, doc_ids, index_type, folder)
+        if engine == "FAISS":
+            index, seconds, grown, disk = build_faiss(docs, doc_ids, index_type, folder)
+        else:
+            index, seconds, grown, disk = build_milvus(
+                docs, doc_ids, index_type, folder, server if engine == "Milvus server" else None
+            )
+        del docs
         run, batched = timed(index.search, queries, query_ids, 1024)
         _, one_by_one = timed(index.search, queries[: args.single], query_ids[: args.single], 1)
         if isinstance(index, MilvusStore):
+            if server is not None and engine == "Milvus server":  # free the server's memory
+                index._client.drop_collection(index.uri.collection)
             index.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results.put((seconds, grown, disk, run, batched, one_by_one))
+
+
+def installed(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def main() -> None:
@@ -117,10 +204,15 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=50, help="queries timed one at a time")
     parser.add_argument("--centers", type=int, default=10_000, help="clusters of the vectors")
     parser.add_argument("--index-types", nargs="+", default=["flat", "hnsw"], choices=("flat", "hnsw", "ivf"))
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument(
+        "--skip", nargs="*", default=[], metavar="ENGINE:TYPE", help='cases left out, e.g. "FAISS:hnsw"'
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"machine: {machine()}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
-    print(f"pymilvus {version('pymilvus')}, milvus-lite {version('milvus-lite')}")
+    packages = ("pymilvus", "milvus-lite", "milvus")
+    print(", ".join(f"{name} {installed(name)}" for name in packages), "(milvus: the server)")
     raw = args.size * args.dim * 4 / 2**20
     print(
         f"settings: {args.size:,} clustered unit vectors of dimension {args.dim} ({args.centers:,} centres), "
@@ -128,24 +220,38 @@ def main() -> None:
     )
     context = multiprocessing.get_context("spawn")
     rows, exact_run = [], None
-    cases = [("FAISS", "flat")] + [(e, t) for t in args.index_types for e in ("FAISS", "Milvus Lite")]
-    for case in dict.fromkeys(cases):  # FAISS flat first: the exact reference
-        results = context.Queue()
-        process = context.Process(target=measure, args=(case, args, results))
-        process.start()
-        seconds, grown, disk, run, batched, single = results.get()
-        process.join()
-        exact_run = exact_run or run
-        rows.append((*case, seconds, grown, disk, recall_at_k(run, exact_run), batched, single))
-        print(f"  done: {case[0]} {case[1]} ({seconds:.0f} s build)", flush=True)
+    cases = [("FAISS", "flat")] + [
+        (e, t) for t in args.index_types for e in args.engines if f"{e}:{t}" not in args.skip
+    ]
+    with contextlib.ExitStack() as stack:
+        server = None
+        if "Milvus server" in args.engines:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-server-")))
+            port, pid = stack.enter_context(milvus_server(folder / "data"))
+            server = (port, pid, folder / "data")
+            print(f"Milvus server on port {port}: {tree_rss_mib(pid):,.0f} MiB resident after start")
+        for case in dict.fromkeys(cases):  # FAISS flat first: the exact reference
+            results = context.Queue()
+            process = context.Process(target=measure, args=(case, args, server, results))
+            process.start()
+            seconds, grown, disk, run, batched, single = results.get()
+            process.join()
+            exact_run = exact_run or run
+            rows.append(row((*case, seconds, grown, disk, recall_at_k(run, exact_run), batched, single)))
+            print(f"  done: {rows[-1]}", flush=True)
     print()
     print("| engine | index | build s | RSS growth MiB | disk MiB | recall@10 | batched q/s | single q/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for engine, index_type, seconds, grown, disk, recall, batched, single in rows:
-        print(
-            f"| {engine} | {index_type} | {seconds:,.1f} | {grown:,.0f} | {disk:,.0f} | {recall:.3f} | "
-            f"{batched:,.0f} | {single:,.1f} |"
-        )
+    print("\n".join(rows))
+
+
+def row(figures: tuple) -> str:
+    """One table row: engine, index, build s, memory MiB, disk MiB, recall@10, batched and single q/s."""
+    engine, index_type, seconds, grown, disk, recall, batched, single = figures
+    return (
+        f"| {engine} | {index_type} | {seconds:,.1f} | {grown:,.0f} | {disk:,.0f} | {recall:.3f} | "
+        f"{batched:,.0f} | {single:,.1f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -170,6 +170,29 @@ def write_beir_slice(source: Path, target: Path, n_train: int, n_test: int, n_ot
 
 
 @pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A Milvus standalone server (tests/milvus_server.py), started once per session in a folder of
+    its own on free loopback ports and stopped at the end, however the tests went. Where it cannot
+    start, the tests that need it skip, saying why (``pytest -rs`` prints it)."""
+    pytest.importorskip("pymilvus")
+    try:
+        import milvus  # noqa: F401  (the server's binaries)
+    except ImportError:
+        pytest.skip("no Milvus server here: the milvus package is not installed (`make setup` installs it)")
+    from milvus_server import MilvusTestServer
+
+    server = MilvusTestServer(tmp_path_factory.mktemp("milvus-server"))
+    try:
+        server.start()
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def scifact_slice(data_dir, tmp_path_factory) -> Path:
     """Real SciFact: 48 train queries, 16 test queries, their positives and 40 other documents."""
     return write_beir_slice(

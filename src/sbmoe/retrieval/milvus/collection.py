@@ -10,19 +10,25 @@ One collection holds one corpus encoded by one model:
   the vectors, the dimension, the corpus size, the index settings and the caller's metadata.
 
 The same code talks to Milvus Lite (a local ``.db``, embedded in the process) and to a Milvus server
-or cluster; see :mod:`sbmoe.retrieval.milvus` for the URIs.
+or cluster; see :mod:`sbmoe.retrieval.milvus` for the URIs. What a server needs beyond Milvus Lite is
+here too: every request bounded by the URI's timeout and failing in one line
+(:class:`BoundedClient`), the index built on flushed segments before a write job ends
+(:func:`finish_writing`), and a read timestamp for searches (:func:`server_timestamp`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from sbmoe.config.jobs import IndexConfig
-from sbmoe.core.errors import MissingInputError, UsageError, first_line
+from sbmoe.core.errors import MissingInputError, SbmoeError, UsageError, first_line
 from sbmoe.retrieval.faiss.index_types import default_nlist, default_nprobe
 from sbmoe.retrieval.milvus.uri import StoreURI, missing_extra_message
 
@@ -38,6 +44,70 @@ _HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128  # as the FAISS HNSW index searches
 # Settings that must agree for a collection to be resumed rather than rebuilt.
 SETTINGS = ("fingerprint", "corpus", "dim", "count", "index_type", "nlist", "experts")
+# Seconds to wait for a server to accept the connection (a request's own limit is the URI's timeout).
+CONNECT_TIMEOUT = 10.0
+# Seconds between two looks at an index being built, and between two progress lines about it.
+_POLL_SECONDS = 1.0
+_REPORT_SECONDS = 30.0
+# Milvus 2.3 builds no index on a segment of fewer rows (minSegmentNumRowsToEnableIndex): those
+# are searched by brute force, and a query node may serve the others before their index too.
+_MIN_INDEXED_ROWS = 1024
+logger = logging.getLogger(__name__)
+
+
+class StoreServerError(SbmoeError, ConnectionError):
+    """A Milvus server could not be reached, did not answer in time, or refused a request."""
+
+
+def _where(uri: StoreURI) -> str:
+    return f"the Milvus server at {uri.address}" if uri.address else f"the Milvus Lite database {uri.path}"
+
+
+@contextlib.contextmanager
+def server_errors(uri: StoreURI, request: str) -> Iterator[None]:
+    """Turn what pymilvus raises for a failed ``request`` into one line (:class:`StoreServerError`)."""
+    import grpc
+
+    pymilvus = pymilvus_module()
+    try:
+        yield
+    except grpc.RpcError as error:  # pymilvus lets a request's deadline through as gRPC's own error
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise StoreServerError(
+                f"{_where(uri)} did not answer {request} within {uri.timeout:g} s: is it stopped or "
+                f"overloaded? (a busy server may be given longer with ?timeout=SECONDS in the URI)"
+            ) from None
+        reason = f"{error.code().name} {error.details()}"
+        raise StoreServerError(f"{_where(uri)} failed {request}: {reason}") from None
+    except pymilvus.exceptions.MilvusException as error:
+        raise StoreServerError(f"{_where(uri)} refused {request}: {first_line(error.message)}") from None
+
+
+class BoundedClient:
+    """A ``MilvusClient`` whose every request ends within the URI's timeout, failing in one line.
+
+    A server that stops answering would otherwise hold a request (and pymilvus's retries of it)
+    for minutes; calls are forwarded unchanged otherwise, so the class is a drop-in client.
+    """
+
+    def __init__(self, client: Any, uri: StoreURI) -> None:
+        self.client = client
+        self.uri = uri
+        self._bounded = uri.address is not None  # Milvus Lite runs in this process: nothing to wait for
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.client, name)
+        if not callable(attribute):
+            return attribute
+        takes_timeout = self._bounded and "timeout" in inspect.signature(attribute).parameters
+
+        def bounded(*args: Any, **kwargs: Any) -> Any:
+            if takes_timeout:
+                kwargs.setdefault("timeout", self.uri.timeout)
+            with server_errors(self.uri, name):
+                return attribute(*args, **kwargs)
+
+        return bounded
 
 
 def pymilvus_module() -> Any:
@@ -70,18 +140,45 @@ def _not_an_unimplemented_method(record: logging.LogRecord) -> bool:
     return not (record.exc_info and record.exc_info[0] is NotImplementedError)
 
 
-def connect(uri: StoreURI, create: bool) -> Any:
-    """A ``MilvusClient`` for ``uri``; a Milvus Lite file is created only when ``create``."""
+def connect(uri: StoreURI, create: bool) -> BoundedClient:
+    """A client for ``uri``; a Milvus Lite file is created only when ``create``.
+
+    Raises:
+        StoreServerError: the server cannot be reached, does not answer, or lacks the URI's database.
+        MissingInputError: no Milvus Lite file there (without ``create``).
+        UsageError: the Milvus Lite path cannot be used.
+    """
     require_engine(uri)
     pymilvus = pymilvus_module()
     if uri.is_embedded:
         logging.getLogger("grpc._server").addFilter(_not_an_unimplemented_method)  # kept once
-        return _open_lite(pymilvus, uri, create)
+        return BoundedClient(_open_lite(pymilvus, uri, create), uri)
     token = os.environ.get("MILVUS_TOKEN", "")
+    within = min(CONNECT_TIMEOUT, uri.timeout)
+    started = time.monotonic()
     try:
-        return pymilvus.MilvusClient(uri=uri.address, token=token, db_name=uri.database or "")
-    except pymilvus.exceptions.MilvusException as error:
-        raise UsageError(f"could not reach the Milvus server at {uri.address}: {error.message}") from None
+        client = pymilvus.MilvusClient(
+            uri=uri.address, token=token, db_name=uri.database or "", timeout=within
+        )
+    except pymilvus.exceptions.MilvusException:
+        if time.monotonic() - started >= 0.9 * within:
+            raise StoreServerError(
+                f"the Milvus server at {uri.address} did not answer within {within:g} s: is it stopped, "
+                f"or is something other than Milvus listening there?"
+            ) from None
+        raise StoreServerError(
+            f"could not connect to a Milvus server at {uri.address}: nothing accepts connections there, "
+            f"or it does not speak Milvus's protocol; is the server running, and is the port its gRPC "
+            f"port (19530 by default)?"
+        ) from None
+    bounded = BoundedClient(client, uri)
+    if uri.database and uri.database not in bounded.list_databases():
+        bounded.close()
+        raise StoreServerError(
+            f"the Milvus server at {uri.address} has no database {uri.database!r}; create it first "
+            f"(pymilvus: MilvusClient(...).create_database({uri.database!r})) or leave it out of the URI"
+        )
+    return bounded
 
 
 def _open_lite(pymilvus: Any, uri: StoreURI, create: bool) -> Any:
@@ -186,6 +283,58 @@ def read_meta(client: Any, uri: StoreURI) -> dict[str, Any]:
 def load_collection(client: Any, uri: StoreURI) -> None:
     """Load the collection for searching, with the URI's replicas (a server's default: one)."""
     client.load_collection(uri.collection, **({"replica_number": uri.replicas} if uri.replicas else {}))
+
+
+def _connection(client: BoundedClient) -> Any:
+    """pymilvus's connection under the client: the calls MilvusClient has no public method for."""
+    return client.client._get_connection()
+
+
+def server_timestamp(client: BoundedClient) -> int | None:
+    """The server's clock now, as a Milvus hybrid timestamp, or ``None`` where it cannot tell it.
+
+    Searches that guarantee this timestamp see every write made before it, without Strong
+    consistency's wait for the server's next time tick (about 200 ms) on every request.
+    """
+    with server_errors(client.uri, "alloc_timestamp"):
+        timestamp = _connection(client).alloc_timestamp(timeout=client.uri.timeout)
+    return int(timestamp) or None  # 0: a server that does not implement it
+
+
+def finish_writing(client: BoundedClient, uri: StoreURI, report: Callable[[str], None] = logger.info) -> None:
+    """Seal what a write job put into a server's collection and wait until searches use its index.
+
+    Milvus indexes sealed segments only; rows still in growing segments are searched by brute force
+    or a temporary index (Milvus 2.3: IVF with nprobe 16, recall far below the collection's index)
+    until the server seals them on its own, minutes later. A flush seals them, the index nodes
+    build the collection's index on them, and the query nodes then swap the growing segments for
+    the indexed ones. Each look at the progress is one bounded request, so a live server may take
+    as long as the index needs, and one that stops answering fails in one line. Milvus Lite builds
+    its index on load: nothing to do.
+    """
+    if uri.is_embedded:
+        return
+    client.flush(uri.collection)
+    started = last_report = time.monotonic()
+    while True:
+        state = client.describe_index(uri.collection, VECTOR_FIELD)
+        total, indexed = int(state.get("total_rows", 0)), int(state.get("indexed_rows", 0))
+        if state.get("state") == "Failed":
+            raise StoreServerError(
+                f"the Milvus server at {uri.address} could not build the index of collection "
+                f"{uri.collection!r}: {state.get('index_state_fail_reason') or 'no reason given'}"
+            )
+        if indexed >= total and not int(state.get("pending_index_rows", 0)):
+            with server_errors(uri, "get_query_segment_info"):
+                segments = _connection(client).get_query_segment_info(uri.collection, timeout=uri.timeout)
+            served = sum(segment.num_rows for segment in segments)
+            bare = [s for s in segments if not s.index_name and s.num_rows >= _MIN_INDEXED_ROWS]
+            if served >= total and not bare:  # every indexed segment is searched through its index
+                return
+        if time.monotonic() - last_report >= _REPORT_SECONDS:
+            last_report = time.monotonic()
+            report(f"{uri.text}: {indexed:,} of {total:,} rows indexed ({last_report - started:.0f} s)")
+        time.sleep(_POLL_SECONDS)
 
 
 def create_collection(client: Any, uri: StoreURI, meta: Mapping[str, Any]) -> None:

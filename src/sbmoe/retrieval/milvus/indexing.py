@@ -3,7 +3,9 @@
 Documents go in chunks: each chunk asks the store which of its ids it already holds, encodes only
 the others and upserts them by id. A killed job, run again, therefore skips what was written and
 never stores a document twice; shards (``--shard I/N``, or one ``torchrun`` process each) write
-disjoint slices of the same collection.
+disjoint slices of the same collection. On a server, a job ends once what it wrote is sealed and
+indexed (:meth:`~sbmoe.retrieval.milvus.store.MilvusStore.finish`), so the searches after it use the
+index.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def index_into_store(
                     gates,
                 )
                 written += len(todo)
+            store.finish()
             stored = len(store)
         finally:
             store.close()

@@ -1,7 +1,7 @@
 """A Milvus collection searched as an index and written by document id.
 
-The collection's layout is :mod:`sbmoe.retrieval.milvus.collection`'s. Writes are upserts keyed by
-``doc_id``: a document written twice is stored once.
+The collection's layout is :mod:`sbmoe.retrieval.milvus.collection`'s. Writes are keyed by
+``doc_id`` (new ids inserted, stored ones upserted): a document written twice is stored once.
 """
 
 from __future__ import annotations
@@ -26,12 +26,17 @@ from sbmoe.retrieval.milvus.collection import (
     ID_FIELD,
     SETTINGS,
     VECTOR_FIELD,
+    BoundedClient,
+    StoreServerError,
     connect,
     create_collection,
+    finish_writing,
     load_collection,
     pymilvus_module,
     read_meta,
     release,
+    server_errors,
+    server_timestamp,
 )
 from sbmoe.retrieval.milvus.uri import StoreURI
 
@@ -78,7 +83,7 @@ class MilvusStore:
         metadata: The caller's metadata (collection, model and encode configs, provenance).
     """
 
-    def __init__(self, uri: StoreURI, client: Any, meta: Mapping[str, Any]) -> None:
+    def __init__(self, uri: StoreURI, client: BoundedClient, meta: Mapping[str, Any]) -> None:
         self.uri = uri
         self.location: str | None = uri.text
         self._client = client
@@ -88,6 +93,9 @@ class MilvusStore:
         self.dtype = "float32"
         self.metadata: dict[str, Any] = dict(meta.get("metadata") or {})
         self._count: int | None = None
+        # How searches see writes: Strong (wait for the server's next time tick) while writing;
+        # a finished store opened for searching reads as of its opening (:meth:`open`).
+        self._consistency: dict[str, Any] = {"consistency_level": "Strong"}
 
     # ------------------------------------------------------------------------------ opening
     @classmethod
@@ -114,6 +122,8 @@ class MilvusStore:
                 f"--shard I/N, if sharded) to complete it"
             )
         load_collection(client, uri)
+        if not uri.is_embedded and (timestamp := server_timestamp(client)) is not None:
+            store._consistency = {"consistency_level": "Customized", "guarantee_timestamp": timestamp}
         return store
 
     @classmethod
@@ -138,7 +148,7 @@ class MilvusStore:
             "pymilvus_version": pymilvus_module().__version__,
         }
         client = connect(uri, create=True)
-        if client.has_collection(uri.collection):
+        if client.has_collection(uri.collection) or not _created(client, uri, meta):
             found = read_meta(client, uri)
             different = [key for key in SETTINGS if found.get(key) != meta.get(key)]
             if not different:
@@ -153,9 +163,14 @@ class MilvusStore:
                     f"to replace it, or use another ?collection=NAME"
                 )
             client.drop_collection(uri.collection)
-        create_collection(client, uri, meta)
+            create_collection(client, uri, meta)
         load_collection(client, uri)
         return cls(uri, client, meta)
+
+    def finish(self) -> None:
+        """End a write job: on a server, seal the written rows and wait until they are indexed
+        (:func:`~sbmoe.retrieval.milvus.collection.finish_writing`)."""
+        finish_writing(self._client, self.uri)
 
     def close(self) -> None:
         """Disconnect (and stop this process's embedded server of a Milvus Lite file)."""
@@ -205,7 +220,11 @@ class MilvusStore:
                 self.uri.collection, batch_size=page, output_fields=[ID_FIELD], filter=""
             )
         try:
-            while rows := iterator.next():
+            while True:
+                with server_errors(self.uri, "query_iterator"):
+                    rows = iterator.next()
+                if not rows:
+                    return
                 yield from (row[ID_FIELD] for row in rows)
         finally:
             iterator.close()
@@ -233,6 +252,12 @@ class MilvusStore:
     ) -> None:
         """Write documents, replacing any already stored under the same id.
 
+        On a server, ids the collection does not hold yet are inserted rather than upserted: an
+        upsert writes a delete record for its id whether or not the id is there, and Milvus 2.3
+        compacts a segment whose delete records pass a fifth of its rows, then indexes it again,
+        so upserting a new corpus builds its index twice. (Two jobs writing the same documents at
+        the same moment may therefore store one twice; shards write disjoint ones.)
+
         Args:
             doc_ids: One id per row.
             embeddings: ``(rows, dim)`` float32.
@@ -251,8 +276,12 @@ class MilvusStore:
             for row, expert, gate in zip(rows, experts.tolist(), gates.tolist(), strict=True):
                 row[EXPERT_FIELD] = int(expert)
                 row[GATE_FIELD] = gate
-        if rows:
-            self._client.upsert(self.uri.collection, rows)
+        present = set(doc_ids) if self.uri.is_embedded else self.existing_ids(doc_ids)
+        new = [row for row in rows if row[ID_FIELD] not in present]
+        if new:
+            self._client.insert(self.uri.collection, new)
+        if len(new) < len(rows):
+            self._client.upsert(self.uri.collection, [row for row in rows if row[ID_FIELD] in present])
         self._count = None
 
     # ------------------------------------------------------------------------------ search
@@ -298,7 +327,7 @@ class MilvusStore:
                 anns_field=VECTOR_FIELD,
                 search_params=self._search_params(fetch),
                 output_fields=[ID_FIELD],
-                consistency_level="Strong",
+                **self._consistency,
             )
             for qid, ranked in zip(qids[start : start + batch_size], hits, strict=True):
                 pairs = [(hit[ID_FIELD], float(hit["distance"])) for hit in ranked]
@@ -314,6 +343,18 @@ class MilvusStore:
         elif self.index_type == "ivf":
             params = {"nprobe": int(self.meta["nprobe"])}
         return {"metric_type": "IP", "params": params}
+
+
+def _created(client: BoundedClient, uri: StoreURI, meta: Mapping[str, Any]) -> bool:
+    """Create the collection; ``False`` if another job (a shard of the same corpus, writing at the
+    same time) created it between our look and our request."""
+    try:
+        create_collection(client, uri, meta)
+    except StoreServerError:
+        if not client.has_collection(uri.collection):
+            raise
+        return False
+    return True
 
 
 def _query_matrix(query_embeddings: np.ndarray, dim: int) -> np.ndarray:

@@ -15,8 +15,11 @@ DEFAULT_COLLECTION = "sbmoe"
 STORE_EXTRA = "store"
 # Milvus's rule for collection names: a letter or underscore, then letters, digits, underscores.
 _COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
-_QUERY_KEYS = {"collection", "tls", "shards", "replicas"}
-_SERVER_ONLY = ("tls", "shards", "replicas")
+_QUERY_KEYS = {"collection", "tls", "shards", "replicas", "timeout"}
+_SERVER_ONLY = ("tls", "shards", "replicas", "timeout")
+# Seconds a server has to answer one request (flushes and index builds are polled request by
+# request, so they may take longer in all); ?timeout=SECONDS changes it.
+DEFAULT_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class StoreURI:
         collection: The collection holding the documents.
         shards: A server: shards a new collection is created with (Milvus spreads writes over them).
         replicas: A server: in-memory replicas the collection is loaded with (spreads searches).
+        timeout: A server: seconds it has to answer each request before sbmoe gives up on it.
     """
 
     text: str
@@ -42,6 +46,7 @@ class StoreURI:
     collection: str
     shards: int | None = None
     replicas: int | None = None
+    timeout: float = DEFAULT_TIMEOUT
 
     @property
     def is_embedded(self) -> bool:
@@ -82,9 +87,10 @@ def parse_store_uri(text: str) -> StoreURI:
         except ValueError:
             raise UsageError(f"store URI {text!r}: the port must be a number") from None
         counts = {key: _positive(text, key, query[key][-1]) for key in ("shards", "replicas") if key in query}
+        timeout = _seconds(text, query["timeout"][-1]) if "timeout" in query else DEFAULT_TIMEOUT
         address = f"{scheme}://{parts.hostname or ''}:{port}"
         database = parts.path.strip("/") or None
-        return StoreURI(text, "milvus", None, address, database, collection, **counts)
+        return StoreURI(text, "milvus", None, address, database, collection, **counts, timeout=timeout)
     path = parts.path
     if not path.endswith(STORE_FILES.suffix):
         raise UsageError(
@@ -100,6 +106,16 @@ def _positive(text: str, key: str, value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise UsageError(f"store URI {text!r}: {key} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _seconds(text: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise UsageError(f"store URI {text!r}: timeout must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def missing_extra_message(package: str) -> str:
