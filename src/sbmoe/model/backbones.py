@@ -14,7 +14,12 @@ from safetensors import SafetensorError
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.core.errors import ModelLoadError, first_line
-from sbmoe.model.folder_check import STAGE_CLASSES, check_model_folder, transformer_folder
+from sbmoe.model.folder_check import (
+    STAGE_CLASSES,
+    check_hub_repository,
+    check_model_folder,
+    transformer_folder,
+)
 from sbmoe.model.head import size_mismatch
 
 SBMOE_CONFIG_FILE = "sbmoe.json"
@@ -78,6 +83,8 @@ def load_sentence_transformer(name: str, source: str, device: torch.device) -> S
     is_local = Path(source).is_dir()
     if is_local:
         check_model_folder(Path(source))
+    else:
+        check_hub_repository(source)
     try:
         with _no_size_mismatch_table():
             # sentence-transformers' (private, pinned) hook for classes resolved by the caller: sbmoe's

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sentence_transformers.base.modules import Dense, Normalize, Transformer
@@ -75,6 +75,39 @@ def _check_file(file: Path) -> None:
             "weights only from safetensors, as unpickling can run code. Use the model's safetensors "
             "release, or convert these weights to safetensors if you trust their origin"
         )
+
+
+def check_hub_repository(name: str) -> None:
+    """Refuse hub repository ``name`` when loading it would unpickle weights (a folder of it holds
+    ``pytorch_model.bin`` and no safetensors) or import its code, before any weights are fetched.
+
+    The repository's file list comes from the hub, or offline from its copy in the Hugging Face
+    cache (which the load would then use, so that copy is checked as a local folder is). A name
+    the hub does not know passes: the load says so.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files = set(HfApi().list_repo_files(name))
+    except Exception:  # noqa: BLE001 (offline, no such repository, no access): the cached copy, if any
+        files = set()
+    try:
+        cached = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 (not in the cache)
+        cached = None
+    if cached is not None:
+        check_model_folder(cached)
+        files |= {path.relative_to(cached).as_posix() for path in _reachable_files(cached)}
+    for file in sorted(files):
+        path = PurePosixPath(file)
+        if _PICKLED_WEIGHTS.fullmatch(path.name) and not any(
+            (path.parent / weights).as_posix() in files for weights in _SAFETENSORS_WEIGHTS
+        ):
+            raise ModelLoadError(
+                f"{file} of hub repository {name!r}: weights pickled by PyTorch, with no "
+                "model.safetensors beside them; sbmoe loads weights only from safetensors, as "
+                "unpickling can run code. Use a repository that ships safetensors"
+            )
 
 
 def transformer_folder(folder: Path) -> Path:
