@@ -30,7 +30,7 @@ NORMALIZE_EPS = 1e-6
 class SavedModule(Module):
     """A sentence-transformers module that saves its ``config_keys`` and its weights, and loads them.
 
-    Saved models then reload with plain ``SentenceTransformer(dir, trust_remote_code=True)``.
+    Saved models then reload with ``Retriever.load(dir)``, which resolves the head to this class.
     """
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
