@@ -210,6 +210,39 @@ def test_training_that_diverges_ends_in_one_line_and_claims_no_finished_model(
     )
 
 
+def test_a_grid_cell_that_diverges_says_which_grid_keys_to_lower_and_then_runs(
+    tiny_bert_dir, scifact_slice, tmp_path, monkeypatch
+):
+    """Before, the cell's error suggested --lr-backbone and --overwrite, which `sbmoe experiment` lacks."""
+    import yaml
+
+    from sbmoe.study.experiments import run_experiment
+    from sbmoe.study.grid import load_grid
+
+    monkeypatch.setenv("SBMOE_DATA_DIR", str(scifact_slice.parent))
+    settings = {
+        "name": "diverging",
+        "backbones": [str(tiny_bert_dir)],
+        "collections": [scifact_slice.name],
+        "seeds": [1],
+        "experts": [2],
+        "transfer": False,
+        "variants": {"sb-moe": {"gating": "learned"}},
+        "model": {"max_doc_length": 32},
+        "train": {"max_steps": 3, "batch_size": 8, "precision": "fp32", "lr_backbone": 1e9, "lr_head": 1e9},
+    }
+    grid_file, output = tmp_path / "grid.yaml", tmp_path / "out"
+    grid_file.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    quiet = JobOptions(show_progress=False)
+    ((cell, message),) = run_experiment(load_grid(grid_file), output, quiet).failed.items()
+    assert "lr_backbone / lr_head (now 1e+09 / 1e+09)" in message and "--" not in message, message
+    assert f"delete {output / 'cells' / cell}" in message
+    settings["train"].update(lr_backbone=2e-5, lr_head=1e-3)
+    grid_file.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    shutil.rmtree(output / "cells" / cell)  # as the message says
+    assert run_experiment(load_grid(grid_file), output, quiet).finished == [cell]
+
+
 # ------------------------------------------------------------------------------------ checks before work
 def evaluate_args(model, data, output, *extra: str) -> list[str]:
     return ["evaluate", "--model", str(model), "--data", str(data), "--output", str(output), *extra]
