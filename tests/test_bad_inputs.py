@@ -276,6 +276,10 @@ def no_encoding(monkeypatch):
             "max_doc_length (--max-doc-length) is 100000 tokens, more than the 128",
         ),
         (["--max-query-length", "129"], "max_query_length (--max-query-length) is 129 tokens"),
+        (  # before, accepted without a word (and with --hard-negatives, failed after loading)
+            ["--negatives-source", "no-such-negatives.json"],
+            "negatives_source (--negatives-source) 'no-such-negatives.json' is neither bm25, dense",
+        ),
     ],
 )
 def test_train_refuses_impossible_sizes_before_any_work(
