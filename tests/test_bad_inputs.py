@@ -302,11 +302,16 @@ def test_train_refuses_impossible_sizes_before_any_work(
         ),
         (["--top-k", "1000000000"], "top_k must be <= 100000"),
         (["--encode-batch-size", "1000000"], "encode_batch_size must be <= 8192"),
+        # before, tracebacks: "PyTorch is not linked with support for mps devices", FileExistsError
+        (["--device", "mps"], "device 'mps' is not available here: use auto, cpu, cuda or cuda:N"),
+        (["--cache-dir", "note.txt/cache"], "--cache-dir note.txt/cache: note.txt is a file, not a folder"),
     ],
 )
 def test_evaluate_refuses_bad_settings_before_encoding(
-    tiny_bert_dir, scifact_slice, tmp_path, capsys, no_encoding, flags, cause
+    tiny_bert_dir, scifact_slice, tmp_path, capsys, no_encoding, flags, cause, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "note.txt").write_text("mine\n", encoding="utf-8")
     refused(capsys, evaluate_args(tiny_bert_dir, scifact_slice, tmp_path / "eval", *flags), cause)
     assert not (tmp_path / "eval").exists()
 
