@@ -89,11 +89,11 @@ def check_hub_repository(name: str) -> None:
 
     try:
         files = set(HfApi().list_repo_files(name))
-    except Exception:  # noqa: BLE001 (offline, no such repository, no access): the cached copy, if any
+    except Exception:  # offline, no such repository, no access: the cached copy, if any
         files = set()
     try:
         cached = Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001 (not in the cache)
+    except Exception:  # not in the cache
         cached = None
     if cached is not None:
         check_model_folder(cached)
