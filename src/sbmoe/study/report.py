@@ -351,6 +351,11 @@ def build_report(
         raise UsageError(f"{output_dir}: no finished cells (cells/*/done.json) to report on")
     experiment = Path(output_dir) / "experiment.json"
     order = list(read_json(experiment)["grid"]["variants"]) if experiment.exists() else []
+    variants = sorted({system.variant for system in systems})
+    if baseline not in variants and baseline != "fine-tuned":  # before, a report without any test
+        raise UsageError(
+            f"{output_dir}: baseline {baseline!r} is no variant of its finished cells ({', '.join(variants)})"
+        )
     report = ExperimentReport(systems, {}, metrics, baseline, metric, order)
     tests = {"test": test, "alpha": alpha, "seed": seed, "metric": metric}
     for group, members in report.groups().items():
