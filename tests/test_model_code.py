@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sbmoe.cli.main import main
+from sbmoe.core.errors import ModelLoadError
 from sbmoe.model.retriever import Retriever
 
 SAVED_MODEL = Path(__file__).parent / "fixtures" / "saved-0.1" / "moe"
@@ -211,3 +212,24 @@ def test_a_hub_repository_listing_only_pickled_weights_is_refused_before_any_dow
         check_hub_repository("someone/model")
     listing.append("model.safetensors")  # as most hub repositories: the pickle is never read
     check_hub_repository("someone/model")
+
+
+@pytest.mark.parametrize("path", ["no-such-stage", "../../..", "/etc"])
+def test_a_stage_folder_missing_or_outside_the_model_is_refused_in_one_line(tmp_path, path):
+    """Before: a TypeError traceback (MoEHead built without its config), or a folder outside read."""
+    model = tmp_path / "model"
+    shutil.copytree(SAVED_MODEL, model)
+    modules = json.loads((model / "modules.json").read_text(encoding="utf-8"))
+    modules[2]["path"] = path
+    (model / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=rf"modules\.json: stage MoEHead names the folder '{path}'"):
+        Retriever.load(str(model), device="cpu")
+
+
+def test_a_link_to_the_root_inside_a_model_folder_ends_the_check_in_one_line(tmp_path):
+    """Before, the check walked the whole disk through the link (and could find anything there)."""
+    model = tmp_path / "model"
+    shutil.copytree(SAVED_MODEL, model)
+    os.symlink("/", model / "1_Pooling" / "root", target_is_directory=True)
+    with pytest.raises(ModelLoadError, match="more than 10,000 files are reachable from it"):
+        Retriever.load(str(model), device="cpu")

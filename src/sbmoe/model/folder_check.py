@@ -37,6 +37,7 @@ STAGE_CLASSES: dict[str, type] = {
 _NO_CODE = "sbmoe loads no code a model folder brings with it"
 _PICKLED_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 _SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+MAX_REACHABLE_FILES = 10_000
 
 
 def check_model_folder(folder: Path) -> None:
@@ -54,8 +55,15 @@ def check_model_folder(folder: Path) -> None:
                 f"{folder / 'modules.json'}: stage type {kind!r} is not one sbmoe loads "
                 f"({', '.join(names)}); {_NO_CODE}"
             )
+        stage_path = Path(str(stage.get("path", "")))
+        stage_folder = folder / stage_path
+        if not stage_folder.is_dir() or stage_path.is_absolute() or ".." in stage_path.parts:
+            raise ModelLoadError(  # before: a TypeError traceback, or a folder outside the model read
+                f"{folder / 'modules.json'}: stage {kind.rsplit('.', 1)[-1]} names the folder "
+                f"{stage.get('path')!r}, which is not a folder inside {folder}"
+            )
         if STAGE_CLASSES[kind] is Dense:
-            _check_activation(folder / str(stage.get("path", "")) / "config.json")
+            _check_activation(stage_folder / "config.json")
     for file in _reachable_files(folder):
         _check_file(file)
 
@@ -154,10 +162,17 @@ def _read_json(path: Path, *, strict: bool) -> Any:
 def _reachable_files(folder: Path) -> Iterator[Path]:
     """Every file under ``folder``, symbolic links followed, each real folder walked once."""
     walked: set[str] = set()
+    count = 0
     for root, folders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in walked:
             folders.clear()
             continue
         walked.add(real)
+        count += len(files)
+        if count > MAX_REACHABLE_FILES:  # e.g. a link to / inside it: before, the whole disk was walked
+            raise ModelLoadError(
+                f"{folder}: more than {MAX_REACHABLE_FILES:,} files are reachable from it (through "
+                f"{root}); a model folder holds a few dozen: is a link in it pointing too high?"
+            )
         yield from (Path(root) / name for name in files)
