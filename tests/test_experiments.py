@@ -98,6 +98,10 @@ def test_expansion_ids_are_unique_and_overrides_layer(tmp_path):
         ),
         ({"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "train": {"lr": 1}}, "`train`"),
         ({"backbones": "b", "collections": ["c"], "variants": {"v": {}}}, "must be a list"),
+        (
+            {"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "name": "../../x"},
+            "plain folder name",
+        ),
         # before, each cell failed on its own, after the cells before it had trained
         (
             {"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "seeds": [-1]},

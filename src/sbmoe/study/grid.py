@@ -188,6 +188,10 @@ def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
         if not check(value):
             raise UsageError(f"{path}: `{key}` must be {shape}, got {_shown(value)}")
     data.setdefault("name", Path(path).stem)
+    if Path(str(data["name"])).name != data["name"] or data["name"] in (".", ".."):  # before: runs/../../x
+        raise UsageError(
+            f"{path}: `name` {data['name']!r} must be a plain folder name (the default output is runs/NAME)"
+        )
     grid = ExperimentGrid(**data)
     for name, settings in grid.variants.items():
         settings = settings or {}
