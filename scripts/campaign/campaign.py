@@ -241,6 +241,7 @@ def main_args():
     ap.add_argument("--work", default="/work/campaign31")
     ap.add_argument("--only", default="", help="comma-separated case-id prefixes")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--run-dir", default="run", help="folder (under WORK) of the cases' folders")
     ap.add_argument("--start-at", default="", help="skip the cases before this id (resume a crashed run)")
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th case from the I-th (drills: shard 0)")
     ap.add_argument("--no-drills", action="store_true")
@@ -1074,9 +1075,8 @@ def define(base: Path, work: Path) -> None:  # noqa: C901, PLR0915
 
 
 # ------------------------------------------------------------------------------------ drills
-def drills(base: Path, work: Path, results: list) -> None:  # noqa: C901, PLR0915
+def drills(base: Path, work: Path, results: list, run_root: Path) -> None:  # noqa: C901, PLR0915
     SF, MODEL, IDX = base / "sf", base / "model", base / "idx"
-    run_root = work / "run"
 
     def record(cid, verb, what, cls, msg):
         results.append(dict(id=cid, verb=verb, what=what, cls=cls, msg=msg.strip().splitlines()[0][:300] if msg.strip() else ""))
@@ -1302,7 +1302,7 @@ def drills(base: Path, work: Path, results: list) -> None:  # noqa: C901, PLR091
         record(f"K-{name}", "index", f"a .out.lock: {name}", cls, msg)
 
     # --- a full disk (tmpfs), a cache on another device, and the lock when there is no room
-    mnt = work / "tmpfs"
+    mnt = run_root / "tmpfs"
     mnt.mkdir(exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
     if not mounted:
@@ -1392,7 +1392,7 @@ def main() -> int:
 
     only = [x for x in opts.only.split(",") if x]
     results = []
-    run_root = work / "run"
+    run_root = work / opts.run_dir
     run_root.mkdir(exist_ok=True)
     t0 = time.time()
     shard, shards = map(int, opts.shard.split("/"))
@@ -1445,7 +1445,7 @@ def main() -> int:
         print(f"{c['id']:40s} {cls:14s} rc={rc} {time.time() - start:5.1f}s {msg[:140]!r}", flush=True)
     if not opts.no_drills and shard == 0 and (not only or any(o.startswith("K") for o in only)):
         before_drills = len(results)
-        drills(base, work, results)
+        drills(base, work, results, run_root)
         for r in results[before_drills:]:
             journal.write(json.dumps(r, ensure_ascii=False) + "\n")
     if digest_tree(base) != base_digest:
