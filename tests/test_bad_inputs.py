@@ -387,3 +387,12 @@ def test_a_grid_with_an_unknown_metric_is_refused_before_any_cell(tmp_path, caps
         encoding="utf-8",
     )
     refused(capsys, ["experiment", str(grid), "--list"], str(grid), "metric 'bogus@10' is not supported")
+
+
+def test_a_model_path_that_is_a_file_is_named_as_a_file(tmp_path):
+    """Before: "model directory ... does not exist" for a file that does."""
+    from sbmoe.core.errors import ModelLoadError
+
+    (tmp_path / "notes.txt").write_text("mine\n", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=r"notes\.txt' is a file, not a folder holding a model"):
+        Retriever.load(str(tmp_path / "notes.txt"), device="cpu")

@@ -426,7 +426,7 @@ def define(base: Path, work: Path) -> None:  # noqa: C901, PLR0915
         data = slice_copy(d)
         qf = data / "qrels" / "test.tsv"
         rows = qf.read_text().splitlines()
-        qf.write_text("\n".join(rows) + "\n" + rows[1].rsplit("\t", 1)[0] + "\t-1\n")
+        qf.write_text("\n".join(rows) + "\n" + rows[1].split("\t")[0] + "\t" + first["_id"] + "\t-1\n")
         return ["evaluate", "--model", str(MODEL), "--data", str(data), "--output", str(d / "out")]
     case("B-qrels-negative", "evaluate", "a negative score (counted as 0 with a warning)", eval_neg, "ok",
          check=lambda d, o, e: None if "negative" in e.lower() else "no warning about the negative score")
@@ -1049,7 +1049,7 @@ def define(base: Path, work: Path) -> None:  # noqa: C901, PLR0915
     case("I-merge-notsharded", "merge-index", "merge-index of a plain index",
          lambda d: ["merge-index", "--index", str(IDX), "--output", str(d / "out")], "refuse", ("idx",))
     case("I-push-offline", "push", "push with no network", lambda d: ["push", str(LITE), "me/repo"], "refuse", ("",),
-         env={"HF_HUB_OFFLINE": "1"}, timeout=60)
+         env={"HF_HUB_OFFLINE": "1"}, timeout=240)
 
     # ---------------- J. store
     def store_argv(uri_fn, *extra):
@@ -1185,8 +1185,8 @@ def drills(base: Path, work: Path, results: list, run_root: Path) -> None:  # no
                                ("public-nokey", ["--host", "0.0.0.0"], "api-key")]:
         d = fresh(f"K-serve-{name}")
         rc, out, err = run_sub(["serve", "--model", str(MODEL), "--index", str(IDX), "--port", str(free_port()), *flags],
-                               d, timeout=40, env={"SBMOE_API_KEY": ""} if name == "public-nokey" else None)
-        c = dict(expect="refuse", names=(names,), check=None, timeout=40)
+                               d, timeout=300, env={"SBMOE_API_KEY": ""} if name == "public-nokey" else None)
+        c = dict(expect="refuse", names=(names,), check=None, timeout=300)
         cls, msg = classify(c, d, rc, out, err, [], [])
         record(f"K-serve-{name}", "serve", " ".join(flags), cls, msg)
 

