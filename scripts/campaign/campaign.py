@@ -1465,7 +1465,8 @@ def write_results(work: Path, name: str, results: list, seconds: float) -> None:
 
     counts = Counter(r["cls"] for r in results)
     (work / f"{name}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    lines = [f"# Campaign 31: {len(results)} cases ({seconds / 60:.1f} min)", "", "| class | cases |", "|---|---:|"]
+    took = f" ({seconds / 60:.1f} min)" if seconds else ""
+    lines = [f"# Campaign 31: {len(results)} cases{took}", "", "| class | cases |", "|---|---:|"]
     for k in ("REFUSED", "TOLERATED", *FAIL, "SKIPPED"):
         lines.append(f"| {k} | {counts.get(k, 0)} |")
     lines += ["", "## Failures", "", "| case | verb | class | message |", "|---|---|---|---|"]
