@@ -57,7 +57,8 @@ def check_model_folder(folder: Path) -> None:
             )
         stage_path = Path(str(stage.get("path", "")))
         stage_folder = folder / stage_path
-        if not stage_folder.is_dir() or stage_path.is_absolute() or ".." in stage_path.parts:
+        missing = not stage_folder.is_dir() and STAGE_CLASSES[kind] is not Normalize  # it has no files
+        if missing or stage_path.is_absolute() or ".." in stage_path.parts:
             raise ModelLoadError(  # before: a TypeError traceback, or a folder outside the model read
                 f"{folder / 'modules.json'}: stage {kind.rsplit('.', 1)[-1]} names the folder "
                 f"{stage.get('path')!r}, which is not a folder inside {folder}"
