@@ -215,6 +215,39 @@ def test_training_that_diverges_ends_in_one_line_and_claims_no_finished_model(
     )
 
 
+def test_a_grid_cell_that_diverges_says_which_grid_keys_to_lower_and_then_runs(
+    tiny_bert_dir, scifact_slice, tmp_path, monkeypatch
+):
+    """Before, the cell's error suggested --lr-backbone and --overwrite, which `sbmoe experiment` lacks."""
+    import yaml
+
+    from sbmoe.study.experiments import run_experiment
+    from sbmoe.study.grid import load_grid
+
+    monkeypatch.setenv("SBMOE_DATA_DIR", str(scifact_slice.parent))
+    settings = {
+        "name": "diverging",
+        "backbones": [str(tiny_bert_dir)],
+        "collections": [scifact_slice.name],
+        "seeds": [1],
+        "experts": [2],
+        "transfer": False,
+        "variants": {"sb-moe": {"gating": "learned"}},
+        "model": {"max_doc_length": 32},
+        "train": {"max_steps": 3, "batch_size": 8, "precision": "fp32", "lr_backbone": 1e9, "lr_head": 1e9},
+    }
+    grid_file, output = tmp_path / "grid.yaml", tmp_path / "out"
+    grid_file.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    quiet = JobOptions(show_progress=False)
+    ((cell, message),) = run_experiment(load_grid(grid_file), output, quiet).failed.items()
+    assert "lr_backbone / lr_head (now 1e+09 / 1e+09)" in message and "--" not in message, message
+    assert f"delete {output / 'cells' / cell}" in message
+    settings["train"].update(lr_backbone=2e-5, lr_head=1e-3)
+    grid_file.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    shutil.rmtree(output / "cells" / cell)  # as the message says
+    assert run_experiment(load_grid(grid_file), output, quiet).finished == [cell]
+
+
 # ------------------------------------------------------------------------------------ checks before work
 def evaluate_args(model, data, output, *extra: str) -> list[str]:
     return ["evaluate", "--model", str(model), "--data", str(data), "--output", str(output), *extra]
@@ -248,6 +281,10 @@ def no_encoding(monkeypatch):
             "max_doc_length (--max-doc-length) is 100000 tokens, more than the 128",
         ),
         (["--max-query-length", "129"], "max_query_length (--max-query-length) is 129 tokens"),
+        (  # before, accepted without a word (and with --hard-negatives, failed after loading)
+            ["--negatives-source", "no-such-negatives.json"],
+            "negatives_source (--negatives-source) 'no-such-negatives.json' is neither bm25, dense",
+        ),
     ],
 )
 def test_train_refuses_impossible_sizes_before_any_work(
@@ -270,11 +307,16 @@ def test_train_refuses_impossible_sizes_before_any_work(
         ),
         (["--top-k", "1000000000"], "top_k must be <= 100000"),
         (["--encode-batch-size", "1000000"], "encode_batch_size must be <= 8192"),
+        # before, tracebacks: "PyTorch is not linked with support for mps devices", FileExistsError
+        (["--device", "mps"], "device 'mps' is not available here: use auto, cpu, cuda or cuda:N"),
+        (["--cache-dir", "note.txt/cache"], "--cache-dir note.txt/cache: note.txt is a file, not a folder"),
     ],
 )
 def test_evaluate_refuses_bad_settings_before_encoding(
-    tiny_bert_dir, scifact_slice, tmp_path, capsys, no_encoding, flags, cause
+    tiny_bert_dir, scifact_slice, tmp_path, capsys, no_encoding, flags, cause, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "note.txt").write_text("mine\n", encoding="utf-8")
     refused(capsys, evaluate_args(tiny_bert_dir, scifact_slice, tmp_path / "eval", *flags), cause)
     assert not (tmp_path / "eval").exists()
 
@@ -350,3 +392,12 @@ def test_a_grid_with_an_unknown_metric_is_refused_before_any_cell(tmp_path, caps
         encoding="utf-8",
     )
     refused(capsys, ["experiment", str(grid), "--list"], str(grid), "metric 'bogus@10' is not supported")
+
+
+def test_a_model_path_that_is_a_file_is_named_as_a_file(tmp_path):
+    """Before: "model directory ... does not exist" for a file that does."""
+    from sbmoe.core.errors import ModelLoadError
+
+    (tmp_path / "notes.txt").write_text("mine\n", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=r"notes\.txt' is a file, not a folder holding a model"):
+        Retriever.load(str(tmp_path / "notes.txt"), device="cpu")

@@ -168,6 +168,9 @@ BAD_RECORDS = [
     ('{"_id": "d2", "text": "again"}', 'duplicate "_id"', "_id"),
     ('{"_id": "d99", "text": "a \\ud800 b"}', "lone UTF-16 surrogate", "text"),
     ('{"_id": "d99", "text": "x", "meta": {"tags": ["\\udc00"]}}', "lone UTF-16 surrogate", "meta.tags[0]"),
+    # before, accepted: a TREC run (run.trec, search --output) then had a column too many
+    ('{"_id": "d 99", "text": "x"}', "field \"_id\" 'd 99' holds whitespace", "_id"),
+    ('{"_id": "d\\t99", "text": "x"}', "holds whitespace, which no TREC run", "_id"),
 ]
 
 
@@ -244,6 +247,8 @@ def test_invalid_utf8_reports_line(tmp_path: Path) -> None:
         ("q0\td0\thigh", 'line 3: field "score" is not an integer'),
         ("q0\td0\t1.5", 'line 3: field "score" is not an integer'),
         ("\td0\t1", 'line 3: field "query-id" is empty'),
+        # before, the last row silently won
+        ("q1\td2\t0", "line 3: query 'q1' and document 'd2' are judged again, with score 0 after 1"),
     ],
 )
 def test_bad_qrels_row(tmp_path: Path, row: str, expected: str) -> None:

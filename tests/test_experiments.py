@@ -98,6 +98,23 @@ def test_expansion_ids_are_unique_and_overrides_layer(tmp_path):
         ),
         ({"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "train": {"lr": 1}}, "`train`"),
         ({"backbones": "b", "collections": ["c"], "variants": {"v": {}}}, "must be a list"),
+        (
+            {"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "name": "../../x"},
+            "plain folder name",
+        ),
+        # before, each cell failed on its own, after the cells before it had trained
+        (
+            {"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "seeds": [-1]},
+            "cell b__c__v__n6__s-1: seed must be",
+        ),
+        (
+            {"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "experts": [-3]},
+            "num_experts must be >= 0",
+        ),
+        (
+            {"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "train": {"epochs": 0}},
+            "epochs must be",
+        ),
     ],
 )
 def test_bad_grid_files_name_the_problem(tmp_path, values, message):

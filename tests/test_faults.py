@@ -334,6 +334,7 @@ def test_a_full_disk_ends_in_one_line_and_the_same_command_then_finishes_as_if_i
         f"sbmoe {verb}: error: no space left on {small_disk} writing {small_disk / name}: free space or "
         f"choose another {flag}"
     )
+    assert not (small_disk / f".{name}.lock").exists()  # before, an empty lock when there was no room
     filler.unlink()
     for place in (small_disk, tmp_path):  # then the same command, and one that never met a full disk
         assert main(["-q", *command(place)]) == 0
@@ -343,3 +344,23 @@ def test_a_full_disk_ends_in_one_line_and_the_same_command_then_finishes_as_if_i
     else:
         weights = "index.faiss" if job == "index" else "model.safetensors"
         assert (small_disk / name / weights).read_bytes() == (tmp_path / name / weights).read_bytes()
+
+
+def test_a_full_cache_disk_is_named_as_the_cache_s_not_the_output_s(
+    tiny_bert_dir, scifact_slice, tmp_path, small_disk
+):
+    """Before, a --cache-dir on a full disk was reported as no space on the output's file system."""
+    filler = fill(small_disk, leave=1024)  # less than the embeddings
+    cache = small_disk / "cache"
+    failed = sbmoe_process(
+        [*index_args(tiny_bert_dir, scifact_slice, tmp_path / "out"), "--cache-dir", str(cache)]
+    )
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sbmoe index: error: no space left on {small_disk} writing {cache}/"), last
+    assert last.endswith(": free space or choose another --cache-dir"), last
+    filler.unlink()
+    assert (
+        main(["-q", *index_args(tiny_bert_dir, scifact_slice, tmp_path / "out"), "--cache-dir", str(cache)])
+        == 0
+    )

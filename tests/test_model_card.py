@@ -82,7 +82,8 @@ def test_card_usage_lines_load_the_model_in_sentence_transformers(tensorboard_ru
     _, body = read_card(output)
     (install,) = code_blocks(body, "bash")[:1]
     assert install.startswith("pip install sbmoe")
-    assert 'SentenceTransformer("path/to/model", trust_remote_code=True)' in body
+    assert 'Retriever.load("path/to/model").model' in body
+    assert "trust_remote_code=True)" not in body  # sbmoe never needs remote code: the card must not ask
     model = run_usage_lines(body, output)["model"]
     expected = encode_texts(Retriever.load(str(output)), TEXTS, "document", EncodeConfig(precision="fp32"))
     np.testing.assert_allclose(model.encode(TEXTS), expected, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sbmoe.cli.main import main
+from sbmoe.core.errors import ModelLoadError
 from sbmoe.model.retriever import Retriever
 
 SAVED_MODEL = Path(__file__).parent / "fixtures" / "saved-0.1" / "moe"
@@ -36,7 +37,7 @@ def update_json(path: Path, **changes) -> None:
 
 
 def refused_with_no_code_run(
-    capsys, model: Path, data: Path, output: Path, verb: str, *expected: str
+    capsys, model: Path | str, data: Path, output: Path, verb: str, *expected: str
 ) -> None:
     """``sbmoe VERB --model model`` exits 2 with one line naming ``expected``; no marker was written."""
     capsys.readouterr()
@@ -167,3 +168,68 @@ def test_pickled_weights_beside_safetensors_are_never_read(tmp_path):
         (model / stage / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(payload(marker))))
     assert Retriever.load(str(model), device="cpu").head is not None
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("what", ["pickle", "auto_map"])
+def test_a_hub_download_is_checked_as_a_folder_is(scifact_slice, tmp_path, monkeypatch, capsys, what):
+    """A hub name whose copy (here: the Hugging Face cache, offline) holds only ``pytorch_model.bin``
+    or an ``auto_map``: before, it went to the loaders unchecked."""
+    from huggingface_hub import constants
+
+    marker, revision = tmp_path / "ran", "a" * 40
+    repository = tmp_path / "hub" / "models--someone--model"
+    snapshot = repository / "snapshots" / revision
+    shutil.copytree(SAVED_MODEL, snapshot, ignore=shutil.ignore_patterns("sbmoe.json", "2_MoEHead"))
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(revision, encoding="utf-8")
+    modules = json.loads((snapshot / "modules.json").read_text(encoding="utf-8"))
+    (snapshot / "modules.json").write_text(json.dumps(modules[:2]), encoding="utf-8")
+    if what == "pickle":
+        (snapshot / "model.safetensors").unlink()
+        (snapshot / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(payload(marker))))
+        expected = ("pytorch_model.bin: weights pickled", "safetensors")
+    else:
+        add_auto_map(snapshot, "config.json", marker)
+        expected = ("config.json: auto_map",)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    refused_with_no_code_run(capsys, "someone/model", scifact_slice, tmp_path / "out", "index", *expected)
+    assert not marker.exists()
+
+
+def test_a_hub_repository_listing_only_pickled_weights_is_refused_before_any_download(tmp_path, monkeypatch):
+    """Online, the hub's file list decides, before sentence-transformers fetches (and unpickles) them."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from sbmoe.core.errors import ModelLoadError
+    from sbmoe.model.folder_check import check_hub_repository
+
+    listing = ["config.json", "tokenizer.json", "pytorch_model.bin", "1_Pooling/config.json"]
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, name: listing)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin of hub repository 'someone/model'"):
+        check_hub_repository("someone/model")
+    listing.append("model.safetensors")  # as most hub repositories: the pickle is never read
+    check_hub_repository("someone/model")
+
+
+@pytest.mark.parametrize("path", ["no-such-stage", "../../..", "/etc"])
+def test_a_stage_folder_missing_or_outside_the_model_is_refused_in_one_line(tmp_path, path):
+    """Before: a TypeError traceback (MoEHead built without its config), or a folder outside read."""
+    model = tmp_path / "model"
+    shutil.copytree(SAVED_MODEL, model)
+    modules = json.loads((model / "modules.json").read_text(encoding="utf-8"))
+    modules[2]["path"] = path
+    (model / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=rf"modules\.json: stage MoEHead names the folder '{path}'"):
+        Retriever.load(str(model), device="cpu")
+
+
+def test_a_link_to_the_root_inside_a_model_folder_ends_the_check_in_one_line(tmp_path):
+    """Before, the check walked the whole disk through the link (and could find anything there)."""
+    model = tmp_path / "model"
+    shutil.copytree(SAVED_MODEL, model)
+    os.symlink("/", model / "1_Pooling" / "root", target_is_directory=True)
+    with pytest.raises(ModelLoadError, match="more than 10,000 files are reachable from it"):
+        Retriever.load(str(model), device="cpu")

@@ -209,7 +209,11 @@ ERROR_CASES = {
         ["line 1", 'field "id" must be a string, got number'],
     ),
     "empty id": ("collection", [{"id": "  ", "text": "x"}], ["line 1", 'field "id" is empty']),
-    "tab in id": ("collection", [{"id": "a\tb", "text": "x"}], ["line 1", 'field "id" contains a tab']),
+    "tab in id": (
+        "collection",
+        [{"id": "a\tb", "text": "x"}],
+        ["line 1", "field \"id\" 'a\\tb' holds whitespace"],
+    ),
     "missing text": ("collection", [DOCS[0], {"id": "d2", "title": "t"}], ["line 2", 'missing field "text"']),
     "null text": (
         "collection",

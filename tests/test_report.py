@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -137,6 +138,25 @@ def test_written_report_has_tables_results_and_plots(experiment, tmp_path):
     top1 = next(s for s in results["systems"] if s["label"] == "sb-moe N=2 top1")
     assert top1["metrics_per_seed"]["ndcg@10"] == pytest.approx([sum(TOP1) / 12, sum(TOP1) / 12 + 0.01])
     assert (tmp_path / "report" / "systems.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [  # before: a report with no test at all, a JSONDecodeError and a TypeError traceback
+        (None, "baseline 'nosuch' is no variant of its finished cells (fine-tuned, sb-moe)"),
+        (("metrics.json", "{"), "metrics.json: unreadable (Expecting property name"),
+        (("per_query.json", "[]"), "per_query.json: expected a JSON object, got list"),
+    ],
+)
+def test_an_unknown_baseline_or_damaged_scores_are_refused_naming_them(experiment, damage, message):
+    if damage is None:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_report(experiment, baseline="nosuch")
+        return
+    name, text = damage
+    next(experiment.rglob(name)).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_report(experiment)
 
 
 def test_empty_directory_is_a_clear_error(tmp_path):

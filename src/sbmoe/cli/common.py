@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from sbmoe.cli.flags import add_config_flags, given_values, preset_default_describer
@@ -16,6 +17,7 @@ from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.config.model import ModelConfig
 from sbmoe.config.presets import PRESETS
 from sbmoe.config.train import TrainConfig
+from sbmoe.core.errors import UsageError
 
 
 def add_verb(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -105,6 +107,10 @@ def job_options(args: argparse.Namespace, show_progress: bool = True) -> JobOpti
     if getattr(args, "cache_dir", None):
         from sbmoe.inference.cache import EmbeddingCache
 
+        path = Path(args.cache_dir)
+        blocking = next((folder for folder in (path, *path.parents) if folder.exists()), path)
+        if not blocking.is_dir():  # before, a FileExistsError traceback once the model was loaded
+            raise UsageError(f"--cache-dir {path}: {blocking} is a file, not a folder; give a folder")
         cache = EmbeddingCache(args.cache_dir)
     return JobOptions(
         show_progress=show_progress and not args.quiet,

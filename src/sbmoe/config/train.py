@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from sbmoe.config.base import ConfigBase, check_choices
@@ -151,6 +152,11 @@ class TrainConfig(ConfigBase):
             raise UsageError(f"collapse_threshold must be in [0, 1], got {self.collapse_threshold}")
         if self.hard_negatives < 0:
             raise UsageError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
+        if self.negatives_source not in ("bm25", "dense") and not Path(self.negatives_source).is_file():
+            raise UsageError(
+                f"negatives_source (--negatives-source) {self.negatives_source!r} is neither bm25, "
+                "dense nor an existing file of negatives (JSON: query id -> doc ids)"
+            )
         if not 0 < self.dev_fraction < 1:
             raise UsageError(f"dev_fraction must be in (0, 1), got {self.dev_fraction}")
         if self.encode_batch_size < 1:

@@ -327,10 +327,15 @@ def _acquire(lock: Path, path: Path) -> Any:
                 f"if that process is gone, delete the lock file"
             )
         logger.warning("taking over the stale lock of %s left by a dead process (%s)", path, previous)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "host": this_host}))
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": this_host}))
+        handle.flush()
+    except OSError:  # no room to record the owner: leave no empty lock file behind
+        lock.unlink(missing_ok=True)
+        handle.close()
+        raise
     return handle
 
 

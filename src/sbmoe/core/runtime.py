@@ -79,6 +79,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             raise UsageError(f"device {str(device)!r} was asked for, but torch sees no CUDA device")
         if resolved.index is None:  # name the GPU, so devices compare equal to the model's
             resolved = torch.device("cuda", torch.cuda.current_device())
+    elif resolved.type != "cpu" and not (resolved.type == "mps" and torch.backends.mps.is_available()):
+        raise UsageError(f"device {str(device)!r} is not available here: use auto, cpu, cuda or cuda:N")
     return resolved
 
 

@@ -203,7 +203,13 @@ def _load_qrels(
         if score < 0:  # BEIR (pytrec_eval) counts scores <= 0 as not relevant; a negative gain would not
             negative += 1
             score = 0
-        qrels.setdefault(query_id, {})[doc_id] = score
+        judged = qrels.setdefault(query_id, {})
+        if judged.get(doc_id, score) != score:  # before, the last row silently won
+            raise DataError(
+                f"{path} line {lineno}: query {query_id!r} and document {doc_id!r} are judged again, "
+                f"with score {score} after {judged[doc_id]}: keep one row per pair"
+            )
+        judged[doc_id] = score
     if negative:
         warnings.warn(
             f"{path}: {negative} qrels rows have a negative score; as in BEIR they count as not relevant "

@@ -163,6 +163,11 @@ class NumericIds:
             raise DataError(f'{where}: field "{label}" must be a string, got {json_type(value)}')
         if not value.strip():
             raise DataError(f'{where}: field "{label}" is empty')
+        if any(character.isspace() for character in value):  # TREC runs separate columns by whitespace
+            raise DataError(
+                f'{where}: field "{label}" {value!r} holds whitespace, which no TREC run (run.trec, '
+                "search --output) can carry: use ids without spaces or tabs"
+            )
         return value
 
     def field(

@@ -8,15 +8,17 @@ memory-mapped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sbmoe.core.io import atomic_open, cache_root
+from sbmoe.core.io import atomic_open, cache_root, naming_a_full_disk
 
 # Part of every key; bumped whenever encoding's numerics change, so older entries are not reused
 # (2: bf16 encoding runs on bf16 weights instead of autocast).
@@ -89,7 +91,13 @@ class EmbeddingCache:
     def put(self, key: str, array: np.ndarray) -> None:
         """Store ``array`` under ``key`` atomically."""
         array = np.ascontiguousarray(array, dtype=np.float32)
-        with atomic_open(self.path(key), "wb") as handle:
+        # A --cache-dir may be on another disk than the output: a full one is named as the cache's
+        # (an index's own chunks, beside its output, are the output's).
+        beside_output = re.fullmatch(r"\..+\.chunks", self.directory.name)
+        full_disk = (
+            contextlib.nullcontext() if beside_output else naming_a_full_disk(self.path(key), "--cache-dir")
+        )
+        with full_disk, atomic_open(self.path(key), "wb") as handle:
             # np.save's own C write reports a full disk as "N requested and M written", without
             # errno; Python's write raises OSError(ENOSPC), which the job names in one line.
             np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(array))

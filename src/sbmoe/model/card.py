@@ -282,15 +282,16 @@ def _usage_section(config: ModelConfig, model_id: str | None, version: str | Non
     name = model_id or LOCAL_PLACEHOLDER
     if _has_head(config):
         install = f"pip install sbmoe  # saved with sbmoe {version}"
-        load = f'model = SentenceTransformer("{name}", trust_remote_code=True)'
+        load = f'model = Retriever.load("{name}").model  # a SentenceTransformer'
         module = (
             "sbmoe.model.adapters.LinearAdapter"
             if config.head == "linear"
             else "sbmoe.model.moe_head.MoEHead"
         )
         why = (
-            f"The head is the class `{module}` of the sbmoe package, so sbmoe must be "
-            "installed and `trust_remote_code=True` given; no code is downloaded with the model."
+            f"The head is the class `{module}` of the sbmoe package: sbmoe loads it as that "
+            "installed class, after checking that the folder names no other code to import. Do not "
+            "load it with `trust_remote_code=True`, which lets a folder's own Python files run."
         )
     else:
         install = "pip install sentence-transformers"
@@ -313,8 +314,13 @@ def _usage_section(config: ModelConfig, model_id: str | None, version: str | Non
             "backbone's own embeddings (`encode` without a side is refused). An index that the "
             "backbone built (`sbmoe index`) serves this model as it is: nothing is re-encoded."
         )
+    imports = (
+        "from sbmoe.model.retriever import Retriever"
+        if _has_head(config)
+        else "from sentence_transformers import SentenceTransformer"
+    )
     python = (
-        "from sentence_transformers import SentenceTransformer\n\n"
+        f"{imports}\n\n"
         f"{load}\n"
         f'queries = model.{encode_query}(["What lowers the risk of stroke?"])\n'
         f'documents = model.{encode_document}(["Aspirin lowers the risk of stroke in adults."])\n'

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sentence_transformers.base.modules import Dense, Normalize, Transformer
@@ -38,6 +38,7 @@ STAGE_CLASSES: dict[str, type] = {
 _NO_CODE = "sbmoe loads no code a model folder brings with it"
 _PICKLED_WEIGHTS = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
 _SAFETENSORS_WEIGHTS = (MODEL_FILES.weights, MODEL_FILES.weights_index)
+MAX_REACHABLE_FILES = 10_000
 
 
 def check_model_folder(folder: Path) -> None:
@@ -55,8 +56,16 @@ def check_model_folder(folder: Path) -> None:
                 f"{folder / MODEL_FILES.modules}: stage type {kind!r} is not one sbmoe loads "
                 f"({', '.join(names)}); {_NO_CODE}"
             )
+        stage_path = Path(str(stage.get("path", "")))
+        stage_folder = folder / stage_path
+        missing = not stage_folder.is_dir() and STAGE_CLASSES[kind] is not Normalize  # it has no files
+        if missing or stage_path.is_absolute() or ".." in stage_path.parts:
+            raise ModelLoadError(  # before: a TypeError traceback, or a folder outside the model read
+                f"{folder / 'modules.json'}: stage {kind.rsplit('.', 1)[-1]} names the folder "
+                f"{stage.get('path')!r}, which is not a folder inside {folder}"
+            )
         if STAGE_CLASSES[kind] is Dense:
-            _check_activation(folder / str(stage.get("path", "")) / MODEL_FILES.config)
+            _check_activation(stage_folder / MODEL_FILES.config)
     for file in _reachable_files(folder):
         _check_file(file)
 
@@ -76,6 +85,39 @@ def _check_file(file: Path) -> None:
             "weights only from safetensors, as unpickling can run code. Use the model's safetensors "
             "release, or convert these weights to safetensors if you trust their origin"
         )
+
+
+def check_hub_repository(name: str) -> None:
+    """Refuse hub repository ``name`` when loading it would unpickle weights (a folder of it holds
+    ``pytorch_model.bin`` and no safetensors) or import its code, before any weights are fetched.
+
+    The repository's file list comes from the hub, or offline from its copy in the Hugging Face
+    cache (which the load would then use, so that copy is checked as a local folder is). A name
+    the hub does not know passes: the load says so.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files = set(HfApi().list_repo_files(name))
+    except Exception:  # offline, no such repository, no access: the cached copy, if any
+        files = set()
+    try:
+        cached = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not in the cache
+        cached = None
+    if cached is not None:
+        check_model_folder(cached)
+        files |= {path.relative_to(cached).as_posix() for path in _reachable_files(cached)}
+    for file in sorted(files):
+        path = PurePosixPath(file)
+        if _PICKLED_WEIGHTS.fullmatch(path.name) and not any(
+            (path.parent / weights).as_posix() in files for weights in _SAFETENSORS_WEIGHTS
+        ):
+            raise ModelLoadError(
+                f"{file} of hub repository {name!r}: weights pickled by PyTorch, with no "
+                "model.safetensors beside them; sbmoe loads weights only from safetensors, as "
+                "unpickling can run code. Use a repository that ships safetensors"
+            )
 
 
 def transformer_folder(folder: Path) -> Path:
@@ -122,10 +164,17 @@ def _read_json(path: Path, *, strict: bool) -> Any:
 def _reachable_files(folder: Path) -> Iterator[Path]:
     """Every file under ``folder``, symbolic links followed, each real folder walked once."""
     walked: set[str] = set()
+    count = 0
     for root, folders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in walked:
             folders.clear()
             continue
         walked.add(real)
+        count += len(files)
+        if count > MAX_REACHABLE_FILES:  # e.g. a link to / inside it: before, the whole disk was walked
+            raise ModelLoadError(
+                f"{folder}: more than {MAX_REACHABLE_FILES:,} files are reachable from it (through "
+                f"{root}); a model folder holds a few dozen: is a link in it pointing too high?"
+            )
         yield from (Path(root) / name for name in files)

@@ -35,8 +35,8 @@ class SavedModule(Module):
 
     Its record (``config.json`` in its folder) holds the fields of :attr:`config_class`, read from the
     module's attributes of the same names; loading builds ``cls(config_class(**record))``, with the
-    keys of records saved by sbmoe 0.1 renamed to today's. Saved models then reload with plain
-    ``SentenceTransformer(dir)``.
+    keys of records saved by sbmoe 0.1 renamed to today's. Saved models then reload
+    with ``Retriever.load(dir)``, which resolves the head to this class.
     """
 
     config_class: ClassVar[type[HeadConfig]] = HeadConfig

@@ -4,7 +4,8 @@ A retriever is a sentence-transformers pipeline ``Transformer -> Pooling -> MoEH
 (the head is left out for the plain fine-tuned baseline, the normalisation for dot-product models;
 the ``linear`` control puts a :class:`~sbmoe.model.adapters.LinearAdapter` where the MoE head goes),
 plus the :class:`~sbmoe.config.model.ModelConfig` that describes it. ``Retriever.save(dir)`` writes the
-sentence-transformers format, so ``SentenceTransformer(dir, trust_remote_code=True)`` reloads it.
+sentence-transformers format; ``Retriever.load(dir).model`` reloads it as a ``SentenceTransformer``
+(never with remote code trusted).
 """
 
 from __future__ import annotations

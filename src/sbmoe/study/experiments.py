@@ -26,7 +26,7 @@ from sbmoe.config.jobs import EncodeConfig, EvaluateConfig, JobOptions
 from sbmoe.config.provenance import provenance
 from sbmoe.core.artifacts import EXPERIMENT, writing_output
 from sbmoe.core.distributed import check_shard
-from sbmoe.core.errors import UsageError
+from sbmoe.core.errors import TrainingDivergedError, UsageError
 from sbmoe.core.io import read_json, write_json
 from sbmoe.core.layouts import EXPERIMENT_FILES
 from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
@@ -119,6 +119,13 @@ def _run_cells(
                 },
             )
             summary.failed[cell.cell_id] = f"{type(error).__name__}: {error}"
+            if isinstance(error, TrainingDivergedError):  # a grid sets the rates, not flags
+                summary.failed[cell.cell_id] = (
+                    f"{type(error).__name__}: the training loss became non-finite at step "
+                    f"{error.step}: the cell diverged and saved no model. Lower the grid's train "
+                    f"keys lr_backbone / lr_head (now {error.rates}), delete {folder} and run "
+                    "the experiment again"
+                )
             continue
         summary.finished.append(cell.cell_id)
 

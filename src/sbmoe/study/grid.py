@@ -189,6 +189,10 @@ def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
         if not check(value):
             raise UsageError(f"{path}: `{key}` must be {shape}, got {_shown(value)}")
     data.setdefault("name", Path(path).stem)
+    if Path(str(data["name"])).name != data["name"] or data["name"] in (".", ".."):  # before: runs/../../x
+        raise UsageError(
+            f"{path}: `name` {data['name']!r} must be a plain folder name (the default output is runs/NAME)"
+        )
     grid = ExperimentGrid(**data)
     for name, settings in grid.variants.items():
         settings = settings or {}
@@ -201,7 +205,11 @@ def check_grid(data: Any, path: str | Path = "grid") -> ExperimentGrid:
     _check_per_collection(grid, "evaluate_per_collection", EvaluateConfig, evaluated, path)
     try:
         _check_distinct(sorted(evaluated), "evaluation", slug)
-        expand(grid)  # refuses cells that would share a folder
+        for cell in expand(grid):  # refuses cells that would share a folder
+            try:  # each cell's settings as its training checks them (seed, epochs...), before any runs
+                cell_configs(grid, cell)
+            except UsageError as error:
+                raise UsageError(f"cell {cell.cell_id}: {error}") from None
     except UsageError as error:
         raise UsageError(f"{path}: {error}") from None
     for name in sorted(evaluated):  # a bad metric would otherwise surface after each cell's training

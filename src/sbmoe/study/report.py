@@ -355,6 +355,11 @@ def build_report(
         raise UsageError(f"{output_dir}: no finished cells (cells/*/done.json) to report on")
     experiment = Path(output_dir) / EXPERIMENT_FILES.record
     order = list(read_json(experiment)["grid"]["variants"]) if experiment.exists() else []
+    variants = sorted({system.variant for system in systems})
+    if baseline not in variants and baseline != "fine-tuned":  # before, a report without any test
+        raise UsageError(
+            f"{output_dir}: baseline {baseline!r} is no variant of its finished cells ({', '.join(variants)})"
+        )
     report = ExperimentReport(systems, {}, metrics, baseline, metric, order)
     significance = SignificanceTest(config.test, config.alpha, config.randomization_seed)
     tests = {"significance": significance, "metric": metric}

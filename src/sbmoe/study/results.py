@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sbmoe.core.choices import PAPER_METRICS, PRIOR_CONTROLS
+from sbmoe.core.errors import UsageError
 from sbmoe.core.io import read_json
 from sbmoe.core.layouts import EVALUATION_FILES, EXPERIMENT_FILES
 from sbmoe.evaluation.metrics import read_query_groups
@@ -168,12 +169,21 @@ def collect_results(
                 system = systems.setdefault(key, SystemResult(*key, kind=kind, reindexes=reindexes))
                 if system.query_groups is None:
                     system.query_groups = read_query_groups(directory)
-                scores = read_json(directory / EVALUATION_FILES.metrics)
-                per_query = read_json(directory / EVALUATION_FILES.per_query)
+                scores, per_query = (
+                    _read_mapping(directory / name)
+                    for name in (EVALUATION_FILES.metrics, EVALUATION_FILES.per_query)
+                )
                 system.seeds.append(cell["seed"])
                 system.cell_dirs.append(str(folder))
                 system.eval_dirs.append(str(directory))
                 for metric in metrics:
+                    if not (
+                        isinstance(scores.get(metric), float | int)
+                        and isinstance(per_query.get(metric), dict)
+                    ):
+                        raise UsageError(
+                            f"{directory}: metrics.json or per_query.json holds no {metric} scores"
+                        )
                     system.metrics[metric].append(scores[metric])
                     system.per_query[metric].append(per_query[metric])
                 if "seconds" in training:
@@ -184,3 +194,14 @@ def collect_results(
                 if routing_file.exists():
                     system.routing.append(read_json(routing_file))
     return list(systems.values())
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or a UsageError naming the file (before: a traceback)."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: unreadable ({error})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -258,12 +258,14 @@ class Trainer:
             {"step": self.step, "epoch": epoch, "event": "train", "lr": self.scheduler.get_last_lr(), **terms}
         )
         if not math.isfinite(terms["loss"]):
-            raise TrainingDivergedError(
+            error = TrainingDivergedError(
                 f"the training loss became non-finite ({terms['loss']}) at step {self.step}: training "
                 "diverged, and no model of this run was saved. Lower the learning rate "
                 f"(--lr-backbone {self.config.lr_backbone:g}, --lr-head {self.config.lr_head:g}) and "
                 "train again with --overwrite"
             )
+            error.step, error.rates = self.step, f"{self.config.lr_backbone:g} / {self.config.lr_head:g}"
+            raise error
 
     def training_step(self, positions: Sequence[int]) -> dict[str, float]:
         """One optimiser step on the global batch of pairs at ``positions``; returns the logged loss terms.
