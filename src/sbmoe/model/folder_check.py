@@ -61,7 +61,7 @@ def check_model_folder(folder: Path) -> None:
         missing = not stage_folder.is_dir() and STAGE_CLASSES[kind] is not Normalize  # it has no files
         if missing or stage_path.is_absolute() or ".." in stage_path.parts:
             raise ModelLoadError(  # before: a TypeError traceback, or a folder outside the model read
-                f"{folder / 'modules.json'}: stage {kind.rsplit('.', 1)[-1]} names the folder "
+                f"{folder / MODEL_FILES.modules}: stage {kind.rsplit('.', 1)[-1]} names the folder "
                 f"{stage.get('path')!r}, which is not a folder inside {folder}"
             )
         if STAGE_CLASSES[kind] is Dense:
