@@ -69,8 +69,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def package_of(module: str) -> str | None:
     parts = module.split(".")
-    if len(parts) < 2:
-        return None  # the top-level package (its version)
+    if len(parts) < 2 or parts[1] == "__main__":
+        return None  # the top-level package (its version) and `python -m sbmoe`: above every layer
     return LEGACY_ALIASES.get(parts[1], parts[1])
 
 
@@ -115,7 +115,7 @@ def test_every_subpackage_has_a_layer_and_a_docstring():
     for name in packages:
         docstring = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text(encoding="utf-8")))
         assert docstring and len(docstring.split()) >= 15, f"sbmoe.{name} needs a one-paragraph docstring"
-    top_level = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    top_level = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
     assert top_level == sorted(LEGACY_ALIASES)
 
 
