@@ -109,7 +109,16 @@ def test_expansion_ids_are_unique_and_overrides_layer(tmp_path):
         ),
         (
             {"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "experts": [-3]},
-            "num_experts must be >= 0",
+            "`experts` must be whole numbers >= 1",
+        ),
+        (  # also where no variant uses the axis (the campaign's G-experts-neg: silently accepted)
+            {
+                "backbones": ["b"],
+                "collections": ["c"],
+                "variants": {"v": {"num_experts": 0}},
+                "experts": [-3],
+            },
+            "`experts` must be whole numbers >= 1",
         ),
         (
             {"backbones": ["b"], "collections": ["c"], "variants": {"v": {}}, "train": {"epochs": 0}},

@@ -273,7 +273,8 @@ _SHAPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "preset": (lambda value: isinstance(value, str), "a preset name"),
     "backbones": (_is_names, "a list of names"),
     "collections": (_is_names, "a list of names"),
-    "experts": (_is_wholes, "whole numbers (a non-empty list)"),
+    # Checked whether or not a variant uses the axis: a grid says what it means or is refused.
+    "experts": (lambda value: _is_wholes(value) and min(value) >= 1, "whole numbers >= 1 (a non-empty list)"),
     "seeds": (_is_wholes, "whole numbers (a non-empty list)"),
     "variants": (
         _mapping_of(lambda item: item is None or _is_settings(item)),
