@@ -151,7 +151,7 @@ def test_written_report_has_tables_results_and_plots(experiment, tmp_path):
 def test_an_unknown_baseline_or_damaged_scores_are_refused_naming_them(experiment, damage, message):
     if damage is None:
         with pytest.raises(ValueError, match=re.escape(message)):
-            build_report(experiment, baseline="nosuch")
+            build_report(experiment, ReportConfig(baseline="nosuch"))
         return
     name, text = damage
     next(experiment.rglob(name)).write_text(text, encoding="utf-8")
