@@ -20,10 +20,13 @@ Prints the CPU (model name and flags) first, and how often the served top 10 equ
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +56,11 @@ FLOOR = "sentence-transformers `encode` (floor)"
 SERVICE = "service in-process"
 HTTP = "HTTP `POST /search`"
 HEALTH = "HTTP `GET /health` (the HTTP floor)"
+NOTHING = "`requests` GET of a server that does nothing (the client's own cost)"
+# What that server answers to every request: the bytes of a /health answer, no parsing, no framework.
+FIXED_ANSWER = (
+    b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{"status":"ok"}'
+)
 INDEX = "`DenseIndex.search` of one vector"
 ENCODE = "sbmoe encode of one text (the service's)"
 DOC_TOKENS = 128
@@ -103,6 +111,39 @@ def served(model_dir: Path, index_dir: Path, encode: EncodeConfig) -> Iterator[s
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
+
+
+def _answer_forever(listening: socket.socket) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(FIXED_ANSWER)
+                await writer.drain()
+
+    async def run() -> None:
+        server = await asyncio.start_server(answer, sock=listening)
+        await server.serve_forever()
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def do_nothing_server() -> Iterator[str]:
+    """A server in a process of its own that answers every request at once with fixed bytes: what
+    a `requests` call costs the client alone; its URL inside the block."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    process = multiprocessing.get_context("fork").Process(
+        target=_answer_forever, args=(listening,), daemon=True
+    )
+    process.start()
+    try:
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+    finally:
+        process.terminate()
+        process.join()
+        listening.close()
 
 
 def library(service: SearchService) -> Search:
@@ -236,16 +277,19 @@ def single_queries(service: SearchService, url: str, texts: list[str]) -> tuple[
     """Table rows and notes of one query at a time, every way interleaved; the measurements."""
     client = Client(url)
     ways = {"library `search()`": library(service), SERVICE: in_process(service), HTTP: client}
-    measured = interleaved(
-        {**stage_ways(service, texts), **ways, HEALTH: client.health}, [[t] for t in texts]
-    )
+    with do_nothing_server() as nothing:
+        bare = Client(nothing)
+        ways = {**stage_ways(service, texts), **ways, HEALTH: client.health, NOTHING: bare.health}
+        measured = interleaved(ways, [[t] for t in texts])
     p50 = {name: float(np.percentile(latencies, 50)) for name, (latencies, _) in measured.items()}
     rows = [latency_row(name, latencies, p50[FLOOR]) for name, (latencies, _) in measured.items()]
     reference = measured["library `search()`"][1]
     notes = [
         f"served p50 over HTTP / floor p50 = {p50[HTTP] / p50[FLOOR]:.2f}x "
         f"({p50[HTTP] * 1000:.1f} ms / {p50[FLOOR] * 1000:.1f} ms); `GET /health` p50 "
-        f"{p50[HEALTH] * 1000:.2f} ms",
+        f"{p50[HEALTH] * 1000:.2f} ms, of which {p50[NOTHING] * 1000:.2f} ms is `requests` itself (the "
+        f"same GET of a server that does nothing): the server's share "
+        f"{(p50[HEALTH] - p50[NOTHING]) * 1000:.2f} ms",
         f"in the service outside encoding and search (queue, hand-off to the worker, the result): "
         f"{median_gap(measured, SERVICE, ENCODE, INDEX):.2f} ms; HTTP, validation and JSON: "
         f"{median_gap(measured, HTTP, SERVICE):.2f} ms (medians of the per-query differences)",
