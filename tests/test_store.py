@@ -40,6 +40,8 @@ pytest.importorskip("milvus_lite")
 FP32 = EncodeConfig(precision="fp32", backend="torch", device="cpu")
 ENCODE_FLAGS = ["--precision", "fp32", "--backend", "torch", "--device", "cpu"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+# Child processes import this checkout's sbmoe, whatever is installed.
+ENVIRONMENT = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def make_model(tiny_bert_dir: Path, directory: Path, experts: int, seed: int) -> Path:
@@ -266,10 +268,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_kill_9_during_index_store_then_the_same_command_stores_every_document_once(
-    model_dir, scifact_slice, tmp_path
-):
-    uri = f"milvus:{tmp_path / 'killed.db'}"
+def kill_an_index_job_after_three_writes(model_dir: Path, scifact_slice: Path, uri: str) -> list[str]:
+    """Start ``sbmoe index --store URI`` (10 documents a write), SIGKILL it after its third write;
+    its command line, to run again."""
     command = [
         sys.executable,
         "-c",
@@ -280,27 +281,34 @@ def test_kill_9_during_index_store_then_the_same_command_stores_every_document_o
         str(model_dir),
     ]
     command += ["--data", str(scifact_slice), "--store", uri, *ENCODE_FLAGS]
-    environment = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT
     )
     lines = [process.stdout.readline() for _ in range(3)]
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL and lines == ["wrote 10\n"] * 3
+    return command
 
-    finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
-    assert finished.returncode == 0, finished.stderr
-    summary = re.search(
-        r"(\d+) written, (\d+) already there; the store holds (\d+) of (\d+)", finished.stdout
-    )
+
+def assert_the_rerun_stored_every_document_once(printed: str, scifact_slice: Path, uri: str) -> None:
+    summary = re.search(r"(\d+) written, (\d+) already there; the store holds (\d+) of (\d+)", printed)
     written, already, stored, total = map(int, summary.groups())
     corpus = list(load_collection(scifact_slice).corpus)
     assert already >= 30 and written + already == stored == total == len(corpus)
     with open_index(uri) as store:
         assert len(store) == len(corpus)
-        stored = list(store.iter_doc_ids(page=7))
-    assert sorted(stored) == sorted(corpus)  # each document exactly once
+        assert sorted(store.iter_doc_ids(page=7)) == sorted(corpus)  # each document exactly once
+
+
+def test_kill_9_during_index_store_then_the_same_command_stores_every_document_once(
+    model_dir, scifact_slice, tmp_path
+):
+    uri = f"milvus:{tmp_path / 'killed.db'}"
+    command = kill_an_index_job_after_three_writes(model_dir, scifact_slice, uri)
+    finished = subprocess.run(command, capture_output=True, text=True, env=ENVIRONMENT, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert_the_rerun_stored_every_document_once(finished.stdout, scifact_slice, uri)
 
 
 def test_without_the_extra_index_store_names_it_in_one_line(
@@ -338,9 +346,8 @@ def test_a_query_side_model_routes_no_document_and_searches_the_backbones_store(
 
 def sbmoe_process(*argv: str) -> subprocess.CompletedProcess:
     """``sbmoe -q ARGV`` in its own process: stderr as a user sees it, libraries' own handlers too."""
-    environment = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     command = [sys.executable, "-m", "sbmoe.cli", "-q", *argv]
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, env=ENVIRONMENT, timeout=600)
 
 
 def index_store(model_dir: Path, scifact_slice: Path, path: Path) -> subprocess.CompletedProcess:

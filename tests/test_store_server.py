@@ -10,18 +10,23 @@ that is down, refuses, or stops answering, each ending in one line.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import test_store
 from milvus_server import free_port
-from test_store import ENCODE_FLAGS, FP32, KILLABLE_INDEX, SRC, make_model
+from test_store import (
+    ENCODE_FLAGS,
+    ENVIRONMENT,
+    FP32,
+    assert_the_rerun_stored_every_document_once,
+    kill_an_index_job_after_three_writes,
+    make_model,
+)
 
 from sbmoe.cli.main import main
 from sbmoe.core.errors import UsageError
@@ -45,8 +50,6 @@ test_evaluate_index_scores_the_store_as_faiss_and_exact_search = (
 )
 test_store_carries_each_documents_routing = test_store.test_store_carries_each_documents_routing
 test_serve_over_the_store_ranks_as_faiss = test_store.test_serve_over_the_store_ranks_as_faiss
-
-ENVIRONMENT = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def index_command(model_dir, scifact_slice, uri: str, *extra: str) -> list[str]:
@@ -104,33 +107,9 @@ def test_kill_9_during_index_on_the_server_then_the_rerun_resumes(
     milvus_server, model_dir, scifact_slice, capsys
 ):
     uri = f"milvus://{milvus_server.address}?collection=killed"
-    command = [
-        sys.executable,
-        "-c",
-        textwrap.dedent(KILLABLE_INDEX),
-        "-q",
-        "index",
-        "--model",
-        str(model_dir),
-    ]
-    command += ["--data", str(scifact_slice), "--store", uri, *ENCODE_FLAGS]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT
-    )
-    lines = [process.stdout.readline() for _ in range(3)]
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL and lines == ["wrote 10\n"] * 3
-
+    command = kill_an_index_job_after_three_writes(model_dir, scifact_slice, uri)
     assert main(command[3:]) == 0  # the same command again, in this process
-    summary = re.search(
-        r"(\d+) written, (\d+) already there; the store holds (\d+) of (\d+)", capsys.readouterr().out
-    )
-    written, already, stored, total = map(int, summary.groups())
-    corpus = list(load_collection(scifact_slice).corpus)
-    assert already >= 30 and written + already == stored == total == len(corpus)
-    with open_index(uri) as store:
-        assert sorted(store.iter_doc_ids(page=7)) == sorted(corpus)  # each document exactly once
+    assert_the_rerun_stored_every_document_once(capsys.readouterr().out, scifact_slice, uri)
 
 
 def test_a_collection_of_another_model_is_refused_on_the_server(
