@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval import Index, open_index
 from sbmoe.retrieval.faiss.files import IndexMismatchError
 from sbmoe.retrieval.faiss.index import DenseIndex
-from sbmoe.retrieval.milvus.collection import EXPERT_FIELD, GATE_FIELD, ID_FIELD
+from sbmoe.retrieval.milvus.collection import EXPERT_FIELD, GATE_FIELD, ID_FIELD, segment_searched_as_built
 from sbmoe.retrieval.milvus.store import MilvusStore
 from sbmoe.retrieval.milvus.uri import is_store_uri, parse_store_uri
 
@@ -79,6 +79,13 @@ def store_uri(model_dir, scifact_slice, tmp_path_factory):
     return uri
 
 
+@pytest.fixture
+def new_store(tmp_path) -> Callable[[str], str]:
+    """URIs of stores no test has written: collection NAME of a Milvus Lite file of this test's own
+    (test_store_server.py: of the server)."""
+    return lambda name: f"milvus:{tmp_path / 'stores.db'}?collection={name}"
+
+
 def run_cli_search(model_dir, index, queries_file, output):
     command = [
         "-q",
@@ -122,6 +129,25 @@ def test_store_uris_parse_or_fail_in_one_line(tmp_path):
     ):
         with pytest.raises(UsageError, match=message):
             parse_store_uri(bad)
+
+
+def test_a_write_job_waits_for_growing_segments_and_for_an_approximate_index_on_the_others():
+    """What a server's query nodes report (pymilvus's own messages) against what finish_writing
+    waits for. At 1M vectors a server seals segments while a job still writes and serves them with
+    no index listed; FLAT searches them exactly, HNSW and IVF only once their index is loaded."""
+    from pymilvus.grpc_gen.common_pb2 import SegmentState
+    from pymilvus.grpc_gen.milvus_pb2 import QuerySegmentInfo
+
+    def segment(state: int, rows: int, index_name: str = "") -> QuerySegmentInfo:
+        return QuerySegmentInfo(segmentID=1, num_rows=rows, index_name=index_name, state=state)
+
+    sealed, flushed, growing = SegmentState.Sealed, SegmentState.Flushed, SegmentState.Growing
+    assert segment_searched_as_built(segment(sealed, 348_160), exact=True)
+    assert not segment_searched_as_built(segment(sealed, 348_160), exact=False)
+    assert segment_searched_as_built(segment(flushed, 348_160, "embedding"), exact=False)
+    assert segment_searched_as_built(segment(sealed, 1_000), exact=False)  # too small for Milvus to index
+    assert not segment_searched_as_built(segment(growing, 1_000, "embedding"), exact=True)
+    assert not segment_searched_as_built(segment(growing, 10), exact=False)
 
 
 def test_cli_search_over_the_store_equals_faiss_exact(
@@ -231,7 +257,9 @@ def test_serve_over_the_store_ranks_as_faiss(model_dir, faiss_dir, store_uri, sc
     assert_same_top_k(answers["faiss"], answers["store"])
 
 
-def test_a_store_of_another_model_is_refused(tiny_bert_dir, store_uri, scifact_slice, tmp_path, capsys):
+def test_a_store_of_another_model_is_refused(
+    tiny_bert_dir, store_uri, new_store, scifact_slice, tmp_path, capsys
+):
     other = make_model(tiny_bert_dir, tmp_path / "other", experts=3, seed=1)
     with pytest.raises(IndexMismatchError, match="different model"):
         open_index(store_uri, expected_fingerprint=Retriever.load(str(other)).fingerprint())
@@ -239,7 +267,7 @@ def test_a_store_of_another_model_is_refused(tiny_bert_dir, store_uri, scifact_s
     assert main([*search, *ENCODE_FLAGS]) == 2
     assert "was built by a different model" in capsys.readouterr().err
     # Writing another model's vectors into it is refused as well, unless --overwrite replaces it.
-    uri = f"milvus:{tmp_path / 'other.db'}"
+    uri = new_store("other")
     command = ["-q", "index", "--data", str(scifact_slice), "--store", uri, *ENCODE_FLAGS]
     assert main([*command, "--model", str(tiny_bert_dir)]) == 0
     assert main([*command, "--model", str(other)]) == 2
@@ -247,7 +275,7 @@ def test_a_store_of_another_model_is_refused(tiny_bert_dir, store_uri, scifact_s
     assert main([*command, "--model", str(other), "--overwrite"]) == 0
     assert open_index(uri, Retriever.load(str(other)).fingerprint()).meta["experts"] == 3
     with pytest.raises(MissingInputError, match="no collection 'nope'"):
-        open_index(f"{uri}?collection=nope")
+        open_index(new_store("nope"))
 
 
 KILLABLE_INDEX = """
@@ -330,13 +358,13 @@ def test_without_the_extra_index_store_names_it_in_one_line(
 
 
 def test_a_query_side_model_routes_no_document_and_searches_the_backbones_store(
-    tiny_bert_dir, scifact_slice, tmp_path
+    tiny_bert_dir, scifact_slice, new_store, tmp_path
 ):
     torch.manual_seed(0)
     config = ModelConfig(backbone=str(tiny_bert_dir), num_experts=3, head_side="query")
     Retriever.from_config(config, device="cpu").save(tmp_path / "query-side")
     command = ["-q", "index", "--data", str(scifact_slice), *ENCODE_FLAGS]
-    own, backbone = f"milvus:{tmp_path / 'own.db'}", f"milvus:{tmp_path / 'backbone.db'}"
+    own, backbone = new_store("own"), new_store("backbone")
     assert main([*command, "--model", str(tmp_path / "query-side"), "--store", own]) == 0
     assert open_index(own).meta["experts"] == 0  # documents skip the head: no expert fields
     assert main([*command, "--model", str(tiny_bert_dir), "--store", backbone]) == 0

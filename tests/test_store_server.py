@@ -1,10 +1,12 @@
 """Vector stores on a Milvus server: the ``milvus`` package's standalone server (C++ engine, embedded
 etcd, local storage), started once per session by conftest's ``milvus_server``.
 
-The Milvus Lite cases of test_store.py that search a finished store run here again, unchanged, on a
-collection of the server (this module's ``store_uri``, written by shard jobs running at once);
-then what a server adds: its index types, a killed job resumed, another model refused, and a server
-that is down, refuses, or stops answering, each ending in one line.
+Every Milvus Lite case of test_store.py that a server can run runs here again, unchanged: those that
+search a finished store, on a collection of the server (this module's ``store_uri``, written by
+shard jobs running at once), and those that write stores of their own, on new collections (this
+module's ``new_store``). Left to Lite: the URI parser, the missing extra, and store paths that are
+files or folders. Then what a server adds: its index types, a killed job resumed, and a server that
+is down, refuses, or stops answering, each ending in one line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -25,7 +29,6 @@ from test_store import (
     FP32,
     assert_the_rerun_stored_every_document_once,
     kill_an_index_job_after_three_writes,
-    make_model,
 )
 
 from sbmoe.cli.main import main
@@ -34,9 +37,11 @@ from sbmoe.data.beir import load_collection
 from sbmoe.inference.encoding import encode_texts
 from sbmoe.model.retriever import Retriever
 from sbmoe.retrieval import open_index
-from sbmoe.retrieval.faiss.files import IndexMismatchError
 from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.milvus.collection import VECTOR_FIELD, StoreServerError
+
+# One pytest-xdist worker runs this module: the session's one server is started where it runs.
+pytestmark = pytest.mark.xdist_group("milvus-server")
 
 # test_store's fixtures and its cases that search a finished store, collected here again: with this
 # module's store_uri, they run on the server.
@@ -50,6 +55,17 @@ test_evaluate_index_scores_the_store_as_faiss_and_exact_search = (
 )
 test_store_carries_each_documents_routing = test_store.test_store_carries_each_documents_routing
 test_serve_over_the_store_ranks_as_faiss = test_store.test_serve_over_the_store_ranks_as_faiss
+# ... and those that write stores of their own, with this module's new_store.
+test_a_store_of_another_model_is_refused = test_store.test_a_store_of_another_model_is_refused
+test_a_query_side_model_routes_no_document_and_searches_the_backbones_store = (
+    test_store.test_a_query_side_model_routes_no_document_and_searches_the_backbones_store
+)
+
+
+@pytest.fixture
+def new_store(milvus_server) -> Callable[[str], str]:
+    """URIs of collections no test has written, on the server."""
+    return lambda name: f"milvus://{milvus_server.address}?collection={name}_{uuid.uuid4().hex[:8]}"
 
 
 def index_command(model_dir, scifact_slice, uri: str, *extra: str) -> list[str]:
@@ -110,20 +126,6 @@ def test_kill_9_during_index_on_the_server_then_the_rerun_resumes(
     command = kill_an_index_job_after_three_writes(model_dir, scifact_slice, uri)
     assert main(command[3:]) == 0  # the same command again, in this process
     assert_the_rerun_stored_every_document_once(capsys.readouterr().out, scifact_slice, uri)
-
-
-def test_a_collection_of_another_model_is_refused_on_the_server(
-    tiny_bert_dir, store_uri, scifact_slice, tmp_path, capsys
-):
-    other = make_model(tiny_bert_dir, tmp_path / "other", experts=3, seed=1)
-    with pytest.raises(IndexMismatchError, match="different model"):
-        open_index(store_uri, Retriever.load(str(other)).fingerprint())
-    search = ["-q", "search", "--model", str(other), "--index", store_uri, "--query", "vitamin d"]
-    assert main([*search, *ENCODE_FLAGS]) == 2
-    assert "was built by a different model" in capsys.readouterr().err
-    index = ["-q", "index", "--model", str(other), "--data", str(scifact_slice), "--store", store_uri]
-    assert main([*index, *ENCODE_FLAGS]) == 2
-    assert "different model" in capsys.readouterr().err
 
 
 def test_a_server_that_is_down_refuses_or_does_not_answer_ends_in_one_line(

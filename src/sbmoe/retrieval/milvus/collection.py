@@ -52,6 +52,8 @@ _REPORT_SECONDS = 30.0
 # Milvus 2.3 builds no index on a segment of fewer rows (minSegmentNumRowsToEnableIndex): those
 # are searched by brute force, and a query node may serve the others before their index too.
 _MIN_INDEXED_ROWS = 1024
+# A segment still taking writes (common.proto's SegmentState.Growing).
+_GROWING = 2
 logger = logging.getLogger(__name__)
 
 
@@ -301,16 +303,21 @@ def server_timestamp(client: BoundedClient) -> int | None:
     return int(timestamp) or None  # 0: a server that does not implement it
 
 
-def finish_writing(client: BoundedClient, uri: StoreURI, report: Callable[[str], None] = logger.info) -> None:
+def finish_writing(
+    client: BoundedClient, uri: StoreURI, exact: bool, report: Callable[[str], None] = logger.info
+) -> None:
     """Seal what a write job put into a server's collection and wait until searches use its index.
 
     Milvus indexes sealed segments only; rows still in growing segments are searched by brute force
     or a temporary index (Milvus 2.3: IVF with nprobe 16, recall far below the collection's index)
     until the server seals them on its own, minutes later. A flush seals them, the index nodes
     build the collection's index on them, and the query nodes then swap the growing segments for
-    the indexed ones. Each look at the progress is one bounded request, so a live server may take
-    as long as the index needs, and one that stops answering fails in one line. Milvus Lite builds
-    its index on load: nothing to do.
+    the indexed ones. ``exact`` (a FLAT collection): a sealed segment is searched exactly whether or
+    not the query node lists an index on it (Milvus builds no FLAT index files, and a segment sealed
+    while the job was still writing is served without one), so only growing segments are waited
+    for. Each look at the progress is one bounded request, so a live server may take as long as
+    the index needs, and one that stops answering fails in one line. Milvus Lite builds its index
+    on load: nothing to do.
     """
     if uri.is_embedded:
         return
@@ -324,17 +331,28 @@ def finish_writing(client: BoundedClient, uri: StoreURI, report: Callable[[str],
                 f"the Milvus server at {uri.address} could not build the index of collection "
                 f"{uri.collection!r}: {state.get('index_state_fail_reason') or 'no reason given'}"
             )
+        waiting = f"{indexed:,} of {total:,} rows indexed"
         if indexed >= total and not int(state.get("pending_index_rows", 0)):
             with server_errors(uri, "get_query_segment_info"):
                 segments = _connection(client).get_query_segment_info(uri.collection, timeout=uri.timeout)
             served = sum(segment.num_rows for segment in segments)
-            bare = [s for s in segments if not s.index_name and s.num_rows >= _MIN_INDEXED_ROWS]
-            if served >= total and not bare:  # every indexed segment is searched through its index
+            unready = sum(s.num_rows for s in segments if not segment_searched_as_built(s, exact))
+            if served >= total and not unready:
                 return
+            waiting = f"every row indexed; {served - unready:,} of {total:,} served from indexed segments"
         if time.monotonic() - last_report >= _REPORT_SECONDS:
             last_report = time.monotonic()
-            report(f"{uri.text}: {indexed:,} of {total:,} rows indexed ({last_report - started:.0f} s)")
+            report(f"{uri.text}: {waiting} ({last_report - started:.0f} s)")
         time.sleep(_POLL_SECONDS)
+
+
+def segment_searched_as_built(segment: Any, exact: bool) -> bool:
+    """Whether a query node searches ``segment`` (a query segment info) as the collection's index
+    searches: sealed, and for an approximate index, through that index (segments too small for
+    Milvus to index are searched exactly)."""
+    if segment.state == _GROWING:
+        return False
+    return exact or bool(segment.index_name) or segment.num_rows < _MIN_INDEXED_ROWS
 
 
 def create_collection(client: Any, uri: StoreURI, meta: Mapping[str, Any]) -> None:

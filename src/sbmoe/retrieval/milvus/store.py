@@ -170,7 +170,7 @@ class MilvusStore:
     def finish(self) -> None:
         """End a write job: on a server, seal the written rows and wait until they are indexed
         (:func:`~sbmoe.retrieval.milvus.collection.finish_writing`)."""
-        finish_writing(self._client, self.uri)
+        finish_writing(self._client, self.uri, exact=self.index_type == "flat")
 
     def close(self) -> None:
         """Disconnect (and stop this process's embedded server of a Milvus Lite file)."""
