@@ -5,6 +5,10 @@ VENV_BIN := .venv/bin
 export SBMOE_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export TOKENIZERS_PARALLELISM ?= false
 
+# One test process per core (pytest-xdist); tests that share a started server stay in one process
+# (xdist_group). `make test PARALLEL=` runs them in one process.
+PARALLEL ?= -n logical --dist loadgroup
+
 .PHONY: setup demo test test-fast lint format docs bench gpu-check
 
 setup:
@@ -15,10 +19,10 @@ demo: setup
 
 test: setup
 	$(VENV_BIN)/ruff check src tests bench
-	$(VENV_BIN)/python -m pytest -q -rs $(ARGS)
+	$(VENV_BIN)/python -m pytest -q -rs $(PARALLEL) $(ARGS)
 
 test-fast: setup
-	$(VENV_BIN)/python -m pytest -q -m "not integration" $(ARGS)
+	$(VENV_BIN)/python -m pytest -q -m "not integration" $(PARALLEL) $(ARGS)
 
 lint: setup
 	$(VENV_BIN)/ruff check src tests bench

@@ -11,6 +11,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SBMOE_DATA_DIR") or REPO.parent / "shared" / "data")
 
+# `make test` runs one pytest-xdist worker per core: each worker, and every process its tests start,
+# gets its share of the cores (two workers of two threads on two cores would wait on each other).
+# Set before anything imports torch.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
+
 
 def _config_classes() -> tuple[type, ...]:
     from sbmoe.config.jobs import (
