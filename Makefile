@@ -5,9 +5,9 @@ VENV_BIN := .venv/bin
 export SBMOE_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export TOKENIZERS_PARALLELISM ?= false
 
-# One test process per core (pytest-xdist); tests that share a started server stay in one process
-# (xdist_group). `make test PARALLEL=` runs them in one process.
-PARALLEL ?= -n logical --dist loadgroup
+# One test process per core (pytest-xdist), each test file in one of them: the session's Milvus
+# server starts once, where tests/test_store_server.py runs. `make test PARALLEL=`: one process.
+PARALLEL ?= -n logical --dist loadfile
 
 .PHONY: setup demo test test-fast lint format docs bench gpu-check
 

@@ -274,7 +274,7 @@ def test_a_store_of_another_model_is_refused(
     assert "different model" in capsys.readouterr().err
     assert main([*command, "--model", str(other), "--overwrite"]) == 0
     assert open_index(uri, Retriever.load(str(other)).fingerprint()).meta["experts"] == 3
-    with pytest.raises(MissingInputError, match="no collection 'nope'"):
+    with pytest.raises(MissingInputError, match="no collection 'nope"):
         open_index(new_store("nope"))
 
 

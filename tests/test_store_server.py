@@ -40,9 +40,6 @@ from sbmoe.retrieval import open_index
 from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.milvus.collection import VECTOR_FIELD, StoreServerError
 
-# One pytest-xdist worker runs this module: the session's one server is started where it runs.
-pytestmark = pytest.mark.xdist_group("milvus-server")
-
 # test_store's fixtures and its cases that search a finished store, collected here again: with this
 # module's store_uri, they run on the server.
 model_dir = test_store.model_dir

@@ -312,11 +312,13 @@ def finish_writing(
     or a temporary index (Milvus 2.3: IVF with nprobe 16, recall far below the collection's index)
     until the server seals them on its own, minutes later. A flush seals them, the index nodes
     build the collection's index on them, and the query nodes then swap the growing segments for
-    the indexed ones. ``exact`` (a FLAT collection): a sealed segment is searched exactly whether or
-    not the query node lists an index on it (Milvus builds no FLAT index files, and a segment sealed
-    while the job was still writing is served without one), so only growing segments are waited
-    for. Each look at the progress is one bounded request, so a live server may take as long as
-    the index needs, and one that stops answering fails in one line. Milvus Lite builds its index
+    the indexed ones; the job ends once the query nodes serve every row that way (the server may
+    go on merging segments and indexing the merged ones: searches keep their quality).
+    ``exact`` (a FLAT collection): a sealed segment is searched exactly whether or not the query
+    node lists an index on it (Milvus builds no FLAT index files, and a segment sealed while the job
+    was still writing is served without one), so only growing segments are waited for. Each look
+    at the progress is one bounded request, so a live server may take as long as the index needs,
+    and one that stops answering fails in one line. Milvus Lite builds its index
     on load: nothing to do.
     """
     if uri.is_embedded:
@@ -331,18 +333,18 @@ def finish_writing(
                 f"the Milvus server at {uri.address} could not build the index of collection "
                 f"{uri.collection!r}: {state.get('index_state_fail_reason') or 'no reason given'}"
             )
-        waiting = f"{indexed:,} of {total:,} rows indexed"
-        if indexed >= total and not int(state.get("pending_index_rows", 0)):
-            with server_errors(uri, "get_query_segment_info"):
-                segments = _connection(client).get_query_segment_info(uri.collection, timeout=uri.timeout)
-            served = sum(segment.num_rows for segment in segments)
-            unready = sum(s.num_rows for s in segments if not segment_searched_as_built(s, exact))
-            if served >= total and not unready:
-                return
-            waiting = f"every row indexed; {served - unready:,} of {total:,} served from indexed segments"
+        with server_errors(uri, "get_query_segment_info"):
+            segments = _connection(client).get_query_segment_info(uri.collection, timeout=uri.timeout)
+        served = sum(segment.num_rows for segment in segments)
+        ready = served - sum(s.num_rows for s in segments if not segment_searched_as_built(s, exact))
+        if ready >= total:  # compactions may go on re-indexing merged segments: nobody waits for them
+            return
         if time.monotonic() - last_report >= _REPORT_SECONDS:
             last_report = time.monotonic()
-            report(f"{uri.text}: {waiting} ({last_report - started:.0f} s)")
+            report(
+                f"{uri.text}: {indexed:,} of {total:,} rows indexed, {ready:,} served from indexed "
+                f"segments ({last_report - started:.0f} s)"
+            )
         time.sleep(_POLL_SECONDS)
 
 
