@@ -44,7 +44,7 @@ from common import machine
 from sbmoe.config.jobs import IndexConfig
 from sbmoe.retrieval.faiss.index import DenseIndex
 from sbmoe.retrieval.indexing import INDEX_CHUNK_SIZE
-from sbmoe.retrieval.milvus.collection import store_meta
+from sbmoe.retrieval.milvus.collection import VECTOR_FIELD, store_meta
 from sbmoe.retrieval.milvus.store import MilvusStore
 from sbmoe.retrieval.milvus.uri import parse_store_uri
 
@@ -161,7 +161,7 @@ def settle(store: MilvusStore) -> None:
     """Wait until the server has indexed every segment it made by merging others after the write
     job ended (searches timed meanwhile would share the cores with those index builds)."""
     started = time.perf_counter()
-    while int(store._client.describe_index(store.uri.collection, "embedding").get("pending_index_rows", 0)):
+    while int(store._client.describe_index(store.uri.collection, VECTOR_FIELD).get("pending_index_rows", 0)):
         time.sleep(5)
     seconds = time.perf_counter() - started
     print(f"  the server went on indexing merged segments for {seconds:.0f} s", flush=True)

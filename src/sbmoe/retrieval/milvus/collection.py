@@ -52,8 +52,6 @@ _REPORT_SECONDS = 30.0
 # Milvus 2.3 builds no index on a segment of fewer rows (minSegmentNumRowsToEnableIndex): those
 # are searched by brute force, and a query node may serve the others before their index too.
 _MIN_INDEXED_ROWS = 1024
-# A segment still taking writes (common.proto's SegmentState.Growing).
-_GROWING = 2
 logger = logging.getLogger(__name__)
 
 
@@ -318,8 +316,8 @@ def finish_writing(
     node lists an index on it (Milvus builds no FLAT index files, and a segment sealed while the job
     was still writing is served without one), so only growing segments are waited for. Each look
     at the progress is one bounded request, so a live server may take as long as the index needs,
-    and one that stops answering fails in one line. Milvus Lite builds its index
-    on load: nothing to do.
+    and one that stops answering fails in one line. Milvus Lite builds its index on load: nothing
+    to do.
     """
     if uri.is_embedded:
         return
@@ -335,8 +333,7 @@ def finish_writing(
             )
         with server_errors(uri, "get_query_segment_info"):
             segments = _connection(client).get_query_segment_info(uri.collection, timeout=uri.timeout)
-        served = sum(segment.num_rows for segment in segments)
-        ready = served - sum(s.num_rows for s in segments if not segment_searched_as_built(s, exact))
+        ready = sum(s.num_rows for s in segments if segment_searched_as_built(s, exact))
         if ready >= total:  # compactions may go on re-indexing merged segments: nobody waits for them
             return
         if time.monotonic() - last_report >= _REPORT_SECONDS:
@@ -352,7 +349,9 @@ def segment_searched_as_built(segment: Any, exact: bool) -> bool:
     """Whether a query node searches ``segment`` (a query segment info) as the collection's index
     searches: sealed, and for an approximate index, through that index (segments too small for
     Milvus to index are searched exactly)."""
-    if segment.state == _GROWING:
+    from pymilvus.grpc_gen.common_pb2 import SegmentState  # the segment came from pymilvus
+
+    if segment.state == SegmentState.Growing:
         return False
     return exact or bool(segment.index_name) or segment.num_rows < _MIN_INDEXED_ROWS
 
