@@ -27,7 +27,8 @@ from common import machine, median_seconds, scifact
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.config.jobs import EncodeConfig
-from sbmoe.core.runtime import autocast, cpu_has_fast_bf16, onnxruntime_available, resolve_inference
+from sbmoe.core.cpu import cpu_has_fast_bf16
+from sbmoe.core.runtime import autocast, onnxruntime_available, resolve_inference
 from sbmoe.evaluation.metrics import evaluate_run
 from sbmoe.inference.encoding import apply_head_stages, encode_texts, encoder_runner, length_sorted_batches
 from sbmoe.model.backbones import resolve_backbone

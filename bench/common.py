@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from sbmoe.core.runtime import cpu_description
+from sbmoe.core.cpu import cpu_description
 from sbmoe.data.beir import BeirCollection, load_collection, resolve_data
 
 

@@ -15,9 +15,10 @@ DATA_DIR = Path(os.environ.get("SBMOE_DATA_DIR") or REPO.parent / "shared" / "da
 # gets its share of the cores (two workers of two threads on two cores would wait on each other).
 # Set before anything imports torch.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from sbmoe.core.cpu import usable_cores
+
     _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // _workers)))
 
 
 def _config_classes() -> tuple[type, ...]:

@@ -8,6 +8,7 @@ import torch
 
 from sbmoe.config.jobs import EncodeConfig
 from sbmoe.config.model import ModelConfig
+from sbmoe.core import cpu
 from sbmoe.core.runtime import autocast, resolve_inference, resolve_precision
 from sbmoe.inference.encoding import (
     TextEncoder,
@@ -72,11 +73,9 @@ def test_bf16_encoding_leaves_the_float32_weights_untouched(retriever):
 
 
 def test_auto_precision_falls_back_to_fp32_without_fast_bf16(monkeypatch):
-    import sbmoe.core.runtime as runtime
-
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", "cpu") == "fp32"
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bf16"
     assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="precision"):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import sbmoe.core.runtime as runtime
 from sbmoe.config.jobs import EncodeConfig, JobOptions
 from sbmoe.config.model import ModelConfig
+from sbmoe.core import cpu
 from sbmoe.core.errors import UsageError
 from sbmoe.core.runtime import resolve_inference, resolve_one_text_inference
 from sbmoe.inference.cache import EmbeddingCache
@@ -93,7 +93,7 @@ def test_cache_entries_are_kept_apart_by_backend(retriever, tmp_path):
     ],
 )
 def test_auto_picks_per_machine(monkeypatch, flags, onnxruntime, expected):
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if onnxruntime else None)
     plan = resolve_inference("auto", "auto", "cpu")
     assert (plan.backend, plan.precision) == expected
@@ -110,7 +110,7 @@ def test_auto_picks_per_machine(monkeypatch, flags, onnxruntime, expected):
     ],
 )
 def test_one_text_at_a_time_takes_fp32_on_amx_unless_asked(retriever, monkeypatch, flags, asked, expected):
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     plan = resolve_one_text_inference(*asked, "cpu")
     assert (plan.backend, plan.precision) == expected
     # The server's encoder (and its /info) take this plan.
@@ -173,7 +173,7 @@ def test_what_auto_picks_here_embeds_a_text_alike_alone_and_in_a_batch(retriever
     auto = EncodeConfig(device="cpu")
     batch = encode_texts(retriever, texts, "query", auto)
     alone = np.stack([encode_texts(retriever, [text], "query", auto)[0] for text in texts])
-    np.testing.assert_allclose(alone, batch, atol=2e-3 if runtime.cpu_has_fast_bf16() else 1e-5)
+    np.testing.assert_allclose(alone, batch, atol=2e-3 if cpu.cpu_has_fast_bf16() else 1e-5)
 
 
 def test_two_threads_exporting_at_once_get_the_same_model(retriever, tmp_path, monkeypatch):

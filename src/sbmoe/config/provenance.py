@@ -25,7 +25,7 @@ def provenance(command: Sequence[str] | None = None) -> dict[str, Any]:
     Saved beside every output (model, training run, evaluation, index, experiment). Reads versions
     from package metadata, so it imports nothing heavy.
     """
-    from sbmoe.core.runtime import cpu_description
+    from sbmoe.core.cpu import cpu_description
 
     versions = {}
     for package in PROVENANCE_PACKAGES:

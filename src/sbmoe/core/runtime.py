@@ -1,64 +1,25 @@
-"""Where and how computation runs: device, precision, autocast, seeding, and what this CPU can do."""
+"""Where and how computation runs: device, precision, autocast, seeding, the numerics fast on this CPU."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib.util
 import logging
 import os
-import platform
 import random
 
 import numpy as np
 import torch
 
+from sbmoe.core import cpu
 from sbmoe.core.choices import AUTO_INFERENCE, BACKENDS, INFERENCE_PRECISIONS, PRECISIONS
 from sbmoe.core.errors import UsageError
-
-# CPU flags that decide which numerics are fast here (bf16 and int8 matrix units, vector width).
-CPU_FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni", "amx_bf16", "amx_int8")
-
-
-@functools.cache
-def _cpuinfo(field: str) -> str | None:
-    """The first ``field`` line's value in ``/proc/cpuinfo`` (``None`` where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith(field):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
-    return frozenset((_cpuinfo("flags") or "").split())
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def onnxruntime_available() -> bool:
     """Whether ONNX Runtime and the ONNX tools for exporting are installed (found, not imported)."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
-
-
-def cpu_description() -> str:
-    """One line naming the CPU, its core count and the flags that matter for speed here."""
-    flags = cpu_flags()
-    present = [flag for flag in CPU_FLAGS_THAT_MATTER if flag in flags]
-    return f"{cpu_model_name()} ({os.cpu_count()} cores; {' '.join(present) or 'no avx2/avx512/amx'})"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16)."""
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -93,7 +54,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu.cpu_has_fast_bf16() else "fp32"
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -158,9 +119,9 @@ def resolve_one_text_inference(backend: str, precision: str, device: torch.devic
     plan = resolve_inference(backend, precision, device)
     device = torch.device(device)
     if (backend, precision, plan.precision, device.type) == ("auto", "auto", "bf16", "cpu") and (
-        "amx_bf16" in cpu_flags()
+        "amx_bf16" in cpu.cpu_flags()
     ):
-        reason = f"one text per pass on {device.type} ({cpu_description()}): AMX tiles fill poorly"
+        reason = f"one text per pass on {device.type} ({cpu.cpu_description()}): AMX tiles fill poorly"
         return _announce(InferencePlan("torch", "fp32", reason))
     return plan
 
@@ -174,7 +135,7 @@ def _announce(plan: InferencePlan) -> InferencePlan:
 
 
 def _plan(backend: str, precision: str, device: torch.device) -> InferencePlan:
-    where = f"{device.type} ({cpu_description()})" if device.type == "cpu" else str(device)
+    where = f"{device.type} ({cpu.cpu_description()})" if device.type == "cpu" else str(device)
     if backend == "onnx" or (backend == "auto" and precision == "int8"):
         if device.type != "cpu":
             raise UsageError(f"the onnx backend runs on the CPU, not {device}")

@@ -22,7 +22,6 @@ in float32, then the index), so a query ranks as ``sbmoe search`` ranks it.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import queue
 import threading
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,7 @@ import torch
 
 from sbmoe import __version__
 from sbmoe.config.jobs import EncodeConfig, SearchConfig, ServeConfig
+from sbmoe.core.cpu import usable_cores
 from sbmoe.core.errors import SbmoeError, UsageError
 from sbmoe.data.beir import BeirCollection, Document
 from sbmoe.inference.encoding import EncodedText, TextEncoder
@@ -317,7 +317,7 @@ class SearchService:
 
 def _worker_threads(workers: int | None, device: torch.device) -> tuple[int, int]:
     """How many workers answer at once, and on how many threads each encodes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if workers is None:
         workers = 1 if device.type != "cpu" else min(cores, MAX_WORKERS)
     if workers < 1:
