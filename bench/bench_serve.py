@@ -8,13 +8,16 @@ one at a time, every way in turn for each query (so that load on the machine hit
 * the stages of a served query: tokenisation, the backbone, the head, ``DenseIndex.search``;
 * sbmoe's single-text encoder (the service's), the library's ``search()``, the service in-process
   and ``POST /search`` over loopback HTTP (keep-alive): p50/p95/p99, and served p50 / floor;
-* then batches of ``--batch`` queries per call, and ``--clients`` threads sending single queries
-  at once (throughput), and the one-shot ``sbmoe search`` command per query.
+* the HTTP floor in a phase of its own (nothing else running): ``GET /health`` against the same
+  ``requests`` GET of a server that does nothing (the client's own cost), alternating;
+* then batches of ``--batch`` queries per call; throughput: one client sending the queries one by one
+  against ``--clients`` threads sending them at once, alternating, ``--repeats`` times (median and
+  spread of the ratio); and the one-shot ``sbmoe search`` command per query.
 
 Prints the CPU (model name and flags) first, and how often the served top 10 equals the library's.
 
-    .venv/bin/python bench/bench_serve.py [--queries 300] [--batch 32] [--clients 8] [--cold-starts 3]
-        [--backend auto] [--precision auto] [--workdir DIR]
+    .venv/bin/python bench/bench_serve.py [--queries 300] [--batch 32] [--clients 8] [--repeats 3]
+        [--cold-starts 3] [--backend auto] [--precision auto] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -275,21 +278,14 @@ def stage_ways(service: SearchService, texts: list[str]) -> dict[str, Search]:
 
 def single_queries(service: SearchService, url: str, texts: list[str]) -> tuple[list[str], list[str], dict]:
     """Table rows and notes of one query at a time, every way interleaved; the measurements."""
-    client = Client(url)
-    ways = {"library `search()`": library(service), SERVICE: in_process(service), HTTP: client}
-    with do_nothing_server() as nothing:
-        bare = Client(nothing)
-        ways = {**stage_ways(service, texts), **ways, HEALTH: client.health, NOTHING: bare.health}
-        measured = interleaved(ways, [[t] for t in texts])
+    ways = {"library `search()`": library(service), SERVICE: in_process(service), HTTP: Client(url)}
+    measured = interleaved({**stage_ways(service, texts), **ways}, [[t] for t in texts])
     p50 = {name: float(np.percentile(latencies, 50)) for name, (latencies, _) in measured.items()}
     rows = [latency_row(name, latencies, p50[FLOOR]) for name, (latencies, _) in measured.items()]
     reference = measured["library `search()`"][1]
     notes = [
         f"served p50 over HTTP / floor p50 = {p50[HTTP] / p50[FLOOR]:.2f}x "
-        f"({p50[HTTP] * 1000:.1f} ms / {p50[FLOOR] * 1000:.1f} ms); `GET /health` p50 "
-        f"{p50[HEALTH] * 1000:.2f} ms, of which {p50[NOTHING] * 1000:.2f} ms is `requests` itself (the "
-        f"same GET of a server that does nothing): the server's share "
-        f"{(p50[HEALTH] - p50[NOTHING]) * 1000:.2f} ms",
+        f"({p50[HTTP] * 1000:.1f} ms / {p50[FLOOR] * 1000:.1f} ms)",
         f"in the service outside encoding and search (queue, hand-off to the worker, the result): "
         f"{median_gap(measured, SERVICE, ENCODE, INDEX):.2f} ms; HTTP, validation and JSON: "
         f"{median_gap(measured, HTTP, SERVICE):.2f} ms (medians of the per-query differences)",
@@ -299,6 +295,61 @@ def single_queries(service: SearchService, url: str, texts: list[str]) -> tuple[
             f"single, {name}: same top {TOP_K} as the library {same_top(measured[name][1], reference)}"
         )
     return rows, notes, measured
+
+
+def http_floor(url: str, requests_sent: int, floor: float) -> tuple[list[str], str]:
+    """Table rows (p50 against ``floor`` seconds) and a note of ``GET /health`` against the same GET of
+    a server that does nothing, alternating, in a phase of their own (no encoding meanwhile)."""
+    with do_nothing_server() as nothing:
+        ways = {HEALTH: Client(url).health, NOTHING: Client(nothing).health}
+        measured = interleaved(ways, [[]] * requests_sent)
+    p50 = {name: float(np.percentile(latencies, 50)) for name, (latencies, _) in measured.items()}
+    rows = [latency_row(name, latencies, floor) for name, (latencies, _) in measured.items()]
+    note = (
+        f"`GET /health` p50 {p50[HEALTH] * 1000:.2f} ms ({requests_sent} requests), of which "
+        f"{p50[NOTHING] * 1000:.2f} ms is `requests` itself: the server's share "
+        f"{(p50[HEALTH] - p50[NOTHING]) * 1000:.2f} ms"
+    )
+    return rows, note
+
+
+def throughput(
+    url: str, texts: list[str], clients: int, repeats: int
+) -> tuple[list[float], list[float], list[tuple[list[float], list[bytes]]]]:
+    """One client sending ``texts`` one by one, then ``clients`` threads sending them at once, the order
+    alternating, ``repeats`` times: queries/s of each, and the concurrent runs' (latencies, bodies)."""
+    alone_rates, together_rates, runs = [], [], []
+    for repeat in range(repeats):
+        for together in (repeat % 2 == 1, repeat % 2 == 0):
+            latencies, bodies, total = concurrent(url, texts, clients if together else 1)
+            (together_rates if together else alone_rates).append(len(texts) / total)
+            if together:
+                runs.append((latencies, bodies))
+    return alone_rates, together_rates, runs
+
+
+def encoding_scaling(service: SearchService, texts: list[str]) -> float:
+    """The machine's ceiling for concurrent clients: ``service.workers`` threads encoding ``texts`` at
+    once with the service's encoder (as its workers do, on their share of the threads), in texts/s,
+    against one such thread alone."""
+    encoder = TextEncoder(service.retriever, service.encode_config)
+
+    def encode_all() -> None:
+        torch.set_num_threads(service.threads_per_worker)
+        for text in texts:
+            encoder(text, "query")
+
+    encode_all()  # warm up
+    started = time.perf_counter()
+    encode_all()
+    alone = time.perf_counter() - started
+    threads = [threading.Thread(target=encode_all) for _ in range(service.workers)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return service.workers * alone / (time.perf_counter() - started)
 
 
 def batched(service: SearchService, url: str, texts: list[str], batch: int) -> tuple[list[str], float]:
@@ -331,6 +382,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300, help="test queries per phase (at most)")
     parser.add_argument("--batch", type=int, default=32, help="queries per batched call")
     parser.add_argument("--clients", type=int, default=8, help="threads sending at once")
+    parser.add_argument("--repeats", type=int, default=3, help="alternations of one client and --clients")
+    parser.add_argument("--health-requests", type=int, default=1000, help="GETs of the HTTP floor phase")
     parser.add_argument("--cold-starts", type=int, default=3, help="one-shot `sbmoe search` commands")
     parser.add_argument("--backend", default="auto", help="encoding backend (default: auto)")
     parser.add_argument("--precision", default="auto", help="encoding precision (default: auto)")
@@ -363,28 +416,37 @@ def main() -> None:
             print("\n".join(single_table), flush=True)
             batch_rows, _ = batched(service, url, texts, args.batch)
             table += batch_rows
-            single_rate = len(texts) / sum(measured[HTTP][0])
             library_rate = len(texts) / sum(measured["library `search()`"][0])
             table.append(
                 row(f"single: {HTTP}", measured[HTTP][0], len(texts), sum(measured[HTTP][0]), library_rate)
             )
+            floor = float(np.percentile(measured[FLOOR][0], 50))
+            floor_rows, floor_note = http_floor(url, args.health_requests, floor)
+            single_table += floor_rows
+            notes.append(floor_note)
             alone = [Client(url).post([text]) for text in texts]
-            latencies, bodies, total = concurrent(url, texts, args.clients)
+            alone_rates, together_rates, runs = throughput(url, texts, args.clients, args.repeats)
             workers = requests.get(f"{url}/info").json()["concurrency"]
-        name = f"{args.clients} clients at once, single queries: {HTTP}"
-        table.append(row(name, latencies, len(texts), total, library_rate))
+        ceiling = encoding_scaling(service, texts)
+        latencies, bodies = runs[-1]
+        name = f"{args.clients} clients at once, single queries: {HTTP} (last repeat)"
+        table.append(row(name, latencies, len(texts), len(texts) / together_rates[-1], library_rate))
         rankings = [[hit["id"] for hit in json.loads(body)["results"][0]["hits"]] for body in bodies]
         library_rankings = measured["library `search()`"][1]
+        ratios = [together / alone for together, alone in zip(together_rates, alone_rates, strict=True)]
+        identical = sum(sum(map(bytes.__eq__, run_bodies, alone)) for _, run_bodies in runs)
         notes.append(
-            f"{args.clients} clients: {len(texts) / total:.1f} queries/s = "
-            f"{len(texts) / total / single_rate:.2f}x one client's {single_rate:.1f} ({workers}); "
-            f"answers byte-identical to the same query sent alone: {sum(map(bytes.__eq__, bodies, alone))}"
-            f"/{len(texts)}; same top {TOP_K} as the library {same_top(rankings, library_rankings)}"
+            f"{args.clients} clients against one, {args.repeats} alternating repeats ({workers}): "
+            f"{np.median(together_rates):.1f} against {np.median(alone_rates):.1f} queries/s, ratio median "
+            f"**{np.median(ratios):.2f}x** (each repeat: {', '.join(f'{r:.2f}x' for r in ratios)}); answers "
+            f"byte-identical to the same query sent alone: {identical}/{len(texts) * len(runs)}; same top "
+            f"{TOP_K} as the library {same_top(rankings, library_rankings)}; the machine's ceiling: "
+            f"{service.workers} threads encoding at once (as the workers do) {ceiling:.2f}x one alone"
         )
         if args.cold_starts:
             cold = cold_starts(model_dir, index_dir, texts[: args.cold_starts], encode)
             table.append(
-                row("one-shot `sbmoe search` command per query", cold, len(cold), sum(cold), single_rate)
+                row("one-shot `sbmoe search` command per query", cold, len(cold), sum(cold), library_rate)
             )
     print()
     print("\n".join(table))
