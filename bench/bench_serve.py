@@ -332,7 +332,7 @@ def encoding_scaling(service: SearchService, texts: list[str]) -> float:
     """The machine's ceiling for concurrent clients: ``service.workers`` threads encoding ``texts`` at
     once with the service's encoder (as its workers do, on their share of the threads), in texts/s,
     against one such thread alone."""
-    encoder = TextEncoder(service.retriever, service.encode_config)
+    encoder = TextEncoder(service.retriever, service.encode_config, threads=service.threads_per_worker)
 
     def encode_all() -> None:
         torch.set_num_threads(service.threads_per_worker)

@@ -316,6 +316,21 @@ def test_waiting_requests_are_answered_together_each_as_alone(server, index_dir,
         assert_same_top_k(expected, {str(n): dict(result.hits) for n, result in enumerate(alone)})
 
 
+def test_an_onnx_service_encodes_on_each_workers_share_of_the_cores(server):
+    """Not on the caller's thread count: two workers each on every core would wait on each other."""
+    _, service = server
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # what the service's constructor finds: not a worker's share
+    try:
+        onnx = EncodeConfig(backend="onnx", precision="fp32", device="cpu")
+        one_worker = ServeConfig(workers=1)
+        with SearchService(service.retriever, service.index, encode=onnx, config=one_worker) as one:
+            session = one._encoder._backbone.session
+            assert session.get_session_options().intra_op_num_threads == one.threads_per_worker
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
 def test_a_query_gets_the_same_bytes_alone_and_among_concurrent_requests(
     model_dir, index_dir, scifact_slice, precision

@@ -283,14 +283,18 @@ class TextEncoder:
     Args:
         retriever: The model; valid while its weights do not change.
         config: Backend and precision (the batch size does not apply).
+        threads: Threads of one forward pass under the onnx backend (default: torch's thread count
+            here); torch passes run on the threads their caller set (``torch.set_num_threads``).
     """
 
-    def __init__(self, retriever: Retriever, config: EncodeConfig | None = None) -> None:
+    def __init__(
+        self, retriever: Retriever, config: EncodeConfig | None = None, threads: int | None = None
+    ) -> None:
         config = config or EncodeConfig()
         self.retriever = retriever
         self.plan = resolve_one_text_inference(config.backend, config.precision, retriever.device)
         with torch.inference_mode():
-            self._backbone = _encoder_runner(retriever, self.plan)
+            self._backbone = _encoder_runner(retriever, self.plan, threads)
         self._head = retriever.head_stages()
         # A fast tokenizer sets its truncation and padding at each call: one thread at a time.
         self._tokenizing = threading.Lock()
@@ -311,7 +315,9 @@ class TextEncoder:
         return EncodedText(pooled.cpu().numpy(), embedding, int(features["expert_index"][0]), gate.tolist())
 
 
-def _encoder_runner(retriever: Retriever, plan: InferencePlan) -> Callable[[dict], dict]:
+def _encoder_runner(
+    retriever: Retriever, plan: InferencePlan, threads: int | None = None
+) -> Callable[[dict], dict]:
     """The stages up to pooling as one function, run by the plan's backend at its precision.
 
     Under bf16 the torch stages run as copies with bf16 weights, in eval mode: autocast alone
@@ -319,12 +325,12 @@ def _encoder_runner(retriever: Retriever, plan: InferencePlan) -> Callable[[dict
     that (and keeps layer norms and activations in bf16 too). Copies, not bf16 weights swapped into
     the model at each call, so that threads can encode at once and the model's own float32
     weights (training) are never touched. The onnx backend runs the exported transformer (see
-    :mod:`sbmoe.inference.onnx_backend`).
+    :mod:`sbmoe.inference.onnx_backend`) on ``threads`` threads (default: torch's thread count).
     """
     if plan.backend == "onnx":
         from sbmoe.inference.onnx_backend import OnnxEncoder
 
-        return OnnxEncoder(retriever, plan.precision)
+        return OnnxEncoder(retriever, plan.precision, threads=threads)
     stages = retriever.encoder_stages()
     if plan.precision != "bf16":
         return functools.partial(run_stages, stages)

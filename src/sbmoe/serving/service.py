@@ -128,7 +128,7 @@ class SearchService:
         self.stats = {"requests": 0, "batches": 0, "texts": 0}
         self.workers, self.threads_per_worker = _worker_threads(config.workers or None, retriever.device)
         # Set up once: an ONNX Runtime session or bf16 weight copies, not one per request.
-        self._encoder = TextEncoder(retriever, self.encode_config)
+        self._encoder = TextEncoder(retriever, self.encode_config, threads=self.threads_per_worker)
         self._encoder("warm up", "query")
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
