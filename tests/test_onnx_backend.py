@@ -103,19 +103,44 @@ def test_auto_picks_per_machine(monkeypatch, flags, onnxruntime, expected):
 @pytest.mark.parametrize(
     ("flags", "asked", "expected"),
     [
-        ({"avx512f", "avx512_bf16", "amx_bf16"}, ("auto", "auto"), ("torch", "fp32")),  # Xeon with AMX
+        ({"avx512f", "avx512_bf16", "amx_bf16"}, ("auto", "auto"), ("onnx", "fp32")),  # Xeon with AMX
+        ({"avx512f", "avx512_bf16"}, ("auto", "auto"), ("onnx", "fp32")),  # EPYC with AVX512-BF16
+        ({"avx2", "fma"}, ("auto", "auto"), ("onnx", "fp32")),
         ({"avx512f", "avx512_bf16", "amx_bf16"}, ("torch", "bf16"), ("torch", "bf16")),  # asked for: kept
-        ({"avx512f", "avx512_bf16"}, ("auto", "auto"), ("torch", "bf16")),  # EPYC with AVX512-BF16
-        ({"avx2", "fma"}, ("auto", "auto"), ("torch", "fp32")),
+        ({"avx512f", "avx512_bf16"}, ("auto", "fp32"), ("torch", "fp32")),
+        ({"avx2", "fma"}, ("onnx", "int8"), ("onnx", "int8")),
     ],
 )
-def test_one_text_at_a_time_takes_fp32_on_amx_unless_asked(retriever, monkeypatch, flags, asked, expected):
+def test_one_text_at_a_time_takes_onnx_fp32_on_a_cpu_unless_asked(
+    retriever, monkeypatch, flags, asked, expected
+):
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     plan = resolve_one_text_inference(*asked, "cpu")
     assert (plan.backend, plan.precision) == expected
     # The server's encoder (and its /info) take this plan.
     config = EncodeConfig(backend=asked[0], precision=asked[1], device="cpu")
     assert TextEncoder(retriever, config).plan == plan
+
+
+def test_one_text_at_a_time_without_onnxruntime_is_what_a_batch_takes(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert resolve_one_text_inference("auto", "auto", "cpu") == resolve_inference("auto", "auto", "cpu")
+
+
+def test_a_model_onnx_cannot_run_is_encoded_by_torch_under_auto(retriever, monkeypatch, caplog):
+    import sbmoe.inference.onnx_backend as onnx_backend
+
+    def unexportable(*args, **kwargs):
+        raise RuntimeError("Unsupported: an operator this exporter does not know")
+
+    monkeypatch.setattr(onnx_backend, "export_transformer", unexportable)
+    encoder = TextEncoder(retriever, EncodeConfig(device="cpu"))
+    assert encoder.plan == resolve_inference("auto", "auto", "cpu")
+    assert "ONNX Runtime cannot run this model (Unsupported" in caplog.text
+    expected = encode_texts(retriever, [TEXTS[0]], "query", EncodeConfig(device="cpu"))
+    np.testing.assert_array_equal(encoder(TEXTS[0], "query").embedding, expected)
+    with pytest.raises(RuntimeError, match="Unsupported"):  # asked for: the failure is the answer
+        TextEncoder(retriever, EncodeConfig(backend="onnx", precision="fp32", device="cpu"))
 
 
 def test_explicit_choices_are_kept_and_impossible_ones_refused():

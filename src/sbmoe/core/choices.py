@@ -50,4 +50,7 @@ AUTO_INFERENCE: dict[bool, tuple[str, str, str]] = {
 def describe_auto_inference() -> str:
     """What ``auto`` picks, in words, from :data:`AUTO_INFERENCE` (for help texts)."""
     picks = "; ".join(f"{backend} {precision} {when}" for backend, precision, when in AUTO_INFERENCE.values())
-    return f"auto: {picks} (int8 onnx only when asked for: its embeddings depend on the batch)"
+    return (
+        f"auto: {picks} (int8 onnx only when asked for: its embeddings depend on the batch); "
+        "serve, encoding each query alone: onnx fp32 on a CPU"
+    )

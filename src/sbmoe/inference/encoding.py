@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,8 @@ from sbmoe.core.runtime import InferencePlan, autocast, resolve_inference, resol
 if TYPE_CHECKING:
     from sbmoe.inference.cache import EmbeddingCache
     from sbmoe.model.retriever import Retriever
+
+logger = logging.getLogger(__name__)
 
 
 def tokenize(retriever: Retriever, texts: Sequence[str], kind: str) -> dict[str, torch.Tensor]:
@@ -278,7 +281,8 @@ class TextEncoder:
     their forward passes run side by side (each on the threads its caller set).
 
     ``auto`` numerics are those for one text at a time
-    (:func:`~sbmoe.core.runtime.resolve_one_text_inference`).
+    (:func:`~sbmoe.core.runtime.resolve_one_text_inference`: ONNX Runtime float32 on a CPU, torch
+    where the model cannot be exported).
 
     Args:
         retriever: The model; valid while its weights do not change.
@@ -294,7 +298,15 @@ class TextEncoder:
         self.retriever = retriever
         self.plan = resolve_one_text_inference(config.backend, config.precision, retriever.device)
         with torch.inference_mode():
-            self._backbone = _encoder_runner(retriever, self.plan, threads)
+            try:
+                self._backbone = _encoder_runner(retriever, self.plan, threads)
+            except Exception as error:
+                if (config.backend, self.plan.backend) != ("auto", "onnx"):
+                    raise
+                # Only auto's own choice gives way: a model ONNX cannot export is encoded by torch.
+                self.plan = resolve_inference(config.backend, config.precision, retriever.device)
+                logger.warning("ONNX Runtime cannot run this model (%s): encoding with torch", error)
+                self._backbone = _encoder_runner(retriever, self.plan, threads)
         self._head = retriever.head_stages()
         # A fast tokenizer sets its truncation and padding at each call: one thread at a time.
         self._tokenizing = threading.Lock()
