@@ -16,7 +16,8 @@ matrix kernels on AMX CPUs and int8's per-batch activation scales change a text'
 the batch it is padded into). A text asked twice in one round is encoded once.
 
 The steps are those of :func:`sbmoe.retrieval.search.search` (backbone up to pooling, then the head
-in float32, then the index), so a query ranks as ``sbmoe search`` ranks it.
+in float32, then the index), so a query ranks as ``sbmoe search`` ranks it at the same numerics
+(``auto`` resolves them for one text at a time: :class:`~sbmoe.inference.encoding.TextEncoder`).
 """
 
 from __future__ import annotations
