@@ -136,7 +136,7 @@ def test_a_model_onnx_cannot_run_is_encoded_by_torch_under_auto(retriever, monke
     monkeypatch.setattr(onnx_backend, "export_transformer", unexportable)
     encoder = TextEncoder(retriever, EncodeConfig(device="cpu"))
     assert encoder.plan == resolve_inference("auto", "auto", "cpu")
-    assert "ONNX Runtime cannot run this model (Unsupported" in caplog.text
+    assert "could not set up ONNX Runtime for this model (Unsupported" in caplog.text
     expected = encode_texts(retriever, [TEXTS[0]], "query", EncodeConfig(device="cpu"))
     np.testing.assert_array_equal(encoder(TEXTS[0], "query").embedding, expected)
     with pytest.raises(RuntimeError, match="Unsupported"):  # asked for: the failure is the answer

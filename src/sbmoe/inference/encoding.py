@@ -303,9 +303,12 @@ class TextEncoder:
             except Exception as error:
                 if (config.backend, self.plan.backend) != ("auto", "onnx"):
                     raise
-                # Only auto's own choice gives way: a model ONNX cannot export is encoded by torch.
+                # Only auto's own choice gives way: a model ONNX cannot export (or a cache it cannot
+                # write) leaves the encoding to torch.
+                logger.warning(
+                    "could not set up ONNX Runtime for this model (%s): encoding with torch", error
+                )
                 self.plan = resolve_inference(config.backend, config.precision, retriever.device)
-                logger.warning("ONNX Runtime cannot run this model (%s): encoding with torch", error)
                 self._backbone = _encoder_runner(retriever, self.plan, threads)
         self._head = retriever.head_stages()
         # A fast tokenizer sets its truncation and padding at each call: one thread at a time.
