@@ -5,9 +5,10 @@ encodings come from the embedding cache after the first run), then the SciFact t
 one at a time, every way in turn for each query (so that load on the machine hits all ways alike):
 
 * sentence-transformers' own ``encode`` of the one query (the floor: one forward pass);
-* the stages of a served query: tokenisation, the backbone, the head, ``DenseIndex.search``;
-* sbmoe's single-text encoder (the service's), the library's ``search()``, the service in-process
-  and ``POST /search`` over loopback HTTP (keep-alive): p50/p95/p99, and served p50 / floor;
+* the stages of a served query as a worker runs them (its numerics, its share of the threads):
+  tokenisation, the backbone, the head, ``DenseIndex.search``, sbmoe's single-text encoder;
+* the library's ``search()``, the service in-process and ``POST /search`` over loopback HTTP
+  (keep-alive): p50/p95/p99, and served p50 / floor;
 * the HTTP floor in a phase of its own (nothing else running): ``GET /health`` against the same
   ``requests`` GET of a server that does nothing (the client's own cost), alternating;
 * then batches of ``--batch`` queries per call; throughput: one client sending the queries one by one
@@ -65,7 +66,7 @@ FIXED_ANSWER = (
     b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{"status":"ok"}'
 )
 INDEX = "`DenseIndex.search` of one vector"
-ENCODE = "sbmoe encode of one text (the service's)"
+ENCODE = "sbmoe encode of one text (as a worker: its numerics and threads)"
 DOC_TOKENS = 128
 TOP_K = 10
 SEARCH = SearchConfig(top_k=TOP_K)
@@ -236,12 +237,27 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
     return model_dir, index_dir
 
 
+@contextlib.contextmanager
+def on_threads(threads: int) -> Iterator[None]:
+    """torch's passes in this thread on ``threads`` threads inside the block (as a worker's are)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def stage_ways(service: SearchService, texts: list[str]) -> dict[str, Search]:
-    """The floor and each stage of a served query, timed on their own (they return no ranking)."""
-    retriever, encode = service.retriever, service.encode_config
-    encoder = TextEncoder(retriever, encode)
-    runner = encoder_runner(retriever, encode)
+    """The floor (on torch's own threads) and each stage of a served query as a worker runs it (its
+    numerics, its share of the threads), timed on their own (they return no ranking)."""
+    retriever, threads = service.retriever, service.threads_per_worker
+    encoder = TextEncoder(retriever, service.encode_config, threads=threads)
     precision = encoder.plan.precision
+    same_numerics = dataclasses.replace(
+        service.encode_config, backend=encoder.plan.backend, precision=precision
+    )
+    runner = encoder_runner(retriever, same_numerics, threads=threads)
     batches = {text: tokenize(retriever, [text], "query") for text in texts}
     encoded = {text: encoder(text, "query") for text in texts}
     heads = retriever.head_stages()
@@ -267,14 +283,21 @@ def stage_ways(service: SearchService, texts: list[str]) -> dict[str, Search]:
 
         return run
 
-    return {
-        FLOOR: floor,
+    def as_a_worker(way: Search) -> Search:
+        def run(group: Sequence[str]) -> list:
+            with on_threads(threads):
+                return way(group)
+
+        return run
+
+    stages = {
         "tokenise": timed_only(lambda text: tokenize(retriever, [text], "query")),
         "backbone (tokens to pooled)": backbone,
         "head (float32)": head,
         INDEX: timed_only(lambda text: service.index.search(encoded[text].embedding, TOP_K, query_ids=["q"])),
         ENCODE: timed_only(lambda text: encoder(text, "query")),
     }
+    return {FLOOR: floor, **{name: as_a_worker(way) for name, way in stages.items()}}
 
 
 def single_queries(
@@ -289,7 +312,9 @@ def single_queries(
     # The service encodes each query alone, under its own numerics (``auto`` picks them for one
     # text): the library's batches at the same backend and precision rank as it must.
     plan = service.info()["encoding"]
-    same_numerics = EncodeConfig(backend=plan["backend"], precision=plan["precision"])
+    same_numerics = dataclasses.replace(
+        service.encode_config, backend=plan["backend"], precision=plan["precision"]
+    )
     reference = library(service, same_numerics)(texts)
     notes = [
         f"served p50 over HTTP / floor p50 = {p50[HTTP] / p50[FLOOR]:.2f}x "
@@ -331,15 +356,17 @@ def throughput(
     alternating, ``repeats`` times: queries/s of each, and the concurrent runs' (latencies, bodies)."""
     alone_rates, together_rates, runs = [], [], []
     for repeat in range(repeats):
-        for together in (repeat % 2 == 1, repeat % 2 == 0):
-            latencies, bodies, total = concurrent(url, texts, clients if together else 1)
-            (together_rates if together else alone_rates).append(len(texts) / total)
-            if together:
+        for senders in (1, clients) if repeat % 2 == 0 else (clients, 1):
+            latencies, bodies, total = concurrent(url, texts, senders)
+            if senders == 1:
+                alone_rates.append(len(texts) / total)
+            else:
+                together_rates.append(len(texts) / total)
                 runs.append((latencies, bodies))
     return alone_rates, together_rates, runs
 
 
-def encoding_scaling(service: SearchService, texts: list[str]) -> float:
+def workers_ceiling(service: SearchService, texts: list[str]) -> float:
     """The machine's ceiling for concurrent clients: ``service.workers`` threads encoding ``texts`` at
     once with the service's encoder (as its workers do, on their share of the threads), in texts/s,
     against one such thread alone."""
@@ -438,7 +465,7 @@ def main() -> None:
             alone = [Client(url).post([text]) for text in texts]
             alone_rates, together_rates, runs = throughput(url, texts, args.clients, args.repeats)
             workers = requests.get(f"{url}/info").json()["concurrency"]
-        ceiling = encoding_scaling(service, texts)
+        ceiling = workers_ceiling(service, texts)
         latencies, bodies = runs[-1]
         name = f"{args.clients} clients at once, single queries: {HTTP} (last repeat)"
         table.append(row(name, latencies, len(texts), len(texts) / together_rates[-1], library_rate))

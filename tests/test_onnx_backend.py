@@ -136,11 +136,14 @@ def test_a_model_onnx_cannot_run_is_encoded_by_torch_under_auto(retriever, monke
     monkeypatch.setattr(onnx_backend, "export_transformer", unexportable)
     encoder = TextEncoder(retriever, EncodeConfig(device="cpu"))
     assert encoder.plan == resolve_inference("auto", "auto", "cpu")
-    assert "could not set up ONNX Runtime for this model (Unsupported" in caplog.text
+    assert "could not set up ONNX Runtime for this model (RuntimeError: Unsupported" in caplog.text
     expected = encode_texts(retriever, [TEXTS[0]], "query", EncodeConfig(device="cpu"))
     np.testing.assert_array_equal(encoder(TEXTS[0], "query").embedding, expected)
-    with pytest.raises(RuntimeError, match="Unsupported"):  # asked for: the failure is the answer
-        TextEncoder(retriever, EncodeConfig(backend="onnx", precision="fp32", device="cpu"))
+    caplog.clear()
+    for backend, precision in (("onnx", "fp32"), ("auto", "int8")):  # asked for: the failure is the answer
+        with pytest.raises(RuntimeError, match="Unsupported"):
+            TextEncoder(retriever, EncodeConfig(backend=backend, precision=precision, device="cpu"))
+    assert "could not set up" not in caplog.text  # no fallback promised, none tried
 
 
 def test_explicit_choices_are_kept_and_impossible_ones_refused():

@@ -27,6 +27,7 @@ from sbmoe import __version__
 from sbmoe.cli.main import main
 from sbmoe.config.jobs import EncodeConfig, ServeConfig
 from sbmoe.config.model import ModelConfig
+from sbmoe.core.cpu import usable_cores
 from sbmoe.core.errors import SbmoeError, UsageError
 from sbmoe.data.beir import BeirCollection, load_collection
 from sbmoe.evaluation.metrics import read_trec_run
@@ -316,17 +317,28 @@ def test_waiting_requests_are_answered_together_each_as_alone(server, index_dir,
         assert_same_top_k(expected, {str(n): dict(result.hits) for n, result in enumerate(alone)})
 
 
-def test_an_onnx_service_encodes_on_each_workers_share_of_the_cores(server):
-    """Not on the caller's thread count: two workers each on every core would wait on each other."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_onnx_service_encodes_on_each_workers_share_of_the_cores(server, workers):
+    """Each worker its own session on its share of the threads: not the caller's thread count, and
+    not one session whose thread pool every worker's passes would share."""
     _, service = server
     threads = torch.get_num_threads()
-    torch.set_num_threads(threads + 1)  # what the service's constructor finds: not a worker's share
+    torch.set_num_threads(usable_cores() + 1)  # what the service's constructor finds: no worker's share
     try:
         onnx = EncodeConfig(backend="onnx", precision="fp32", device="cpu")
-        one_worker = ServeConfig(workers=1)
-        with SearchService(service.retriever, service.index, encode=onnx, config=one_worker) as one:
-            session = one._encoder._backbone.session
-            assert session.get_session_options().intra_op_num_threads == one.threads_per_worker
+        config = ServeConfig(workers=workers)
+        with SearchService(service.retriever, service.index, encode=onnx, config=config) as serving:
+            sessions = {
+                id(encoder._backbone.session): encoder._backbone.session for encoder in serving._encoders
+            }
+            assert len(sessions) == workers
+            for session in sessions.values():
+                assert session.get_session_options().intra_op_num_threads == serving.threads_per_worker
+            text = "vitamin D and depression"
+            (onnx_result,), (torch_result,) = (
+                way.search([text]).result(timeout=60) for way in (serving, service)
+            )
+            assert [doc for doc, _ in onnx_result.hits] == [doc for doc, _ in torch_result.hits]
     finally:
         torch.set_num_threads(threads)
 

@@ -47,10 +47,17 @@ AUTO_INFERENCE: dict[bool, tuple[str, str, str]] = {
 }
 
 
+# What auto/auto picks for one text per pass (a served query) on a CPU where ONNX Runtime is
+# installed (sbmoe.core.runtime.resolve_one_text_inference); elsewhere, AUTO_INFERENCE.
+ONE_TEXT_AUTO_INFERENCE: tuple[str, str] = ("onnx", "fp32")
+
+
 def describe_auto_inference() -> str:
-    """What ``auto`` picks, in words, from :data:`AUTO_INFERENCE` (for help texts)."""
+    """What ``auto`` picks, in words, from :data:`AUTO_INFERENCE` and :data:`ONE_TEXT_AUTO_INFERENCE`
+    (for help texts)."""
     picks = "; ".join(f"{backend} {precision} {when}" for backend, precision, when in AUTO_INFERENCE.values())
+    one_text = " ".join(ONE_TEXT_AUTO_INFERENCE)
     return (
         f"auto: {picks} (int8 onnx only when asked for: its embeddings depend on the batch); "
-        "serve, encoding each query alone: onnx fp32 on a CPU"
+        f"serve, encoding each query alone: {one_text} on a CPU where onnxruntime is installed"
     )

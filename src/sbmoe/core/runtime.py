@@ -13,7 +13,13 @@ import numpy as np
 import torch
 
 from sbmoe.core import cpu
-from sbmoe.core.choices import AUTO_INFERENCE, BACKENDS, INFERENCE_PRECISIONS, PRECISIONS
+from sbmoe.core.choices import (
+    AUTO_INFERENCE,
+    BACKENDS,
+    INFERENCE_PRECISIONS,
+    ONE_TEXT_AUTO_INFERENCE,
+    PRECISIONS,
+)
 from sbmoe.core.errors import UsageError
 
 
@@ -122,7 +128,7 @@ def resolve_one_text_inference(backend: str, precision: str, device: torch.devic
     device = torch.device(device)
     if (backend, precision, device.type) == ("auto", "auto", "cpu") and onnxruntime_available():
         reason = f"one text per pass on cpu ({cpu.cpu_description()}): ONNX Runtime dispatches it fastest"
-        return _announce(InferencePlan("onnx", "fp32", reason))
+        return _announce(InferencePlan(*ONE_TEXT_AUTO_INFERENCE, reason))
     return resolve_inference(backend, precision, device)
 
 

@@ -244,17 +244,20 @@ def _run_batches(
 _ROWS_PER_COPY = 16384
 
 
-def encoder_runner(retriever: Retriever, config: EncodeConfig | None = None) -> Callable[[dict], dict]:
+def encoder_runner(
+    retriever: Retriever, config: EncodeConfig | None = None, threads: int | None = None
+) -> Callable[[dict], dict]:
     """The backbone up to pooling, set up once for ``config``'s backend and precision.
 
     For a caller that runs the backbone on its own batches many times (a benchmark): an ONNX Runtime
     session or bf16 weight copies are then made once instead of at every call (:class:`TextEncoder`
-    keeps one too). Valid while the model's weights do not change.
+    keeps one too). Valid while the model's weights do not change. ``threads``: as
+    :class:`TextEncoder`'s.
     """
     config = config or EncodeConfig()
     plan = resolve_inference(config.backend, config.precision, retriever.device)
     with torch.inference_mode():
-        return _encoder_runner(retriever, plan)
+        return _encoder_runner(retriever, plan, threads)
 
 
 class EncodedText(NamedTuple):
@@ -278,7 +281,8 @@ class TextEncoder:
     backend (an ONNX Runtime session or bf16 weight copies, see :func:`encoder_runner`), the stages
     and the token limits are set up at construction; a call runs the tokenizer, the backbone and
     the head (in float32, as :func:`apply_head_stages`), nothing else. Threads may call at once:
-    their forward passes run side by side (each on the threads its caller set).
+    their forward passes run side by side, torch's each on the threads its caller set, ONNX
+    Runtime's on its session's ``threads`` (give each thread its own :meth:`twin` to keep them apart).
 
     ``auto`` numerics are those for one text at a time
     (:func:`~sbmoe.core.runtime.resolve_one_text_inference`: ONNX Runtime float32 on a CPU, torch
@@ -296,23 +300,40 @@ class TextEncoder:
     ) -> None:
         config = config or EncodeConfig()
         self.retriever = retriever
+        self.threads = threads
         self.plan = resolve_one_text_inference(config.backend, config.precision, retriever.device)
         with torch.inference_mode():
             try:
                 self._backbone = _encoder_runner(retriever, self.plan, threads)
             except Exception as error:
-                if (config.backend, self.plan.backend) != ("auto", "onnx"):
+                if (config.backend, config.precision, self.plan.backend) != ("auto", "auto", "onnx"):
                     raise
                 # Only auto's own choice gives way: a model ONNX cannot export (or a cache it cannot
                 # write) leaves the encoding to torch.
                 logger.warning(
-                    "could not set up ONNX Runtime for this model (%s): encoding with torch", error
+                    "could not set up ONNX Runtime for this model (%s: %s): encoding with torch",
+                    type(error).__name__,
+                    error,
                 )
+                logger.debug("why ONNX Runtime could not be set up", exc_info=True)
                 self.plan = resolve_inference(config.backend, config.precision, retriever.device)
                 self._backbone = _encoder_runner(retriever, self.plan, threads)
         self._head = retriever.head_stages()
         # A fast tokenizer sets its truncation and padding at each call: one thread at a time.
         self._tokenizing = threading.Lock()
+
+    def twin(self) -> TextEncoder:
+        """An encoder of the same model, numerics and threads for another thread that encodes at once.
+
+        Under onnx it gets a session of its own: a session's thread pool serves every pass run on
+        it, so threads sharing one would share its threads. Tokenising stays one thread at a time
+        across the two (they share the tokenizer).
+        """
+        twin = copy.copy(self)
+        if self.plan.backend == "onnx":
+            with torch.inference_mode():
+                twin._backbone = _encoder_runner(self.retriever, self.plan, self.threads)
+        return twin
 
     def __call__(self, text: str, kind: str) -> EncodedText:
         """``text`` encoded alone; its routing read from this very pass (see :class:`EncodedText`)."""

@@ -128,15 +128,16 @@ class SearchService:
             self.documents, self.collection = collection.corpus, collection.name
         self.stats = {"requests": 0, "batches": 0, "texts": 0}
         self.workers, self.threads_per_worker = _worker_threads(config.workers or None, retriever.device)
-        # Set up once: an ONNX Runtime session or bf16 weight copies, not one per request.
-        self._encoder = TextEncoder(retriever, self.encode_config, threads=self.threads_per_worker)
-        self._encoder("warm up", "query")
+        # Set up once, not per request: bf16 weight copies, or an ONNX Runtime session per worker.
+        encoder = TextEncoder(retriever, self.encode_config, threads=self.threads_per_worker)
+        encoder("warm up", "query")
+        self._encoders = [encoder, *(encoder.twin() for _ in range(self.workers - 1))]
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
         self._workers = [
-            threading.Thread(target=self._work, name=f"sbmoe-search-worker-{n}", daemon=True)
-            for n in range(self.workers)
+            threading.Thread(target=self._work, args=(encoder,), name=f"sbmoe-search-worker-{n}", daemon=True)
+            for n, encoder in enumerate(self._encoders)
         ]
         for worker in self._workers:
             worker.start()
@@ -194,7 +195,7 @@ class SearchService:
         """What is served: model, index, encoding, device, versions, and the requests so far."""
         head = self.retriever.head
         index = self.index
-        plan = self._encoder.plan
+        plan = self._encoders[0].plan
         return {
             "sbmoe_version": __version__,
             "model": {
@@ -254,10 +255,10 @@ class SearchService:
             self._queue.put(job)
         return job.future
 
-    def _work(self) -> None:
+    def _work(self, encoder: TextEncoder) -> None:
         # This thread's forward passes, whichever worker runs them, use the same number of threads.
         torch.set_num_threads(self.threads_per_worker)
-        self._encoder("warm up", "query")
+        encoder("warm up", "query")
         while True:
             job = self._queue.get()
             if job is None:
@@ -273,16 +274,16 @@ class SearchService:
                     break
                 jobs.append(waiting)
                 texts += len(waiting.texts)
-            self._run([job for job in jobs if job.future.set_running_or_notify_cancel()])
+            self._run(encoder, [job for job in jobs if job.future.set_running_or_notify_cancel()])
             if stop:
                 return
 
-    def _run(self, jobs: list[_Job]) -> None:
+    def _run(self, encoder: TextEncoder, jobs: list[_Job]) -> None:
         """Answer one round of jobs; an error fails its job only, not the others or the worker."""
         encoded: dict[tuple[str, str], EncodedText] = {}
         for job in jobs:
             try:
-                answer = self._answer(job, encoded)
+                answer = self._answer(encoder, job, encoded)
             except Exception as error:  # handed to the caller, whose thread reports it
                 job.future.set_exception(error)
                 continue
@@ -293,7 +294,7 @@ class SearchService:
         with self._lock:
             self.stats["batches"] += 1
 
-    def _answer(self, job: _Job, encoded: dict[tuple[str, str], EncodedText]) -> Any:
+    def _answer(self, encoder: TextEncoder, job: _Job, encoded: dict[tuple[str, str], EncodedText]) -> Any:
         """``job``'s answer, every text encoded alone (or found in ``encoded``, this round's encodings).
 
         A query's routing is the one its own encoding took (not the head run again: a hook on the
@@ -302,7 +303,7 @@ class SearchService:
         vectors = []
         for text in job.texts:
             if (text, job.kind) not in encoded:
-                encoded[text, job.kind] = self._encoder(text, job.kind)
+                encoded[text, job.kind] = encoder(text, job.kind)
             vectors.append(encoded[text, job.kind])
         if job.top_k is None:
             return np.concatenate([vector.embedding for vector in vectors])
